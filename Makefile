@@ -1,0 +1,38 @@
+# fingerprint_lm — developer commands. `make help` lists them.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: help install test test-full bench format lint clean checkpoint
+
+help:  ## list the commands
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+install:  ## make .venv, install torch (CPU, pinned) first, then the package with dev+cluster extras
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -e ".[dev,cluster]"
+
+test:  ## fast tests (under 15 minutes on 2 CPU cores)
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-full:  ## all tests, slow ones included
+	$(PY) -m pytest -q tests
+
+bench:  ## print speed figures (training step K=0/K=1, extractor and decoder throughput, ...)
+	$(PY) -m fingerprint_lm.bench
+
+checkpoint:  ## retrain the shipped embedded checkpoint (fingerprint_lm/assets/embedded)
+	$(PY) -m fingerprint_lm +experiment=train export_checkpoint=true
+
+format:  ## ruff format + autofix
+	$(PY) -m ruff format fingerprint_lm tests experiments
+	$(PY) -m ruff check --fix fingerprint_lm tests experiments
+
+lint:  ## ruff check
+	$(PY) -m ruff check fingerprint_lm tests experiments
+
+clean:  ## remove caches and run outputs (not the shipped checkpoint)
+	rm -rf outputs multirun .cache .pytest_cache .ruff_cache wandb
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,21 @@
+"""Errors a user can cause. The entry point prints them as one line and exits non-zero."""
+
+
+class FingerprintError(Exception):
+    """Base class: bad input, bad config or a state the user can fix. Never a bug."""
+
+
+class ConfigError(FingerprintError):
+    """A configuration value is invalid (e.g. fingerprint length 0)."""
+
+
+class DataError(FingerprintError):
+    """Input data is missing, unreadable or of the wrong shape."""
+
+
+class CheckpointError(FingerprintError):
+    """A checkpoint or copy file is missing, truncated or does not match its hash."""
+
+
+class RegistryError(FingerprintError):
+    """Unknown or duplicate user, code length mismatch, or other registry misuse."""
