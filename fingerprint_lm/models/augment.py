@@ -1,0 +1,132 @@
+"""Differentiable augmentations used while training the fingerprint (images in [-1, 1]).
+
+They model the image-level attacks a user may apply, so the extractor learns to read through
+them. The evaluation attacks (real JPEG through PIL, rotation, ...) live in ``attacks/``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from fingerprint_lm.errors import ConfigError
+
+
+def gaussian_kernel(sigma: float, size: int, device=None, dtype=None) -> torch.Tensor:
+    coords = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
+    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
+    return kernel / kernel.sum()
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float, size: int = 3) -> torch.Tensor:
+    """Separable Gaussian blur with reflect padding."""
+    if sigma <= 0:
+        return images
+    k = gaussian_kernel(sigma, size, images.device, images.dtype)
+    c = images.shape[1]
+    x = F.pad(images, (size // 2,) * 4, mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, size), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, size, 1), groups=c)
+
+
+def _dct_matrix(n: int, device, dtype) -> torch.Tensor:
+    i = torch.arange(n, device=device, dtype=dtype)
+    mat = torch.cos(math.pi * (2 * i[None, :] + 1) * i[:, None] / (2 * n)) * math.sqrt(2 / n)
+    mat[0] /= math.sqrt(2)
+    return mat
+
+
+# The standard JPEG luminance table, used for every channel of this approximation.
+_JPEG_LUMA = torch.tensor(
+    [
+        [16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55],
+        [14, 13, 16, 24, 40, 57, 69, 56], [14, 17, 22, 29, 51, 87, 80, 62],
+        [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
+        [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99],
+    ],
+    dtype=torch.float32,
+)
+
+
+def jpeg_like(images: torch.Tensor, quality: int) -> torch.Tensor:
+    """JPEG-like quantisation of 8x8 DCT blocks (straight-through rounding, no chroma
+    subsampling): differentiable stand-in for real JPEG. Sides must be multiples of 8."""
+    b, c, h, w = images.shape
+    if h % 8 or w % 8:
+        raise ConfigError(f"jpeg_like needs sides divisible by 8, got {h}x{w}")
+    quality = max(1, min(100, int(quality)))
+    scale = 5000 / quality if quality < 50 else 200 - 2 * quality
+    table = torch.clamp((_JPEG_LUMA * scale + 50) // 100, min=1).to(images)
+    dct = _dct_matrix(8, images.device, images.dtype)
+    x = (images + 1) * 127.5  # [0, 255]
+    blocks = x.reshape(b, c, h // 8, 8, w // 8, 8).permute(0, 1, 2, 4, 3, 5)
+    coeffs = dct @ (blocks - 128) @ dct.T
+    q = coeffs / table
+    q = q + (torch.round(q) - q).detach()  # straight-through
+    out = dct.T @ (q * table) @ dct + 128
+    out = out.permute(0, 1, 2, 4, 3, 5).reshape(b, c, h, w)
+    return out / 127.5 - 1
+
+
+def crop_resize(images: torch.Tensor, keep_area: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop keeping ``keep_area`` of the area, resized back to the input size."""
+    if keep_area >= 1:
+        return images
+    h, w = images.shape[-2:]
+    side = math.sqrt(keep_area)
+    ch, cw = max(1, round(h * side)), max(1, round(w * side))
+    top = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
+    left = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
+    crop = images[..., top : top + ch, left : left + cw]
+    return F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def brightness(images: torch.Tensor, factor: float) -> torch.Tensor:
+    """Multiply intensities in [0,1] space by ``factor`` (clamped back to range)."""
+    out = ((images + 1) / 2 * factor).clamp(0, 1) * 2 - 1
+    # straight-through clamp so saturated pixels keep a gradient
+    return images * factor + (out - images * factor).detach()
+
+
+@dataclass
+class AugmentConfig:
+    """Probabilities and strength ranges of the training augmentations. ``p_*`` = 0 disables."""
+
+    p_noise: float = 0.3
+    noise_std: tuple[float, float] = (0.0, 0.1)  # in [0,1] units
+    p_blur: float = 0.3
+    blur_sigma: tuple[float, float] = (0.3, 1.0)
+    p_jpeg: float = 0.3
+    jpeg_quality: tuple[int, int] = (50, 95)
+    p_crop: float = 0.0
+    crop_keep_area: tuple[float, float] = (0.7, 1.0)
+    p_brightness: float = 0.3
+    brightness_factor: tuple[float, float] = (0.7, 1.3)
+
+
+def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
+    return low + (high - low) * float(torch.rand((), generator=generator))
+
+
+def random_augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Apply each augmentation with its probability (one draw per batch, in a fixed order)."""
+
+    def happens(p: float) -> bool:
+        return p > 0 and float(torch.rand((), generator=generator)) < p
+
+    x = images
+    if happens(cfg.p_crop):
+        x = crop_resize(x, _uniform(*cfg.crop_keep_area, generator), generator)
+    if happens(cfg.p_brightness):
+        x = brightness(x, _uniform(*cfg.brightness_factor, generator))
+    if happens(cfg.p_blur):
+        x = gaussian_blur(x, _uniform(*cfg.blur_sigma, generator))
+    if happens(cfg.p_noise):
+        std = _uniform(*cfg.noise_std, generator) * 2  # [0,1] -> [-1,1] units
+        x = x + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if happens(cfg.p_jpeg) and x.shape[-1] % 8 == 0 and x.shape[-2] % 8 == 0:
+        x = jpeg_like(x, int(_uniform(*cfg.jpeg_quality, generator)))
+    return x
