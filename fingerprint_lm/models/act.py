@@ -1,0 +1,313 @@
+"""Anti-Collusion Transformations (ACT) on the interior channels of a VAE decoder's ResnetBlocks.
+
+A decoder ResnetBlock computes ``conv2(dropout(SiLU(norm2(conv1(h)))))``; its *interior*
+channels run from the rows of ``conv1`` to the input columns of ``conv2``. ``norm2`` is a
+GroupNorm, so the following reparametrizations leave the block's output unchanged:
+
+- ``permute``: permute whole groups and the channels within each group (conv1 rows and bias,
+  norm2 weight and bias, conv2 input columns). Exact: GroupNorm statistics are per group.
+- ``sign``: negate whole groups (conv1 rows and bias, norm2 weight). ``GN(-x) = -GN(x)`` within a
+  group, so the norm2 bias stays. Exact.
+- ``scale``: multiply whole groups by ``s > 0`` (conv1 rows and bias). GroupNorm divides it out,
+  exactly up to its ``eps``: ``GN(s x)`` normalises by ``sqrt(var + eps / s**2)``.
+- ``all``: the three together; ``none``: the identity.
+
+Every function works on a plain diffusers ``AutoencoderKL`` state dict, so a transformed copy is
+still a stock diffusers VAE. The adaptive colluder (:func:`align_to_reference`) lives here too:
+it undoes any such transformation by matching conv1 rows between two copies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from fingerprint_lm.errors import ConfigError
+
+ACT_TYPES: tuple[str, ...] = ("none", "permute", "scale", "sign", "all")
+
+# Only decoder blocks: the encoder never leaves the distributor and is not fingerprinted.
+_SITE_PATTERN = re.compile(r"^(?:.*\.)?decoder\.(?:mid_block|up_blocks\.\d+)\.resnets\.\d+$")
+_SITE_SUFFIXES = ("conv1.weight", "conv1.bias", "norm2.weight", "norm2.bias", "conv2.weight")
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass
+class ActParams:
+    """The transformation of one site, indexed by the *transformed* channel ``i``.
+
+    Transformed channel ``i`` is original channel ``perm[i]`` multiplied by ``sign[i] * scale[i]``
+    (conv1 rows and bias), with norm2 weight ``sign[i] * weight[perm[i]]``, norm2 bias
+    ``bias[perm[i]]`` and conv2 input column ``perm[i]``.
+
+    Parameters:
+        perm (`torch.LongTensor` of shape `(C,)`): maps whole groups to whole groups.
+        sign (`torch.Tensor` of shape `(C,)`): +1 or -1, constant within each group.
+        scale (`torch.Tensor` of shape `(C,)`): positive, constant within each group.
+    """
+
+    perm: torch.Tensor
+    sign: torch.Tensor
+    scale: torch.Tensor
+
+
+def _natural_key(name: str) -> list[object]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def find_act_sites(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Prefixes of the decoder ResnetBlocks ACT can act on, in natural (numeric-aware) order.
+
+    A site is a ``decoder.mid_block.resnets.N`` or ``decoder.up_blocks.M.resnets.N`` prefix that has
+    conv1 weight and bias, norm2 weight and bias and conv2 weight. Blocks with a time embedding
+    (``time_emb_proj``) are skipped: their interior also receives ``temb``.
+    """
+    sites = set()
+    for key in state_dict:
+        if not key.endswith(".conv1.weight"):
+            continue
+        prefix = key[: -len(".conv1.weight")]
+        if not _SITE_PATTERN.match(prefix):
+            continue
+        if all(f"{prefix}.{suffix}" in state_dict for suffix in _SITE_SUFFIXES) and (
+            f"{prefix}.time_emb_proj.weight" not in state_dict
+        ):
+            sites.add(prefix)
+    return sorted(sites, key=_natural_key)
+
+
+def _site_channels(state_dict: Mapping[str, torch.Tensor], site: str, num_groups: int) -> int:
+    channels = state_dict[f"{site}.conv1.weight"].shape[0]
+    if num_groups <= 0 or channels % num_groups != 0:
+        raise ConfigError(f"{site}: {channels} interior channels do not split into {num_groups} groups")
+    return channels
+
+
+def draw_act(
+    state_dict: Mapping[str, torch.Tensor],
+    act_type: str,
+    num_groups: int,
+    seed: int,
+    scale_range: tuple[float, float] = (0.25, 4.0),
+) -> dict[str, ActParams]:
+    """Draw one copy's transformation for every site of ``state_dict``; deterministic given ``seed``.
+
+    Parameters:
+        state_dict: a diffusers ``AutoencoderKL`` (or decoder-containing) state dict.
+        act_type (`str`): one of :data:`ACT_TYPES`.
+        num_groups (`int`): the GroupNorm group count (``vae.config.norm_num_groups``).
+        seed (`int`): e.g. from :func:`derive_act_seed`.
+        scale_range (`tuple[float, float]`): the log-uniform range of the group scales.
+    """
+    if act_type not in ACT_TYPES:
+        raise ConfigError(f"unknown ACT type {act_type!r}; expected one of {', '.join(ACT_TYPES)}")
+    scale_min, scale_max = (float(v) for v in scale_range)
+    if not 0.0 < scale_min <= scale_max:
+        raise ConfigError(f"ACT scale range must satisfy 0 < min <= max, got {scale_range}")
+    do_permute = act_type in ("permute", "all")
+    do_sign = act_type in ("sign", "all")
+    do_scale = act_type in ("scale", "all")
+
+    generator = torch.Generator().manual_seed(int(seed))
+    params: dict[str, ActParams] = {}
+    for site in find_act_sites(state_dict):
+        channels = _site_channels(state_dict, site, num_groups)
+        group_size = channels // num_groups
+        perm = torch.arange(channels)
+        group_sign = torch.ones(num_groups, dtype=torch.float64)
+        group_scale = torch.ones(num_groups, dtype=torch.float64)
+        if do_permute:
+            group_order = torch.randperm(num_groups, generator=generator)
+            within = torch.stack([torch.randperm(group_size, generator=generator) for _ in range(num_groups)])
+            perm = (group_order[:, None] * group_size + within).reshape(-1)
+        if do_sign:
+            group_sign = torch.randint(0, 2, (num_groups,), generator=generator).double() * 2 - 1
+        if do_scale:
+            u = torch.rand(num_groups, generator=generator, dtype=torch.float64)
+            group_scale = torch.exp(math.log(scale_min) + u * (math.log(scale_max) - math.log(scale_min)))
+        params[site] = ActParams(
+            perm=perm,
+            sign=group_sign.repeat_interleave(group_size),
+            scale=group_scale.repeat_interleave(group_size),
+        )
+    return params
+
+
+def _clone_state_dict(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    # Copies, not views: callers attack copies in place (weight noise, pruning) and must not reach the base.
+    return {key: value.detach().clone() for key, value in state_dict.items()}
+
+
+def _transform_site(
+    out: StateDict,
+    source: Mapping[str, torch.Tensor],
+    site: str,
+    perm: torch.Tensor,
+    row_factor: torch.Tensor,
+    gamma_factor: torch.Tensor,
+) -> None:
+    """Write into ``out`` the site of ``source`` with channel ``i`` := channel ``perm[i]``.
+
+    conv1 rows and bias are multiplied by ``row_factor``, norm2 weight by ``gamma_factor``.
+    Arithmetic is in float64 with one rounding to the stored dtype.
+    """
+    w1 = source[f"{site}.conv1.weight"]
+    shape = (-1,) + (1,) * (w1.dim() - 1)
+    updates = {
+        "conv1.weight": w1.double()[perm] * row_factor.view(shape),
+        "conv1.bias": source[f"{site}.conv1.bias"].double()[perm] * row_factor,
+        "norm2.weight": source[f"{site}.norm2.weight"].double()[perm] * gamma_factor,
+        "norm2.bias": source[f"{site}.norm2.bias"].double()[perm],
+        "conv2.weight": source[f"{site}.conv2.weight"].double()[:, perm],
+    }
+    for suffix, value in updates.items():
+        key = f"{site}.{suffix}"
+        out[key] = value.to(source[key].dtype).contiguous()
+
+
+def apply_act(state_dict: Mapping[str, torch.Tensor], params: Mapping[str, ActParams]) -> StateDict:
+    """Return a transformed copy of ``state_dict``; the input is left untouched.
+
+    Every tensor of the result is a fresh copy (ACT or not), in the input's dtype.
+    """
+    out = _clone_state_dict(state_dict)
+    for site, site_params in params.items():
+        key = f"{site}.conv1.weight"
+        if key not in state_dict:
+            raise ConfigError(f"ACT site {site!r} is not in the state dict")
+        channels = state_dict[key].shape[0]
+        if not (
+            site_params.perm.numel() == site_params.sign.numel() == site_params.scale.numel() == channels
+        ):
+            raise ConfigError(f"ACT parameters for {site!r} do not match its {channels} channels")
+        sign = site_params.sign.double()
+        _transform_site(
+            out,
+            state_dict,
+            site,
+            site_params.perm.long(),
+            row_factor=sign * site_params.scale.double(),
+            gamma_factor=sign,
+        )
+    return out
+
+
+def derive_act_seed(secret: bytes, user_id: str) -> int:
+    """A user's ACT seed: HMAC-SHA256(secret, user_id) truncated to a non-negative 63-bit int.
+
+    Only the distributor, who holds ``secret``, can recompute it; the secret itself never appears
+    in a copy or a registry row.
+    """
+    if not isinstance(secret, bytes | bytearray) or len(secret) == 0:
+        raise ConfigError("the ACT secret must be non-empty bytes")
+    digest = hmac.new(bytes(secret), user_id.encode("utf-8"), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def align_to_reference(
+    state_dict: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    num_groups: int,
+) -> StateDict:
+    """The adaptive colluder: reparametrize ``state_dict`` so its interior channels line up with ``reference``.
+
+    For every site, each copy channel is matched to a reference channel by the |cosine| of their
+    conv1 rows (flattened weight and bias), with a one-to-one assignment
+    (``scipy.optimize.linear_sum_assignment``) at the channel level: the colluder does not need to
+    know the groups. The sign of the cosine undoes a sign flip. The scale is undone per reference
+    group, by the geometric mean of the matched norm ratios within it: a per-group scale is what
+    GroupNorm absorbs, so the aligned copy still computes the copy's function whenever the match
+    maps groups to groups (always, for copies that differ only by ACT; then all ratios in a group
+    are equal and the reference is recovered exactly). Non-ACT tensors are copied unchanged.
+    """
+    out = _clone_state_dict(state_dict)
+    for site in find_act_sites(reference):
+        channels = _site_channels(reference, site, num_groups)
+        if f"{site}.conv1.weight" not in state_dict:
+            raise ConfigError(f"ACT site {site!r} of the reference is not in the copy")
+        rows_ref = _conv1_rows(reference, site)
+        rows_copy = _conv1_rows(state_dict, site)
+        if rows_ref.shape != rows_copy.shape:
+            raise ConfigError(f"{site}: copy and reference conv1 shapes differ")
+        norm_ref = rows_ref.norm(dim=1).clamp_min(1e-300)
+        norm_copy = rows_copy.norm(dim=1).clamp_min(1e-300)
+        cosine = (rows_ref @ rows_copy.T) / (norm_ref[:, None] * norm_copy[None, :])
+        ref_index, copy_index = linear_sum_assignment(-cosine.abs().numpy())
+        # ref_index is 0..C-1 in order, so perm[i] is the copy channel matched to reference channel i.
+        perm = torch.from_numpy(np.asarray(copy_index, dtype=np.int64))
+        matched_cosine = cosine[torch.from_numpy(np.asarray(ref_index, dtype=np.int64)), perm]
+        sign = torch.where(matched_cosine < 0, -1.0, 1.0).double()
+        log_ratio = torch.log(norm_copy[perm] / norm_ref)
+        group_scale = torch.exp(log_ratio.view(num_groups, -1).mean(dim=1)).repeat_interleave(
+            channels // num_groups
+        )
+        _transform_site(out, state_dict, site, perm, row_factor=sign / group_scale, gamma_factor=sign)
+    return out
+
+
+def _conv1_rows(state_dict: Mapping[str, torch.Tensor], site: str) -> torch.Tensor:
+    weight = state_dict[f"{site}.conv1.weight"].double()
+    bias = state_dict[f"{site}.conv1.bias"].double()
+    return torch.cat([weight.reshape(weight.shape[0], -1), bias[:, None]], dim=1)
+
+
+def average_state_dicts(
+    state_dicts: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float] | None = None,
+) -> StateDict:
+    """The naive colluder: the weighted average of every floating-point tensor.
+
+    ``weights`` (default: equal) are normalised to sum to 1. Non-float tensors (integer buffers)
+    are taken from the first state dict. Arithmetic is in float64, stored in each tensor's dtype.
+    """
+    if len(state_dicts) == 0:
+        raise ConfigError("cannot average zero state dicts")
+    if weights is None:
+        weights = [1.0] * len(state_dicts)
+    if len(weights) != len(state_dicts):
+        raise ConfigError(f"{len(weights)} weights for {len(state_dicts)} state dicts")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"averaging weights must be non-negative with a positive sum, got {list(weights)}")
+    total = float(sum(weights))
+    first = state_dicts[0]
+    for other in state_dicts[1:]:
+        if other.keys() != first.keys():
+            raise ConfigError("cannot average state dicts with different keys")
+    out: StateDict = {}
+    for key, value in first.items():
+        if not value.is_floating_point():
+            out[key] = value.detach().clone()
+            continue
+        acc = torch.zeros(value.shape, dtype=torch.float64)
+        for w, sd in zip(weights, state_dicts):
+            if sd[key].shape != value.shape:
+                raise ConfigError(
+                    f"cannot average {key}: shapes {tuple(value.shape)} and {tuple(sd[key].shape)}"
+                )
+            acc += (w / total) * sd[key].detach().double()
+        out[key] = acc.to(value.dtype)
+    return out
+
+
+def aligned_average(
+    state_dicts: Sequence[Mapping[str, torch.Tensor]],
+    num_groups: int,
+    weights: Sequence[float] | None = None,
+) -> StateDict:
+    """The adaptive colluder's merge: align every copy to the first, then average."""
+    if len(state_dicts) == 0:
+        raise ConfigError("cannot average zero state dicts")
+    reference = state_dicts[0]
+    aligned = [_clone_state_dict(reference)] + [
+        align_to_reference(sd, reference, num_groups) for sd in state_dicts[1:]
+    ]
+    return average_state_dicts(aligned, weights)
