@@ -12,6 +12,7 @@ reuses the clean pass's backward, so a K-step worst-case step costs about (1 + K
 from __future__ import annotations
 
 import math
+import time
 
 import lightning as L
 import torch
@@ -63,6 +64,8 @@ class FingerprintModule(L.LightningModule):
         train_decoder: also train the decoder's own weights (lower lr), so the mark can move into
             the main path; the base decoder output used as the reconstruction target stays fixed.
         decoder_lr: learning rate of the decoder's weights when ``train_decoder``.
+        carrier_dropout: probability that a training batch is decoded without the carrier bias
+            maps, so the main-path affine sites must carry the fingerprint on their own.
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class FingerprintModule(L.LightningModule):
         augment: AugmentConfig | None = None,
         train_decoder: bool = False,
         decoder_lr: float = 1e-5,
+        carrier_dropout: float = 0.0,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -97,6 +101,7 @@ class FingerprintModule(L.LightningModule):
         self.augment = augment or AugmentConfig()
         self.train_decoder = train_decoder
         self.decoder_lr = decoder_lr
+        self.carrier_dropout = carrier_dropout
         self.register_buffer("log_rec_weight", torch.tensor(math.log(rec_weight_init)))
         self.register_buffer("detector_fitted", torch.tensor(False))
         self.vae.requires_grad_(False)
@@ -123,6 +128,22 @@ class FingerprintModule(L.LightningModule):
         return [p for p in self.pnm.decoder.parameters() if id(p) not in private]
 
     @torch.no_grad()
+    def calibrate_carriers(self, images: torch.Tensor, margin_db: float = 1.0, rounds: int = 4) -> float:
+        """Scale the carrier amplitudes so the marked output sits ``margin_db`` above the PSNR
+        target before training starts (MSE grows with amplitude squared, so a few rescalings
+        converge). Returns the PSNR reached."""
+        if self.pnm.spatial_site_name is None:
+            return float("nan")
+        latents = self.encode(images.to(self.device))
+        base = self.pnm(latents, None)
+        bits = self.random_bits(len(images))
+        reached = float("nan")
+        for _ in range(rounds):
+            reached = psnr(self.pnm(latents, bits), base).mean().item()
+            self.pnm.carrier_log_amplitude += (reached - self.psnr_target - margin_db) / 20 * math.log(10)
+        return reached
+
+    @torch.no_grad()
     def fit_detector(self, images: torch.Tensor, batch_size: int = 256) -> None:
         """Closed-form initialisation of the extractor's linear reader on fresh fingerprints."""
         outputs, bits = [], []
@@ -139,6 +160,9 @@ class FingerprintModule(L.LightningModule):
         return F.binary_cross_entropy_with_logits(logits, bits.to(logits.dtype))
 
     # -- training -----------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        self._train_start = time.perf_counter()
+
     def training_step(self, batch, batch_idx):
         optimizer = self.optimizers()
         images = batch["image"]
@@ -147,13 +171,14 @@ class FingerprintModule(L.LightningModule):
             base = self.pnm(latents, None)
         bits = self.random_bits(len(images))
         rec_weight = self.log_rec_weight.exp()
+        carriers = not (self.carrier_dropout > 0 and float(torch.rand(())) < self.carrier_dropout)
 
         weights = self.decoder_weights() if self.wc_steps > 0 else []
         if weights and not self.train_decoder:
             for w in weights:
                 w.requires_grad_(True)
         optimizer.zero_grad(set_to_none=True)
-        out = self.pnm(latents, bits)
+        out = self.pnm(latents, bits, carriers)
         rec = F.mse_loss(out, base)
         bce = self.fingerprint_loss(out, bits)
         loss = rec_weight * rec + self.lambda_fp * bce
@@ -166,12 +191,12 @@ class FingerprintModule(L.LightningModule):
             try:
                 self._shift(weights, deltas, +1)
                 for _ in range(self.wc_steps - 1):
-                    inner = self.fingerprint_loss(self.pnm(latents, bits), bits)
+                    inner = self.fingerprint_loss(self.pnm(latents, bits, carriers), bits)
                     grads = torch.autograd.grad(inner, weights, allow_unused=True)
                     self._shift(weights, deltas, -1)
                     deltas = worst_case_perturbation(weights, list(grads), self.wc_rho, previous=deltas)
                     self._shift(weights, deltas, +1)
-                bce_wc = self.fingerprint_loss(self.pnm(latents, bits), bits)
+                bce_wc = self.fingerprint_loss(self.pnm(latents, bits, carriers), bits)
                 self.manual_backward(self.lambda_wc * bce_wc)
             finally:
                 self._shift(weights, deltas, -1)
@@ -198,6 +223,7 @@ class FingerprintModule(L.LightningModule):
                 "train/psnr": batch_psnr,
                 "train/bit_acc": bit_acc,
                 "train/rec_weight": rec_weight,
+                "train/elapsed_s": time.perf_counter() - getattr(self, "_train_start", time.perf_counter()),
             },
             prog_bar=False,
         )

@@ -195,21 +195,23 @@ class PersonalizedDecoder(nn.Module):
         return out
 
     @contextlib.contextmanager
-    def fingerprinted(self, bits: torch.Tensor | None) -> Iterator[None]:
-        """Within the block, the decoder decodes with fingerprints ``bits`` (None: base decoder)."""
+    def fingerprinted(self, bits: torch.Tensor | None, carriers: bool = True) -> Iterator[None]:
+        """Within the block, the decoder decodes with fingerprints ``bits`` (None: base decoder).
+        ``carriers=False`` leaves out the spatial bias map (only the main-path affine part)."""
         modules = {n: m for n, m in self.decoder.named_modules() if isinstance(m, ModulatedGroupNorm)}
         try:
             if bits is not None:
                 for name, values in self.modulation(bits).items():
                     for key, value in values.items():
-                        setattr(modules[name], key, value)
+                        if carriers or key != "bias_map":
+                            setattr(modules[name], key, value)
             yield
         finally:
             for module in modules.values():
                 module.scale = module.shift = module.bias_map = None
 
-    def forward(self, latents: torch.Tensor, bits: torch.Tensor | None) -> torch.Tensor:
-        with self.fingerprinted(bits):
+    def forward(self, latents: torch.Tensor, bits: torch.Tensor | None, carriers: bool = True) -> torch.Tensor:
+        with self.fingerprinted(bits, carriers):
             return self.decoder(latents)
 
     def pnm_parameters(self) -> list[nn.Parameter]:

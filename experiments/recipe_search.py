@@ -1,0 +1,97 @@
+"""Recipe search for the embedded default: which training recipe reaches bit_acc >= 0.99 at
+PSNR >= 30 dB fastest on 2 CPU cores? Prints a table; results go to experiments/results/.
+
+    python experiments/recipe_search.py VARIANT [VARIANT ...] [--steps N] [--threads T]
+
+Each variant is a set of Hydra overrides defined in VARIANTS below, applied on top of
+`+experiment=train`. The base VAE comes from the same cache the main entry point uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from fingerprint_lm.pipeline import stages
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS: dict[str, list[str]] = {
+    "carriers+affine_K1": [],
+    "carriers+affine_K0": ["method.train.wc_steps=0"],
+    "carriers_only_K1": ["method.pnm.affine_sites=[]"],
+    "affine_only_K1": ["method.pnm.spatial_site=null", "method.detector_fit_samples=0"],
+    "carriers+affine_K1_decoder": ["method.train.train_decoder=true"],
+    "carriers+affine_K1_lr3e-4": ["method.train.lr=3e-4"],
+    "carriers+affine_K1_cdrop0.5": ["method.train.carrier_dropout=0.5"],
+    "carriers+affine_K1_cdrop0.5_decoder": ["method.train.carrier_dropout=0.5", "method.train.train_decoder=true",
+                                            "method.train.decoder_lr=1e-4"],
+}
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=train", *overrides], return_hydra_config=True)
+    OmegaConf.update(cfg, "paths.root_dir", str(ROOT))
+    OmegaConf.update(cfg, "paths.output_dir", str(ROOT / "outputs" / "recipe_search"))
+    cfg.hydra.runtime.cwd = str(ROOT)
+    return cfg
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("variants", nargs="+", choices=sorted(VARIANTS))
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-images", type=int, default=512)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.variants:
+        cfg = compose_cfg([*VARIANTS[name], f"method.steps={args.steps}", "logger=none"])
+        plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
+        datamodule = instantiate(cfg.data)
+
+        def make_trainer(cfg=cfg, **overrides):
+            kwargs = dict(logger=False, callbacks=[], enable_checkpointing=False, enable_progress_bar=False,
+                          limit_val_batches=0)
+            kwargs.update(overrides)
+            return instantiate(cfg.trainer, **kwargs)
+
+        vae, _ = stages.prepare_base_vae(cfg.model.source, cfg.paths.cache_dir, datamodule, make_trainer,
+                                         plain(cfg.model.vae_config), cfg.model.path, plain(cfg.model.pretrain))
+        start = time.perf_counter()
+        model, _, facts = stages.train_fingerprint(
+            vae, cfg.fingerprint_bits, datamodule, make_trainer, plain(cfg.method.pnm),
+            plain(cfg.method.extractor), plain(cfg.method.train), plain(cfg.method.augment),
+            cfg.method.detector_fit_samples, seed=cfg.seed)
+        metrics = stages.evaluate_fingerprint(model, datamodule.test_dataloader(), args.eval_images)
+        row = {"variant": name, "steps": facts["steps"], "seconds": round(time.perf_counter() - start, 1),
+               "bit_acc": round(metrics["bit_acc"], 4), "psnr": round(metrics["psnr"], 2),
+               "ssim": round(metrics["ssim"], 4),
+               "no_carriers": round(metrics.get("bit_acc_carriers_removed", float("nan")), 4),
+               **{k: round(v, 4) for k, v in metrics["robustness"].items()}}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        vae = None
+    out = ROOT / "experiments" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "recipe_search.jsonl", "a") as handle:
+        for row in rows:
+            handle.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads, **row}) + "\n")
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(str(row[k]) for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    L.seed_everything(0, verbose=False)
+    main()

@@ -1,0 +1,169 @@
+"""From images to users: reading image files, extracting bits, attribution and colluder tracing.
+
+Attribution (one image at a time): the extractor's logits give ``k`` hard bits; the registered
+code nearest in Hamming distance (bit-packed search, :class:`~fingerprint_lm.registry.store.CodeIndex`)
+matches ``m`` of them. The p-value ``P[Binomial(k, 1/2) >= m]`` is multiplied by the registry size
+``N`` (Bonferroni); the nearest user is accused only when that is ``<= fpr``. Equivalently, an
+image is attributed when ``m >= match_threshold(k, fpr, N)``.
+
+Tracing (several images of ONE suspect model, e.g. a merge of several copies): every registered
+code is scored against the mean soft evidence of all images and users above the Hoeffding +
+Bonferroni threshold ``sqrt(2 ln(N / fpr))`` are accused (:mod:`fingerprint_lm.registry.tracing`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fingerprint_lm.data.coco import load_rgb, to_tensor
+from fingerprint_lm.errors import ConfigError, DataError
+from fingerprint_lm.metrics.bits import match_threshold
+from fingerprint_lm.registry.store import CodeIndex, Registry
+from fingerprint_lm.registry.tracing import trace, tracing_threshold
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def list_images(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Image files named by ``paths``: files as given, folders expanded to their image files
+    (by suffix, sorted, not recursive). Raises DataError for a missing path or no image at all."""
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    files: list[Path] = []
+    for entry in paths:
+        path = Path(entry)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"no such image file or folder: {path}")
+    if not files:
+        raise DataError("no images given")
+    return files
+
+
+def read_images(paths: str | Path | Sequence[str | Path], min_size: int = 1) -> list[tuple[str, torch.Tensor]]:
+    """Read images as ``(path, FloatTensor[3, H, W] in [-1, 1])``, in :func:`list_images` order.
+
+    RGBA is composited over white, greyscale and palette images become RGB; any size works (odd
+    sizes too) as long as both sides are at least ``min_size`` (the extractor's tile: smaller
+    images cannot hold a full carrier period). A corrupt or unreadable file raises DataError.
+    """
+    out = []
+    for file in list_images(paths):
+        image = load_rgb(file)
+        width, height = image.size
+        if width < min_size or height < min_size:
+            raise DataError(
+                f"image {file} is {width}x{height}: smaller than the fingerprint tile ({min_size}x{min_size})"
+            )
+        out.append((str(file), to_tensor(image)))
+    return out
+
+
+@torch.no_grad()
+def extract_logits(extractor: torch.nn.Module, images: Sequence[torch.Tensor]) -> np.ndarray:
+    """Extractor logits ``float64 [n, k]``, one image at a time (images may differ in size)."""
+    if len(images) == 0:
+        raise DataError("no images to read a fingerprint from")
+    extractor.eval()
+    rows = [extractor(image[None].float()).double()[0] for image in images]
+    return torch.stack(rows).numpy()
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * logits))  # overflow-free
+
+
+def _index(registry: Registry | CodeIndex) -> CodeIndex:
+    return registry.index() if isinstance(registry, Registry) else registry
+
+
+def attribute_images(
+    extractor: torch.nn.Module,
+    registry: Registry | CodeIndex,
+    images: Sequence[tuple[str, torch.Tensor]],
+    fpr: float = 1e-6,
+) -> dict:
+    """Name the user behind each image (independently).
+
+    Returns ``{"fpr", "n_users", "code_length", "match_threshold", "images": [...]}`` where each
+    image has ``image``, ``bits`` (string of 0/1), ``user_id`` (None when nobody is accused),
+    ``nearest_user_id``, ``matching_bits``, ``n_nearest``, ``p_value`` (Bonferroni-corrected) and
+    ``accused``. ``match_threshold`` is the number of matching bits needed for an accusation, None
+    when even ``k`` matches cannot reach ``fpr`` among this many users.
+    """
+    if not 0.0 < float(fpr) < 1.0:
+        raise ConfigError(f"fpr must lie in (0, 1), got {fpr}")
+    index = _index(registry)
+    k = index.k
+    if getattr(extractor, "fingerprint_bits", k) != k:
+        raise ConfigError(f"the extractor reads {extractor.fingerprint_bits} bits but the registry holds {k}-bit codes")
+    logits = extract_logits(extractor, [image for _, image in images])
+    bits = (logits > 0).astype(np.uint8)
+    results = index.identify_many(bits, fpr=fpr)
+    try:
+        threshold = match_threshold(k, fpr, max(len(index), 1))
+    except ConfigError:
+        threshold = None
+    rows = []
+    for (name, _), row_bits, result in zip(images, bits, results):
+        rows.append(
+            {
+                "image": name,
+                "bits": "".join(str(int(b)) for b in row_bits),
+                "user_id": result["user_id"],
+                "nearest_user_id": result["nearest_user_id"],
+                "matching_bits": int(result["matching_bits"]),
+                "n_nearest": int(result["n_nearest"]),
+                "p_value": float(result["p_value"]),
+                "accused": bool(result["accused"]),
+            }
+        )
+    return {
+        "fpr": float(fpr),
+        "n_users": len(index),
+        "code_length": k,
+        "match_threshold": threshold,
+        "images": rows,
+    }
+
+
+def trace_images(
+    extractor: torch.nn.Module,
+    registry: Registry | CodeIndex,
+    images: Sequence[tuple[str, torch.Tensor]],
+    fpr: float = 1e-6,
+    top: int = 10,
+) -> dict:
+    """Rank registered users as the source (or colluders) of one suspect model's images.
+
+    Returns ``{"fpr", "n_users", "n_images", "threshold", "suspects": [...]}``; each suspect has
+    ``user_id``, ``score``, ``p_value_bound`` and ``accused`` (``score >= threshold``), by
+    decreasing score; ``top`` suspects plus every accused one.
+    """
+    if not 0.0 < float(fpr) < 1.0:
+        raise ConfigError(f"fpr must lie in (0, 1), got {fpr}")
+    index = _index(registry)
+    if getattr(extractor, "fingerprint_bits", index.k) != index.k:
+        raise ConfigError(
+            f"the extractor reads {extractor.fingerprint_bits} bits but the registry holds {index.k}-bit codes"
+        )
+    probs = _sigmoid(extract_logits(extractor, [image for _, image in images]))
+    suspects = trace(probs, index, fpr=fpr, top=top)
+    return {
+        "fpr": float(fpr),
+        "n_users": len(index),
+        "n_images": len(images),
+        "images": [name for name, _ in images],
+        "threshold": tracing_threshold(max(len(index), 1), fpr),
+        "suspects": suspects,
+    }

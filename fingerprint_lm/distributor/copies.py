@@ -1,0 +1,338 @@
+"""Issuing a user's personal copy of the VAE, loading it back, and checking it against the registry.
+
+A copy is made without retraining: the user's code goes through the private mapping network once,
+the per-channel PNM coefficients are written into the copy's GroupNorm weights, and the user's
+Anti-Collusion Transformation (ACT) reparametrizes the decoder. Layout of a copy folder::
+
+    config.json                              stock diffusers AutoencoderKL config
+    diffusion_pytorch_model.safetensors      stock AutoencoderKL weights (encoder + personal decoder)
+    fingerprint_bias_map.safetensors         the spatial carrier bias map (only if the PNM has one)
+
+Limitation. The affine sites (``norm2`` of ResnetBlocks) are plain GroupNorm weight/bias values,
+so stock ``AutoencoderKL.from_pretrained`` reproduces them exactly. The spatial site's bias map is a
+tile-periodic ``[C, T, T]`` map added after ``conv_norm_out``: no stock diffusers parameter can
+hold it. It ships as a separate file, and :func:`load_copy` (stock load + one module swap keeping
+the parameter names) rebuilds the full fingerprinted decoder. A stock load gives the decoder
+*without* the carrier: what the main path carries on its own (``eval/bit_acc_carriers_removed``).
+
+Neither the mapping network, the affine heads, the carriers nor the extractor ever enter a copy;
+nor does the ACT secret (only its HMAC-derived per-user seed is used, and it is not stored).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from fingerprint_lm.errors import CheckpointError, ConfigError, RegistryError
+from fingerprint_lm.models.act import ACT_TYPES, apply_act, derive_act_seed, draw_act
+from fingerprint_lm.models.pnm import tile_to
+from fingerprint_lm.models.vae import load_vae
+from fingerprint_lm.pipeline.checkpoint import FingerprintModel
+from fingerprint_lm.registry.store import Registry
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+BIAS_MAP_NAME = "fingerprint_bias_map.safetensors"
+# The files a copy's hash covers, in this order (config.json is not hashed: it holds no weights).
+HASHED_FILES = (WEIGHTS_NAME, BIAS_MAP_NAME)
+_BIAS_MAP_KEY = "bias_map"
+# User ids become folder names: no separators, no leading dot, printable ASCII only.
+_USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
+
+
+# -- secret ---------------------------------------------------------------------------------------
+def read_secret(env_name: str | None, file_path: str | Path | None = None) -> bytes:
+    """The distributor's ACT secret: the file ``file_path`` when given, else the environment
+    variable ``env_name``. Never logged, stored in the registry or written into a copy.
+
+    Raises :class:`ConfigError` (naming where it looked, never the value) when it is missing or empty.
+    """
+    if file_path:
+        path = Path(file_path)
+        try:
+            secret = path.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the ACT secret file {path}: {exc.strerror or exc}") from exc
+        if not secret:
+            raise ConfigError(f"the ACT secret file {path} is empty")
+        return secret
+    secret = os.environ.get(env_name or "", "").strip().encode("utf-8")
+    if not secret:
+        raise ConfigError(
+            f"no ACT secret: set the environment variable {env_name} or distributor.secret_file "
+            "(or issue with act=none)"
+        )
+    return secret
+
+
+def check_user_id(user_id: object) -> str:
+    """Return ``user_id`` if it can name a registry row and a copy folder; RegistryError otherwise."""
+    if not isinstance(user_id, str) or not _USER_ID.match(user_id):
+        raise RegistryError(
+            f"invalid user id {user_id!r}: use 1-128 letters, digits or ._@+- (not starting with ._@+-)"
+        )
+    return user_id
+
+
+# -- the copy's tensors ---------------------------------------------------------------------------
+@torch.no_grad()
+def personal_tensors(
+    model: FingerprintModel,
+    bits,
+    act_type: str = "none",
+    act_seed: int | None = None,
+    scale_range: tuple[float, float] = (0.25, 4.0),
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, str | None]:
+    """The tensors of one user's copy: ``(vae_state_dict, bias_map, bias_map_site)``.
+
+    Affine sites: ``weight = gamma_0 * (1 + scale)``, ``bias = beta_0 + shift`` (float64, one
+    rounding), the function :class:`~fingerprint_lm.models.pnm.ModulatedGroupNorm` computes. Then
+    the user's ACT (``act_seed`` required unless ``act_type == "none"``). ``bias_map`` is the
+    spatial site's ``[1, C, T, T]`` map (None without a spatial site), ``bias_map_site`` its module
+    name in the VAE (``decoder.conv_norm_out``). Every returned tensor is a fresh copy.
+    """
+    pnm = model.pnm
+    code = torch.as_tensor(np.asarray(bits)).long().reshape(1, -1)
+    modulation = pnm.modulation(code)  # checks the code length against the model
+    base = model.vae.state_dict()
+    state = dict(base)
+    bias_map, site_name = None, None
+    for site, values in modulation.items():
+        prefix = f"decoder.{site}"
+        if "scale" in values:
+            weight, bias = base[f"{prefix}.weight"], base[f"{prefix}.bias"]
+            state[f"{prefix}.weight"] = (weight.double() * (1.0 + values["scale"][0].double())).to(weight.dtype)
+            state[f"{prefix}.bias"] = (bias.double() + values["shift"][0].double()).to(bias.dtype)
+        if "bias_map" in values:
+            bias_map, site_name = values["bias_map"].detach().clone().contiguous(), prefix
+    if act_type not in ACT_TYPES:
+        raise ConfigError(f"unknown ACT type {act_type!r}; expected one of {', '.join(ACT_TYPES)}")
+    params = {}
+    if act_type != "none":
+        if act_seed is None:
+            raise ConfigError(f"ACT type {act_type!r} needs a seed (derive_act_seed(secret, user_id))")
+        params = draw_act(state, act_type, int(model.vae.config.norm_num_groups), act_seed, scale_range)
+    return apply_act(state, params), bias_map, site_name
+
+
+# -- files ----------------------------------------------------------------------------------------
+def copy_sha256(path: str | Path) -> str:
+    """SHA-256 over the copy's safetensors files in the fixed order of :data:`HASHED_FILES`.
+
+    For each file present, the hash takes its name, a NUL byte, its size as 8 little-endian
+    bytes, then its contents, so removing, truncating or altering any of them changes the hash.
+    """
+    path = Path(path)
+    if not (path / WEIGHTS_NAME).is_file():
+        raise CheckpointError(f"no copy at {path} ({WEIGHTS_NAME} missing)")
+    digest = hashlib.sha256()
+    for name in HASHED_FILES:
+        file = path / name
+        if not file.is_file():
+            continue
+        digest.update(name.encode() + b"\0" + file.stat().st_size.to_bytes(8, "little"))
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def write_copy(
+    directory: str | Path,
+    vae_config: Mapping,
+    state_dict: Mapping[str, torch.Tensor],
+    bias_map: torch.Tensor | None = None,
+    bias_map_site: str | None = None,
+) -> str:
+    """Write a copy folder atomically (temporary sibling + rename); returns its :func:`copy_sha256`.
+
+    Refuses to replace an existing folder: a copy, once issued, is never silently overwritten.
+    """
+    directory = Path(directory)
+    if directory.exists():
+        raise CheckpointError(f"{directory} already exists; remove it or choose another user id")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        _write_config(tmp, vae_config)
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        if bias_map is not None:
+            save_file(
+                {_BIAS_MAP_KEY: bias_map.detach().contiguous()},
+                tmp / BIAS_MAP_NAME,
+                metadata={"format": "pt", "site": str(bias_map_site)},
+            )
+        sha = copy_sha256(tmp)
+        os.rename(tmp, directory)  # fails rather than merge into a folder that appeared meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sha
+
+
+def _write_config(directory: Path, config: Mapping) -> None:
+    import diffusers
+
+    # What save_pretrained writes: the class name first, then the constructor arguments.
+    body = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    header = {"_class_name": "AutoencoderKL", "_diffusers_version": diffusers.__version__}
+    (directory / CONFIG_NAME).write_text(json.dumps({**header, **body}, indent=2, sort_keys=True) + "\n")
+
+
+# -- issuing --------------------------------------------------------------------------------------
+def issue_copy(
+    model: FingerprintModel,
+    registry: Registry,
+    user_id: str,
+    copies_dir: str | Path,
+    secret: bytes | None = None,
+    act_type: str = "all",
+    scale_range: tuple[float, float] = (0.25, 4.0),
+    rng: np.random.Generator | None = None,
+) -> dict:
+    """Issue ``user_id``'s copy: draw a code, build the copy, write it, register it.
+
+    Parameters:
+        model: the distributor's trained fingerprint model.
+        registry: the user registry; its code length must be the model's fingerprint length.
+        user_id: a new user (see :func:`check_user_id`).
+        copies_dir: the copy goes to ``copies_dir/<user_id>``.
+        secret: the ACT secret (required unless ``act_type == "none"``).
+        act_type: one of :data:`~fingerprint_lm.models.act.ACT_TYPES`.
+        scale_range: log-uniform range of ACT's group scales.
+        rng: draws the code (default: fresh OS entropy; codes must not be predictable).
+
+    Every check runs before anything is written; if registration fails (e.g. another process
+    registered the same id meanwhile) the copy folder is removed again, so the registry and the
+    copies folder never disagree. Returns ``user_id``, ``copy``, ``copy_sha256``, ``act_type``,
+    ``code_length``, ``has_bias_map``.
+    """
+    check_user_id(user_id)
+    k = model.fingerprint_bits
+    if registry.code_length != k:
+        raise RegistryError(f"registry {registry.path} holds {registry.code_length}-bit codes, the model {k}")
+    if user_id in registry:
+        raise RegistryError(f"duplicate user {user_id!r}: already registered")
+    if act_type not in ACT_TYPES:
+        raise ConfigError(f"unknown ACT type {act_type!r}; expected one of {', '.join(ACT_TYPES)}")
+    if act_type != "none" and not secret:
+        raise ConfigError(f"ACT type {act_type!r} needs the distributor's secret")
+    target = Path(copies_dir) / user_id
+    if target.exists():
+        raise CheckpointError(f"{target} already exists but {user_id!r} is not registered; remove it first")
+
+    code = registry.new_code(np.random.default_rng() if rng is None else rng)
+    seed = derive_act_seed(secret, user_id) if act_type != "none" else None
+    state, bias_map, site = personal_tensors(model, code, act_type, seed, scale_range)
+    sha = write_copy(target, model.vae.config, state, bias_map, site)
+    try:
+        registry.register(user_id, code, copy_sha256=sha, act_type=act_type)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    return {
+        "user_id": user_id,
+        "copy": str(target),
+        "copy_sha256": sha,
+        "act_type": act_type,
+        "code_length": k,
+        "has_bias_map": bias_map is not None,
+    }
+
+
+def verify_copy(path: str | Path, registry: Registry, user_id: str) -> dict:
+    """Check a copy folder against the hash registered for ``user_id``.
+
+    Raises :class:`RegistryError` for an unknown user and :class:`CheckpointError` for a missing,
+    truncated or altered copy. Returns ``user_id``, ``copy``, ``copy_sha256``, ``act_type``, ``ok``.
+    """
+    row = registry.get(user_id)
+    expected = row["copy_sha256"]
+    if not expected:
+        raise RegistryError(f"user {user_id!r} has no copy hash in the registry")
+    actual = copy_sha256(path)
+    if actual != expected:
+        raise CheckpointError(
+            f"copy {path} does not match the registered hash of {user_id!r} (truncated or altered)"
+        )
+    return {"user_id": user_id, "copy": str(path), "copy_sha256": actual, "act_type": row["act_type"], "ok": True}
+
+
+# -- loading --------------------------------------------------------------------------------------
+class BiasMapGroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` plus a fixed tile-periodic bias map added to its output.
+
+    Keeps ``weight``/``bias`` (names and values), so the VAE's state dict stays a stock one; the
+    map is a non-persistent buffer: it follows ``.to()`` but is not saved by ``save_pretrained``.
+
+    Parameters:
+        num_groups, num_channels, eps, affine: as ``nn.GroupNorm``.
+        bias_map (`torch.Tensor` of shape `(1, C, T, T)`): the tile.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, bias_map: torch.Tensor, eps: float = 1e-5,
+                 affine: bool = True):
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine)
+        self.register_buffer("bias_map", bias_map.detach().clone(), persistent=False)
+
+    @classmethod
+    def from_group_norm(cls, norm: nn.GroupNorm, bias_map: torch.Tensor) -> BiasMapGroupNorm:
+        new = cls(norm.num_groups, norm.num_channels, bias_map, eps=norm.eps, affine=norm.affine)
+        new.load_state_dict(norm.state_dict())
+        return new.to(norm.weight.device, norm.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + tile_to(self.bias_map, x.shape[-2:])
+
+
+def read_bias_map(path: str | Path) -> tuple[torch.Tensor, str]:
+    """``(bias_map [1, C, T, T], site)`` from a copy's :data:`BIAS_MAP_NAME` file."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            site = (handle.metadata() or {}).get("site")
+            bias_map = handle.get_tensor(_BIAS_MAP_KEY)
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}".splitlines()[0]) from exc
+    if not site or bias_map.dim() != 4 or bias_map.shape[0] != 1 or bias_map.shape[-1] != bias_map.shape[-2]:
+        raise CheckpointError(f"{path} is not a fingerprint bias map (shape {tuple(bias_map.shape)}, site {site!r})")
+    return bias_map, site
+
+
+def load_copy(path: str | Path, expected_sha256: str | None = None):
+    """Load a user's copy as the full fingerprinted ``AutoencoderKL``.
+
+    Stock ``AutoencoderKL.from_pretrained(path)``, then, if the copy has a bias map, the spatial
+    site's GroupNorm (``decoder.conv_norm_out``) is swapped for a :class:`BiasMapGroupNorm` with
+    the same parameters. The result decodes exactly as the distributor's PNM decoder with the
+    user's code. ``expected_sha256`` (e.g. from the registry) is checked first when given.
+    """
+    path = Path(path)
+    if expected_sha256 is not None and copy_sha256(path) != expected_sha256:
+        raise CheckpointError(f"copy {path} does not match the expected hash (truncated or altered)")
+    vae = load_vae(path)
+    bias_file = path / BIAS_MAP_NAME
+    if bias_file.is_file():
+        bias_map, site = read_bias_map(bias_file)
+        try:
+            norm = vae.get_submodule(site)
+        except AttributeError as exc:
+            raise CheckpointError(f"{bias_file}: site {site!r} is not a module of the VAE") from exc
+        if not isinstance(norm, nn.GroupNorm) or norm.num_channels != bias_map.shape[1]:
+            raise CheckpointError(f"{bias_file}: site {site!r} is not a GroupNorm of {bias_map.shape[1]} channels")
+        parent_name, _, child = site.rpartition(".")
+        setattr(vae.get_submodule(parent_name), child, BiasMapGroupNorm.from_group_norm(norm, bias_map))
+    return vae.eval()

@@ -1,0 +1,101 @@
+"""The trained fingerprinting model on disk: safetensors only, never pickles.
+
+Layout of a checkpoint directory::
+
+    base_vae/                     diffusers AutoencoderKL folder (config.json + safetensors)
+    fingerprint.safetensors       PNM (mapping, heads, carriers) and extractor tensors
+    fingerprint.json              how to rebuild the modules (bits, sites, tile, widths) + provenance
+
+It is private to the distributor: user copies (``registry``) contain neither the mapping network
+nor the extractor.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fingerprint_lm.errors import CheckpointError
+from fingerprint_lm.models.extractor import FingerprintExtractor
+from fingerprint_lm.models.pnm import PersonalizedDecoder
+from fingerprint_lm.models.vae import load_vae
+from fingerprint_lm.pipeline.cache import atomic_directory
+
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "embedded"
+
+
+@dataclass
+class FingerprintModel:
+    """Everything the distributor keeps: base VAE, PNM decoder and extractor, plus metadata."""
+
+    vae: Any
+    pnm: PersonalizedDecoder
+    extractor: FingerprintExtractor
+    meta: dict[str, Any]
+
+    @property
+    def fingerprint_bits(self) -> int:
+        return self.pnm.fingerprint_bits
+
+
+def build_fingerprint_model(vae, fingerprint_bits: int, pnm_kwargs: dict, extractor_kwargs: dict, meta=None):
+    pnm = PersonalizedDecoder(vae.decoder, fingerprint_bits, **pnm_kwargs)
+    extractor = FingerprintExtractor(
+        fingerprint_bits, tile_size=pnm_kwargs.get("tile_size", 16), **extractor_kwargs
+    )
+    return FingerprintModel(vae, pnm, extractor, dict(meta or {}))
+
+
+def private_state_dict(model: FingerprintModel) -> dict[str, torch.Tensor]:
+    """PNM parameters (decoder weights excluded: they live in ``base_vae/``) and the extractor."""
+    decoder_keys = {f"decoder.{k}" for k in model.pnm.decoder.state_dict()}
+    state = {f"pnm.{k}": v for k, v in model.pnm.state_dict().items() if k not in decoder_keys}
+    state.update({f"extractor.{k}": v for k, v in model.extractor.state_dict().items()})
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_fingerprint_model(model: FingerprintModel, directory: str | Path) -> Path:
+    """Write atomically: the directory appears complete or not at all."""
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        model.vae.save_pretrained(tmp / "base_vae", safe_serialization=True)
+        save_file(private_state_dict(model), tmp / "fingerprint.safetensors")
+        (tmp / "fingerprint.json").write_text(json.dumps(model.meta, indent=2, sort_keys=True))
+    return directory
+
+
+def load_fingerprint_model(directory: str | Path | None = None, map_location: str = "cpu") -> FingerprintModel:
+    """Load a checkpoint directory (default: the embedded checkpoint shipped in the package)."""
+    directory = Path(directory) if directory is not None else SHIPPED_CHECKPOINT
+    meta_path = directory / "fingerprint.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"no fingerprint checkpoint at {directory} (fingerprint.json missing)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"corrupt {meta_path}: {exc}") from exc
+    vae = load_vae(directory / "base_vae")
+    model = build_fingerprint_model(vae, int(meta["fingerprint_bits"]), meta["pnm"], meta["extractor"], meta)
+    try:
+        state = load_file(directory / "fingerprint.safetensors", device=map_location)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {directory / 'fingerprint.safetensors'}: {exc}") from exc
+    pnm_state = {k[4:]: v for k, v in state.items() if k.startswith("pnm.")}
+    extractor_state = {k[10:]: v for k, v in state.items() if k.startswith("extractor.")}
+    try:
+        missing, unexpected = model.pnm.load_state_dict(pnm_state, strict=False)
+        missing = [k for k in missing if not k.startswith("decoder.")]
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint {directory} does not match its config: missing {missing[:3]}")
+        model.extractor.load_state_dict(extractor_state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {directory} does not match its config: {str(exc).splitlines()[0]}") from exc
+    model.vae.eval()
+    model.extractor.eval()
+    return model

@@ -1,0 +1,179 @@
+"""Stages of one experiment: base VAE -> train PNM + extractor -> evaluate.
+
+Each stage takes plain arguments (no Hydra config) so tests and scripts can call it directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from fingerprint_lm.data.datamodule import check_resolution
+from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.lit.base_vae import BaseVAEModule
+from fingerprint_lm.lit.fingerprinting import FingerprintModule
+from fingerprint_lm.metrics.quality import psnr, ssim
+from fingerprint_lm.models import augment as aug
+from fingerprint_lm.models.vae import build_vae, downscale_factor, load_vae
+from fingerprint_lm.pipeline.cache import atomic_directory, config_hash
+from fingerprint_lm.pipeline.checkpoint import FingerprintModel, build_fingerprint_model
+
+log = logging.getLogger(__name__)
+
+
+# -- base VAE -----------------------------------------------------------------------------------
+def prepare_base_vae(
+    source: str,
+    cache_dir: str | Path,
+    datamodule: L.LightningDataModule,
+    make_trainer: Callable[..., L.Trainer],
+    vae_config: dict | None = None,
+    path: str | None = None,
+    pretrain: dict | None = None,
+) -> tuple[Any, dict]:
+    """Return the base VAE and facts about it: built and pretrained here (cached by config hash)
+    when ``source == "config"``, or loaded from a local diffusers folder when ``"pretrained"``."""
+    if source == "pretrained":
+        if not path:
+            raise ConfigError("model.source=pretrained needs model.path (a local diffusers VAE folder)")
+        return load_vae(path), {"base_vae": str(path), "base_vae_seconds": 0.0, "base_vae_cached": True}
+    if source != "config":
+        raise ConfigError(f"unknown model.source '{source}' (expected 'config' or 'pretrained')")
+    pretrain = dict(pretrain or {})
+    key = config_hash({"vae": vae_config, "pretrain": pretrain, "resolution": datamodule.resolution})
+    target = Path(cache_dir) / "base_vae" / key
+    if (target / "config.json").is_file():
+        log.info("base VAE: cached at %s", target)
+        return load_vae(target), {"base_vae": str(target), "base_vae_seconds": 0.0, "base_vae_cached": True}
+    vae = build_vae(vae_config)
+    check_resolution(datamodule.resolution, downscale_factor(vae))
+    log.info("base VAE: pretraining %d steps (cached afterwards at %s)", pretrain.get("steps", 0), target)
+    start = time.perf_counter()
+    module = BaseVAEModule(vae, lr=pretrain.get("lr", 2e-3), kl_weight=pretrain.get("kl_weight", 1e-6))
+    trainer = make_trainer(max_steps=int(pretrain.get("steps", 1000)), logger=False, callbacks=[],
+                           enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+    seconds = time.perf_counter() - start
+    vae.eval()
+    with atomic_directory(target) as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
+    return vae, {"base_vae": str(target), "base_vae_seconds": seconds, "base_vae_cached": False}
+
+
+# -- fingerprint training -----------------------------------------------------------------------
+def collect_images(loader: Iterable, n: int) -> torch.Tensor:
+    """The first ``n`` images of a loader, stacked."""
+    images, count = [], 0
+    for batch in loader:
+        images.append(batch["image"])
+        count += len(batch["image"])
+        if count >= n:
+            break
+    return torch.cat(images)[:n]
+
+
+def train_fingerprint(
+    vae,
+    fingerprint_bits: int,
+    datamodule: L.LightningDataModule,
+    make_trainer: Callable[..., L.Trainer],
+    pnm_kwargs: dict,
+    extractor_kwargs: dict,
+    train_kwargs: dict,
+    augment_kwargs: dict,
+    detector_fit_samples: int = 4096,
+    ckpt_path: str | None = None,
+    seed: int = 0,
+) -> tuple[FingerprintModel, FingerprintModule, dict]:
+    """Build the PNM and extractor around ``vae``, start the extractor's linear reader in closed
+    form, and train with the worst-case objective. Returns the model, the module and facts."""
+    if not isinstance(fingerprint_bits, int) or fingerprint_bits <= 0:
+        raise ConfigError(f"fingerprint length must be a positive integer, got {fingerprint_bits!r}")
+    check_resolution(datamodule.resolution, downscale_factor(vae))
+    L.seed_everything(seed, workers=True, verbose=False)
+    model = build_fingerprint_model(vae, fingerprint_bits, pnm_kwargs, extractor_kwargs)
+    module = FingerprintModule(vae, model.pnm, model.extractor, augment=aug.AugmentConfig(**augment_kwargs),
+                               **train_kwargs)
+    start = time.perf_counter()
+    if ckpt_path is None:
+        calibration_images = collect_images(datamodule.train_dataloader(), 256)
+        log.info("carriers calibrated to %.2f dB", module.calibrate_carriers(calibration_images))
+        if detector_fit_samples > 0:
+            module.fit_detector(collect_images(datamodule.train_dataloader(), detector_fit_samples))
+    fit_seconds = time.perf_counter() - start
+    trainer = make_trainer()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    seconds = time.perf_counter() - start
+    model.pnm.eval()
+    model.extractor.eval()
+    facts = {"train_seconds": seconds, "detector_fit_seconds": fit_seconds, "steps": int(trainer.global_step)}
+    return model, module, facts
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+# Evaluation-time versions of the training augmentations, at fixed strengths (the attack suite
+# with real JPEG, rotation, ... is in ``attacks/``).
+ROBUSTNESS_PROBES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "noise_0.05": lambda x: x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)),
+    "blur_sigma1": lambda x: aug.gaussian_blur(x, 1.0),
+    "jpeglike_q80": lambda x: aug.jpeg_like(x, 80),
+    "jpeglike_q50": lambda x: aug.jpeg_like(x, 50),
+    "brightness_1.3": lambda x: aug.brightness(x, 1.3),
+    "crop_0.8_resize": lambda x: aug.crop_resize(x, 0.8, torch.Generator().manual_seed(0)),
+}
+
+
+@torch.no_grad()
+def evaluate_fingerprint(
+    model: FingerprintModel,
+    loader: Iterable,
+    max_images: int | None = None,
+    probes: dict[str, Callable] | None = None,
+    seed: int = 12345,
+) -> dict[str, Any]:
+    """Held-out evaluation with fresh random fingerprints: bit accuracy, PSNR/SSIM against the
+    base decoder, accuracy under each robustness probe, and the accuracy left once the carrier
+    bias maps are removed (what the main-path affine sites carry on their own)."""
+    generator = torch.Generator().manual_seed(seed)
+    probes = ROBUSTNESS_PROBES if probes is None else probes
+    total, correct, psnrs, ssims = 0, 0.0, [], []
+    probe_correct = dict.fromkeys(probes, 0.0)
+    no_carrier_correct = 0.0
+    batches = loader if max_images is None else itertools.islice(loader, 10**9)
+    for batch in batches:
+        images = batch["image"]
+        if max_images is not None and total >= max_images:
+            break
+        latents = model.vae.encode(images).latent_dist.mode()
+        bits = torch.randint(0, 2, (len(images), model.fingerprint_bits), generator=generator)
+        base = model.pnm(latents, None)
+        out = model.pnm(latents, bits)
+        correct += ((model.extractor(out) > 0).long() == bits).float().sum().item()
+        psnrs.append(psnr(out, base))
+        ssims.append(ssim(out, base) * len(images))
+        for name, probe in probes.items():
+            probe_correct[name] += ((model.extractor(probe(out)) > 0).long() == bits).float().sum().item()
+        if model.pnm.spatial_site_name is not None:
+            with model.pnm.fingerprinted(bits):
+                model.pnm.decoder.get_submodule(model.pnm.spatial_site_name).bias_map = None
+                no_carrier = model.pnm.decoder(latents)
+            no_carrier_correct += ((model.extractor(no_carrier) > 0).long() == bits).float().sum().item()
+        total += len(images)
+    n_bits = total * model.fingerprint_bits
+    metrics = {
+        "bit_acc": correct / n_bits,
+        "psnr": torch.cat(psnrs).mean().item(),
+        "ssim": (torch.stack(ssims).sum() / total).item(),
+        "eval_images": total,
+        "robustness": {name: value / n_bits for name, value in probe_correct.items()},
+    }
+    if model.pnm.spatial_site_name is not None:
+        metrics["bit_acc_carriers_removed"] = no_carrier_correct / n_bits
+    return metrics

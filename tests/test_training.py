@@ -1,0 +1,150 @@
+"""Training: the worst-case step, a short run, metrics.json, resume, bad input, VAE round trip."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fingerprint_lm.errors import CheckpointError, ConfigError, DataError
+from fingerprint_lm.lit.fingerprinting import FingerprintModule, worst_case_perturbation
+from fingerprint_lm.models.extractor import FingerprintExtractor
+from fingerprint_lm.models.pnm import PersonalizedDecoder
+from fingerprint_lm.models.vae import build_vae, load_vae
+from fingerprint_lm.pipeline.run import run
+from tests.conftest import ROOT
+
+SMALL_VAE = dict(
+    block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=4, latent_channels=4, layers_per_block=1,
+)
+
+
+def test_worst_case_perturbation_has_the_specified_radius_and_direction():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    grads = [torch.randn(4, 3), torch.randn(5)]
+    deltas = worst_case_perturbation(params, grads, rho=0.05)
+    for p, g, d in zip(params, grads, deltas):
+        assert torch.allclose(d.norm(), 0.05 * p.norm(), rtol=1e-5)
+        assert torch.allclose(d / d.norm(), g / g.norm(), atol=1e-6)
+    # a second step stays inside the ball
+    again = worst_case_perturbation(params, grads, rho=0.05, previous=deltas)
+    for p, d in zip(params, again):
+        assert d.norm() <= 0.05 * p.norm() * (1 + 1e-5)
+
+
+def _module(wc_steps: int, rho: float = 0.05):
+    torch.manual_seed(0)
+    vae = build_vae(SMALL_VAE)
+    pnm = PersonalizedDecoder(vae.decoder, 16, tile_size=8, mapping_hidden=16)
+    extractor = FingerprintExtractor(16, tile_size=8, cnn_channels=(8,))
+    return FingerprintModule(vae, pnm, extractor, wc_steps=wc_steps, wc_rho=rho)
+
+
+def _one_step(module: FingerprintModule, images):
+    optimizer = module.configure_optimizers()
+    module.optimizers = lambda: optimizer
+    module.manual_backward = lambda loss: loss.backward()
+    logged = {}
+    module.log_dict = lambda d, **kw: logged.update(d)
+    module.log = lambda name, value, **kw: logged.update({name: value})
+    module.training_step({"image": images}, 0)
+    return logged
+
+
+def test_one_worst_case_step_perturbs_then_restores_decoder_and_updates_the_pnm():
+    module = _module(wc_steps=1)
+    decoder_before = {k: v.clone() for k, v in module.pnm.decoder.state_dict().items()}
+    pnm_before = [p.detach().clone() for p in module.pnm.pnm_parameters()]
+    images = torch.rand(8, 3, 16, 16) * 2 - 1
+    logged = _one_step(module, images)
+    # the decoder (what a user holds) is restored exactly after the perturbed pass
+    for key, value in module.pnm.decoder.state_dict().items():
+        if not any(torch.equal(value, p) for p in pnm_before):
+            assert torch.equal(value, decoder_before[key]), key
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(pnm_before, module.pnm.pnm_parameters()))
+    assert all(not p.requires_grad for p in module.decoder_weights())
+    # gradient ascent inside the ball makes the fingerprint loss worse, not better
+    assert logged["train/bce_wc"] > logged["train/bce"]
+
+
+def test_plain_step_has_no_worst_case_term():
+    module = _module(wc_steps=0)
+    logged = _one_step(module, torch.rand(8, 3, 16, 16) * 2 - 1)
+    assert float(logged["train/bce_wc"]) == 0.0
+
+
+def test_short_training_run_learns_a_readable_fingerprint(tiny_cfg):
+    metrics = run(tiny_cfg(["fingerprint_bits=16", "method.steps=40"]))
+    assert metrics["bit_acc"] > 0.8, metrics  # chance is 0.5
+    assert metrics["psnr"] > 20
+    assert metrics["steps"] == 40
+    written = json.loads(open(metrics["checkpoint"].replace("fingerprint_model", "metrics.json")).read())
+    for key in ("bit_acc", "psnr", "ssim", "fingerprint_bits", "train_seconds", "steps"):
+        assert key in written
+    assert written["fingerprint_bits"] == 16
+
+
+def test_training_resumes_from_last_ckpt(tiny_cfg):
+    cfg = tiny_cfg(["fingerprint_bits=8", "method.steps=10"])
+    run(cfg)
+    cfg = tiny_cfg(["fingerprint_bits=8", "method.steps=20"])
+    metrics = run(cfg)
+    assert metrics["steps"] == 20
+    assert metrics["base_vae_cached"] is True  # the base VAE was reused from the cache
+
+
+def test_gradient_training_alone_lifts_bit_accuracy(tiny_cfg):
+    # no closed-form start: the readers learn from the loss alone
+    before = run(tiny_cfg(["fingerprint_bits=8", "method.steps=1", "method.detector_fit_samples=0"]))
+    after = run(tiny_cfg(["fingerprint_bits=8", "method.steps=120", "method.detector_fit_samples=0",
+                          "resume=false", "method.train.lr=3e-3"]))
+    assert after["bit_acc"] > max(0.65, before["bit_acc"] + 0.1), (before["bit_acc"], after["bit_acc"])
+
+
+def test_bad_input_gives_clear_errors(tiny_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="positive"):
+        run(tiny_cfg(["fingerprint_bits=0"]))
+    with pytest.raises(ConfigError, match="divisible"):
+        run(tiny_cfg(["data.resolution=15"]))
+    with pytest.raises(DataError, match="missing"):
+        run(tiny_cfg(["data=coco", f"data.coco_root={tmp_path}/missing", "data.resolution=16"]))
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_cli_bad_input_is_one_line_and_nonzero(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fingerprint_lm", "fingerprint_bits=0", "logger=none",
+         f"paths.root_dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: fingerprint_bits must be a positive")
+    assert "Traceback" not in result.stderr
+
+
+def test_base_vae_save_load_round_trip_is_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    vae = build_vae(SMALL_VAE)
+    vae.save_pretrained(tmp_path / "vae")
+    loaded = load_vae(tmp_path / "vae")
+    for key, value in vae.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    latents = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(vae.decode(latents).sample, loaded.decode(latents).sample)
+
+
+def test_truncated_vae_folder_is_a_checkpoint_error(tmp_path):
+    vae = build_vae(SMALL_VAE)
+    vae.save_pretrained(tmp_path / "vae")
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError):
+        load_vae(tmp_path / "vae")
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_vae(tmp_path / "nowhere")
