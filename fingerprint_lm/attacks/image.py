@@ -1,0 +1,339 @@
+"""Image-level attacks for evaluation: what a user may do to an image before it is examined.
+
+Every attack takes a batch ``[B, 3, H, W]`` in ``[-1, 1]`` and returns a new batch of the same
+shape, dtype and device, clamped to ``[-1, 1]``. The signature is always
+``fn(images, strength, generator=None)``; attacks with a random part (crop position, noise)
+draw it from ``generator`` only, so a seeded generator makes them deterministic. The input is
+never modified.
+
+Strengths follow the peers' units (FIELD.md) so our grids are comparable:
+
+============== ============================================ ==========
+attack         strength                                     identity
+============== ============================================ ==========
+jpeg           quality 1..100 (real JPEG through PIL)       none
+crop           fraction of the area kept, then resized back 1.0
+resize         side scale factor, down and back up          1.0
+rotation       degrees, bilinear, border fill               0
+gaussian_blur  sigma in pixels (kernel 2 ceil(3 sigma) + 1) 0
+gaussian_noise std on [0, 1] images                         0
+brightness     factor (blend with black)                    1.0
+contrast       factor (blend with the mean grey level)      1.0
+saturation     factor (blend with the greyscale image)      1.0
+combined       ignored: crop 50% -> brightness 1.5 -> JPEG 80  none
+============== ============================================ ==========
+
+The colour attacks use the definitions of ``torchvision.transforms.functional.adjust_*`` (the
+ones Stable Signature's evaluation uses), reimplemented here: torchvision is not a dependency.
+
+Regeneration (a VAE encode/decode round trip, as in WAVES) needs a model, so it is not in
+:data:`IMAGE_ATTACKS`: call :func:`regenerate`, or :func:`regeneration_attack` for a function with
+the common signature (strength = number of round trips), or :func:`get_image_attack` for either.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.nn import functional as F
+
+from fingerprint_lm.errors import ConfigError
+
+ImageAttack = Callable[..., torch.Tensor]
+
+# ITU-R 601-2 luma, as PIL's "L" conversion and torchvision's rgb_to_grayscale.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _to_unit(images: torch.Tensor) -> torch.Tensor:
+    return (images + 1) / 2
+
+
+def _from_unit(images: torch.Tensor) -> torch.Tensor:
+    return (images.clamp(0, 1) * 2 - 1).contiguous()
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ConfigError(f"image attacks take [B, 3, H, W] batches, got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ConfigError(f"image attacks take floating-point images in [-1, 1], got {images.dtype}")
+
+
+def jpeg(images: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Real JPEG compression through PIL at quality ``strength`` (1..100, 4:2:0 subsampling, PIL's
+    defaults). Images are quantised to 8 bits first, as a saved PNG would be. Deterministic."""
+    _check_images(images)
+    quality = int(round(float(strength)))
+    if not 1 <= quality <= 100:
+        raise ConfigError(f"JPEG quality must be in 1..100, got {strength}")
+    pixels = (_to_unit(images.detach()).clamp(0, 1) * 255).round().to(torch.uint8)
+    pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
+    decoded = []
+    for array in pixels:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+        buffer.seek(0)
+        with Image.open(buffer) as reloaded:
+            decoded.append(np.asarray(reloaded.convert("RGB"), dtype=np.uint8))
+    out = torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2)
+    return (out.to(images.dtype) / 127.5 - 1).to(images.device).contiguous()
+
+
+def crop(images: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Keep a square-aspect window holding ``strength`` of the area (at a random position per
+    image, from ``generator``), resized back to the input size (bilinear, antialiased)."""
+    _check_images(images)
+    keep = float(strength)
+    if not 0 < keep <= 1:
+        raise ConfigError(f"crop keeps a fraction of the area in (0, 1], got {strength}")
+    height, width = images.shape[-2:]
+    crop_h = min(height, max(1, round(height * math.sqrt(keep))))
+    crop_w = min(width, max(1, round(width * math.sqrt(keep))))
+    if (crop_h, crop_w) == (height, width):
+        return images.clone()
+    out = []
+    for image in images:
+        top = int(torch.randint(0, height - crop_h + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - crop_w + 1, (1,), generator=generator))
+        window = image[None, :, top : top + crop_h, left : left + crop_w]
+        out.append(F.interpolate(window, size=(height, width), mode="bilinear", align_corners=False))
+    return torch.cat(out).clamp(-1, 1)
+
+
+def resize(images: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scale the sides by ``strength`` (antialiased bilinear), then back to the input size."""
+    _check_images(images)
+    scale = float(strength)
+    if not 0 < scale <= 1:
+        raise ConfigError(f"resize scale must be in (0, 1], got {strength}")
+    height, width = images.shape[-2:]
+    small = (max(1, round(height * scale)), max(1, round(width * scale)))
+    if small == (height, width):
+        return images.clone()
+    down = F.interpolate(images, size=small, mode="bilinear", align_corners=False, antialias=True)
+    return F.interpolate(down, size=(height, width), mode="bilinear", align_corners=False).clamp(-1, 1)
+
+
+def rotation(images: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Rotate by ``strength`` degrees (counter-clockwise on screen) about the centre: bilinear
+    sampling through ``affine_grid``, corners filled with the nearest border pixel."""
+    _check_images(images)
+    angle = math.radians(float(strength))
+    height, width = images.shape[-2:]
+    cos, sin = math.cos(angle), math.sin(angle)
+    # affine_grid works in normalised coordinates; the aspect terms keep the rotation rigid in pixels.
+    theta = torch.tensor(
+        [[cos, -sin * height / width, 0.0], [sin * width / height, cos, 0.0]],
+        dtype=images.dtype,
+        device=images.device,
+    ).expand(images.shape[0], 2, 3)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.clamp(-1, 1)
+
+
+def _gaussian_kernel(sigma: float, device, dtype) -> torch.Tensor:
+    radius = math.ceil(3 * sigma)
+    coords = torch.arange(-radius, radius + 1, device=device, dtype=torch.float64)
+    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
+    return (kernel / kernel.sum()).to(dtype)
+
+
+def gaussian_blur(
+    images: torch.Tensor, strength: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Separable Gaussian blur of standard deviation ``strength`` pixels; the kernel spans
+    ``2 * ceil(3 sigma) + 1`` taps (sigma 1 -> 7). Replicate padding keeps the borders' level."""
+    _check_images(images)
+    sigma = float(strength)
+    if sigma < 0:
+        raise ConfigError(f"blur sigma must be non-negative, got {strength}")
+    if sigma == 0:
+        return images.clone()
+    kernel = _gaussian_kernel(sigma, images.device, images.dtype)
+    size = kernel.numel()
+    channels = images.shape[1]
+    pad = size // 2
+    x = F.pad(images, (pad, pad, pad, pad), mode="replicate")
+    x = F.conv2d(x, kernel.view(1, 1, 1, size).expand(channels, 1, 1, size), groups=channels)
+    x = F.conv2d(x, kernel.view(1, 1, size, 1).expand(channels, 1, size, 1), groups=channels)
+    return x.clamp(-1, 1)
+
+
+def gaussian_noise(
+    images: torch.Tensor, strength: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Add white Gaussian noise of standard deviation ``strength`` on the [0, 1] scale
+    (twice that in [-1, 1] units), then clamp."""
+    _check_images(images)
+    std = float(strength)
+    if std < 0:
+        raise ConfigError(f"noise std must be non-negative, got {strength}")
+    if std == 0:
+        return images.clone()
+    noise = torch.randn(images.shape, generator=generator, dtype=images.dtype, device="cpu")
+    return (images + 2 * std * noise.to(images.device)).clamp(-1, 1)
+
+
+def _check_factor(name: str, factor: float) -> float:
+    factor = float(factor)
+    if factor < 0:
+        raise ConfigError(f"{name} factor must be non-negative, got {factor}")
+    return factor
+
+
+def _grayscale(unit_images: torch.Tensor) -> torch.Tensor:
+    r, g, b = unit_images.unbind(dim=1)
+    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b)[:, None]
+
+
+def brightness(
+    images: torch.Tensor, strength: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Multiply [0, 1] intensities by ``strength`` (a blend with black), then clamp."""
+    _check_images(images)
+    factor = _check_factor("brightness", strength)
+    return _from_unit(_to_unit(images) * factor)
+
+
+def contrast(images: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Blend each image with its mean grey level: ``factor * x + (1 - factor) * mean(gray(x))``."""
+    _check_images(images)
+    factor = _check_factor("contrast", strength)
+    unit = _to_unit(images)
+    mean = _grayscale(unit).mean(dim=(1, 2, 3), keepdim=True)
+    return _from_unit(factor * unit + (1 - factor) * mean)
+
+
+def saturation(
+    images: torch.Tensor, strength: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Blend each image with its greyscale version: ``factor * x + (1 - factor) * gray(x)``."""
+    _check_images(images)
+    factor = _check_factor("saturation", strength)
+    unit = _to_unit(images)
+    return _from_unit(factor * unit + (1 - factor) * _grayscale(unit))
+
+
+def combined(
+    images: torch.Tensor, strength: float | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Stable Signature's combined edit: crop keeping 50% of the area -> brightness 1.5 -> JPEG 80.
+
+    ``strength`` is ignored: the combination is one fixed point of comparison with the peers, not
+    a family (it has no identity, since JPEG has none). The crop position comes from ``generator``.
+    """
+    _check_images(images)
+    return jpeg(brightness(crop(images, 0.5, generator), 1.5), 80)
+
+
+@torch.no_grad()
+def regenerate(
+    images: torch.Tensor, vae: nn.Module, sample: bool = False, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One VAE encode/decode round trip (WAVES' regeneration attack) with a diffusers-style VAE.
+
+    Parameters:
+        images: ``[B, 3, H, W]`` in ``[-1, 1]``.
+        vae: an ``AutoencoderKL`` (anything with ``encode(x).latent_dist`` and ``decode(z).sample``),
+            typically a public VAE the attacker holds, not the fingerprinted copy.
+        sample: decode a sample of the posterior instead of its mode (then ``generator`` is used).
+
+    The VAE's training mode is left as it was; images are moved to its device and dtype and the
+    result comes back in the input's.
+    """
+    _check_images(images)
+    parameter = next(vae.parameters())
+    was_training = vae.training
+    vae.eval()
+    try:
+        x = images.to(parameter.device, parameter.dtype)
+        posterior = vae.encode(x).latent_dist
+        if sample:
+            noise = torch.randn(posterior.mean.shape, generator=generator, dtype=posterior.mean.dtype)
+            latents = posterior.mean + posterior.std * noise.to(posterior.mean.device)
+        else:
+            latents = posterior.mode()
+        out = vae.decode(latents).sample
+    finally:
+        vae.train(was_training)
+    return out.to(images.device, images.dtype).clamp(-1, 1)
+
+
+def regeneration_attack(vae: nn.Module) -> ImageAttack:
+    """The regeneration attack with the common signature: ``strength`` = number of round trips
+    (a non-negative integer; 0 is the identity). Deterministic (posterior mode)."""
+
+    def regeneration(
+        images: torch.Tensor, strength: float = 1, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        rounds = int(strength)
+        if rounds != strength or rounds < 0:
+            raise ConfigError(f"regeneration strength is a number of round trips >= 0, got {strength}")
+        out = images.clone()
+        for _ in range(rounds):
+            out = regenerate(out, vae)
+        return out
+
+    return regeneration
+
+
+IMAGE_ATTACKS: dict[str, ImageAttack] = {
+    "jpeg": jpeg,
+    "crop": crop,
+    "resize": resize,
+    "rotation": rotation,
+    "gaussian_blur": gaussian_blur,
+    "gaussian_noise": gaussian_noise,
+    "brightness": brightness,
+    "contrast": contrast,
+    "saturation": saturation,
+    "combined": combined,
+}
+
+# The strength at which an attack returns its input (only where one exists: not jpeg or combined).
+IDENTITY_STRENGTH: dict[str, float] = {
+    "crop": 1.0,
+    "resize": 1.0,
+    "rotation": 0.0,
+    "gaussian_blur": 0.0,
+    "gaussian_noise": 0.0,
+    "brightness": 1.0,
+    "contrast": 1.0,
+    "saturation": 1.0,
+    "regeneration": 0,
+}
+
+# Grids from the peers' evaluations (FIELD.md): WAVES, Stable Signature, WOUAF.
+DEFAULT_STRENGTHS: dict[str, tuple[float, ...]] = {
+    "jpeg": (90, 80, 70, 50, 30, 10),
+    "crop": (0.9, 0.5, 0.1),
+    "resize": (0.75, 0.5, 0.25),
+    "rotation": (10, 20, 25, 30, 90),
+    "gaussian_blur": (1.0, 2.0, 3.0),
+    "gaussian_noise": (0.05, 0.1, 0.2),
+    "brightness": (0.7, 1.3, 1.5, 2.0),
+    "contrast": (0.7, 1.3, 1.5, 2.0),
+    "saturation": (0.7, 1.3, 1.5, 2.0),
+    "combined": (1.0,),
+    "regeneration": (1,),
+}
+
+
+def get_image_attack(name: str, vae: nn.Module | None = None) -> ImageAttack:
+    """The attack called ``name`` with the common signature; ``"regeneration"`` needs ``vae``."""
+    if name == "regeneration":
+        if vae is None:
+            raise ConfigError("the regeneration attack needs a VAE to encode and decode with")
+        return regeneration_attack(vae)
+    if name not in IMAGE_ATTACKS:
+        known = ", ".join([*IMAGE_ATTACKS, "regeneration"])
+        raise ConfigError(f"unknown image attack {name!r}; expected one of {known}")
+    return IMAGE_ATTACKS[name]
