@@ -80,11 +80,9 @@ def main() -> None:
                **{k: round(v, 4) for k, v in metrics["robustness"].items()}}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        vae = None
-    out = ROOT / "experiments" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "recipe_search.jsonl", "a") as handle:
-        for row in rows:
+        out = ROOT / "experiments" / "results"
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "recipe_search.jsonl", "a") as handle:  # one row at a time: long runs get killed
             handle.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads, **row}) + "\n")
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))

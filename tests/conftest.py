@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
@@ -13,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Tiny models: one thread is faster than two (no OpenMP hand-off), and immune to oversubscription.
+torch.set_num_threads(1)
 
 # A tiny AutoencoderKL (2 levels: downscale factor 2), fast enough for unit tests.
 TINY_OVERRIDES = [
@@ -50,7 +53,8 @@ def compose_config(tmp_path: Path, overrides: list[str] = (), tiny: bool = True)
         cfg.hydra.runtime.output_dir = str(tmp_path / "run")
         cfg.hydra.runtime.cwd = str(tmp_path)
     OmegaConf.resolve(cfg.paths)
-    del cfg["hydra"]
+    with open_dict(cfg):  # the composed config is in struct mode, which forbids deletion
+        del cfg["hydra"]
     return cfg
 
 

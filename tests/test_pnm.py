@@ -83,3 +83,13 @@ def test_closed_form_reader_reads_a_fixed_carrier_pattern():
     acc = ((extractor(images[1536:]) > 0).long() == bits[1536:]).float().mean()
     assert acc > 0.97
     assert fold_tiles(torch.randn(2, 3, 40, 40), 16).shape == (2, 3, 16, 16)
+
+
+def test_pnm_decoder_at_zero_modulation_is_vae_decode(vae):
+    from fingerprint_lm.pipeline.checkpoint import build_fingerprint_model
+
+    latents = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        expected = vae.decode(latents).sample
+        model = build_fingerprint_model(vae, 16, {}, {"cnn_channels": ()})
+        assert torch.equal(model.pnm(latents, None), expected)  # post_quant_conv included

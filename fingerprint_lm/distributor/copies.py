@@ -48,7 +48,10 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 BIAS_MAP_NAME = "fingerprint_bias_map.safetensors"
 # The files a copy's hash covers, in this order (config.json is not hashed: it holds no weights).
 HASHED_FILES = (WEIGHTS_NAME, BIAS_MAP_NAME)
-_BIAS_MAP_KEY = "bias_map"
+# The bias map's tensor is named ``<site>.bias_map`` (e.g. ``decoder.conv_norm_out.bias_map``).
+# Metadata stays a single key: safetensors writes a multi-key metadata dict in arbitrary order,
+# which would make the file bytes, and so the registered hash, differ between runs.
+_BIAS_MAP_SUFFIX = ".bias_map"
 # User ids become folder names: no separators, no leading dot, printable ASCII only.
 _USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
 
@@ -170,13 +173,22 @@ def write_copy(
         _write_config(tmp, vae_config)
         save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         if bias_map is not None:
+            if not bias_map_site:
+                raise ConfigError("a bias map needs the name of its site")
             save_file(
-                {_BIAS_MAP_KEY: bias_map.detach().contiguous()},
+                {f"{bias_map_site}{_BIAS_MAP_SUFFIX}": bias_map.detach().contiguous()},
                 tmp / BIAS_MAP_NAME,
-                metadata={"format": "pt", "site": str(bias_map_site)},
+                metadata={"format": "pt"},
             )
         sha = copy_sha256(tmp)
-        os.rename(tmp, directory)  # fails rather than merge into a folder that appeared meanwhile
+        # mkdtemp makes private folders and safetensors private files; a copy is meant to be handed out
+        os.chmod(tmp, 0o755)
+        for file in tmp.iterdir():
+            os.chmod(file, 0o644)
+        try:
+            os.rename(tmp, directory)  # fails rather than merge into a folder that appeared meanwhile
+        except OSError as exc:
+            raise CheckpointError(f"cannot create {directory}: {exc.strerror or exc}") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -303,13 +315,15 @@ def read_bias_map(path: str | Path) -> tuple[torch.Tensor, str]:
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
-            site = (handle.metadata() or {}).get("site")
-            bias_map = handle.get_tensor(_BIAS_MAP_KEY)
-    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+            keys = list(handle.keys())
+            if len(keys) != 1 or not keys[0].endswith(_BIAS_MAP_SUFFIX):
+                raise CheckpointError(f"{path} is not a fingerprint bias map (tensors {keys[:3]})")
+            bias_map = handle.get_tensor(keys[0])
+    except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}".splitlines()[0]) from exc
-    if not site or bias_map.dim() != 4 or bias_map.shape[0] != 1 or bias_map.shape[-1] != bias_map.shape[-2]:
-        raise CheckpointError(f"{path} is not a fingerprint bias map (shape {tuple(bias_map.shape)}, site {site!r})")
-    return bias_map, site
+    if bias_map.dim() != 4 or bias_map.shape[0] != 1 or bias_map.shape[-1] != bias_map.shape[-2]:
+        raise CheckpointError(f"{path} is not a fingerprint bias map (shape {tuple(bias_map.shape)})")
+    return bias_map, keys[0][: -len(_BIAS_MAP_SUFFIX)]
 
 
 def load_copy(path: str | Path, expected_sha256: str | None = None):

@@ -7,11 +7,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fingerprint_lm.errors import CheckpointError, ConfigError, RegistryError
@@ -50,6 +52,15 @@ def open_registry(path: str | Path, code_length: int, min_distance: int | None =
             raise RegistryError(f"no registry at {path} (issue a copy first: task=issue user_id=NAME)")
         path.parent.mkdir(parents=True, exist_ok=True)
     return Registry(path, code_length, min_distance=min_distance)
+
+
+def code_rng(code_seed: int | None, user_id: str) -> np.random.Generator | None:
+    """The generator a user's code is drawn from: None (OS entropy) unless ``code_seed`` is set,
+    then seeded by ``(code_seed, user_id)`` so that a replayed experiment draws the same codes."""
+    if code_seed is None:
+        return None
+    digest = hashlib.sha256(user_id.encode("utf-8")).digest()
+    return np.random.default_rng([int(code_seed), int.from_bytes(digest[:8], "little")])
 
 
 def _user_id(cfg: DictConfig, task: str) -> str:
@@ -92,6 +103,7 @@ def task_issue(cfg: DictConfig) -> dict:
             secret=secret,
             act_type=act_type,
             scale_range=(float(cfg.act.scale_min), float(cfg.act.scale_max)),
+            rng=code_rng(settings.get("code_seed"), user_id),
         )
         result["n_users"] = len(reg)
     result["registry"] = str(settings.registry)
@@ -208,10 +220,8 @@ def print_summary(task: str, result: dict, json_path: Path | None = None) -> Non
     console = Console(highlight=False)
     table: Table | None = None
     if task == "issue":
-        console.print(
-            f"issued [bold]{result['user_id']}[/]: {result['copy']} (ACT {result['act_type']}, "
-            f"sha256 {result['copy_sha256'][:16]}..., {result['n_users']} users registered)"
-        )
+        console.print(f"issued [bold]{result['user_id']}[/] (ACT {result['act_type']}): {result['copy']}")
+        console.print(f"sha256 {result['copy_sha256'][:16]}..., {result['n_users']} users registered")
     elif task == "users":
         table = Table("user", "created", "ACT", "copy sha256", title=f"{result['n_users']} users")
         for row in result["users"][:_MAX_ROWS]:
@@ -219,21 +229,15 @@ def print_summary(task: str, result: dict, json_path: Path | None = None) -> Non
     elif task == "attribute":
         accused = sum(r["accused"] for r in result["images"])
         threshold = result["match_threshold"]
-        title = (
-            f"{accused}/{len(result['images'])} images attributed (fpr {result['fpr']:g} over "
-            f"{result['n_users']} users: >= {threshold if threshold is not None else 'unreachable'}"
-            f"/{result['code_length']} matching bits)"
-        )
+        needed = f">= {threshold}/{result['code_length']} bits" if threshold is not None else "unreachable"
+        title = f"{accused}/{len(result['images'])} attributed (fpr {result['fpr']:g}: {needed})"
         table = Table("image", "user", "matching bits", "p-value", title=title)
         for row in result["images"][:_MAX_ROWS]:
             user = row["user_id"] or f"- (nearest {row['nearest_user_id']})"
             table.add_row(Path(row["image"]).name, user, f"{row['matching_bits']}/{result['code_length']}",
                           f"{row['p_value']:.2e}")
     elif task == "trace":
-        title = (
-            f"{len(result['suspects'])} suspects from {result['n_images']} images "
-            f"(accused above {result['threshold']:.2f}, fpr {result['fpr']:g})"
-        )
+        title = f"{result['n_images']} images: accused if score >= {result['threshold']:.2f}"
         table = Table("user", "score", "p-value bound", "accused", title=title)
         for row in result["suspects"][:_MAX_ROWS]:
             table.add_row(row["user_id"], f"{row['score']:.2f}", f"{row['p_value_bound']:.2e}",

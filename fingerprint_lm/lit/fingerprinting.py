@@ -102,10 +102,12 @@ class FingerprintModule(L.LightningModule):
         self.train_decoder = train_decoder
         self.decoder_lr = decoder_lr
         self.carrier_dropout = carrier_dropout
+        self.history: list[dict] = []  # per-step training curve (written beside metrics.json)
         self.register_buffer("log_rec_weight", torch.tensor(math.log(rec_weight_init)))
         self.register_buffer("detector_fitted", torch.tensor(False))
         self.vae.requires_grad_(False)
-        self.pnm.decoder.requires_grad_(train_decoder)
+        for weight in self.decoder_weights():
+            weight.requires_grad_(train_decoder)
         for param in self.pnm.pnm_parameters():
             param.requires_grad_(True)
         self.vae.eval()
@@ -125,7 +127,8 @@ class FingerprintModule(L.LightningModule):
     def decoder_weights(self) -> list[nn.Parameter]:
         """The copy's weights a worst-case perturbation acts on (everything a user holds)."""
         private = {id(p) for p in self.pnm.pnm_parameters()}
-        return [p for p in self.pnm.decoder.parameters() if id(p) not in private]
+        return [p for n, p in self.pnm.named_parameters() if n.startswith(("decoder.", "post_quant_conv."))
+                and id(p) not in private]
 
     @torch.no_grad()
     def calibrate_carriers(self, images: torch.Tensor, margin_db: float = 1.0, rounds: int = 4) -> float:
@@ -188,18 +191,18 @@ class FingerprintModule(L.LightningModule):
             grads = torch.autograd.grad(bce, weights, retain_graph=True, allow_unused=True)
             self.manual_backward(loss)
             deltas = worst_case_perturbation(weights, list(grads), self.wc_rho)
+            originals = [w.detach().clone() for w in weights]  # restored by copy: bit-exact
             try:
-                self._shift(weights, deltas, +1)
+                self._perturb(weights, originals, deltas)
                 for _ in range(self.wc_steps - 1):
                     inner = self.fingerprint_loss(self.pnm(latents, bits, carriers), bits)
                     grads = torch.autograd.grad(inner, weights, allow_unused=True)
-                    self._shift(weights, deltas, -1)
-                    deltas = worst_case_perturbation(weights, list(grads), self.wc_rho, previous=deltas)
-                    self._shift(weights, deltas, +1)
+                    deltas = worst_case_perturbation(originals, list(grads), self.wc_rho, previous=deltas)
+                    self._perturb(weights, originals, deltas)
                 bce_wc = self.fingerprint_loss(self.pnm(latents, bits, carriers), bits)
                 self.manual_backward(self.lambda_wc * bce_wc)
             finally:
-                self._shift(weights, deltas, -1)
+                self._perturb(weights, originals, None)
             if not self.train_decoder:
                 for w in weights:
                     w.grad = None
@@ -227,14 +230,24 @@ class FingerprintModule(L.LightningModule):
             },
             prog_bar=False,
         )
+        self.history.append(
+            {
+                "step": int(self.global_step),
+                "elapsed_s": round(time.perf_counter() - getattr(self, "_train_start", time.perf_counter()), 3),
+                "bit_acc": round(bit_acc.item(), 5),
+                "psnr": round(batch_psnr.item(), 3),
+                "carriers": int(carriers),
+            }
+        )
         self.log("acc", bit_acc, prog_bar=True, logger=False)
         self.log("psnr", batch_psnr, prog_bar=True, logger=False)
 
     @staticmethod
     @torch.no_grad()
-    def _shift(weights: list[nn.Parameter], deltas: list[torch.Tensor], sign: int) -> None:
-        for w, d in zip(weights, deltas):
-            w.add_(d, alpha=sign)
+    def _perturb(weights: list[nn.Parameter], originals: list[torch.Tensor], deltas: list[torch.Tensor] | None) -> None:
+        """Set ``weights`` to ``originals + deltas`` (``deltas`` None: back to the originals)."""
+        for i, (w, original) in enumerate(zip(weights, originals)):
+            w.copy_(original if deltas is None else original + deltas[i])
 
     def validation_step(self, batch, batch_idx):
         images = batch["image"]
@@ -247,6 +260,7 @@ class FingerprintModule(L.LightningModule):
         self.log_dict(
             {"val/bit_acc": bit_acc, "val/psnr": psnr(out, base).mean(), "val/ssim": ssim(out, base)},
             prog_bar=True,
+            batch_size=len(images),
         )
 
     def configure_optimizers(self):

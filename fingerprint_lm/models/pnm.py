@@ -123,6 +123,9 @@ class PersonalizedDecoder(nn.Module):
         carrier_amplitude: initial amplitude of each carrier (in normalised-feature units).
         mapping_hidden: width of the mapping network's output.
         carrier_seed: seed of the secret carriers.
+        post_quant_conv: the VAE's ``post_quant_conv`` (None when the VAE has none), applied to the
+            latents first, exactly as ``AutoencoderKL.decode`` does, so the PNM decoder at zero
+            modulation is the user's decoder end to end.
     """
 
     def __init__(
@@ -135,12 +138,14 @@ class PersonalizedDecoder(nn.Module):
         carrier_amplitude: float = 0.3,
         mapping_hidden: int = 128,
         carrier_seed: int = 1234,
+        post_quant_conv: nn.Module | None = None,
     ):
         super().__init__()
         if fingerprint_bits <= 0:
             raise ConfigError(f"fingerprint length must be positive, got {fingerprint_bits}")
         self.fingerprint_bits = fingerprint_bits
         self.decoder = decoder
+        self.post_quant_conv = post_quant_conv
         self.mapping = MappingNetwork(fingerprint_bits, mapping_hidden)
 
         norms = {n: m for n, m in decoder.named_modules() if isinstance(m, nn.GroupNorm)}
@@ -211,6 +216,8 @@ class PersonalizedDecoder(nn.Module):
                 module.scale = module.shift = module.bias_map = None
 
     def forward(self, latents: torch.Tensor, bits: torch.Tensor | None, carriers: bool = True) -> torch.Tensor:
+        if self.post_quant_conv is not None:
+            latents = self.post_quant_conv(latents)
         with self.fingerprinted(bits, carriers):
             return self.decoder(latents)
 

@@ -43,7 +43,9 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> Autoencode
     if not (path / "config.json").is_file():
         raise CheckpointError(f"no diffusers VAE folder at {path} (config.json missing)")
     try:
-        return AutoencoderKL.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+        # low_cpu_mem_usage=False is what diffusers falls back to without `accelerate`; asking for it
+        # directly skips a multi-line warning on stderr (errors must stay one line).
+        return AutoencoderKL.from_pretrained(path, torch_dtype=dtype, local_files_only=True, low_cpu_mem_usage=False)
     except Exception as exc:  # diffusers raises many kinds for truncated/corrupt files
         raise CheckpointError(f"cannot load VAE from {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
 

@@ -45,7 +45,8 @@ class FingerprintModel:
 
 
 def build_fingerprint_model(vae, fingerprint_bits: int, pnm_kwargs: dict, extractor_kwargs: dict, meta=None):
-    pnm = PersonalizedDecoder(vae.decoder, fingerprint_bits, **pnm_kwargs)
+    post_quant_conv = vae.post_quant_conv if getattr(vae.config, "use_post_quant_conv", True) else None
+    pnm = PersonalizedDecoder(vae.decoder, fingerprint_bits, post_quant_conv=post_quant_conv, **pnm_kwargs)
     extractor = FingerprintExtractor(
         fingerprint_bits, tile_size=pnm_kwargs.get("tile_size", 16), **extractor_kwargs
     )
@@ -54,8 +55,11 @@ def build_fingerprint_model(vae, fingerprint_bits: int, pnm_kwargs: dict, extrac
 
 def private_state_dict(model: FingerprintModel) -> dict[str, torch.Tensor]:
     """PNM parameters (decoder weights excluded: they live in ``base_vae/``) and the extractor."""
-    decoder_keys = {f"decoder.{k}" for k in model.pnm.decoder.state_dict()}
-    state = {f"pnm.{k}": v for k, v in model.pnm.state_dict().items() if k not in decoder_keys}
+    state = {
+        f"pnm.{k}": v
+        for k, v in model.pnm.state_dict().items()
+        if not k.startswith(("decoder.", "post_quant_conv."))
+    }
     state.update({f"extractor.{k}": v for k, v in model.extractor.state_dict().items()})
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
@@ -90,7 +94,7 @@ def load_fingerprint_model(directory: str | Path | None = None, map_location: st
     extractor_state = {k[10:]: v for k, v in state.items() if k.startswith("extractor.")}
     try:
         missing, unexpected = model.pnm.load_state_dict(pnm_state, strict=False)
-        missing = [k for k in missing if not k.startswith("decoder.")]
+        missing = [k for k in missing if not k.startswith(("decoder.", "post_quant_conv."))]
         if missing or unexpected:
             raise CheckpointError(f"checkpoint {directory} does not match its config: missing {missing[:3]}")
         model.extractor.load_state_dict(extractor_state)

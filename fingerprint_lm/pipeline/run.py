@@ -17,6 +17,7 @@ from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.pipeline import stages
 from fingerprint_lm.pipeline.cache import atomic_write_text
 from fingerprint_lm.pipeline.checkpoint import save_fingerprint_model
+from fingerprint_lm.report.plots import write_training_curve
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ckpt_path = str(last) if cfg.resume and last.is_file() else None
         if ckpt_path:
             log.info("resuming from %s", ckpt_path)
-        model, _, train_facts = stages.train_fingerprint(
+        model, module, train_facts = stages.train_fingerprint(
             vae,
             bits,
             datamodule,
@@ -80,6 +81,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             ckpt_path=ckpt_path,
             seed=cfg.seed,
         )
+        write_training_curve(module.history, output_dir / "training_curve.csv", output_dir / "training_curve.png")
         eval_metrics = stages.evaluate_fingerprint(model, datamodule.test_dataloader(), cfg.eval.max_images)
         metrics: dict[str, Any] = {"fingerprint_bits": bits, **eval_metrics, **train_facts, **vae_facts}
         model.meta.update(

@@ -161,9 +161,7 @@ def evaluate_fingerprint(
         for name, probe in probes.items():
             probe_correct[name] += ((model.extractor(probe(out)) > 0).long() == bits).float().sum().item()
         if model.pnm.spatial_site_name is not None:
-            with model.pnm.fingerprinted(bits):
-                model.pnm.decoder.get_submodule(model.pnm.spatial_site_name).bias_map = None
-                no_carrier = model.pnm.decoder(latents)
+            no_carrier = model.pnm(latents, bits, carriers=False)
             no_carrier_correct += ((model.extractor(no_carrier) > 0).long() == bits).float().sum().item()
         total += len(images)
     n_bits = total * model.fingerprint_bits

@@ -1,0 +1,96 @@
+"""Distributor speed figures: issuing one copy on the embedded default.
+
+Run ``python -m fingerprint_lm.distributor.bench``. Target: < 50 ms to compute one copy (the user's
+PNM coefficients, ACT, bias map; the base weights already in memory). Writing the files, hashing
+them and registering the user are reported separately. The shipped embedded checkpoint is used
+when it exists; otherwise a tiny-default VAE with a 48-bit PNM of random (untrained) heads, which
+costs the same.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fingerprint_lm.distributor.copies import issue_copy, personal_tensors, write_copy
+from fingerprint_lm.errors import CheckpointError
+from fingerprint_lm.models.act import derive_act_seed
+from fingerprint_lm.pipeline.checkpoint import (
+    FingerprintModel,
+    build_fingerprint_model,
+    load_fingerprint_model,
+)
+from fingerprint_lm.registry.store import Registry
+
+
+def _default_model(fingerprint_bits: int = 48) -> tuple[FingerprintModel, str]:
+    try:
+        return load_fingerprint_model(), "shipped checkpoint"
+    except CheckpointError:
+        from fingerprint_lm.models.vae import build_vae
+
+        torch.manual_seed(0)
+        model = build_fingerprint_model(build_vae(), fingerprint_bits, {}, {})
+        with torch.no_grad():
+            for head in model.pnm.affine_heads.values():
+                head.weight.normal_(0, 0.01)
+        model.vae.eval()
+        return model, "tiny default, untrained PNM"
+
+
+def bench_distributor(repeats: int = 20, act_type: str = "all") -> dict:
+    """Median seconds of each step of issuing a copy; returns a flat dict of figures.
+
+    Keys: ``issue_compute_ms`` (code -> copy tensors: mapping network, affine coefficients, ACT,
+    bias map), ``issue_write_ms`` (safetensors files + hash, atomic), ``issue_total_ms`` (one
+    :func:`issue_copy`: code drawn, computed, written, registered into a fresh registry),
+    ``copy_mib`` and ``model`` (which model was timed).
+    """
+    model, source = _default_model()
+    k = model.fingerprint_bits
+    rng = np.random.default_rng(0)
+    secret = b"bench-secret"
+    out: dict = {"model": source, "fingerprint_bits": k, "act_type": act_type}
+
+    def compute(i: int):
+        code = rng.integers(0, 2, k, dtype=np.uint8)
+        return personal_tensors(model, code, act_type, derive_act_seed(secret, f"u{i}"))
+
+    for i in range(2):  # warm-up
+        compute(i)
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        compute(i)
+        times.append(time.perf_counter() - start)
+    out["issue_compute_ms"] = 1e3 * statistics.median(times)
+
+    state, bias_map, site = compute(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        times = []
+        for i in range(repeats):
+            start = time.perf_counter()
+            write_copy(Path(tmp) / f"w{i}", model.vae.config, state, bias_map, site)
+            times.append(time.perf_counter() - start)
+        out["issue_write_ms"] = 1e3 * statistics.median(times)
+        out["copy_mib"] = sum(f.stat().st_size for f in (Path(tmp) / "w0").iterdir()) / 2**20
+
+        with Registry(Path(tmp) / "registry.sqlite", k, min_distance=8) as registry:
+            times = []
+            for i in range(repeats):
+                start = time.perf_counter()
+                issue_copy(model, registry, f"user{i}", Path(tmp) / "copies", secret, act_type, rng=rng)
+                times.append(time.perf_counter() - start)
+        out["issue_total_ms"] = 1e3 * statistics.median(times)
+    return out
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    for key, value in bench_distributor().items():
+        print(f"{key:24s} {value:.3f}" if isinstance(value, float) else f"{key:24s} {value}")
