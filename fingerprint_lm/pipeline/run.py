@@ -42,8 +42,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Base VAE -> PNM + extractor training -> evaluation -> ``metrics.json`` in the run dir."""
     if cfg.task in DISTRIBUTOR_TASKS:
         return run_task(cfg)
+    if cfg.task == "sweep_point":
+        from fingerprint_lm.pipeline.sweep import run_sweep_point
+
+        return run_sweep_point(cfg)
     if cfg.task != "train":
-        raise ConfigError(f"unknown task '{cfg.task}' (expected: train)")
+        raise ConfigError(f"unknown task '{cfg.task}' (expected: train, sweep_point, {', '.join(DISTRIBUTOR_TASKS)})")
     bits = cfg.fingerprint_bits
     if not isinstance(bits, int) or isinstance(bits, bool) or bits <= 0:
         raise ConfigError(f"fingerprint_bits must be a positive integer, got {bits!r}")

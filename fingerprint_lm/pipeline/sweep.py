@@ -1,0 +1,427 @@
+"""The collusion sweep: one grid point (ACT type x attack x colluders) -> ``metrics.json``.
+
+A grid point issues ``colluders`` fresh users (random codes, one ACT seed each), builds their copies
+with :func:`~fingerprint_lm.distributor.copies.personal_tensors`, applies the point's attack and
+decodes held-out procedural images with the result. The attack is one of
+
+- ``none``: the (first) copy itself;
+- a merge of the ``c`` copies (:data:`~fingerprint_lm.attacks.collusion.MERGES`: ``average``,
+  ``aligned_average`` (the adaptive colluder), ``max_abs``, ...): state dicts merged by the merge,
+  bias maps averaged (the bias map sits after ``conv_norm_out``, which ACT leaves alone);
+- an image attack (:data:`~fingerprint_lm.attacks.image.IMAGE_ATTACKS`) on the copy's outputs;
+- a model attack on the (first) copy's tensors, bias map included (the user holds both files):
+  ``weight_noise`` (relative std), ``prune`` (fraction), ``quantize_int8|fp16|bf16``,
+  ``finetune`` (steps of reconstruction-only fine-tuning);
+- ``estimate_remove``: removal by estimation from the copy's own outputs, period = the tile size.
+
+Hydra's basic sweeper takes the cartesian product of its lists, so attack, strength and colluder
+count travel as one ``sweep.case`` string (:func:`parse_case`): ``none_c1``, ``average_c3``,
+``aligned_average_c2``, ``jpeg_q50``, ``gaussian_blur_s1``, ``weight_noise_0.05``, ``prune_0.3``,
+``quantize_int8``, ``finetune_50``, ``estimate_remove``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from fingerprint_lm.attacks import model as model_attacks
+from fingerprint_lm.attacks.collusion import MERGES, merge_copies
+from fingerprint_lm.attacks.image import IMAGE_ATTACKS
+from fingerprint_lm.data.synthetic import ProceduralImages
+from fingerprint_lm.distributor.copies import BiasMapGroupNorm, personal_tensors
+from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.metrics.bits import match_threshold
+from fingerprint_lm.metrics.fid import frechet_distance_proxy
+from fingerprint_lm.metrics.quality import psnr, ssim
+from fingerprint_lm.models.act import ACT_TYPES
+from fingerprint_lm.pipeline.cache import atomic_write_text, config_hash
+from fingerprint_lm.pipeline.checkpoint import FingerprintModel
+from fingerprint_lm.registry.store import CodeIndex
+from fingerprint_lm.registry.tracing import trace
+
+log = logging.getLogger(__name__)
+
+MODEL_ATTACKS: tuple[str, ...] = (
+    "weight_noise",
+    "prune",
+    "quantize_int8",
+    "quantize_fp16",
+    "quantize_bf16",
+    "finetune",
+)
+OUTPUT_ATTACKS: tuple[str, ...] = ("estimate_remove",)
+ATTACKS: tuple[str, ...] = ("none", *MERGES, *IMAGE_ATTACKS, *MODEL_ATTACKS, *OUTPUT_ATTACKS)
+# Held-out images of the sweep: a stream seed no training, validation, test or fid_proxy set uses
+# (those are run seed + 0 / 1_000_003 / 2_000_003, and 10_000 + proxy seed).
+SWEEP_IMAGE_SEED = 5_000_011
+FINETUNE_IMAGE_SEED = 6_000_013  # the attacker's own fine-tuning images
+# Points in a sweep summary, in this order (the grid keys first).
+GRID_KEYS: tuple[str, ...] = ("fingerprint_bits", "act", "attack", "attack_strength", "colluders")
+_STRENGTH = re.compile(r"^[a-z]?(\d+(?:\.\d+)?)$")
+_COLLUDERS = re.compile(r"^c(\d+)$")
+
+
+# -- grid cases -----------------------------------------------------------------------------------
+def parse_case(case: str) -> tuple[str, float | None, int]:
+    """``"average_c3"`` -> ``("average", None, 3)``, ``"jpeg_q50"`` -> ``("jpeg", 50.0, 1)``.
+
+    The case is an attack name followed by ``_``-separated tokens: ``c<N>`` sets the number of
+    colluders (default 1), a number with an optional one-letter unit prefix (``q50``, ``s1``,
+    ``0.05``) the attack strength. Merges need ``c >= 2``; every other attack works on one copy.
+    """
+    text = str(case)
+    names = sorted((n for n in ATTACKS if text == n or text.startswith(n + "_")), key=len, reverse=True)
+    if not names:
+        raise ConfigError(
+            f"unknown sweep case {case!r}: expected <attack>[_<strength>][_c<N>] with attack one "
+            f"of {', '.join(ATTACKS)}"
+        )
+    attack = names[0]
+    strength, colluders = None, 1
+    for token in filter(None, text[len(attack) :].split("_")):
+        if match := _COLLUDERS.match(token):
+            colluders = int(match.group(1))
+        elif (match := _STRENGTH.match(token)) and strength is None:
+            strength = float(match.group(1))
+        else:
+            raise ConfigError(f"sweep case {case!r}: cannot read {token!r} (c<N> or a strength)")
+    check_point(attack, strength, colluders)
+    return attack, strength, colluders
+
+
+def check_point(attack: str, strength: float | None, colluders: int) -> None:
+    if attack not in ATTACKS:
+        raise ConfigError(f"unknown attack {attack!r}; expected one of {', '.join(ATTACKS)}")
+    if isinstance(colluders, bool) or not isinstance(colluders, int) or colluders < 1:
+        raise ConfigError(f"colluders must be a positive integer, got {colluders!r}")
+    if attack in MERGES and colluders < 2 and attack != "average":
+        raise ConfigError(f"merge {attack!r} needs at least 2 colluders, got {colluders}")
+    if attack not in MERGES and colluders != 1:
+        raise ConfigError(f"attack {attack!r} works on one copy; colluders must be 1, got {colluders}")
+    needs_strength = (
+        attack in IMAGE_ATTACKS and attack != "combined" or attack in ("weight_noise", "prune", "finetune")
+    )
+    if needs_strength and strength is None:
+        raise ConfigError(f"attack {attack!r} needs a strength (e.g. {attack}_0.5)")
+
+
+# -- decoding with a copy's tensors ---------------------------------------------------------------
+def build_decoder(
+    vae_config, state: dict[str, torch.Tensor], bias_map: torch.Tensor | None, site: str | None
+):
+    """A stock ``AutoencoderKL`` with ``state`` loaded and, with a bias map, the site swapped for a
+    :class:`BiasMapGroupNorm` (what :func:`~fingerprint_lm.distributor.copies.load_copy` builds)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_config(vae_config)
+    vae.load_state_dict(state)
+    if bias_map is not None:
+        parent_name, _, child = site.rpartition(".")
+        norm = vae.get_submodule(site)
+        setattr(vae.get_submodule(parent_name), child, BiasMapGroupNorm.from_group_norm(norm, bias_map))
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def _decode(vae, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    return torch.cat(
+        [vae.decode(latents[i : i + batch_size]).sample for i in range(0, len(latents), batch_size)]
+    )
+
+
+@torch.no_grad()
+def _logits(extractor, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    return torch.cat([extractor(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def _user_seed(seed: int, index: int) -> int:
+    return int(np.random.default_rng([int(seed), 1, index]).integers(0, 2**62))
+
+
+def _merge_bias_maps(bias_maps: list[torch.Tensor | None]) -> torch.Tensor | None:
+    if bias_maps[0] is None:
+        return None
+    return torch.stack([b.double() for b in bias_maps]).mean(0).to(bias_maps[0].dtype)
+
+
+def _attack_tensors(attack: str, strength, state, bias_map, site, generator):
+    """A state-dict attack on the copy's tensors and its bias map together (the user holds both)."""
+    key = f"{site}.bias_map"
+    tensors = dict(state)
+    if bias_map is not None:
+        tensors[key] = bias_map
+    if attack == "weight_noise":
+        out = model_attacks.weight_noise(tensors, float(strength), generator)
+    elif attack == "prune":
+        out = model_attacks.magnitude_prune(tensors, float(strength))
+    else:
+        out = model_attacks.quantize_roundtrip(tensors, attack.removeprefix("quantize_"))
+    new_bias = out.pop(key) if bias_map is not None else None
+    return out, new_bias
+
+
+# -- one grid point -------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_point(
+    model: FingerprintModel,
+    fingerprint_bits: int,
+    act: str,
+    attack: str,
+    attack_strength: float | None,
+    colluders: int,
+    n_images: int,
+    seed: int,
+    fid_net=None,
+    n_innocents: int = 1000,
+    fpr: float = 1e-6,
+    tracing_fpr: float = 1e-3,
+    scale_range: tuple[float, float] = (0.25, 4.0),
+    finetune_lr: float = 1e-4,
+) -> dict[str, Any]:
+    """Evaluate one grid point; returns the grid keys and the metrics (plain floats and ints).
+
+    Parameters:
+        model: the distributor's trained model (its ``vae`` is the base VAE).
+        fingerprint_bits: must equal the model's code length.
+        act: the colluders' ACT type (:data:`~fingerprint_lm.models.act.ACT_TYPES`).
+        attack, attack_strength, colluders: see :func:`parse_case` and the module docstring.
+        n_images: held-out images decoded by the attacked model (and by the base decoder).
+        seed: draws the colluders' and innocents' codes, ACT seeds and attack randomness.
+        fid_net: the fid_proxy feature net; None skips ``fid_proxy``/``fid_proxy_base``.
+        n_innocents: random innocent codes in the registry beside the colluders'.
+        fpr: false-accusation probability of attribution (Bonferroni over the registry) and of
+            the per-image detection test (one code, no correction).
+        tracing_fpr: false-accusation probability of colluder tracing.
+    """
+    k = model.fingerprint_bits
+    if fingerprint_bits != k:
+        raise ConfigError(
+            f"fingerprint_bits={fingerprint_bits} but the checkpoint has {k}-bit codes; "
+            "training per fingerprint length is not wired into the sweep yet"
+        )
+    if act not in ACT_TYPES:
+        raise ConfigError(f"unknown ACT type {act!r}; expected one of {', '.join(ACT_TYPES)}")
+    check_point(attack, attack_strength, colluders)
+    if n_images < 2:
+        raise ConfigError(f"n_images must be >= 2, got {n_images}")
+    start = time.perf_counter()
+    rng = np.random.default_rng([int(seed), 0])
+    codes = rng.integers(0, 2, size=(colluders + n_innocents, k), dtype=np.uint8)
+    user_ids = [f"colluder{i}" for i in range(colluders)] + [f"innocent{i}" for i in range(n_innocents)]
+    index = CodeIndex.from_bits(user_ids, codes)
+    generator = torch.Generator().manual_seed(int(seed))
+
+    copies = [
+        personal_tensors(model, codes[i], act, _user_seed(seed, i) if act != "none" else None, scale_range)
+        for i in range(colluders)
+    ]
+    site = copies[0][2]
+    config = model.vae.config
+    resolution = int(model.meta.get("resolution", 32))
+    real = torch.stack(
+        [ProceduralImages(resolution, SWEEP_IMAGE_SEED, n_images).sample(i)["image"] for i in range(n_images)]
+    )
+    latents = torch.cat(
+        [model.vae.encode(real[i : i + 64]).latent_dist.mode() for i in range(0, n_images, 64)]
+    )
+    base_outputs = _decode(build_decoder(config, model.vae.state_dict(), None, None), latents)
+
+    state, bias_map = copies[0][0], copies[0][1]
+    if attack in MERGES:
+        state = merge_copies(
+            attack, [c[0] for c in copies], generator, num_groups=int(config.norm_num_groups)
+        )
+        bias_map = _merge_bias_maps([c[1] for c in copies])
+    elif attack in ("weight_noise", "prune") or attack.startswith("quantize_"):
+        state, bias_map = _attack_tensors(attack, attack_strength, state, bias_map, site, generator)
+    decoder = build_decoder(config, state, bias_map, site)
+    if attack == "finetune":
+        tune_images = torch.stack(
+            [ProceduralImages(resolution, FINETUNE_IMAGE_SEED, 256).sample(i)["image"] for i in range(256)]
+        )
+        with torch.enable_grad():
+            decoder = model_attacks.finetune_reconstruction(
+                decoder, int(attack_strength), finetune_lr, tune_images, batch_size=16, generator=generator
+            )
+    outputs = _decode(decoder, latents)
+    if attack in IMAGE_ATTACKS:
+        outputs = IMAGE_ATTACKS[attack](outputs, attack_strength, generator)
+    elif attack == "estimate_remove":
+        tile = int(getattr(model.pnm, "tile_size", model.meta.get("pnm", {}).get("tile_size", 16)))
+        outputs = model_attacks.estimate_and_remove(outputs, period=tile)
+
+    logits = _logits(model.extractor, outputs)
+    probs = torch.sigmoid(logits).double().numpy()
+    hard = (logits > 0).numpy().astype(np.uint8)
+    per_colluder = [(hard == codes[i][None]).mean() for i in range(colluders)]
+    ids = index.identify_many(probs, fpr=fpr)
+    colluder_ids = set(user_ids[:colluders])
+    attributed = [r["accused"] and r["user_id"] in colluder_ids for r in ids]
+    threshold = match_threshold(k, fpr, 1)
+    matches = (hard == codes[0][None]).sum(axis=1)
+    base_hard = (_logits(model.extractor, base_outputs) > 0).numpy().astype(np.uint8)
+    base_matches = (base_hard == codes[0][None]).sum(axis=1)
+    suspects = trace(probs, index, fpr=tracing_fpr, top=colluders)
+    accused = [s["user_id"] for s in suspects if s["accused"]]
+
+    metrics: dict[str, Any] = {
+        "fingerprint_bits": k,
+        "act": act,
+        "attack": attack,
+        "attack_strength": None if attack_strength is None else float(attack_strength),
+        "colluders": int(colluders),
+        "n_images": int(n_images),
+        "registry_size": len(index),
+        "bit_acc": float(np.mean(per_colluder)),
+        "bit_acc_min": float(np.min(per_colluder)),
+        "bit_acc_max": float(np.max(per_colluder)),
+        "attribution_acc": float(np.mean(attributed)),
+        "tpr_at_fpr1e-6": float(np.mean(matches >= threshold)),
+        "false_positives": float(np.mean(base_matches >= threshold)),
+        "tracing_caught": sum(u in colluder_ids for u in accused),
+        "tracing_innocents_accused": sum(u not in colluder_ids for u in accused),
+        "psnr": float(psnr(outputs, base_outputs).mean()),
+        "ssim": float(ssim(outputs, base_outputs)),
+        "fid_proxy": None,
+        "fid_proxy_base": None,
+    }
+    if fid_net is not None:
+        metrics["fid_proxy"] = frechet_distance_proxy(outputs, real, fid_net)
+        metrics["fid_proxy_base"] = frechet_distance_proxy(base_outputs, real, fid_net)
+    metrics["seconds"] = time.perf_counter() - start
+    return metrics
+
+
+# -- the Hydra task -------------------------------------------------------------------------------
+def run_sweep_point(cfg: DictConfig) -> dict[str, Any]:
+    """``task=sweep_point``: evaluate ``cfg.sweep.case`` for ``cfg.act.type``; write ``metrics.json``
+    in the job dir, or return the existing one when its ``point_key`` matches (a re-run skips it)."""
+    from hydra.utils import instantiate
+
+    from fingerprint_lm.distributor.tasks import checkpoint_code_length, checkpoint_dir
+    from fingerprint_lm.metrics.fid import train_proxy_feature_net
+    from fingerprint_lm.pipeline.checkpoint import load_fingerprint_model
+
+    settings = cfg.sweep
+    bits = cfg.fingerprint_bits
+    directory = checkpoint_dir(settings.checkpoint)
+    shipped_bits = checkpoint_code_length(directory)
+    if bits != shipped_bits:
+        raise ConfigError(
+            f"fingerprint_bits={bits} but the checkpoint {directory} has {shipped_bits}-bit codes: "
+            "training per fingerprint length is not wired into the sweep yet"
+        )
+    attack, strength, colluders = parse_case(settings.case)
+    act = cfg.act.type
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    point = {
+        "fingerprint_bits": bits,
+        "act": act,
+        "case": str(settings.case),
+        "seed": int(cfg.seed),
+        "n_images": int(settings.n_images),
+        "n_innocents": int(settings.n_innocents),
+        "fpr": float(settings.fpr),
+        "tracing_fpr": float(settings.tracing_fpr),
+        "scale_range": [float(cfg.act.scale_min), float(cfg.act.scale_max)],
+        "finetune_lr": float(settings.finetune_lr),
+        "fid_proxy_steps": int(settings.fid_proxy_steps),
+        "checkpoint": str(directory.resolve()),
+        "checkpoint_meta": config_hash(json.loads((directory / "fingerprint.json").read_text())),
+    }
+    key = config_hash(point)
+    metrics_path = output_dir / "metrics.json"
+    if metrics_path.is_file():
+        try:
+            previous = json.loads(metrics_path.read_text())
+        except json.JSONDecodeError:
+            previous = {}
+        if previous.get("point_key") == key:
+            log.info("sweep point %s/%s already done (%s): skipped", act, settings.case, metrics_path)
+            return previous
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    loggers = []
+    if cfg.get("logger"):
+        # one run per point, grouped by the sweep dir (the job dir is <sweep dir>/<job num>)
+        overrides = {"group": output_dir.parent.name} if "group" in cfg.logger else {}
+        loggers = [instantiate(cfg.logger, **overrides)]
+    try:
+        model = load_fingerprint_model(directory)
+        resolution = int(model.meta.get("resolution", 32))
+        fid_net = None
+        if int(settings.fid_proxy_steps) > 0:
+            fid_net = train_proxy_feature_net(
+                resolution, steps=int(settings.fid_proxy_steps), cache_dir=cfg.paths.cache_dir
+            )
+        torch.manual_seed(int(cfg.seed))
+        metrics = evaluate_point(
+            model,
+            bits,
+            act,
+            attack,
+            strength,
+            colluders,
+            int(settings.n_images),
+            int(cfg.seed),
+            fid_net,
+            n_innocents=int(settings.n_innocents),
+            fpr=float(settings.fpr),
+            tracing_fpr=float(settings.tracing_fpr),
+            scale_range=(float(cfg.act.scale_min), float(cfg.act.scale_max)),
+            finetune_lr=float(settings.finetune_lr),
+        )
+        metrics.update({"case": str(settings.case), "point_key": key, "point": point})
+        for logger in loggers:
+            logger.log_metrics(
+                {
+                    f"sweep/{k}": v
+                    for k, v in metrics.items()
+                    if isinstance(v, int | float) and not isinstance(v, bool)
+                }
+            )
+        atomic_write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=True))
+        log.info(
+            "sweep point act=%s case=%s: bit_acc=%.4f psnr=%.2f fid_proxy=%s (%.1f s)",
+            act,
+            settings.case,
+            metrics["bit_acc"],
+            metrics["psnr"],
+            _fmt(metrics["fid_proxy"]),
+            metrics["seconds"],
+        )
+        return metrics
+    finally:
+        if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+            import wandb
+
+            wandb.finish()
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+class SummarizeSweep(Callback):
+    """Hydra callback: write the sweep summary (:func:`~fingerprint_lm.report.tables.write_summary`)
+    once every job of the multirun has finished."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from fingerprint_lm.report.tables import write_summary
+
+        sweep_dir = Path(OmegaConf.select(config, "hydra.sweep.dir"))
+        paths = write_summary(sweep_dir)
+        log.info("sweep summary: %s", ", ".join(str(p) for p in paths))

@@ -1,0 +1,174 @@
+"""The collusion sweep: one grid point, the summary files, and a shrunken multirun end to end.
+
+One tiny 32-bit model is trained for the module (session fixture). With 32-bit codes and 1000
+innocents, attribution at FPR 1e-6 needs >= 30 of 32 matching bits; the tiny model reaches it
+un-attacked, so the tests check ordering and consistency rather than exact figures.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.metrics.fid import train_proxy_feature_net
+from fingerprint_lm.pipeline.checkpoint import load_fingerprint_model
+from fingerprint_lm.pipeline.run import run
+from fingerprint_lm.pipeline.sweep import evaluate_point, parse_case
+from fingerprint_lm.report.tables import COLUMNS, SUMMARY_FILES, write_summary
+from tests.conftest import ROOT, compose_config
+
+BITS = 32
+N_IMAGES = 24
+
+
+@pytest.fixture(scope="session")
+def sweep_checkpoint(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sweep_train")
+    metrics = run(compose_config(root, [f"fingerprint_bits={BITS}"]))
+    assert metrics["bit_acc"] > 0.95
+    return Path(metrics["checkpoint"])
+
+
+@pytest.fixture(scope="session")
+def tiny_model(sweep_checkpoint):
+    return load_fingerprint_model(sweep_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def fid_net(tiny_model):
+    return train_proxy_feature_net(int(tiny_model.meta["resolution"]), steps=20, feature_dim=16)
+
+
+def point(model, fid_net, act="none", attack="none", strength=None, colluders=1, seed=0):
+    return evaluate_point(
+        model, BITS, act, attack, strength, colluders, N_IMAGES, seed, fid_net, n_innocents=200
+    )
+
+
+def test_parse_case():
+    assert parse_case("none_c1") == ("none", None, 1)
+    assert parse_case("average_c3") == ("average", None, 3)
+    assert parse_case("aligned_average_c2") == ("aligned_average", None, 2)
+    assert parse_case("jpeg_q50") == ("jpeg", 50.0, 1)
+    assert parse_case("gaussian_blur_s1") == ("gaussian_blur", 1.0, 1)
+    assert parse_case("weight_noise_0.05") == ("weight_noise", 0.05, 1)
+    assert parse_case("quantize_int8") == ("quantize_int8", None, 1)
+    for bad in ("nonsense", "jpeg", "jpeg_q50_c2", "aligned_average_c1", "average_x"):
+        with pytest.raises(ConfigError):
+            parse_case(bad)
+
+
+def test_unattacked_copy_is_attributed(tiny_model, fid_net):
+    m = point(tiny_model, fid_net)
+    assert m["bit_acc"] > 0.95 and m["bit_acc"] == m["bit_acc_min"] == m["bit_acc_max"]
+    assert m["attribution_acc"] > 0.8 and m["tpr_at_fpr1e-6"] > 0.8
+    assert m["false_positives"] == 0.0
+    assert m["tracing_caught"] == 1 and m["tracing_innocents_accused"] == 0
+    assert m["psnr"] > 20 and m["fid_proxy"] >= 0 and m["fid_proxy_base"] >= 0
+    assert m["registry_size"] == 201
+
+
+def test_average_of_one_copy_is_a_no_op(tiny_model, fid_net):
+    plain, averaged = point(tiny_model, fid_net), point(tiny_model, fid_net, attack="average")
+    for key in ("bit_acc", "attribution_acc", "psnr", "ssim", "fid_proxy"):
+        assert averaged[key] == pytest.approx(plain[key], abs=1e-6), key
+
+
+def test_collusion_and_act(tiny_model, fid_net):
+    alone = point(tiny_model, fid_net)
+    naive = point(tiny_model, fid_net, act="all", attack="average", colluders=2)
+    naive_no_act = point(tiny_model, fid_net, act="none", attack="average", colluders=2)
+    aligned = point(tiny_model, fid_net, act="all", attack="aligned_average", colluders=2)
+    assert naive["colluders"] == 2 and naive["bit_acc_min"] <= naive["bit_acc"] <= naive["bit_acc_max"]
+    assert naive["bit_acc"] < alone["bit_acc"]  # two codes blended: disagreeing bits are lost
+    # ACT breaks naive averaging (the merged decoder drifts from the base) ...
+    assert naive["psnr"] < naive_no_act["psnr"] - 3
+    # ... and the adaptive colluder undoes ACT: the same model as averaging copies without ACT
+    assert aligned["psnr"] == pytest.approx(naive_no_act["psnr"], abs=0.05)
+    assert aligned["bit_acc"] == pytest.approx(naive_no_act["bit_acc"], abs=0.01)
+
+
+def test_image_attack_and_wrong_length(tiny_model, fid_net):
+    plain = point(tiny_model, fid_net)
+    blurred = point(tiny_model, fid_net, attack="gaussian_blur", strength=2.0)
+    assert blurred["attack_strength"] == 2.0 and blurred["psnr"] != pytest.approx(plain["psnr"])
+    assert blurred["bit_acc"] < plain["bit_acc"], (blurred["bit_acc"], plain["bit_acc"])
+    with pytest.raises(ConfigError, match="not wired"):
+        evaluate_point(tiny_model, 48, "none", "none", None, 1, N_IMAGES, 0, None)
+
+
+def test_summary_is_deterministic(tmp_path, tiny_model):
+    for num, (act, attack, colluders) in enumerate(
+        [("none", "none", 1), ("none", "average", 2), ("all", "average", 2), ("all", "aligned_average", 2)]
+    ):
+        job = tmp_path / "sweep" / str(num)
+        job.mkdir(parents=True)
+        m = evaluate_point(tiny_model, BITS, act, attack, None, colluders, 8, 0, None, n_innocents=10)
+        (job / "metrics.json").write_text(json.dumps(m))
+    first = {
+        name: (p.read_bytes())
+        for name, p in zip(SUMMARY_FILES, write_summary(tmp_path / "sweep"), strict=True)
+    }
+    second = {
+        name: (p.read_bytes())
+        for name, p in zip(SUMMARY_FILES, write_summary(tmp_path / "sweep"), strict=True)
+    }
+    assert first == second
+    lines = first["summary.csv"].decode().splitlines()
+    assert lines[0].split(",") == list(COLUMNS) and len(lines) == 5
+    assert "| aligned_average |" in first["summary.md"].decode()
+    out = subprocess.run(
+        [sys.executable, "-m", "fingerprint_lm.report.summarize", str(tmp_path / "sweep")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "sweep" / "summary.csv").read_bytes() == first["summary.csv"]
+
+
+def test_multirun_writes_summary_and_skips_on_rerun(tmp_path, sweep_checkpoint):
+    sweep_dir = tmp_path / "multirun"
+    command = [
+        sys.executable,
+        "-m",
+        "fingerprint_lm",
+        "+experiment=collusion_sweep",
+        f"hydra.sweep.dir={sweep_dir}",
+        f"paths.root_dir={tmp_path}",
+        "act=none",
+        "sweep.case=none_c1,average_c2",
+        f"sweep.checkpoint={sweep_checkpoint}",
+        f"fingerprint_bits={BITS}",
+        "sweep.n_images=16",
+        "sweep.n_innocents=50",
+        "sweep.fid_proxy_steps=5",
+    ]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "WANDB_MODE": "offline"}
+    out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = (sweep_dir / "summary.csv").read_text().splitlines()
+    assert len(rows) == 3
+    metrics = [json.loads((sweep_dir / str(i) / "metrics.json").read_text()) for i in range(2)]
+    assert {(m["attack"], m["colluders"]) for m in metrics} == {("none", 1), ("average", 2)}
+    assert all(m["fingerprint_bits"] == BITS and m["act"] == "none" for m in metrics)
+
+    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("already done") + again.stdout.count("already done") >= 2
+    assert [json.loads((sweep_dir / str(i) / "metrics.json").read_text()) for i in range(2)] == metrics
+
+    wrong = subprocess.run(
+        [*command[:-4], "fingerprint_bits=48", "sweep.n_images=16"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
+    assert wrong.returncode != 0 and "not wired" in wrong.stderr
