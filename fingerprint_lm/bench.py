@@ -92,7 +92,8 @@ def main() -> None:
         print("# distributor bench unavailable")
     width = max(len(k) for k in results)
     for key, value in results.items():
-        print(f"{key:<{width}}  {value:.4g}")
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        print(f"{key:<{width}}  {shown}")
 
 
 if __name__ == "__main__":
