@@ -87,15 +87,6 @@ def assert_state_dicts_close(actual: dict, expected: dict, rtol: float) -> None:
         assert err <= rtol, f"{key}: relative error {err:.2e}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # These convolutions are tiny: with 2+ threads on a shared CPU, thread synchronisation costs
-    # ~100x the arithmetic (measured 0.6 s vs 5 ms per decode).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tiny_sd() -> dict[str, torch.Tensor]:

@@ -62,14 +62,6 @@ STRENGTH_PAIRS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Other processes share the 2 cores: two torch threads then spin against them (measured: 30x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def procedural(count: int, resolution: int = 32, seed: int = 3) -> torch.Tensor:
     data = ProceduralImages(resolution=resolution, seed=seed, length=count)

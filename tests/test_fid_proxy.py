@@ -27,14 +27,6 @@ PROXY_ARGS = {"resolution": 32, "steps": 250, "seed": 0, "train_size": 2048}
 SET_SIZE = 512
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Other processes share the 2 cores: two torch threads then spin against them.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="session")
 def proxy_cache(tmp_path_factory):
