@@ -115,6 +115,12 @@ def test_bad_input_gives_clear_errors(tiny_cfg, tmp_path):
         run(tiny_cfg(["data.resolution=15"]))
     with pytest.raises(DataError, match="missing"):
         run(tiny_cfg(["data=coco", f"data.coco_root={tmp_path}/missing", "data.resolution=16"]))
+    with pytest.raises(ConfigError, match="method.steps"):
+        run(tiny_cfg(["method.steps=abc"]))
+    with pytest.raises(ConfigError, match="accelerator") as info:
+        run(tiny_cfg(["trainer.accelerator=bogus"]))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "cache").exists()  # rejected before any base VAE work
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -46,11 +47,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         from fingerprint_lm.pipeline.sweep import run_sweep_point
 
         return run_sweep_point(cfg)
+    try:
+        return _run(cfg)
+    except InstantiationException as exc:
+        # Hydra's message spans several lines (target, cause, key): one line for the user.
+        raise ConfigError(" ".join(line.strip() for line in str(exc).splitlines() if line.strip())) from exc
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.task != "train":
         raise ConfigError(f"unknown task '{cfg.task}' (expected: train, sweep_point, {', '.join(DISTRIBUTOR_TASKS)})")
-    bits = cfg.fingerprint_bits
-    if not isinstance(bits, int) or isinstance(bits, bool) or bits <= 0:
-        raise ConfigError(f"fingerprint_bits must be a positive integer, got {bits!r}")
+    bits = _positive_int("fingerprint_bits", cfg.fingerprint_bits)
+    _positive_int("method.steps", cfg.method.steps)
+    if cfg.model.source == "config":
+        _positive_int("model.pretrain.steps", cfg.model.pretrain.steps)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -58,6 +74,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = instantiate(cfg.data)
     make_trainer, loggers = make_trainer_factory(cfg, output_dir)
+    make_trainer(logger=False, callbacks=[])  # a bad trainer.* value fails now, before any training
     try:
         vae, vae_facts = stages.prepare_base_vae(
             source=cfg.model.source,
