@@ -5,7 +5,6 @@ Each stage takes plain arguments (no Hydra config) so tests and scripts can call
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -146,11 +145,10 @@ def evaluate_fingerprint(
     total, correct, psnrs, ssims = 0, 0.0, [], []
     probe_correct = dict.fromkeys(probes, 0.0)
     no_carrier_correct = 0.0
-    batches = loader if max_images is None else itertools.islice(loader, 10**9)
-    for batch in batches:
-        images = batch["image"]
+    for batch in loader:
         if max_images is not None and total >= max_images:
             break
+        images = batch["image"]
         latents = model.vae.encode(images).latent_dist.mode()
         bits = torch.randint(0, 2, (len(images), model.fingerprint_bits), generator=generator)
         base = model.pnm(latents, None)
