@@ -172,3 +172,22 @@ def test_multirun_writes_summary_and_skips_on_rerun(tmp_path, sweep_checkpoint):
         timeout=300,
     )
     assert wrong.returncode != 0 and "not wired" in wrong.stderr
+
+
+def test_wandb_logs_one_offline_run_per_point_and_finishes(tmp_path, sweep_checkpoint, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose_config(
+        tmp_path,
+        ["+experiment=collusion_sweep", "logger=wandb", "act=none", "sweep.case=none_c1",
+         f"sweep.checkpoint={sweep_checkpoint}", f"fingerprint_bits={BITS}", "sweep.n_images=16",
+         "sweep.n_innocents=50", "sweep.fid_proxy_steps=5"],
+        tiny=False,
+    )
+    assert cfg.logger._target_.endswith("WandbLogger")
+    run(cfg)
+    assert wandb.run is None  # finished in the finally block, so the next point starts its own run
+    offline_runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+    assert list(offline_runs[0].glob("run-*.wandb"))  # the run's event log was written
