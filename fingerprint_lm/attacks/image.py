@@ -44,6 +44,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.models import augment
 
 ImageAttack = Callable[..., torch.Tensor]
 
@@ -139,13 +140,6 @@ def rotation(images: torch.Tensor, strength: float, generator: torch.Generator |
     return out.clamp(-1, 1)
 
 
-def _gaussian_kernel(sigma: float, device, dtype) -> torch.Tensor:
-    radius = math.ceil(3 * sigma)
-    coords = torch.arange(-radius, radius + 1, device=device, dtype=torch.float64)
-    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
-    return (kernel / kernel.sum()).to(dtype)
-
-
 def gaussian_blur(
     images: torch.Tensor, strength: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -157,14 +151,8 @@ def gaussian_blur(
         raise ConfigError(f"blur sigma must be non-negative, got {strength}")
     if sigma == 0:
         return images.clone()
-    kernel = _gaussian_kernel(sigma, images.device, images.dtype)
-    size = kernel.numel()
-    channels = images.shape[1]
-    pad = size // 2
-    x = F.pad(images, (pad, pad, pad, pad), mode="replicate")
-    x = F.conv2d(x, kernel.view(1, 1, 1, size).expand(channels, 1, 1, size), groups=channels)
-    x = F.conv2d(x, kernel.view(1, 1, size, 1).expand(channels, 1, size, 1), groups=channels)
-    return x.clamp(-1, 1)
+    size = 2 * math.ceil(3 * sigma) + 1
+    return augment.gaussian_blur(images, sigma, size=size, padding="replicate").clamp(-1, 1)
 
 
 def gaussian_noise(

@@ -16,18 +16,19 @@ from fingerprint_lm.errors import ConfigError
 
 
 def gaussian_kernel(sigma: float, size: int, device=None, dtype=None) -> torch.Tensor:
-    coords = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
+    """Normalised 1-D Gaussian of ``size`` taps (computed in float64, returned in ``dtype``)."""
+    coords = torch.arange(size, device=device, dtype=torch.float64) - (size - 1) / 2
     kernel = torch.exp(-(coords**2) / (2 * sigma**2))
-    return kernel / kernel.sum()
+    return (kernel / kernel.sum()).to(dtype)
 
 
-def gaussian_blur(images: torch.Tensor, sigma: float, size: int = 3) -> torch.Tensor:
-    """Separable Gaussian blur with reflect padding."""
+def gaussian_blur(images: torch.Tensor, sigma: float, size: int = 3, padding: str = "reflect") -> torch.Tensor:
+    """Separable Gaussian blur (``padding``: any ``F.pad`` mode)."""
     if sigma <= 0:
         return images
     k = gaussian_kernel(sigma, size, images.device, images.dtype)
     c = images.shape[1]
-    x = F.pad(images, (size // 2,) * 4, mode="reflect")
+    x = F.pad(images, (size // 2,) * 4, mode=padding)
     x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, size), groups=c)
     return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, size, 1), groups=c)
 
