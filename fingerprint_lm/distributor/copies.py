@@ -341,12 +341,19 @@ def load_copy(path: str | Path, expected_sha256: str | None = None):
     bias_file = path / BIAS_MAP_NAME
     if bias_file.is_file():
         bias_map, site = read_bias_map(bias_file)
-        try:
-            norm = vae.get_submodule(site)
-        except AttributeError as exc:
-            raise CheckpointError(f"{bias_file}: site {site!r} is not a module of the VAE") from exc
-        if not isinstance(norm, nn.GroupNorm) or norm.num_channels != bias_map.shape[1]:
-            raise CheckpointError(f"{bias_file}: site {site!r} is not a GroupNorm of {bias_map.shape[1]} channels")
-        parent_name, _, child = site.rpartition(".")
-        setattr(vae.get_submodule(parent_name), child, BiasMapGroupNorm.from_group_norm(norm, bias_map))
+        attach_bias_map(vae, bias_map, site, source=bias_file)
     return vae.eval()
+
+
+def attach_bias_map(vae, bias_map: torch.Tensor, site: str, source: str | Path = "bias map"):
+    """Swap the GroupNorm at ``site`` for a :class:`BiasMapGroupNorm` adding ``bias_map``
+    (in place; returns ``vae``). ``source`` names the map's origin in errors."""
+    try:
+        norm = vae.get_submodule(site)
+    except AttributeError as exc:
+        raise CheckpointError(f"{source}: site {site!r} is not a module of the VAE") from exc
+    if not isinstance(norm, nn.GroupNorm) or norm.num_channels != bias_map.shape[1]:
+        raise CheckpointError(f"{source}: site {site!r} is not a GroupNorm of {bias_map.shape[1]} channels")
+    parent_name, _, child = site.rpartition(".")
+    setattr(vae.get_submodule(parent_name), child, BiasMapGroupNorm.from_group_norm(norm, bias_map))
+    return vae

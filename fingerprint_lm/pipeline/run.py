@@ -126,7 +126,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
                  metrics["ssim"], output_dir / "metrics.json")
         return metrics
     finally:
-        _finish_wandb(loggers)
+        finish_wandb(loggers)
 
 
 def _flatten(metrics: dict, prefix: str = "") -> dict:
@@ -139,7 +139,8 @@ def _flatten(metrics: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _finish_wandb(loggers) -> None:
+def finish_wandb(loggers) -> None:
+    """End the W&B run of a job (if one of ``loggers`` is W&B), so the next job starts its own."""
     if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
         import wandb
 

@@ -40,7 +40,7 @@ from fingerprint_lm.attacks import model as model_attacks
 from fingerprint_lm.attacks.collusion import MERGES, merge_copies
 from fingerprint_lm.attacks.image import IMAGE_ATTACKS
 from fingerprint_lm.data.synthetic import ProceduralImages
-from fingerprint_lm.distributor.copies import BiasMapGroupNorm, personal_tensors
+from fingerprint_lm.distributor.copies import attach_bias_map, personal_tensors
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.metrics.bits import match_threshold
 from fingerprint_lm.metrics.fid import frechet_distance_proxy
@@ -122,15 +122,13 @@ def build_decoder(
     vae_config, state: dict[str, torch.Tensor], bias_map: torch.Tensor | None, site: str | None
 ):
     """A stock ``AutoencoderKL`` with ``state`` loaded and, with a bias map, the site swapped for a
-    :class:`BiasMapGroupNorm` (what :func:`~fingerprint_lm.distributor.copies.load_copy` builds)."""
+    ``BiasMapGroupNorm`` (what :func:`~fingerprint_lm.distributor.copies.load_copy` builds)."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_config(vae_config)
     vae.load_state_dict(state)
     if bias_map is not None:
-        parent_name, _, child = site.rpartition(".")
-        norm = vae.get_submodule(site)
-        setattr(vae.get_submodule(parent_name), child, BiasMapGroupNorm.from_group_norm(norm, bias_map))
+        attach_bias_map(vae, bias_map, site)
     return vae.eval().requires_grad_(False)
 
 
@@ -405,10 +403,9 @@ def run_sweep_point(cfg: DictConfig) -> dict[str, Any]:
         )
         return metrics
     finally:
-        if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-            import wandb
+        from fingerprint_lm.pipeline.run import finish_wandb  # run.py dispatches here: import late
 
-            wandb.finish()
+        finish_wandb(loggers)
 
 
 def _fmt(value) -> str:
