@@ -290,3 +290,70 @@ def test_average_state_dicts_weights():
         average_state_dicts([a, b], weights=[1.0])
     with pytest.raises(ConfigError):
         average_state_dicts([a, {"w": torch.zeros(2)}])
+
+
+# -- residual-stream ACT -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scope", ["stream", "both"])
+@pytest.mark.parametrize("act_type", ["permute", "sign", "all"])
+def test_stream_act_preserves_the_decoder(scope, act_type):
+    """Stream ACT rewrites every writer, reader and norm of each residual-stream segment (and the bias
+    map at conv_norm_out): exact at eps 0; the stock eps leaves the scale's eps term (measured 1e-4)."""
+    from fingerprint_lm.models.act import STREAM_PREFIX
+    from fingerprint_lm.models.residual_stream import find_stream_segments
+
+    config = TINY_VAE_CONFIG
+    groups = config["norm_num_groups"]
+    base = base_state_dict(config, torch.float64)
+    params = draw_act(base, act_type, groups, seed=13, scope=scope)
+    segments = find_stream_segments(base)
+    assert [s.name for s in segments] == [
+        "decoder.conv_in",
+        "decoder.up_blocks.0.upsamplers.0.conv",
+        "decoder.up_blocks.1.resnets.0.conv_shortcut",
+        "decoder.up_blocks.1.upsamplers.0.conv",
+        "decoder.up_blocks.2.resnets.0.conv_shortcut",
+    ]
+    assert {k for k in params if k.startswith(STREAM_PREFIX)} == {STREAM_PREFIX + s.name for s in segments}
+    assert any(not k.startswith(STREAM_PREFIX) for k in params) == (scope == "both")
+    copy = apply_act(base, params)
+    exact = Decoder(config, torch.float64, eps=0.0)
+    assert max_diff(exact(copy), exact(base)) <= 1e-12
+    stock = Decoder(config, torch.float64)
+    assert max_diff(stock(copy), stock(base)) <= (1e-3 if act_type == "all" else 1e-12)
+    # The last segment ends at conv_norm_out: a bias map there is permuted with it.
+    bias_map = torch.randn(1, 16, 4, 4, dtype=torch.float64)
+    with_map = apply_act({**base, "decoder.conv_norm_out.bias_map": bias_map}, params)
+    perm = params[STREAM_PREFIX + segments[-1].name].perm
+    assert torch.equal(with_map["decoder.conv_norm_out.bias_map"], bias_map[:, perm])
+
+
+def test_alignment_undoes_stream_and_interior_act(tiny_sd):
+    groups = TINY_VAE_CONFIG["norm_num_groups"]
+    copy = apply_act(tiny_sd, draw_act(tiny_sd, "all", groups, seed=41, scope="both"))
+    assert_state_dicts_close(align_to_reference(copy, tiny_sd, groups), tiny_sd, rtol=1e-6)
+    copies = [apply_act(tiny_sd, draw_act(tiny_sd, "all", groups, seed=s, scope="both")) for s in (42, 43)]
+    assert_state_dicts_close(aligned_average([tiny_sd, *copies], groups), tiny_sd, rtol=1e-6)
+
+
+def test_stream_scale_is_not_absorbed_by_averaging():
+    """Unlike interior scaling, a stream scale also divides linear readers' columns (conv_shortcut,
+    up-sampler convs): the average of (s1 + s2) / 2 rows and (1/s1 + 1/s2) / 2 columns is no copy.
+    Measured on this random-init tiny VAE: 22.3 dB (interior scale: 308 dB, i.e. exact)."""
+    config = TINY_VAE_CONFIG
+    groups = config["norm_num_groups"]
+    base = base_state_dict(config, torch.float64)
+    decode = Decoder(config, torch.float64)
+    copies = [apply_act(base, draw_act(base, "scale", groups, seed=s, scope="stream")) for s in (0, 1)]
+    assert psnr(decode(base), decode(average_state_dicts(copies))) < 40.0
+
+
+def test_stream_act_refuses_unknown_decoder_layers(tiny_sd):
+    from fingerprint_lm.models.residual_stream import find_stream_segments
+
+    odd = {**tiny_sd, "decoder.extra_proj.weight": torch.zeros(4, 4)}
+    with pytest.raises(ConfigError, match="extra_proj"):
+        find_stream_segments(odd)
+    with pytest.raises(ConfigError, match="scope"):
+        draw_act(tiny_sd, "all", 8, seed=0, scope="everywhere")

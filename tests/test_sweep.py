@@ -98,7 +98,7 @@ def test_image_attack_and_wrong_length(tiny_model, fid_net):
     blurred = point(tiny_model, fid_net, attack="gaussian_blur", strength=2.0)
     assert blurred["attack_strength"] == 2.0 and blurred["psnr"] != pytest.approx(plain["psnr"])
     assert blurred["bit_acc"] < plain["bit_acc"], (blurred["bit_acc"], plain["bit_acc"])
-    with pytest.raises(ConfigError, match="not wired"):
+    with pytest.raises(ConfigError, match="32-bit codes"):
         evaluate_point(tiny_model, 48, "none", "none", None, 1, N_IMAGES, 0, None)
 
 
@@ -171,7 +171,8 @@ def test_multirun_writes_summary_and_skips_on_rerun(tmp_path, sweep_checkpoint):
         env=env,
         timeout=300,
     )
-    assert wrong.returncode != 0 and "not wired" in wrong.stderr
+    assert wrong.returncode != 0 and "sweep.checkpoint=null trains a model per length" in wrong.stderr
+    assert len(wrong.stderr.strip().splitlines()) == 1
 
 
 def test_wandb_logs_one_offline_run_per_point_and_finishes(tmp_path, sweep_checkpoint, monkeypatch):
@@ -191,3 +192,29 @@ def test_wandb_logs_one_offline_run_per_point_and_finishes(tmp_path, sweep_check
     offline_runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1
     assert list(offline_runs[0].glob("run-*.wandb"))  # the run's event log was written
+
+
+def test_sweep_trains_a_model_per_length_once_and_uses_the_shipped_one_where_it_matches(tmp_path):
+    """sweep.checkpoint=null: 48 bits with the shipped training config -> the shipped checkpoint;
+    another length -> trained once on the shipped base VAE, cached, reused by the next point."""
+    fast = ["method.steps=8", "method.detector_fit_samples=128", "eval.max_images=32", "data.batch_size=16",
+            "sweep.n_images=8", "sweep.n_innocents=20", "sweep.fid_proxy_steps=0", "trainer.enable_progress_bar=false"]
+
+    def point_cfg(job: str, overrides: list[str]):
+        cfg = compose_config(tmp_path / job, ["+experiment=collusion_sweep", "act=none", *overrides], tiny=False)
+        cfg.paths.cache_dir = str(tmp_path / "cache")  # shared by the jobs, as in one sweep
+        return cfg
+
+    first = run(point_cfg("a", ["fingerprint_bits=32", "sweep.case=none_c1", *fast]))
+    assert first["model_source"] == "trained" and first["fingerprint_bits"] == 32
+    models = list((tmp_path / "cache" / "sweep_models").iterdir())
+    trained = [m for m in models if m.is_dir()]
+    assert len(trained) == 1 and (trained[0] / "fingerprint.json").is_file()
+    meta = json.loads((trained[0] / "fingerprint.json").read_text())
+    assert meta["fingerprint_bits"] == 32 and meta["metrics"]["steps"] == 8 and 0 <= meta["metrics"]["bit_acc"] <= 1
+    second = run(point_cfg("b", ["fingerprint_bits=32", "sweep.case=average_c2", *fast]))
+    assert second["model_source"] == "cached" and second["point"]["checkpoint"] == first["point"]["checkpoint"]
+
+    shipped = run(point_cfg("c", ["fingerprint_bits=48", "sweep.case=none_c1", "sweep.n_images=8",
+                                  "sweep.n_innocents=20", "sweep.fid_proxy_steps=0"]))
+    assert shipped["model_source"] == "shipped" and shipped["bit_acc"] > 0.95

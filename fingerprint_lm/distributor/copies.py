@@ -98,12 +98,15 @@ def personal_tensors(
     act_type: str = "none",
     act_seed: int | None = None,
     scale_range: tuple[float, float] = (0.25, 4.0),
+    act_scope: str = "stream",
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, str | None]:
     """The tensors of one user's copy: ``(vae_state_dict, bias_map, bias_map_site)``.
 
     Affine sites: ``weight = gamma_0 * (1 + scale)``, ``bias = beta_0 + shift`` (float64, one
     rounding), the function :class:`~fingerprint_lm.models.pnm.ModulatedGroupNorm` computes. Then
-    the user's ACT (``act_seed`` required unless ``act_type == "none"``). ``bias_map`` is the
+    the user's ACT (``act_seed`` required unless ``act_type == "none"``) over ``act_scope``
+    (:data:`~fingerprint_lm.models.act.ACT_SCOPES`; stream ACT permutes the bias map's channels
+    with the last stream segment). ``bias_map`` is the
     spatial site's ``[1, C, T, T]`` map (None without a spatial site), ``bias_map_site`` its module
     name in the VAE (``decoder.conv_norm_out``). Every returned tensor is a fresh copy.
     """
@@ -127,8 +130,13 @@ def personal_tensors(
     if act_type != "none":
         if act_seed is None:
             raise ConfigError(f"ACT type {act_type!r} needs a seed (derive_act_seed(secret, user_id))")
-        params = draw_act(state, act_type, int(model.vae.config.norm_num_groups), act_seed, scale_range)
-    return apply_act(state, params), bias_map, site_name
+        params = draw_act(state, act_type, int(model.vae.config.norm_num_groups), act_seed, scale_range, act_scope)
+    if bias_map is None:
+        return apply_act(state, params), None, None
+    # The bias map rides in the state dict through ACT (a stream segment ends at its GroupNorm).
+    key = f"{site_name}.bias_map"
+    transformed = apply_act({**state, key: bias_map}, params)
+    return transformed, transformed.pop(key), site_name
 
 
 # -- files ----------------------------------------------------------------------------------------
@@ -214,6 +222,7 @@ def issue_copy(
     act_type: str = "all",
     scale_range: tuple[float, float] = (0.25, 4.0),
     rng: np.random.Generator | None = None,
+    act_scope: str = "stream",
 ) -> dict:
     """Issue ``user_id``'s copy: draw a code, build the copy, write it, register it.
 
@@ -225,6 +234,7 @@ def issue_copy(
         secret: the ACT secret (required unless ``act_type == "none"``).
         act_type: one of :data:`~fingerprint_lm.models.act.ACT_TYPES`.
         scale_range: log-uniform range of ACT's group scales.
+        act_scope: where ACT acts (:data:`~fingerprint_lm.models.act.ACT_SCOPES`).
         rng: draws the code (default: fresh OS entropy; codes must not be predictable).
 
     Every check runs before anything is written; if registration fails (e.g. another process
@@ -248,7 +258,7 @@ def issue_copy(
 
     code = registry.new_code(np.random.default_rng() if rng is None else rng)
     seed = derive_act_seed(secret, user_id) if act_type != "none" else None
-    state, bias_map, site = personal_tensors(model, code, act_type, seed, scale_range)
+    state, bias_map, site = personal_tensors(model, code, act_type, seed, scale_range, act_scope)
     sha = write_copy(target, model.vae.config, state, bias_map, site)
     try:
         registry.register(user_id, code, copy_sha256=sha, act_type=act_type)

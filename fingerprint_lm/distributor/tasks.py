@@ -103,6 +103,7 @@ def task_issue(cfg: DictConfig) -> dict:
             secret=secret,
             act_type=act_type,
             scale_range=(float(cfg.act.scale_min), float(cfg.act.scale_max)),
+            act_scope=str(cfg.act.scope),
             rng=code_rng(settings.get("code_seed"), user_id),
         )
         result["n_users"] = len(reg)

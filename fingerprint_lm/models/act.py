@@ -12,9 +12,17 @@ GroupNorm, so the following reparametrizations leave the block's output unchange
   exactly up to its ``eps``: ``GN(s x)`` normalises by ``sqrt(var + eps / s**2)``.
 - ``all``: the three together; ``none``: the identity.
 
+The same three transformations also act on the decoder's residual stream
+(:mod:`fingerprint_lm.models.residual_stream`): each stretch between layers that replace the hidden
+state is permuted, negated and scaled per group, with every writer, reader and GroupNorm of that
+stretch rewritten (a linear reader divides the scale out, so stream scaling is *not* absorbed by
+averaging as interior scaling is). ``scope`` picks ``interior``, ``stream`` or ``both``; the configs
+ship ``stream``, which wrecked 2-party averages the most (``experiments/act_scope_search.py``).
+
 Every function works on a plain diffusers ``AutoencoderKL`` state dict, so a transformed copy is
 still a stock diffusers VAE. The adaptive colluder (:func:`align_to_reference`) lives here too:
-it undoes any such transformation by matching conv1 rows between two copies.
+it undoes any such transformation by matching rows between two copies (stream segments first, in
+forward order, then the interiors).
 """
 
 from __future__ import annotations
@@ -31,8 +39,13 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.models.residual_stream import StreamSegment, find_stream_segments
 
 ACT_TYPES: tuple[str, ...] = ("none", "permute", "scale", "sign", "all")
+# Where ACT acts: the ResnetBlocks' interior channels, the residual stream (every segment of it,
+# fingerprint_lm/models/residual_stream.py), or both.
+ACT_SCOPES: tuple[str, ...] = ("interior", "stream", "both")
+STREAM_PREFIX = "stream:"  # ACT parameter keys of stream segments: "stream:<segment name>"
 
 # Only decoder blocks: the encoder never leaves the distributor and is not fingerprinted.
 _SITE_PATTERN = re.compile(r"^(?:.*\.)?decoder\.(?:mid_block|up_blocks\.\d+)\.resnets\.\d+$")
@@ -98,6 +111,7 @@ def draw_act(
     num_groups: int,
     seed: int,
     scale_range: tuple[float, float] = (0.25, 4.0),
+    scope: str = "interior",
 ) -> dict[str, ActParams]:
     """Draw one copy's transformation for every site of ``state_dict``; deterministic given ``seed``.
 
@@ -107,39 +121,59 @@ def draw_act(
         num_groups (`int`): the GroupNorm group count (``vae.config.norm_num_groups``).
         seed (`int`): e.g. from :func:`derive_act_seed`.
         scale_range (`tuple[float, float]`): the log-uniform range of the group scales.
+        scope (`str`): one of :data:`ACT_SCOPES`. Interior sites are drawn first, so ``interior``
+            and ``both`` give the same interior transformation for one seed.
+
+    Returns:
+        ``{site prefix: ActParams}`` for interior sites and ``{"stream:<segment>": ActParams}`` for
+        residual-stream segments.
     """
     if act_type not in ACT_TYPES:
         raise ConfigError(f"unknown ACT type {act_type!r}; expected one of {', '.join(ACT_TYPES)}")
+    if scope not in ACT_SCOPES:
+        raise ConfigError(f"unknown ACT scope {scope!r}; expected one of {', '.join(ACT_SCOPES)}")
     scale_min, scale_max = (float(v) for v in scale_range)
     if not 0.0 < scale_min <= scale_max:
         raise ConfigError(f"ACT scale range must satisfy 0 < min <= max, got {scale_range}")
-    do_permute = act_type in ("permute", "all")
-    do_sign = act_type in ("sign", "all")
-    do_scale = act_type in ("scale", "all")
-
     generator = torch.Generator().manual_seed(int(seed))
+
+    def draw(channels: int) -> ActParams:
+        return _draw_channels(channels, num_groups, act_type, generator, scale_min, scale_max)
+
     params: dict[str, ActParams] = {}
-    for site in find_act_sites(state_dict):
-        channels = _site_channels(state_dict, site, num_groups)
-        group_size = channels // num_groups
-        perm = torch.arange(channels)
-        group_sign = torch.ones(num_groups, dtype=torch.float64)
-        group_scale = torch.ones(num_groups, dtype=torch.float64)
-        if do_permute:
-            group_order = torch.randperm(num_groups, generator=generator)
-            within = torch.stack([torch.randperm(group_size, generator=generator) for _ in range(num_groups)])
-            perm = (group_order[:, None] * group_size + within).reshape(-1)
-        if do_sign:
-            group_sign = torch.randint(0, 2, (num_groups,), generator=generator).double() * 2 - 1
-        if do_scale:
-            u = torch.rand(num_groups, generator=generator, dtype=torch.float64)
-            group_scale = torch.exp(math.log(scale_min) + u * (math.log(scale_max) - math.log(scale_min)))
-        params[site] = ActParams(
-            perm=perm,
-            sign=group_sign.repeat_interleave(group_size),
-            scale=group_scale.repeat_interleave(group_size),
-        )
+    if scope in ("interior", "both"):
+        for site in find_act_sites(state_dict):
+            params[site] = draw(_site_channels(state_dict, site, num_groups))
+    if scope in ("stream", "both"):
+        for segment in find_stream_segments(state_dict):
+            if segment.channels % num_groups:
+                raise ConfigError(f"{segment.name}: {segment.channels} channels do not split into {num_groups} groups")
+            params[STREAM_PREFIX + segment.name] = draw(segment.channels)
     return params
+
+
+def _draw_channels(
+    channels: int, num_groups: int, act_type: str, generator: torch.Generator, scale_min: float, scale_max: float
+) -> ActParams:
+    """Group permutation + within-group permutations, group signs and group scales for one site."""
+    group_size = channels // num_groups
+    perm = torch.arange(channels)
+    group_sign = torch.ones(num_groups, dtype=torch.float64)
+    group_scale = torch.ones(num_groups, dtype=torch.float64)
+    if act_type in ("permute", "all"):
+        group_order = torch.randperm(num_groups, generator=generator)
+        within = torch.stack([torch.randperm(group_size, generator=generator) for _ in range(num_groups)])
+        perm = (group_order[:, None] * group_size + within).reshape(-1)
+    if act_type in ("sign", "all"):
+        group_sign = torch.randint(0, 2, (num_groups,), generator=generator).double() * 2 - 1
+    if act_type in ("scale", "all"):
+        u = torch.rand(num_groups, generator=generator, dtype=torch.float64)
+        group_scale = torch.exp(math.log(scale_min) + u * (math.log(scale_max) - math.log(scale_min)))
+    return ActParams(
+        perm=perm,
+        sign=group_sign.repeat_interleave(group_size),
+        scale=group_scale.repeat_interleave(group_size),
+    )
 
 
 def _clone_state_dict(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
@@ -174,31 +208,82 @@ def _transform_site(
         out[key] = value.to(source[key].dtype).contiguous()
 
 
+def _transform_segment(
+    out: StateDict, source: Mapping[str, torch.Tensor], segment: StreamSegment, perm: torch.Tensor,
+    factor: torch.Tensor, sign: torch.Tensor,
+) -> None:
+    """Write into ``out`` the layers of one stream segment of ``source`` with stream channel ``i`` :=
+    channel ``perm[i]`` multiplied by ``factor[i]`` (sign times scale; constant within groups).
+
+    Writers' rows and bias are multiplied by ``factor``; linear readers' columns divided by it;
+    GroupNorm readers absorb the scale and take the sign into their weight, so the layers after them
+    only see the permutation (their columns are permuted), as does a bias map at the norm
+    (``<norm>.bias_map``, channel dim 1, when the state dict holds one). Float64, one rounding.
+    """
+
+    def put(key: str, value: torch.Tensor) -> None:
+        out[key] = value.to(source[key].dtype).contiguous()
+
+    def column_view(tensor: torch.Tensor) -> tuple[int, ...]:
+        return (1, -1) + (1,) * (tensor.dim() - 2)
+
+    for prefix in segment.writers:
+        weight = source[f"{prefix}.weight"].double()
+        put(f"{prefix}.weight", weight[perm] * factor.view((-1,) + (1,) * (weight.dim() - 1)))
+        put(f"{prefix}.bias", source[f"{prefix}.bias"].double()[perm] * factor)
+    for prefix in segment.linear_readers:
+        weight = source[f"{prefix}.weight"].double()
+        put(f"{prefix}.weight", weight[:, perm] / factor.view(column_view(weight)))
+    for norm, followers in segment.norm_readers:
+        put(f"{norm}.weight", source[f"{norm}.weight"].double()[perm] * sign)
+        put(f"{norm}.bias", source[f"{norm}.bias"].double()[perm])
+        if f"{norm}.bias_map" in source:
+            put(f"{norm}.bias_map", source[f"{norm}.bias_map"].double()[:, perm])
+        for prefix in followers:
+            put(f"{prefix}.weight", source[f"{prefix}.weight"].double()[:, perm])
+
+
 def apply_act(state_dict: Mapping[str, torch.Tensor], params: Mapping[str, ActParams]) -> StateDict:
     """Return a transformed copy of ``state_dict``; the input is left untouched.
 
-    Every tensor of the result is a fresh copy (ACT or not), in the input's dtype.
+    Every tensor of the result is a fresh copy (ACT or not), in the input's dtype. Interior sites
+    and stream segments touch disjoint parts of each layer (interior: conv1 rows, norm2, conv2
+    columns; stream: conv1 columns, norm1, conv2 rows, ...), so their order does not matter.
     """
     out = _clone_state_dict(state_dict)
+    segments = None
     for site, site_params in params.items():
+        if site.startswith(STREAM_PREFIX):
+            if segments is None:
+                segments = {seg.name: seg for seg in find_stream_segments(state_dict)}
+            segment = segments.get(site[len(STREAM_PREFIX) :])
+            if segment is None:
+                raise ConfigError(f"ACT stream segment {site!r} is not in the state dict")
+            _check_params(site, site_params, segment.channels)
+            sign = site_params.sign.double()
+            _transform_segment(
+                out, dict(out), segment, site_params.perm.long(), sign * site_params.scale.double(), sign
+            )
+            continue
         key = f"{site}.conv1.weight"
         if key not in state_dict:
             raise ConfigError(f"ACT site {site!r} is not in the state dict")
-        channels = state_dict[key].shape[0]
-        if not (
-            site_params.perm.numel() == site_params.sign.numel() == site_params.scale.numel() == channels
-        ):
-            raise ConfigError(f"ACT parameters for {site!r} do not match its {channels} channels")
+        _check_params(site, site_params, state_dict[key].shape[0])
         sign = site_params.sign.double()
         _transform_site(
             out,
-            state_dict,
+            out,
             site,
             site_params.perm.long(),
             row_factor=sign * site_params.scale.double(),
             gamma_factor=sign,
         )
     return out
+
+
+def _check_params(site: str, params: ActParams, channels: int) -> None:
+    if not (params.perm.numel() == params.sign.numel() == params.scale.numel() == channels):
+        raise ConfigError(f"ACT parameters for {site!r} do not match its {channels} channels")
 
 
 def derive_act_seed(secret: bytes, user_id: str) -> int:
@@ -218,45 +303,63 @@ def align_to_reference(
     reference: Mapping[str, torch.Tensor],
     num_groups: int,
 ) -> StateDict:
-    """The adaptive colluder: reparametrize ``state_dict`` so its interior channels line up with ``reference``.
+    """The adaptive colluder: reparametrize ``state_dict`` so its channels line up with ``reference``.
 
-    For every site, each copy channel is matched to a reference channel by the |cosine| of their
-    conv1 rows (flattened weight and bias), with a one-to-one assignment
-    (``scipy.optimize.linear_sum_assignment``) at the channel level: the colluder does not need to
-    know the groups. The sign of the cosine undoes a sign flip. The scale is undone per reference
-    group, by the geometric mean of the matched norm ratios within it: a per-group scale is what
-    GroupNorm absorbs, so the aligned copy still computes the copy's function whenever the match
-    maps groups to groups (always, for copies that differ only by ACT; then all ratios in a group
-    are equal and the reference is recovered exactly). Non-ACT tensors are copied unchanged.
+    First the residual stream, segment by segment in forward order: each copy channel is matched to
+    a reference channel by the |cosine| of the rows of the segment's first writer (``conv_in``, an
+    up-sampler conv or a ``conv_shortcut``, whose input columns earlier segments have already
+    aligned). Then every ResnetBlock interior, by its conv1 rows (flattened weight and bias).
+    Matching is one-to-one (``scipy.optimize.linear_sum_assignment``) at the channel level: the
+    colluder does not need to know the groups. The sign of the cosine undoes a sign flip. The scale
+    is undone per reference group, by the geometric mean of the matched norm ratios within it: a
+    per-group scale is what GroupNorm absorbs, so the aligned copy still computes the copy's
+    function whenever the match maps groups to groups (always, for copies that differ only by ACT;
+    then all ratios in a group are equal and the reference is recovered exactly). A copy without
+    stream ACT aligns its stream to the identity. Tensors no ACT touches are copied unchanged.
     """
     out = _clone_state_dict(state_dict)
+    try:
+        segments = find_stream_segments(reference)
+    except ConfigError:  # a decoder the stream walk does not know: it cannot carry stream ACT either
+        segments = []
+    for segment in segments:
+        writer = segment.writers[0]
+        perm, sign, scale = _match_rows(_layer_rows(reference, writer), _layer_rows(out, writer), num_groups)
+        _transform_segment(out, dict(out), segment, perm, sign / scale, sign)
     for site in find_act_sites(reference):
-        channels = _site_channels(reference, site, num_groups)
+        _site_channels(reference, site, num_groups)
         if f"{site}.conv1.weight" not in state_dict:
             raise ConfigError(f"ACT site {site!r} of the reference is not in the copy")
-        rows_ref = _conv1_rows(reference, site)
-        rows_copy = _conv1_rows(state_dict, site)
-        if rows_ref.shape != rows_copy.shape:
-            raise ConfigError(f"{site}: copy and reference conv1 shapes differ")
-        norm_ref = rows_ref.norm(dim=1).clamp_min(1e-300)
-        norm_copy = rows_copy.norm(dim=1).clamp_min(1e-300)
-        cosine = (rows_ref @ rows_copy.T) / (norm_ref[:, None] * norm_copy[None, :])
-        ref_index, copy_index = linear_sum_assignment(-cosine.abs().numpy())
-        # ref_index is 0..C-1 in order, so perm[i] is the copy channel matched to reference channel i.
-        perm = torch.from_numpy(np.asarray(copy_index, dtype=np.int64))
-        matched_cosine = cosine[torch.from_numpy(np.asarray(ref_index, dtype=np.int64)), perm]
-        sign = torch.where(matched_cosine < 0, -1.0, 1.0).double()
-        log_ratio = torch.log(norm_copy[perm] / norm_ref)
-        group_scale = torch.exp(log_ratio.view(num_groups, -1).mean(dim=1)).repeat_interleave(
-            channels // num_groups
+        perm, sign, scale = _match_rows(
+            _layer_rows(reference, f"{site}.conv1"), _layer_rows(out, f"{site}.conv1"), num_groups
         )
-        _transform_site(out, state_dict, site, perm, row_factor=sign / group_scale, gamma_factor=sign)
+        _transform_site(out, dict(out), site, perm, row_factor=sign / scale, gamma_factor=sign)
     return out
 
 
-def _conv1_rows(state_dict: Mapping[str, torch.Tensor], site: str) -> torch.Tensor:
-    weight = state_dict[f"{site}.conv1.weight"].double()
-    bias = state_dict[f"{site}.conv1.bias"].double()
+def _match_rows(
+    rows_ref: torch.Tensor, rows_copy: torch.Tensor, num_groups: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(perm, sign, scale)`` taking the copy's rows onto the reference's (see align_to_reference)."""
+    if rows_ref.shape != rows_copy.shape:
+        raise ConfigError(f"copy and reference layer shapes differ: {tuple(rows_copy.shape)} vs {tuple(rows_ref.shape)}")
+    channels = rows_ref.shape[0]
+    norm_ref = rows_ref.norm(dim=1).clamp_min(1e-300)
+    norm_copy = rows_copy.norm(dim=1).clamp_min(1e-300)
+    cosine = (rows_ref @ rows_copy.T) / (norm_ref[:, None] * norm_copy[None, :])
+    ref_index, copy_index = linear_sum_assignment(-cosine.abs().numpy())
+    # ref_index is 0..C-1 in order, so perm[i] is the copy channel matched to reference channel i.
+    perm = torch.from_numpy(np.asarray(copy_index, dtype=np.int64))
+    matched_cosine = cosine[torch.from_numpy(np.asarray(ref_index, dtype=np.int64)), perm]
+    sign = torch.where(matched_cosine < 0, -1.0, 1.0).double()
+    log_ratio = torch.log(norm_copy[perm] / norm_ref)
+    scale = torch.exp(log_ratio.view(num_groups, -1).mean(dim=1)).repeat_interleave(channels // num_groups)
+    return perm, sign, scale
+
+
+def _layer_rows(state_dict: Mapping[str, torch.Tensor], prefix: str) -> torch.Tensor:
+    weight = state_dict[f"{prefix}.weight"].double()
+    bias = state_dict[f"{prefix}.bias"].double()
     return torch.cat([weight.reshape(weight.shape[0], -1), bias[:, None]], dim=1)
 
 

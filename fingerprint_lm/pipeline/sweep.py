@@ -6,8 +6,8 @@ decodes held-out procedural images with the result. The attack is one of
 
 - ``none``: the (first) copy itself;
 - a merge of the ``c`` copies (:data:`~fingerprint_lm.attacks.collusion.MERGES`: ``average``,
-  ``aligned_average`` (the adaptive colluder), ``max_abs``, ...): state dicts merged by the merge,
-  bias maps averaged (the bias map sits after ``conv_norm_out``, which ACT leaves alone);
+  ``aligned_average`` (the adaptive colluder), ``max_abs``, ...): state dicts and bias maps merged
+  together by the merge (stream ACT permutes the bias map's channels with the last segment);
 - an image attack (:data:`~fingerprint_lm.attacks.image.IMAGE_ATTACKS`) on the copy's outputs;
 - a model attack on the (first) copy's tensors, bias map included (the user holds both files):
   ``weight_noise`` (relative std), ``prune`` (fraction), ``quantize_int8|fp16|bf16``,
@@ -148,12 +148,6 @@ def _user_seed(seed: int, index: int) -> int:
     return int(np.random.default_rng([int(seed), 1, index]).integers(0, 2**62))
 
 
-def _merge_bias_maps(bias_maps: list[torch.Tensor | None]) -> torch.Tensor | None:
-    if bias_maps[0] is None:
-        return None
-    return torch.stack([b.double() for b in bias_maps]).mean(0).to(bias_maps[0].dtype)
-
-
 def _attack_tensors(attack: str, strength, state, bias_map, site, generator):
     """A state-dict attack on the copy's tensors and its bias map together (the user holds both)."""
     key = f"{site}.bias_map"
@@ -187,6 +181,7 @@ def evaluate_point(
     tracing_fpr: float = 1e-3,
     scale_range: tuple[float, float] = (0.25, 4.0),
     finetune_lr: float = 1e-4,
+    act_scope: str = "stream",
 ) -> dict[str, Any]:
     """Evaluate one grid point; returns the grid keys and the metrics (plain floats and ints).
 
@@ -205,10 +200,7 @@ def evaluate_point(
     """
     k = model.fingerprint_bits
     if fingerprint_bits != k:
-        raise ConfigError(
-            f"fingerprint_bits={fingerprint_bits} but the checkpoint has {k}-bit codes; "
-            "training per fingerprint length is not wired into the sweep yet"
-        )
+        raise ConfigError(f"fingerprint_bits={fingerprint_bits} but the model has {k}-bit codes")
     if act not in ACT_TYPES:
         raise ConfigError(f"unknown ACT type {act!r}; expected one of {', '.join(ACT_TYPES)}")
     check_point(attack, attack_strength, colluders)
@@ -222,7 +214,9 @@ def evaluate_point(
     generator = torch.Generator().manual_seed(int(seed))
 
     copies = [
-        personal_tensors(model, codes[i], act, _user_seed(seed, i) if act != "none" else None, scale_range)
+        personal_tensors(
+            model, codes[i], act, _user_seed(seed, i) if act != "none" else None, scale_range, act_scope
+        )
         for i in range(colluders)
     ]
     site = copies[0][2]
@@ -238,10 +232,17 @@ def evaluate_point(
 
     state, bias_map = copies[0][0], copies[0][1]
     if attack in MERGES:
-        state = merge_copies(
-            attack, [c[0] for c in copies], generator, num_groups=int(config.norm_num_groups)
+        # The bias map is one more tensor of each copy: merged with the rest (and aligned by the
+        # adaptive colluder, since stream ACT permutes its channels with the last segment).
+        key = f"{site}.bias_map"
+        merged = merge_copies(
+            attack,
+            [{**c[0], key: c[1]} if c[1] is not None else c[0] for c in copies],
+            generator,
+            num_groups=int(config.norm_num_groups),
         )
-        bias_map = _merge_bias_maps([c[1] for c in copies])
+        bias_map = merged.pop(key, None)
+        state = merged
     elif attack in ("weight_noise", "prune") or attack.startswith("quantize_"):
         state, bias_map = _attack_tensors(attack, attack_strength, state, bias_map, site, generator)
     decoder = build_decoder(config, state, bias_map, site)
@@ -277,6 +278,7 @@ def evaluate_point(
     metrics: dict[str, Any] = {
         "fingerprint_bits": k,
         "act": act,
+        "act_scope": act_scope,
         "attack": attack,
         "attack_strength": None if attack_strength is None else float(attack_strength),
         "colluders": int(colluders),
@@ -302,25 +304,147 @@ def evaluate_point(
     return metrics
 
 
+# -- which trained model a point uses ------------------------------------------------------------
+def training_record(cfg: DictConfig) -> dict[str, Any]:
+    """What a trained fingerprint model's ``fingerprint.json`` records of its training config."""
+    return {
+        "fingerprint_bits": int(cfg.fingerprint_bits),
+        "pnm": OmegaConf.to_container(cfg.method.pnm, resolve=True),
+        "extractor": OmegaConf.to_container(cfg.method.extractor, resolve=True),
+        "resolution": int(cfg.data.resolution),
+        "steps": int(cfg.method.steps),
+    }
+
+
+def _recorded(meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "fingerprint_bits": meta.get("fingerprint_bits"),
+        "pnm": meta.get("pnm"),
+        "extractor": meta.get("extractor"),
+        "resolution": meta.get("resolution"),
+        "steps": meta.get("metrics", {}).get("steps"),
+    }
+
+
+def sweep_model_dir(cfg: DictConfig) -> tuple[Path, str]:
+    """The trained model a sweep point evaluates, and where it came from.
+
+    ``sweep.checkpoint`` set: that folder (its length must be ``fingerprint_bits``): ``"given"``.
+    Otherwise the shipped embedded checkpoint when its recorded training config
+    (:func:`training_record`: length, PNM, extractor, resolution, steps) matches the sweep's:
+    ``"shipped"``. Otherwise a model trained once for this training config on the shipped
+    checkpoint's base VAE, cached under ``paths.cache_dir/sweep_models/<hash>`` and reused by every
+    ACT/attack/colluder point: ``"trained"`` for the point that trained it, ``"cached"`` after. A
+    file lock makes parallel jobs (submitit) wait for one training instead of repeating it.
+    """
+    from fingerprint_lm.distributor.tasks import checkpoint_code_length
+    from fingerprint_lm.pipeline.checkpoint import SHIPPED_CHECKPOINT
+
+    bits = cfg.fingerprint_bits
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits <= 0:
+        raise ConfigError(f"fingerprint_bits must be a positive integer, got {bits!r}")
+    if cfg.sweep.checkpoint:
+        directory = Path(cfg.sweep.checkpoint)
+        length = checkpoint_code_length(directory)
+        if length != bits:
+            raise ConfigError(
+                f"fingerprint_bits={bits} but the checkpoint {directory} has {length}-bit codes "
+                "(sweep.checkpoint=null trains a model per length)"
+            )
+        return directory, "given"
+    record = training_record(cfg)
+    shipped_meta = json.loads((SHIPPED_CHECKPOINT / "fingerprint.json").read_text())
+    if _recorded(shipped_meta) == record:
+        return SHIPPED_CHECKPOINT, "shipped"
+    base_config = json.loads((SHIPPED_CHECKPOINT / "base_vae" / "config.json").read_text())
+    full = {
+        **record,
+        "method": OmegaConf.to_container(cfg.method, resolve=True),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "trainer_precision": str(cfg.trainer.precision),
+        "train_seed": int(cfg.sweep.train_seed),
+        "base_vae": config_hash(base_config) + ":" + config_hash(shipped_meta),
+    }
+    target = Path(cfg.paths.cache_dir) / "sweep_models" / config_hash(full)
+    if (target / "fingerprint.json").is_file():
+        return target, "cached"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        import fcntl
+
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (target / "fingerprint.json").is_file():  # another job trained it while we waited
+            return target, "cached"
+        train_sweep_model(cfg, target, SHIPPED_CHECKPOINT / "base_vae")
+    return target, "trained"
+
+
+def train_sweep_model(cfg: DictConfig, target: Path, base_vae_dir: Path) -> None:
+    """Train the fingerprint model of ``cfg`` (``fingerprint_bits``, ``method``, ``data``) on the base
+    VAE in ``base_vae_dir``, evaluate it on held-out images and save it atomically to ``target``."""
+    from hydra.utils import instantiate
+
+    from fingerprint_lm.models.vae import load_vae
+    from fingerprint_lm.pipeline import stages
+    from fingerprint_lm.pipeline.checkpoint import save_fingerprint_model
+
+    def plain(node):
+        return OmegaConf.to_container(node, resolve=True)
+
+    def make_trainer(**overrides):
+        kwargs = {
+            "logger": False,
+            "callbacks": [],
+            "enable_checkpointing": False,
+            "default_root_dir": str(target.parent),
+            **overrides,
+        }
+        return instantiate(cfg.trainer, **kwargs)
+
+    bits = int(cfg.fingerprint_bits)
+    log.info("sweep: training a %d-bit fingerprint model (%d steps), cached at %s", bits, cfg.method.steps, target)
+    datamodule = instantiate(cfg.data)
+    model, _, facts = stages.train_fingerprint(
+        load_vae(base_vae_dir),
+        bits,
+        datamodule,
+        make_trainer,
+        pnm_kwargs=plain(cfg.method.pnm),
+        extractor_kwargs=plain(cfg.method.extractor),
+        train_kwargs=plain(cfg.method.train),
+        augment_kwargs=plain(cfg.method.augment),
+        detector_fit_samples=int(cfg.method.detector_fit_samples),
+        seed=int(cfg.sweep.train_seed),
+    )
+    quality = stages.evaluate_fingerprint(model, datamodule.test_dataloader(), int(cfg.eval.max_images))
+    model.meta.update(
+        {
+            "fingerprint_bits": bits,
+            "pnm": plain(cfg.method.pnm),
+            "extractor": plain(cfg.method.extractor),
+            "resolution": int(cfg.data.resolution),
+            "metrics": {"bit_acc": quality["bit_acc"], "psnr": quality["psnr"], "ssim": quality["ssim"],
+                        "steps": facts["steps"], "train_seconds": facts["train_seconds"]},
+            "trained_by": "collusion sweep (fingerprint_lm.pipeline.sweep.train_sweep_model)",
+        }
+    )
+    save_fingerprint_model(model, target)
+    log.info("sweep: %d-bit model trained in %.0f s: bit_acc %.4f, PSNR %.2f dB", bits,
+             facts["train_seconds"], quality["bit_acc"], quality["psnr"])
+
+
 # -- the Hydra task -------------------------------------------------------------------------------
 def run_sweep_point(cfg: DictConfig) -> dict[str, Any]:
     """``task=sweep_point``: evaluate ``cfg.sweep.case`` for ``cfg.act.type``; write ``metrics.json``
     in the job dir, or return the existing one when its ``point_key`` matches (a re-run skips it)."""
     from hydra.utils import instantiate
 
-    from fingerprint_lm.distributor.tasks import checkpoint_code_length, checkpoint_dir
     from fingerprint_lm.metrics.fid import train_proxy_feature_net
     from fingerprint_lm.pipeline.checkpoint import load_fingerprint_model
 
     settings = cfg.sweep
     bits = cfg.fingerprint_bits
-    directory = checkpoint_dir(settings.checkpoint)
-    shipped_bits = checkpoint_code_length(directory)
-    if bits != shipped_bits:
-        raise ConfigError(
-            f"fingerprint_bits={bits} but the checkpoint {directory} has {shipped_bits}-bit codes: "
-            "training per fingerprint length is not wired into the sweep yet"
-        )
+    directory, model_source = sweep_model_dir(cfg)
     attack, strength, colluders = parse_case(settings.case)
     act = cfg.act.type
     output_dir = Path(cfg.paths.output_dir)
@@ -335,6 +459,7 @@ def run_sweep_point(cfg: DictConfig) -> dict[str, Any]:
         "fpr": float(settings.fpr),
         "tracing_fpr": float(settings.tracing_fpr),
         "scale_range": [float(cfg.act.scale_min), float(cfg.act.scale_max)],
+        "act_scope": str(cfg.act.scope),
         "finetune_lr": float(settings.finetune_lr),
         "fid_proxy_steps": int(settings.fid_proxy_steps),
         "checkpoint": str(directory.resolve()),
@@ -381,8 +506,9 @@ def run_sweep_point(cfg: DictConfig) -> dict[str, Any]:
             tracing_fpr=float(settings.tracing_fpr),
             scale_range=(float(cfg.act.scale_min), float(cfg.act.scale_max)),
             finetune_lr=float(settings.finetune_lr),
+            act_scope=str(cfg.act.scope),
         )
-        metrics.update({"case": str(settings.case), "point_key": key, "point": point})
+        metrics.update({"case": str(settings.case), "point_key": key, "point": point, "model_source": model_source})
         for logger in loggers:
             logger.log_metrics(
                 {

@@ -36,9 +36,12 @@ COLUMNS: tuple[str, ...] = (
     "ssim",
     "fid_proxy",
     "fid_proxy_base",
+    "act_scope",
+    "model_source",
 )
 # The readable table: fewer columns.
 MARKDOWN_COLUMNS: tuple[str, ...] = (
+    "fingerprint_bits",
     "act",
     "attack",
     "attack_strength",
@@ -119,12 +122,56 @@ def summary_markdown(rows: list[dict], title: str = "Collusion sweep") -> str:
         f"{len(rows)} points. fid_proxy is a proxy (a small feature net trained on the "
         "procedural images), not FID; compare it with fid_proxy_base (base decoder).",
         "",
+        *headline_lines(rows),
     ]
     lines.append("| " + " | ".join(MARKDOWN_COLUMNS) + " |")
     lines.append("|" + "|".join("---" for _ in MARKDOWN_COLUMNS) + "|")
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(c), 3) for c in MARKDOWN_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _find(rows: list[dict], bits, act: str, attack: str, colluders: int) -> dict | None:
+    for row in rows:
+        if (row.get("fingerprint_bits"), row.get("act"), row.get("attack"), row.get("colluders"),
+                row.get("attack_strength")) == (bits, act, attack, colluders, None):
+            return row
+    return None
+
+
+def headline_lines(rows: list[dict]) -> list[str]:
+    """The sweep's questions answered per fingerprint length, before the full table: does an
+    un-attacked copy keep its bits, and what does 2-party collusion do with each ACT type (PSNR drop
+    and fid_proxy ratio against 2-party averaging without ACT), naive and adaptive."""
+    out: list[str] = []
+    for bits in sorted({r.get("fingerprint_bits") for r in rows if r.get("fingerprint_bits") is not None}):
+        alone = [r["bit_acc"] for r in rows if r.get("fingerprint_bits") == bits and r.get("attack") == "none"]
+        baseline = _find(rows, bits, "none", "average", 2)
+        header = f"## {bits}-bit fingerprints"
+        if alone:
+            header += f": un-attacked copies keep bit_acc {min(alone):.3f} (lowest over ACT types)"
+        out += [header, ""]
+        if baseline is None or baseline.get("psnr") is None:
+            out += ["(no `average_c2` point without ACT: no collusion headline)", ""]
+            continue
+        out += [
+            "| ACT | 2-party average: PSNR | PSNR drop vs no ACT | fid_proxy | x no-ACT fid_proxy "
+            "| adaptive colluder: PSNR | fid_proxy | bit_acc |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for act in ACT_TYPES:
+            naive, aligned = _find(rows, bits, act, "average", 2), _find(rows, bits, act, "aligned_average", 2)
+            if naive is None:
+                continue
+            ratio = None
+            if naive.get("fid_proxy") is not None and baseline.get("fid_proxy"):
+                ratio = naive["fid_proxy"] / baseline["fid_proxy"]
+            cells = [act, _cell(naive.get("psnr"), 2), _cell(baseline["psnr"] - naive["psnr"], 2),
+                     _cell(naive.get("fid_proxy"), 1), _cell(ratio, 2)]
+            cells += [_cell(aligned.get(k), d) for k, d in (("psnr", 2), ("fid_proxy", 1), ("bit_acc", 3))] if aligned else ["", "", ""]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return out
 
 
 def _plot_collusion(rows: list[dict], metric: str, path: Path) -> None:
@@ -134,17 +181,23 @@ def _plot_collusion(rows: list[dict], metric: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(_MERGE_PLOTS), figsize=(9, 3.4), sharey=True)
+    lengths = sorted({r.get("fingerprint_bits") for r in rows if r.get("fingerprint_bits") is not None})
+    styles = ["-", "--", ":", "-."]
     for ax, merge in zip(axes, _MERGE_PLOTS, strict=True):
-        for act in ACT_TYPES:
-            points = sorted(
-                (r["colluders"], r[metric])
-                for r in rows
-                if r.get("act") == act
-                and r.get(metric) is not None
-                and (r.get("attack") == merge or (r.get("attack") == "none" and r.get("colluders") == 1))
-            )
-            if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", lw=1, label=f"ACT {act}")
+        for act_index, act in enumerate(ACT_TYPES):
+            for length_index, bits in enumerate(lengths or [None]):
+                points = sorted(
+                    (r["colluders"], r[metric])
+                    for r in rows
+                    if r.get("act") == act
+                    and r.get("fingerprint_bits") == bits
+                    and r.get(metric) is not None
+                    and (r.get("attack") == merge or (r.get("attack") == "none" and r.get("colluders") == 1))
+                )
+                if points:
+                    label = f"ACT {act}" + (f", {bits} bits" if len(lengths) > 1 else "")
+                    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", lw=1, label=label,
+                            color=f"C{act_index}", ls=styles[length_index % len(styles)])
         ax.set(title=merge, xlabel="colluders", ylabel=metric)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
@@ -165,17 +218,19 @@ def _plot_strength(rows: list[dict], path: Path) -> None:
         {r["attack"] for r in rows if r.get("attack_strength") is not None and r.get("colluders") == 1}
     )
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for attack in attacks:
-        points = sorted(
-            (r["attack_strength"], r["bit_acc"])
-            for r in rows
-            if r.get("attack") == attack and r.get("attack_strength") is not None and r.get("act") == "none"
-        ) or sorted(
-            (r["attack_strength"], r["bit_acc"])
-            for r in rows
-            if r.get("attack") == attack and r.get("attack_strength") is not None
-        )
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", lw=1, label=attack)
+    lengths = sorted({r.get("fingerprint_bits") for r in rows if r.get("fingerprint_bits") is not None})
+    for attack_index, attack in enumerate(attacks):
+        for length_index, bits in enumerate(lengths or [None]):
+            mine = [r for r in rows if r.get("attack") == attack and r.get("fingerprint_bits") == bits
+                    and r.get("attack_strength") is not None]
+            # ACT does not change an image attack's effect on one copy: prefer the no-ACT rows.
+            points = sorted((r["attack_strength"], r["bit_acc"]) for r in mine if r.get("act") == "none") or sorted(
+                (r["attack_strength"], r["bit_acc"]) for r in mine
+            )
+            if points:
+                label = attack + (f", {bits} bits" if len(lengths) > 1 else "")
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", lw=1, label=label,
+                        color=f"C{attack_index % 10}", ls=["-", "--", ":", "-."][length_index % 4])
     ax.set(
         xlabel="attack strength (attack's own unit)", ylabel="bit accuracy", ylim=(0.4, 1.02), xscale="symlog"
     )
