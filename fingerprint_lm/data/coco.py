@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -25,11 +26,14 @@ from fingerprint_lm.errors import ConfigError, DataError
 NO_LABEL = -1
 
 
-def load_rgb(path: Path) -> Image.Image:
+def load_rgb(path: Path | BinaryIO, name: str | None = None) -> Image.Image:
     """Open any image file as 8-bit RGB; transparency is composited over white.
 
-    Raises ``DataError`` naming the file when it is missing, truncated or not an image.
+    ``path`` may also be an open binary file (e.g. a member streamed out of a tar shard); then
+    ``name`` says what to call it in error messages. Raises ``DataError`` naming the file when it
+    is missing, truncated or not an image.
     """
+    name = str(path) if name is None else name
     try:
         with Image.open(path) as opened:
             opened.load()  # decode now, so a truncated file fails here rather than later
@@ -46,9 +50,9 @@ def load_rgb(path: Path) -> Image.Image:
                 image = Image.alpha_composite(white, image)
             return image.convert("RGB")
     except FileNotFoundError as exc:
-        raise DataError(f"image file missing: {path}") from exc
+        raise DataError(f"image file missing: {name}") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}".splitlines()[0]) from exc
+        raise DataError(f"cannot read image {name}: {exc}".splitlines()[0]) from exc
 
 
 def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:

@@ -1,4 +1,5 @@
-"""The LightningDataModule every stage trains and evaluates on: procedural images or local COCO."""
+"""The LightningDataModule every stage trains and evaluates on: procedural images, local COCO
+(map-style), or COCO folders / tar shards streamed across DDP ranks and workers."""
 
 from __future__ import annotations
 
@@ -9,12 +10,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from fingerprint_lm.data.coco import CocoCaptions
+from fingerprint_lm.data.streaming import (
+    CocoFolder,
+    EpochStreamLoader,
+    StreamingCaptions,
+    TarShards,
+    key_hash,
+)
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("synthetic", "coco")
+SOURCES = ("synthetic", "coco", "coco_stream", "shards")
+STREAMING_SOURCES = ("coco_stream", "shards")
 
 # Held-out synthetic sets use seeds far from any training seed a sweep would pick.
 VAL_SEED_OFFSET = 1_000_003
@@ -44,8 +53,8 @@ def _check_positive_int(name: str, value: object, minimum: int = 1) -> None:
         raise ConfigError(f"{name} must be {kind}, got {value!r}")
 
 
-def split_indices(n: int, val_size: int, test_size: int, seed: int) -> tuple[list[int], list[int], list[int]]:
-    """Deterministic train/val/test partition of ``range(n)``.
+def held_out_sizes(n: int, val_size: int, test_size: int) -> tuple[int, int]:
+    """Validation and test sizes for ``n`` images.
 
     Held-out sets shrink to a fifth of ``n`` each (at least one image) when the folder is too
     small for the requested sizes, so the training set is never empty.
@@ -63,28 +72,58 @@ def split_indices(n: int, val_size: int, test_size: int, seed: int) -> tuple[lis
             val_size,
             test_size,
         )
+    return n_val, n_test
+
+
+def split_indices(n: int, val_size: int, test_size: int, seed: int) -> tuple[list[int], list[int], list[int]]:
+    """Deterministic train/val/test partition of ``range(n)`` (sizes as in ``held_out_sizes``)."""
+    n_val, n_test = held_out_sizes(n, val_size, test_size)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return order[n_val + n_test :], order[:n_val], order[n_val : n_val + n_test]
 
 
+def split_keys_by_hash(keys: list[str], val_size: int, test_size: int) -> tuple[set[str], set[str], set[str]]:
+    """Deterministic train/val/test partition of sample keys for streamed sources.
+
+    Keys are ranked by SHA-1: validation takes the first ``val_size``, test the next
+    ``test_size`` (sizes as in ``held_out_sizes``). The split depends on the keys alone, not on
+    shard order, seed, world size or worker count, and a COCO folder and shards made from it
+    (same keys) hold out the same images.
+    """
+    n_val, n_test = held_out_sizes(len(keys), val_size, test_size)
+    ranked = sorted(keys, key=lambda key: (key_hash(key), key))
+    return set(ranked[n_val + n_test :]), set(ranked[:n_val]), set(ranked[n_val : n_val + n_test])
+
+
 class ImageDataModule(L.LightningDataModule):
-    """Captioned images for every stage: a procedural stream (default) or a local COCO folder.
+    """Captioned images for every stage: a procedural stream (default), a local COCO folder, or
+    COCO / tar shards streamed.
 
     Parameters:
-        source: ``"synthetic"`` (procedural, no files) or ``"coco"`` (local COCO-captions folder).
+        source: ``"synthetic"`` (procedural, no files), ``"coco"`` (local COCO-captions folder,
+            map-style), ``"coco_stream"`` (the same folder streamed) or ``"shards"`` (tar shards
+            of ``<key>.jpg|png`` + ``<key>.txt``).
         resolution: side of the square images in pixels.
         batch_size: images per batch.
         num_workers: DataLoader worker processes (0 = load in the main process).
         seed: seed of the synthetic training stream and of the COCO training shuffle.
         val_size: images in the validation set.
         test_size: images in the test set.
-        coco_root: COCO folder (``annotations/`` + ``{coco_split}/``); required for ``"coco"``.
+        coco_root: COCO folder (``annotations/`` + ``{coco_split}/``); required for ``"coco"``
+            and ``"coco_stream"``.
         coco_split: COCO split whose images are divided into train/val/test.
+        shards: tar shard path, glob pattern or list of them; required for ``"shards"``.
+        shuffle_buffer: samples each streaming reader mixes in memory (still encoded).
 
     Synthetic: training is an infinite stream seeded by ``seed`` (one endless epoch: bound the
     run with ``max_steps``); validation and test are fixed sets of ``val_size`` / ``test_size``
     samples with seeds of their own. COCO: the folder is split deterministically (independent of
-    ``seed``), training batches are shuffled.
+    ``seed``), training batches are shuffled. Streaming (``fingerprint_lm.data.streaming``):
+    validation and test are the first ``val_size`` / ``test_size`` keys ranked by hash
+    (``split_keys_by_hash``), read in a fixed order and not split across ranks (every rank sees
+    the whole held-out set, as with synthetic data); training is the rest, reshuffled each epoch
+    by ``seed``, split across ranks and workers with every rank getting the same number of
+    samples (the epoch's last ``N % world_size`` are dropped).
     """
 
     def __init__(
@@ -98,6 +137,8 @@ class ImageDataModule(L.LightningDataModule):
         test_size: int = 256,
         coco_root: str | None = None,
         coco_split: str = "val2017",
+        shards: str | list[str] | None = None,
+        shuffle_buffer: int = 256,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
@@ -108,8 +149,13 @@ class ImageDataModule(L.LightningDataModule):
         _check_positive_int("data seed", seed, minimum=0)
         _check_positive_int("validation set size", val_size)
         _check_positive_int("test set size", test_size)
-        if source == "coco" and not coco_root:
-            raise ConfigError("data source 'coco' needs coco_root (the folder holding annotations/ and images)")
+        _check_positive_int("shuffle buffer", shuffle_buffer, minimum=0)
+        if source in ("coco", "coco_stream") and not coco_root:
+            raise ConfigError(
+                f"data source '{source}' needs coco_root (the folder holding annotations/ and images)"
+            )
+        if source == "shards" and not shards:
+            raise ConfigError("data source 'shards' needs shards (a .tar path, glob pattern or list of them)")
         self.source = source
         self.resolution = resolution
         self.batch_size = batch_size
@@ -119,12 +165,16 @@ class ImageDataModule(L.LightningDataModule):
         self.test_size = test_size
         self.coco_root = coco_root
         self.coco_split = coco_split
+        # Hydra hands lists over as ListConfig: keep plain values so workers pickle them cheaply.
+        self.shards = shards if shards is None or isinstance(shards, str) else [str(s) for s in shards]
+        self.shuffle_buffer = shuffle_buffer
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        """Build all three sets (cheap: synthetic sets are lazy, COCO reads one JSON file)."""
+        """Build all three sets (synthetic sets are lazy, COCO reads one JSON file, shards have their
+        headers indexed once)."""
         if self.train_set is not None:
             return
         if self.source == "synthetic":
@@ -132,11 +182,53 @@ class ImageDataModule(L.LightningDataModule):
             self.val_set = ProceduralImages(self.resolution, self.seed + VAL_SEED_OFFSET, self.val_size)
             self.test_set = ProceduralImages(self.resolution, self.seed + TEST_SEED_OFFSET, self.test_size)
             return
+        if self.source in STREAMING_SOURCES:
+            self._setup_streaming()
+            return
         coco = CocoCaptions(self.coco_root, split=self.coco_split, resolution=self.resolution)
         train, val, test = split_indices(len(coco), self.val_size, self.test_size, COCO_SPLIT_SEED)
-        self.train_set, self.val_set, self.test_set = Subset(coco, train), Subset(coco, val), Subset(coco, test)
+        self.train_set, self.val_set, self.test_set = (
+            Subset(coco, train),
+            Subset(coco, val),
+            Subset(coco, test),
+        )
+
+    def _setup_streaming(self) -> None:
+        if self.source == "shards":
+            sources = [TarShards(self.shards)]
+        else:
+            sources = [CocoFolder(self.coco_root, split=self.coco_split)]
+        everything = StreamingCaptions(sources, self.resolution, shuffle=False)
+        train, val, test = split_keys_by_hash(everything.keys(), self.val_size, self.test_size)
+        # The sources are shared: shards are indexed once for all three sets.
+        self.train_set = StreamingCaptions(
+            sources,
+            self.resolution,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            even_split=True,
+            keys=train,
+        )
+        self.val_set = StreamingCaptions(
+            sources, self.resolution, shuffle=False, keys=val, rank=0, world_size=1
+        )
+        self.test_set = StreamingCaptions(
+            sources, self.resolution, shuffle=False, keys=test, rank=0, world_size=1
+        )
+
+    def _trainer_epoch(self) -> int | None:
+        return self.trainer.current_epoch if self.trainer is not None else None
 
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
+        if isinstance(dataset, StreamingCaptions):
+            # Shuffling happens inside the stream; the loader sets each pass's epoch.
+            return EpochStreamLoader(
+                dataset,
+                batch_size=self.batch_size,
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+                epoch_fn=self._trainer_epoch,
+            )
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
             dataset,
