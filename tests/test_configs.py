@@ -33,7 +33,7 @@ def test_trainer_profiles_compose(tmp_path, trainer):
     cfg = compose_config(tmp_path, [f"trainer={trainer}"], tiny=False)
     assert cfg.trainer._target_ == "lightning.Trainer"
     if trainer == "ddp_sim":
-        assert cfg.trainer.strategy == "ddp_spawn" and cfg.trainer.accelerator == "cpu"
+        assert cfg.trainer.strategy.startswith("ddp_spawn") and cfg.trainer.accelerator == "cpu"
 
 
 @pytest.mark.parametrize("logger", ["wandb", "csv", "none"])

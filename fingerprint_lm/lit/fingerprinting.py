@@ -22,8 +22,9 @@ from torch.nn import functional as F
 
 from fingerprint_lm.metrics.quality import psnr, ssim
 from fingerprint_lm.models.augment import AugmentConfig, random_augment
-from fingerprint_lm.models.extractor import FingerprintExtractor
+from fingerprint_lm.models.extractor import FingerprintExtractor, fold_tiles
 from fingerprint_lm.models.pnm import PersonalizedDecoder
+from fingerprint_lm.models.vae import encode_latents, encoder_parameters, freeze_encoder
 
 
 def worst_case_perturbation(
@@ -31,17 +32,20 @@ def worst_case_perturbation(
 ) -> list[torch.Tensor]:
     """One normalised ascent step per tensor, projected onto ``||delta_t|| <= rho ||theta_t||``.
 
-    With ``previous`` None the step lands on the ball's surface along the gradient (K = 1)."""
+    With ``previous`` None the step lands on the ball's surface along the gradient (K = 1).
+    Norms and the step are computed in float32 (a bf16 norm over millions of entries is off by
+    percents); each delta is returned in its parameter's dtype, ready to add to it."""
     deltas = []
     for i, (param, grad) in enumerate(zip(params, grads)):
-        radius = rho * param.detach().norm()
-        delta = torch.zeros_like(param) if previous is None else previous[i].clone()
+        radius = rho * param.detach().float().norm()
+        delta = torch.zeros_like(param, dtype=torch.float32) if previous is None else previous[i].float()
         if grad is not None:
+            grad = grad.float()
             delta = delta + radius * grad / grad.norm().clamp_min(1e-12)
         norm = delta.norm()
         if norm > radius:
             delta = delta * (radius / norm)
-        deltas.append(delta)
+        deltas.append(delta.to(param.dtype))
     return deltas
 
 
@@ -66,6 +70,14 @@ class FingerprintModule(L.LightningModule):
         decoder_lr: learning rate of the decoder's weights when ``train_decoder``.
         carrier_dropout: probability that a training batch is decoded without the carrier bias
             maps, so the main-path affine sites must carry the fingerprint on their own.
+        calibration_batch_size: images per decoder pass when calibrating the carriers and fitting
+            the detector before training (decoder activations at SD scale bound it, not the data).
+
+    The encoder is never trained here: latents come from it under ``no_grad`` and no optimizer
+    group holds its parameters (checked in ``configure_optimizers``). Mixed precision comes from
+    the Trainer (``precision=bf16-mixed``): the decoder runs under autocast, every loss and the
+    PSNR steering are computed in float32, and weight perturbations are made in float32 and
+    applied in each parameter's own dtype.
     """
 
     def __init__(
@@ -85,6 +97,7 @@ class FingerprintModule(L.LightningModule):
         train_decoder: bool = False,
         decoder_lr: float = 1e-5,
         carrier_dropout: float = 0.0,
+        calibration_batch_size: int = 256,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -102,10 +115,12 @@ class FingerprintModule(L.LightningModule):
         self.train_decoder = train_decoder
         self.decoder_lr = decoder_lr
         self.carrier_dropout = carrier_dropout
+        self.calibration_batch_size = calibration_batch_size
         self.history: list[dict] = []  # per-step training curve (written beside metrics.json)
         self.register_buffer("log_rec_weight", torch.tensor(math.log(rec_weight_init)))
         self.register_buffer("detector_fitted", torch.tensor(False))
         self.vae.requires_grad_(False)
+        freeze_encoder(self.vae)
         for weight in self.decoder_weights():
             weight.requires_grad_(train_decoder)
         for param in self.pnm.pnm_parameters():
@@ -122,7 +137,8 @@ class FingerprintModule(L.LightningModule):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(images).latent_dist.mode()
+        """Float32 latents from the frozen encoder (no graph is ever built through it)."""
+        return encode_latents(self.vae, images)
 
     def decoder_weights(self) -> list[nn.Parameter]:
         """The copy's weights a worst-case perturbation acts on (everything a user holds)."""
@@ -137,34 +153,42 @@ class FingerprintModule(L.LightningModule):
         converge). Returns the PSNR reached."""
         if self.pnm.spatial_site_name is None:
             return float("nan")
-        latents = self.encode(images.to(self.device))
-        base = self.pnm(latents, None)
-        bits = self.random_bits(len(images))
+        chunks = images.split(self.calibration_batch_size)
+        latents = [self.encode(chunk.to(self.device)) for chunk in chunks]
+        base = [self.pnm(z, None) for z in latents]
+        bits = [self.random_bits(len(z)) for z in latents]
         reached = float("nan")
         for _ in range(rounds):
-            reached = psnr(self.pnm(latents, bits), base).mean().item()
+            reached = torch.cat([psnr(self.pnm(z, b), ref) for z, b, ref in zip(latents, bits, base)]).mean().item()
             self.pnm.carrier_log_amplitude += (reached - self.psnr_target - margin_db) / 20 * math.log(10)
         return reached
 
     @torch.no_grad()
-    def fit_detector(self, images: torch.Tensor, batch_size: int = 256) -> None:
-        """Closed-form initialisation of the extractor's linear reader on fresh fingerprints."""
+    def fit_detector(self, images: torch.Tensor, batch_size: int | None = None) -> None:
+        """Closed-form initialisation of the extractor's linear reader on fresh fingerprints.
+
+        Outputs are folded to one tile per image as they come (the reader only sees folded
+        images): 4096 SD-sized outputs would otherwise be 13 GB."""
         outputs, bits = [], []
-        for chunk in images.split(batch_size):
+        for chunk in images.split(batch_size or self.calibration_batch_size):
             chunk = chunk.to(self.device)
             chunk_bits = self.random_bits(len(chunk))
-            outputs.append(self.pnm(self.encode(chunk), chunk_bits))
+            outputs.append(fold_tiles(self.pnm(self.encode(chunk), chunk_bits), self.extractor.tile_size))
             bits.append(chunk_bits)
         self.extractor.fit_linear_head(torch.cat(outputs), torch.cat(bits))
         self.detector_fitted.fill_(True)
 
     def fingerprint_loss(self, images: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-        logits = self.extractor(random_augment(images, self.augment))
-        return F.binary_cross_entropy_with_logits(logits, bits.to(logits.dtype))
+        logits = self.extractor(random_augment(images.float(), self.augment))
+        return F.binary_cross_entropy_with_logits(logits.float(), bits.float())
 
     # -- training -----------------------------------------------------------------------------
     def on_train_start(self) -> None:
         self._train_start = time.perf_counter()
+        freeze_encoder(self.vae)  # the Trainer put every submodule in train mode
+
+    def on_train_epoch_start(self) -> None:
+        freeze_encoder(self.vae)
 
     def training_step(self, batch, batch_idx):
         optimizer = self.optimizers()
@@ -181,7 +205,8 @@ class FingerprintModule(L.LightningModule):
             for w in weights:
                 w.requires_grad_(True)
         optimizer.zero_grad(set_to_none=True)
-        out = self.pnm(latents, bits, carriers)
+        out = self.pnm(latents, bits, carriers).float()
+        base = base.float()
         rec = F.mse_loss(out, base)
         bce = self.fingerprint_loss(out, bits)
         loss = rec_weight * rec + self.lambda_fp * bce
@@ -249,6 +274,19 @@ class FingerprintModule(L.LightningModule):
         for i, (w, original) in enumerate(zip(weights, originals)):
             w.copy_(original if deltas is None else original + deltas[i])
 
+    # The training curve travels inside the module's state: with ddp_spawn the steps run in child
+    # processes and only the state dict comes back to the main process (which writes the outputs),
+    # and a resumed run (requeued SLURM job) keeps the curve of the steps before the interruption.
+    def get_extra_state(self) -> dict:
+        return {"history": list(self.history)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.history = list(state.get("history", []))
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # checkpoints written before the curve was part of the state: resume with an empty curve
+        checkpoint["state_dict"].setdefault("_extra_state", {"history": []})
+
     def validation_step(self, batch, batch_idx):
         images = batch["image"]
         latents = self.encode(images)
@@ -267,4 +305,7 @@ class FingerprintModule(L.LightningModule):
         groups = [{"params": self.pnm.pnm_parameters() + list(self.extractor.parameters()), "lr": self.lr}]
         if self.train_decoder:
             groups.append({"params": self.decoder_weights(), "lr": self.decoder_lr})
+        encoder = {id(p) for p in encoder_parameters(self.vae)}
+        if any(id(p) in encoder for group in groups for p in group["params"]):
+            raise RuntimeError("an encoder parameter reached the fingerprint optimizer; the encoder must stay frozen")
         return torch.optim.AdamW(groups, weight_decay=0.0)

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fingerprint_lm.errors import ConfigError
 
@@ -43,20 +44,30 @@ class ModulatedGroupNorm(nn.GroupNorm):
 
     @classmethod
     def from_group_norm(cls, norm: nn.GroupNorm) -> ModulatedGroupNorm:
-        new = cls(norm.num_groups, norm.num_channels, eps=norm.eps, affine=norm.affine)
-        new.load_state_dict(norm.state_dict())
-        return new.to(norm.weight.device, norm.weight.dtype)
+        like = {"device": norm.weight.device, "dtype": norm.weight.dtype} if norm.affine else {}
+        new = cls(norm.num_groups, norm.num_channels, eps=norm.eps, affine=norm.affine, **like)
+        if norm.affine and not norm.weight.is_meta:  # meta: a shape-only model (SD layout checks)
+            new.load_state_dict(norm.state_dict())
+        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
-        # Written as additions to the fused GroupNorm output so zero modulation is bit-exact:
-        # (1 + s) * gamma * GN(x) + beta + t = out + s * (out - beta) + t.
-        if self.scale is not None:
-            out = out + self.scale[:, :, None, None] * (out - self.bias.view(1, -1, 1, 1))
-        if self.shift is not None:
-            out = out + self.shift[:, :, None, None]
+        # Applied to the fused GroupNorm output so zero modulation is bit-exact:
+        # (1 + s) * gamma * GN(x) + beta + t = out * (1 + s) + (t - s * beta), one fused
+        # multiply-add over the activation (it is the size that matters at SD scale). The
+        # coefficients follow the activation's dtype (bf16 heads under autocast, fp32 GroupNorm).
+        if self.scale is not None or self.shift is not None:
+            per_channel = torch.zeros(out.shape[:2], dtype=out.dtype, device=out.device)
+            gain = torch.ones_like(per_channel)
+            if self.scale is not None:
+                scale = self.scale.to(out.dtype)
+                gain = gain + scale
+                per_channel = per_channel - scale * self.bias.to(out.dtype)
+            if self.shift is not None:
+                per_channel = per_channel + self.shift.to(out.dtype)
+            out = torch.addcmul(per_channel[:, :, None, None], out, gain[:, :, None, None])
         if self.bias_map is not None:
-            out = out + tile_to(self.bias_map, out.shape[-2:])
+            out = out + tile_to(self.bias_map.to(out.dtype), out.shape[-2:])
         return out
 
 
@@ -70,20 +81,26 @@ def tile_to(tile: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 def hadamard_carriers(num_bits: int, dim: int, seed: int) -> torch.Tensor:
     """``num_bits`` mutually orthogonal +-1 vectors of length ``dim`` (secret: a seeded random
-    subset of Hadamard rows with a seeded random column sign flip and permutation)."""
+    subset of Hadamard rows with a seeded random column sign flip and permutation).
+
+    Only the chosen entries of the Sylvester-Hadamard matrix are computed, from
+    ``H[i, j] = (-1) ** popcount(i & j)``: the full matrix would be ``size**2`` floats, 4.3 GB at
+    SD's ``conv_norm_out`` (128 channels x 16 x 16 tile = 32768), against 6 MB for 48 rows."""
     size = 1
     while size < dim:
         size *= 2
     if num_bits > size:
         raise ConfigError(f"cannot draw {num_bits} orthogonal carriers of length {dim}")
-    hadamard = torch.ones(1, 1)
-    while hadamard.shape[0] < size:
-        hadamard = torch.cat([torch.cat([hadamard, hadamard], 1), torch.cat([hadamard, -hadamard], 1)], 0)
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randperm(size, generator=generator)[:num_bits]
     cols = torch.randperm(size, generator=generator)[:dim]
     flips = torch.randint(0, 2, (dim,), generator=generator) * 2 - 1
-    return hadamard[rows][:, cols] * flips
+    common = rows[:, None] & cols[None, :]
+    parity = torch.zeros_like(common)
+    for _ in range(size.bit_length()):
+        parity ^= common & 1
+        common = common >> 1
+    return (1 - 2 * parity).float() * flips
 
 
 class MappingNetwork(nn.Module):
@@ -126,6 +143,11 @@ class PersonalizedDecoder(nn.Module):
         post_quant_conv: the VAE's ``post_quant_conv`` (None when the VAE has none), applied to the
             latents first, exactly as ``AutoencoderKL.decode`` does, so the PNM decoder at zero
             modulation is the user's decoder end to end.
+        gradient_checkpointing: when gradients are on, recompute the mid block and each up block
+            in the backward pass instead of storing their activations (``torch.utils.checkpoint``,
+            non-reentrant). At SD scale (512 px) the stored activations of the up blocks are what
+            fills GPU memory; the price is about one more decoder forward per backward. A plain
+            attribute, not part of the checkpoint: set it per run.
     """
 
     def __init__(
@@ -139,8 +161,10 @@ class PersonalizedDecoder(nn.Module):
         mapping_hidden: int = 128,
         carrier_seed: int = 1234,
         post_quant_conv: nn.Module | None = None,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
         if fingerprint_bits <= 0:
             raise ConfigError(f"fingerprint length must be positive, got {fingerprint_bits}")
         self.fingerprint_bits = fingerprint_bits
@@ -216,10 +240,35 @@ class PersonalizedDecoder(nn.Module):
                 module.scale = module.shift = module.bias_map = None
 
     def forward(self, latents: torch.Tensor, bits: torch.Tensor | None, carriers: bool = True) -> torch.Tensor:
+        # A VAE loaded in bf16/fp16 decodes in its own dtype; callers keep theirs (fp32 losses).
+        out_dtype = latents.dtype
+        latents = latents.to(self.decoder.conv_in.weight.dtype)
         if self.post_quant_conv is not None:
             latents = self.post_quant_conv(latents)
         with self.fingerprinted(bits, carriers):
-            return self.decoder(latents)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                decoded = self._decode_checkpointed(latents)
+            else:
+                decoded = self.decoder(latents)
+        return decoded.to(out_dtype)
+
+    def _decode_checkpointed(self, latents: torch.Tensor) -> torch.Tensor:
+        """``Decoder.forward`` (GroupNorm decoders, no latent embeddings) with the mid block and
+        each up block checkpointed.
+
+        diffusers' own ``gradient_checkpointing`` cannot be used: the modulation lives in
+        attributes of the norms for the duration of ``fingerprinted`` only, so a recomputation in
+        the backward pass would run without it. Each block here gets a closure holding its norms'
+        modulation, set again when the block is recomputed."""
+        decoder = self.decoder
+        if not isinstance(decoder.conv_norm_out, nn.GroupNorm):
+            raise ConfigError("gradient checkpointing of the PNM decoder needs a GroupNorm decoder (norm_type='group')")
+        sample = decoder.conv_in(latents)
+        for block in (decoder.mid_block, *decoder.up_blocks):
+            sample = checkpoint(_ModulatedBlock(block), sample, use_reentrant=False)
+        sample = decoder.conv_norm_out(sample)
+        sample = decoder.conv_act(sample)
+        return decoder.conv_out(sample)
 
     def pnm_parameters(self) -> list[nn.Parameter]:
         """The private PNM parameters (mapping, heads, carriers): never part of a user's copy."""
@@ -227,3 +276,23 @@ class PersonalizedDecoder(nn.Module):
         if self.spatial_site_name is not None:
             params += [self.carriers, self.carrier_log_amplitude]
         return params
+
+
+class _ModulatedBlock:
+    """A decoder block together with the modulation its norms hold now; calling it sets that
+    modulation for the call (the first forward and the recomputation alike) and restores after."""
+
+    def __init__(self, block: nn.Module):
+        self.block = block
+        self.norms = [m for m in block.modules() if isinstance(m, ModulatedGroupNorm)]
+        self.modulation = [(m.scale, m.shift, m.bias_map) for m in self.norms]
+
+    def __call__(self, sample: torch.Tensor) -> torch.Tensor:
+        current = [(m.scale, m.shift, m.bias_map) for m in self.norms]
+        try:
+            for norm, (scale, shift, bias_map) in zip(self.norms, self.modulation):
+                norm.scale, norm.shift, norm.bias_map = scale, shift, bias_map
+            return self.block(sample)
+        finally:
+            for norm, (scale, shift, bias_map) in zip(self.norms, current):
+                norm.scale, norm.shift, norm.bias_map = scale, shift, bias_map

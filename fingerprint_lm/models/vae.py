@@ -28,6 +28,36 @@ TINY_VAE_CONFIG: dict[str, Any] = {
 }
 
 
+# Stable Diffusion 1.x/2.x VAE layout (the shape of `<sd folder>/vae/config.json`): 4 levels
+# (downscale factor 8), two ResnetBlocks per down block and three per up block, attention in the
+# mid block, 32 groups. Used randomly initialised by `make bench`, never downloaded.
+SD_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 768,
+    "scaling_factor": 0.18215,
+}
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    """``model.dtype`` -> torch dtype (None: float32)."""
+    if name is None:
+        return torch.float32
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ConfigError(f"unknown VAE dtype '{name}' (expected one of {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
 def build_vae(config: dict[str, Any] | None = None) -> AutoencoderKL:
     """Build a randomly initialised ``AutoencoderKL`` from a diffusers config dict."""
     config = dict(TINY_VAE_CONFIG if config is None else config)
@@ -41,6 +71,8 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> Autoencode
     """Load an ``AutoencoderKL`` from a local diffusers folder (``config.json`` + weights)."""
     path = Path(path)
     if not (path / "config.json").is_file():
+        if (path / "model_index.json").is_file() and (path / "vae" / "config.json").is_file():
+            raise CheckpointError(f"{path} is a diffusers pipeline folder: point at its VAE, {path / 'vae'}")
         raise CheckpointError(f"no diffusers VAE folder at {path} (config.json missing)")
     try:
         # low_cpu_mem_usage=False is what diffusers falls back to without `accelerate`; asking for it
@@ -53,3 +85,26 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32) -> Autoencode
 def downscale_factor(vae: AutoencoderKL) -> int:
     """Image side / latent side: 2 ** (number of down blocks - 1)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def freeze_encoder(vae: AutoencoderKL) -> None:
+    """Take the encoder side (``encoder``, ``quant_conv``) out of training: no gradients, eval
+    mode. Its latent space is what a diffusion model was trained on, so it must not move."""
+    for module in (vae.encoder, getattr(vae, "quant_conv", None)):
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+
+
+def encoder_parameters(vae: AutoencoderKL) -> list[torch.nn.Parameter]:
+    """The parameters of the encoder side (``encoder`` and ``quant_conv``)."""
+    params = list(vae.encoder.parameters())
+    if getattr(vae, "quant_conv", None) is not None:
+        params += list(vae.quant_conv.parameters())
+    return params
+
+
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """The posterior mode of ``images`` as float32 latents, whatever dtype the VAE is held in."""
+    images = images.to(vae.encoder.conv_in.weight.dtype)
+    return vae.encode(images).latent_dist.mode().float()

@@ -33,7 +33,14 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         yield tmp
         if target.exists():
             shutil.rmtree(target)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Parallel sweep jobs (SLURM arrays) missing the same cache entry all build it; a
+            # rename onto the directory another job wrote first fails: keep that copy.
+            if not target.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

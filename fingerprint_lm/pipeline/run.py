@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fingerprint_lm.distributor.tasks import DISTRIBUTOR_TASKS, run_task
-from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.errors import CheckpointError, ConfigError
 from fingerprint_lm.pipeline import stages
 from fingerprint_lm.pipeline.cache import atomic_write_text
 from fingerprint_lm.pipeline.checkpoint import save_fingerprint_model
@@ -39,14 +41,22 @@ def make_trainer_factory(cfg: DictConfig, output_dir: Path):
     return make_trainer, loggers
 
 
+# Tasks other than training and the distributor's: name -> "module:function", imported on use so
+# `task=train` never pays for diffusers pipelines or the W&B API.
+OTHER_TASKS: dict[str, str] = {
+    "sweep_point": "fingerprint_lm.pipeline.sweep:run_sweep_point",
+    "text2image_eval": "fingerprint_lm.evaluation.text2image:run_text2image_eval",
+    "report": "fingerprint_lm.report.compare:run_report",
+}
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Base VAE -> PNM + extractor training -> evaluation -> ``metrics.json`` in the run dir."""
     if cfg.task in DISTRIBUTOR_TASKS:
         return run_task(cfg)
-    if cfg.task == "sweep_point":
-        from fingerprint_lm.pipeline.sweep import run_sweep_point
-
-        return run_sweep_point(cfg)
+    if cfg.task in OTHER_TASKS:
+        module_name, function_name = OTHER_TASKS[cfg.task].split(":")
+        return getattr(importlib.import_module(module_name), function_name)(cfg)
     try:
         return _run(cfg)
     except InstantiationException as exc:
@@ -62,9 +72,12 @@ def _positive_int(name: str, value) -> int:
 
 def _run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.task != "train":
-        raise ConfigError(f"unknown task '{cfg.task}' (expected: train, sweep_point, {', '.join(DISTRIBUTOR_TASKS)})")
+        expected = ", ".join(["train", *OTHER_TASKS, *DISTRIBUTOR_TASKS])
+        raise ConfigError(f"unknown task '{cfg.task}' (expected: {expected})")
     bits = _positive_int("fingerprint_bits", cfg.fingerprint_bits)
     _positive_int("method.steps", cfg.method.steps)
+    if OmegaConf.is_missing(cfg.model, "path"):
+        raise ConfigError("model.path is required: a local diffusers VAE folder (e.g. model.path=/data/sd2/vae)")
     if cfg.model.source == "config":
         _positive_int("model.pretrain.steps", cfg.model.pretrain.steps)
     output_dir = Path(cfg.paths.output_dir)
@@ -84,9 +97,11 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
             vae_config=_plain(cfg.model.vae_config),
             path=cfg.model.path,
             pretrain=_plain(cfg.model.pretrain),
+            dtype=cfg.model.get("dtype"),
+            freeze_encoder=bool(cfg.model.get("freeze_encoder", False)),
+            scaling_factor=cfg.model.get("scaling_factor"),
         )
-        last = output_dir / "checkpoints" / "last.ckpt"
-        ckpt_path = str(last) if cfg.resume and last.is_file() else None
+        ckpt_path = resume_checkpoint(output_dir / "checkpoints" / "last.ckpt") if cfg.resume else None
         if ckpt_path:
             log.info("resuming from %s", ckpt_path)
         model, module, train_facts = stages.train_fingerprint(
@@ -101,7 +116,15 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
             detector_fit_samples=cfg.method.detector_fit_samples,
             ckpt_path=ckpt_path,
             seed=cfg.seed,
+            gradient_checkpointing=bool(cfg.model.get("gradient_checkpointing", False)),
+            calibration_batch_size=_positive_int(
+                "model.calibration_batch_size", cfg.model.get("calibration_batch_size", 256)
+            ),
         )
+        if not is_global_zero():
+            # strategy=ddp and SLURM run this whole function on every rank: rank 0 alone evaluates
+            # and writes the outputs (with ddp_spawn this is the main process, after fit returned).
+            return {"fingerprint_bits": bits, **train_facts, **vae_facts}
         write_training_curve(module.history, output_dir / "training_curve.csv", output_dir / "training_curve.png")
         eval_metrics = stages.evaluate_fingerprint(model, datamodule.test_dataloader(), cfg.eval.max_images)
         metrics: dict[str, Any] = {"fingerprint_bits": bits, **eval_metrics, **train_facts, **vae_facts}
@@ -127,6 +150,31 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         return metrics
     finally:
         finish_wandb(loggers)
+
+
+def resume_checkpoint(last: Path) -> str | None:
+    """``last`` when a run (a requeued SLURM job) should continue from it, None when absent.
+
+    A job killed while Lightning wrote the file leaves it truncated: every requeue would then fail
+    inside the Trainer, so say so here (a torch checkpoint is a zip: its directory is at the end)."""
+    if not last.is_file():
+        return None
+    if not zipfile.is_zipfile(last):
+        raise CheckpointError(
+            f"{last} is not a complete checkpoint (the job was killed while saving?): "
+            "delete it to restart the run, or pass resume=false"
+        )
+    return str(last)
+
+
+def is_global_zero() -> bool:
+    """Whether this process writes a run's outputs: the only process of a single-device run,
+    the main process of ``ddp_spawn`` (its ranks are child processes), global rank 0 of
+    ``strategy=ddp`` or a SLURM job. Lightning sets this rank from the environment at import
+    (``RANK``, ``LOCAL_RANK``, ``SLURM_PROCID``) and again when a DDP strategy starts."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def _flatten(metrics: dict, prefix: str = "") -> dict:

@@ -20,7 +20,7 @@ from fingerprint_lm.lit.base_vae import BaseVAEModule
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
 from fingerprint_lm.metrics.quality import psnr, ssim
 from fingerprint_lm.models import augment as aug
-from fingerprint_lm.models.vae import build_vae, downscale_factor, load_vae
+from fingerprint_lm.models.vae import build_vae, downscale_factor, encode_latents, load_vae, parse_dtype
 from fingerprint_lm.pipeline.cache import atomic_directory, config_hash
 from fingerprint_lm.pipeline.checkpoint import FingerprintModel, build_fingerprint_model
 
@@ -36,34 +36,62 @@ def prepare_base_vae(
     vae_config: dict | None = None,
     path: str | None = None,
     pretrain: dict | None = None,
+    dtype: str | None = None,
+    freeze_encoder: bool = False,
+    scaling_factor: float | None = None,
 ) -> tuple[Any, dict]:
     """Return the base VAE and facts about it: built and pretrained here (cached by config hash)
-    when ``source == "config"``, or loaded from a local diffusers folder when ``"pretrained"``."""
+    when ``source == "config"``, or loaded from a local diffusers folder when ``"pretrained"``.
+
+    ``dtype`` is the dtype the weights are held in (None: float32); ``freeze_encoder`` keeps the
+    encoder out of pretraining; ``scaling_factor``, when given, must match the VAE's own (a guard
+    against a folder of another model family: SD 1/2 use 0.18215, SDXL 0.13025)."""
+    torch_dtype = parse_dtype(dtype)
     if source == "pretrained":
         if not path:
             raise ConfigError("model.source=pretrained needs model.path (a local diffusers VAE folder)")
-        return load_vae(path), {"base_vae": str(path), "base_vae_seconds": 0.0, "base_vae_cached": True}
+        vae = load_vae(path, dtype=torch_dtype)
+        facts = {"base_vae": str(path), "base_vae_seconds": 0.0, "base_vae_cached": True}
+        return vae, {**facts, **_vae_facts(vae, scaling_factor)}
     if source != "config":
         raise ConfigError(f"unknown model.source '{source}' (expected 'config' or 'pretrained')")
     pretrain = dict(pretrain or {})
     key = config_hash({"vae": vae_config, "pretrain": pretrain, "resolution": datamodule.resolution})
     target = Path(cache_dir) / "base_vae" / key
+    if freeze_encoder:  # another training, another cache entry (the default keeps existing keys)
+        key = config_hash({"vae": vae_config, "pretrain": pretrain, "resolution": datamodule.resolution,
+                           "freeze_encoder": True})
+        target = Path(cache_dir) / "base_vae" / key
     if (target / "config.json").is_file():
         log.info("base VAE: cached at %s", target)
-        return load_vae(target), {"base_vae": str(target), "base_vae_seconds": 0.0, "base_vae_cached": True}
+        vae = load_vae(target, dtype=torch_dtype)
+        facts = {"base_vae": str(target), "base_vae_seconds": 0.0, "base_vae_cached": True}
+        return vae, {**facts, **_vae_facts(vae, scaling_factor)}
     vae = build_vae(vae_config)
     check_resolution(datamodule.resolution, downscale_factor(vae))
     log.info("base VAE: pretraining %d steps (cached afterwards at %s)", pretrain.get("steps", 0), target)
     start = time.perf_counter()
-    module = BaseVAEModule(vae, lr=pretrain.get("lr", 2e-3), kl_weight=pretrain.get("kl_weight", 1e-6))
+    module = BaseVAEModule(vae, lr=pretrain.get("lr", 2e-3), kl_weight=pretrain.get("kl_weight", 1e-6),
+                           freeze_encoder=freeze_encoder)
     trainer = make_trainer(max_steps=int(pretrain.get("steps", 1000)), logger=False, callbacks=[],
                            enable_checkpointing=False, limit_val_batches=0)
     trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
     seconds = time.perf_counter() - start
     vae.eval()
-    with atomic_directory(target) as tmp:
-        vae.save_pretrained(tmp, safe_serialization=True)
-    return vae, {"base_vae": str(target), "base_vae_seconds": seconds, "base_vae_cached": False}
+    if trainer.is_global_zero:  # strategy=ddp / SLURM: every rank trained the same weights; one writes
+        with atomic_directory(target) as tmp:
+            vae.save_pretrained(tmp, safe_serialization=True)
+    vae.to(torch_dtype)
+    facts = {"base_vae": str(target), "base_vae_seconds": seconds, "base_vae_cached": False}
+    return vae, {**facts, **_vae_facts(vae, scaling_factor)}
+
+
+def _vae_facts(vae, scaling_factor: float | None) -> dict:
+    """What metrics.json records about the base VAE; checks a pinned ``scaling_factor``."""
+    own = float(vae.config.scaling_factor)
+    if scaling_factor is not None and abs(float(scaling_factor) - own) > 1e-6:
+        raise ConfigError(f"model.scaling_factor={scaling_factor} but the VAE's config.json says {own}")
+    return {"vae_scaling_factor": own, "vae_dtype": str(vae.dtype).removeprefix("torch.")}
 
 
 # -- fingerprint training -----------------------------------------------------------------------
@@ -90,29 +118,46 @@ def train_fingerprint(
     detector_fit_samples: int = 4096,
     ckpt_path: str | None = None,
     seed: int = 0,
+    gradient_checkpointing: bool = False,
+    calibration_batch_size: int = 256,
 ) -> tuple[FingerprintModel, FingerprintModule, dict]:
     """Build the PNM and extractor around ``vae``, start the extractor's linear reader in closed
-    form, and train with the worst-case objective. Returns the model, the module and facts."""
+    form, and train with the worst-case objective. Returns the model, the module and facts.
+
+    ``gradient_checkpointing`` recomputes the decoder's blocks in the backward pass (memory for
+    compute; SD scale); ``calibration_batch_size`` is the images per decoder pass of the carrier
+    calibration and detector fit. The encoder is frozen throughout (``FingerprintModule``)."""
     if not isinstance(fingerprint_bits, int) or fingerprint_bits <= 0:
         raise ConfigError(f"fingerprint length must be a positive integer, got {fingerprint_bits!r}")
     check_resolution(datamodule.resolution, downscale_factor(vae))
     L.seed_everything(seed, workers=True, verbose=False)
     model = build_fingerprint_model(vae, fingerprint_bits, pnm_kwargs, extractor_kwargs)
+    model.pnm.gradient_checkpointing = gradient_checkpointing
     module = FingerprintModule(vae, model.pnm, model.extractor, augment=aug.AugmentConfig(**augment_kwargs),
-                               **train_kwargs)
+                               calibration_batch_size=calibration_batch_size, **train_kwargs)
+    trainer = make_trainer()
     start = time.perf_counter()
     if ckpt_path is None:
+        # Calibration and the detector fit run before fit(), on the training device rather than
+        # the CPU (an SD decoder over 4096 images is hours on a CPU), then hand the module back
+        # on the CPU as fit() expects it, whatever the launcher. DDP ranks each do it, equal seeds.
+        module.to(trainer.strategy.root_device)
         calibration_images = collect_images(datamodule.train_dataloader(), 256)
         log.info("carriers calibrated to %.2f dB", module.calibrate_carriers(calibration_images))
         if detector_fit_samples > 0:
             module.fit_detector(collect_images(datamodule.train_dataloader(), detector_fit_samples))
+        module.cpu()
     fit_seconds = time.perf_counter() - start
-    trainer = make_trainer()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     seconds = time.perf_counter() - start
+    module.cpu()  # evaluation and checkpoint writing below run on the CPU copy
     model.pnm.eval()
     model.extractor.eval()
-    facts = {"train_seconds": seconds, "detector_fit_seconds": fit_seconds, "steps": int(trainer.global_step)}
+    # ddp_spawn: this process's Trainer never ran the loop (its children did) and reports step 0;
+    # the history rank 0 sent back inside the module's state counts the steps taken (each row is
+    # written after its optimizer step, so its "step" is the number of steps completed).
+    steps = int(trainer.global_step) or (module.history[-1]["step"] if module.history else 0)
+    facts = {"train_seconds": seconds, "detector_fit_seconds": fit_seconds, "steps": steps}
     return model, module, facts
 
 
@@ -149,7 +194,7 @@ def evaluate_fingerprint(
         if max_images is not None and total >= max_images:
             break
         images = batch["image"]
-        latents = model.vae.encode(images).latent_dist.mode()
+        latents = encode_latents(model.vae, images)
         bits = torch.randint(0, 2, (len(images), model.fingerprint_bits), generator=generator)
         base = model.pnm(latents, None)
         out = model.pnm(latents, bits)

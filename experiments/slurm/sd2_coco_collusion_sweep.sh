@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# SD2 + COCO collusion sweep on SLURM (experiments/slurm/README.md explains each step).
+#
+# Run it on a login node inside tmux/screen: each `python -m fingerprint_lm -m ...` submits through
+# submitit and waits for its jobs (the sweep summary is written when the last point ends).
+# Never tested on a real cluster (the project's machine has neither SLURM nor a GPU); the launcher
+# configuration is tested up to the sbatch script (tests/test_slurm.py).
+#
+#   PARTITION=gpu ACCOUNT=mylab SD2_VAE=/data/sd2/vae COCO=/data/coco OUT=/scratch/$USER/fplm \
+#       bash experiments/slurm/sd2_coco_collusion_sweep.sh
+set -euo pipefail
+
+: "${PARTITION:?set PARTITION (a GPU partition)}"
+: "${CPU_PARTITION:=$PARTITION}"      # the sweep points run on CPU (see README); may be a CPU partition
+: "${ACCOUNT:=}"                      # empty: no --account
+: "${SD2_VAE:=/data/sd2/vae}"         # the vae/ folder of an SD 2.x pipeline: config.json + *.safetensors
+: "${COCO:=/data/coco}"               # annotations/captions_train2017.json + train2017/*.jpg
+: "${OUT:=$PWD/outputs/slurm}"        # shared filesystem: run dirs, sweep dirs
+: "${GPUS:=4}"                        # GPUs per node for training (one task per GPU)
+: "${NODES:=1}"
+: "${STEPS:=10000}"                   # training steps (time a short run first: README "Sizing")
+: "${BITS:=48}"
+export FINGERPRINT_LM_CACHE="${FINGERPRINT_LM_CACHE:-$OUT/cache}"   # shared by every job
+export WANDB_MODE="${WANDB_MODE:-offline}"                          # online: WANDB_MODE=online + wandb login
+
+account=()
+if [[ -n "$ACCOUNT" ]]; then account=("hydra.launcher.account=$ACCOUNT"); fi
+
+# 1. Train the PNM + extractor on SD2's VAE and COCO: one job, GPUS x NODES ranks (DDP).
+python -m fingerprint_lm -m hydra/launcher=slurm \
+    model=sd_vae "model.path=$SD2_VAE" data=coco_stream "data.coco_root=$COCO" \
+    trainer=ddp "trainer.devices=$GPUS" "trainer.num_nodes=$NODES" \
+    "fingerprint_bits=$BITS" "method.steps=$STEPS" logger=wandb \
+    "hydra.sweep.dir=$OUT/sd2_coco_train" \
+    "hydra.launcher.partition=$PARTITION" "${account[@]}" \
+    hydra.launcher.timeout_min=720 hydra.launcher.cpus_per_task=8 hydra.launcher.mem_gb=128
+MODEL="$OUT/sd2_coco_train/0/fingerprint_model"
+test -f "$MODEL/fingerprint.json" || { echo "training left no model at $MODEL" >&2; exit 1; }
+
+SWEEP=(
+    +experiment=collusion_sweep "sweep.checkpoint=$MODEL" "fingerprint_bits=$BITS"
+    trainer=cpu hydra.launcher.gpus_per_node=null
+    "hydra.sweep.dir=$OUT/sd2_coco_collusion"
+    "hydra.launcher.partition=$CPU_PARTITION" "${account[@]}"
+    hydra.launcher.timeout_min=480 hydra.launcher.cpus_per_task=16 hydra.launcher.mem_gb=64
+)
+# 2. One point first: it trains and caches the fid_proxy feature net the other points load.
+python -m fingerprint_lm hydra/launcher=slurm "${SWEEP[@]}" act=none sweep.case=none_c1
+
+# 3. The grid: 5 ACT types x 21 attack/colluder cases, one array element per point; the point
+#    from step 2 is skipped (same point_key), summary.csv/.md + plots land in the sweep dir.
+python -m fingerprint_lm hydra/launcher=slurm "${SWEEP[@]}"

@@ -1,0 +1,190 @@
+"""SLURM via submitit: the launcher config, resuming from last.ckpt, and a real requeue.
+
+No SLURM here: ``hydra/launcher=slurm`` is checked up to the sbatch script it hands to ``sbatch``
+(a stand-in records it); the requeue path runs for real with ``hydra/launcher=submitit_local``,
+whose jobs handle the scheduler's preemption signal (USR2) exactly as on SLURM.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from fingerprint_lm.errors import CheckpointError
+from fingerprint_lm.pipeline import cache, stages
+from fingerprint_lm.pipeline.run import run
+from tests.conftest import CONF, ROOT, TINY_OVERRIDES, compose_config
+
+ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "WANDB_MODE": "offline"}
+
+
+class TrainingAttempts(L.Callback):
+    """Test-only: appends the step each training attempt starts from to ``<run dir>/attempts.txt``;
+    with ``preempt_at`` > 0, the first attempt sends its own process the scheduler's preemption
+    signal (submitit's USR2) once it has completed that many steps."""
+
+    def __init__(self, preempt_at: int = 0):
+        self.preempt_at = preempt_at
+        self.start_step = -1
+
+    def on_train_start(self, trainer, pl_module):
+        self.start_step = trainer.global_step
+        with open(Path(trainer.default_root_dir) / "attempts.txt", "a") as handle:
+            handle.write(f"{self.start_step}\n")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.preempt_at and self.start_step == 0 and trainer.global_step == self.preempt_at:
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+
+# `tests.test_slurm` (not pytest's module name): the sweep's job processes import it from the repo root
+ATTEMPTS = "+callbacks.attempts._target_=tests.test_slurm.TrainingAttempts"
+
+
+def _curve(run_dir: Path) -> list[dict]:
+    with open(run_dir / "training_curve.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _compose_with_hydra(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=True)
+
+
+def test_slurm_launcher_config_follows_the_trainer():
+    cfg = _compose_with_hydra(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+    assert launcher.partition is None and launcher.account is None  # set per cluster
+    assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0
+    assert OmegaConf.to_container(launcher)["submitit_folder"] == "${hydra.sweep.dir}/.submitit/%j"
+    single = _compose_with_hydra(["hydra/launcher=slurm", "trainer=gpu"]).hydra.launcher
+    assert (single.nodes, single.tasks_per_node, single.gpus_per_node) == (1, 1, 1)
+
+
+def test_slurm_sweep_submits_one_task_per_gpu(tmp_path):
+    # `sbatch` is a stand-in that keeps the script and refuses the job, so the launch stops there.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/submitted.sh\necho "no cluster here" >&2\nexit 1\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit checks that srun exists
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    sweep_dir = tmp_path / "sweep"
+    command = [
+        sys.executable, "-m", "fingerprint_lm", "-m", "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
+        "trainer.num_nodes=2", "hydra.launcher.partition=gpu", "hydra.launcher.account=lab",
+        "+hydra.launcher.additional_parameters.mail-type=END", f"hydra.sweep.dir={sweep_dir}",
+        f"paths.root_dir={tmp_path}", "logger=none", "seed=0,1",
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}"})
+    assert out.returncode != 0 and "no cluster here" in out.stderr, out.stderr[-3000:]
+    script = (tmp_path / "submitted.sh").read_text()
+    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--mem=64GB",
+                 "--time=240", "--partition=gpu", "--account=lab", "--signal=USR2@120", "--array=0-1%2",
+                 "--mail-type=END", f"--output={sweep_dir}/.submitit/%A_%a/"):
+        assert f"#SBATCH {line}" in script, (line, script)
+    assert "srun" in script and "submitit.core._submit" in script
+
+
+def test_training_resumes_from_the_step_of_last_ckpt(tmp_path):
+    run_dir = tmp_path / "run"
+    first = compose_config(tmp_path, ["fingerprint_bits=8", "method.steps=10", ATTEMPTS])
+    run(first)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    before = _curve(run_dir)
+    # the same command with a higher step budget, as a requeued job would run it
+    metrics = run(compose_config(tmp_path, ["fingerprint_bits=8", "method.steps=20",
+                                            ATTEMPTS]))
+    assert (run_dir / "attempts.txt").read_text().split() == ["0", "10"]
+    assert metrics["steps"] == 20
+    after = _curve(run_dir)
+    assert [int(row["step"]) for row in after] == list(range(1, 21))
+    assert after[:10] == before  # the first ten rows came back from the checkpoint, not a re-run
+    # control: resume=false starts again from step 0 in the same directory
+    run(compose_config(tmp_path, ["fingerprint_bits=8", "method.steps=5", "resume=false",
+                                  ATTEMPTS]))
+    assert (run_dir / "attempts.txt").read_text().split() == ["0", "10", "0"]
+
+
+def test_truncated_last_ckpt_is_a_checkpoint_error(tmp_path):
+    # a job killed while saving leaves a partial file; the requeued job must say so, not crash
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"PK\x03\x04" + bytes(200))
+    with pytest.raises(CheckpointError, match="not a complete checkpoint.*resume=false"):
+        run(compose_config(tmp_path, ["fingerprint_bits=8", "method.steps=2"]))
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    metrics = run(compose_config(tmp_path, ["fingerprint_bits=8", "method.steps=2", "resume=false"]))
+    assert metrics["steps"] == 2
+
+
+def test_cache_entry_written_concurrently_keeps_the_first_copy(tmp_path, monkeypatch):
+    # two sweep jobs missing the same cache entry both build it; the second rename finds a
+    # non-empty directory (simulated here) and must keep that copy instead of failing the job
+    target = tmp_path / "base_vae" / "abc"
+    real_replace = os.replace
+
+    def another_job_wins(src, dst):
+        Path(dst).mkdir(parents=True)
+        (Path(dst) / "config.json").write_text("first")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(cache.os, "replace", another_job_wins)
+    with cache.atomic_directory(target) as tmp:
+        (tmp / "config.json").write_text("second")
+    assert (target / "config.json").read_text() == "first"
+    assert [p.name for p in target.parent.iterdir()] == ["abc"]  # no temporary left behind
+
+
+def _pretrain_base_vae_once(tmp_path: Path) -> None:
+    """Fill the cache before the sweep so its parallel jobs load the same base VAE."""
+    cfg = compose_config(tmp_path, [])
+    stages.prepare_base_vae(
+        source="config", cache_dir=cfg.paths.cache_dir, datamodule=instantiate(cfg.data),
+        make_trainer=lambda **kw: instantiate(cfg.trainer, **{"logger": False, **kw}),
+        vae_config=OmegaConf.to_container(cfg.model.vae_config, resolve=True),
+        pretrain=OmegaConf.to_container(cfg.model.pretrain, resolve=True),
+    )
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep_is_requeued_into_the_same_dir_and_resumes(tmp_path):
+    _pretrain_base_vae_once(tmp_path)
+    # default sweep dir: <root>/outputs/multiruns/${now:...}, fixed when the sweep is submitted
+    command = [
+        sys.executable, "-m", "fingerprint_lm", "-m", "hydra/launcher=submitit_local", *TINY_OVERRIDES,
+        f"paths.root_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache", "fingerprint_bits=8",
+        "method.steps=20", "method.detector_fit_samples=128", "seed=0,1",
+        ATTEMPTS, "+callbacks.attempts.preempt_at=13",
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sweeps = list((tmp_path / "outputs" / "multiruns").iterdir())
+    assert len(sweeps) == 1  # the requeued attempts did not open a directory of their own
+    sweep = sweeps[0]
+    for job in ("0", "1"):
+        # preempted after 13 steps; requeued; resumed from the step-10 checkpoint; finished
+        assert (sweep / job / "attempts.txt").read_text().split() == ["0", "10"], job
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        assert metrics["steps"] == 20 and metrics["bit_acc"] > 0.5
+        assert (sweep / job / "fingerprint_model" / "fingerprint.json").is_file()
+        assert [int(row["step"]) for row in _curve(sweep / job)] == list(range(1, 21))
+    # submitit's job folders (logs, pickles) are inside the sweep dir, one per job
+    job_folders = [d for d in (sweep / ".submitit").iterdir() if list(d.glob("*_result.pkl"))]
+    assert len(job_folders) == 2
+    log_text = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.err"))
+    assert log_text.count("Caught signal SIGUSR2") == 2 and "this job is preempted" in log_text
