@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.metrics.fid import train_proxy_feature_net
@@ -218,3 +219,19 @@ def test_sweep_trains_a_model_per_length_once_and_uses_the_shipped_one_where_it_
     shipped = run(point_cfg("c", ["fingerprint_bits=48", "sweep.case=none_c1", "sweep.n_images=8",
                                   "sweep.n_innocents=20", "sweep.fid_proxy_steps=0"]))
     assert shipped["model_source"] == "shipped" and shipped["bit_acc"] > 0.95
+
+
+def test_point_on_given_images_and_device_checks(tiny_model):
+    """sweep.images=data hands evaluate_point real test images (COCO at scale); shape is checked."""
+    from fingerprint_lm.pipeline.sweep import resolve_device
+
+    resolution = int(tiny_model.meta["resolution"])
+    images = torch.rand(6, 3, resolution, resolution) * 2 - 1
+    m = evaluate_point(tiny_model, BITS, "none", "none", None, 1, 6, 0, None, n_innocents=10, images=images)
+    assert m["n_images"] == 6 and m["bit_acc"] > 0.8
+    with pytest.raises(ConfigError, match="resolution"):
+        evaluate_point(tiny_model, BITS, "none", "none", None, 1, 6, 0, None, images=torch.zeros(6, 3, 8, 8))
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError):
+        resolve_device("tpu")

@@ -11,7 +11,6 @@
 set -euo pipefail
 
 : "${PARTITION:?set PARTITION (a GPU partition)}"
-: "${CPU_PARTITION:=$PARTITION}"      # the sweep points run on CPU (see README); may be a CPU partition
 : "${ACCOUNT:=}"                      # empty: no --account
 : "${SD2_VAE:=/data/sd2/vae}"         # the vae/ folder of an SD 2.x pipeline: config.json + *.safetensors
 : "${COCO:=/data/coco}"               # annotations/captions_train2017.json + train2017/*.jpg
@@ -39,9 +38,9 @@ test -f "$MODEL/fingerprint.json" || { echo "training left no model at $MODEL" >
 
 SWEEP=(
     +experiment=collusion_sweep "sweep.checkpoint=$MODEL" "fingerprint_bits=$BITS"
-    trainer=cpu hydra.launcher.gpus_per_node=null
+    trainer=gpu sweep.images=data data=coco "data.coco_root=$COCO" data.coco_split=val2017 data.resolution=256
     "hydra.sweep.dir=$OUT/sd2_coco_collusion"
-    "hydra.launcher.partition=$CPU_PARTITION" "${account[@]}"
+    "hydra.launcher.partition=$PARTITION" "${account[@]}"
     hydra.launcher.timeout_min=480 hydra.launcher.cpus_per_task=16 hydra.launcher.mem_gb=64
 )
 # 2. One point first: it trains and caches the fid_proxy feature net the other points load.

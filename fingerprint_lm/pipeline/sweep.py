@@ -133,10 +133,42 @@ def build_decoder(
 
 
 @torch.no_grad()
-def _decode(vae, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def _decode(vae, latents: torch.Tensor, device: str = "cpu", batch_size: int = 64) -> torch.Tensor:
+    """Decode on ``device`` (the heavy part of a point at SD scale), return CPU images."""
+    vae.to(device)
     return torch.cat(
-        [vae.decode(latents[i : i + batch_size]).sample for i in range(0, len(latents), batch_size)]
+        [
+            vae.decode(latents[i : i + batch_size].to(device)).sample.float().cpu()
+            for i in range(0, len(latents), batch_size)
+        ]
     )
+
+
+@torch.no_grad()
+def _encode(vae, images: torch.Tensor, device: str = "cpu", batch_size: int = 64) -> torch.Tensor:
+    """Latent modes of ``images`` computed on ``device``; ``vae`` is moved back to the CPU after,
+    because the copies' tensors are built from its CPU state dict."""
+    try:
+        vae.to(device)
+        return torch.cat(
+            [
+                vae.encode(images[i : i + batch_size].to(device)).latent_dist.mode().cpu()
+                for i in range(0, len(images), batch_size)
+            ]
+        )
+    finally:
+        vae.to("cpu")
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else must be usable."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"sweep.device={device} but no CUDA device is visible")
+    if not str(device).startswith(("cuda", "cpu")):
+        raise ConfigError(f"sweep.device must be auto, cpu or cuda[:N], got {device!r}")
+    return str(device)
 
 
 @torch.no_grad()
@@ -182,6 +214,9 @@ def evaluate_point(
     scale_range: tuple[float, float] = (0.25, 4.0),
     finetune_lr: float = 1e-4,
     act_scope: str = "stream",
+    images: torch.Tensor | None = None,
+    tune_images: torch.Tensor | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Evaluate one grid point; returns the grid keys and the metrics (plain floats and ints).
 
@@ -197,6 +232,10 @@ def evaluate_point(
         fpr: false-accusation probability of attribution (Bonferroni over the registry) and of
             the per-image detection test (one code, no correction).
         tracing_fpr: false-accusation probability of colluder tracing.
+        images: held-out real images ``[n, 3, R, R]`` in [-1, 1] (e.g. COCO test images); None:
+            ``n_images`` procedural images no training run has seen.
+        tune_images: the fine-tuning attacker's own images; None: 256 other procedural images.
+        device: where decoders run (encoding, decoding, fine-tuning); metrics are computed on CPU.
     """
     k = model.fingerprint_bits
     if fingerprint_bits != k:
@@ -222,13 +261,22 @@ def evaluate_point(
     site = copies[0][2]
     config = model.vae.config
     resolution = int(model.meta.get("resolution", 32))
-    real = torch.stack(
-        [ProceduralImages(resolution, SWEEP_IMAGE_SEED, n_images).sample(i)["image"] for i in range(n_images)]
-    )
-    latents = torch.cat(
-        [model.vae.encode(real[i : i + 64]).latent_dist.mode() for i in range(0, n_images, 64)]
-    )
-    base_outputs = _decode(build_decoder(config, model.vae.state_dict(), None, None), latents)
+    if images is None:
+        real = torch.stack(
+            [
+                ProceduralImages(resolution, SWEEP_IMAGE_SEED, n_images).sample(i)["image"]
+                for i in range(n_images)
+            ]
+        )
+    else:
+        real = images[:n_images].float()
+        if real.dim() != 4 or tuple(real.shape[1:]) != (3, resolution, resolution) or len(real) < 2:
+            raise ConfigError(
+                f"sweep images must be [n>=2, 3, {resolution}, {resolution}] (the model's resolution), "
+                f"got {tuple(real.shape)}"
+            )
+    latents = _encode(model.vae, real, device)
+    base_outputs = _decode(build_decoder(config, model.vae.state_dict(), None, None), latents, device)
 
     state, bias_map = copies[0][0], copies[0][1]
     if attack in MERGES:
@@ -247,14 +295,19 @@ def evaluate_point(
         state, bias_map = _attack_tensors(attack, attack_strength, state, bias_map, site, generator)
     decoder = build_decoder(config, state, bias_map, site)
     if attack == "finetune":
-        tune_images = torch.stack(
-            [ProceduralImages(resolution, FINETUNE_IMAGE_SEED, 256).sample(i)["image"] for i in range(256)]
-        )
+        if tune_images is None:
+            tune_images = torch.stack(
+                [
+                    ProceduralImages(resolution, FINETUNE_IMAGE_SEED, 256).sample(i)["image"]
+                    for i in range(256)
+                ]
+            )
+        decoder.to(device)
         with torch.enable_grad():
             decoder = model_attacks.finetune_reconstruction(
                 decoder, int(attack_strength), finetune_lr, tune_images, batch_size=16, generator=generator
             )
-    outputs = _decode(decoder, latents)
+    outputs = _decode(decoder, latents, device)
     if attack in IMAGE_ATTACKS:
         outputs = IMAGE_ATTACKS[attack](outputs, attack_strength, generator)
     elif attack == "estimate_remove":
@@ -282,7 +335,7 @@ def evaluate_point(
         "attack": attack,
         "attack_strength": None if attack_strength is None else float(attack_strength),
         "colluders": int(colluders),
-        "n_images": int(n_images),
+        "n_images": int(len(real)),
         "registry_size": len(index),
         "bit_acc": float(np.mean(per_colluder)),
         "bit_acc_min": float(np.min(per_colluder)),
@@ -402,7 +455,9 @@ def train_sweep_model(cfg: DictConfig, target: Path, base_vae_dir: Path) -> None
         return instantiate(cfg.trainer, **kwargs)
 
     bits = int(cfg.fingerprint_bits)
-    log.info("sweep: training a %d-bit fingerprint model (%d steps), cached at %s", bits, cfg.method.steps, target)
+    log.info(
+        "sweep: training a %d-bit fingerprint model (%d steps), cached at %s", bits, cfg.method.steps, target
+    )
     datamodule = instantiate(cfg.data)
     model, _, facts = stages.train_fingerprint(
         load_vae(base_vae_dir),
@@ -423,14 +478,46 @@ def train_sweep_model(cfg: DictConfig, target: Path, base_vae_dir: Path) -> None
             "pnm": plain(cfg.method.pnm),
             "extractor": plain(cfg.method.extractor),
             "resolution": int(cfg.data.resolution),
-            "metrics": {"bit_acc": quality["bit_acc"], "psnr": quality["psnr"], "ssim": quality["ssim"],
-                        "steps": facts["steps"], "train_seconds": facts["train_seconds"]},
+            "metrics": {
+                "bit_acc": quality["bit_acc"],
+                "psnr": quality["psnr"],
+                "ssim": quality["ssim"],
+                "steps": facts["steps"],
+                "train_seconds": facts["train_seconds"],
+            },
             "trained_by": "collusion sweep (fingerprint_lm.pipeline.sweep.train_sweep_model)",
         }
     )
     save_fingerprint_model(model, target)
-    log.info("sweep: %d-bit model trained in %.0f s: bit_acc %.4f, PSNR %.2f dB", bits,
-             facts["train_seconds"], quality["bit_acc"], quality["psnr"])
+    log.info(
+        "sweep: %d-bit model trained in %.0f s: bit_acc %.4f, PSNR %.2f dB",
+        bits,
+        facts["train_seconds"],
+        quality["bit_acc"],
+        quality["psnr"],
+    )
+
+
+def sweep_images(cfg: DictConfig, resolution: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``sweep.images``: ``procedural`` (None, None: evaluate_point draws its own) or ``data``: the
+    first ``sweep.n_images`` test images of ``cfg.data`` (e.g. ``data=coco``) and 256 training
+    images for the fine-tuning attacker, at the model's resolution."""
+    source = str(cfg.sweep.images)
+    if source == "procedural":
+        return None, None
+    if source != "data":
+        raise ConfigError(f"sweep.images must be procedural or data, got {source!r}")
+    from hydra.utils import instantiate
+
+    from fingerprint_lm.pipeline.stages import collect_images
+
+    if int(cfg.data.resolution) != resolution:
+        raise ConfigError(f"data.resolution={cfg.data.resolution} but the model was trained at {resolution}")
+    datamodule = instantiate(cfg.data)
+    return (
+        collect_images(datamodule.test_dataloader(), int(cfg.sweep.n_images)),
+        collect_images(datamodule.train_dataloader(), 256),
+    )
 
 
 # -- the Hydra task -------------------------------------------------------------------------------
@@ -462,6 +549,7 @@ def run_sweep_point(cfg: DictConfig) -> dict[str, Any]:
         "act_scope": str(cfg.act.scope),
         "finetune_lr": float(settings.finetune_lr),
         "fid_proxy_steps": int(settings.fid_proxy_steps),
+        "images": str(settings.images),
         "checkpoint": str(directory.resolve()),
         "checkpoint_meta": config_hash(json.loads((directory / "fingerprint.json").read_text())),
     }
@@ -490,6 +578,7 @@ def run_sweep_point(cfg: DictConfig) -> dict[str, Any]:
             fid_net = train_proxy_feature_net(
                 resolution, steps=int(settings.fid_proxy_steps), cache_dir=cfg.paths.cache_dir
             )
+        images, tune_images = sweep_images(cfg, resolution)
         torch.manual_seed(int(cfg.seed))
         metrics = evaluate_point(
             model,
@@ -507,8 +596,13 @@ def run_sweep_point(cfg: DictConfig) -> dict[str, Any]:
             scale_range=(float(cfg.act.scale_min), float(cfg.act.scale_max)),
             finetune_lr=float(settings.finetune_lr),
             act_scope=str(cfg.act.scope),
+            images=images,
+            tune_images=tune_images,
+            device=resolve_device(str(settings.device)),
         )
-        metrics.update({"case": str(settings.case), "point_key": key, "point": point, "model_source": model_source})
+        metrics.update(
+            {"case": str(settings.case), "point_key": key, "point": point, "model_source": model_source}
+        )
         for logger in loggers:
             logger.log_metrics(
                 {
