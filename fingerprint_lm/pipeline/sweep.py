@@ -172,8 +172,18 @@ def resolve_device(device: str) -> str:
 
 
 @torch.no_grad()
-def _logits(extractor, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    return torch.cat([extractor(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+def _logits(extractor, images: torch.Tensor, device: str = "cpu", batch_size: int = 64) -> torch.Tensor:
+    """Extractor logits computed on ``device``, returned on the CPU (the extractor goes back too)."""
+    try:
+        extractor.to(device)
+        return torch.cat(
+            [
+                extractor(images[i : i + batch_size].to(device)).float().cpu()
+                for i in range(0, len(images), batch_size)
+            ]
+        )
+    finally:
+        extractor.to("cpu")
 
 
 def _user_seed(seed: int, index: int) -> int:
@@ -235,7 +245,8 @@ def evaluate_point(
         images: held-out real images ``[n, 3, R, R]`` in [-1, 1] (e.g. COCO test images); None:
             ``n_images`` procedural images no training run has seen.
         tune_images: the fine-tuning attacker's own images; None: 256 other procedural images.
-        device: where decoders run (encoding, decoding, fine-tuning); metrics are computed on CPU.
+        device: where decoders and the extractor run (encoding, decoding, fine-tuning, reading the
+            bits); the metrics themselves are computed on the CPU.
     """
     k = model.fingerprint_bits
     if fingerprint_bits != k:
@@ -314,7 +325,7 @@ def evaluate_point(
         tile = int(getattr(model.pnm, "tile_size", model.meta.get("pnm", {}).get("tile_size", 16)))
         outputs = model_attacks.estimate_and_remove(outputs, period=tile)
 
-    logits = _logits(model.extractor, outputs)
+    logits = _logits(model.extractor, outputs, device)
     probs = torch.sigmoid(logits).double().numpy()
     hard = (logits > 0).numpy().astype(np.uint8)
     per_colluder = [(hard == codes[i][None]).mean() for i in range(colluders)]
@@ -323,7 +334,7 @@ def evaluate_point(
     attributed = [r["accused"] and r["user_id"] in colluder_ids for r in ids]
     threshold = match_threshold(k, fpr, 1)
     matches = (hard == codes[0][None]).sum(axis=1)
-    base_hard = (_logits(model.extractor, base_outputs) > 0).numpy().astype(np.uint8)
+    base_hard = (_logits(model.extractor, base_outputs, device) > 0).numpy().astype(np.uint8)
     base_matches = (base_hard == codes[0][None]).sum(axis=1)
     suspects = trace(probs, index, fpr=tracing_fpr, top=colluders)
     accused = [s["user_id"] for s in suspects if s["accused"]]
