@@ -182,9 +182,17 @@ def test_wandb_logs_one_offline_run_per_point_and_finishes(tmp_path, sweep_check
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = compose_config(
         tmp_path,
-        ["+experiment=collusion_sweep", "logger=wandb", "act=none", "sweep.case=none_c1",
-         f"sweep.checkpoint={sweep_checkpoint}", f"fingerprint_bits={BITS}", "sweep.n_images=16",
-         "sweep.n_innocents=50", "sweep.fid_proxy_steps=5"],
+        [
+            "+experiment=collusion_sweep",
+            "logger=wandb",
+            "act=none",
+            "sweep.case=none_c1",
+            f"sweep.checkpoint={sweep_checkpoint}",
+            f"fingerprint_bits={BITS}",
+            "sweep.n_images=16",
+            "sweep.n_innocents=50",
+            "sweep.fid_proxy_steps=5",
+        ],
         tiny=False,
     )
     assert cfg.logger._target_.endswith("WandbLogger")
@@ -198,11 +206,21 @@ def test_wandb_logs_one_offline_run_per_point_and_finishes(tmp_path, sweep_check
 def test_sweep_trains_a_model_per_length_once_and_uses_the_shipped_one_where_it_matches(tmp_path):
     """sweep.checkpoint=null: 48 bits with the shipped training config -> the shipped checkpoint;
     another length -> trained once on the shipped base VAE, cached, reused by the next point."""
-    fast = ["method.steps=8", "method.detector_fit_samples=128", "eval.max_images=32", "data.batch_size=16",
-            "sweep.n_images=8", "sweep.n_innocents=20", "sweep.fid_proxy_steps=0", "trainer.enable_progress_bar=false"]
+    fast = [
+        "method.steps=8",
+        "method.detector_fit_samples=128",
+        "eval.max_images=32",
+        "data.batch_size=16",
+        "sweep.n_images=8",
+        "sweep.n_innocents=20",
+        "sweep.fid_proxy_steps=0",
+        "trainer.enable_progress_bar=false",
+    ]
 
     def point_cfg(job: str, overrides: list[str]):
-        cfg = compose_config(tmp_path / job, ["+experiment=collusion_sweep", "act=none", *overrides], tiny=False)
+        cfg = compose_config(
+            tmp_path / job, ["+experiment=collusion_sweep", "act=none", *overrides], tiny=False
+        )
         cfg.paths.cache_dir = str(tmp_path / "cache")  # shared by the jobs, as in one sweep
         return cfg
 
@@ -212,18 +230,34 @@ def test_sweep_trains_a_model_per_length_once_and_uses_the_shipped_one_where_it_
     trained = [m for m in models if m.is_dir()]
     assert len(trained) == 1 and (trained[0] / "fingerprint.json").is_file()
     meta = json.loads((trained[0] / "fingerprint.json").read_text())
-    assert meta["fingerprint_bits"] == 32 and meta["metrics"]["steps"] == 8 and 0 <= meta["metrics"]["bit_acc"] <= 1
+    assert (
+        meta["fingerprint_bits"] == 32
+        and meta["metrics"]["steps"] == 8
+        and 0 <= meta["metrics"]["bit_acc"] <= 1
+    )
     second = run(point_cfg("b", ["fingerprint_bits=32", "sweep.case=average_c2", *fast]))
-    assert second["model_source"] == "cached" and second["point"]["checkpoint"] == first["point"]["checkpoint"]
+    assert (
+        second["model_source"] == "cached" and second["point"]["checkpoint"] == first["point"]["checkpoint"]
+    )
 
-    shipped = run(point_cfg("c", ["fingerprint_bits=48", "sweep.case=none_c1", "sweep.n_images=8",
-                                  "sweep.n_innocents=20", "sweep.fid_proxy_steps=0"]))
+    shipped = run(
+        point_cfg(
+            "c",
+            [
+                "fingerprint_bits=48",
+                "sweep.case=none_c1",
+                "sweep.n_images=8",
+                "sweep.n_innocents=20",
+                "sweep.fid_proxy_steps=0",
+            ],
+        )
+    )
     assert shipped["model_source"] == "shipped" and shipped["bit_acc"] > 0.95
 
 
 def test_point_on_given_images_and_device_checks(tiny_model):
     """sweep.images=data hands evaluate_point real test images (COCO at scale); shape is checked."""
-    from fingerprint_lm.pipeline.sweep import resolve_device
+    from fingerprint_lm.devices import resolve_device
 
     resolution = int(tiny_model.meta["resolution"])
     images = torch.rand(6, 3, resolution, resolution) * 2 - 1
@@ -231,7 +265,9 @@ def test_point_on_given_images_and_device_checks(tiny_model):
     assert m["n_images"] == 6 and m["bit_acc"] > 0.8
     with pytest.raises(ConfigError, match="resolution"):
         evaluate_point(tiny_model, BITS, "none", "none", None, 1, 6, 0, None, images=torch.zeros(6, 3, 8, 8))
-    assert resolve_device("cpu") == "cpu"
-    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu", "sweep.device") == torch.device("cpu")
+    assert resolve_device("auto", "sweep.device") == torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )
     with pytest.raises(ConfigError):
-        resolve_device("tpu")
+        resolve_device("tpu", "sweep.device")

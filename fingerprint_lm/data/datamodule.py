@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from fingerprint_lm.data.checks import check_int
 from fingerprint_lm.data.coco import CocoCaptions
 from fingerprint_lm.data.streaming import (
     CocoFolder,
@@ -36,7 +37,7 @@ def check_resolution(resolution: int, factor: int) -> None:
     """Raise ``ConfigError`` unless ``resolution`` is a positive multiple of the VAE's ``factor``."""
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
         raise ConfigError(f"VAE downscale factor must be a positive integer, got {factor!r}")
-    _check_positive_int("image size", resolution)
+    check_int("image size", resolution)
     if resolution % factor:
         lower = resolution - resolution % factor
         suggestion = f"{lower} or {lower + factor}" if lower > 0 else f"{factor}"
@@ -44,13 +45,6 @@ def check_resolution(resolution: int, factor: int) -> None:
             f"image size {resolution} is not divisible by the VAE's downscale factor {factor} "
             f"(use a multiple of {factor}, e.g. {suggestion})"
         )
-
-
-def _check_positive_int(name: str, value: object, minimum: int = 1) -> None:
-    # bool is an int subclass: `resolution: true` in a YAML file must not pass as 1.
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ConfigError(f"{name} must be {kind}, got {value!r}")
 
 
 def held_out_sizes(n: int, val_size: int, test_size: int) -> tuple[int, int]:
@@ -143,13 +137,13 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         if source not in SOURCES:
             raise ConfigError(f"unknown data source {source!r}; expected one of {', '.join(SOURCES)}")
-        _check_positive_int("image resolution", resolution)
-        _check_positive_int("batch size", batch_size)
-        _check_positive_int("number of data workers", num_workers, minimum=0)
-        _check_positive_int("data seed", seed, minimum=0)
-        _check_positive_int("validation set size", val_size)
-        _check_positive_int("test set size", test_size)
-        _check_positive_int("shuffle buffer", shuffle_buffer, minimum=0)
+        check_int("image resolution", resolution)
+        check_int("batch size", batch_size)
+        check_int("number of data workers", num_workers, minimum=0)
+        check_int("data seed", seed, minimum=0)
+        check_int("validation set size", val_size)
+        check_int("test set size", test_size)
+        check_int("shuffle buffer", shuffle_buffer, minimum=0)
         if source in ("coco", "coco_stream") and not coco_root:
             raise ConfigError(
                 f"data source '{source}' needs coco_root (the folder holding annotations/ and images)"

@@ -59,17 +59,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from fingerprint_lm.data.checks import check_int
 from fingerprint_lm.data.coco import NO_LABEL, CocoCaptions, load_rgb, resize_center_crop, to_tensor
 from fingerprint_lm.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 CAPTION_EXTENSION = "txt"
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    # bool is an int subclass: `shuffle_buffer: true` in a YAML file must not pass as 1.
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -266,7 +261,7 @@ class CocoFolder:
         annotation_file: str | Path | None = None,
         chunk_size: int = 1000,
     ) -> None:
-        _check_int("COCO chunk size", chunk_size, 1)
+        check_int("COCO chunk size", chunk_size, 1)
         self.coco = CocoCaptions(root, split=split, annotation_file=annotation_file)
         self.chunk_size = chunk_size
         self._units: list[StreamUnit] | None = None
@@ -352,14 +347,14 @@ class StreamingCaptions(IterableDataset):
         world_size: int | None = None,
     ) -> None:
         super().__init__()
-        _check_int("image resolution", resolution, 1)
-        _check_int("stream seed", seed, 0)
-        _check_int("shuffle buffer", shuffle_buffer, 0)
+        check_int("image resolution", resolution, 1)
+        check_int("stream seed", seed, 0)
+        check_int("shuffle buffer", shuffle_buffer, 0)
         if (rank is None) != (world_size is None):
             raise ConfigError("give both rank and world_size, or neither")
         if world_size is not None:
-            _check_int("world size", world_size, 1)
-            _check_int("rank", rank, 0)
+            check_int("world size", world_size, 1)
+            check_int("rank", rank, 0)
             if rank >= world_size:
                 raise ConfigError(f"rank {rank} is out of range for world size {world_size}")
         self.sources = list(sources)
@@ -410,7 +405,7 @@ class StreamingCaptions(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's order (same on every rank) and record this process's DDP rank."""
-        _check_int("epoch", epoch, 0)
+        check_int("epoch", epoch, 0)
         self._shared[0] = epoch
         if (
             self.world_size is None

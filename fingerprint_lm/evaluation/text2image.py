@@ -44,6 +44,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch.nn import functional as F
 
+from fingerprint_lm.devices import resolve_device
 from fingerprint_lm.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -61,22 +62,6 @@ COPY_IMAGES, BASE_IMAGES, REFERENCE_IMAGES = "copy", "base", "reference"
 
 
 # -- settings -------------------------------------------------------------------------------------
-def resolve_device(name: str | None) -> torch.device:
-    """``auto`` (CUDA when there is one, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
-    name = str(name or "auto")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"text2image.device must be auto, cpu, cuda or cuda:N, got {name!r}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"text2image.device={name} but CUDA is not available here (use device=auto or cpu)")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"text2image.device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    return device
-
-
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     """The UNet's and text encoder's dtype: ``auto`` is float16 on CUDA and float32 on CPU; half
     types only on CUDA (CPU kernels for them are slow or missing). Decoders always run in float32."""
@@ -510,7 +495,7 @@ def run_text2image_eval(cfg: DictConfig) -> dict[str, Any]:
     fpr = float(cfg.distributor.fpr)
     if not 0.0 < fpr < 1.0:
         raise ConfigError(f"distributor.fpr must lie in (0, 1), got {cfg.distributor.fpr}")
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.device, "text2image.device")
     dtype = resolve_dtype(settings.dtype, device)
     seed = int(settings.seed)
 

@@ -77,7 +77,9 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     bits = _positive_int("fingerprint_bits", cfg.fingerprint_bits)
     _positive_int("method.steps", cfg.method.steps)
     if OmegaConf.is_missing(cfg.model, "path"):
-        raise ConfigError("model.path is required: a local diffusers VAE folder (e.g. model.path=/data/sd2/vae)")
+        raise ConfigError(
+            "model.path is required: a local diffusers VAE folder (e.g. model.path=/data/sd2/vae)"
+        )
     if cfg.model.source == "config":
         _positive_int("model.pretrain.steps", cfg.model.pretrain.steps)
     output_dir = Path(cfg.paths.output_dir)
@@ -104,52 +106,77 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         ckpt_path = resume_checkpoint(output_dir / "checkpoints" / "last.ckpt") if cfg.resume else None
         if ckpt_path:
             log.info("resuming from %s", ckpt_path)
-        model, module, train_facts = stages.train_fingerprint(
-            vae,
-            bits,
-            datamodule,
-            make_trainer,
-            pnm_kwargs=_plain(cfg.method.pnm),
-            extractor_kwargs=_plain(cfg.method.extractor),
-            train_kwargs=_plain(cfg.method.train),
-            augment_kwargs=_plain(cfg.method.augment),
-            detector_fit_samples=cfg.method.detector_fit_samples,
-            ckpt_path=ckpt_path,
-            seed=cfg.seed,
-            gradient_checkpointing=bool(cfg.model.get("gradient_checkpointing", False)),
-            calibration_batch_size=_positive_int(
-                "model.calibration_batch_size", cfg.model.get("calibration_batch_size", 256)
-            ),
+        model, module, train_facts = train_from_config(
+            cfg, vae, datamodule, make_trainer, ckpt_path=ckpt_path
         )
         if not is_global_zero():
             # strategy=ddp and SLURM run this whole function on every rank: rank 0 alone evaluates
             # and writes the outputs (with ddp_spawn this is the main process, after fit returned).
             return {"fingerprint_bits": bits, **train_facts, **vae_facts}
-        write_training_curve(module.history, output_dir / "training_curve.csv", output_dir / "training_curve.png")
+        write_training_curve(
+            module.history, output_dir / "training_curve.csv", output_dir / "training_curve.png"
+        )
         eval_metrics = stages.evaluate_fingerprint(model, datamodule.test_dataloader(), cfg.eval.max_images)
         metrics: dict[str, Any] = {"fingerprint_bits": bits, **eval_metrics, **train_facts, **vae_facts}
-        model.meta.update(
-            {
-                "fingerprint_bits": bits,
-                "pnm": _plain(cfg.method.pnm),
-                "extractor": _plain(cfg.method.extractor),
-                "resolution": cfg.data.resolution,
-                "metrics": {k: v for k, v in metrics.items() if k in ("bit_acc", "psnr", "ssim", "steps")},
-            }
-        )
+        record_training_config(model, cfg, metrics)
         checkpoint_dir = save_fingerprint_model(model, output_dir / "fingerprint_model")
         metrics["checkpoint"] = str(checkpoint_dir)
         if cfg.export_checkpoint:
             save_fingerprint_model(model, cfg.paths.export_dir)
             metrics["exported_to"] = str(cfg.paths.export_dir)
         for logger in loggers:
-            logger.log_metrics({f"eval/{k}": v for k, v in _flatten(metrics).items() if isinstance(v, float | int)})
+            logger.log_metrics(
+                {f"eval/{k}": v for k, v in _flatten(metrics).items() if isinstance(v, float | int)}
+            )
         atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
-        log.info("metrics: bit_acc=%.4f psnr=%.2f ssim=%.4f (%s)", metrics["bit_acc"], metrics["psnr"],
-                 metrics["ssim"], output_dir / "metrics.json")
+        log.info(
+            "metrics: bit_acc=%.4f psnr=%.2f ssim=%.4f (%s)",
+            metrics["bit_acc"],
+            metrics["psnr"],
+            metrics["ssim"],
+            output_dir / "metrics.json",
+        )
         return metrics
     finally:
         finish_wandb(loggers)
+
+
+def train_from_config(
+    cfg: DictConfig, vae, datamodule, make_trainer, ckpt_path: str | None = None, seed=None
+):
+    """:func:`stages.train_fingerprint` with ``fingerprint_bits``, ``method.*`` and the decoder
+    settings of ``model.*`` from ``cfg`` (the training run and the sweep's per-length models)."""
+    return stages.train_fingerprint(
+        vae,
+        _positive_int("fingerprint_bits", cfg.fingerprint_bits),
+        datamodule,
+        make_trainer,
+        pnm_kwargs=_plain(cfg.method.pnm),
+        extractor_kwargs=_plain(cfg.method.extractor),
+        train_kwargs=_plain(cfg.method.train),
+        augment_kwargs=_plain(cfg.method.augment),
+        detector_fit_samples=cfg.method.detector_fit_samples,
+        ckpt_path=ckpt_path,
+        seed=cfg.seed if seed is None else seed,
+        gradient_checkpointing=bool(cfg.model.get("gradient_checkpointing", False)),
+        calibration_batch_size=_positive_int(
+            "model.calibration_batch_size", cfg.model.get("calibration_batch_size", 256)
+        ),
+    )
+
+
+def record_training_config(model, cfg: DictConfig, metrics: dict[str, Any]) -> None:
+    """Write into ``model.meta`` what a checkpoint records of its training (length, PNM, extractor,
+    resolution) and its quality figures; the sweep matches checkpoints on these."""
+    model.meta.update(
+        {
+            "fingerprint_bits": int(cfg.fingerprint_bits),
+            "pnm": _plain(cfg.method.pnm),
+            "extractor": _plain(cfg.method.extractor),
+            "resolution": cfg.data.resolution,
+            "metrics": {k: v for k, v in metrics.items() if k in ("bit_acc", "psnr", "ssim", "steps")},
+        }
+    )
 
 
 def resume_checkpoint(last: Path) -> str | None:

@@ -40,6 +40,7 @@ from fingerprint_lm.attacks import model as model_attacks
 from fingerprint_lm.attacks.collusion import MERGES, merge_copies
 from fingerprint_lm.attacks.image import IMAGE_ATTACKS
 from fingerprint_lm.data.synthetic import ProceduralImages
+from fingerprint_lm.devices import resolve_device
 from fingerprint_lm.distributor.copies import attach_bias_map, personal_tensors
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.metrics.bits import match_threshold
@@ -133,7 +134,9 @@ def build_decoder(
 
 
 @torch.no_grad()
-def _decode(vae, latents: torch.Tensor, device: str = "cpu", batch_size: int = 64) -> torch.Tensor:
+def _decode(
+    vae, latents: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 64
+) -> torch.Tensor:
     """Decode on ``device`` (the heavy part of a point at SD scale), return CPU images."""
     vae.to(device)
     return torch.cat(
@@ -145,7 +148,9 @@ def _decode(vae, latents: torch.Tensor, device: str = "cpu", batch_size: int = 6
 
 
 @torch.no_grad()
-def _encode(vae, images: torch.Tensor, device: str = "cpu", batch_size: int = 64) -> torch.Tensor:
+def _encode(
+    vae, images: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 64
+) -> torch.Tensor:
     """Latent modes of ``images`` computed on ``device``; ``vae`` is moved back to the CPU after,
     because the copies' tensors are built from its CPU state dict."""
     try:
@@ -160,19 +165,10 @@ def _encode(vae, images: torch.Tensor, device: str = "cpu", batch_size: int = 64
         vae.to("cpu")
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else must be usable."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"sweep.device={device} but no CUDA device is visible")
-    if not str(device).startswith(("cuda", "cpu")):
-        raise ConfigError(f"sweep.device must be auto, cpu or cuda[:N], got {device!r}")
-    return str(device)
-
-
 @torch.no_grad()
-def _logits(extractor, images: torch.Tensor, device: str = "cpu", batch_size: int = 64) -> torch.Tensor:
+def _logits(
+    extractor, images: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 64
+) -> torch.Tensor:
     """Extractor logits computed on ``device``, returned on the CPU (the extractor goes back too)."""
     try:
         extractor.to(device)
@@ -226,7 +222,7 @@ def evaluate_point(
     act_scope: str = "stream",
     images: torch.Tensor | None = None,
     tune_images: torch.Tensor | None = None,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Evaluate one grid point; returns the grid keys and the metrics (plain floats and ints).
 
@@ -451,9 +447,10 @@ def train_sweep_model(cfg: DictConfig, target: Path, base_vae_dir: Path) -> None
     from fingerprint_lm.models.vae import load_vae
     from fingerprint_lm.pipeline import stages
     from fingerprint_lm.pipeline.checkpoint import save_fingerprint_model
-
-    def plain(node):
-        return OmegaConf.to_container(node, resolve=True)
+    from fingerprint_lm.pipeline.run import (  # run.py dispatches here
+        record_training_config,
+        train_from_config,
+    )
 
     def make_trainer(**overrides):
         kwargs = {
@@ -470,35 +467,13 @@ def train_sweep_model(cfg: DictConfig, target: Path, base_vae_dir: Path) -> None
         "sweep: training a %d-bit fingerprint model (%d steps), cached at %s", bits, cfg.method.steps, target
     )
     datamodule = instantiate(cfg.data)
-    model, _, facts = stages.train_fingerprint(
-        load_vae(base_vae_dir),
-        bits,
-        datamodule,
-        make_trainer,
-        pnm_kwargs=plain(cfg.method.pnm),
-        extractor_kwargs=plain(cfg.method.extractor),
-        train_kwargs=plain(cfg.method.train),
-        augment_kwargs=plain(cfg.method.augment),
-        detector_fit_samples=int(cfg.method.detector_fit_samples),
-        seed=int(cfg.sweep.train_seed),
+    model, _, facts = train_from_config(
+        cfg, load_vae(base_vae_dir), datamodule, make_trainer, seed=int(cfg.sweep.train_seed)
     )
     quality = stages.evaluate_fingerprint(model, datamodule.test_dataloader(), int(cfg.eval.max_images))
-    model.meta.update(
-        {
-            "fingerprint_bits": bits,
-            "pnm": plain(cfg.method.pnm),
-            "extractor": plain(cfg.method.extractor),
-            "resolution": int(cfg.data.resolution),
-            "metrics": {
-                "bit_acc": quality["bit_acc"],
-                "psnr": quality["psnr"],
-                "ssim": quality["ssim"],
-                "steps": facts["steps"],
-                "train_seconds": facts["train_seconds"],
-            },
-            "trained_by": "collusion sweep (fingerprint_lm.pipeline.sweep.train_sweep_model)",
-        }
-    )
+    record_training_config(model, cfg, {**quality, "steps": facts["steps"]})
+    model.meta["metrics"]["train_seconds"] = facts["train_seconds"]
+    model.meta["trained_by"] = "collusion sweep (fingerprint_lm.pipeline.sweep.train_sweep_model)"
     save_fingerprint_model(model, target)
     log.info(
         "sweep: %d-bit model trained in %.0f s: bit_acc %.4f, PSNR %.2f dB",
@@ -609,7 +584,7 @@ def run_sweep_point(cfg: DictConfig) -> dict[str, Any]:
             act_scope=str(cfg.act.scope),
             images=images,
             tune_images=tune_images,
-            device=resolve_device(str(settings.device)),
+            device=resolve_device(settings.device, "sweep.device"),
         )
         metrics.update(
             {"case": str(settings.case), "point_key": key, "point": point, "model_source": model_source}
