@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--n-images", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--label", default="shipped", help="names the checkpoint in the JSON rows")
     parser.add_argument("--cache-dir", default=str(ROOT / ".cache" / "fingerprint_lm"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -50,7 +51,7 @@ def main() -> None:
                     m = evaluate_point(model, model.fingerprint_bits, act, attack, None, colluders,
                                        args.n_images, seed, fid_net, n_innocents=100, act_scope=scope)
                     row = {
-                        "date": time.strftime("%Y-%m-%d"), "threads": args.threads, "seed": seed,
+                        "date": time.strftime("%Y-%m-%d"), "label": args.label, "threads": args.threads, "seed": seed,
                         "scope": scope if act != "none" else "-", "act": act, "attack": attack,
                         "colluders": colluders, "bit_acc": m["bit_acc"], "psnr": m["psnr"], "ssim": m["ssim"],
                         "fid_proxy": m["fid_proxy"], "fid_proxy_base": m["fid_proxy_base"],

@@ -255,6 +255,27 @@ def test_sweep_trains_a_model_per_length_once_and_uses_the_shipped_one_where_it_
     assert shipped["model_source"] == "shipped" and shipped["bit_acc"] > 0.95
 
 
+def test_sweep_model_cache_key_follows_the_base_vae_weights(tmp_path):
+    """A per-length model cached on one base VAE is not reused after the base VAE is re-pretrained
+    (same config.json, new weights); the same bytes give the same key."""
+    import shutil
+
+    from fingerprint_lm.pipeline.checkpoint import SHIPPED_CHECKPOINT
+    from fingerprint_lm.pipeline.sweep import sweep_model_cache_dir, training_record
+
+    cfg = compose_config(tmp_path / "job", ["+experiment=collusion_sweep", "fingerprint_bits=32"], tiny=False)
+    base = tmp_path / "base_vae"
+    shutil.copytree(SHIPPED_CHECKPOINT / "base_vae", base)
+    record = training_record(cfg)
+    key = sweep_model_cache_dir(cfg, record, base)
+    assert key == sweep_model_cache_dir(cfg, record, base)
+    weights = base / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    assert sweep_model_cache_dir(cfg, record, base) != key
+
+
 def test_point_on_given_images_and_device_checks(tiny_model):
     """sweep.images=data hands evaluate_point real test images (COCO at scale); shape is checked."""
     from fingerprint_lm.devices import resolve_device

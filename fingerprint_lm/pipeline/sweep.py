@@ -22,6 +22,7 @@ count travel as one ``sweep.case`` string (:func:`parse_case`): ``none_c1``, ``a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -416,16 +417,8 @@ def sweep_model_dir(cfg: DictConfig) -> tuple[Path, str]:
     shipped_meta = json.loads((SHIPPED_CHECKPOINT / "fingerprint.json").read_text())
     if _recorded(shipped_meta) == record:
         return SHIPPED_CHECKPOINT, "shipped"
-    base_config = json.loads((SHIPPED_CHECKPOINT / "base_vae" / "config.json").read_text())
-    full = {
-        **record,
-        "method": OmegaConf.to_container(cfg.method, resolve=True),
-        "data": OmegaConf.to_container(cfg.data, resolve=True),
-        "trainer_precision": str(cfg.trainer.precision),
-        "train_seed": int(cfg.sweep.train_seed),
-        "base_vae": config_hash(base_config) + ":" + config_hash(shipped_meta),
-    }
-    target = Path(cfg.paths.cache_dir) / "sweep_models" / config_hash(full)
+    base_vae_dir = SHIPPED_CHECKPOINT / "base_vae"
+    target = sweep_model_cache_dir(cfg, record, base_vae_dir)
     if (target / "fingerprint.json").is_file():
         return target, "cached"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -435,8 +428,26 @@ def sweep_model_dir(cfg: DictConfig) -> tuple[Path, str]:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if (target / "fingerprint.json").is_file():  # another job trained it while we waited
             return target, "cached"
-        train_sweep_model(cfg, target, SHIPPED_CHECKPOINT / "base_vae")
+        train_sweep_model(cfg, target, base_vae_dir)
     return target, "trained"
+
+
+def sweep_model_cache_dir(cfg: DictConfig, record: dict[str, Any], base_vae_dir: Path) -> Path:
+    """``paths.cache_dir/sweep_models/<hash>``: the hash covers the training config and the bytes
+    of the base VAE it trains on, so a re-pretrained base VAE (same config, new weights) never
+    reuses a model cached on the old one."""
+    weights_digest = hashlib.sha256()
+    for path in sorted(base_vae_dir.iterdir()):
+        weights_digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    full = {
+        **record,
+        "method": OmegaConf.to_container(cfg.method, resolve=True),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "trainer_precision": str(cfg.trainer.precision),
+        "train_seed": int(cfg.sweep.train_seed),
+        "base_vae": weights_digest.hexdigest()[:16],
+    }
+    return Path(cfg.paths.cache_dir) / "sweep_models" / config_hash(full)
 
 
 def train_sweep_model(cfg: DictConfig, target: Path, base_vae_dir: Path) -> None:
