@@ -33,6 +33,10 @@ VARIANTS: dict[str, list[str]] = {
     "carriers+affine_K1_cdrop0.5": ["method.train.carrier_dropout=0.5"],
     "carriers+affine_K1_cdrop0.5_decoder": ["method.train.carrier_dropout=0.5", "method.train.train_decoder=true",
                                             "method.train.decoder_lr=1e-4"],
+    # Robustness to blur/JPEG after the base VAE got sharper (4000 pretraining steps): a lower
+    # PSNR target (stronger carriers) vs blur and JPEG probes twice as often.
+    "carriers+affine_K1_psnr29": ["method.train.psnr_target=29.0"],
+    "carriers+affine_K1_blurjpeg0.6": ["method.augment.p_blur=0.6", "method.augment.p_jpeg=0.6"],
 }
 
 
