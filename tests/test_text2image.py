@@ -258,27 +258,23 @@ def test_evaluation_attributes_the_user_and_writes_metrics(world, monkeypatch):
         f"{i:05d}.png" for i in range(N_IMAGES)
     ]
 
-    # the copy really is the pipeline's VAE: its own decode (float32) gives the same pixels
+    # the copy really is the pipeline's VAE: its own decode (float32) gives the same pixels. The
+    # pipeline is called on the evaluation's first batch (text2image.batch_size=4, one generator per
+    # image): a batch of 1 runs the UNet with other float32 rounding, one 8-bit level off here and there.
     pipe = load_text2image_pipeline(
         world["pipeline"], load_copy(world["root"] / "copies" / "bob"), torch.device("cpu")
     )
-    first = metrics["images"][0]
-    image = pipe(
-        prompt=first["caption"],
+    batch = metrics["images"][:4]
+    images = pipe(
+        prompt=[row["caption"] for row in batch],
         height=32,
         width=32,
         num_inference_steps=3,
         guidance_scale=2.0,
-        generator=torch.Generator().manual_seed(first["seed"]),
-    ).images[0]
-    # Equal up to float32 rounding: the evaluation decodes a batch of latents, the pipeline one
-    # image, so a value on a .5 boundary may land one 8-bit level apart (measured: 1 channel of 1
-    # pixel). The base VAE's image of the same latents is far further off, so this still tells.
-    pipeline_pixels = np.asarray(image).astype(int)
-    copy_gap = np.abs(pipeline_pixels - read_pixels([first["file"]])[0].astype(int))
-    base_gap = np.abs(pipeline_pixels - read_pixels([first["base_file"]])[0].astype(int))
-    assert copy_gap.max() <= 1 and (copy_gap > 0).mean() < 0.01, (copy_gap.max(), (copy_gap > 0).mean())
-    assert base_gap.max() > 1 and (base_gap > 0).mean() > 0.1, (base_gap.max(), (base_gap > 0).mean())
+        generator=[torch.Generator().manual_seed(row["seed"]) for row in batch],
+    ).images
+    for row, image in zip(batch, images):
+        assert np.array_equal(np.asarray(image), read_pixels([row["file"]])[0]), row["file"]
 
 
 def test_same_seed_same_images_and_every_copy_gets_the_same_latents(world):
