@@ -16,21 +16,15 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from fingerprint_lm.distributor.copies import issue_copy, load_copy
-from fingerprint_lm.distributor.generation import decode_with, held_out_images
+from fingerprint_lm.distributor.generation import decode_with, held_out_images, to_uint8_pixels
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.pipeline.checkpoint import load_fingerprint_model
 from fingerprint_lm.registry.store import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """``[n, 3, H, W]`` in [-1, 1] -> ``[n, H, W, 3]`` uint8."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
 def main() -> None:
@@ -51,7 +45,7 @@ def main() -> None:
         base_out = decode_with(model.vae, model.vae, images)
         copy_out = decode_with(model.vae, copy, images)
     difference = ((copy_out - base_out).abs() * 5).clamp(0, 2) - 1  # |diff| x5, shown on [-1, 1]
-    rows = [np.concatenate(list(to_uint8(x)), axis=1) for x in (base_out, copy_out, difference)]
+    rows = [np.concatenate(list(to_uint8_pixels(x)), axis=1) for x in (base_out, copy_out, difference)]
     grid = np.concatenate(rows, axis=0).repeat(args.upscale, axis=0).repeat(args.upscale, axis=1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(args.out)

@@ -34,11 +34,16 @@ def decode_with(encoder_vae, decoder_vae, images: torch.Tensor, batch_size: int 
     return torch.cat(out)
 
 
+def to_uint8_pixels(images: torch.Tensor) -> np.ndarray:
+    """``[n, 3, H, W]`` images in [-1, 1] (clipped) -> 8-bit RGB ``uint8 [n, H, W, 3]`` on the CPU."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def save_pngs(images: torch.Tensor, directory: str | Path, prefix: str = "img") -> list[str]:
     """Write ``[n, 3, H, W]`` images in [-1, 1] (clipped) as 8-bit PNGs ``<prefix>_0000.png``..."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    pixels = to_uint8_pixels(images)
     paths = []
     for i, array in enumerate(pixels):
         path = directory / f"{prefix}_{i:04d}.png"

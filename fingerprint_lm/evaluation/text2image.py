@@ -45,6 +45,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from fingerprint_lm.devices import resolve_device
+from fingerprint_lm.distributor.generation import to_uint8_pixels
 from fingerprint_lm.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -253,9 +254,7 @@ def decode_to_pixels(vae, latents: torch.Tensor) -> np.ndarray:
     ``latents / scaling_factor`` (as StableDiffusionPipeline does), clipped to [-1, 1], rounded."""
     parameter = next(vae.parameters())
     scaled = latents.to(parameter.device, torch.float32) / float(vae.config.scaling_factor)
-    images = vae.decode(scaled.to(parameter.dtype)).sample.float()
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+    return to_uint8_pixels(vae.decode(scaled.to(parameter.dtype)).sample.float())
 
 
 def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
