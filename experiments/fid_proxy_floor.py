@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from fingerprint_lm.data.synthetic import ProceduralImages
+from fingerprint_lm.errors import exit_on_user_error
 from fingerprint_lm.metrics.fid import _covariance, frechet_distance, proxy_features, train_proxy_feature_net
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.pipeline import sweep
@@ -119,4 +120,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

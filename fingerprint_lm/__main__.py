@@ -24,13 +24,9 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Console entry: user errors become one line on stderr and exit code 2."""
-    from fingerprint_lm.errors import FingerprintError
+    from fingerprint_lm.errors import exit_on_user_error
 
-    try:
-        hydra_main()
-    except FingerprintError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_user_error(hydra_main)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,25 @@
+"""The analysis scripts in experiments/ fail on bad input the way the entry point does: one
+``error:`` line, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("script", ["base_vs_copy.py", "fid_proxy_floor.py"])
+def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path, script):
+    out = tmp_path / "figure.png"
+    extra = ["--out", str(out)] if script == "base_vs_copy.py" else []
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / script), "--checkpoint", str(tmp_path / "missing"), *extra],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "no fingerprint checkpoint" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
