@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -23,10 +24,26 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """Console entry: user errors become one line on stderr and exit code 2."""
-    from fingerprint_lm.errors import exit_on_user_error
+    """Console entry: user errors, Hydra's included (unknown experiment or group option, bad
+    override syntax), become one ``error: ...`` line on stderr and exit code 2."""
+    from hydra.errors import ConfigCompositionException, OverrideParseException
 
-    exit_on_user_error(hydra_main)
+    from fingerprint_lm.errors import exit_on_user_error, hydra_error_line
+
+    # Hydra prints its own multi-line report and exits 1 unless HYDRA_FULL_ERROR=1, in which case it
+    # re-raises: that is the only way to see its exceptions. A user who set it wants the full trace.
+    wants_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        exit_on_user_error(hydra_main)
+    except (ConfigCompositionException, OverrideParseException) as exc:
+        if wants_trace:
+            raise
+        print(f"error: {hydra_error_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if not wants_trace:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 if __name__ == "__main__":

@@ -35,3 +35,23 @@ def exit_on_user_error(function: Callable[[], Any]) -> Any:
     except FingerprintError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def hydra_error_line(exc: Exception) -> str:
+    """One line for a Hydra composition or override error, naming the valid choices where Hydra
+    knows them (an unknown experiment or group option)."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and exc.options:
+        group, _, option = str(exc.missing_cfg_file).rpartition("/")
+        return f"unknown {group} '{option}' (choose one of: {', '.join(exc.options)})"
+    if isinstance(exc, OverrideParseException):
+        reason = exc.message.splitlines()[0]
+        return (
+            f"cannot parse the override '{exc.override}': {reason} "
+            "(syntax: https://hydra.cc/docs/advanced/override_grammar/basic/)"
+        )
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if exc.__cause__ is not None:  # e.g. "Key 'x' is not in struct" behind "Could not override 'x'"
+        lines.append(f"({str(exc.__cause__).splitlines()[0].strip()})")
+    return " ".join(lines)

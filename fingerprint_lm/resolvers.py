@@ -8,6 +8,7 @@ Interpolations resolve lazily, so the registration only has to happen before a v
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -30,6 +31,27 @@ def wandb_offline() -> bool:
     return not os.environ.get("WANDB_API_KEY", "").strip()
 
 
+def launch_dir() -> str:
+    """``${fingerprint_lm.launch_dir:}``: the directory the command was started in.
+
+    Inside a job this is Hydra's ``runtime.cwd`` (right even if ``hydra.job.chdir`` was turned on);
+    before any job exists (a sweeper resolving ``hydra.sweep.dir``, ``--cfg``, ``hydra.compose``)
+    HydraConfig is not set, and the process has not changed directory, so it is the current one.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return str(HydraConfig.get().runtime.cwd)
+    return os.getcwd()
+
+
+def package_dir() -> str:
+    """``${fingerprint_lm.package_dir:}``: the installed ``fingerprint_lm`` package (its assets)."""
+    return str(Path(__file__).resolve().parent)
+
+
 def register_resolvers() -> None:
     """Register this package's resolvers (idempotent: importing twice is harmless)."""
     OmegaConf.register_new_resolver("fingerprint_lm.wandb_offline", wandb_offline, replace=True)
+    OmegaConf.register_new_resolver("fingerprint_lm.launch_dir", launch_dir, replace=True)
+    OmegaConf.register_new_resolver("fingerprint_lm.package_dir", package_dir, replace=True)

@@ -1,11 +1,13 @@
 """Every experiment composes; the config tree follows STYLE.md."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
 
-from tests.conftest import CONF, compose_config
+from tests.conftest import CONF, ROOT, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
@@ -43,3 +45,53 @@ def test_loggers_instantiate(tmp_path, logger):
     assert (built is None) == (logger == "none")
     if logger == "wandb":
         assert built._offline is True and Path(built.save_dir) == tmp_path / "run"
+
+
+def test_paths_and_run_dirs_resolve_without_hydra_config(tmp_path, monkeypatch):
+    """Hydra's sweepers resolve hydra.sweep.dir before any job has a HydraConfig: nothing it reads
+    may need one (the README's sweep command once failed for every new user on exactly this)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=collusion_sweep"], return_hydra_config=True)
+    assert not HydraConfig.initialized()
+    assert str(cfg.hydra.sweep.dir).startswith(str(tmp_path / "outputs" / "multiruns") + "/")
+    assert str(cfg.hydra.run.dir).startswith(str(tmp_path / "outputs" / "runs") + "/")
+    for key in ("root_dir", "data_dir", "log_dir", "cache_dir", "export_dir"):
+        assert Path(str(cfg.paths[key])).is_absolute(), key
+    assert Path(str(cfg.paths.export_dir)) == ROOT / "fingerprint_lm" / "assets" / "embedded"
+
+
+def test_debug_overlays_shrink_an_experiment_and_the_command_line_still_wins(tmp_path):
+    sweep = compose_config(tmp_path, ["+experiment=collusion_sweep"], tiny=False)
+    tiny = compose_config(tmp_path, ["+experiment=collusion_sweep", "debug=tiny"], tiny=False)
+    fast = compose_config(tmp_path, ["+experiment=collusion_sweep", "debug=fast"], tiny=False)
+    assert len(str(sweep.sweep.grid.case).split(",")) == 21 and sweep.method.steps == 600
+    assert (tiny.sweep.grid.fingerprint_bits, tiny.sweep.grid.act) == ("48", "all")
+    assert len(str(tiny.sweep.grid.case).split(",")) == 2 and tiny.method.steps == 20
+    assert len(str(fast.sweep.grid.act).split(",")) * len(str(fast.sweep.grid.case).split(",")) == 6
+    assert list(tiny.model.vae_config.block_out_channels) == [8, 16] and tiny.data.resolution == 16
+    train = compose_config(tmp_path, ["+experiment=train", "debug=tiny", "method.steps=7", "logger=csv"], tiny=False)
+    assert train.method.steps == 7 and train.logger._target_.endswith("CSVLogger")
+    assert train.fingerprint_bits == 48 and train.eval.max_images == 64
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("+experiment=nope", "unknown experiment 'nope' (choose one of: collusion_sweep, smoke, train)"),
+        ("act=nope", "unknown act 'nope' (choose one of: all, none, permute, scale, sign)"),
+        ("debug=huge", "unknown debug 'huge' (choose one of: fast, none, tiny)"),
+        ("fingerprint_bits=[1,2", "cannot parse the override 'fingerprint_bits=[1,2'"),
+        ("no_such_key=3", "Could not override 'no_such_key'"),
+    ],
+)
+def test_hydra_errors_are_one_error_line_with_exit_code_2(tmp_path, override, expected):
+    out = subprocess.run([sys.executable, "-m", "fingerprint_lm", override], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), out.stderr
+    assert not (tmp_path / "outputs").exists()  # nothing written

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf, open_dict
 
 from fingerprint_lm.pipeline import stages
 from fingerprint_lm.pipeline.run import run
-from tests.conftest import ROOT, TINY_OVERRIDES, compose_config
+from tests.conftest import DEBUG_TINY, ROOT, compose_config
 
 STEPS = 3
 
@@ -218,7 +218,7 @@ def test_strategy_ddp_runs_the_script_on_every_rank_and_rank_zero_writes(tmp_pat
     # outputs and the base VAE cache must still be written once. Carrier dropout leaves parameters
     # unused in some steps: the find_unused_parameters strategy of conf/trainer/ddp.yaml copes.
     command = [
-        sys.executable, "-m", "fingerprint_lm", *TINY_OVERRIDES, "trainer=ddp_sim",
+        sys.executable, "-m", "fingerprint_lm", *DEBUG_TINY, "trainer=ddp_sim",
         "trainer.strategy=ddp_find_unused_parameters_true", "method.train.carrier_dropout=0.5",
         "fingerprint_bits=8", f"method.steps={STEPS + 2}", "model.pretrain.steps=4",
         "method.detector_fit_samples=128", f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run",

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from fingerprint_lm.errors import CheckpointError
 from fingerprint_lm.pipeline import cache, stages
 from fingerprint_lm.pipeline.run import run
-from tests.conftest import CONF, ROOT, TINY_OVERRIDES, compose_config
+from tests.conftest import CONF, DEBUG_TINY, ROOT, compose_config
 
 ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "WANDB_MODE": "offline"}
 
@@ -166,7 +166,7 @@ def test_submitit_local_sweep_is_requeued_into_the_same_dir_and_resumes(tmp_path
     _pretrain_base_vae_once(tmp_path)
     # default sweep dir: <root>/outputs/multiruns/${now:...}, fixed when the sweep is submitted
     command = [
-        sys.executable, "-m", "fingerprint_lm", "-m", "hydra/launcher=submitit_local", *TINY_OVERRIDES,
+        sys.executable, "-m", "fingerprint_lm", "-m", "hydra/launcher=submitit_local", *DEBUG_TINY,
         f"paths.root_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache", "fingerprint_bits=8",
         "method.steps=20", "method.detector_fit_samples=128", "seed=0,1",
         ATTEMPTS, "+callbacks.attempts.preempt_at=13",
