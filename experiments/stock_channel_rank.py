@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.func import functional_call, jacfwd
+from torch.func import functional_call, jacrev
 
 from fingerprint_lm.data.datamodule import TEST_SEED_OFFSET
 from fingerprint_lm.data.synthetic import ProceduralImages
@@ -99,7 +99,7 @@ def measure(vae, images: torch.Tensor, space: str) -> dict:
         def render(vector, latent=latent):
             return functional_call(decoder, modulated(params, sites, vector), (latent[None],)).flatten()
 
-        jacobian = jacfwd(render, chunk_size=256)(torch.zeros(size))
+        jacobian = jacrev(render, chunk_size=256)(torch.zeros(size))
         per_image.append(spread(torch.linalg.svdvals(jacobian)))
     mean = {key: sum(r[key] for r in per_image) / len(per_image) for key in per_image[0]}
     return {"space": space, "modulation_size": size, **mean,

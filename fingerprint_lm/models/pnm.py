@@ -242,7 +242,10 @@ class PersonalizedDecoder(nn.Module):
     def forward(self, latents: torch.Tensor, bits: torch.Tensor | None, carriers: bool = True) -> torch.Tensor:
         # A VAE loaded in bf16/fp16 decodes in its own dtype; callers keep theirs (fp32 losses).
         out_dtype = latents.dtype
-        latents = latents.to(self.decoder.conv_in.weight.dtype)
+        # contiguous: the posterior mode is a channel slice of the encoder's moments, and on torch
+        # 2.13 CPU a backward pass through the decoder from such a strided view crashes (segfault;
+        # experiments/stock_recipe_probe.py hit it). A copy of a latent batch costs nothing.
+        latents = latents.to(self.decoder.conv_in.weight.dtype).contiguous()
         if self.post_quant_conv is not None:
             latents = self.post_quant_conv(latents)
         with self.fingerprinted(bits, carriers):
