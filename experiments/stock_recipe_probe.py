@@ -69,6 +69,22 @@ class PooledExtractor(nn.Module):
         return self.head(self.features(images).mean(dim=(2, 3)))
 
 
+class BoundedPNM(PersonalizedDecoder):
+    """PNM whose per-channel changes are bounded, ``bound * tanh(raw / bound)``: unbounded, a
+    message-only warm-up drives the decoder into saturation (PSNR ~7 dB) where codes stop being
+    distinguishable (measured: 0.6 bit accuracy after 300 steps)."""
+
+    bound: float = 0.5
+
+    def modulation(self, bits):
+        out = super().modulation(bits)
+        for values in out.values():
+            for key in ("scale", "shift"):
+                if key in values:
+                    values[key] = self.bound * torch.tanh(values[key] / self.bound)
+        return out
+
+
 def batches(resolution: int, batch_size: int, seed: int):
     stream = ProceduralImages(resolution, seed=seed)
     index = 0
@@ -81,8 +97,9 @@ def probe(variant: str, args) -> dict:
     torch.manual_seed(args.seed)
     vae = load_vae(Path(args.checkpoint) / "base_vae").eval().requires_grad_(False)
     base = load_vae(Path(args.checkpoint) / "base_vae").eval().requires_grad_(False)
-    pnm = PersonalizedDecoder(vae.decoder, args.bits, affine_sites=ALL_NORMS, spatial_site=None,
+    pnm = BoundedPNM(vae.decoder, args.bits, affine_sites=ALL_NORMS, spatial_site=None,
                               mapping_hidden=args.mapping_hidden, post_quant_conv=vae.post_quant_conv)
+    pnm.bound = args.bound
     extractor = PooledExtractor(args.bits, args.width, args.depth)
     trainable = [p for n, p in pnm.named_parameters() if not n.startswith(("decoder.", "post_quant_conv."))]
     optimizer = torch.optim.Adam([{"params": trainable, "lr": args.lr}, {"params": extractor.parameters(), "lr": args.lr}])
@@ -166,6 +183,7 @@ def main() -> None:
     parser.add_argument("--ramp-steps", type=int, default=200)
     parser.add_argument("--psnr-target", type=float, default=30.0)
     parser.add_argument("--weight-lr", type=float, default=1.0)
+    parser.add_argument("--bound", type=float, default=0.5, help="largest relative change per channel")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     for variant in args.variants:

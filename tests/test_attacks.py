@@ -21,6 +21,7 @@ from fingerprint_lm.attacks.image import (
     DEFAULT_STRENGTHS,
     IDENTITY_STRENGTH,
     IMAGE_ATTACKS,
+    SIZE_CHANGING,
     get_image_attack,
     regenerate,
 )
@@ -51,7 +52,7 @@ GROUPS = SMALL_VAE_CONFIG["norm_num_groups"]
 # (weaker, stronger) strength of every image attack with a strength.
 STRENGTH_PAIRS = {
     "jpeg": (90, 10),
-    "crop": (0.9, 0.25),
+    "crop_resize": (0.9, 0.25),
     "resize": (0.75, 0.25),
     "rotation": (10, 45),
     "gaussian_blur": (0.5, 2.0),
@@ -108,10 +109,14 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], at
 def test_image_attack_shape_range_purity(images, name, strength):
     before = images.clone()
     out = IMAGE_ATTACKS[name](images, strength, torch.Generator().manual_seed(0))
-    assert out.shape == images.shape and out.dtype == images.dtype
+    if name in SIZE_CHANGING:  # a cut without resize: smaller, never larger
+        assert out.shape[:2] == images.shape[:2] and out.shape[-2:] < images.shape[-2:]
+    else:
+        assert out.shape == images.shape
+        assert not torch.equal(out, images)  # every default grid point is an actual attack
+    assert out.dtype == images.dtype
     assert out.min() >= -1 and out.max() <= 1
     assert torch.isfinite(out).all()
-    assert not torch.equal(out, images)  # every default grid point is an actual attack
     assert torch.equal(images, before)
 
 
@@ -132,7 +137,7 @@ def test_stronger_attack_changes_more(images, name):
     assert 0 < change[0] < change[1]
 
 
-@pytest.mark.parametrize("name", ["crop", "gaussian_noise", "combined"])
+@pytest.mark.parametrize("name", ["crop", "crop_resize", "gaussian_noise", "combined"])
 def test_random_attacks_deterministic_given_generator(images, name):
     attack = IMAGE_ATTACKS[name]
     strength = DEFAULT_STRENGTHS[name][-1]
@@ -187,12 +192,33 @@ def test_colour_attacks_at_zero(images):
     assert torch.equal(black, torch.full_like(images, -1.0))
 
 
+def test_crop_and_shift_cut_pixels_without_resizing(images):
+    """crop keeps the very pixels of a window (no resampling), crop_resize resamples the same
+    window back to full size, shift cuts exactly its offset off the top and the left."""
+    window = IMAGE_ATTACKS["crop"](images, 0.25, torch.Generator().manual_seed(5))
+    assert window.shape[-2:] == (16, 16)
+    found = [
+        any(torch.equal(w, image[:, top : top + 16, left : left + 16]) for top in range(17) for left in range(17))
+        for w, image in zip(window, images)
+    ]
+    assert all(found)
+    resized = IMAGE_ATTACKS["crop_resize"](images, 0.25, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(
+        resized, F.interpolate(window, size=(32, 32), mode="bilinear", align_corners=False).clamp(-1, 1)
+    )
+    shifted = IMAGE_ATTACKS["shift"](images, 3)
+    assert torch.equal(shifted, images[..., 3:, 3:])
+    for bad in (1.5, -1, 32):
+        with pytest.raises(ConfigError, match="shift takes a whole number of pixels"):
+            IMAGE_ATTACKS["shift"](images, bad)
+
+
 def test_combined_is_crop_brightness_jpeg(images):
     generator = torch.Generator().manual_seed(3)
     out = IMAGE_ATTACKS["combined"](images, None, generator)
     expected = IMAGE_ATTACKS["jpeg"](
         IMAGE_ATTACKS["brightness"](
-            IMAGE_ATTACKS["crop"](images, 0.5, torch.Generator().manual_seed(3)), 1.5
+            IMAGE_ATTACKS["crop_resize"](images, 0.5, torch.Generator().manual_seed(3)), 1.5
         ),
         80,
     )

@@ -1,7 +1,8 @@
 """Image-level attacks for evaluation: what a user may do to an image before it is examined.
 
 Every attack takes a batch ``[B, 3, H, W]`` in ``[-1, 1]`` and returns a new batch of the same
-shape, dtype and device, clamped to ``[-1, 1]``. The signature is always
+dtype and device, clamped to ``[-1, 1]``, and of the same shape except for the attacks in
+:data:`SIZE_CHANGING` (``crop`` and ``shift`` cut pixels away without resizing back). The signature is always
 ``fn(images, strength, generator=None)``; attacks with a random part (crop position, noise)
 draw it from ``generator`` only, so a seeded generator makes them deterministic. The input is
 never modified.
@@ -12,7 +13,10 @@ Strengths follow the peers' units (FIELD.md) so our grids are comparable:
 attack         strength                                     identity
 ============== ============================================ ==========
 jpeg           quality 1..100 (real JPEG through PIL)       none
-crop           fraction of the area kept, then resized back 1.0
+crop           fraction of the area kept, no resize         1.0
+crop_resize    fraction of the area kept, then resized back 1.0
+shift          pixels cut off the top and the left (a      0
+               crop without resize at that offset)
 resize         side scale factor, down and back up          1.0
 rotation       degrees, bilinear, border fill               0
 gaussian_blur  sigma in pixels (kernel 2 ceil(3 sigma) + 1) 0
@@ -20,7 +24,7 @@ gaussian_noise std on [0, 1] images                         0
 brightness     factor (blend with black)                    1.0
 contrast       factor (blend with the mean grey level)      1.0
 saturation     factor (blend with the greyscale image)      1.0
-combined       ignored: crop 50% -> brightness 1.5 -> JPEG 80  none
+combined       ignored: crop_resize 50% -> brightness 1.5 -> JPEG 80  none
 ============== ============================================ ==========
 
 The colour attacks use the definitions of ``torchvision.transforms.functional.adjust_*`` (the
@@ -87,25 +91,52 @@ def jpeg(images: torch.Tensor, strength: float, generator: torch.Generator | Non
     return (out.to(images.dtype) / 127.5 - 1).to(images.device).contiguous()
 
 
-def crop(images: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Keep a square-aspect window holding ``strength`` of the area (at a random position per
-    image, from ``generator``), resized back to the input size (bilinear, antialiased)."""
+def _crop_window(images: torch.Tensor, keep: float, generator: torch.Generator | None):
+    """Per image, a square-aspect window holding ``keep`` of the area at a random position (from
+    ``generator``): a list of [1, C, h, w] tensors, or None when the window is the whole image."""
     _check_images(images)
-    keep = float(strength)
+    keep = float(keep)
     if not 0 < keep <= 1:
-        raise ConfigError(f"crop keeps a fraction of the area in (0, 1], got {strength}")
+        raise ConfigError(f"crop keeps a fraction of the area in (0, 1], got {keep}")
     height, width = images.shape[-2:]
     crop_h = min(height, max(1, round(height * math.sqrt(keep))))
     crop_w = min(width, max(1, round(width * math.sqrt(keep))))
     if (crop_h, crop_w) == (height, width):
-        return images.clone()
-    out = []
+        return None
+    windows = []
     for image in images:
         top = int(torch.randint(0, height - crop_h + 1, (1,), generator=generator))
         left = int(torch.randint(0, width - crop_w + 1, (1,), generator=generator))
-        window = image[None, :, top : top + crop_h, left : left + crop_w]
-        out.append(F.interpolate(window, size=(height, width), mode="bilinear", align_corners=False))
+        windows.append(image[None, :, top : top + crop_h, left : left + crop_w])
+    return windows
+
+
+def crop(images: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Keep a square-aspect window holding ``strength`` of the area (at a random position per
+    image, from ``generator``), not resized: the output is smaller than the input."""
+    windows = _crop_window(images, strength, generator)
+    return images.clone() if windows is None else torch.cat(windows).clone()
+
+
+def crop_resize(images: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """:func:`crop`, then resized back to the input size (bilinear)."""
+    windows = _crop_window(images, strength, generator)
+    if windows is None:
+        return images.clone()
+    size = tuple(images.shape[-2:])
+    out = [F.interpolate(w, size=size, mode="bilinear", align_corners=False) for w in windows]
     return torch.cat(out).clamp(-1, 1)
+
+
+def shift(images: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Cut ``strength`` pixels off the top and the left, no resize: every pixel that stays moves by
+    that offset relative to any fixed grid (a tile-aligned mark loses its alignment)."""
+    _check_images(images)
+    pixels = float(strength)
+    height, width = images.shape[-2:]
+    if pixels != int(pixels) or not 0 <= pixels < min(height, width):
+        raise ConfigError(f"shift takes a whole number of pixels in [0, {min(height, width)}), got {strength}")
+    return images[..., int(pixels) :, int(pixels) :].clone()
 
 
 def resize(images: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -219,7 +250,7 @@ def combined(
     a family (it has no identity, since JPEG has none). The crop position comes from ``generator``.
     """
     _check_images(images)
-    return jpeg(brightness(crop(images, 0.5, generator), 1.5), 80)
+    return jpeg(brightness(crop_resize(images, 0.5, generator), 1.5), 80)
 
 
 @torch.no_grad()
@@ -276,6 +307,8 @@ def regeneration_attack(vae: nn.Module) -> ImageAttack:
 IMAGE_ATTACKS: dict[str, ImageAttack] = {
     "jpeg": jpeg,
     "crop": crop,
+    "crop_resize": crop_resize,
+    "shift": shift,
     "resize": resize,
     "rotation": rotation,
     "gaussian_blur": gaussian_blur,
@@ -286,9 +319,15 @@ IMAGE_ATTACKS: dict[str, ImageAttack] = {
     "combined": combined,
 }
 
+# Attacks whose output is smaller than their input (quality metrics compare it with the same cut of
+# the reference image).
+SIZE_CHANGING: frozenset[str] = frozenset({"crop", "shift"})
+
 # The strength at which an attack returns its input (only where one exists: not jpeg or combined).
 IDENTITY_STRENGTH: dict[str, float] = {
     "crop": 1.0,
+    "crop_resize": 1.0,
+    "shift": 0,
     "resize": 1.0,
     "rotation": 0.0,
     "gaussian_blur": 0.0,
@@ -303,6 +342,8 @@ IDENTITY_STRENGTH: dict[str, float] = {
 DEFAULT_STRENGTHS: dict[str, tuple[float, ...]] = {
     "jpeg": (90, 80, 70, 50, 30, 10),
     "crop": (0.9, 0.5, 0.1),
+    "crop_resize": (0.9, 0.5, 0.1),
+    "shift": (1, 2, 4, 8),
     "resize": (0.75, 0.5, 0.25),
     "rotation": (10, 20, 25, 30, 90),
     "gaussian_blur": (1.0, 2.0, 3.0),

@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fingerprint_lm.attacks import model as model_attacks
 from fingerprint_lm.attacks.collusion import MERGES, merge_copies
-from fingerprint_lm.attacks.image import IMAGE_ATTACKS
+from fingerprint_lm.attacks.image import IMAGE_ATTACKS, SIZE_CHANGING
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.devices import resolve_device
 from fingerprint_lm.distributor.copies import attach_bias_map, personal_tensors
@@ -316,7 +316,12 @@ def evaluate_point(
                 decoder, int(attack_strength), finetune_lr, tune_images, batch_size=16, generator=generator
             )
     outputs = _decode(decoder, latents, device)
+    reference = base_outputs  # what quality is measured against: the same cut for crops and shifts
     if attack in IMAGE_ATTACKS:
+        if attack in SIZE_CHANGING:
+            replay = torch.Generator().manual_seed(0)
+            replay.set_state(generator.get_state())
+            reference = IMAGE_ATTACKS[attack](base_outputs, attack_strength, replay)
         outputs = IMAGE_ATTACKS[attack](outputs, attack_strength, generator)
     elif attack == "estimate_remove":
         tile = int(getattr(model.pnm, "tile_size", model.meta.get("pnm", {}).get("tile_size", 16)))
@@ -353,12 +358,12 @@ def evaluate_point(
         "false_positives": float(np.mean(base_matches >= threshold)),
         "tracing_caught": sum(u in colluder_ids for u in accused),
         "tracing_innocents_accused": sum(u not in colluder_ids for u in accused),
-        "psnr": float(psnr(outputs, base_outputs).mean()),
-        "ssim": float(ssim(outputs, base_outputs)),
+        "psnr": float(psnr(outputs, reference).mean()),
+        "ssim": float(ssim(outputs, reference)),
         "fid_proxy": None,
         "fid_proxy_base": None,
     }
-    if fid_net is not None:
+    if fid_net is not None and outputs.shape[-2:] == real.shape[-2:]:  # no proxy across image sizes
         metrics["fid_proxy"] = frechet_distance_proxy(outputs, real, fid_net)
         metrics["fid_proxy_base"] = frechet_distance_proxy(base_outputs, real, fid_net)
     metrics["seconds"] = time.perf_counter() - start
