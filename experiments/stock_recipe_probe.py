@@ -42,7 +42,7 @@ from fingerprint_lm.pipeline.checkpoint import SHIPPED_CHECKPOINT
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stock_recipe_probe.jsonl"
 # Every decoder GroupNorm except the attention block's, which normalises [B, C, HW] tensors that
-# ModulatedGroupNorm does not take yet (13 of the 14 GroupNorms, 1600 of 1664 affine values).
+# ModulatedGroupNorm does not take yet (17 of the 18 GroupNorms, 1536 of 1664 affine values).
 ALL_NORMS = (
     "up_blocks.*.resnets.*.norm1",
     "up_blocks.*.resnets.*.norm2",

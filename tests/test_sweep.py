@@ -94,6 +94,19 @@ def test_collusion_and_act(tiny_model, fid_net):
     assert aligned["bit_acc"] == pytest.approx(naive_no_act["bit_acc"], abs=0.01)
 
 
+def test_cuts_without_resize_are_scored_against_the_same_cut_of_the_base(tiny_model, fid_net):
+    """crop and shift return smaller images: PSNR compares them with the same cut of the base
+    decoder's outputs (a shift alone leaves that PSNR as it was), and no fid_proxy across sizes."""
+    assert parse_case("crop_resize_0.5") == ("crop_resize", 0.5, 1)
+    assert parse_case("shift_1") == ("shift", 1.0, 1)
+    plain = point(tiny_model, fid_net)
+    shifted = point(tiny_model, fid_net, attack="shift", strength=1)
+    cropped = point(tiny_model, fid_net, attack="crop", strength=0.5)
+    assert shifted["fid_proxy"] is None and cropped["fid_proxy"] is None
+    assert abs(shifted["psnr"] - plain["psnr"]) < 1.0  # the mark, not a misaligned comparison
+    assert cropped["psnr"] > 20
+
+
 def test_image_attack_and_wrong_length(tiny_model, fid_net):
     plain = point(tiny_model, fid_net)
     blurred = point(tiny_model, fid_net, attack="gaussian_blur", strength=2.0)
