@@ -56,11 +56,15 @@ class PooledExtractor(nn.Module):
     """Stride-1 convs (so a shift of the input shifts the features), global average pooling and a
     linear head: reads stationary texture statistics, which a crop or shift keeps."""
 
-    def __init__(self, bits: int, width: int = 64, depth: int = 4):
+    def __init__(self, bits: int, width: int = 64, depth: int = 4, norm: str = "batch"):
         super().__init__()
         layers, prev = [], 3
         for _ in range(depth):
-            layers += [nn.Conv2d(prev, width, 3, padding=1), nn.GroupNorm(8, width), nn.GELU()]
+            # GroupNorm normalises each image's feature statistics away, and per-channel decoder
+            # modulation shows up precisely as such statistics; BatchNorm keeps per-image differences.
+            normaliser = {"group": lambda: nn.GroupNorm(8, width), "batch": lambda: nn.BatchNorm2d(width),
+                          "none": nn.Identity}[norm]()
+            layers += [nn.Conv2d(prev, width, 3, padding=1), normaliser, nn.GELU()]
             prev = width
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(width, bits)
@@ -100,7 +104,7 @@ def probe(variant: str, args) -> dict:
     pnm = BoundedPNM(vae.decoder, args.bits, affine_sites=ALL_NORMS, spatial_site=None,
                               mapping_hidden=args.mapping_hidden, post_quant_conv=vae.post_quant_conv)
     pnm.bound = args.bound
-    extractor = PooledExtractor(args.bits, args.width, args.depth)
+    extractor = PooledExtractor(args.bits, args.width, args.depth, args.extractor_norm)
     trainable = [p for n, p in pnm.named_parameters() if not n.startswith(("decoder.", "post_quant_conv."))]
     optimizer = torch.optim.Adam([{"params": trainable, "lr": args.lr}, {"params": extractor.parameters(), "lr": args.lr}])
 
@@ -144,6 +148,7 @@ def probe(variant: str, args) -> dict:
             print(f"  {variant} step {step}: train bit_acc {acc:.3f} psnr {current:.2f} dB "
                   f"weight {image_weight:.1f} ({time.perf_counter() - start:.0f} s)", flush=True)
     train_seconds = time.perf_counter() - start
+    extractor.eval()
     return {"variant": variant, **vars(args), "variants": None, "warm_step": warm,
             "train_seconds": round(train_seconds, 1), **evaluate(pnm, vae, base, read, args), "history": history}
 
@@ -183,6 +188,7 @@ def main() -> None:
     parser.add_argument("--ramp-steps", type=int, default=200)
     parser.add_argument("--psnr-target", type=float, default=30.0)
     parser.add_argument("--weight-lr", type=float, default=1.0)
+    parser.add_argument("--extractor-norm", choices=["group", "batch", "none"], default="batch")
     parser.add_argument("--bound", type=float, default=0.5, help="largest relative change per channel")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -1,0 +1,73 @@
+"""The shift-invariant extractor (models/pooled_extractor.py): invariance, whitening, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fingerprint_lm.data.synthetic import ProceduralImages
+from fingerprint_lm.errors import DataError
+from fingerprint_lm.models.pooled_extractor import MIN_SIZE, PooledExtractor
+
+
+def images(count: int, resolution: int = 32, seed: int = 4) -> torch.Tensor:
+    data = ProceduralImages(resolution=resolution, seed=seed, length=count)
+    return torch.stack([data.sample(i)["image"] for i in range(count)])
+
+
+@pytest.fixture(scope="module")
+def extractor() -> PooledExtractor:
+    torch.manual_seed(0)
+    model = PooledExtractor(16, width=16, depth=3)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so eval mode is not an identity
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_output_is_invariant_to_circular_shifts(extractor):
+    x = images(4)
+    with torch.no_grad():
+        reference = extractor(x)
+        for dy, dx in [(1, 0), (0, 3), (7, 5), (16, 31)]:
+            shifted = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+            # float32 summation order is the only difference (tolerance 1e-4 on logits of size ~1)
+            torch.testing.assert_close(extractor(shifted), reference, atol=1e-4, rtol=0)
+    # ... and it is not a constant: other images give other logits
+    assert (extractor(images(4, seed=9)) - reference).abs().max() > 1e-2
+
+
+def test_plain_shifts_and_crops_change_it_only_through_the_border(extractor):
+    """A shift without wrap-around (a crop at an offset) moves the border: the logits change a
+    little, far less than between two different images."""
+    x = images(8, resolution=64)
+    with torch.no_grad():
+        full = extractor(x[..., 1:, 1:])
+        shifted = extractor(x[..., :-1, :-1])
+        other = extractor(images(8, resolution=64, seed=9)[..., 1:, 1:])
+    assert (full - shifted).abs().mean() < 0.2 * (full - other).abs().mean()
+
+
+def test_whitening_gives_zero_mean_decorrelated_unit_variance_logits_on_unmarked_images(extractor):
+    torch.manual_seed(1)
+    model = PooledExtractor(8, width=16, depth=2).eval()
+    unmarked = images(400)
+    raw = model(unmarked)
+    assert raw.mean(0).abs().max() > 1e-3  # not already white
+    model.fit_whitening(unmarked)
+    logits = model(unmarked).double()
+    torch.testing.assert_close(logits.mean(0), torch.zeros(8, dtype=torch.float64), atol=1e-4, rtol=0)
+    covariance = torch.cov(logits.T)
+    torch.testing.assert_close(covariance, torch.eye(8, dtype=torch.float64), atol=1e-3, rtol=0)
+    fresh = model(images(400, seed=11))
+    bits = (fresh > 0).float().mean(0)  # unseen unmarked images: bits close to balanced
+    assert bits.min() > 0.3 and bits.max() < 0.7
+
+
+def test_bad_input_is_a_data_error(extractor):
+    with pytest.raises(DataError, match=f"at least {MIN_SIZE} px"):
+        extractor(torch.zeros(1, 3, MIN_SIZE - 1, 32))
+    with pytest.raises(DataError, match="more than 16 unmarked images"):
+        extractor.fit_whitening(images(16))
