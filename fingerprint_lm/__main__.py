@@ -37,6 +37,9 @@ def main() -> None:
     try:
         exit_on_user_error(hydra_main)
     except (ConfigCompositionException, OverrideParseException) as exc:
+        from fingerprint_lm.sweep_guard import remove_unstarted_sweeps
+
+        remove_unstarted_sweeps()
         if wants_trace:
             raise
         print(f"error: {hydra_error_line(exc)}", file=sys.stderr)
