@@ -1,4 +1,4 @@
-"""Every experiment composes; the config tree follows STYLE.md."""
+"""Every experiment composes; the config tree follows docs/design.md ("Coding style")."""
 
 import subprocess
 import sys
@@ -22,7 +22,7 @@ def test_experiment_composes(tmp_path, experiment):
     assert cfg.fingerprint_bits > 0
     assert cfg.data._target_.endswith("ImageDataModule")
     text = (CONF / "experiment" / f"{experiment}.yaml").read_text()
-    assert text.startswith("# @package _global_"), "experiments are global packages (STYLE.md)"
+    assert text.startswith("# @package _global_"), "experiments are global packages (docs/design.md)"
 
 
 def test_config_yaml_does_not_list_experiment():

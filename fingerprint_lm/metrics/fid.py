@@ -6,7 +6,7 @@ procedural images to predict their shape, texture and colour. Its values are not
 FID (another network, another feature space, other data) and must never be reported as FID; it
 is there to rank conditions (clean vs. attacked vs. colluded) on this machine without downloads.
 A randomly initialised network does not do: its distance could not tell colluded from clean
-images at 512 samples (DESIGN.md), hence the training.
+images at 512 samples (docs/design.md, "What throwaway prototypes measured"), hence the training.
 
 Real FID (Inception features) goes through clean-fid, an optional extra (``[fid]``) that needs
 torchvision and the Inception weights on disk; :func:`clean_fid_available` says whether both are

@@ -1,6 +1,6 @@
 """Personalized Normalization Module (PNM): the user's fingerprint lives in decoder GroupNorms.
 
-Two kinds of site, both on the decoder's main path (DESIGN.md):
+Two kinds of site, both on the decoder's main path (docs/design.md, "What ships today"):
 
 * ``affine`` sites (``norm2`` of ResnetBlocks, configurable): per-channel coefficients
   ``gamma_u = gamma_0 * (1 + A_l(w_u))``, ``beta_u = beta_0 + B_l(w_u)`` with ``w_u = M(f_u)``.
