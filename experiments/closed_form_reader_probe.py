@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stock_recipe_probe import ALL_NORMS, BoundedPNM, batches  # noqa: E402
+from stock_recipe_probe import ALL_NORMS, BoundedPNM, batches, mark_batch  # noqa: E402
 
 from fingerprint_lm.data.datamodule import TEST_SEED_OFFSET  # noqa: E402
 from fingerprint_lm.data.synthetic import ProceduralImages  # noqa: E402
@@ -123,12 +123,7 @@ def main() -> None:
     for step in range(args.steps):
         if step and step % args.refit_every == 0:
             head = refit(data)
-        images = next(data)
-        with torch.no_grad():
-            latents = vae.encode(images).latent_dist.mode()
-            reference = base.decode(latents).sample
-        bits = torch.randint(0, 2, (len(images), args.bits)).float()
-        marked = pnm(latents, bits)
+        latents, reference, bits, marked = mark_batch(vae, base, pnm, next(data), args.bits)
         mean, scale, weight = head
         logits = 4.0 * ((features(marked) - mean) / scale) @ weight
         message = F.binary_cross_entropy_with_logits(logits, bits)

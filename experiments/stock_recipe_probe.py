@@ -89,6 +89,15 @@ class BoundedPNM(PersonalizedDecoder):
         return out
 
 
+def mark_batch(vae, base, pnm, images: torch.Tensor, n_bits: int):
+    """Latents and base-decoder reference (no graph), random codes, and the marked decode."""
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.mode()
+        reference = base.decode(latents).sample
+    bits = torch.randint(0, 2, (len(images), n_bits)).float()
+    return latents, reference, bits, pnm(latents, bits)
+
+
 def batches(resolution: int, batch_size: int, seed: int):
     stream = ProceduralImages(resolution, seed=seed)
     index = 0
@@ -119,12 +128,7 @@ def probe(variant: str, args) -> dict:
     data = batches(args.resolution, args.batch_size, seed=args.seed)
     history = []
     for step in range(args.steps):
-        images = next(data)
-        with torch.no_grad():
-            latents = vae.encode(images).latent_dist.mode()
-            reference = base.decode(latents).sample
-        bits = torch.randint(0, 2, (len(images), args.bits)).float()
-        marked = pnm(latents, bits)
+        latents, reference, bits, marked = mark_batch(vae, base, pnm, next(data), args.bits)
         logits = read(marked)
         message = F.binary_cross_entropy_with_logits(logits, bits)
         mse = F.mse_loss(marked, reference)
