@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fingerprint_lm.data.synthetic import ProceduralImages
-from fingerprint_lm.errors import DataError
+from fingerprint_lm.errors import ConfigError, DataError
 from fingerprint_lm.models.pooled_extractor import MIN_SIZE, PooledExtractor
 
 
@@ -71,3 +71,5 @@ def test_bad_input_is_a_data_error(extractor):
         extractor(torch.zeros(1, 3, MIN_SIZE - 1, 32))
     with pytest.raises(DataError, match="more than 16 unmarked images"):
         extractor.fit_whitening(images(16))
+    with pytest.raises(ConfigError, match="positive sizes"):
+        PooledExtractor(0)

@@ -115,7 +115,7 @@ def crop(images: torch.Tensor, strength: float, generator: torch.Generator | Non
     """Keep a square-aspect window holding ``strength`` of the area (at a random position per
     image, from ``generator``), not resized: the output is smaller than the input."""
     windows = _crop_window(images, strength, generator)
-    return images.clone() if windows is None else torch.cat(windows).clone()
+    return images.clone() if windows is None else torch.cat(windows)  # cat copies
 
 
 def crop_resize(images: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fingerprint_lm.errors import DataError
+from fingerprint_lm.errors import ConfigError, DataError
 
 MIN_SIZE = 16
 
@@ -39,7 +39,7 @@ class PooledExtractor(nn.Module):
     def __init__(self, fingerprint_bits: int, width: int = 64, depth: int = 4, in_channels: int = 3):
         super().__init__()
         if fingerprint_bits <= 0 or width <= 0 or depth <= 0:
-            raise ValueError(f"positive sizes expected, got bits={fingerprint_bits} width={width} depth={depth}")
+            raise ConfigError(f"the extractor needs positive sizes, got bits={fingerprint_bits} width={width} depth={depth}")
         self.fingerprint_bits = fingerprint_bits
         layers: list[nn.Module] = []
         prev = in_channels

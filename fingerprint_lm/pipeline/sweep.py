@@ -319,7 +319,7 @@ def evaluate_point(
     reference = base_outputs  # what quality is measured against: the same cut for crops and shifts
     if attack in IMAGE_ATTACKS:
         if attack in SIZE_CHANGING:
-            replay = torch.Generator().manual_seed(0)
+            replay = torch.Generator()  # the attack's own random draws, replayed on the base outputs
             replay.set_state(generator.get_state())
             reference = IMAGE_ATTACKS[attack](base_outputs, attack_strength, replay)
         outputs = IMAGE_ATTACKS[attack](outputs, attack_strength, generator)
