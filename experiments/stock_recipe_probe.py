@@ -12,6 +12,9 @@ Variants:
 - ``residual``: the extractor reads ``y - D0(E(y))``, the image with its content removed by the
   base VAE that the distributor holds.
 
+``--decoder-lr`` > 0 also fine-tunes the shared decoder (one decoder for all users, as WOUAF
+does): the decoder can learn to turn GroupNorm changes into readable texture.
+
 Held-out evaluation after training (fresh random codes, 256 images): bit accuracy, PSNR vs the
 base decoder, and bit accuracy after a 3-px shift (a 28-px crop at offset 3, no resize).
 
@@ -115,7 +118,11 @@ def probe(variant: str, args) -> dict:
     pnm.bound = args.bound
     extractor = PooledExtractor(args.bits, args.width, args.depth, args.extractor_norm)
     trainable = [p for n, p in pnm.named_parameters() if not n.startswith(("decoder.", "post_quant_conv."))]
-    optimizer = torch.optim.Adam([{"params": trainable, "lr": args.lr}, {"params": extractor.parameters(), "lr": args.lr}])
+    groups = [{"params": trainable, "lr": args.lr}, {"params": extractor.parameters(), "lr": args.lr}]
+    if args.decoder_lr > 0:  # WOUAF-style: the shared decoder is fine-tuned with the mapping network
+        pnm.decoder.requires_grad_(True)
+        groups.append({"params": pnm.decoder.parameters(), "lr": args.decoder_lr})
+    optimizer = torch.optim.Adam(groups)
 
     def read(images: torch.Tensor) -> torch.Tensor:
         if variant == "residual":
@@ -194,6 +201,8 @@ def main() -> None:
     parser.add_argument("--weight-lr", type=float, default=1.0)
     parser.add_argument("--extractor-norm", choices=["group", "batch", "none"], default="batch")
     parser.add_argument("--bound", type=float, default=0.5, help="largest relative change per channel")
+    parser.add_argument("--decoder-lr", type=float, default=0.0,
+                        help="> 0: also fine-tune the shared decoder's weights (WOUAF), at this rate")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     for variant in args.variants:

@@ -6,9 +6,13 @@ Anti-Collusion Transformation (ACT) reparametrizes the decoder. Layout of a copy
 
     config.json                              stock diffusers AutoencoderKL config
     diffusion_pytorch_model.safetensors      stock AutoencoderKL weights (encoder + personal decoder)
-    fingerprint_bias_map.safetensors         the spatial carrier bias map (only if the PNM has one)
+    fingerprint_bias_map.safetensors         the spatial carrier bias map (method=carrier only)
 
-Limitation. The affine sites (``norm2`` of ResnetBlocks) are plain GroupNorm weight/bias values,
+A ``method=pnm`` copy is the two stock files and nothing else: ``AutoencoderKL.from_pretrained``
+is the user's fingerprinted decoder. (How a code becomes these tensors:
+:func:`fingerprint_lm.methods.base.personal_tensors`.)
+
+Limitation of ``method=carrier``. The affine sites (``norm2`` of ResnetBlocks) are plain GroupNorm weight/bias values,
 so stock ``AutoencoderKL.from_pretrained`` reproduces them exactly. The spatial site's bias map is a
 tile-periodic ``[C, T, T]`` map added after ``conv_norm_out``: no stock diffusers parameter can
 hold it. It ships as a separate file, and :func:`load_copy` (stock load + one module swap keeping
@@ -37,7 +41,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fingerprint_lm.errors import CheckpointError, ConfigError, RegistryError
-from fingerprint_lm.models.act import ACT_TYPES, apply_act, derive_act_seed, draw_act
+from fingerprint_lm.methods.base import personal_tensors
+from fingerprint_lm.models.act import ACT_TYPES, derive_act_seed
 from fingerprint_lm.models.pnm import tile_to
 from fingerprint_lm.models.vae import load_vae
 from fingerprint_lm.pipeline.checkpoint import FingerprintModel
@@ -88,55 +93,6 @@ def check_user_id(user_id: object) -> str:
             f"invalid user id {user_id!r}: use 1-128 letters, digits or ._@+- (not starting with ._@+-)"
         )
     return user_id
-
-
-# -- the copy's tensors ---------------------------------------------------------------------------
-@torch.no_grad()
-def personal_tensors(
-    model: FingerprintModel,
-    bits,
-    act_type: str = "none",
-    act_seed: int | None = None,
-    scale_range: tuple[float, float] = (0.25, 4.0),
-    act_scope: str = "stream",
-) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, str | None]:
-    """The tensors of one user's copy: ``(vae_state_dict, bias_map, bias_map_site)``.
-
-    Affine sites: ``weight = gamma_0 * (1 + scale)``, ``bias = beta_0 + shift`` (float64, one
-    rounding), the function :class:`~fingerprint_lm.models.pnm.ModulatedGroupNorm` computes. Then
-    the user's ACT (``act_seed`` required unless ``act_type == "none"``) over ``act_scope``
-    (:data:`~fingerprint_lm.models.act.ACT_SCOPES`; stream ACT permutes the bias map's channels
-    with the last stream segment). ``bias_map`` is the
-    spatial site's ``[1, C, T, T]`` map (None without a spatial site), ``bias_map_site`` its module
-    name in the VAE (``decoder.conv_norm_out``). Every returned tensor is a fresh copy.
-    """
-    pnm = model.pnm
-    code = torch.as_tensor(np.asarray(bits)).long().reshape(1, -1)
-    modulation = pnm.modulation(code)  # checks the code length against the model
-    base = model.vae.state_dict()
-    state = dict(base)
-    bias_map, site_name = None, None
-    for site, values in modulation.items():
-        prefix = f"decoder.{site}"
-        if "scale" in values:
-            weight, bias = base[f"{prefix}.weight"], base[f"{prefix}.bias"]
-            state[f"{prefix}.weight"] = (weight.double() * (1.0 + values["scale"][0].double())).to(weight.dtype)
-            state[f"{prefix}.bias"] = (bias.double() + values["shift"][0].double()).to(bias.dtype)
-        if "bias_map" in values:
-            bias_map, site_name = values["bias_map"].detach().clone().contiguous(), prefix
-    if act_type not in ACT_TYPES:
-        raise ConfigError(f"unknown ACT type {act_type!r}; expected one of {', '.join(ACT_TYPES)}")
-    params = {}
-    if act_type != "none":
-        if act_seed is None:
-            raise ConfigError(f"ACT type {act_type!r} needs a seed (derive_act_seed(secret, user_id))")
-        params = draw_act(state, act_type, int(model.vae.config.norm_num_groups), act_seed, scale_range, act_scope)
-    if bias_map is None:
-        return apply_act(state, params), None, None
-    # The bias map rides in the state dict through ACT (a stream segment ends at its GroupNorm).
-    key = f"{site_name}.bias_map"
-    transformed = apply_act({**state, key: bias_map}, params)
-    return transformed, transformed.pop(key), site_name
 
 
 # -- files ----------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fingerprint_lm.errors import CheckpointError, ConfigError, RegistryError
 from fingerprint_lm.pipeline.cache import atomic_write_text
-from fingerprint_lm.pipeline.checkpoint import SHIPPED_CHECKPOINT, load_fingerprint_model
+from fingerprint_lm.pipeline.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.registry.store import Registry
 
 log = logging.getLogger(__name__)
@@ -27,9 +27,10 @@ DISTRIBUTOR_TASKS: tuple[str, ...] = ("issue", "users", "attribute", "trace", "g
 
 
 # -- config plumbing ------------------------------------------------------------------------------
-def checkpoint_dir(checkpoint: str | None) -> Path:
-    """The trained model's folder: ``checkpoint`` or, when None, the shipped embedded checkpoint."""
-    return Path(checkpoint) if checkpoint else SHIPPED_CHECKPOINT
+def checkpoint_dir(checkpoint: str | None, shipped: str = "embedded") -> Path:
+    """The trained model's folder: ``checkpoint`` or, when None, the shipped checkpoint
+    ``assets/<shipped>`` of the selected method (``method.checkpoint_name``)."""
+    return Path(checkpoint) if checkpoint else shipped_checkpoint(shipped)
 
 
 def checkpoint_code_length(directory: Path) -> int:
@@ -93,7 +94,7 @@ def task_issue(cfg: DictConfig) -> dict:
     act_type = str(cfg.act.type)
     # The secret first: a missing secret must fail before anything is loaded or written.
     secret = read_secret(settings.secret_env, settings.secret_file) if act_type != "none" else None
-    model = load_fingerprint_model(checkpoint_dir(settings.checkpoint))
+    model = load_fingerprint_model(checkpoint_dir(settings.checkpoint, cfg.method.checkpoint_name))
     with open_registry(settings.registry, model.fingerprint_bits, int(settings.min_distance), create=True) as reg:
         result = issue_copy(
             model,
@@ -113,7 +114,7 @@ def task_issue(cfg: DictConfig) -> dict:
 
 def task_users(cfg: DictConfig) -> dict:
     settings = cfg.distributor
-    k = checkpoint_code_length(checkpoint_dir(settings.checkpoint))
+    k = checkpoint_code_length(checkpoint_dir(settings.checkpoint, cfg.method.checkpoint_name))
     with open_registry(settings.registry, k) as reg:
         users = []
         for user_id in reg.list_users():
@@ -132,7 +133,7 @@ def _read_task_images(cfg: DictConfig, task: str, model) -> list:
     from fingerprint_lm.distributor.attribution import read_images
 
     images = _required(cfg, "images", task, "PATH (an image file or a folder)")
-    return read_images(images, min_size=int(model.extractor.tile_size))
+    return read_images(images, min_size=int(model.extractor.min_image_size))
 
 
 def task_attribute(cfg: DictConfig) -> dict:
@@ -140,7 +141,7 @@ def task_attribute(cfg: DictConfig) -> dict:
 
     settings = cfg.distributor
     fpr = _fpr(settings)
-    model = load_fingerprint_model(checkpoint_dir(settings.checkpoint))
+    model = load_fingerprint_model(checkpoint_dir(settings.checkpoint, cfg.method.checkpoint_name))
     with open_registry(settings.registry, model.fingerprint_bits) as reg:
         images = _read_task_images(cfg, "attribute", model)
         return attribute_images(model.extractor, reg, images, fpr=fpr)
@@ -151,7 +152,7 @@ def task_trace(cfg: DictConfig) -> dict:
 
     settings = cfg.distributor
     fpr = _fpr(settings)
-    model = load_fingerprint_model(checkpoint_dir(settings.checkpoint))
+    model = load_fingerprint_model(checkpoint_dir(settings.checkpoint, cfg.method.checkpoint_name))
     with open_registry(settings.registry, model.fingerprint_bits) as reg:
         images = _read_task_images(cfg, "trace", model)
         return trace_images(model.extractor, reg, images, fpr=fpr, top=int(settings.top))
@@ -164,7 +165,7 @@ def task_generate(cfg: DictConfig) -> dict:
     settings = cfg.distributor
     copy = str(_required(cfg, "copy", "generate", "PATH (a copy folder, or `base`)"))
     n_images = cfg.get("n_images")
-    model = load_fingerprint_model(checkpoint_dir(settings.checkpoint))
+    model = load_fingerprint_model(checkpoint_dir(settings.checkpoint, cfg.method.checkpoint_name))
     resolution = int(model.meta.get("resolution") or cfg.data.resolution)
     images = held_out_images(resolution, n_images, seed=int(cfg.seed))
     decoder_vae = model.vae if copy == "base" else load_copy(copy)
@@ -180,7 +181,7 @@ def task_verify(cfg: DictConfig) -> dict:
     settings = cfg.distributor
     user_id = _user_id(cfg, "verify")
     copy = str(_required(cfg, "copy", "verify", "PATH (a copy folder)"))
-    k = checkpoint_code_length(checkpoint_dir(settings.checkpoint))
+    k = checkpoint_code_length(checkpoint_dir(settings.checkpoint, cfg.method.checkpoint_name))
     with open_registry(settings.registry, k) as reg:
         return verify_copy(copy, reg, user_id)
 

@@ -498,7 +498,7 @@ def run_text2image_eval(cfg: DictConfig) -> dict[str, Any]:
     dtype = resolve_dtype(settings.dtype, device)
     seed = int(settings.seed)
 
-    model = load_fingerprint_model(checkpoint_dir(cfg.distributor.checkpoint))
+    model = load_fingerprint_model(checkpoint_dir(cfg.distributor.checkpoint, cfg.method.checkpoint_name))
     with open_registry(cfg.distributor.registry, model.fingerprint_bits) as registry:
         row = registry.get(user_id)  # RegistryError for an unknown user
         index = registry.index()
@@ -543,10 +543,10 @@ def run_text2image_eval(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(
             f"text2image.resolution must be a multiple of 8 (StableDiffusionPipeline), got {resolution}"
         )
-    tile = int(model.extractor.tile_size)
-    if resolution < tile:
+    smallest = int(model.extractor.min_image_size)
+    if resolution < smallest:
         raise ConfigError(
-            f"text2image.resolution={resolution} is smaller than the fingerprint tile ({tile} px)"
+            f"text2image.resolution={resolution} is smaller than the extractor reads ({smallest} px)"
         )
 
     output_dir = Path(str(settings.output_dir))

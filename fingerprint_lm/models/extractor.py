@@ -6,6 +6,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor, PooledExtractor
+
 
 def fold_tiles(images: torch.Tensor, tile_size: int) -> torch.Tensor:
     """Average an image over its ``tile_size`` periods: [B,C,H,W] -> [B,C,T,T] (any H, W >= T).
@@ -60,6 +63,10 @@ class FingerprintExtractor(nn.Module):
             nn.init.zeros_(self.cnn_head.weight)
             nn.init.zeros_(self.cnn_head.bias)
 
+    @property
+    def min_image_size(self) -> int:
+        return self.tile_size
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         folded = fold_tiles(images, self.tile_size).flatten(1)
         logits = self.linear_gain * self.linear(folded)
@@ -80,3 +87,22 @@ class FingerprintExtractor(nn.Module):
         weight = torch.linalg.solve(gram, xc.T @ y / len(x))  # [D, k]
         self.linear.weight.copy_(weight.T.to(self.linear.weight.dtype))
         self.linear.bias.copy_((-(mean @ weight)).squeeze(0).to(self.linear.bias.dtype))
+
+
+EXTRACTOR_KINDS = ("tiled", "pooled", "band_energy")
+
+
+def build_extractor(fingerprint_bits: int, tile_size: int = 16, kind: str = "tiled", **kwargs) -> nn.Module:
+    """The extractor a checkpoint's ``extractor`` record describes. ``kind``: ``tiled`` (this
+    module's tile-folding reader, the carrier method's; the default, so records written before
+    ``kind`` existed still load), ``pooled`` (learned, shift-invariant) or ``band_energy`` (fixed,
+    shift-invariant): both in :mod:`fingerprint_lm.models.pooled_extractor`."""
+    if kind == "tiled":
+        return FingerprintExtractor(fingerprint_bits, tile_size=tile_size, **kwargs)
+    if kind == "pooled":
+        return PooledExtractor(fingerprint_bits, **kwargs)
+    if kind == "band_energy":
+        if "frequency" in kwargs:
+            kwargs["frequency"] = tuple(kwargs["frequency"])
+        return BandEnergyExtractor(fingerprint_bits, **kwargs)
+    raise ConfigError(f"unknown extractor kind {kind!r} (choose one of: {', '.join(EXTRACTOR_KINDS)})")

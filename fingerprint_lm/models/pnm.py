@@ -148,6 +148,9 @@ class PersonalizedDecoder(nn.Module):
             non-reentrant). At SD scale (512 px) the stored activations of the up blocks are what
             fills GPU memory; the price is about one more decoder forward per backward. A plain
             attribute, not part of the checkpoint: set it per run.
+        modulation_bound: None, or the largest relative change per affine value:
+            ``scale, shift -> b * tanh(raw / b)``. Without it a message loss with no image loss yet
+            drives the decoder into saturation (measured: PSNR ~7 dB, codes indistinguishable).
     """
 
     def __init__(
@@ -162,8 +165,12 @@ class PersonalizedDecoder(nn.Module):
         carrier_seed: int = 1234,
         post_quant_conv: nn.Module | None = None,
         gradient_checkpointing: bool = False,
+        modulation_bound: float | None = None,
     ):
         super().__init__()
+        if modulation_bound is not None and modulation_bound <= 0:
+            raise ConfigError(f"modulation_bound must be positive or null, got {modulation_bound}")
+        self.modulation_bound = modulation_bound
         self.gradient_checkpointing = gradient_checkpointing
         if fingerprint_bits <= 0:
             raise ConfigError(f"fingerprint length must be positive, got {fingerprint_bits}")
@@ -216,6 +223,9 @@ class PersonalizedDecoder(nn.Module):
         out: dict[str, dict[str, torch.Tensor]] = {}
         for name in self.affine_site_names:
             scale, shift = self.affine_heads[name.replace(".", "__")](style).chunk(2, dim=-1)
+            if self.modulation_bound is not None:
+                bound = self.modulation_bound
+                scale, shift = bound * torch.tanh(scale / bound), bound * torch.tanh(shift / bound)
             out[name] = {"scale": scale, "shift": shift}
         if self.spatial_site_name is not None:
             amplitude = self.carrier_log_amplitude.exp()

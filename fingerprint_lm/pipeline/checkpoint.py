@@ -22,12 +22,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fingerprint_lm.errors import CheckpointError
-from fingerprint_lm.models.extractor import FingerprintExtractor
+from fingerprint_lm.models.extractor import build_extractor
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.vae import load_vae
 from fingerprint_lm.pipeline.cache import atomic_directory
 
-SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "embedded"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+# The shipped checkpoint of each method: assets/<method.checkpoint_name> (conf/method/*.yaml).
+SHIPPED_CHECKPOINT = ASSETS / "embedded"  # method=carrier, the default
+
+
+def shipped_checkpoint(checkpoint_name: str = "embedded") -> Path:
+    """The shipped checkpoint folder of a method (``method.checkpoint_name``)."""
+    return ASSETS / checkpoint_name
 
 
 @dataclass
@@ -36,8 +43,13 @@ class FingerprintModel:
 
     vae: Any
     pnm: PersonalizedDecoder
-    extractor: FingerprintExtractor
+    extractor: Any  # models.extractor.build_extractor: tiled, pooled or band_energy
     meta: dict[str, Any]
+
+    @property
+    def method(self) -> str:
+        """The method that trained it; checkpoints written before methods existed are ``carrier``."""
+        return str(self.meta.get("method", "carrier"))
 
     @property
     def fingerprint_bits(self) -> int:
@@ -47,9 +59,7 @@ class FingerprintModel:
 def build_fingerprint_model(vae, fingerprint_bits: int, pnm_kwargs: dict, extractor_kwargs: dict, meta=None):
     post_quant_conv = vae.post_quant_conv if getattr(vae.config, "use_post_quant_conv", True) else None
     pnm = PersonalizedDecoder(vae.decoder, fingerprint_bits, post_quant_conv=post_quant_conv, **pnm_kwargs)
-    extractor = FingerprintExtractor(
-        fingerprint_bits, tile_size=pnm_kwargs.get("tile_size", 16), **extractor_kwargs
-    )
+    extractor = build_extractor(fingerprint_bits, tile_size=pnm_kwargs.get("tile_size", 16), **extractor_kwargs)
     return FingerprintModel(vae, pnm, extractor, dict(meta or {}))
 
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fingerprint_lm.distributor.tasks import DISTRIBUTOR_TASKS, run_task
 from fingerprint_lm.errors import CheckpointError, ConfigError
+from fingerprint_lm.methods import FingerprintMethod
 from fingerprint_lm.pipeline import stages
 from fingerprint_lm.pipeline.cache import atomic_write_text
 from fingerprint_lm.pipeline.checkpoint import save_fingerprint_model
@@ -75,7 +76,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         expected = ", ".join(["train", *OTHER_TASKS, *DISTRIBUTOR_TASKS])
         raise ConfigError(f"unknown task '{cfg.task}' (expected: {expected})")
     bits = _positive_int("fingerprint_bits", cfg.fingerprint_bits)
-    _positive_int("method.steps", cfg.method.steps)
+    method_from_config(cfg)  # a bad method.* value fails now, before any training
     if OmegaConf.is_missing(cfg.model, "path"):
         raise ConfigError(
             "model.path is required: a local diffusers VAE folder (e.g. model.path=/data/sd2/vae)"
@@ -141,21 +142,27 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         finish_wandb(loggers)
 
 
+def method_from_config(cfg: DictConfig) -> FingerprintMethod:
+    """The ``method`` config group's entry, instantiated (``_target_``) with plain values."""
+    try:
+        return instantiate(cfg.method, _convert_="all")
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, ConfigError):  # the method's own check: its message, not Hydra's
+            raise exc.__cause__ from None
+        raise
+
+
 def train_from_config(
     cfg: DictConfig, vae, datamodule, make_trainer, ckpt_path: str | None = None, seed=None
 ):
-    """:func:`stages.train_fingerprint` with ``fingerprint_bits``, ``method.*`` and the decoder
+    """:func:`stages.train_fingerprint` with ``fingerprint_bits``, the ``method`` and the decoder
     settings of ``model.*`` from ``cfg`` (the training run and the sweep's per-length models)."""
     return stages.train_fingerprint(
         vae,
         _positive_int("fingerprint_bits", cfg.fingerprint_bits),
         datamodule,
         make_trainer,
-        pnm_kwargs=_plain(cfg.method.pnm),
-        extractor_kwargs=_plain(cfg.method.extractor),
-        train_kwargs=_plain(cfg.method.train),
-        augment_kwargs=_plain(cfg.method.augment),
-        detector_fit_samples=cfg.method.detector_fit_samples,
+        method=method_from_config(cfg),
         ckpt_path=ckpt_path,
         seed=cfg.seed if seed is None else seed,
         gradient_checkpointing=bool(cfg.model.get("gradient_checkpointing", False)),
@@ -171,8 +178,7 @@ def record_training_config(model, cfg: DictConfig, metrics: dict[str, Any]) -> N
     model.meta.update(
         {
             "fingerprint_bits": int(cfg.fingerprint_bits),
-            "pnm": _plain(cfg.method.pnm),
-            "extractor": _plain(cfg.method.extractor),
+            **method_from_config(cfg).record(),
             "resolution": cfg.data.resolution,
             "metrics": {k: v for k, v in metrics.items() if k in ("bit_acc", "psnr", "ssim", "steps")},
         }

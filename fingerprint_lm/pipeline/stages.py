@@ -18,11 +18,12 @@ from fingerprint_lm.data.datamodule import check_resolution
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.lit.base_vae import BaseVAEModule
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
+from fingerprint_lm.methods import FingerprintMethod
 from fingerprint_lm.metrics.quality import psnr, ssim
 from fingerprint_lm.models import augment as aug
 from fingerprint_lm.models.vae import build_vae, downscale_factor, encode_latents, load_vae, parse_dtype
 from fingerprint_lm.pipeline.cache import atomic_directory, config_hash
-from fingerprint_lm.pipeline.checkpoint import FingerprintModel, build_fingerprint_model
+from fingerprint_lm.pipeline.checkpoint import FingerprintModel
 
 log = logging.getLogger(__name__)
 
@@ -95,34 +96,20 @@ def _vae_facts(vae, scaling_factor: float | None) -> dict:
 
 
 # -- fingerprint training -----------------------------------------------------------------------
-def collect_images(loader: Iterable, n: int) -> torch.Tensor:
-    """The first ``n`` images of a loader, stacked."""
-    images, count = [], 0
-    for batch in loader:
-        images.append(batch["image"])
-        count += len(batch["image"])
-        if count >= n:
-            break
-    return torch.cat(images)[:n]
-
-
 def train_fingerprint(
     vae,
     fingerprint_bits: int,
     datamodule: L.LightningDataModule,
     make_trainer: Callable[..., L.Trainer],
-    pnm_kwargs: dict,
-    extractor_kwargs: dict,
-    train_kwargs: dict,
-    augment_kwargs: dict,
-    detector_fit_samples: int = 4096,
+    method: FingerprintMethod,
     ckpt_path: str | None = None,
     seed: int = 0,
     gradient_checkpointing: bool = False,
     calibration_batch_size: int = 256,
 ) -> tuple[FingerprintModel, FingerprintModule, dict]:
-    """Build the PNM and extractor around ``vae``, start the extractor's linear reader in closed
-    form, and train with the worst-case objective. Returns the model, the module and facts.
+    """Build ``method``'s PNM and extractor around ``vae``, run its pre-training hook (the carrier
+    method's closed-form reader start), train with the worst-case objective, run its post-training
+    hook (the pnm method's whitening). Returns the model, the module and facts.
 
     ``gradient_checkpointing`` recomputes the decoder's blocks in the backward pass (memory for
     compute; SD scale); ``calibration_batch_size`` is the images per decoder pass of the carrier
@@ -131,33 +118,32 @@ def train_fingerprint(
         raise ConfigError(f"fingerprint length must be a positive integer, got {fingerprint_bits!r}")
     check_resolution(datamodule.resolution, downscale_factor(vae))
     L.seed_everything(seed, workers=True, verbose=False)
-    model = build_fingerprint_model(vae, fingerprint_bits, pnm_kwargs, extractor_kwargs)
+    model = method.build_model(vae, fingerprint_bits)
     model.pnm.gradient_checkpointing = gradient_checkpointing
-    module = FingerprintModule(vae, model.pnm, model.extractor, augment=aug.AugmentConfig(**augment_kwargs),
-                               calibration_batch_size=calibration_batch_size, **train_kwargs)
+    module = FingerprintModule(vae, model.pnm, model.extractor, augment=aug.AugmentConfig(**method.augment),
+                               calibration_batch_size=calibration_batch_size, **method.train)
     trainer = make_trainer()
     start = time.perf_counter()
+    facts: dict[str, Any] = {}
     if ckpt_path is None:
-        # Calibration and the detector fit run before fit(), on the training device rather than
-        # the CPU (an SD decoder over 4096 images is hours on a CPU), then hand the module back
-        # on the CPU as fit() expects it, whatever the launcher. DDP ranks each do it, equal seeds.
+        # The hook runs before fit(), on the training device rather than the CPU (an SD decoder
+        # over 4096 images is hours on a CPU), then hands the module back on the CPU as fit()
+        # expects it, whatever the launcher. DDP ranks each do it, with equal seeds.
         module.to(trainer.strategy.root_device)
-        calibration_images = collect_images(datamodule.train_dataloader(), 256)
-        log.info("carriers calibrated to %.2f dB", module.calibrate_carriers(calibration_images))
-        if detector_fit_samples > 0:
-            module.fit_detector(collect_images(datamodule.train_dataloader(), detector_fit_samples))
+        facts.update(method.before_fit(module, datamodule.train_dataloader()))
         module.cpu()
     fit_seconds = time.perf_counter() - start
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    seconds = time.perf_counter() - start
     module.cpu()  # evaluation and checkpoint writing below run on the CPU copy
+    facts.update(method.after_fit(module, datamodule.train_dataloader()))
+    seconds = time.perf_counter() - start
     model.pnm.eval()
     model.extractor.eval()
     # ddp_spawn: this process's Trainer never ran the loop (its children did) and reports step 0;
     # the history rank 0 sent back inside the module's state counts the steps taken (each row is
     # written after its optimizer step, so its "step" is the number of steps completed).
     steps = int(trainer.global_step) or (module.history[-1]["step"] if module.history else 0)
-    facts = {"train_seconds": seconds, "detector_fit_seconds": fit_seconds, "steps": steps}
+    facts.update({"train_seconds": seconds, "detector_fit_seconds": fit_seconds, "steps": steps})
     return model, module, facts
 
 

@@ -375,6 +375,7 @@ def training_record(cfg: DictConfig) -> dict[str, Any]:
     """What a trained fingerprint model's ``fingerprint.json`` records of its training config."""
     return {
         "fingerprint_bits": int(cfg.fingerprint_bits),
+        "method": str(cfg.method.name),
         "pnm": OmegaConf.to_container(cfg.method.pnm, resolve=True),
         "extractor": OmegaConf.to_container(cfg.method.extractor, resolve=True),
         "resolution": int(cfg.data.resolution),
@@ -385,6 +386,7 @@ def training_record(cfg: DictConfig) -> dict[str, Any]:
 def _recorded(meta: dict[str, Any]) -> dict[str, Any]:
     return {
         "fingerprint_bits": meta.get("fingerprint_bits"),
+        "method": meta.get("method", "carrier"),  # written before methods existed: the carrier design
         "pnm": meta.get("pnm"),
         "extractor": meta.get("extractor"),
         "resolution": meta.get("resolution"),
@@ -404,7 +406,7 @@ def sweep_model_dir(cfg: DictConfig) -> tuple[Path, str]:
     file lock makes parallel jobs (submitit) wait for one training instead of repeating it.
     """
     from fingerprint_lm.distributor.tasks import checkpoint_code_length
-    from fingerprint_lm.pipeline.checkpoint import SHIPPED_CHECKPOINT
+    from fingerprint_lm.pipeline.checkpoint import SHIPPED_CHECKPOINT, shipped_checkpoint
 
     bits = cfg.fingerprint_bits
     if isinstance(bits, bool) or not isinstance(bits, int) or bits <= 0:
@@ -419,10 +421,10 @@ def sweep_model_dir(cfg: DictConfig) -> tuple[Path, str]:
             )
         return directory, "given"
     record = training_record(cfg)
-    shipped_meta = json.loads((SHIPPED_CHECKPOINT / "fingerprint.json").read_text())
-    if _recorded(shipped_meta) == record:
-        return SHIPPED_CHECKPOINT, "shipped"
-    base_vae_dir = SHIPPED_CHECKPOINT / "base_vae"
+    shipped = shipped_checkpoint(str(cfg.method.checkpoint_name))
+    if (shipped / "fingerprint.json").is_file() and _recorded(json.loads((shipped / "fingerprint.json").read_text())) == record:
+        return shipped, "shipped"
+    base_vae_dir = SHIPPED_CHECKPOINT / "base_vae"  # every method trains on the same base VAE
     target = sweep_model_cache_dir(cfg, record, base_vae_dir)
     if (target / "fingerprint.json").is_file():
         return target, "cached"
@@ -511,7 +513,7 @@ def sweep_images(cfg: DictConfig, resolution: int) -> tuple[torch.Tensor | None,
         raise ConfigError(f"sweep.images must be procedural or data, got {source!r}")
     from hydra.utils import instantiate
 
-    from fingerprint_lm.pipeline.stages import collect_images
+    from fingerprint_lm.methods.base import collect_images
 
     if int(cfg.data.resolution) != resolution:
         raise ConfigError(f"data.resolution={cfg.data.resolution} but the model was trained at {resolution}")

@@ -1,0 +1,20 @@
+"""Fingerprinting methods behind one interface (docs/design.md, "Methods").
+
+A method says how a user's code becomes the tensors of a copy, which extractor reads it, how the
+training stage runs, and what a checkpoint records. ``conf/method/<name>.yaml`` selects one with
+``_target_``:
+
+* :class:`PNMMethod` (``method=pnm``): the code lives only in stock ``AutoencoderKL`` weights (the
+  affine weight/bias of the decoder's GroupNorms); read by a shift-invariant extractor. A copy is a
+  plain diffusers folder.
+* :class:`CarrierMethod` (``method=carrier``): PNM coefficients plus a tile-periodic carrier bias map
+  at ``conv_norm_out``, read by a tile-folding linear reader; the bias map ships as an extra file.
+"""
+
+from fingerprint_lm.methods.base import FingerprintMethod, personal_tensors
+from fingerprint_lm.methods.carrier import CarrierMethod
+from fingerprint_lm.methods.pnm import PNMMethod
+
+METHODS: dict[str, type[FingerprintMethod]] = {"carrier": CarrierMethod, "pnm": PNMMethod}
+
+__all__ = ["METHODS", "CarrierMethod", "FingerprintMethod", "PNMMethod", "personal_tensors"]

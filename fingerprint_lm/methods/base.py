@@ -1,0 +1,125 @@
+"""The method interface, and the code -> copy tensors step every PNM-family method shares."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.models.act import ACT_TYPES, apply_act, draw_act
+from fingerprint_lm.pipeline.checkpoint import FingerprintModel, build_fingerprint_model
+
+
+@dataclass
+class FingerprintMethod:
+    """One fingerprinting method, built from ``conf/method/<name>.yaml`` (plain values only).
+
+    Parameters:
+        name: the method's name, recorded in every checkpoint it trains.
+        steps: training steps of the fingerprint stage.
+        pnm: keyword arguments of :class:`~fingerprint_lm.models.pnm.PersonalizedDecoder`.
+        extractor: keyword arguments of the extractor (``kind`` picks its class:
+            :func:`~fingerprint_lm.models.extractor.build_extractor`).
+        train: keyword arguments of :class:`~fingerprint_lm.lit.fingerprinting.FingerprintModule`.
+        augment: fields of :class:`~fingerprint_lm.models.augment.AugmentConfig`.
+        detector_fit_samples: images for a closed-form start of the extractor (0: none).
+        checkpoint_name: the folder under ``fingerprint_lm/assets/`` its shipped checkpoint lives in.
+    """
+
+    name: str
+    steps: int
+    pnm: dict[str, Any] = field(default_factory=dict)
+    extractor: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    augment: dict[str, Any] = field(default_factory=dict)
+    detector_fit_samples: int = 0
+    checkpoint_name: str = "embedded"
+    # A copy is a stock diffusers folder (no file beside the two stock ones).
+    stock_copies: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps <= 0:
+            raise ConfigError(f"method.steps must be a positive integer, got {self.steps!r}")
+        if self.detector_fit_samples < 0:
+            raise ConfigError(f"method.detector_fit_samples must be >= 0, got {self.detector_fit_samples}")
+
+    # -- what a checkpoint records --------------------------------------------------------------
+    def record(self) -> dict[str, Any]:
+        """The part of ``fingerprint.json`` that rebuilds this method's modules."""
+        return {"method": self.name, "pnm": dict(self.pnm), "extractor": dict(self.extractor)}
+
+    def build_model(self, vae, fingerprint_bits: int) -> FingerprintModel:
+        return build_fingerprint_model(vae, fingerprint_bits, self.pnm, self.extractor, {"method": self.name})
+
+    # -- the training stage's hooks (stages.train_fingerprint) ---------------------------------
+    def before_fit(self, module, loader: Iterable) -> dict[str, Any]:
+        """Runs once before a fresh (not resumed) training, with ``module`` on the training
+        device; ``loader`` yields training batches. Returns facts for ``metrics.json``."""
+        return {}
+
+    def after_fit(self, module, loader: Iterable) -> dict[str, Any]:
+        """Runs after training (fresh or resumed), with ``module`` on the CPU."""
+        return {}
+
+
+def collect_images(loader: Iterable, n: int) -> torch.Tensor:
+    """The first ``n`` images of a loader, stacked."""
+    images, count = [], 0
+    for batch in loader:
+        images.append(batch["image"])
+        count += len(batch["image"])
+        if count >= n:
+            break
+    return torch.cat(images)[:n]
+
+
+@torch.no_grad()
+def personal_tensors(
+    model: FingerprintModel,
+    bits,
+    act_type: str = "none",
+    act_seed: int | None = None,
+    scale_range: tuple[float, float] = (0.25, 4.0),
+    act_scope: str = "stream",
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, str | None]:
+    """The tensors of one user's copy: ``(vae_state_dict, bias_map, bias_map_site)``.
+
+    Affine sites: ``weight = gamma_0 * (1 + scale)``, ``bias = beta_0 + shift`` (float64, one
+    rounding), the function :class:`~fingerprint_lm.models.pnm.ModulatedGroupNorm` computes. Then
+    the user's ACT (``act_seed`` required unless ``act_type == "none"``) over ``act_scope``
+    (:data:`~fingerprint_lm.models.act.ACT_SCOPES`; stream ACT permutes the bias map's channels
+    with the last stream segment). ``bias_map`` is the spatial site's ``[1, C, T, T]`` map (None
+    without a spatial site: ``method=pnm``), ``bias_map_site`` its module name in the VAE
+    (``decoder.conv_norm_out``). Every returned tensor is a fresh copy.
+    """
+    pnm = model.pnm
+    code = torch.as_tensor(np.asarray(bits)).long().reshape(1, -1)
+    modulation = pnm.modulation(code)  # checks the code length against the model
+    base = model.vae.state_dict()
+    state = dict(base)
+    bias_map, site_name = None, None
+    for site, values in modulation.items():
+        prefix = f"decoder.{site}"
+        if "scale" in values:
+            weight, bias = base[f"{prefix}.weight"], base[f"{prefix}.bias"]
+            state[f"{prefix}.weight"] = (weight.double() * (1.0 + values["scale"][0].double())).to(weight.dtype)
+            state[f"{prefix}.bias"] = (bias.double() + values["shift"][0].double()).to(bias.dtype)
+        if "bias_map" in values:
+            bias_map, site_name = values["bias_map"].detach().clone().contiguous(), prefix
+    if act_type not in ACT_TYPES:
+        raise ConfigError(f"unknown ACT type {act_type!r}; expected one of {', '.join(ACT_TYPES)}")
+    params = {}
+    if act_type != "none":
+        if act_seed is None:
+            raise ConfigError(f"ACT type {act_type!r} needs a seed (derive_act_seed(secret, user_id))")
+        params = draw_act(state, act_type, int(model.vae.config.norm_num_groups), act_seed, scale_range, act_scope)
+    if bias_map is None:
+        return apply_act(state, params), None, None
+    # The bias map rides in the state dict through ACT (a stream segment ends at its GroupNorm).
+    key = f"{site_name}.bias_map"
+    transformed = apply_act({**state, key: bias_map}, params)
+    return transformed, transformed.pop(key), site_name

@@ -1,0 +1,29 @@
+"""``method=carrier``: PNM coefficients plus a tile-periodic carrier bias map (the first design,
+kept as a labelled baseline; docs/design.md, "The carrier baseline").
+
+The carriers are readable by a least-squares linear reader from step 0, which is what makes this
+method train in minutes; the price is a mark that is not part of the stock weights (the bias map
+ships as a third file that a plain diffusers load drops) and is tile-aligned (a 1-px shift defeats it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from fingerprint_lm.methods.base import FingerprintMethod, collect_images
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CarrierMethod(FingerprintMethod):
+    """Calibrates the carriers to the PSNR target and fits the linear reader before training."""
+
+    def before_fit(self, module, loader: Iterable) -> dict[str, Any]:
+        log.info("carriers calibrated to %.2f dB", module.calibrate_carriers(collect_images(loader, 256)))
+        if self.detector_fit_samples > 0:
+            module.fit_detector(collect_images(loader, self.detector_fit_samples))
+        return {}

@@ -1,0 +1,135 @@
+"""Methods behind one interface: method=pnm copies are stock diffusers folders that reproduce the
+distributor's PNM decoder; the shift-invariant extractors; config checks of the method group."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from omegaconf import OmegaConf
+
+from fingerprint_lm.distributor.copies import CONFIG_NAME, WEIGHTS_NAME, load_copy, write_copy
+from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.methods import CarrierMethod, PNMMethod, personal_tensors
+from fingerprint_lm.models.act import ACT_TYPES
+from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor
+from fingerprint_lm.models.vae import build_vae
+from fingerprint_lm.pipeline.run import method_from_config
+from tests.conftest import ROOT, compose_config
+
+BITS = 32
+
+
+@pytest.fixture(scope="module")
+def pnm_model(tmp_path_factory):
+    """An untrained method=pnm model on the debug=tiny VAE, its heads set to random values so that
+    every user's copy differs from the base decoder (about 0.1 relative change per value)."""
+    cfg = compose_config(tmp_path_factory.mktemp("pnm"), ["method=pnm"])
+    method = method_from_config(cfg)
+    torch.manual_seed(0)
+    model = method.build_model(build_vae(OmegaConf.to_container(cfg.model.vae_config)).eval(), BITS)
+    with torch.no_grad():
+        for head in model.pnm.affine_heads.values():
+            head.weight.normal_(0, 0.05)
+    return model
+
+
+def set_eps(module, eps: float) -> None:
+    for norm in module.modules():
+        if isinstance(norm, torch.nn.GroupNorm):
+            norm.eps = eps
+
+
+def test_method_group_instantiates_both_methods(tmp_path):
+    carrier = method_from_config(compose_config(tmp_path, []))
+    pnm = method_from_config(compose_config(tmp_path, ["method=pnm"]))
+    assert isinstance(carrier, CarrierMethod) and not carrier.stock_copies
+    assert isinstance(pnm, PNMMethod) and pnm.stock_copies
+    assert pnm.pnm["spatial_site"] is None and pnm.extractor["kind"] == "band_energy"
+    assert pnm.record()["method"] == "pnm"
+
+
+@pytest.mark.parametrize("act_type", ACT_TYPES)
+def test_pnm_copy_is_a_stock_folder_equal_to_the_pnm_decoder(pnm_model, tmp_path, act_type):
+    """Exactly the two stock files; AutoencoderKL.from_pretrained decodes within 1e-5 of the
+    distributor's PNM decoder. ACT none/permute/sign are exact at the stock GroupNorm eps; ACT
+    scale changes a group's input scale s, which GroupNorm cancels exactly only at eps = 0
+    (it divides by sqrt(var + eps / s^2)): those are compared at eps 0, and bounded at stock eps."""
+    code = torch.randint(0, 2, (BITS,), generator=torch.Generator().manual_seed(1))
+    state, bias_map, _ = personal_tensors(pnm_model, code.numpy(), act_type, act_seed=7)
+    assert bias_map is None
+    folder = tmp_path / "copy"
+    write_copy(folder, pnm_model.vae.config, state)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    stock = AutoencoderKL.from_pretrained(folder).eval()
+    with torch.no_grad():
+        reference = pnm_model.pnm(latents, code[None])
+        base = pnm_model.pnm(latents, None)
+        assert (reference - base).abs().max() > 1e-2  # the code changes the decoder
+        diff = (stock.decode(latents).sample - reference).abs().max().item()
+        if act_type in ("none", "permute", "sign"):
+            assert diff <= 1e-5, diff
+        else:
+            assert diff <= 1e-3, diff
+            set_eps(stock, 0.0)
+            set_eps(pnm_model.pnm, 0.0)
+            try:
+                exact = (stock.decode(latents).sample - pnm_model.pnm(latents, code[None])).abs().max().item()
+            finally:
+                set_eps(pnm_model.pnm, 1e-6)
+            assert exact <= 1e-5, exact
+        # load_copy is a stock load for such a copy
+        assert torch.equal(load_copy(folder).decode(latents).sample, AutoencoderKL.from_pretrained(folder).decode(latents).sample)
+
+
+def test_band_energy_extractor_reads_a_band_texture_after_shifts_and_crops():
+    """A faint plane wave in bit i's secret band (amplitude 0.05 on smooth random images whose
+    pixel spread is ~0.25) raises logit i above the same image's unmarked logit wherever it is
+    read: unshifted, shifted by 1 or 8 px (crop without resize) and from a 50% crop; unmarked
+    images stay balanced around 0.
+    A circular roll is not the test here: the wrap seam is a sharp edge, energy in every band."""
+    generator = torch.Generator().manual_seed(0)
+    size, n = 40, 128
+
+    def fields(count):
+        smooth = torch.nn.functional.interpolate(torch.rand(count, 3, 10, 10, generator=generator), size=size, mode="bilinear")
+        return smooth + 0.01 * torch.randn(count, 3, size, size, generator=generator)
+
+    reader = BandEnergyExtractor(48)
+    reader.fit_whitening(fields(512)[..., :32, :32])
+    clean = fields(n)
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    for bit in (0, 17, 41):
+        f, a = reader.band_frequency[bit], reader.band_angle[bit]
+        phase = torch.rand(n, 1, 1, generator=generator) * 6.3
+        wave = torch.cos(2 * torch.pi * f * (torch.cos(a) * xx + torch.sin(a) * yy) + phase)
+        marked = clean + 0.05 * wave[:, None] * reader.band_colour[bit][None, :, None, None]
+        for window in ((0, 32), (1, 32), (8, 32), (4, 23)):  # (offset, side): 23^2 / 32^2 = 0.52
+            start, side = window
+            crop = (slice(None), slice(None), slice(start, start + side), slice(start, start + side))
+            raised = reader(marked[crop])[:, bit] > reader(clean[crop])[:, bit]
+            assert raised.float().mean() >= 0.95, (bit, window)
+        ones = (reader(clean[..., :32, :32])[:, bit] > 0).float().mean()
+        assert 0.3 <= ones <= 0.7, (bit, ones)
+    with pytest.raises(Exception, match="at least 7 px"):
+        reader(torch.rand(1, 3, 6, 6))
+
+
+def test_bad_method_values_are_one_error_line(tmp_path):
+    with pytest.raises(ConfigError, match="spatial_site must be null"):
+        method_from_config(compose_config(tmp_path, ["method=pnm", "method.pnm.spatial_site=conv_norm_out"]))
+    with pytest.raises(ConfigError, match="shift-invariant extractor"):
+        method_from_config(compose_config(tmp_path, ["method=pnm", "method.extractor.kind=tiled"]))
+    result = subprocess.run(
+        [sys.executable, "-m", "fingerprint_lm", "debug=tiny", "method=pnm", "method.steps=0",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["error: method.steps must be a positive integer, got 0"], result.stderr
