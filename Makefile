@@ -23,8 +23,9 @@ test-full:  ## all tests, slow ones included
 bench:  ## print speed figures (training step K=0/K=1, extractor and decoder throughput, ...)
 	$(PY) -m fingerprint_lm.bench
 
-checkpoint:  ## retrain the shipped embedded checkpoint (fingerprint_lm/assets/embedded)
-	$(PY) -m fingerprint_lm +experiment=train export_checkpoint=true
+METHOD ?= carrier
+checkpoint:  ## retrain a shipped checkpoint: METHOD=carrier (assets/embedded, default) | pnm (assets/embedded_pnm)
+	$(PY) -m fingerprint_lm +experiment=train method=$(METHOD) export_checkpoint=true
 
 format:  ## ruff format + autofix
 	$(PY) -m ruff format fingerprint_lm tests experiments

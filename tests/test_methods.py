@@ -133,3 +133,46 @@ def test_bad_method_values_are_one_error_line(tmp_path):
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == ["error: method.steps must be a positive integer, got 0"], result.stderr
+
+
+def test_sweep_summary_puts_methods_side_by_side():
+    from fingerprint_lm.report.tables import summary_csv, summary_markdown
+
+    def row(method, attack, bit_acc, colluders=1, act="all", strength=None):
+        case = attack if colluders == 1 else f"{attack}_c{colluders}"
+        return {"method": method, "fingerprint_bits": 48, "act": act, "attack": attack, "colluders": colluders,
+                "attack_strength": strength, "case": case, "bit_acc": bit_acc, "psnr": 30.5}
+
+    rows = [row("carrier", "none", 0.999), row("pnm", "none", 0.6), row("carrier", "shift", 0.41, strength=1.0),
+            row("pnm", "shift", 0.59, strength=1.0), row("pnm", "average", 0.5, colluders=2)]
+    text = summary_markdown(rows)
+    table = text[text.index("## Methods side by side"):].splitlines()
+    assert table[2] == "| case | carrier 48-bit | pnm 48-bit |"
+    assert "| none | 0.999 (30.5) | 0.600 (30.5) |" in table
+    assert "| shift | 0.410 (30.5) | 0.590 (30.5) |" in table
+    assert "## carrier: 48-bit fingerprints" in text and "## pnm: 48-bit fingerprints" in text
+    assert summary_csv(rows).splitlines()[1].startswith("carrier,48,all,none")
+    # one method: no side-by-side section, headings as before
+    assert "Methods side by side" not in summary_markdown([r for r in rows if r["method"] == "pnm"])
+
+
+def test_short_pnm_training_reads_above_chance_through_a_stock_loaded_copy(tmp_path):
+    """A debug=tiny training (16 px, 2-level VAE) with 300 steps at a 20 dB target: a copy issued
+    from it, loaded with AutoencoderKL.from_pretrained, marks fresh images that the extractor
+    reads clearly above chance (256 images x 16 bits: chance is 0.5 +- 0.008)."""
+    from fingerprint_lm.distributor.generation import decode_with, held_out_images
+    from fingerprint_lm.pipeline.checkpoint import load_fingerprint_model
+    from fingerprint_lm.pipeline.run import run
+
+    metrics = run(compose_config(tmp_path, ["method=pnm", "fingerprint_bits=16", "method.steps=300",
+                                            "method.train.psnr_target=20"]))
+    model = load_fingerprint_model(metrics["checkpoint"])
+    assert model.method == "pnm"
+    code = torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(5))
+    state, _, _ = personal_tensors(model, code.numpy(), "all", act_seed=3)
+    write_copy(tmp_path / "copy", model.vae.config, state)
+    stock = AutoencoderKL.from_pretrained(tmp_path / "copy").eval()
+    images = held_out_images(16, 256, seed=77)
+    with torch.no_grad():
+        bit_acc = ((model.extractor(decode_with(model.vae, stock, images)) > 0).long() == code).float().mean().item()
+    assert bit_acc >= 0.6, bit_acc

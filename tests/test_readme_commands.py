@@ -81,6 +81,8 @@ def _check_training_run(workdir: Path, command: str, new: set[Path]) -> None:
     assert {"bit_acc", "psnr", "ssim", "steps"} <= set(metrics)
     if "logger=csv" in command:
         assert list(run_dir.glob("csv/**/metrics.csv")), "logger=csv writes its metrics.csv"
+    recorded = json.loads((run_dir / "fingerprint_model" / "fingerprint.json").read_text())
+    assert recorded["method"] == ("pnm" if "method=pnm" in command else "carrier")
     if "wc_steps=0" in command:  # the run's composed config, as Hydra saved it
         assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").method.train.wc_steps == 0
 

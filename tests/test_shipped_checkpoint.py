@@ -2,12 +2,13 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import CheckpointError
-from fingerprint_lm.pipeline.checkpoint import SHIPPED_CHECKPOINT, load_fingerprint_model
+from fingerprint_lm.pipeline.checkpoint import SHIPPED_CHECKPOINT, load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.pipeline.stages import evaluate_fingerprint
 
 
@@ -46,3 +47,46 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
         load_fingerprint_model(copy)
     with pytest.raises(CheckpointError, match="fingerprint.json"):
         load_fingerprint_model(tmp_path / "nowhere")
+
+
+# -- method=pnm: its shipped checkpoint, read through a stock diffusers load -----------------------
+PNM_CHECKPOINT = shipped_checkpoint("embedded_pnm")
+
+
+def test_shipped_pnm_checkpoint_is_safetensors_only_and_records_its_method():
+    files = {p.name for p in PNM_CHECKPOINT.rglob("*") if p.is_file()}
+    assert files == {"fingerprint.json", "fingerprint.safetensors", "config.json", "diffusion_pytorch_model.safetensors"}
+    assert json.loads((PNM_CHECKPOINT / "fingerprint.json").read_text())["method"] == "pnm"
+
+
+def test_shipped_pnm_checkpoint_re_evaluated_through_stock_loaded_copies(tmp_path):
+    """Issue a copy (ACT all), load it with AutoencoderKL.from_pretrained, decode fresh images, save
+    them as 8-bit pixels, read them: the recorded bit accuracy is reproduced (within 0.02) and is
+    clearly above chance (12288 bits: chance is 0.5 +- 0.005); PSNR vs the base decoder >= 29.5 dB.
+    (The issue's target, 0.99, is not met: README, "Results".)"""
+    from diffusers import AutoencoderKL
+
+    from fingerprint_lm.distributor.copies import issue_copy
+    from fingerprint_lm.distributor.generation import decode_with, held_out_images, to_uint8_pixels
+    from fingerprint_lm.metrics.quality import psnr
+    from fingerprint_lm.registry.store import Registry
+
+    model = load_fingerprint_model(PNM_CHECKPOINT)
+    assert model.method == "pnm" and model.pnm.spatial_site_name is None
+    with Registry(tmp_path / "registry.sqlite", model.fingerprint_bits) as registry:
+        issued = issue_copy(model, registry, "alice", tmp_path / "copies", secret=b"s", act_type="all",
+                            rng=np.random.default_rng(0))
+        code = torch.as_tensor(registry.get("alice")["code"]).long()
+    assert sorted(p.name for p in (tmp_path / "copies" / "alice").iterdir()) == [
+        "config.json", "diffusion_pytorch_model.safetensors"]
+    stock = AutoencoderKL.from_pretrained(issued["copy"]).eval()
+    images = held_out_images(32, 256, seed=31)  # a seed the training run never used
+    marked = decode_with(model.vae, stock, images)
+    base = decode_with(model.vae, model.vae, images)
+    pixels = torch.from_numpy(to_uint8_pixels(marked)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        bit_acc = ((model.extractor(pixels) > 0).long() == code).float().mean().item()
+    recorded = json.loads((PNM_CHECKPOINT / "fingerprint.json").read_text())["metrics"]
+    assert bit_acc >= 0.53, bit_acc
+    assert abs(bit_acc - recorded["bit_acc"]) < 0.02, (bit_acc, recorded)
+    assert psnr(marked, base).mean().item() >= 29.5

@@ -155,6 +155,7 @@ def test_multirun_writes_summary_and_skips_on_rerun(tmp_path, sweep_checkpoint):
         "+experiment=collusion_sweep",
         f"hydra.sweep.dir={sweep_dir}",
         f"paths.root_dir={tmp_path}",
+        "method=carrier",
         "act=none",
         "sweep.case=none_c1,average_c2",
         f"sweep.checkpoint={sweep_checkpoint}",

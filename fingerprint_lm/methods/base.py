@@ -28,6 +28,8 @@ class FingerprintMethod:
         augment: fields of :class:`~fingerprint_lm.models.augment.AugmentConfig`.
         detector_fit_samples: images for a closed-form start of the extractor (0: none).
         checkpoint_name: the folder under ``fingerprint_lm/assets/`` its shipped checkpoint lives in.
+        shipped_steps: the steps its shipped checkpoint was trained with (``+experiment=train``
+            and the collusion sweep train that many, so that the sweep can use the shipped one).
     """
 
     name: str
@@ -38,6 +40,7 @@ class FingerprintMethod:
     augment: dict[str, Any] = field(default_factory=dict)
     detector_fit_samples: int = 0
     checkpoint_name: str = "embedded"
+    shipped_steps: int | None = None
     # A copy is a stock diffusers folder (no file beside the two stock ones).
     stock_copies: bool = False
 

@@ -70,7 +70,7 @@ ATTACKS: tuple[str, ...] = ("none", *MERGES, *IMAGE_ATTACKS, *MODEL_ATTACKS, *OU
 SWEEP_IMAGE_SEED = 5_000_011
 FINETUNE_IMAGE_SEED = 6_000_013  # the attacker's own fine-tuning images
 # Points in a sweep summary, in this order (the grid keys first).
-GRID_KEYS: tuple[str, ...] = ("fingerprint_bits", "act", "attack", "attack_strength", "colluders")
+GRID_KEYS: tuple[str, ...] = ("method", "fingerprint_bits", "act", "attack", "attack_strength", "colluders")
 _STRENGTH = re.compile(r"^[a-z]?(\d+(?:\.\d+)?)$")
 _COLLUDERS = re.compile(r"^c(\d+)$")
 
@@ -342,6 +342,7 @@ def evaluate_point(
     accused = [s["user_id"] for s in suspects if s["accused"]]
 
     metrics: dict[str, Any] = {
+        "method": model.method,
         "fingerprint_bits": k,
         "act": act,
         "act_scope": act_scope,
@@ -418,6 +419,11 @@ def sweep_model_dir(cfg: DictConfig) -> tuple[Path, str]:
             raise ConfigError(
                 f"fingerprint_bits={bits} but the checkpoint {directory} has {length}-bit codes "
                 "(sweep.checkpoint=null trains a model per length)"
+            )
+        recorded = json.loads((directory / "fingerprint.json").read_text()).get("method", "carrier")
+        if recorded != cfg.method.name:
+            raise ConfigError(
+                f"method={cfg.method.name} but the checkpoint {directory} was trained by method={recorded}"
             )
         return directory, "given"
     record = training_record(cfg)
@@ -541,6 +547,7 @@ def run_sweep_point(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     point = {
+        "method": str(cfg.method.name),
         "fingerprint_bits": bits,
         "act": act,
         "case": str(settings.case),

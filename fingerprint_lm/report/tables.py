@@ -17,6 +17,7 @@ from fingerprint_lm.errors import DataError
 from fingerprint_lm.models.act import ACT_TYPES
 
 COLUMNS: tuple[str, ...] = (
+    "method",
     "fingerprint_bits",
     "act",
     "attack",
@@ -41,6 +42,7 @@ COLUMNS: tuple[str, ...] = (
 )
 # The readable table: fewer columns.
 MARKDOWN_COLUMNS: tuple[str, ...] = (
+    "method",
     "fingerprint_bits",
     "act",
     "attack",
@@ -80,10 +82,25 @@ def collect_points(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return sorted(rows, key=_sort_key)
 
 
+def method_of(row: dict) -> str:
+    """The method a point evaluated; points written before methods existed are ``carrier``."""
+    return str(row.get("method") or "carrier")
+
+
+def _groups(rows: list[dict]) -> list[tuple[str, int]]:
+    """(method, fingerprint length) pairs present, in order: one headline section and plot line each."""
+    return sorted({(method_of(r), r["fingerprint_bits"]) for r in rows if r.get("fingerprint_bits") is not None})
+
+
+def _in_group(row: dict, group: tuple[str, int]) -> bool:
+    return (method_of(row), row.get("fingerprint_bits")) == group
+
+
 def _sort_key(row: dict) -> tuple:
     act = row.get("act")
     strength = row.get("attack_strength")
     return (
+        method_of(row),
         row.get("fingerprint_bits") or 0,
         ACT_TYPES.index(act) if act in ACT_TYPES else len(ACT_TYPES),
         str(act),
@@ -122,6 +139,7 @@ def summary_markdown(rows: list[dict], title: str = "Collusion sweep") -> str:
         f"{len(rows)} points. fid_proxy is a proxy (a small feature net trained on the "
         "procedural images), not FID; compare it with fid_proxy_base (base decoder).",
         "",
+        *method_lines(rows),
         *headline_lines(rows),
     ]
     lines.append("| " + " | ".join(MARKDOWN_COLUMNS) + " |")
@@ -131,12 +149,34 @@ def summary_markdown(rows: list[dict], title: str = "Collusion sweep") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _find(rows: list[dict], bits, act: str, attack: str, colluders: int) -> dict | None:
+def _find(rows: list[dict], group: tuple[str, int], act: str, attack: str, colluders: int,
+          strength: float | None = None) -> dict | None:
     for row in rows:
-        if (row.get("fingerprint_bits"), row.get("act"), row.get("attack"), row.get("colluders"),
-                row.get("attack_strength")) == (bits, act, attack, colluders, None):
+        if _in_group(row, group) and (row.get("act"), row.get("attack"), row.get("colluders"),
+                                      row.get("attack_strength")) == (act, attack, colluders, strength):
             return row
     return None
+
+
+def method_lines(rows: list[dict]) -> list[str]:
+    """Methods side by side (when a sweep has more than one): bit accuracy of one user's copy (ACT
+    ``all``, else the first ACT type present) under each single-copy case, a column per method."""
+    groups = _groups(rows)
+    if len({method for method, _ in groups}) < 2:
+        return []
+    cases = sorted({(r.get("attack"), r.get("attack_strength"), r.get("case")) for r in rows if r.get("colluders") == 1},
+                   key=lambda c: (c[0] != "none", str(c[0]), -math.inf if c[1] is None else float(c[1])))
+    out = ["## Methods side by side: bit accuracy of one copy (ACT all; PSNR vs the base decoder in brackets)", "",
+           "| case | " + " | ".join(f"{m} {b}-bit" for m, b in groups) + " |",
+           "|---|" + "---|" * len(groups)]
+    for attack, strength, case in cases:
+        cells = []
+        for group in groups:
+            row = _find(rows, group, "all", attack, 1, strength) or next(
+                (r for r in rows if _in_group(r, group) and r.get("case") == case), None)
+            cells.append("" if row is None else f"{_cell(row.get('bit_acc'), 3)} ({_cell(row.get('psnr'), 1)})")
+        out.append(f"| {case} | " + " | ".join(cells) + " |")
+    return [*out, ""]
 
 
 def headline_lines(rows: list[dict]) -> list[str]:
@@ -144,10 +184,13 @@ def headline_lines(rows: list[dict]) -> list[str]:
     un-attacked copy keep its bits, and what does 2-party collusion do with each ACT type (PSNR drop
     and fid_proxy ratio against 2-party averaging without ACT), naive and adaptive."""
     out: list[str] = []
-    for bits in sorted({r.get("fingerprint_bits") for r in rows if r.get("fingerprint_bits") is not None}):
-        alone = [r["bit_acc"] for r in rows if r.get("fingerprint_bits") == bits and r.get("attack") == "none"]
-        baseline = _find(rows, bits, "none", "average", 2)
-        header = f"## {bits}-bit fingerprints"
+    groups = _groups(rows)
+    several = len({method for method, _ in groups}) > 1
+    for group in groups:
+        method, bits = group
+        alone = [r["bit_acc"] for r in rows if _in_group(r, group) and r.get("attack") == "none"]
+        baseline = _find(rows, group, "none", "average", 2)
+        header = f"## {method}: {bits}-bit fingerprints" if several else f"## {bits}-bit fingerprints"
         if alone:
             header += f": un-attacked copies keep bit_acc {min(alone):.3f} (lowest over ACT types)"
         out += [header, ""]
@@ -160,7 +203,7 @@ def headline_lines(rows: list[dict]) -> list[str]:
             "|---|---|---|---|---|---|---|---|",
         ]
         for act in ACT_TYPES:
-            naive, aligned = _find(rows, bits, act, "average", 2), _find(rows, bits, act, "aligned_average", 2)
+            naive, aligned = _find(rows, group, act, "average", 2), _find(rows, group, act, "aligned_average", 2)
             if naive is None:
                 continue
             ratio = None
@@ -181,21 +224,21 @@ def _plot_collusion(rows: list[dict], metric: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(_MERGE_PLOTS), figsize=(9, 3.4), sharey=True)
-    lengths = sorted({r.get("fingerprint_bits") for r in rows if r.get("fingerprint_bits") is not None})
+    groups = _groups(rows)
     styles = ["-", "--", ":", "-."]
     for ax, merge in zip(axes, _MERGE_PLOTS, strict=True):
         for act_index, act in enumerate(ACT_TYPES):
-            for length_index, bits in enumerate(lengths or [None]):
+            for length_index, group in enumerate(groups):
                 points = sorted(
                     (r["colluders"], r[metric])
                     for r in rows
                     if r.get("act") == act
-                    and r.get("fingerprint_bits") == bits
+                    and _in_group(r, group)
                     and r.get(metric) is not None
                     and (r.get("attack") == merge or (r.get("attack") == "none" and r.get("colluders") == 1))
                 )
                 if points:
-                    label = f"ACT {act}" + (f", {bits} bits" if len(lengths) > 1 else "")
+                    label = f"ACT {act}" + (f", {group[0]} {group[1]} bits" if len(groups) > 1 else "")
                     ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", lw=1, label=label,
                             color=f"C{act_index}", ls=styles[length_index % len(styles)])
         ax.set(title=merge, xlabel="colluders", ylabel=metric)
@@ -218,17 +261,17 @@ def _plot_strength(rows: list[dict], path: Path) -> None:
         {r["attack"] for r in rows if r.get("attack_strength") is not None and r.get("colluders") == 1}
     )
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    lengths = sorted({r.get("fingerprint_bits") for r in rows if r.get("fingerprint_bits") is not None})
+    groups = _groups(rows)
     for attack_index, attack in enumerate(attacks):
-        for length_index, bits in enumerate(lengths or [None]):
-            mine = [r for r in rows if r.get("attack") == attack and r.get("fingerprint_bits") == bits
+        for length_index, group in enumerate(groups):
+            mine = [r for r in rows if r.get("attack") == attack and _in_group(r, group)
                     and r.get("attack_strength") is not None]
             # ACT does not change an image attack's effect on one copy: prefer the no-ACT rows.
             points = sorted((r["attack_strength"], r["bit_acc"]) for r in mine if r.get("act") == "none") or sorted(
                 (r["attack_strength"], r["bit_acc"]) for r in mine
             )
             if points:
-                label = attack + (f", {bits} bits" if len(lengths) > 1 else "")
+                label = attack + (f", {group[0]} {group[1]} bits" if len(groups) > 1 else "")
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", lw=1, label=label,
                         color=f"C{attack_index % 10}", ls=["-", "--", ":", "-."][length_index % 4])
     ax.set(
