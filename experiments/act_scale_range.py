@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from fingerprint_lm.metrics.fid import train_proxy_feature_net
-from fingerprint_lm.pipeline.checkpoint import load_fingerprint_model
+from fingerprint_lm.models.checkpoint import load_fingerprint_model
 from fingerprint_lm.pipeline.sweep import evaluate_point
 
 

@@ -21,7 +21,7 @@ import torch
 
 from fingerprint_lm.metrics.fid import train_proxy_feature_net
 from fingerprint_lm.models.act import ACT_SCOPES, ACT_TYPES
-from fingerprint_lm.pipeline.checkpoint import load_fingerprint_model
+from fingerprint_lm.models.checkpoint import load_fingerprint_model
 from fingerprint_lm.pipeline.sweep import evaluate_point
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from fingerprint_lm.distributor.copies import issue_copy, load_copy
 from fingerprint_lm.distributor.generation import decode_with, held_out_images, to_uint8_pixels
 from fingerprint_lm.errors import exit_on_user_error
 from fingerprint_lm.metrics.quality import psnr
-from fingerprint_lm.pipeline.checkpoint import load_fingerprint_model
+from fingerprint_lm.models.checkpoint import load_fingerprint_model
 from fingerprint_lm.registry.store import Registry
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,8 +35,8 @@ from fingerprint_lm.data.datamodule import TEST_SEED_OFFSET  # noqa: E402
 from fingerprint_lm.data.synthetic import ProceduralImages  # noqa: E402
 from fingerprint_lm.errors import exit_on_user_error  # noqa: E402
 from fingerprint_lm.metrics.quality import psnr  # noqa: E402
+from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT  # noqa: E402
 from fingerprint_lm.models.vae import load_vae  # noqa: E402
-from fingerprint_lm.pipeline.checkpoint import SHIPPED_CHECKPOINT  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "closed_form_reader_probe.jsonl"
 

@@ -34,8 +34,8 @@ from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import exit_on_user_error
 from fingerprint_lm.metrics.fid import _covariance, frechet_distance, proxy_features, train_proxy_feature_net
 from fingerprint_lm.metrics.quality import psnr
+from fingerprint_lm.models.checkpoint import load_fingerprint_model
 from fingerprint_lm.pipeline import sweep
-from fingerprint_lm.pipeline.checkpoint import load_fingerprint_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results" / "fid_proxy_floor.jsonl"

@@ -36,8 +36,8 @@ from torch.func import functional_call, jacrev
 from fingerprint_lm.data.datamodule import TEST_SEED_OFFSET
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import exit_on_user_error
+from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT
 from fingerprint_lm.models.vae import load_vae
-from fingerprint_lm.pipeline.checkpoint import SHIPPED_CHECKPOINT
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stock_channel_rank.jsonl"
 

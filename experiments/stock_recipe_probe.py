@@ -39,9 +39,9 @@ from fingerprint_lm.data.datamodule import TEST_SEED_OFFSET
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import exit_on_user_error
 from fingerprint_lm.metrics.quality import psnr
+from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.vae import load_vae
-from fingerprint_lm.pipeline.checkpoint import SHIPPED_CHECKPOINT
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stock_recipe_probe.jsonl"
 # Every decoder GroupNorm except the attention block's, which normalises [B, C, HW] tensors that

@@ -44,7 +44,7 @@ from fingerprint_lm.distributor.generation import held_out_images
 from fingerprint_lm.distributor.tasks import DISTRIBUTOR_TASKS
 from fingerprint_lm.errors import CheckpointError, ConfigError, DataError, RegistryError
 from fingerprint_lm.models.act import derive_act_seed
-from fingerprint_lm.pipeline.checkpoint import load_fingerprint_model
+from fingerprint_lm.models.checkpoint import load_fingerprint_model
 from fingerprint_lm.pipeline.run import run
 from fingerprint_lm.registry.store import Registry
 from tests.conftest import ROOT, compose_config

@@ -15,7 +15,8 @@ from fingerprint_lm.distributor.copies import CONFIG_NAME, WEIGHTS_NAME, load_co
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.methods import CarrierMethod, PNMMethod, personal_tensors
 from fingerprint_lm.models.act import ACT_TYPES
-from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor
+from fingerprint_lm.models.extractor import build_extractor
+from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor, PooledExtractor
 from fingerprint_lm.models.vae import build_vae
 from fingerprint_lm.pipeline.run import method_from_config
 from tests.conftest import ROOT, compose_config
@@ -50,6 +51,12 @@ def test_method_group_instantiates_both_methods(tmp_path):
     assert isinstance(pnm, PNMMethod) and pnm.stock_copies
     assert pnm.pnm["spatial_site"] is None and pnm.extractor["kind"] == "band_energy"
     assert pnm.record()["method"] == "pnm"
+    # the learned reader is one setting away; its own settings, not the band reader's, are used
+    pooled = method_from_config(compose_config(tmp_path, ["method=pnm", "method.extractor.kind=pooled"]))
+    vae = build_vae(OmegaConf.to_container(compose_config(tmp_path, []).model.vae_config))
+    assert isinstance(pooled.build_model(vae, 16).extractor, PooledExtractor)
+    with pytest.raises(ConfigError, match="method.extractor.pooled"):
+        build_extractor(16, kind="pooled", pooled={"filter_size": 7})
 
 
 @pytest.mark.parametrize("act_type", ACT_TYPES)
@@ -161,7 +168,7 @@ def test_short_pnm_training_reads_above_chance_through_a_stock_loaded_copy(tmp_p
     from it, loaded with AutoencoderKL.from_pretrained, marks fresh images that the extractor
     reads clearly above chance (256 images x 16 bits: chance is 0.5 +- 0.008)."""
     from fingerprint_lm.distributor.generation import decode_with, held_out_images
-    from fingerprint_lm.pipeline.checkpoint import load_fingerprint_model
+    from fingerprint_lm.models.checkpoint import load_fingerprint_model
     from fingerprint_lm.pipeline.run import run
 
     metrics = run(compose_config(tmp_path, ["method=pnm", "fingerprint_bits=16", "method.steps=300",

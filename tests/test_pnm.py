@@ -86,7 +86,7 @@ def test_closed_form_reader_reads_a_fixed_carrier_pattern():
 
 
 def test_pnm_decoder_at_zero_modulation_is_vae_decode(vae):
-    from fingerprint_lm.pipeline.checkpoint import build_fingerprint_model
+    from fingerprint_lm.models.checkpoint import build_fingerprint_model
 
     latents = torch.randn(2, 4, 8, 8)
     with torch.no_grad():

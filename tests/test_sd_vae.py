@@ -22,9 +22,9 @@ from fingerprint_lm.errors import CheckpointError, ConfigError
 from fingerprint_lm.lit.base_vae import BaseVAEModule
 from fingerprint_lm.lit.fingerprinting import FingerprintModule, worst_case_perturbation
 from fingerprint_lm.models.augment import AugmentConfig
+from fingerprint_lm.models.checkpoint import build_fingerprint_model
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.vae import SD_VAE_CONFIG, encoder_parameters, load_vae
-from fingerprint_lm.pipeline.checkpoint import build_fingerprint_model
 from fingerprint_lm.pipeline.run import run
 from tests.conftest import DEBUG_TINY, compose_config
 
@@ -328,3 +328,35 @@ def test_bf16_mixed_step_on_gpu(sd_folder):
                         enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0)
     trainer.fit(module, train_dataloaders=DataLoader(_Images(), batch_size=4))
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_method_pnm_runs_on_an_sd_vae_folder_and_its_copy_is_stock(tmp_path, sd_folder):
+    """model=sd_vae with method=pnm: every ResnetBlock norm and conv_norm_out of the SD-layout
+    decoder carries the code (gradient checkpointing on, as model=sd_vae sets it); the copy
+    from_pretrained-loads as the PNM decoder."""
+    from fingerprint_lm.distributor.copies import write_copy
+    from fingerprint_lm.methods import personal_tensors
+    from fingerprint_lm.models.checkpoint import load_fingerprint_model
+
+    cfg = compose_config(tmp_path, [
+        *NON_MODEL_TINY, "model=sd_vae", f"model.path={sd_folder}", "model.calibration_batch_size=16",
+        "method=pnm", "fingerprint_bits=8", "method.steps=4", "method.detector_fit_samples=64",
+        "data.resolution=32", "data.batch_size=4", "data.test_size=8", "eval.max_images=8",
+        "trainer.val_check_interval=4",
+    ], tiny=False)
+    metrics = run(cfg)
+    assert metrics["steps"] == 4
+    model = load_fingerprint_model(metrics["checkpoint"])
+    assert model.method == "pnm" and "conv_norm_out" in model.pnm.affine_site_names
+    norms = [n for n, m in model.pnm.decoder.named_modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert model.pnm.affine_site_names == sorted(n for n in norms if "attentions" not in n)
+    code = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0])
+    with torch.no_grad():
+        for head in model.pnm.affine_heads.values():  # 4 steps move little: make the code matter
+            head.weight.normal_(0, 0.02)
+        state, bias_map, _ = personal_tensors(model, code.numpy(), "permute", act_seed=1)
+        assert bias_map is None
+        write_copy(tmp_path / "copy", model.vae.config, state)
+        latents = torch.randn(1, 4, 4, 4)
+        stock = AutoencoderKL.from_pretrained(tmp_path / "copy").eval()
+        assert (stock.decode(latents).sample - model.pnm(latents, code[None])).abs().max() <= 1e-5

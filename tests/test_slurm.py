@@ -21,8 +21,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from fingerprint_lm import storage as cache
 from fingerprint_lm.errors import CheckpointError
-from fingerprint_lm.pipeline import cache, stages
+from fingerprint_lm.pipeline import stages
 from fingerprint_lm.pipeline.run import run
 from tests.conftest import CONF, DEBUG_TINY, ROOT, compose_config
 

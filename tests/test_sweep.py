@@ -17,7 +17,7 @@ import torch
 
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.metrics.fid import train_proxy_feature_net
-from fingerprint_lm.pipeline.checkpoint import load_fingerprint_model
+from fingerprint_lm.models.checkpoint import load_fingerprint_model
 from fingerprint_lm.pipeline.run import run
 from fingerprint_lm.pipeline.sweep import evaluate_point, parse_case
 from fingerprint_lm.report.tables import COLUMNS, SUMMARY_FILES, write_summary
@@ -274,7 +274,7 @@ def test_sweep_model_cache_key_follows_the_base_vae_weights(tmp_path):
     (same config.json, new weights); the same bytes give the same key."""
     import shutil
 
-    from fingerprint_lm.pipeline.checkpoint import SHIPPED_CHECKPOINT
+    from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT
     from fingerprint_lm.pipeline.sweep import sweep_model_cache_dir, training_record
 
     cfg = compose_config(tmp_path / "job", ["+experiment=collusion_sweep", "fingerprint_bits=32"], tiny=False)

@@ -37,7 +37,7 @@ from fingerprint_lm.evaluation.text2image import (
     load_text2image_pipeline,
     resolve_dtype,
 )
-from fingerprint_lm.pipeline.checkpoint import SHIPPED_CHECKPOINT, load_fingerprint_model
+from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT, load_fingerprint_model
 from fingerprint_lm.pipeline.run import run
 from fingerprint_lm.registry.store import Registry
 from tests.conftest import ROOT, compose_config

@@ -20,7 +20,7 @@ import torch
 from fingerprint_lm.distributor.copies import issue_copy, personal_tensors, write_copy
 from fingerprint_lm.errors import CheckpointError
 from fingerprint_lm.models.act import derive_act_seed
-from fingerprint_lm.pipeline.checkpoint import (
+from fingerprint_lm.models.checkpoint import (
     FingerprintModel,
     build_fingerprint_model,
     load_fingerprint_model,

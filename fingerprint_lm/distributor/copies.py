@@ -43,9 +43,9 @@ from torch import nn
 from fingerprint_lm.errors import CheckpointError, ConfigError, RegistryError
 from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.models.act import ACT_TYPES, derive_act_seed
+from fingerprint_lm.models.checkpoint import FingerprintModel
 from fingerprint_lm.models.pnm import tile_to
 from fingerprint_lm.models.vae import load_vae
-from fingerprint_lm.pipeline.checkpoint import FingerprintModel
 from fingerprint_lm.registry.store import Registry
 
 CONFIG_NAME = "config.json"
@@ -295,7 +295,8 @@ def read_bias_map(path: str | Path) -> tuple[torch.Tensor, str]:
 def load_copy(path: str | Path, expected_sha256: str | None = None):
     """Load a user's copy as the full fingerprinted ``AutoencoderKL``.
 
-    Stock ``AutoencoderKL.from_pretrained(path)``, then, if the copy has a bias map, the spatial
+    Stock ``AutoencoderKL.from_pretrained(path)`` (all of it for a ``method=pnm`` copy), then, if
+    the copy has a bias map (``method=carrier``), the spatial
     site's GroupNorm (``decoder.conv_norm_out``) is swapped for a :class:`BiasMapGroupNorm` with
     the same parameters. The result decodes exactly as the distributor's PNM decoder with the
     user's code. ``expected_sha256`` (e.g. from the registry) is checked first when given.

@@ -17,9 +17,9 @@ import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fingerprint_lm.errors import CheckpointError, ConfigError, RegistryError
-from fingerprint_lm.pipeline.cache import atomic_write_text
-from fingerprint_lm.pipeline.checkpoint import load_fingerprint_model, shipped_checkpoint
+from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.registry.store import Registry
+from fingerprint_lm.storage import atomic_write_text
 
 log = logging.getLogger(__name__)
 

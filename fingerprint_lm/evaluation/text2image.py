@@ -471,8 +471,8 @@ def run_text2image_eval(cfg: DictConfig) -> dict[str, Any]:
     from fingerprint_lm.distributor.copies import check_user_id, load_copy
     from fingerprint_lm.distributor.tasks import checkpoint_dir, open_registry
     from fingerprint_lm.metrics.fid import clean_fid_available, train_proxy_feature_net
-    from fingerprint_lm.pipeline.cache import atomic_directory, atomic_write_text
-    from fingerprint_lm.pipeline.checkpoint import load_fingerprint_model
+    from fingerprint_lm.models.checkpoint import load_fingerprint_model
+    from fingerprint_lm.storage import atomic_directory, atomic_write_text
 
     settings = cfg.text2image
     # Cheap checks first: a bad folder, user or setting fails before any model is loaded.

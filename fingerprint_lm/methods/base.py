@@ -11,7 +11,7 @@ import torch
 
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.models.act import ACT_TYPES, apply_act, draw_act
-from fingerprint_lm.pipeline.checkpoint import FingerprintModel, build_fingerprint_model
+from fingerprint_lm.models.checkpoint import FingerprintModel, build_fingerprint_model
 
 
 @dataclass

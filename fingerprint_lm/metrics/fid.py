@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from fingerprint_lm.data.synthetic import COLORS, SHAPES, TEXTURES, ProceduralImages
 from fingerprint_lm.errors import CheckpointError, ConfigError, DataError, FingerprintError
-from fingerprint_lm.pipeline.cache import atomic_directory, atomic_write_text, config_hash
+from fingerprint_lm.storage import atomic_directory, atomic_write_text, config_hash
 
 PROXY_WEIGHTS_NAME = "model.safetensors"
 PROXY_CONFIG_NAME = "config.json"

@@ -93,16 +93,25 @@ EXTRACTOR_KINDS = ("tiled", "pooled", "band_energy")
 
 
 def build_extractor(fingerprint_bits: int, tile_size: int = 16, kind: str = "tiled", **kwargs) -> nn.Module:
-    """The extractor a checkpoint's ``extractor`` record describes. ``kind``: ``tiled`` (this
-    module's tile-folding reader, the carrier method's; the default, so records written before
-    ``kind`` existed still load), ``pooled`` (learned, shift-invariant) or ``band_energy`` (fixed,
-    shift-invariant): both in :mod:`fingerprint_lm.models.pooled_extractor`."""
+    """The extractor a checkpoint's ``extractor`` record describes. ``kind``:
+
+    * ``tiled`` (the carrier method's; the default, so records written before ``kind`` existed
+      still load): this module's tile-folding reader, ``kwargs`` are its arguments;
+    * ``band_energy`` (fixed) or ``pooled`` (learned), both shift-invariant
+      (:mod:`fingerprint_lm.models.pooled_extractor`): ``kwargs`` hold one settings dict per kind
+      (``{"band_energy": {...}, "pooled": {...}}``) and the one named by ``kind`` is used, so a
+      config switches reader with ``method.extractor.kind=pooled`` alone.
+    """
     if kind == "tiled":
         return FingerprintExtractor(fingerprint_bits, tile_size=tile_size, **kwargs)
-    if kind == "pooled":
-        return PooledExtractor(fingerprint_bits, **kwargs)
-    if kind == "band_energy":
-        if "frequency" in kwargs:
-            kwargs["frequency"] = tuple(kwargs["frequency"])
-        return BandEnergyExtractor(fingerprint_bits, **kwargs)
-    raise ConfigError(f"unknown extractor kind {kind!r} (choose one of: {', '.join(EXTRACTOR_KINDS)})")
+    if kind not in EXTRACTOR_KINDS:
+        raise ConfigError(f"unknown extractor kind {kind!r} (choose one of: {', '.join(EXTRACTOR_KINDS)})")
+    settings = dict(kwargs.get(kind) or {})
+    try:
+        if kind == "pooled":
+            return PooledExtractor(fingerprint_bits, **settings)
+        if "frequency" in settings:
+            settings["frequency"] = tuple(settings["frequency"])
+        return BandEnergyExtractor(fingerprint_bits, **settings)
+    except TypeError as exc:  # an unknown setting: name it, in one line
+        raise ConfigError(f"method.extractor.{kind}: {exc}") from exc

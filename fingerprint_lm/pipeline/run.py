@@ -18,10 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from fingerprint_lm.distributor.tasks import DISTRIBUTOR_TASKS, run_task
 from fingerprint_lm.errors import CheckpointError, ConfigError
 from fingerprint_lm.methods import FingerprintMethod
+from fingerprint_lm.models.checkpoint import save_fingerprint_model
 from fingerprint_lm.pipeline import stages
-from fingerprint_lm.pipeline.cache import atomic_write_text
-from fingerprint_lm.pipeline.checkpoint import save_fingerprint_model
 from fingerprint_lm.report.plots import write_training_curve
+from fingerprint_lm.storage import atomic_write_text
 
 log = logging.getLogger(__name__)
 

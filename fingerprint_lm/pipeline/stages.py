@@ -21,9 +21,9 @@ from fingerprint_lm.lit.fingerprinting import FingerprintModule
 from fingerprint_lm.methods import FingerprintMethod
 from fingerprint_lm.metrics.quality import psnr, ssim
 from fingerprint_lm.models import augment as aug
+from fingerprint_lm.models.checkpoint import FingerprintModel
 from fingerprint_lm.models.vae import build_vae, downscale_factor, encode_latents, load_vae, parse_dtype
-from fingerprint_lm.pipeline.cache import atomic_directory, config_hash
-from fingerprint_lm.pipeline.checkpoint import FingerprintModel
+from fingerprint_lm.storage import atomic_directory, config_hash
 
 log = logging.getLogger(__name__)
 

@@ -48,10 +48,10 @@ from fingerprint_lm.metrics.bits import match_threshold
 from fingerprint_lm.metrics.fid import frechet_distance_proxy
 from fingerprint_lm.metrics.quality import psnr, ssim
 from fingerprint_lm.models.act import ACT_TYPES
-from fingerprint_lm.pipeline.cache import atomic_write_text, config_hash
-from fingerprint_lm.pipeline.checkpoint import FingerprintModel
+from fingerprint_lm.models.checkpoint import FingerprintModel
 from fingerprint_lm.registry.store import CodeIndex
 from fingerprint_lm.registry.tracing import trace
+from fingerprint_lm.storage import atomic_write_text, config_hash
 
 log = logging.getLogger(__name__)
 
@@ -407,7 +407,7 @@ def sweep_model_dir(cfg: DictConfig) -> tuple[Path, str]:
     file lock makes parallel jobs (submitit) wait for one training instead of repeating it.
     """
     from fingerprint_lm.distributor.tasks import checkpoint_code_length
-    from fingerprint_lm.pipeline.checkpoint import SHIPPED_CHECKPOINT, shipped_checkpoint
+    from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT, shipped_checkpoint
 
     bits = cfg.fingerprint_bits
     if isinstance(bits, bool) or not isinstance(bits, int) or bits <= 0:
@@ -468,9 +468,9 @@ def train_sweep_model(cfg: DictConfig, target: Path, base_vae_dir: Path) -> None
     VAE in ``base_vae_dir``, evaluate it on held-out images and save it atomically to ``target``."""
     from hydra.utils import instantiate
 
+    from fingerprint_lm.models.checkpoint import save_fingerprint_model
     from fingerprint_lm.models.vae import load_vae
     from fingerprint_lm.pipeline import stages
-    from fingerprint_lm.pipeline.checkpoint import save_fingerprint_model
     from fingerprint_lm.pipeline.run import (  # run.py dispatches here
         record_training_config,
         train_from_config,
@@ -537,7 +537,7 @@ def run_sweep_point(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from fingerprint_lm.metrics.fid import train_proxy_feature_net
-    from fingerprint_lm.pipeline.checkpoint import load_fingerprint_model
+    from fingerprint_lm.models.checkpoint import load_fingerprint_model
 
     settings = cfg.sweep
     bits = cfg.fingerprint_bits

@@ -25,7 +25,7 @@ from fingerprint_lm.errors import CheckpointError
 from fingerprint_lm.models.extractor import build_extractor
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.vae import load_vae
-from fingerprint_lm.pipeline.cache import atomic_directory
+from fingerprint_lm.storage import atomic_directory
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 # The shipped checkpoint of each method: assets/<method.checkpoint_name> (conf/method/*.yaml).

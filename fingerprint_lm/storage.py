@@ -1,4 +1,5 @@
-"""Content-addressed caching of expensive artefacts (base VAE, trained fingerprint models)."""
+"""Storage foundations: atomic writes and directories, config hashing for content-addressed caches
+(base VAE, trained fingerprint models). Imports nothing of the project (docs/design.md, layout)."""
 
 from __future__ import annotations
 

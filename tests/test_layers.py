@@ -1,0 +1,54 @@
+"""The import floors of docs/design.md ("Package layout"): a module imports only from its own floor
+or below, anywhere in the file (function-level imports included)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "fingerprint_lm"
+# floor of each top-level module or subpackage of fingerprint_lm
+FLOORS = {
+    "errors": 0, "storage": 0, "devices": 0, "resolvers": 0,
+    "models": 1, "data": 1,
+    "methods": 2, "attacks": 2, "metrics": 2, "registry": 2, "lit": 2,
+    "distributor": 3, "evaluation": 3, "report": 3,
+    "pipeline": 4, "bench": 4, "sweep_guard": 4,
+    "__main__": 5, "__init__": 5,
+}
+
+
+def _unit(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return parts[0]
+
+
+def _imported_units(tree: ast.AST) -> set[str]:
+    units = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fingerprint_lm."):
+            units.add(node.module.split(".")[1])
+        elif isinstance(node, ast.ImportFrom) and node.module == "fingerprint_lm":
+            units.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            units.update(a.name.split(".")[1] for a in node.names if a.name.startswith("fingerprint_lm."))
+    return units
+
+
+def test_every_unit_has_a_floor():
+    units = {_unit(p) for p in PACKAGE.rglob("*.py")}
+    assert units <= set(FLOORS), sorted(units - set(FLOORS))
+
+
+def test_no_module_imports_a_higher_floor():
+    violations = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        unit = _unit(path)
+        for imported in _imported_units(ast.parse(path.read_text())):
+            if imported in FLOORS and FLOORS[imported] > FLOORS[unit]:
+                violations.append(f"{path.relative_to(PACKAGE)} imports {imported}")
+    assert not violations, violations
+
+
+def test_storage_imports_nothing_of_the_project():
+    assert not _imported_units(ast.parse((PACKAGE / "storage.py").read_text()))
