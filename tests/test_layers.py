@@ -52,3 +52,18 @@ def test_no_module_imports_a_higher_floor():
 
 def test_storage_imports_nothing_of_the_project():
     assert not _imported_units(ast.parse((PACKAGE / "storage.py").read_text()))
+
+
+def test_torch_load_only_ever_reads_weights():
+    """Anything that travels is safetensors; a torch.load anywhere in the package must be
+    weights_only=True (no pickled code runs), and pickle itself is never imported."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "load" and getattr(
+                    getattr(node.func, "value", None), "id", None) == "torch":
+                flags = {k.arg: getattr(k.value, "value", None) for k in node.keywords}
+                assert flags.get("weights_only") is True, f"{path.relative_to(PACKAGE)}:{node.lineno}"
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+                assert not {"pickle", "dill", "cloudpickle"} & set(names), f"{path.relative_to(PACKAGE)}:{node.lineno}"

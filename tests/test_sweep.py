@@ -70,7 +70,9 @@ def test_unattacked_copy_is_attributed(tiny_model, fid_net):
     assert m["attribution_acc"] > 0.8 and m["tpr_at_fpr1e-6"] > 0.8
     assert m["false_positives"] == 0.0
     assert m["tracing_caught"] == 1 and m["tracing_innocents_accused"] == 0
-    assert m["psnr"] > 20 and m["fid_proxy"] >= 0 and m["fid_proxy_base"] >= 0
+    assert m["psnr"] > 20
+    # an un-attacked copy looks like the base decoder to the proxy: within a few points of it
+    assert abs(m["fid_proxy"] - m["fid_proxy_base"]) < 0.5 * m["fid_proxy_base"]
     assert m["registry_size"] == 201
 
 
@@ -247,7 +249,7 @@ def test_sweep_trains_a_model_per_length_once_and_uses_the_shipped_one_where_it_
     assert (
         meta["fingerprint_bits"] == 32
         and meta["metrics"]["steps"] == 8
-        and 0 <= meta["metrics"]["bit_acc"] <= 1
+        and meta["metrics"]["bit_acc"] > 0.9  # the carriers are read from step 0 (closed-form reader)
     )
     second = run(point_cfg("b", ["fingerprint_bits=32", "sweep.case=average_c2", *fast]))
     assert (
