@@ -47,8 +47,7 @@ def set_eps(module, eps: float) -> None:
 def test_method_group_instantiates_both_methods(tmp_path):
     carrier = method_from_config(compose_config(tmp_path, []))
     pnm = method_from_config(compose_config(tmp_path, ["method=pnm"]))
-    assert isinstance(carrier, CarrierMethod) and not carrier.stock_copies
-    assert isinstance(pnm, PNMMethod) and pnm.stock_copies
+    assert isinstance(carrier, CarrierMethod) and isinstance(pnm, PNMMethod)
     assert pnm.pnm["spatial_site"] is None and pnm.extractor["kind"] == "band_energy"
     assert pnm.record()["method"] == "pnm"
     # the learned reader is one setting away; its own settings, not the band reader's, are used
@@ -132,6 +131,16 @@ def test_bad_method_values_are_one_error_line(tmp_path):
         method_from_config(compose_config(tmp_path, ["method=pnm", "method.pnm.spatial_site=conv_norm_out"]))
     with pytest.raises(ConfigError, match="shift-invariant extractor"):
         method_from_config(compose_config(tmp_path, ["method=pnm", "method.extractor.kind=tiled"]))
+    with pytest.raises(ConfigError, match="unknown extractor kind 'nope'"):
+        method_from_config(compose_config(tmp_path, ["method=pnm", "method.extractor.kind=nope"]))
+    with pytest.raises(ConfigError, match="tiled extractor"):
+        method_from_config(compose_config(tmp_path, ["+method.extractor.kind=pooled"]))
+    with pytest.raises(ConfigError, match="^method: "):  # Hydra's multi-line message, as one line
+        method_from_config(compose_config(tmp_path, ["method=pnm", "+method.nope=1"]))
+    # whitening needs more images than bits: refused when the model is built, before training
+    small = method_from_config(compose_config(tmp_path, ["method=pnm", "method.detector_fit_samples=16"]))
+    with pytest.raises(ConfigError, match="detector_fit_samples > 48"):
+        small.build_model(build_vae(OmegaConf.to_container(compose_config(tmp_path, []).model.vae_config)), 48)
     result = subprocess.run(
         [sys.executable, "-m", "fingerprint_lm", "debug=tiny", "method=pnm", "method.steps=0",
          f"hydra.run.dir={tmp_path / 'run'}"],

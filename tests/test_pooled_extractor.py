@@ -82,7 +82,7 @@ def test_whitening_balances_skewed_logits():
     fresh = torch.randn(4000, 3, 2, 2, generator=torch.Generator().manual_seed(1))
     ones = (reader(fresh) > 0).float().mean(0)
     assert (ones - 0.5).abs().max() < 0.03, ones  # sampling error alone: about 0.006 + 0.008
-    raw = reader.raw_logits(fresh)  # what mean centring would give: far from fair
+    raw = reader.raw_logits(fresh)  # the control: these data are skewed, so mean centring is far from fair
     assert ((raw > raw.mean(0)).float().mean(0) - 0.5).abs().min() > 0.1
 
 

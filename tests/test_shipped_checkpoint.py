@@ -61,8 +61,9 @@ def test_shipped_pnm_checkpoint_is_safetensors_only_and_records_its_method():
 
 def test_shipped_pnm_checkpoint_re_evaluated_through_stock_loaded_copies(tmp_path):
     """Issue a copy (ACT all), load it with AutoencoderKL.from_pretrained, decode fresh images, save
-    them as 8-bit pixels, read them: the recorded bit accuracy is reproduced (within 0.02) and is
-    clearly above chance (12288 bits: chance is 0.5 +- 0.005); PSNR vs the base decoder >= 29.5 dB.
+    them as 8-bit pixels, read them: the recorded bit accuracy (0.598 on 512 images with fresh
+    random codes) is reproduced within 0.02 for this one user, and is above 0.53; PSNR vs the base
+    decoder >= 29.5 dB.
     (The issue's target, 0.99, is not met: README, "Results".)"""
     from diffusers import AutoencoderKL
 

@@ -37,7 +37,7 @@ MODEL="$OUT/sd2_coco_train/0/fingerprint_model"
 test -f "$MODEL/fingerprint.json" || { echo "training left no model at $MODEL" >&2; exit 1; }
 
 SWEEP=(
-    +experiment=collusion_sweep "sweep.checkpoint=$MODEL" "fingerprint_bits=$BITS"
+    +experiment=collusion_sweep method=carrier "sweep.checkpoint=$MODEL" "fingerprint_bits=$BITS"
     trainer=gpu sweep.images=data data=coco "data.coco_root=$COCO" data.coco_split=val2017 data.resolution=256
     "hydra.sweep.dir=$OUT/sd2_coco_collusion"
     "hydra.launcher.partition=$PARTITION" "${account[@]}"

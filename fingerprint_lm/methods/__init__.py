@@ -15,6 +15,4 @@ from fingerprint_lm.methods.base import FingerprintMethod, personal_tensors
 from fingerprint_lm.methods.carrier import CarrierMethod
 from fingerprint_lm.methods.pnm import PNMMethod
 
-METHODS: dict[str, type[FingerprintMethod]] = {"carrier": CarrierMethod, "pnm": PNMMethod}
-
-__all__ = ["METHODS", "CarrierMethod", "FingerprintMethod", "PNMMethod", "personal_tensors"]
+__all__ = ["CarrierMethod", "FingerprintMethod", "PNMMethod", "personal_tensors"]

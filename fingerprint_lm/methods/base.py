@@ -41,8 +41,6 @@ class FingerprintMethod:
     detector_fit_samples: int = 0
     checkpoint_name: str = "embedded"
     shipped_steps: int | None = None
-    # A copy is a stock diffusers folder (no file beside the two stock ones).
-    stock_copies: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps <= 0:

@@ -1,5 +1,5 @@
 """``method=carrier``: PNM coefficients plus a tile-periodic carrier bias map (the first design,
-kept as a labelled baseline; docs/design.md, "The carrier baseline").
+kept as a labelled baseline; docs/design.md, "Methods").
 
 The carriers are readable by a least-squares linear reader from step 0, which is what makes this
 method train in minutes; the price is a mark that is not part of the stock weights (the bias map
@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.methods.base import FingerprintMethod, collect_images
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,11 @@ log = logging.getLogger(__name__)
 @dataclass
 class CarrierMethod(FingerprintMethod):
     """Calibrates the carriers to the PSNR target and fits the linear reader before training."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.extractor.get("kind", "tiled") != "tiled":
+            raise ConfigError("method=carrier reads its carrier tiles with the tiled extractor: drop method.extractor.kind")
 
     def before_fit(self, module, loader: Iterable) -> dict[str, Any]:
         log.info("carriers calibrated to %.2f dB", module.calibrate_carriers(collect_images(loader, 256)))

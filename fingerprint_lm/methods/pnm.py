@@ -18,24 +18,35 @@ import torch
 
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.methods.base import FingerprintMethod, collect_images
+from fingerprint_lm.models.extractor import EXTRACTOR_KINDS
 from fingerprint_lm.models.pooled_extractor import WhitenedReader
 
 
 @dataclass
 class PNMMethod(FingerprintMethod):
-    """Stock-weight PNM. ``detector_fit_samples``: unmarked images the extractor is whitened on."""
+    """Stock-weight PNM. ``detector_fit_samples``: unmarked images the extractor is whitened on
+    (a fixed ``band_energy`` reader before and after training, a learned ``pooled`` one after)."""
 
     detector_fit_samples: int = 2048
-    stock_copies: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.extractor.get("kind", "tiled") not in EXTRACTOR_KINDS:
+            raise ConfigError(f"unknown extractor kind {self.extractor.get('kind')!r} (choose one of: pooled, band_energy)")
         if self.pnm.get("spatial_site") is not None:
             raise ConfigError("method=pnm keeps the fingerprint in stock weights: method.pnm.spatial_site must be null")
         if self.detector_fit_samples <= 0:
             raise ConfigError("method=pnm whitens its extractor: method.detector_fit_samples must be positive")
         if self.extractor.get("kind", "tiled") == "tiled":
             raise ConfigError("method=pnm needs a shift-invariant extractor: method.extractor.kind pooled or band_energy")
+
+    def build_model(self, vae, fingerprint_bits: int):
+        if self.detector_fit_samples <= fingerprint_bits:  # fail before training, not after it
+            raise ConfigError(
+                f"whitening {fingerprint_bits} logits needs method.detector_fit_samples > {fingerprint_bits}, "
+                f"got {self.detector_fit_samples}"
+            )
+        return super().build_model(vae, fingerprint_bits)
 
     def before_fit(self, module, loader: Iterable) -> dict[str, Any]:
         # A fixed reader is standardised before training, so that its logits mean something at step 0.
@@ -49,11 +60,16 @@ class PNMMethod(FingerprintMethod):
 
 
 @torch.no_grad()
-def whiten(module, images: torch.Tensor, batch_size: int = 256) -> None:
-    """Fit the extractor's whitening on the base decoder's (unmarked) outputs of ``images``."""
+def whiten(module, images: torch.Tensor) -> None:
+    """Fit the extractor's whitening on the base decoder's (unmarked) outputs of ``images``,
+    decoded ``module.calibration_batch_size`` at a time on the module's device; only the raw
+    logits are kept (2048 SD-sized images would be 6 GB)."""
     extractor = module.extractor
     if not isinstance(extractor, WhitenedReader):
         raise ConfigError(f"{type(extractor).__name__} has no whitening")
-    unmarked = torch.cat([module.pnm(module.encode(chunk.to(module.device)), None).float()
-                          for chunk in images.split(batch_size)])
-    extractor.fit_whitening(unmarked)
+    was_training = extractor.training
+    extractor.eval()
+    raw = [extractor.raw_logits(module.pnm(module.encode(chunk.to(module.device)), None).float()).cpu()
+           for chunk in images.split(module.calibration_batch_size)]
+    extractor.train(was_training)
+    extractor.fit_whitening_raw(torch.cat(raw))

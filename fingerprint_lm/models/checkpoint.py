@@ -79,6 +79,11 @@ def save_fingerprint_model(model: FingerprintModel, directory: str | Path) -> Pa
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
         model.vae.save_pretrained(tmp / "base_vae", safe_serialization=True)
+        # diffusers records where the VAE was loaded from (a cache path of this machine): not for a checkpoint
+        config_path = tmp / "base_vae" / "config.json"
+        config = json.loads(config_path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(private_state_dict(model), tmp / "fingerprint.safetensors")
         (tmp / "fingerprint.json").write_text(json.dumps(model.meta, indent=2, sort_keys=True))
     return directory

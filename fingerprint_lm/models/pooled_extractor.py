@@ -57,15 +57,21 @@ class WhitenedReader(nn.Module):
         """Fit ``W = C^{-1/2}`` (symmetric, through an eigendecomposition of the covariance C of
         the raw logits) and a centre at which every whitened logit has median 0, on unmarked
         images; needs more images than bits."""
-        if len(unmarked) <= self.fingerprint_bits:
-            raise DataError(
-                f"whitening {self.fingerprint_bits} logits needs more than {self.fingerprint_bits} unmarked images, "
-                f"got {len(unmarked)}"
-            )
         was_training = self.training
         self.eval()
         raw = torch.cat([self.raw_logits(unmarked[i : i + batch_size]) for i in range(0, len(unmarked), batch_size)])
         self.train(was_training)
+        self.fit_whitening_raw(raw, eps)
+
+    @torch.no_grad()
+    def fit_whitening_raw(self, raw: torch.Tensor, eps: float = 1e-6) -> None:
+        """:meth:`fit_whitening` from the raw logits ``[n, k]`` of unmarked images (callers that
+        decode images batch by batch keep only these, not the images)."""
+        if len(raw) <= self.fingerprint_bits:
+            raise DataError(
+                f"whitening {self.fingerprint_bits} logits needs more than {self.fingerprint_bits} unmarked images, "
+                f"got {len(raw)}"
+            )
         raw = raw.double()
         mean = raw.mean(0)
         centred = raw - mean

@@ -149,7 +149,9 @@ def method_from_config(cfg: DictConfig) -> FingerprintMethod:
     except InstantiationException as exc:
         if isinstance(exc.__cause__, ConfigError):  # the method's own check: its message, not Hydra's
             raise exc.__cause__ from None
-        raise
+        # e.g. +method.foo=1: Hydra's message spans several lines (target, cause); one line here,
+        # since the sweep's per-length training calls this outside run()'s own wrapper
+        raise ConfigError("method: " + " ".join(line.strip() for line in str(exc).splitlines() if line.strip())) from exc
 
 
 def train_from_config(

@@ -134,8 +134,9 @@ def train_fingerprint(
         module.cpu()
     fit_seconds = time.perf_counter() - start
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    module.cpu()  # evaluation and checkpoint writing below run on the CPU copy
+    module.to(trainer.strategy.root_device)  # the hook decodes images too: on the training device
     facts.update(method.after_fit(module, datamodule.train_dataloader()))
+    module.cpu()  # evaluation and checkpoint writing below run on the CPU copy
     seconds = time.perf_counter() - start
     model.pnm.eval()
     model.extractor.eval()

@@ -423,7 +423,8 @@ def sweep_model_dir(cfg: DictConfig) -> tuple[Path, str]:
         recorded = json.loads((directory / "fingerprint.json").read_text()).get("method", "carrier")
         if recorded != cfg.method.name:
             raise ConfigError(
-                f"method={cfg.method.name} but the checkpoint {directory} was trained by method={recorded}"
+                f"method={cfg.method.name} but the checkpoint {directory} was trained by method={recorded} "
+                f"(sweep only that method: method={recorded})"
             )
         return directory, "given"
     record = training_record(cfg)
