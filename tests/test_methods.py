@@ -192,3 +192,18 @@ def test_short_pnm_training_reads_above_chance_through_a_stock_loaded_copy(tmp_p
     with torch.no_grad():
         bit_acc = ((model.extractor(decode_with(model.vae, stock, images)) > 0).long() == code).float().mean().item()
     assert bit_acc >= 0.6, bit_acc
+
+
+def test_a_registry_refuses_another_methods_users(tmp_path, monkeypatch):
+    """task=issue with method=pnm records the method in a new registry; a carrier task on it is
+    refused (its extractor reads nothing of pnm copies) instead of silently accusing nobody."""
+    from fingerprint_lm.errors import RegistryError
+    from fingerprint_lm.pipeline.run import run
+
+    monkeypatch.setenv("FINGERPRINT_LM_SECRET", "test-secret")
+    issued = run(compose_config(tmp_path, ["task=issue", "user_id=bob", "method=pnm"]))
+    assert sorted(p.name for p in (tmp_path / "copies" / "bob").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert issued["has_bias_map"] is False
+    with pytest.raises(RegistryError, match="holds method=pnm users, not method=carrier"):
+        run(compose_config(tmp_path, ["task=issue", "user_id=carol"]))
+    assert not (tmp_path / "copies" / "carol").exists()

@@ -45,14 +45,15 @@ def checkpoint_code_length(directory: Path) -> int:
 
 
 def open_registry(path: str | Path, code_length: int, min_distance: int | None = None,
-                  create: bool = False) -> Registry:
-    """Open the registry file; only ``create=True`` (issuing) may make a new one."""
+                  create: bool = False, method: str | None = None) -> Registry:
+    """Open the registry file; only ``create=True`` (issuing) may make a new one. ``method``
+    (the checkpoint's): a registry of another method's users is refused."""
     path = Path(path)
     if not path.is_file():
         if not create:
             raise RegistryError(f"no registry at {path} (issue a copy first: task=issue user_id=NAME)")
         path.parent.mkdir(parents=True, exist_ok=True)
-    return Registry(path, code_length, min_distance=min_distance)
+    return Registry(path, code_length, min_distance=min_distance, method=method)
 
 
 def code_rng(code_seed: int | None, user_id: str) -> np.random.Generator | None:
@@ -95,7 +96,8 @@ def task_issue(cfg: DictConfig) -> dict:
     # The secret first: a missing secret must fail before anything is loaded or written.
     secret = read_secret(settings.secret_env, settings.secret_file) if act_type != "none" else None
     model = load_fingerprint_model(checkpoint_dir(settings.checkpoint, cfg.method.checkpoint_name))
-    with open_registry(settings.registry, model.fingerprint_bits, int(settings.min_distance), create=True) as reg:
+    with open_registry(settings.registry, model.fingerprint_bits, int(settings.min_distance), create=True,
+                       method=model.method) as reg:
         result = issue_copy(
             model,
             reg,
@@ -142,7 +144,7 @@ def task_attribute(cfg: DictConfig) -> dict:
     settings = cfg.distributor
     fpr = _fpr(settings)
     model = load_fingerprint_model(checkpoint_dir(settings.checkpoint, cfg.method.checkpoint_name))
-    with open_registry(settings.registry, model.fingerprint_bits) as reg:
+    with open_registry(settings.registry, model.fingerprint_bits, method=model.method) as reg:
         images = _read_task_images(cfg, "attribute", model)
         return attribute_images(model.extractor, reg, images, fpr=fpr)
 
@@ -153,7 +155,7 @@ def task_trace(cfg: DictConfig) -> dict:
     settings = cfg.distributor
     fpr = _fpr(settings)
     model = load_fingerprint_model(checkpoint_dir(settings.checkpoint, cfg.method.checkpoint_name))
-    with open_registry(settings.registry, model.fingerprint_bits) as reg:
+    with open_registry(settings.registry, model.fingerprint_bits, method=model.method) as reg:
         images = _read_task_images(cfg, "trace", model)
         return trace_images(model.extractor, reg, images, fpr=fpr, top=int(settings.top))
 

@@ -499,7 +499,7 @@ def run_text2image_eval(cfg: DictConfig) -> dict[str, Any]:
     seed = int(settings.seed)
 
     model = load_fingerprint_model(checkpoint_dir(cfg.distributor.checkpoint, cfg.method.checkpoint_name))
-    with open_registry(cfg.distributor.registry, model.fingerprint_bits) as registry:
+    with open_registry(cfg.distributor.registry, model.fingerprint_bits, method=model.method) as registry:
         row = registry.get(user_id)  # RegistryError for an unknown user
         index = registry.index()
     copy_path = (

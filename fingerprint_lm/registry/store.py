@@ -187,12 +187,17 @@ class Registry:
             always distinct). ``None``: the stored value for an existing registry, 0 for a new one;
             an explicit value that differs from the stored one raises :class:`RegistryError`.
         timeout: seconds to wait for another process's write lock before giving up.
+        method: the fingerprinting method whose users this registry holds (``carrier``, ``pnm``):
+            recorded by a new registry; opening one that recorded another raises
+            :class:`RegistryError`. ``None`` checks nothing. ``.method`` is the recorded one.
     """
 
     def __init__(
-        self, path: str | Path, code_length: int, min_distance: int | None = None, timeout: float = 30.0
+        self, path: str | Path, code_length: int, min_distance: int | None = None, timeout: float = 30.0,
+        method: str | None = None,
     ):
         self.path = str(path)
+        self.method = method
         self.code_length = int(code_length)
         if self.code_length < 1:
             raise ConfigError(f"code length must be >= 1, got {code_length}")
@@ -254,6 +259,7 @@ class Registry:
                         ("code_length", str(self.code_length)),
                         ("min_distance", str(stored)),
                         ("schema_version", str(SCHEMA_VERSION)),
+                        *([("method", self.method)] if self.method else []),
                     ],
                 )
                 return stored
@@ -261,6 +267,16 @@ class Registry:
                 raise RegistryError(
                     f"registry {self.path} holds {meta.get('code_length')}-bit codes, not {self.code_length}"
                 )
+            # registries made before methods existed (or without one) record none: not checked
+            recorded = meta.get("method")
+            if self.method is not None and recorded is not None and self.method != recorded:
+                # another method's extractor reads nothing of these users' copies: refuse, do not
+                # silently accuse nobody
+                raise RegistryError(
+                    f"registry {self.path} holds method={recorded} users, not method={self.method} "
+                    f"(select method={recorded}, or use another distributor.registry)"
+                )
+            self.method = recorded or self.method
             stored = int(meta.get("min_distance", 0))
             if min_distance is not None and int(min_distance) != stored:
                 raise RegistryError(
