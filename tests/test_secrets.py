@@ -1,0 +1,55 @@
+"""The ACT secret never reaches disk: not in copies, the registry, run outputs, Hydra's saved
+configs or W&B's offline files, in any common encoding."""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def _forms(secret: str) -> dict[str, bytes]:
+    raw = secret.encode()
+    return {
+        "raw": raw,
+        "hex": raw.hex().encode(),
+        "HEX": raw.hex().upper().encode(),
+        "base64": base64.b64encode(raw).rstrip(b"="),
+        "urlsafe base64": base64.urlsafe_b64encode(raw).rstrip(b"="),
+        "utf-16": secret.encode("utf-16-le"),
+    }
+
+
+def test_the_secret_is_in_no_file_the_workflow_writes(tmp_path):
+    secret = "act-secret-" + secrets.token_hex(16)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FINGERPRINT_LM_", "HYDRA_", "WANDB_"))}
+    env.update(FINGERPRINT_LM_SECRET=secret, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(ROOT))
+    commands = [
+        ["task=issue", "user_id=alice"],
+        ["task=issue", "user_id=bob"],
+        ["task=generate", "copy=copies/alice", "n_images=8", "out=alice_images"],
+        ["task=attribute", "images=alice_images"],
+        ["task=trace", "images=alice_images"],
+        ["task=verify", "copy=copies/bob", "user_id=bob"],
+        ["+experiment=train", "debug=tiny", "logger=wandb"],  # a training run with W&B offline
+        ["+experiment=collusion_sweep", "debug=tiny", "logger=wandb"],  # sweep points with W&B offline
+    ]
+    for args in commands:
+        out = subprocess.run([sys.executable, "-m", "fingerprint_lm", *args], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, (args, out.stderr[-2000:])
+        for form, needle in _forms(secret).items():
+            assert needle not in (out.stdout + out.stderr).encode(), (args, form)
+
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    kinds = {p.relative_to(tmp_path).parts[0] for p in files}
+    assert {"copies", "registry", "outputs", "alice_images"} <= kinds, kinds
+    assert any("wandb" in p.parts for p in files), "W&B wrote no offline files"
+    for path in files:
+        data = path.read_bytes()
+        for form, needle in _forms(secret).items():
+            assert needle not in data, f"the secret ({form}) is in {path.relative_to(tmp_path)}"
