@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from fingerprint_lm.pipeline import stages
+from fingerprint_lm.pipeline.run import method_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, list[str]] = {
@@ -73,9 +74,7 @@ def main() -> None:
                                          plain(cfg.model.vae_config), cfg.model.path, plain(cfg.model.pretrain))
         start = time.perf_counter()
         model, _, facts = stages.train_fingerprint(
-            vae, cfg.fingerprint_bits, datamodule, make_trainer, plain(cfg.method.pnm),
-            plain(cfg.method.extractor), plain(cfg.method.train), plain(cfg.method.augment),
-            cfg.method.detector_fit_samples, seed=cfg.seed)
+            vae, cfg.fingerprint_bits, datamodule, make_trainer, method_from_config(cfg), seed=cfg.seed)
         metrics = stages.evaluate_fingerprint(model, datamodule.test_dataloader(), args.eval_images)
         row = {"variant": name, "steps": facts["steps"], "seconds": round(time.perf_counter() - start, 1),
                "bit_acc": round(metrics["bit_acc"], 4), "psnr": round(metrics["psnr"], 2),
