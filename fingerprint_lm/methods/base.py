@@ -54,7 +54,7 @@ class FingerprintMethod:
         return {"method": self.name, "pnm": dict(self.pnm), "extractor": dict(self.extractor)}
 
     def build_model(self, vae, fingerprint_bits: int) -> FingerprintModel:
-        return build_fingerprint_model(vae, fingerprint_bits, self.pnm, self.extractor, {"method": self.name})
+        return build_fingerprint_model(vae, fingerprint_bits, self.pnm, self.extractor, self.record())
 
     # -- the training stage's hooks (stages.train_fingerprint) ---------------------------------
     def before_fit(self, module, loader: Iterable) -> dict[str, Any]:
@@ -63,7 +63,7 @@ class FingerprintMethod:
         return {}
 
     def after_fit(self, module, loader: Iterable) -> dict[str, Any]:
-        """Runs after training (fresh or resumed), with ``module`` on the CPU."""
+        """Runs after training (fresh or resumed), with ``module`` on the training device."""
         return {}
 
 

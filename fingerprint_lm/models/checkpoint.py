@@ -32,6 +32,12 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 SHIPPED_CHECKPOINT = ASSETS / "embedded"  # method=carrier, the default
 
 
+def recorded_method(meta: dict[str, Any]) -> str:
+    """The method a checkpoint record (``fingerprint.json``) or a sweep point names; ones written
+    before methods existed are the carrier design."""
+    return str(meta.get("method") or "carrier")
+
+
 def shipped_checkpoint(checkpoint_name: str = "embedded") -> Path:
     """The shipped checkpoint folder of a method (``method.checkpoint_name``)."""
     return ASSETS / checkpoint_name
@@ -48,8 +54,8 @@ class FingerprintModel:
 
     @property
     def method(self) -> str:
-        """The method that trained it; checkpoints written before methods existed are ``carrier``."""
-        return str(self.meta.get("method", "carrier"))
+        """The method that trained it (:func:`recorded_method`)."""
+        return recorded_method(self.meta)
 
     @property
     def fingerprint_bits(self) -> int:

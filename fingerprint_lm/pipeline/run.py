@@ -175,12 +175,12 @@ def train_from_config(
 
 
 def record_training_config(model, cfg: DictConfig, metrics: dict[str, Any]) -> None:
-    """Write into ``model.meta`` what a checkpoint records of its training (length, PNM, extractor,
-    resolution) and its quality figures; the sweep matches checkpoints on these."""
+    """Write into ``model.meta`` what a checkpoint records of its training (length and resolution;
+    the method's record, PNM and extractor settings, is there since the method built the model) and
+    its quality figures; the sweep matches checkpoints on these."""
     model.meta.update(
         {
             "fingerprint_bits": int(cfg.fingerprint_bits),
-            **method_from_config(cfg).record(),
             "resolution": cfg.data.resolution,
             "metrics": {k: v for k, v in metrics.items() if k in ("bit_acc", "psnr", "ssim", "steps")},
         }

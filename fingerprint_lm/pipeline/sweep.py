@@ -48,7 +48,7 @@ from fingerprint_lm.metrics.bits import match_threshold
 from fingerprint_lm.metrics.fid import frechet_distance_proxy
 from fingerprint_lm.metrics.quality import psnr, ssim
 from fingerprint_lm.models.act import ACT_TYPES
-from fingerprint_lm.models.checkpoint import FingerprintModel
+from fingerprint_lm.models.checkpoint import FingerprintModel, recorded_method
 from fingerprint_lm.registry.store import CodeIndex
 from fingerprint_lm.registry.tracing import trace
 from fingerprint_lm.storage import atomic_write_text, config_hash
@@ -374,11 +374,11 @@ def evaluate_point(
 # -- which trained model a point uses ------------------------------------------------------------
 def training_record(cfg: DictConfig) -> dict[str, Any]:
     """What a trained fingerprint model's ``fingerprint.json`` records of its training config."""
+    from fingerprint_lm.pipeline.run import method_from_config  # run.py dispatches here
+
     return {
         "fingerprint_bits": int(cfg.fingerprint_bits),
-        "method": str(cfg.method.name),
-        "pnm": OmegaConf.to_container(cfg.method.pnm, resolve=True),
-        "extractor": OmegaConf.to_container(cfg.method.extractor, resolve=True),
+        **method_from_config(cfg).record(),
         "resolution": int(cfg.data.resolution),
         "steps": int(cfg.method.steps),
     }
@@ -387,7 +387,7 @@ def training_record(cfg: DictConfig) -> dict[str, Any]:
 def _recorded(meta: dict[str, Any]) -> dict[str, Any]:
     return {
         "fingerprint_bits": meta.get("fingerprint_bits"),
-        "method": meta.get("method", "carrier"),  # written before methods existed: the carrier design
+        "method": recorded_method(meta),
         "pnm": meta.get("pnm"),
         "extractor": meta.get("extractor"),
         "resolution": meta.get("resolution"),
@@ -420,7 +420,7 @@ def sweep_model_dir(cfg: DictConfig) -> tuple[Path, str]:
                 f"fingerprint_bits={bits} but the checkpoint {directory} has {length}-bit codes "
                 "(sweep.checkpoint=null trains a model per length)"
             )
-        recorded = json.loads((directory / "fingerprint.json").read_text()).get("method", "carrier")
+        recorded = recorded_method(json.loads((directory / "fingerprint.json").read_text()))
         if recorded != cfg.method.name:
             raise ConfigError(
                 f"method={cfg.method.name} but the checkpoint {directory} was trained by method={recorded} "

@@ -83,7 +83,9 @@ def collect_points(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def method_of(row: dict) -> str:
-    """The method a point evaluated; points written before methods existed are ``carrier``."""
+    """The method a point evaluated; points written before methods existed are ``carrier``
+    (:func:`fingerprint_lm.models.checkpoint.recorded_method`'s rule, not imported: it would pull
+    diffusers into the summary command's start-up)."""
     return str(row.get("method") or "carrier")
 
 
