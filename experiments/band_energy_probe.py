@@ -43,13 +43,16 @@ from fingerprint_lm.data.synthetic import ProceduralImages  # noqa: E402
 from fingerprint_lm.errors import exit_on_user_error  # noqa: E402
 from fingerprint_lm.metrics.quality import psnr  # noqa: E402
 from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT  # noqa: E402
+from fingerprint_lm.models.pooled_extractor import band_log_energy, gabor_bank  # noqa: E402
 from fingerprint_lm.models.vae import load_vae  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "band_energy_probe.jsonl"
 
 
 class BandEnergyReader(nn.Module):
-    """Fixed secret Gabor bands; per image the log energy in each, standardised on clean images."""
+    """Fixed secret Gabor bands (the shipped BandEnergyExtractor's bank, plus an optional second
+    orientation per bit); per image the log energy in each, standardised on clean images (the
+    shipped extractor whitens instead)."""
 
     def __init__(self, bits: int, size: int = 7, freq: tuple[float, float] = (0.12, 0.35), seed: int = 5,
                  differential: bool = False):
@@ -61,24 +64,13 @@ class BandEnergyReader(nn.Module):
         self.differential = differential
         if differential:  # a second band per bit: same frequency and colour, orientation + 90 degrees
             radius, angle, colour = radius.repeat(2), torch.cat([angle, angle + math.pi / 2]), colour.repeat(2, 1)
-        ax = torch.arange(size) - (size - 1) / 2
-        yy, xx = torch.meshgrid(ax, ax, indexing="ij")
-        window = torch.exp(-(xx**2 + yy**2) / (2 * (size / 4) ** 2))
-        phase = 2 * math.pi * radius[:, None, None] * (torch.cos(angle)[:, None, None] * xx + torch.sin(angle)[:, None, None] * yy)
-        cos, sin = window * torch.cos(phase), window * torch.sin(phase)
-        cos = cos - cos.mean(dim=(1, 2), keepdim=True) * window / window.mean()  # zero DC
-        filters = torch.stack([cos, sin], 1)  # [k, 2, s, s]
-        filters = filters / filters.flatten(1).norm(dim=1)[:, None, None, None]
-        weight = filters[:, :, None] * colour[:, None, :, None, None]  # [k, 2, 3, s, s]
-        self.register_buffer("weight", weight.reshape(-1, 3, size, size))
+        self.register_buffer("weight", gabor_bank(radius, angle, colour, size))
         self.register_buffer("mu", torch.zeros(bits))
         self.register_buffer("sigma", torch.ones(bits))
         self.gain = 3.0
 
     def log_energy(self, images: torch.Tensor) -> torch.Tensor:
-        response = F.conv2d(images, self.weight)  # valid positions only: a crop keeps the same statistic
-        b, _, h, w = response.shape
-        energy = torch.log(response.view(b, -1, 2, h, w).pow(2).sum(2).mean(dim=(2, 3)) + 1e-8)
+        energy = band_log_energy(images, self.weight)  # valid positions only: a crop keeps the same statistic
         if self.differential:  # content's energy is about the same in both orientations: it cancels
             first, second = energy.chunk(2, dim=1)
             return first - second

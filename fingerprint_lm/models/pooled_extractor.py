@@ -159,21 +159,35 @@ class BandEnergyExtractor(WhitenedReader):
         self.register_buffer("band_frequency", radius, persistent=False)
         self.register_buffer("band_angle", angle, persistent=False)
         self.register_buffer("band_colour", colour, persistent=False)
-        axis = torch.arange(filter_size) - (filter_size - 1) / 2
-        yy, xx = torch.meshgrid(axis, axis, indexing="ij")
-        window = torch.exp(-(xx**2 + yy**2) / (2 * (filter_size / 4) ** 2))
-        direction = torch.cos(angle)[:, None, None] * xx + torch.sin(angle)[:, None, None] * yy
-        phase = 2 * math.pi * radius[:, None, None] * direction
-        cos, sin = window * torch.cos(phase), window * torch.sin(phase)
-        cos = cos - cos.mean(dim=(1, 2), keepdim=True) * window / window.mean()  # no DC: brightness is not a bit
-        pair = torch.stack([cos, sin], 1)
-        pair = pair / pair.flatten(1).norm(dim=1)[:, None, None, None]
-        weight = pair[:, :, None] * colour[:, None, :, None, None]  # [k, 2, 3, s, s]
-        self.register_buffer("weight", weight.reshape(2 * fingerprint_bits, 3, filter_size, filter_size))
+        self.register_buffer("weight", gabor_bank(radius, angle, colour, filter_size))
 
     def raw_logits(self, images: torch.Tensor) -> torch.Tensor:
         self.check_images(images)
-        response = F.conv2d(images.to(self.weight.dtype), self.weight)
-        b, _, h, w = response.shape
-        energy = response.view(b, -1, 2, h, w).pow(2).sum(2).mean(dim=(2, 3))
-        return torch.log(energy + 1e-8)
+        return band_log_energy(images.to(self.weight.dtype), self.weight)
+
+
+def gabor_bank(radius: torch.Tensor, angle: torch.Tensor, colour: torch.Tensor, size: int) -> torch.Tensor:
+    """Conv weights ``[2n, 3, size, size]`` of ``n`` bands: for band ``j`` a Gaussian-windowed
+    cosine and sine at ``radius[j]`` cycles per pixel and orientation ``angle[j]``, each with unit
+    norm, applied to the colour direction ``colour[j]`` (``[n, 3]``). The cosine has no DC part:
+    brightness is not a band."""
+    axis = torch.arange(size) - (size - 1) / 2
+    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+    window = torch.exp(-(xx**2 + yy**2) / (2 * (size / 4) ** 2))
+    direction = torch.cos(angle)[:, None, None] * xx + torch.sin(angle)[:, None, None] * yy
+    phase = 2 * math.pi * radius[:, None, None] * direction
+    cos, sin = window * torch.cos(phase), window * torch.sin(phase)
+    cos = cos - cos.mean(dim=(1, 2), keepdim=True) * window / window.mean()
+    pair = torch.stack([cos, sin], 1)
+    pair = pair / pair.flatten(1).norm(dim=1)[:, None, None, None]
+    weight = pair[:, :, None] * colour[:, None, :, None, None]  # [n, 2, 3, s, s]
+    return weight.reshape(-1, 3, size, size)
+
+
+def band_log_energy(images: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per image, the log of the mean energy (cosine^2 + sine^2) of each band of a
+    :func:`gabor_bank` over the valid positions: ``[B, n]``."""
+    response = F.conv2d(images, weight)
+    b, _, h, w = response.shape
+    energy = response.view(b, -1, 2, h, w).pow(2).sum(2).mean(dim=(2, 3))
+    return torch.log(energy + 1e-8)
