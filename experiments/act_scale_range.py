@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from fingerprint_lm.evaluation.collusion import Point, PointSettings, evaluate_point
 from fingerprint_lm.metrics.fid import train_proxy_feature_net
 from fingerprint_lm.models.checkpoint import load_fingerprint_model
-from fingerprint_lm.pipeline.sweep import evaluate_point
 
 
 def main() -> None:
@@ -24,8 +24,8 @@ def main() -> None:
     seeds = range(4, 12)
 
     def fid(seed: int, act: str, scale_range=(0.25, 4.0)) -> float:
-        return evaluate_point(model, 48, act, "average", None, 2, 256, seed, fid_net, n_innocents=100,
-                              act_scope="stream", scale_range=scale_range)["fid_proxy"]
+        settings = PointSettings(n_images=256, n_innocents=100, act_scope="stream", scale_range=scale_range)
+        return evaluate_point(model, Point(act, "average", None, 2), settings, seed, fid_net).fid_proxy
 
     base = {s: fid(s, "none") for s in seeds}
     print("no ACT fid_proxy", [f"{base[s]:.1f}" for s in seeds], flush=True)

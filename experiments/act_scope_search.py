@@ -4,7 +4,7 @@ The collusion sweep's target is "with ACT all, 2-party averaging raises fid_prox
 2-party averaging without ACT and drops PSNR by at least 10 dB". Interior-only ACT (the first
 implementation) reached 2.2x. This script evaluates 2-party averaging (and the adaptive colluder's
 aligned average, and an un-attacked copy) on the shipped checkpoint for every ACT scope x type,
-with the sweep's own evaluation (``fingerprint_lm.pipeline.sweep.evaluate_point``), prints a table
+with the sweep's own evaluation (``fingerprint_lm.evaluation.collusion.evaluate_point``), prints a table
 and appends JSON lines to ``experiments/results/act_scope_search.jsonl``.
 
     python experiments/act_scope_search.py [--seeds 0 1 2] [--n-images 256] [--threads 2]
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
+from fingerprint_lm.evaluation.collusion import Point, PointSettings, evaluate_point
 from fingerprint_lm.metrics.fid import train_proxy_feature_net
 from fingerprint_lm.models.act import ACT_SCOPES, ACT_TYPES
 from fingerprint_lm.models.checkpoint import load_fingerprint_model
-from fingerprint_lm.pipeline.sweep import evaluate_point
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results" / "act_scope_search.jsonl"
@@ -48,8 +48,8 @@ def main() -> None:
                     continue  # no ACT: the scope changes nothing
                 for attack, colluders in CASES:
                     start = time.perf_counter()
-                    m = evaluate_point(model, model.fingerprint_bits, act, attack, None, colluders,
-                                       args.n_images, seed, fid_net, n_innocents=100, act_scope=scope)
+                    settings = PointSettings(n_images=args.n_images, n_innocents=100, act_scope=scope)
+                    m = evaluate_point(model, Point(act, attack, None, colluders), settings, seed, fid_net).as_dict()
                     row = {
                         "date": time.strftime("%Y-%m-%d"), "label": args.label, "threads": args.threads, "seed": seed,
                         "scope": scope if act != "none" else "-", "act": act, "attack": attack,

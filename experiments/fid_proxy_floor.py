@@ -32,10 +32,10 @@ import torch
 
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import exit_on_user_error
+from fingerprint_lm.evaluation.collusion import Point, PointSettings, evaluate_point
 from fingerprint_lm.metrics.fid import _covariance, frechet_distance, proxy_features, train_proxy_feature_net
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models.checkpoint import load_fingerprint_model
-from fingerprint_lm.pipeline import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results" / "fid_proxy_floor.jsonl"
@@ -44,23 +44,12 @@ POINTS = (("none", "none", 1), *((act, "average", 2) for act in ("none", "permut
 
 
 def sweep_point_images(model, act, attack, colluders, n_images, seed, fid_net):
-    """Run the sweep's own ``evaluate_point`` and keep the two image sets it hands to fid_proxy
-    (the attacked model's outputs, then the base decoder's) and the real images."""
-    captured = []
-    original = sweep.frechet_distance_proxy
-
-    def keep(images_a, images_b, net):
-        captured.append((images_a.clone(), images_b.clone()))
-        return original(images_a, images_b, net)
-
-    sweep.frechet_distance_proxy = keep  # evaluate_point looks the function up in its module
-    try:
-        metrics = sweep.evaluate_point(model, model.fingerprint_bits, act, attack, None, colluders, n_images,
-                                       seed, fid_net, n_innocents=10)
-    finally:
-        sweep.frechet_distance_proxy = original
-    (outputs, real), (base_outputs, _) = captured
-    return metrics, outputs, base_outputs, real
+    """Run the sweep's own evaluation and keep the images it scores: the attacked model's outputs,
+    the base decoder's and the real images."""
+    settings = PointSettings(n_images=n_images, n_innocents=10)
+    result = evaluate_point(model, Point(act, attack, None, colluders), settings, seed, fid_net)
+    images = result.images
+    return result.as_dict(), images.outputs, images.base_outputs, images.real
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from fingerprint_lm.pipeline import stages
-from fingerprint_lm.pipeline.run import method_from_config
+from fingerprint_lm.lit import stages
+from fingerprint_lm.tasks.train import method_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, list[str]] = {

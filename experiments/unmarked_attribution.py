@@ -26,7 +26,7 @@ from fingerprint_lm.data.datamodule import TEST_SEED_OFFSET
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import exit_on_user_error
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
-from fingerprint_lm.registry.store import CodeIndex
+from fingerprint_lm.registry.index import CodeIndex
 
 RESULTS = Path(__file__).resolve().parent / "results" / "unmarked_attribution.jsonl"
 

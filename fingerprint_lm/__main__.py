@@ -6,13 +6,18 @@ import os
 import sys
 
 import hydra
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import DictConfig
+
+from fingerprint_lm.errors import FingerprintError, exit_on_user_error, hydra_error_line
+from fingerprint_lm.sweep_guard import remove_unstarted_sweeps
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
-    from fingerprint_lm.errors import FingerprintError
-    from fingerprint_lm.pipeline.run import run  # heavy imports only once the config is valid
+    # torch, Lightning and diffusers take seconds to import: only once Hydra has composed a valid
+    # config, so a mistyped override gets its error line at once
+    from fingerprint_lm.tasks import run
 
     try:
         metrics = run(cfg)
@@ -26,10 +31,6 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """Console entry: user errors, Hydra's included (unknown experiment or group option, bad
     override syntax), become one ``error: ...`` line on stderr and exit code 2."""
-    from hydra.errors import ConfigCompositionException, OverrideParseException
-
-    from fingerprint_lm.errors import exit_on_user_error, hydra_error_line
-
     # Hydra prints its own multi-line report and exits 1 unless HYDRA_FULL_ERROR=1, in which case it
     # re-raises: that is the only way to see its exceptions. A user who set it wants the full trace.
     wants_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
@@ -37,8 +38,6 @@ def main() -> None:
     try:
         exit_on_user_error(hydra_main)
     except (ConfigCompositionException, OverrideParseException) as exc:
-        from fingerprint_lm.sweep_guard import remove_unstarted_sweeps
-
         remove_unstarted_sweeps()
         if wants_trace:
             raise

@@ -21,10 +21,12 @@ import time
 
 import torch
 
+from fingerprint_lm.distributor.bench import bench_distributor
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
 from fingerprint_lm.models.extractor import FingerprintExtractor
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.vae import SD_VAE_CONFIG, build_vae
+from fingerprint_lm.registry.bench import bench_registry
 
 
 def _median_seconds(fn, repeats: int, warmup: int = 2) -> float:
@@ -149,18 +151,8 @@ def main() -> None:
     results: dict[str, float] = {}
     results.update(bench_training())
     results.update(bench_inference())
-    try:
-        from fingerprint_lm.registry.bench import bench_registry
-
-        results.update(bench_registry())
-    except ImportError as exc:  # pragma: no cover - optional part
-        print(f"# registry bench unavailable: {exc}")
-    try:
-        from fingerprint_lm.distributor.bench import bench_distributor
-
-        results.update(bench_distributor())
-    except ImportError:
-        print("# distributor bench unavailable")
+    results.update(bench_registry())
+    results.update(bench_distributor())
     if args.sd:
         results.update(bench_sd_training(args.sd_resolution, threads=args.threads))
     _print(results)

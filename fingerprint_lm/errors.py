@@ -55,3 +55,24 @@ def hydra_error_line(exc: Exception) -> str:
     if exc.__cause__ is not None:  # e.g. "Key 'x' is not in struct" behind "Could not override 'x'"
         lines.append(f"({str(exc.__cause__).splitlines()[0].strip()})")
     return " ".join(lines)
+
+
+# -- the range checks every layer shares ----------------------------------------------------------
+def check_int(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` when it is an int >= ``minimum``; ConfigError otherwise."""
+    # bool is an int subclass: `resolution: true` in a YAML file must not pass as 1.
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{name} must be {kind}, got {value!r}")
+    return value
+
+
+def check_probability(name: str, value: object) -> float:
+    """``float(value)`` when it lies in the open interval (0, 1) (a false-accusation rate)."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not 0.0 < number < 1.0:
+        raise ConfigError(f"{name} must lie in (0, 1), got {value}")
+    return number

@@ -44,3 +44,17 @@ def compose_config(tmp_path: Path, overrides: list[str] = (), tiny: bool = True)
 @pytest.fixture
 def tiny_cfg(tmp_path):
     return lambda overrides=(): compose_config(tmp_path, list(overrides))
+
+
+TINY_BITS = 32  # the shared tiny model's code length: attribution at fpr 1e-6 needs >= 30 of 32 bits
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """One `debug=tiny` carrier model with 32-bit codes, trained once for every test module that
+    needs a trained checkpoint (distributor, sweep)."""
+    from fingerprint_lm.tasks import run  # after the resolvers and thread settings above
+
+    metrics = run(compose_config(tmp_path_factory.mktemp("tiny_train"), [f"fingerprint_bits={TINY_BITS}"]))
+    assert metrics["bit_acc"] > 0.95  # the carriers are read from step 0; attribution needs it
+    return Path(metrics["checkpoint"])

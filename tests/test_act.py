@@ -9,16 +9,8 @@ import torch
 from torch import nn
 
 from fingerprint_lm.errors import ConfigError
-from fingerprint_lm.models.act import (
-    ACT_TYPES,
-    align_to_reference,
-    aligned_average,
-    apply_act,
-    average_state_dicts,
-    derive_act_seed,
-    draw_act,
-    find_act_sites,
-)
+from fingerprint_lm.models.act import ACT_TYPES, apply_act, derive_act_seed, draw_act, find_act_sites
+from fingerprint_lm.models.act_alignment import align_to_reference, aligned_average, average_state_dicts
 from fingerprint_lm.models.vae import TINY_VAE_CONFIG, build_vae
 
 SMALL_VAE_CONFIG = {

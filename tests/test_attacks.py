@@ -36,7 +36,8 @@ from fingerprint_lm.attacks.model import (
 )
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import ConfigError
-from fingerprint_lm.models.act import apply_act, average_state_dicts, draw_act
+from fingerprint_lm.models.act import apply_act, draw_act
+from fingerprint_lm.models.act_alignment import average_state_dicts
 from fingerprint_lm.models.vae import TINY_VAE_CONFIG, build_vae
 
 SMALL_VAE_CONFIG = {

@@ -23,8 +23,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import OmegaConf, open_dict
 
-from fingerprint_lm.pipeline import stages
-from fingerprint_lm.pipeline.run import run
+from fingerprint_lm.lit import stages
+from fingerprint_lm.tasks import run
 from tests.conftest import DEBUG_TINY, ROOT, compose_config
 
 STEPS = 3
@@ -180,7 +180,6 @@ class NoAllReduceDDP(DDPStrategy):
         self.model.register_comm_hook(None, keep_local)
 
 
-@pytest.mark.slow
 def test_the_gradient_check_fails_when_ranks_do_not_synchronise(tmp_path):
     cfg = _ddp_cfg(tmp_path)
     _cache_base_vae(cfg)

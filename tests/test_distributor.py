@@ -41,15 +41,14 @@ from fingerprint_lm.distributor.copies import (
     write_copy,
 )
 from fingerprint_lm.distributor.generation import held_out_images
-from fingerprint_lm.distributor.tasks import DISTRIBUTOR_TASKS
 from fingerprint_lm.errors import CheckpointError, ConfigError, DataError, RegistryError
 from fingerprint_lm.models.act import derive_act_seed
 from fingerprint_lm.models.checkpoint import load_fingerprint_model
-from fingerprint_lm.pipeline.run import run
 from fingerprint_lm.registry.store import Registry
-from tests.conftest import ROOT, compose_config
+from fingerprint_lm.tasks import TASKS, run
+from tests.conftest import ROOT, TINY_BITS, compose_config
 
-BITS = 32
+BITS = TINY_BITS
 SECRET = "test-secret-not-for-production"
 USERS = ("alice", "bob", "carol")
 TRACE_FPR = "1e-3"
@@ -94,12 +93,8 @@ def _one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train")
-    with one_torch_thread():
-        metrics = run(compose_config(root, [f"fingerprint_bits={BITS}"]))
-    assert metrics["bit_acc"] > 0.95  # the carriers are read from step 0; attribution needs it
-    return Path(metrics["checkpoint"])
+def checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -133,7 +128,7 @@ def test_config_groups_and_defaults(tmp_path):
     assert cfg.distributor.fpr == 1e-6 and cfg.distributor.min_distance == 8
     for act_type in ("none", "permute", "scale", "sign", "all"):
         assert compose_config(tmp_path, [f"act={act_type}"]).act.type == act_type
-    assert set(DISTRIBUTOR_TASKS) >= {"issue", "users", "attribute", "trace", "generate"}
+    assert set(TASKS) >= {"issue", "users", "attribute", "trace", "generate", "verify"}
 
 
 # -- issuing ----------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from fingerprint_lm.models.act import ACT_TYPES
 from fingerprint_lm.models.extractor import build_extractor
 from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor, PooledExtractor
 from fingerprint_lm.models.vae import build_vae
-from fingerprint_lm.pipeline.run import method_from_config
+from fingerprint_lm.tasks.train import method_from_config
 from tests.conftest import ROOT, compose_config
 
 BITS = 32
@@ -178,7 +178,7 @@ def test_short_pnm_training_reads_above_chance_through_a_stock_loaded_copy(tmp_p
     reads clearly above chance (256 images x 16 bits: chance is 0.5 +- 0.008)."""
     from fingerprint_lm.distributor.generation import decode_with, held_out_images
     from fingerprint_lm.models.checkpoint import load_fingerprint_model
-    from fingerprint_lm.pipeline.run import run
+    from fingerprint_lm.tasks import run
 
     metrics = run(compose_config(tmp_path, ["method=pnm", "fingerprint_bits=16", "method.steps=300",
                                             "method.train.psnr_target=20"]))
@@ -198,7 +198,7 @@ def test_a_registry_refuses_another_methods_users(tmp_path, monkeypatch):
     """task=issue with method=pnm records the method in a new registry; a carrier task on it is
     refused (its extractor reads nothing of pnm copies) instead of silently accusing nobody."""
     from fingerprint_lm.errors import RegistryError
-    from fingerprint_lm.pipeline.run import run
+    from fingerprint_lm.tasks import run
 
     monkeypatch.setenv("FINGERPRINT_LM_SECRET", "test-secret")
     issued = run(compose_config(tmp_path, ["task=issue", "user_id=bob", "method=pnm"]))

@@ -20,7 +20,8 @@ from fingerprint_lm.registry.codes import (
     pack_bits,
     unpack_bits,
 )
-from fingerprint_lm.registry.store import CodeIndex, Registry
+from fingerprint_lm.registry.index import CodeIndex
+from fingerprint_lm.registry.store import Registry
 
 K = 48
 

@@ -15,9 +15,10 @@ import yaml
 from hydra.utils import instantiate
 
 from fingerprint_lm.errors import ConfigError, DataError
-from fingerprint_lm.pipeline.run import run
-from fingerprint_lm.report import compare
+from fingerprint_lm.report import compare, wandb_log
+from fingerprint_lm.report import runs as run_records
 from fingerprint_lm.resolvers import wandb_offline
+from fingerprint_lm.tasks import run
 from tests.conftest import ROOT, compose_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -145,14 +146,14 @@ def test_report_compares_run_folders_and_an_offline_wandb_run(tmp_path, wandb_ru
 def test_wandb_transaction_log_replays_config_and_summary(wandb_run_dir):
     (log,) = wandb_run_dir.glob("run-*.wandb")
     assert log.stat().st_size > 32 * 1024  # the long config record crosses a block boundary
-    state = compare.read_wandb_transaction_log(log)
+    state = wandb_log.read_wandb_transaction_log(log)
     assert state["group"] == "sweep_a" and state["run_id"] in log.name
     assert state["config"]["notes"] == LONG_NOTE
     assert state["config"]["method"] == {"steps": 300} and state["config"]["extra"] == "late"
-    summary = compare.numeric_metrics(state["summary"])
+    summary = run_records.numeric_metrics(state["summary"])
     assert summary == {"eval/bit_acc": 0.96875, "eval/psnr": 20.25, "train/bit_acc": 0.125}
 
-    record = compare.read_wandb_run_dir(wandb_run_dir)
+    record = run_records.read_wandb_run_dir(wandb_run_dir)
     assert record.config["wandb.group"] == "sweep_a" and record.config["method.steps"] == 300
     assert compare.metric_value(record, "bit_acc") == 0.96875  # eval/ before train/
 
@@ -173,7 +174,7 @@ def test_wandb_run_dir_with_summary_file_and_wandb_folder(tmp_path):
                 }
             )
         )
-    paths, _ = compare.write_report(compare.collect_local_runs(tmp_path / "wandb"), tmp_path / "out")
+    paths, _ = compare.write_report(run_records.collect_local_runs(tmp_path / "wandb"), tmp_path / "out")
     rows = read_csv(tmp_path / "out" / "comparison.csv")
     assert [(r["run"], r["method.steps"], r["bit_acc"], r["psnr"]) for r in rows] == [
         ("run-1-aaa", "10", "0.75", "31.0"),
@@ -191,7 +192,7 @@ def test_sweep_dir_without_hydra_config_and_all_metrics(tmp_path):
         sweep / "1", {"act": "all", "case": "average_c2", "colluders": 2, "bit_acc": 0.625, "psnr": 9.5}
     )
     (sweep / "multirun.yaml").write_text("{}")
-    paths, table = compare.write_report(compare.collect_local_runs(sweep), tmp_path / "out", metrics=None)
+    paths, table = compare.write_report(run_records.collect_local_runs(sweep), tmp_path / "out", metrics=None)
     rows = read_csv(tmp_path / "out" / "comparison.csv")
     assert list(rows[0]) == ["run", "source", "act", "bit_acc", "colluders", "psnr"]
     assert [(r["run"], r["act"], r["bit_acc"], r["psnr"]) for r in rows] == [
@@ -206,30 +207,30 @@ def test_bad_inputs_are_one_line_errors_and_leave_no_output(tmp_path, monkeypatc
     out = tmp_path / "out"
 
     with pytest.raises(DataError, match="no run folder at"):
-        compare.collect_local_runs(tmp_path / "missing")
+        run_records.collect_local_runs(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="nothing to compare in"):
-        compare.collect_local_runs(tmp_path / "empty")
+        run_records.collect_local_runs(tmp_path / "empty")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "metrics.json").write_text("{not json")
     with pytest.raises(DataError, match="corrupt"):
-        compare.collect_local_runs(corrupt)
+        run_records.collect_local_runs(corrupt)
     no_numbers = write_run(tmp_path / "no_numbers", {"act": "none", "checkpoint": "/x"})
-    runs = compare.collect_local_runs(good) + compare.collect_local_runs(no_numbers)
+    runs = run_records.collect_local_runs(good) + run_records.collect_local_runs(no_numbers)
     with pytest.raises(DataError, match="has no numeric metrics"):
         compare.write_report(runs, out)
     with pytest.raises(DataError, match="none of report.metrics"):
-        compare.write_report(compare.collect_local_runs(good), out, metrics=["fid_proxy"])
+        compare.write_report(run_records.collect_local_runs(good), out, metrics=["fid_proxy"])
     not_a_log = tmp_path / "fake" / "run-x.wandb"
     not_a_log.parent.mkdir()
     not_a_log.write_bytes(b"garbage!")
     with pytest.raises(DataError, match="not a W&B transaction log"):
-        compare.collect_local_runs(not_a_log.parent)
+        run_records.collect_local_runs(not_a_log.parent)
     assert not out.exists() or not any(out.iterdir())
 
     # a failure while plotting leaves the previous report as it was, and no staging folder
-    compare.write_report(compare.collect_local_runs(good), out)
+    compare.write_report(run_records.collect_local_runs(good), out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def broken_plot(*args, **kwargs):
@@ -238,7 +239,7 @@ def test_bad_inputs_are_one_line_errors_and_leave_no_output(tmp_path, monkeypatc
     monkeypatch.setattr(compare, "_plot_scatter", broken_plot)
     other = write_run(tmp_path / "other", {"bit_acc": 0.5, "psnr": 20.0})
     with pytest.raises(DataError, match="plot failed"):
-        compare.write_report(compare.collect_local_runs(good) + compare.collect_local_runs(other), out)
+        compare.write_report(run_records.collect_local_runs(good) + run_records.collect_local_runs(other), out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 

@@ -25,7 +25,7 @@ from fingerprint_lm.models.augment import AugmentConfig
 from fingerprint_lm.models.checkpoint import build_fingerprint_model
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.vae import SD_VAE_CONFIG, encoder_parameters, load_vae
-from fingerprint_lm.pipeline.run import run
+from fingerprint_lm.tasks import run
 from tests.conftest import DEBUG_TINY, compose_config
 
 TINY_SD_LAYOUT = {

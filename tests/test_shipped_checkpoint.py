@@ -8,8 +8,8 @@ import torch
 
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import CheckpointError
+from fingerprint_lm.lit.stages import evaluate_fingerprint
 from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT, load_fingerprint_model, shipped_checkpoint
-from fingerprint_lm.pipeline.stages import evaluate_fingerprint
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ from omegaconf import OmegaConf
 
 from fingerprint_lm import storage as cache
 from fingerprint_lm.errors import CheckpointError
-from fingerprint_lm.pipeline import stages
-from fingerprint_lm.pipeline.run import run
+from fingerprint_lm.lit import stages
+from fingerprint_lm.tasks import run
 from tests.conftest import CONF, DEBUG_TINY, ROOT, compose_config
 
 ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "WANDB_MODE": "offline"}

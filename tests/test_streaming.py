@@ -15,14 +15,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fingerprint_lm.data.coco import write_tiny_coco
 from fingerprint_lm.data.datamodule import ImageDataModule, split_keys_by_hash
-from fingerprint_lm.data.streaming import (
-    CocoFolder,
-    EpochStreamLoader,
-    StreamingCaptions,
-    TarShards,
-    split_member_name,
-    write_tiny_shards,
-)
+from fingerprint_lm.data.sources import CocoFolder, TarShards, split_member_name, write_tiny_shards
+from fingerprint_lm.data.streaming import EpochStreamLoader, StreamingCaptions
 from fingerprint_lm.errors import ConfigError, DataError
 from tests.conftest import compose_config
 

@@ -1,6 +1,6 @@
 """The collusion sweep: one grid point, the summary files, and a shrunken multirun end to end.
 
-One tiny 32-bit model is trained for the module (session fixture). With 32-bit codes and 1000
+One tiny 32-bit model (conftest.tiny_checkpoint, shared with test_distributor). With 32-bit codes and 1000
 innocents, attribution at FPR 1e-6 needs >= 30 of 32 matching bits; the tiny model reaches it
 un-attacked, so the tests check ordering and consistency rather than exact figures.
 """
@@ -16,23 +16,20 @@ import pytest
 import torch
 
 from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.evaluation.collusion import Point, PointSettings, evaluate_point, parse_case
 from fingerprint_lm.metrics.fid import train_proxy_feature_net
 from fingerprint_lm.models.checkpoint import load_fingerprint_model
-from fingerprint_lm.pipeline.run import run
-from fingerprint_lm.pipeline.sweep import evaluate_point, parse_case
 from fingerprint_lm.report.tables import COLUMNS, SUMMARY_FILES, write_summary
-from tests.conftest import ROOT, compose_config
+from fingerprint_lm.tasks import run
+from tests.conftest import ROOT, TINY_BITS, compose_config
 
-BITS = 32
+BITS = TINY_BITS
 N_IMAGES = 24
 
 
 @pytest.fixture(scope="session")
-def sweep_checkpoint(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sweep_train")
-    metrics = run(compose_config(root, [f"fingerprint_bits={BITS}"]))
-    assert metrics["bit_acc"] > 0.95
-    return Path(metrics["checkpoint"])
+def sweep_checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -45,10 +42,10 @@ def fid_net(tiny_model):
     return train_proxy_feature_net(int(tiny_model.meta["resolution"]), steps=20, feature_dim=16)
 
 
-def point(model, fid_net, act="none", attack="none", strength=None, colluders=1, seed=0):
-    return evaluate_point(
-        model, BITS, act, attack, strength, colluders, N_IMAGES, seed, fid_net, n_innocents=200
-    )
+def point(model, fid_net, act="none", attack="none", strength=None, colluders=1, seed=0, n_images=N_IMAGES,
+          n_innocents=200, images=None) -> dict:
+    settings = PointSettings(n_images=n_images, n_innocents=n_innocents)
+    return evaluate_point(model, Point(act, attack, strength, colluders), settings, seed, fid_net, images).as_dict()
 
 
 def test_parse_case():
@@ -109,13 +106,17 @@ def test_cuts_without_resize_are_scored_against_the_same_cut_of_the_base(tiny_mo
     assert cropped["psnr"] > 20
 
 
-def test_image_attack_and_wrong_length(tiny_model, fid_net):
+def test_image_attack_and_bad_points(tiny_model, fid_net):
     plain = point(tiny_model, fid_net)
     blurred = point(tiny_model, fid_net, attack="gaussian_blur", strength=2.0)
     assert blurred["attack_strength"] == 2.0 and blurred["psnr"] != pytest.approx(plain["psnr"])
     assert blurred["bit_acc"] < plain["bit_acc"], (blurred["bit_acc"], plain["bit_acc"])
-    with pytest.raises(ConfigError, match="32-bit codes"):
-        evaluate_point(tiny_model, 48, "none", "none", None, 1, N_IMAGES, 0, None)
+    with pytest.raises(ConfigError, match="unknown ACT type"):
+        Point("rotate", "none")
+    with pytest.raises(ConfigError, match="fpr must lie in"):
+        PointSettings(fpr=1.0)
+    with pytest.raises(ConfigError, match="n_images"):
+        PointSettings(n_images=1)
 
 
 def test_summary_is_deterministic(tmp_path, tiny_model):
@@ -124,7 +125,7 @@ def test_summary_is_deterministic(tmp_path, tiny_model):
     ):
         job = tmp_path / "sweep" / str(num)
         job.mkdir(parents=True)
-        m = evaluate_point(tiny_model, BITS, act, attack, None, colluders, 8, 0, None, n_innocents=10)
+        m = point(tiny_model, None, act, attack, colluders=colluders, n_images=8, n_innocents=10)
         (job / "metrics.json").write_text(json.dumps(m))
     first = {
         name: (p.read_bytes())
@@ -277,7 +278,7 @@ def test_sweep_model_cache_key_follows_the_base_vae_weights(tmp_path):
     import shutil
 
     from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT
-    from fingerprint_lm.pipeline.sweep import sweep_model_cache_dir, training_record
+    from fingerprint_lm.tasks.sweep_point import sweep_model_cache_dir, training_record
 
     cfg = compose_config(tmp_path / "job", ["+experiment=collusion_sweep", "fingerprint_bits=32"], tiny=False)
     base = tmp_path / "base_vae"
@@ -298,13 +299,9 @@ def test_point_on_given_images_and_device_checks(tiny_model):
 
     resolution = int(tiny_model.meta["resolution"])
     images = torch.rand(6, 3, resolution, resolution) * 2 - 1
-    m = evaluate_point(tiny_model, BITS, "none", "none", None, 1, 6, 0, None, n_innocents=10, images=images)
+    m = point(tiny_model, None, n_images=6, n_innocents=10, images=images)
     assert m["n_images"] == 6 and m["bit_acc"] > 0.8
     with pytest.raises(ConfigError, match="resolution"):
-        evaluate_point(tiny_model, BITS, "none", "none", None, 1, 6, 0, None, images=torch.zeros(6, 3, 8, 8))
-    assert resolve_device("cpu", "sweep.device") == torch.device("cpu")
-    assert resolve_device("auto", "sweep.device") == torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu"
-    )
-    with pytest.raises(ConfigError):
+        point(tiny_model, None, n_images=6, images=torch.zeros(6, 3, 8, 8))
+    with pytest.raises(ConfigError, match="sweep.device"):
         resolve_device("tpu", "sweep.device")

@@ -28,18 +28,11 @@ from PIL import Image
 from fingerprint_lm.data.coco import CocoCaptions, write_tiny_coco
 from fingerprint_lm.distributor.copies import issue_copy, load_copy
 from fingerprint_lm.errors import CheckpointError, ConfigError, RegistryError
-from fingerprint_lm.evaluation.text2image import (
-    GRID_NAME,
-    METRICS_NAME,
-    check_copy_fits,
-    choose_fid_mode,
-    generate_latents,
-    load_text2image_pipeline,
-    resolve_dtype,
-)
+from fingerprint_lm.evaluation.sd_pipeline import check_copy_fits, generate_latents, load_text2image_pipeline
+from fingerprint_lm.evaluation.text2image import GRID_NAME, METRICS_NAME, choose_fid_mode, resolve_dtype
 from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT, load_fingerprint_model
-from fingerprint_lm.pipeline.run import run
 from fingerprint_lm.registry.store import Registry
+from fingerprint_lm.tasks import run
 from tests.conftest import ROOT, compose_config
 
 SECRET = "text2image-test-secret"
@@ -189,13 +182,13 @@ def test_config_defaults(tmp_path):
 
 
 def test_evaluation_attributes_the_user_and_writes_metrics(world, monkeypatch):
-    import fingerprint_lm.metrics.fid as fid
+    from fingerprint_lm.tasks import text2image_eval
 
     # the real fid_proxy net and training, on 256 procedural images instead of 4096 (drawing those
     # alone takes seconds here)
-    train = fid.train_proxy_feature_net
+    train = text2image_eval.train_proxy_feature_net  # the task imports it at module level
     monkeypatch.setattr(
-        fid, "train_proxy_feature_net", lambda *args, **kwargs: train(*args, **kwargs, train_size=256)
+        text2image_eval, "train_proxy_feature_net", lambda *args, **kwargs: train(*args, **kwargs, train_size=256)
     )
     metrics = evaluate(
         world,
@@ -300,7 +293,8 @@ def test_same_seed_same_images_and_every_copy_gets_the_same_latents(world):
 def test_clean_fid_compares_the_generated_and_the_coco_folders(world, monkeypatch):
     """The wiring of the clean-fid path (clean-fid itself is not installed here: a recording
     stand-in replaces it and returns 1.0, then 2.0)."""
-    import fingerprint_lm.metrics.fid as fid
+    from fingerprint_lm.evaluation import text2image
+    from fingerprint_lm.tasks import text2image_eval
 
     calls = []
 
@@ -309,8 +303,9 @@ def test_clean_fid_compares_the_generated_and_the_coco_folders(world, monkeypatc
         calls.append((Path(dir_a).name, Path(dir_b).name, len(a), len(b), Image.open(b[0]).size))
         return float(len(calls))
 
-    monkeypatch.setattr(fid, "clean_fid_available", lambda *args, **kwargs: True)
-    monkeypatch.setattr(fid, "clean_fid", recording_clean_fid)
+    # the task and the evaluation import these names at module level: patch them where they are used
+    monkeypatch.setattr(text2image_eval, "clean_fid_available", lambda *args, **kwargs: True)
+    monkeypatch.setattr(text2image, "clean_fid", recording_clean_fid)
     metrics = evaluate(world, "clean", "text2image.fid_min_images=2")
     reference = (32, 32)
     assert calls == [("copy", "reference", 6, 6, reference), ("base", "reference", 6, 6, reference)]

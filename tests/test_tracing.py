@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from fingerprint_lm.errors import ConfigError, DataError
-from fingerprint_lm.registry.store import CodeIndex, Registry
+from fingerprint_lm.registry.index import CodeIndex
+from fingerprint_lm.registry.store import Registry
 from fingerprint_lm.registry.tracing import bit_evidence, score_codes, trace, tracing_threshold
 
 

@@ -15,7 +15,7 @@ from fingerprint_lm.models.augment import AugmentConfig
 from fingerprint_lm.models.extractor import FingerprintExtractor
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.vae import build_vae, load_vae
-from fingerprint_lm.pipeline.run import run
+from fingerprint_lm.tasks import run
 from tests.conftest import ROOT
 
 SMALL_VAE = dict(

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fingerprint_lm.errors import ConfigError
-from fingerprint_lm.models.act import aligned_average, average_state_dicts
+from fingerprint_lm.models.act_alignment import aligned_average, average_state_dicts
 
 StateDict = dict[str, torch.Tensor]
 Merge = Callable[..., StateDict]

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from fingerprint_lm.errors import ConfigError, DataError
+from fingerprint_lm.data.synthetic import SHAPES, ProceduralImages
+from fingerprint_lm.errors import DataError, check_int
 
 # Labels exist only for procedural images; -1 marks "unknown" so batches keep one schema.
 NO_LABEL = -1
@@ -95,8 +96,7 @@ class CocoCaptions(Dataset):
         annotation_file: str | Path | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
-            raise ConfigError(f"image resolution must be a positive integer, got {resolution!r}")
+        check_int("image resolution", resolution)
         self.root = Path(root).expanduser()
         self.split = split
         self.resolution = resolution
@@ -179,8 +179,6 @@ def write_tiny_coco(
         resolution: nominal image side in pixels.
         split: split name used for the image folder and the annotation file.
     """
-    from fingerprint_lm.data.synthetic import SHAPES, ProceduralImages
-
     if n_images < 1:
         raise ValueError(f"n_images must be at least 1, got {n_images}")
     root = Path(root)

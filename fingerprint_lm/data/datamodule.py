@@ -9,17 +9,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from fingerprint_lm.data.checks import check_int
 from fingerprint_lm.data.coco import CocoCaptions
-from fingerprint_lm.data.streaming import (
-    CocoFolder,
-    EpochStreamLoader,
-    StreamingCaptions,
-    TarShards,
-    key_hash,
-)
+from fingerprint_lm.data.sources import CocoFolder, TarShards, key_hash
+from fingerprint_lm.data.streaming import EpochStreamLoader, StreamingCaptions
 from fingerprint_lm.data.synthetic import ProceduralImages
-from fingerprint_lm.errors import ConfigError, DataError
+from fingerprint_lm.errors import ConfigError, DataError, check_int
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +29,7 @@ COCO_SPLIT_SEED = 20170
 
 def check_resolution(resolution: int, factor: int) -> None:
     """Raise ``ConfigError`` unless ``resolution`` is a positive multiple of the VAE's ``factor``."""
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-        raise ConfigError(f"VAE downscale factor must be a positive integer, got {factor!r}")
+    check_int("VAE downscale factor", factor)
     check_int("image size", resolution)
     if resolution % factor:
         lower = resolution - resolution % factor

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.errors import check_int
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "ellipse", "ring", "star", "cross", "diamond")
 TEXTURES: tuple[str, ...] = ("plain", "stripes", "checker", "noise", "dots", "gradient")
@@ -228,12 +228,10 @@ class ProceduralImages(IterableDataset):
 
     def __init__(self, resolution: int = 32, seed: int = 0, length: int | None = None) -> None:
         super().__init__()
-        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
-            raise ConfigError(f"image resolution must be a positive integer, got {resolution!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ConfigError(f"data seed must be a non-negative integer, got {seed!r}")
-        if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 0):
-            raise ConfigError(f"data set length must be a non-negative integer or None, got {length!r}")
+        check_int("image resolution", resolution)
+        check_int("data seed", seed, 0)
+        if length is not None:
+            check_int("data set length", length, 0)
         self.resolution = resolution
         self.seed = seed
         self.length = length

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from fingerprint_lm.data.coco import load_rgb, to_tensor
-from fingerprint_lm.errors import ConfigError, DataError
+from fingerprint_lm.errors import ConfigError, DataError, check_probability
 from fingerprint_lm.metrics.bits import match_threshold
-from fingerprint_lm.registry.store import CodeIndex, Registry
+from fingerprint_lm.registry.index import CodeIndex
+from fingerprint_lm.registry.store import Registry
 from fingerprint_lm.registry.tracing import trace, tracing_threshold
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -87,13 +88,31 @@ def _index(registry: Registry | CodeIndex) -> CodeIndex:
     return registry.index() if isinstance(registry, Registry) else registry
 
 
+def _check(extractor: torch.nn.Module | None, index: CodeIndex, fpr: float) -> None:
+    check_probability("fpr", fpr)
+    if extractor is not None and getattr(extractor, "fingerprint_bits", index.k) != index.k:
+        raise ConfigError(
+            f"the extractor reads {extractor.fingerprint_bits} bits but the registry holds {index.k}-bit codes"
+        )
+
+
 def attribute_images(
     extractor: torch.nn.Module,
     registry: Registry | CodeIndex,
     images: Sequence[tuple[str, torch.Tensor]],
     fpr: float = 1e-6,
 ) -> dict:
-    """Name the user behind each image (independently).
+    """Name the user behind each image (independently): :func:`attribute_logits` of the
+    extractor's logits, read one image at a time (images may differ in size)."""
+    index = _index(registry)
+    _check(extractor, index, fpr)
+    logits = extract_logits(extractor, [image for _, image in images])
+    return attribute_logits(logits, index, [name for name, _ in images], fpr)
+
+
+def attribute_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: Sequence[str],
+                     fpr: float = 1e-6) -> dict:
+    """Attribution of images whose extractor logits ``[n, k]`` are given (``names``: one per row).
 
     Returns ``{"fpr", "n_users", "code_length", "match_threshold", "images": [...]}`` where each
     image has ``image``, ``bits`` (string of 0/1), ``user_id`` (None when nobody is accused),
@@ -101,21 +120,17 @@ def attribute_images(
     ``accused``. ``match_threshold`` is the number of matching bits needed for an accusation, None
     when even ``k`` matches cannot reach ``fpr`` among this many users.
     """
-    if not 0.0 < float(fpr) < 1.0:
-        raise ConfigError(f"fpr must lie in (0, 1), got {fpr}")
     index = _index(registry)
+    _check(None, index, fpr)
     k = index.k
-    if getattr(extractor, "fingerprint_bits", k) != k:
-        raise ConfigError(f"the extractor reads {extractor.fingerprint_bits} bits but the registry holds {k}-bit codes")
-    logits = extract_logits(extractor, [image for _, image in images])
-    bits = (logits > 0).astype(np.uint8)
+    bits = (np.asarray(logits) > 0).astype(np.uint8)
     results = index.identify_many(bits, fpr=fpr)
     try:
         threshold = match_threshold(k, fpr, max(len(index), 1))
     except ConfigError:
         threshold = None
     rows = []
-    for (name, _), row_bits, result in zip(images, bits, results):
+    for name, row_bits, result in zip(names, bits, results, strict=True):
         rows.append(
             {
                 "image": name,
@@ -144,26 +159,30 @@ def trace_images(
     fpr: float = 1e-6,
     top: int = 10,
 ) -> dict:
-    """Rank registered users as the source (or colluders) of one suspect model's images.
-
-    Returns ``{"fpr", "n_users", "n_images", "threshold", "suspects": [...]}``; each suspect has
-    ``user_id``, ``score``, ``p_value_bound`` and ``accused`` (``score >= threshold``), by
-    decreasing score; ``top`` suspects plus every accused one.
-    """
-    if not 0.0 < float(fpr) < 1.0:
-        raise ConfigError(f"fpr must lie in (0, 1), got {fpr}")
+    """Rank registered users as the source (or colluders) of one suspect model's images:
+    :func:`trace_logits` of the extractor's logits, read one image at a time."""
     index = _index(registry)
-    if getattr(extractor, "fingerprint_bits", index.k) != index.k:
-        raise ConfigError(
-            f"the extractor reads {extractor.fingerprint_bits} bits but the registry holds {index.k}-bit codes"
-        )
-    probs = _sigmoid(extract_logits(extractor, [image for _, image in images]))
-    suspects = trace(probs, index, fpr=fpr, top=top)
+    _check(extractor, index, fpr)
+    logits = extract_logits(extractor, [image for _, image in images])
+    return trace_logits(logits, index, [name for name, _ in images], fpr, top)
+
+
+def trace_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: Sequence[str],
+                 fpr: float = 1e-6, top: int = 10) -> dict:
+    """Tracing from the extractor logits ``[n, k]`` of one suspect model's images.
+
+    Returns ``{"fpr", "n_users", "n_images", "images", "threshold", "suspects": [...]}``; each
+    suspect has ``user_id``, ``score``, ``p_value_bound`` and ``accused`` (``score >= threshold``),
+    by decreasing score; ``top`` suspects plus every accused one.
+    """
+    index = _index(registry)
+    _check(None, index, fpr)
+    suspects = trace(_sigmoid(np.asarray(logits, dtype=np.float64)), index, fpr=fpr, top=top)
     return {
         "fpr": float(fpr),
         "n_users": len(index),
-        "n_images": len(images),
-        "images": [name for name, _ in images],
+        "n_images": len(names),
+        "images": list(names),
         "threshold": tracing_threshold(max(len(index), 1), fpr),
         "suspects": suspects,
     }

@@ -25,6 +25,7 @@ from fingerprint_lm.models.checkpoint import (
     build_fingerprint_model,
     load_fingerprint_model,
 )
+from fingerprint_lm.models.vae import build_vae
 from fingerprint_lm.registry.store import Registry
 
 
@@ -32,8 +33,6 @@ def _default_model(fingerprint_bits: int = 48) -> tuple[FingerprintModel, str]:
     try:
         return load_fingerprint_model(), "shipped checkpoint"
     except CheckpointError:
-        from fingerprint_lm.models.vae import build_vae
-
         torch.manual_seed(0)
         model = build_fingerprint_model(build_vae(), fingerprint_bits, {}, {})
         with torch.no_grad():

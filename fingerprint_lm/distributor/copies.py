@@ -86,6 +86,15 @@ def read_secret(env_name: str | None, file_path: str | Path | None = None) -> by
     return secret
 
 
+def code_rng(code_seed: int | None, user_id: str) -> np.random.Generator | None:
+    """The generator a user's code is drawn from: None (OS entropy) unless ``code_seed`` is set,
+    then seeded by ``(code_seed, user_id)`` so that a replayed experiment draws the same codes."""
+    if code_seed is None:
+        return None
+    digest = hashlib.sha256(user_id.encode("utf-8")).digest()
+    return np.random.default_rng([int(code_seed), int.from_bytes(digest[:8], "little")])
+
+
 def check_user_id(user_id: object) -> str:
     """Return ``user_id`` if it can name a registry row and a copy folder; RegistryError otherwise."""
     if not isinstance(user_id, str) or not _USER_ID.match(user_id):

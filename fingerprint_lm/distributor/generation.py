@@ -12,14 +12,13 @@ from PIL import Image
 
 from fingerprint_lm.data.datamodule import TEST_SEED_OFFSET
 from fingerprint_lm.data.synthetic import ProceduralImages
-from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.errors import check_int
 
 
 def held_out_images(resolution: int, n: int, seed: int = 0) -> torch.Tensor:
     """The first ``n`` images ``[n, 3, R, R]`` in [-1, 1] of the procedural test set of ``seed``
     (the same set training holds out)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"n_images must be a positive integer, got {n!r}")
+    check_int("n_images", n)
     images = ProceduralImages(int(resolution), seed=int(seed) + TEST_SEED_OFFSET, length=n)
     return torch.stack([images.sample(i)["image"] for i in range(n)])
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.errors import ConfigError, check_int
 from fingerprint_lm.models.act import ACT_TYPES, apply_act, draw_act
 from fingerprint_lm.models.checkpoint import FingerprintModel, build_fingerprint_model
 
@@ -43,8 +43,7 @@ class FingerprintMethod:
     shipped_steps: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps <= 0:
-            raise ConfigError(f"method.steps must be a positive integer, got {self.steps!r}")
+        check_int("method.steps", self.steps)
         if self.detector_fit_samples < 0:
             raise ConfigError(f"method.detector_fit_samples must be >= 0, got {self.detector_fit_samples}")
 

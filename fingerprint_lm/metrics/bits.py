@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import bdtrc
 
-from fingerprint_lm.errors import ConfigError, DataError
+from fingerprint_lm.errors import ConfigError, DataError, check_probability
 
 
 def binomial_p_value(matches, k: int):
@@ -51,8 +51,7 @@ def match_threshold(k: int, fpr: float, n_users: int = 1) -> int:
     Raises :class:`ConfigError` when even ``m = k`` is not significant enough (e.g. 32 bits
     cannot reach FPR 1e-6 among 10^4 users), rather than returning a threshold nobody can reach.
     """
-    if not 0.0 < float(fpr) < 1.0:
-        raise ConfigError(f"fpr must lie in (0, 1), got {fpr}")
+    check_probability("fpr", fpr)
     k = int(k)
     corrected = bonferroni(binomial_p_value(np.arange(k + 1), k), n_users)
     ok = np.flatnonzero(corrected <= fpr)

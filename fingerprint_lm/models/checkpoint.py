@@ -43,6 +43,17 @@ def shipped_checkpoint(checkpoint_name: str = "embedded") -> Path:
     return ASSETS / checkpoint_name
 
 
+def checkpoint_code_length(directory: str | Path) -> int:
+    """The fingerprint length of a checkpoint, from its ``fingerprint.json`` alone (no weights read)."""
+    meta_path = Path(directory) / "fingerprint.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"no fingerprint checkpoint at {directory} (fingerprint.json missing)")
+    try:
+        return int(json.loads(meta_path.read_text())["fingerprint_bits"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"corrupt {meta_path}: {exc}") from exc
+
+
 @dataclass
 class FingerprintModel:
     """Everything the distributor keeps: base VAE, PNM decoder and extractor, plus metadata."""

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from fingerprint_lm.registry.codes import draw_codes_min_distance, pack_bits
-from fingerprint_lm.registry.store import CodeIndex, Registry
+from fingerprint_lm.registry.index import CodeIndex
+from fingerprint_lm.registry.store import Registry
 from fingerprint_lm.registry.tracing import trace
 
 

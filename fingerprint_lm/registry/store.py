@@ -1,5 +1,5 @@
-"""The user registry: one SQLite file mapping user ids to their fingerprint codes, and the
-bit-packed nearest-code search that names the user behind an extracted fingerprint.
+"""The user registry: one SQLite file mapping user ids to their fingerprint codes (the nearest-code
+search over them is :class:`~fingerprint_lm.registry.index.CodeIndex`).
 
 Schema::
 
@@ -20,7 +20,7 @@ processes and does not work on network filesystems, where a cluster run may keep
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 from fingerprint_lm.errors import ConfigError, DataError, RegistryError
-from fingerprint_lm.metrics.bits import binomial_p_value, bonferroni
 from fingerprint_lm.registry.codes import (
     as_bits,
     draw_codes_min_distance,
@@ -37,145 +36,9 @@ from fingerprint_lm.registry.codes import (
     pack_bits,
     unpack_bits,
 )
+from fingerprint_lm.registry.index import CodeIndex, min_distances
 
 SCHEMA_VERSION = 1
-# Words of packed codes XOR-ed at once in a blocked search: bounds the temporary memory (~32 MiB).
-_BLOCK_WORDS = 1 << 22
-
-
-def _hard_bits(bits, k: int) -> np.ndarray:
-    """0/1 ``uint8`` bits from hard bits or soft outputs in [0, 1] (thresholded at 0.5)."""
-    arr = np.asarray(bits)
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)):
-            raise DataError("extracted bits contain NaN or inf")
-        arr = arr > 0.5
-    return as_bits(arr, k)
-
-
-def _min_distances(queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """For each packed query row, its smallest Hamming distance to any packed code row (blocked)."""
-    out = np.full(queries.shape[0], np.iinfo(np.int64).max, dtype=np.int64)
-    if codes.shape[0] == 0 or queries.shape[0] == 0:
-        return out
-    w = codes.shape[1]
-    block = max(1, _BLOCK_WORDS // (codes.shape[0] * w))
-    for start in range(0, queries.shape[0], block):
-        q = queries[start : start + block]
-        d = np.bitwise_count(q[:, None, :] ^ codes[None, :, :]).sum(axis=2, dtype=np.int64)
-        out[start : start + block] = d.min(axis=1)
-    return out
-
-
-class CodeIndex:
-    """In-memory bit-packed index of registered codes: nearest-code identification.
-
-    Parameters:
-        user_ids: the ``N`` user ids, in the order of ``packed``'s rows.
-        packed: ``uint64 [N, ceil(k/64)]`` packed codes (:func:`pack_bits`).
-        k: code length in bits.
-    """
-
-    def __init__(self, user_ids: Sequence[str], packed, k: int):
-        self.k = int(k)
-        if self.k < 1:
-            raise ConfigError(f"code length must be >= 1, got {k}")
-        packed = np.ascontiguousarray(np.asarray(packed, dtype=np.uint64))
-        if packed.ndim == 1 and packed.size == 0:
-            packed = packed.reshape(0, n_words(self.k))
-        if packed.ndim != 2 or packed.shape[1] != n_words(self.k):
-            raise DataError(
-                f"packed codes for k={self.k} need shape [N, {n_words(self.k)}], got {packed.shape}"
-            )
-        self.user_ids = list(user_ids)
-        if len(self.user_ids) != packed.shape[0]:
-            raise DataError(f"{len(self.user_ids)} user ids for {packed.shape[0]} codes")
-        packed.setflags(write=False)
-        self.packed = packed
-
-    @classmethod
-    def from_bits(cls, user_ids: Sequence[str], bits) -> CodeIndex:
-        """Build an index from 0/1 codes ``[N, k]``."""
-        arr = as_bits(bits)
-        arr = arr.reshape(-1, arr.shape[-1])
-        return cls(user_ids, pack_bits(arr), arr.shape[1])
-
-    def __len__(self) -> int:
-        return len(self.user_ids)
-
-    def bits(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """The codes of rows ``start:stop`` as 0/1 ``uint8 [n, k]``."""
-        return unpack_bits(self.packed[start:stop], self.k).reshape(-1, self.k)
-
-    def _result(self, best: int, dist: int, n_nearest: int, fpr: float) -> dict:
-        n = len(self)
-        if n == 0:
-            return {
-                "user_id": None,
-                "nearest_user_id": None,
-                "matching_bits": 0,
-                "n_nearest": 0,
-                "p_value": 1.0,
-                "accused": False,
-            }
-        matches = self.k - int(dist)
-        p = bonferroni(binomial_p_value(matches, self.k), n)
-        accused = bool(p <= fpr)
-        nearest = self.user_ids[best]
-        return {
-            "user_id": nearest if accused else None,
-            "nearest_user_id": nearest,
-            "matching_bits": matches,
-            # more than one user at the smallest distance: the first registered is named
-            "n_nearest": int(n_nearest),
-            "p_value": float(p),
-            "accused": accused,
-        }
-
-    def identify(self, bits, fpr: float = 1e-6) -> dict:
-        """Name the registered user whose code is nearest to the extracted ``bits``.
-
-        ``bits`` are 0/1 bits ``[k]`` or soft outputs in [0, 1] (thresholded at 0.5). The p-value
-        is ``P[Binomial(k, 1/2) >= matching_bits]`` Bonferroni-corrected over the registry size;
-        the nearest user is accused (``user_id`` set) only when it is ``<= fpr``.
-
-        Returns:
-            dict with ``user_id`` (accused user or None), ``nearest_user_id``, ``matching_bits``,
-            ``n_nearest`` (users tied at the smallest distance), ``p_value``, ``accused``.
-        """
-        query = _hard_bits(bits, self.k)
-        if query.ndim != 1:
-            raise DataError(f"identify takes one code [k]; use identify_many for {query.shape}")
-        if len(self) == 0:
-            return self._result(0, self.k, 0, fpr)
-        dist = hamming_to_all(pack_bits(query), self.packed)
-        best = int(np.argmin(dist))
-        dmin = int(dist[best])
-        return self._result(best, dmin, int(np.count_nonzero(dist == dmin)), fpr)
-
-    def identify_many(self, bits, fpr: float = 1e-6) -> list[dict]:
-        """:meth:`identify` for each row of ``bits`` ``[n, k]``, searched in blocks of queries."""
-        queries = _hard_bits(bits, self.k).reshape(-1, self.k)
-        n = queries.shape[0]
-        if len(self) == 0:
-            return [self._result(0, self.k, 0, fpr) for _ in range(n)]
-        qp = pack_bits(queries)
-        w = self.packed.shape[1]
-        best = np.empty(n, dtype=np.int64)
-        dmin = np.empty(n, dtype=np.int64)
-        ties = np.empty(n, dtype=np.int64)
-        block = max(1, _BLOCK_WORDS // (len(self) * w))
-        for start in range(0, n, block):
-            q = qp[start : start + block]
-            d = np.bitwise_count(q[:, None, :] ^ self.packed[None, :, :]).sum(axis=2, dtype=np.int32)
-            b = np.argmin(d, axis=1)
-            m = d[np.arange(d.shape[0]), b]
-            best[start : start + block] = b
-            dmin[start : start + block] = m
-            ties[start : start + block] = np.count_nonzero(d == m[:, None], axis=1)
-        return [self._result(int(best[i]), int(dmin[i]), int(ties[i]), fpr) for i in range(n)]
-
-
 class Registry:
     """SQLite-backed registry of users and their fingerprint codes.
 
@@ -401,7 +264,7 @@ class Registry:
         if self.min_distance <= 1:
             return  # distinct codes were checked above
         existing = self.index()
-        to_old = _min_distances(packed, existing.packed)
+        to_old = min_distances(packed, existing.packed)
         bad = np.flatnonzero(to_old < self.min_distance)
         if bad.size:
             j = int(bad[0])
@@ -480,3 +343,15 @@ class Registry:
     def identify_many(self, bits, fpr: float = 1e-6) -> list[dict]:
         """:meth:`CodeIndex.identify_many` over the registered codes."""
         return self.index().identify_many(bits, fpr)
+
+
+def open_registry(path: str | Path, code_length: int, min_distance: int | None = None,
+                  create: bool = False, method: str | None = None) -> Registry:
+    """Open the registry file; only ``create=True`` (issuing) may make a new one. ``method``
+    (the checkpoint's): a registry of another method's users is refused."""
+    path = Path(path)
+    if not path.is_file():
+        if not create:
+            raise RegistryError(f"no registry at {path} (issue a copy first: task=issue user_id=NAME)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return Registry(path, code_length, min_distance=min_distance, method=method)

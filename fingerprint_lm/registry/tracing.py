@@ -35,8 +35,9 @@ import math
 
 import numpy as np
 
-from fingerprint_lm.errors import ConfigError, DataError
-from fingerprint_lm.registry.store import CodeIndex, Registry
+from fingerprint_lm.errors import ConfigError, DataError, check_probability
+from fingerprint_lm.registry.index import CodeIndex
+from fingerprint_lm.registry.store import Registry
 
 
 def bit_evidence(probs) -> np.ndarray:
@@ -56,8 +57,7 @@ def bit_evidence(probs) -> np.ndarray:
 
 def tracing_threshold(n_users: int, fpr: float) -> float:
     """Score above which a user is accused: ``sqrt(2 ln(n_users / fpr))`` (Hoeffding + Bonferroni)."""
-    if not 0.0 < float(fpr) < 1.0:
-        raise ConfigError(f"fpr must lie in (0, 1), got {fpr}")
+    check_probability("fpr", fpr)
     if int(n_users) < 1:
         raise ConfigError(f"n_users must be >= 1, got {n_users}")
     return math.sqrt(2.0 * math.log(int(n_users) / float(fpr)))

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 
 from fingerprint_lm.data.datamodule import check_resolution
-from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.errors import ConfigError, check_int
 from fingerprint_lm.lit.base_vae import BaseVAEModule
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
 from fingerprint_lm.methods import FingerprintMethod
@@ -114,8 +114,7 @@ def train_fingerprint(
     ``gradient_checkpointing`` recomputes the decoder's blocks in the backward pass (memory for
     compute; SD scale); ``calibration_batch_size`` is the images per decoder pass of the carrier
     calibration and detector fit. The encoder is frozen throughout (``FingerprintModule``)."""
-    if not isinstance(fingerprint_bits, int) or fingerprint_bits <= 0:
-        raise ConfigError(f"fingerprint length must be a positive integer, got {fingerprint_bits!r}")
+    check_int("fingerprint length", fingerprint_bits)
     check_resolution(datamodule.resolution, downscale_factor(vae))
     L.seed_everything(seed, workers=True, verbose=False)
     model = method.build_model(vae, fingerprint_bits)

@@ -1,0 +1,381 @@
+"""Scoring one point of the collusion grid: (ACT type x attack x colluders) on a trained model.
+
+A point issues ``colluders`` fresh users (random codes, one ACT seed each) beside random innocents,
+builds their copies with :func:`~fingerprint_lm.methods.base.personal_tensors`, applies the point's
+attack and decodes held-out images with the result. The attack is one of
+
+- ``none``: the (first) copy itself;
+- a merge of the ``c`` copies (:data:`~fingerprint_lm.attacks.collusion.MERGES`: ``average``,
+  ``aligned_average`` (the adaptive colluder), ``max_abs``, ...): state dicts and bias maps merged
+  together (stream ACT permutes the bias map's channels with the last segment);
+- an image attack (:data:`~fingerprint_lm.attacks.image.IMAGE_ATTACKS`) on the copy's outputs;
+- a model attack on the (first) copy's tensors, bias map included (the user holds both files):
+  ``weight_noise`` (relative std), ``prune`` (fraction), ``quantize_int8|fp16|bf16``,
+  ``finetune`` (steps of reconstruction-only fine-tuning);
+- ``estimate_remove``: removal by estimation from the copy's own outputs, period = the tile size.
+
+The steps are separate functions (:func:`draw_users`, :func:`attacked_images`, :func:`score`) so an
+analysis script can take the images a point scores (:class:`PointImages`) without re-running it.
+Attribution and tracing are the distributor's own (:mod:`fingerprint_lm.distributor.attribution`).
+Hydra's basic sweeper takes the cartesian product of its lists, so attack, strength and colluder
+count travel as one case string (:func:`parse_case`): ``none_c1``, ``average_c3``, ``jpeg_q50``...
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from fingerprint_lm.attacks import model as model_attacks
+from fingerprint_lm.attacks.collusion import MERGES, merge_copies
+from fingerprint_lm.attacks.image import IMAGE_ATTACKS, SIZE_CHANGING
+from fingerprint_lm.data.synthetic import ProceduralImages
+from fingerprint_lm.distributor.attribution import attribute_logits, trace_logits
+from fingerprint_lm.distributor.copies import attach_bias_map
+from fingerprint_lm.errors import ConfigError, check_int, check_probability
+from fingerprint_lm.methods.base import personal_tensors
+from fingerprint_lm.metrics.bits import match_threshold
+from fingerprint_lm.metrics.fid import frechet_distance_proxy
+from fingerprint_lm.metrics.quality import psnr, ssim
+from fingerprint_lm.models import batched
+from fingerprint_lm.models.act import ACT_TYPES
+from fingerprint_lm.models.checkpoint import FingerprintModel
+from fingerprint_lm.registry.index import CodeIndex
+
+MODEL_ATTACKS: tuple[str, ...] = ("weight_noise", "prune", "quantize_int8", "quantize_fp16", "quantize_bf16", "finetune")
+OUTPUT_ATTACKS: tuple[str, ...] = ("estimate_remove",)
+ATTACKS: tuple[str, ...] = ("none", *MERGES, *IMAGE_ATTACKS, *MODEL_ATTACKS, *OUTPUT_ATTACKS)
+# Held-out images of the sweep: a stream seed no training, validation, test or fid_proxy set uses
+# (those are run seed + 0 / 1_000_003 / 2_000_003, and 10_000 + proxy seed).
+SWEEP_IMAGE_SEED = 5_000_011
+FINETUNE_IMAGE_SEED = 6_000_013  # the attacker's own fine-tuning images
+_STRENGTH = re.compile(r"^[a-z]?(\d+(?:\.\d+)?)$")
+_COLLUDERS = re.compile(r"^c(\d+)$")
+
+
+# -- what a point is ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Point:
+    """One grid point: the colluders' ACT type and the attack (see the module docstring)."""
+
+    act: str
+    attack: str
+    attack_strength: float | None = None
+    colluders: int = 1
+
+    def __post_init__(self) -> None:
+        if self.act not in ACT_TYPES:
+            raise ConfigError(f"unknown ACT type {self.act!r}; expected one of {', '.join(ACT_TYPES)}")
+        check_point(self.attack, self.attack_strength, self.colluders)
+
+    @classmethod
+    def from_case(cls, act: str, case: str) -> Point:
+        return cls(act, *parse_case(case))
+
+
+@dataclass(frozen=True)
+class PointSettings:
+    """How a point is evaluated (``sweep.*`` of the config)."""
+
+    n_images: int = 256
+    n_innocents: int = 1000
+    fpr: float = 1e-6  # attribution (Bonferroni over the registry) and the one-code detection test
+    tracing_fpr: float = 1e-3
+    scale_range: tuple[float, float] = (0.25, 4.0)
+    act_scope: str = "stream"
+    finetune_lr: float = 1e-4
+    device: str | torch.device = "cpu"  # where decoders and the extractor run; metrics on the CPU
+
+    def __post_init__(self) -> None:
+        check_int("n_images", self.n_images, 2)
+        check_int("n_innocents", self.n_innocents, 0)
+        check_probability("fpr", self.fpr)
+        check_probability("tracing_fpr", self.tracing_fpr)
+
+
+@dataclass
+class Users:
+    """The users a point draws: colluders first, then innocents; the colluders' copy tensors."""
+
+    codes: np.ndarray  # uint8 [colluders + innocents, k]
+    user_ids: list[str]
+    index: CodeIndex
+    copies: list[tuple[dict[str, torch.Tensor], torch.Tensor | None, str | None]]  # (state, bias map, site)
+
+    @property
+    def colluder_ids(self) -> set[str]:
+        return set(self.user_ids[: len(self.copies)])
+
+
+@dataclass
+class PointImages:
+    """What a point scores: the held-out images, the base decoder's outputs, the attacked outputs
+    and the reference their quality is measured against (the base outputs, cut the same way for
+    crops and shifts)."""
+
+    real: torch.Tensor
+    base_outputs: torch.Tensor
+    outputs: torch.Tensor
+    reference: torch.Tensor
+
+
+@dataclass
+class PointResult:
+    """A point's metrics (:meth:`as_dict`: the keys of a sweep job's ``metrics.json``)."""
+
+    method: str
+    fingerprint_bits: int
+    act: str
+    act_scope: str
+    attack: str
+    attack_strength: float | None
+    colluders: int
+    n_images: int
+    registry_size: int
+    bit_acc: float
+    bit_acc_min: float
+    bit_acc_max: float
+    attribution_acc: float
+    tpr_at_fpr: float  # per-image detection of the first colluder's code (one code, no correction)
+    false_positives: float  # the same test on the base decoder's outputs
+    tracing_caught: int
+    tracing_innocents_accused: int
+    psnr: float
+    ssim: float
+    fid_proxy: float | None = None
+    fid_proxy_base: float | None = None
+    seconds: float = 0.0
+    images: PointImages | None = field(default=None, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("images", "tpr_at_fpr")}
+        out["tpr_at_fpr1e-6"] = self.tpr_at_fpr  # the summary's historical column name
+        return out
+
+
+# -- grid cases -----------------------------------------------------------------------------------
+def parse_case(case: str) -> tuple[str, float | None, int]:
+    """``"average_c3"`` -> ``("average", None, 3)``, ``"jpeg_q50"`` -> ``("jpeg", 50.0, 1)``.
+
+    The case is an attack name followed by ``_``-separated tokens: ``c<N>`` sets the number of
+    colluders (default 1), a number with an optional one-letter unit prefix (``q50``, ``s1``,
+    ``0.05``) the attack strength. Merges need ``c >= 2``; every other attack works on one copy.
+    """
+    text = str(case)
+    names = sorted((n for n in ATTACKS if text == n or text.startswith(n + "_")), key=len, reverse=True)
+    if not names:
+        raise ConfigError(
+            f"unknown sweep case {case!r}: expected <attack>[_<strength>][_c<N>] with attack one "
+            f"of {', '.join(ATTACKS)}"
+        )
+    attack = names[0]
+    strength, colluders = None, 1
+    for token in filter(None, text[len(attack) :].split("_")):
+        if match := _COLLUDERS.match(token):
+            colluders = int(match.group(1))
+        elif (match := _STRENGTH.match(token)) and strength is None:
+            strength = float(match.group(1))
+        else:
+            raise ConfigError(f"sweep case {case!r}: cannot read {token!r} (c<N> or a strength)")
+    check_point(attack, strength, colluders)
+    return attack, strength, colluders
+
+
+def check_point(attack: str, strength: float | None, colluders: int) -> None:
+    if attack not in ATTACKS:
+        raise ConfigError(f"unknown attack {attack!r}; expected one of {', '.join(ATTACKS)}")
+    check_int("colluders", colluders)
+    if attack in MERGES and colluders < 2 and attack != "average":
+        raise ConfigError(f"merge {attack!r} needs at least 2 colluders, got {colluders}")
+    if attack not in MERGES and colluders != 1:
+        raise ConfigError(f"attack {attack!r} works on one copy; colluders must be 1, got {colluders}")
+    needs_strength = (
+        attack in IMAGE_ATTACKS and attack != "combined" or attack in ("weight_noise", "prune", "finetune")
+    )
+    if needs_strength and strength is None:
+        raise ConfigError(f"attack {attack!r} needs a strength (e.g. {attack}_0.5)")
+
+
+# -- the steps of a point -------------------------------------------------------------------------
+def build_decoder(vae_config, state: dict[str, torch.Tensor], bias_map: torch.Tensor | None, site: str | None):
+    """A stock ``AutoencoderKL`` with ``state`` loaded and, with a bias map, the site swapped for a
+    ``BiasMapGroupNorm`` (what :func:`~fingerprint_lm.distributor.copies.load_copy` builds)."""
+    from diffusers import AutoencoderKL  # diffusers' import is heavy: only when a point runs
+
+    vae = AutoencoderKL.from_config(vae_config)
+    vae.load_state_dict(state)
+    if bias_map is not None:
+        attach_bias_map(vae, bias_map, site)
+    return vae.eval().requires_grad_(False)
+
+
+def _user_seed(seed: int, index: int) -> int:
+    return int(np.random.default_rng([int(seed), 1, index]).integers(0, 2**62))
+
+
+def draw_users(model: FingerprintModel, point: Point, settings: PointSettings, seed: int) -> Users:
+    """Random codes for the colluders and the innocents (``seed``) and the colluders' copies."""
+    k = model.fingerprint_bits
+    rng = np.random.default_rng([int(seed), 0])
+    codes = rng.integers(0, 2, size=(point.colluders + settings.n_innocents, k), dtype=np.uint8)
+    user_ids = [f"colluder{i}" for i in range(point.colluders)] + [f"innocent{i}" for i in range(settings.n_innocents)]
+    copies = [
+        personal_tensors(
+            model, codes[i], point.act, _user_seed(seed, i) if point.act != "none" else None,
+            settings.scale_range, settings.act_scope,
+        )
+        for i in range(point.colluders)
+    ]
+    return Users(codes, user_ids, CodeIndex.from_bits(user_ids, codes), copies)
+
+
+def held_out_images(resolution: int, n_images: int, images: torch.Tensor | None = None) -> torch.Tensor:
+    """``images[:n_images]`` (checked against the model's resolution) or, when None, ``n_images``
+    procedural images no training run has seen."""
+    if images is None:
+        stream = ProceduralImages(resolution, SWEEP_IMAGE_SEED, n_images)
+        return torch.stack([stream.sample(i)["image"] for i in range(n_images)])
+    real = images[:n_images].float()
+    if real.dim() != 4 or tuple(real.shape[1:]) != (3, resolution, resolution) or len(real) < 2:
+        raise ConfigError(
+            f"sweep images must be [n>=2, 3, {resolution}, {resolution}] (the model's resolution), "
+            f"got {tuple(real.shape)}"
+        )
+    return real
+
+
+def _model_attack(attack: str, strength, state, bias_map, site, generator):
+    """A state-dict attack on the copy's tensors and its bias map together (the user holds both)."""
+    key = f"{site}.bias_map"
+    tensors = {**state, key: bias_map} if bias_map is not None else dict(state)
+    if attack == "weight_noise":
+        out = model_attacks.weight_noise(tensors, float(strength), generator)
+    elif attack == "prune":
+        out = model_attacks.magnitude_prune(tensors, float(strength))
+    else:
+        out = model_attacks.quantize_roundtrip(tensors, attack.removeprefix("quantize_"))
+    return out, (out.pop(key) if bias_map is not None else None)
+
+
+def attacked_decoder(model: FingerprintModel, users: Users, point: Point, generator: torch.Generator,
+                     settings: PointSettings, tune_images: torch.Tensor | None = None):
+    """The decoder the attacker ends up with: the first copy, the colluders' merge, or a copy after
+    a model attack (noise, pruning, quantization, fine-tuning on the attacker's own images)."""
+    state, bias_map, site = users.copies[0]
+    config = model.vae.config
+    if point.attack in MERGES:
+        # The bias map is one more tensor of each copy: merged with the rest (and aligned by the
+        # adaptive colluder, since stream ACT permutes its channels with the last segment).
+        key = f"{site}.bias_map"
+        merged = merge_copies(
+            point.attack,
+            [{**s, key: b} if b is not None else s for s, b, _ in users.copies],
+            generator,
+            num_groups=int(config.norm_num_groups),
+        )
+        bias_map = merged.pop(key, None)
+        state = merged
+    elif point.attack in ("weight_noise", "prune") or point.attack.startswith("quantize_"):
+        state, bias_map = _model_attack(point.attack, point.attack_strength, state, bias_map, site, generator)
+    decoder = build_decoder(config, state, bias_map, site)
+    if point.attack == "finetune":
+        if tune_images is None:
+            stream = ProceduralImages(int(model.meta.get("resolution", 32)), FINETUNE_IMAGE_SEED, 256)
+            tune_images = torch.stack([stream.sample(i)["image"] for i in range(256)])
+        decoder.to(settings.device)
+        with torch.enable_grad():
+            decoder = model_attacks.finetune_reconstruction(
+                decoder, int(point.attack_strength), settings.finetune_lr, tune_images, batch_size=16,
+                generator=generator,
+            )
+    return decoder
+
+
+@torch.no_grad()
+def attacked_images(model: FingerprintModel, users: Users, point: Point, real: torch.Tensor,
+                    generator: torch.Generator, settings: PointSettings,
+                    tune_images: torch.Tensor | None = None) -> PointImages:
+    """Decode ``real``'s latents with the base decoder and the attacked one, then apply the point's
+    image or output attack."""
+    device = settings.device
+    latents = batched.encode(model.vae, real, device)
+    base_outputs = batched.decode(build_decoder(model.vae.config, model.vae.state_dict(), None, None), latents, device)
+    outputs = batched.decode(attacked_decoder(model, users, point, generator, settings, tune_images), latents, device)
+    reference = base_outputs
+    if point.attack in IMAGE_ATTACKS:
+        if point.attack in SIZE_CHANGING:
+            replay = torch.Generator()  # the attack's own random draws, replayed on the base outputs
+            replay.set_state(generator.get_state())
+            reference = IMAGE_ATTACKS[point.attack](base_outputs, point.attack_strength, replay)
+        outputs = IMAGE_ATTACKS[point.attack](outputs, point.attack_strength, generator)
+    elif point.attack == "estimate_remove":
+        tile = int(getattr(model.pnm, "tile_size", model.meta.get("pnm", {}).get("tile_size", 16)))
+        outputs = model_attacks.estimate_and_remove(outputs, period=tile)
+    return PointImages(real, base_outputs, outputs, reference)
+
+
+@torch.no_grad()
+def score(model: FingerprintModel, users: Users, point: Point, images: PointImages,
+          settings: PointSettings, fid_net=None) -> PointResult:
+    """Bits, attribution and tracing (the distributor's), detection and quality of ``images``."""
+    k = model.fingerprint_bits
+    logits = batched.extract(model.extractor, images.outputs, settings.device).double().numpy()
+    hard = (logits > 0).astype(np.uint8)
+    per_colluder = [(hard == users.codes[i][None]).mean() for i in range(point.colluders)]
+    names = [f"image{i}" for i in range(len(logits))]
+    attributed = attribute_logits(logits, users.index, names, fpr=settings.fpr)["images"]
+    traced = trace_logits(logits, users.index, names, fpr=settings.tracing_fpr, top=point.colluders)
+    accused = [s["user_id"] for s in traced["suspects"] if s["accused"]]
+    colluders = users.colluder_ids
+    threshold = match_threshold(k, settings.fpr, 1)
+    base_logits = batched.extract(model.extractor, images.base_outputs, settings.device).numpy()
+    fid_proxy = fid_proxy_base = None
+    if fid_net is not None and images.outputs.shape[-2:] == images.real.shape[-2:]:  # no proxy across sizes
+        fid_proxy = frechet_distance_proxy(images.outputs, images.real, fid_net)
+        fid_proxy_base = frechet_distance_proxy(images.base_outputs, images.real, fid_net)
+    return PointResult(
+        method=model.method,
+        fingerprint_bits=k,
+        act=point.act,
+        act_scope=settings.act_scope,
+        attack=point.attack,
+        attack_strength=None if point.attack_strength is None else float(point.attack_strength),
+        colluders=point.colluders,
+        n_images=len(images.real),
+        registry_size=len(users.index),
+        bit_acc=float(np.mean(per_colluder)),
+        bit_acc_min=float(np.min(per_colluder)),
+        bit_acc_max=float(np.max(per_colluder)),
+        attribution_acc=float(np.mean([r["accused"] and r["user_id"] in colluders for r in attributed])),
+        tpr_at_fpr=float(np.mean((hard == users.codes[0][None]).sum(axis=1) >= threshold)),
+        false_positives=float(np.mean(((base_logits > 0) == users.codes[0][None]).sum(axis=1) >= threshold)),
+        tracing_caught=sum(u in colluders for u in accused),
+        tracing_innocents_accused=sum(u not in colluders for u in accused),
+        psnr=float(psnr(images.outputs, images.reference).mean()),
+        ssim=float(ssim(images.outputs, images.reference)),
+        fid_proxy=fid_proxy,
+        fid_proxy_base=fid_proxy_base,
+        images=images,
+    )
+
+
+def evaluate_point(model: FingerprintModel, point: Point, settings: PointSettings, seed: int, fid_net=None,
+                   images: torch.Tensor | None = None, tune_images: torch.Tensor | None = None) -> PointResult:
+    """Draw the users, attack, decode and score one point (``seed``: codes, ACT seeds, attack
+    randomness). ``images``: held-out real images ``[n, 3, R, R]`` in [-1, 1] (None: procedural);
+    ``tune_images``: the fine-tuning attacker's own images (None: 256 other procedural images);
+    ``fid_net``: the fid_proxy feature net (None skips ``fid_proxy``). The result keeps the images
+    it scored (``result.images``)."""
+    start = time.perf_counter()
+    real = held_out_images(int(model.meta.get("resolution", 32)), settings.n_images, images)
+    users = draw_users(model, point, settings, seed)
+    generator = torch.Generator().manual_seed(int(seed))
+    point_images = attacked_images(model, users, point, real, generator, settings, tune_images)
+    result = score(model, users, point, point_images, settings, fid_net)
+    result.seconds = time.perf_counter() - start
+    return result

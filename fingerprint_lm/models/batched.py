@@ -1,0 +1,44 @@
+"""One batched loop for encoding, decoding and reading images: a module runs on ``device`` in
+batches (the heavy part at SD scale) and the results come back as float32 on the CPU, where
+metrics, registries and copies' state dicts live."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+@torch.no_grad()
+def in_batches(
+    module: torch.nn.Module,
+    fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """``torch.cat([fn(module, batch) for batch in inputs])`` with ``module`` and each batch on
+    ``device``; float32 CPU output. ``module`` goes back to the CPU afterwards (copies' tensors are
+    built from CPU state dicts)."""
+    try:
+        module.to(device)
+        return torch.cat(
+            [fn(module, inputs[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(inputs), batch_size)]
+        )
+    finally:
+        module.to("cpu")
+
+
+def encode(vae, images: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 64) -> torch.Tensor:
+    """The posterior modes (latents) of ``images`` under ``vae``'s encoder."""
+    return in_batches(vae, lambda m, x: m.encode(x).latent_dist.mode(), images, device, batch_size)
+
+
+def decode(vae, latents: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 64) -> torch.Tensor:
+    """Images decoded from ``latents`` by ``vae``'s decoder."""
+    return in_batches(vae, lambda m, z: m.decode(z).sample, latents, device, batch_size)
+
+
+def extract(extractor, images: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 64) -> torch.Tensor:
+    """The extractor's logits ``[n, k]`` for same-sized ``images``."""
+    return in_batches(extractor, lambda m, x: m(x), images, device, batch_size)

@@ -1,0 +1,204 @@
+"""The distributor's commands: ``python -m fingerprint_lm task=issue|users|attribute|trace|generate|verify``.
+
+Each reads the Hydra config and calls the plain functions of :mod:`fingerprint_lm.distributor`;
+the wrapper writes ``<run dir>/<task>.json`` (for machines) and :func:`print_summary` prints a
+short table (for people). ``docs/distributor.md`` has the commands and the JSON fields.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from fingerprint_lm.distributor.attribution import attribute_images, read_images, trace_images
+from fingerprint_lm.distributor.copies import (
+    check_user_id,
+    code_rng,
+    issue_copy,
+    load_copy,
+    read_secret,
+    verify_copy,
+)
+from fingerprint_lm.distributor.generation import decode_with, held_out_images, save_pngs
+from fingerprint_lm.errors import ConfigError, check_probability
+from fingerprint_lm.models.checkpoint import (
+    checkpoint_code_length,
+    load_fingerprint_model,
+    shipped_checkpoint,
+)
+from fingerprint_lm.registry.store import open_registry
+from fingerprint_lm.tasks.wrapper import Task, TaskContext
+
+
+# -- config plumbing ------------------------------------------------------------------------------
+def checkpoint_dir(cfg: DictConfig) -> Path:
+    """The trained model's folder: ``distributor.checkpoint`` or, when null, the shipped
+    checkpoint of the selected method (``assets/<method.checkpoint_name>``)."""
+    checkpoint = cfg.distributor.checkpoint
+    return Path(checkpoint) if checkpoint else shipped_checkpoint(str(cfg.method.checkpoint_name))
+
+
+def _user_id(cfg: DictConfig, task: str) -> str:
+    user_id = cfg.get("user_id")
+    if user_id is None or isinstance(user_id, bool):
+        raise ConfigError(f"task={task} needs user_id=NAME")
+    return str(user_id)  # `user_id=42` arrives as an int
+
+
+def _required(cfg: DictConfig, key: str, task: str, example: str) -> Any:
+    value = cfg.get(key)
+    if value is None or value == "":
+        raise ConfigError(f"task={task} needs {key}={example}")
+    return OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
+
+
+def _fpr(cfg: DictConfig) -> float:
+    return check_probability("distributor.fpr", cfg.distributor.fpr)
+
+
+# -- tasks ----------------------------------------------------------------------------------------
+def task_issue(cfg: DictConfig, context: TaskContext) -> dict:
+    settings = cfg.distributor
+    user_id = check_user_id(_user_id(cfg, "issue"))
+    act_type = str(cfg.act.type)
+    # The secret first: a missing secret must fail before anything is loaded or written.
+    secret = read_secret(settings.secret_env, settings.secret_file) if act_type != "none" else None
+    model = load_fingerprint_model(checkpoint_dir(cfg))
+    with open_registry(settings.registry, model.fingerprint_bits, int(settings.min_distance), create=True,
+                       method=model.method) as reg:
+        result = issue_copy(
+            model,
+            reg,
+            user_id,
+            settings.copies_dir,
+            secret=secret,
+            act_type=act_type,
+            scale_range=(float(cfg.act.scale_min), float(cfg.act.scale_max)),
+            act_scope=str(cfg.act.scope),
+            rng=code_rng(settings.get("code_seed"), user_id),
+        )
+        result["n_users"] = len(reg)
+    result["registry"] = str(settings.registry)
+    return result
+
+
+def task_users(cfg: DictConfig, context: TaskContext) -> dict:
+    settings = cfg.distributor
+    k = checkpoint_code_length(checkpoint_dir(cfg))
+    with open_registry(settings.registry, k) as reg:
+        users = []
+        for user_id in reg.list_users():
+            row = reg.get(user_id)
+            users.append({key: row[key] for key in ("user_id", "created", "act_type", "copy_sha256")})
+        return {
+            "registry": str(settings.registry),
+            "code_length": reg.code_length,
+            "min_distance": reg.min_distance,
+            "n_users": len(users),
+            "users": users,
+        }
+
+
+def _read_suspects(cfg: DictConfig, task: str, score) -> dict:
+    """``score(extractor, index, images, fpr)`` on the ``images=`` of ``task`` against the registry
+    (attribute and trace read the same inputs and differ only in how they score them)."""
+    fpr = _fpr(cfg)
+    model = load_fingerprint_model(checkpoint_dir(cfg))
+    with open_registry(cfg.distributor.registry, model.fingerprint_bits, method=model.method) as reg:
+        paths = _required(cfg, "images", task, "PATH (an image file or a folder)")
+        images = read_images(paths, min_size=int(model.extractor.min_image_size))
+        return score(model.extractor, reg.index(), images, fpr)
+
+
+def task_attribute(cfg: DictConfig, context: TaskContext) -> dict:
+    return _read_suspects(cfg, "attribute", attribute_images)
+
+
+def task_trace(cfg: DictConfig, context: TaskContext) -> dict:
+    top = int(cfg.distributor.top)
+    return _read_suspects(cfg, "trace", lambda extractor, index, images, fpr: trace_images(
+        extractor, index, images, fpr=fpr, top=top))
+
+
+def task_generate(cfg: DictConfig, context: TaskContext) -> dict:
+    copy = str(_required(cfg, "copy", "generate", "PATH (a copy folder, or `base`)"))
+    n_images = cfg.get("n_images")
+    model = load_fingerprint_model(checkpoint_dir(cfg))
+    resolution = int(model.meta.get("resolution") or cfg.data.resolution)
+    images = held_out_images(resolution, n_images, seed=int(cfg.seed))
+    decoder_vae = model.vae if copy == "base" else load_copy(copy)
+    decoded = decode_with(model.vae, decoder_vae, images)
+    out = Path(cfg.get("out") or context.output_dir / "images")
+    files = save_pngs(decoded, out)
+    return {"copy": copy, "n_images": len(files), "resolution": resolution, "out": str(out), "files": files}
+
+
+def task_verify(cfg: DictConfig, context: TaskContext) -> dict:
+    settings = cfg.distributor
+    user_id = _user_id(cfg, "verify")
+    copy = str(_required(cfg, "copy", "verify", "PATH (a copy folder)"))
+    k = checkpoint_code_length(checkpoint_dir(cfg))
+    with open_registry(settings.registry, k) as reg:
+        return verify_copy(copy, reg, user_id)
+
+
+# -- console --------------------------------------------------------------------------------------
+_MAX_ROWS = 20
+
+
+def print_summary(task: str, result: dict, json_path: Path | None = None) -> None:
+    """A short human summary of a task's result (the JSON file has everything)."""
+    console = Console(highlight=False)
+    table: Table | None = None
+    if task == "issue":
+        console.print(f"issued [bold]{result['user_id']}[/] (ACT {result['act_type']}): {result['copy']}")
+        console.print(f"sha256 {result['copy_sha256'][:16]}..., {result['n_users']} users registered")
+    elif task == "users":
+        table = Table("user", "created", "ACT", "copy sha256", title=f"{result['n_users']} users")
+        for row in result["users"][:_MAX_ROWS]:
+            table.add_row(row["user_id"], row["created"], str(row["act_type"]), (row["copy_sha256"] or "-")[:16])
+    elif task == "attribute":
+        accused = sum(r["accused"] for r in result["images"])
+        threshold = result["match_threshold"]
+        needed = f">= {threshold}/{result['code_length']} bits" if threshold is not None else "unreachable"
+        title = f"{accused}/{len(result['images'])} attributed (fpr {result['fpr']:g}: {needed})"
+        table = Table("image", "user", "matching bits", "p-value", title=title)
+        for row in result["images"][:_MAX_ROWS]:
+            user = row["user_id"] or f"- (nearest {row['nearest_user_id']})"
+            table.add_row(Path(row["image"]).name, user, f"{row['matching_bits']}/{result['code_length']}",
+                          f"{row['p_value']:.2e}")
+    elif task == "trace":
+        title = f"{result['n_images']} images: accused if score >= {result['threshold']:.2f}"
+        table = Table("user", "score", "p-value bound", "accused", title=title)
+        for row in result["suspects"][:_MAX_ROWS]:
+            table.add_row(row["user_id"], f"{row['score']:.2f}", f"{row['p_value_bound']:.2e}",
+                          "yes" if row["accused"] else "no")
+    elif task == "generate":
+        console.print(f"wrote {result['n_images']} images from {result['copy']} to {result['out']}")
+    elif task == "verify":
+        console.print(f"copy {result['copy']} matches the registered hash of {result['user_id']}")
+    if table is not None:
+        console.print(table)
+    if json_path is not None:
+        console.print(f"details: {json_path}")
+
+
+def _json_path(name: str, cfg: DictConfig) -> Path:
+    return Path(cfg.paths.output_dir) / f"{name}.json"
+
+
+def _task(name: str, body) -> Task:
+    return Task(name, body, json_path=partial(_json_path, name), summarize=partial(print_summary, name))
+
+
+ISSUE = _task("issue", task_issue)
+USERS = _task("users", task_users)
+ATTRIBUTE = _task("attribute", task_attribute)
+TRACE = _task("trace", task_trace)
+GENERATE = _task("generate", task_generate)
+VERIFY = _task("verify", task_verify)

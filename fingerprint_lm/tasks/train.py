@@ -1,0 +1,158 @@
+"""``task=train`` (the default): base VAE -> fingerprint training -> evaluation -> ``metrics.json``.
+
+Also the config readers the collusion sweep's per-length training shares: :func:`method_from_config`,
+:func:`train_from_config`, :func:`record_training_config`.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fingerprint_lm.errors import CheckpointError, ConfigError, check_int
+from fingerprint_lm.lit import stages
+from fingerprint_lm.methods import FingerprintMethod
+from fingerprint_lm.models.checkpoint import save_fingerprint_model
+from fingerprint_lm.report.plots import write_training_curve
+from fingerprint_lm.tasks.wrapper import Task, TaskContext, flatten, is_global_zero, one_line_config_error
+
+log = logging.getLogger(__name__)
+
+
+def _plain(node) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def method_from_config(cfg: DictConfig) -> FingerprintMethod:
+    """The ``method`` config group's entry, instantiated (``_target_``) with plain values."""
+    try:
+        return instantiate(cfg.method, _convert_="all")
+    except InstantiationException as exc:
+        error = one_line_config_error(exc)
+        # the method's own check speaks for itself; Hydra's (e.g. +method.foo=1) says which group
+        raise error if error is exc.__cause__ else ConfigError(f"method: {error}") from exc
+
+
+def make_trainer_factory(cfg: DictConfig, context: TaskContext):
+    """A function building Lightning Trainers from ``cfg.trainer`` with per-stage overrides."""
+    loggers = context.open_loggers(cfg)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+
+    def make_trainer(**overrides):
+        kwargs = {"logger": loggers or False, "callbacks": callbacks, **overrides}
+        return instantiate(cfg.trainer, **kwargs)
+
+    return make_trainer
+
+
+def train_from_config(cfg: DictConfig, vae, datamodule, make_trainer, ckpt_path: str | None = None, seed=None):
+    """:func:`stages.train_fingerprint` with ``fingerprint_bits``, the ``method`` and the decoder
+    settings of ``model.*`` from ``cfg`` (the training run and the sweep's per-length models)."""
+    return stages.train_fingerprint(
+        vae,
+        check_int("fingerprint_bits", cfg.fingerprint_bits),
+        datamodule,
+        make_trainer,
+        method=method_from_config(cfg),
+        ckpt_path=ckpt_path,
+        seed=cfg.seed if seed is None else seed,
+        gradient_checkpointing=bool(cfg.model.get("gradient_checkpointing", False)),
+        calibration_batch_size=check_int("model.calibration_batch_size", cfg.model.get("calibration_batch_size", 256)),
+    )
+
+
+def record_training_config(model, cfg: DictConfig, metrics: dict[str, Any]) -> None:
+    """Write into ``model.meta`` what a checkpoint records of its training (length and resolution;
+    the method's record, PNM and extractor settings, is there since the method built the model) and
+    its quality figures; the sweep matches checkpoints on these."""
+    model.meta.update(
+        {
+            "fingerprint_bits": int(cfg.fingerprint_bits),
+            "resolution": cfg.data.resolution,
+            "metrics": {k: v for k, v in metrics.items() if k in ("bit_acc", "psnr", "ssim", "steps")},
+        }
+    )
+
+
+def resume_checkpoint(last: Path) -> str | None:
+    """``last`` when a run (a requeued SLURM job) should continue from it, None when absent.
+
+    A job killed while Lightning wrote the file leaves it truncated: every requeue would then fail
+    inside the Trainer, so say so here (a torch checkpoint is a zip: its directory is at the end)."""
+    if not last.is_file():
+        return None
+    if not zipfile.is_zipfile(last):
+        raise CheckpointError(
+            f"{last} is not a complete checkpoint (the job was killed while saving?): "
+            "delete it to restart the run, or pass resume=false"
+        )
+    return str(last)
+
+
+def _check(cfg: DictConfig) -> None:
+    """Every cheap check before anything trains or is written."""
+    check_int("fingerprint_bits", cfg.fingerprint_bits)
+    method_from_config(cfg)
+    if OmegaConf.is_missing(cfg.model, "path"):
+        raise ConfigError("model.path is required: a local diffusers VAE folder (e.g. model.path=/data/sd2/vae)")
+    if cfg.model.source == "config":
+        check_int("model.pretrain.steps", cfg.model.pretrain.steps)
+
+
+def _base_vae(cfg: DictConfig, datamodule, make_trainer):
+    return stages.prepare_base_vae(
+        source=cfg.model.source,
+        cache_dir=cfg.paths.cache_dir,
+        datamodule=datamodule,
+        make_trainer=make_trainer,
+        vae_config=_plain(cfg.model.vae_config),
+        path=cfg.model.path,
+        pretrain=_plain(cfg.model.pretrain),
+        dtype=cfg.model.get("dtype"),
+        freeze_encoder=bool(cfg.model.get("freeze_encoder", False)),
+        scaling_factor=cfg.model.get("scaling_factor"),
+    )
+
+
+def train(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
+    _check(cfg)
+    output_dir = context.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    datamodule = instantiate(cfg.data)
+    make_trainer = make_trainer_factory(cfg, context)
+    make_trainer(logger=False, callbacks=[])  # a bad trainer.* value fails now, before any training
+    vae, vae_facts = _base_vae(cfg, datamodule, make_trainer)
+    ckpt_path = resume_checkpoint(output_dir / "checkpoints" / "last.ckpt") if cfg.resume else None
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    model, module, train_facts = train_from_config(cfg, vae, datamodule, make_trainer, ckpt_path=ckpt_path)
+    if not is_global_zero():
+        # strategy=ddp and SLURM run this whole task on every rank: rank 0 alone evaluates and
+        # writes the outputs (with ddp_spawn this is the main process, after fit returned).
+        return {"fingerprint_bits": int(cfg.fingerprint_bits), **train_facts, **vae_facts}
+    write_training_curve(module.history, output_dir / "training_curve.csv", output_dir / "training_curve.png")
+    eval_metrics = stages.evaluate_fingerprint(model, datamodule.test_dataloader(), cfg.eval.max_images)
+    metrics: dict[str, Any] = {"fingerprint_bits": int(cfg.fingerprint_bits), **eval_metrics, **train_facts, **vae_facts}
+    record_training_config(model, cfg, metrics)
+    metrics["checkpoint"] = str(save_fingerprint_model(model, output_dir / "fingerprint_model"))
+    if cfg.export_checkpoint:
+        save_fingerprint_model(model, cfg.paths.export_dir)
+        metrics["exported_to"] = str(cfg.paths.export_dir)
+    for logger in context.loggers:
+        logger.log_metrics({f"eval/{k}": v for k, v in flatten(metrics).items() if isinstance(v, float | int)})
+    return metrics
+
+
+def _summary(metrics: dict[str, Any], json_path: Path | None) -> None:
+    log.info("metrics: bit_acc=%.4f psnr=%.2f ssim=%.4f (%s)", metrics["bit_acc"], metrics["psnr"],
+             metrics["ssim"], json_path)
+
+
+TASK = Task("train", train, json_path=lambda cfg: Path(cfg.paths.output_dir) / "metrics.json",
+            summarize=_summary, sort_keys=True)
