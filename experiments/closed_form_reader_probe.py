@@ -139,26 +139,32 @@ def main() -> None:
                             "seconds": round(time.perf_counter() - start, 1)})
             print(f"  step {step}: train bit_acc {acc:.3f} psnr {current:.2f} dB weight {image_weight:.0f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
-    mean, scale, weight = refit(data)
+    head = refit(data)
     train_seconds = time.perf_counter() - start
-    with torch.no_grad():
-        held_out = ProceduralImages(32, seed=TEST_SEED_OFFSET, length=256)
-        images = torch.stack([held_out.sample(i)["image"] for i in range(256)])
-        bits = torch.randint(0, 2, (256, args.bits), generator=torch.Generator().manual_seed(99)).float()
-        latents = vae.encode(images).latent_dist.mode()
-        marked = pnm(latents, bits)
-
-        def read(x):
-            return (((features(x) - mean) / scale) @ weight > 0).float()
-
-        clean = (read(marked) == bits).float().mean().item()
-        shifted = (read(marked[..., 3:31, 3:31]) == bits).float().mean().item()
-        quality = psnr(marked, base.decode(latents).sample).mean().item()
+    clean, shifted, quality = evaluate_held_out(vae, base, pnm, features, head, args.bits)
     print(f"bit_acc {clean:.4f} (3-px shift {shifted:.4f}) at {quality:.2f} dB, {train_seconds:.0f} s")
     RESULTS.parent.mkdir(exist_ok=True)
     with RESULTS.open("a") as handle:
         handle.write(json.dumps({**vars(args), "bit_acc": clean, "bit_acc_shift3": shifted, "psnr": quality,
                                  "train_seconds": round(train_seconds, 1), "history": history}) + "\n")
+
+
+@torch.no_grad()
+def evaluate_held_out(vae, base, pnm, features, head, n_bits: int) -> tuple[float, float, float]:
+    """Bit accuracy (clean, 3-px shift) and PSNR on 256 held-out images with the refitted reader."""
+    mean, scale, weight = head
+    held_out = ProceduralImages(32, seed=TEST_SEED_OFFSET, length=256)
+    images = torch.stack([held_out.sample(i)["image"] for i in range(256)])
+    bits = torch.randint(0, 2, (256, n_bits), generator=torch.Generator().manual_seed(99)).float()
+    latents = vae.encode(images).latent_dist.mode()
+    marked = pnm(latents, bits)
+
+    def read(x):
+        return (((features(x) - mean) / scale) @ weight > 0).float()
+
+    clean = (read(marked) == bits).float().mean().item()
+    shifted = (read(marked[..., 3:31, 3:31]) == bits).float().mean().item()
+    return clean, shifted, psnr(marked, base.decode(latents).sample).mean().item()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 import fingerprint_lm  # noqa: F401  (registers the OmegaConf resolvers the configs use)
+from fingerprint_lm.tasks import run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -53,8 +56,56 @@ TINY_BITS = 32  # the shared tiny model's code length: attribution at fpr 1e-6 n
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """One `debug=tiny` carrier model with 32-bit codes, trained once for every test module that
     needs a trained checkpoint (distributor, sweep)."""
-    from fingerprint_lm.tasks import run  # after the resolvers and thread settings above
-
     metrics = run(compose_config(tmp_path_factory.mktemp("tiny_train"), [f"fingerprint_bits={TINY_BITS}"]))
     assert metrics["bit_acc"] > 0.95  # the carriers are read from step 0; attribution needs it
     return Path(metrics["checkpoint"])
+
+
+# -- the distributor's shared state: three users issued once from the tiny model ------------------
+SECRET = "test-secret-not-for-production"
+USERS = ("alice", "bob", "carol")
+TRACE_FPR = "1e-3"
+
+
+def task(root: Path, checkpoint: Path, name: str, *overrides: str) -> dict:
+    """Run one distributor task in-process on the registry and copies under ``root``."""
+    cfg = compose_config(
+        root, [f"fingerprint_bits={TINY_BITS}", f"task={name}", f"distributor.checkpoint={checkpoint}", *overrides]
+    )
+    return run(cfg)
+
+
+def registry_state(root: Path) -> tuple[int, str | None, list[str]]:
+    """(rows, sha256 of the registry file, copies present): what a failed command must not change."""
+    path = root / "registry" / "registry.sqlite"
+    rows, digest = 0, None
+    if path.is_file():
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            rows = conn.execute("SELECT COUNT(*) FROM users").fetchone()[0]
+    copies = root / "copies"
+    return rows, digest, sorted(p.name for p in copies.iterdir()) if copies.is_dir() else []
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def issued(tmp_path_factory, checkpoint) -> Path:
+    """A registry of alice, bob, carol (ACT all), and 16 images from bob's copy and from the base."""
+    root = tmp_path_factory.mktemp("distributor")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("FINGERPRINT_LM_SECRET", SECRET)
+        for user in USERS:
+            task(root, checkpoint, "issue", f"user_id={user}", "distributor.code_seed=0")
+    task(root, checkpoint, "generate", f"copy={root / 'copies' / 'bob'}", f"out={root / 'bob_images'}")
+    task(root, checkpoint, "generate", "copy=base", f"out={root / 'base_images'}")
+    return root
+
+
+@pytest.fixture
+def secret(monkeypatch):
+    monkeypatch.setenv("FINGERPRINT_LM_SECRET", SECRET)
+    return SECRET

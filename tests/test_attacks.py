@@ -1,4 +1,5 @@
-"""Image attacks, model-level attacks and collusion merges: shape, range, identity, strength, purity."""
+"""Image attacks and model-level attacks: shape, range, identity, strength, purity (collusion
+merges: tests/test_merges.py)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fingerprint_lm.attacks.collusion import (
-    MERGES,
-    max_abs,
-    merge_copies,
-    power_mean,
-    sign_consensus,
-    weighted_average,
-)
 from fingerprint_lm.attacks.image import (
     DEFAULT_STRENGTHS,
     IDENTITY_STRENGTH,
@@ -36,19 +29,8 @@ from fingerprint_lm.attacks.model import (
 )
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import ConfigError
-from fingerprint_lm.models.act import apply_act, draw_act
-from fingerprint_lm.models.act_alignment import average_state_dicts
-from fingerprint_lm.models.vae import TINY_VAE_CONFIG, build_vae
-
-SMALL_VAE_CONFIG = {
-    **TINY_VAE_CONFIG,
-    "down_block_types": ["DownEncoderBlock2D"] * 2,
-    "up_block_types": ["UpDecoderBlock2D"] * 2,
-    "block_out_channels": [8, 16],
-    "norm_num_groups": 4,
-    "sample_size": 16,
-}
-GROUPS = SMALL_VAE_CONFIG["norm_num_groups"]
+from fingerprint_lm.models.vae import build_vae
+from tests.state_dicts import SMALL_VAE_CONFIG, assert_same_state, clone, random_affine_state_dict
 
 # (weaker, stronger) strength of every image attack with a strength.
 STRENGTH_PAIRS = {
@@ -79,26 +61,6 @@ def images() -> torch.Tensor:
 def small_vae() -> nn.Module:
     torch.manual_seed(0)
     return build_vae(SMALL_VAE_CONFIG).eval()
-
-
-def random_affine_state_dict(dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A small VAE's state dict with random norm affines (init values 1/0 would hide mistakes)."""
-    torch.manual_seed(seed)
-    state = {k: v.detach().clone() for k, v in build_vae(SMALL_VAE_CONFIG).state_dict().items()}
-    for key, value in state.items():
-        if "norm" in key:
-            value.add_(0.3 * torch.randn_like(value))
-    return {k: v.to(dtype) for k, v in state.items()}
-
-
-def clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in state.items()}
-
-
-def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
 
 
 # -- image attacks ---------------------------------------------------------------------------
@@ -363,76 +325,3 @@ def test_zero_mark_parameters_with_extra_keys(state):
     assert all(torch.equal(out[k], copy[k]) for k in untouched)
     with pytest.raises(ConfigError):
         zero_mark_parameters(copy, ["no.such.parameter"])
-
-
-# -- collusion merges -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", list(MERGES))
-def test_merge_of_identical_copies_is_the_copy(state, name):
-    merged = merge_copies(
-        name, [state, clone(state), clone(state)], torch.Generator().manual_seed(0), num_groups=GROUPS
-    )
-    assert_same_state(merged, state, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", [n for n in MERGES if n != "aligned_average"])
-def test_merge_of_different_copies_differs_from_both(state, name):
-    other = random_affine_state_dict(seed=1)
-    merged = merge_copies(name, [state, other], torch.Generator().manual_seed(0))
-    key = "decoder.conv_in.weight"
-    assert not torch.equal(merged[key], state[key]) and not torch.equal(merged[key], other[key])
-
-
-def test_nonlinear_merges_elementwise():
-    a = {"w": torch.tensor([1.0, -4.0, 2.0, 0.0]), "step": torch.tensor(3)}
-    b = {"w": torch.tensor([2.0, 3.0, 2.0, 0.0]), "step": torch.tensor(5)}
-    c = {"w": torch.tensor([-3.0, 1.0, -1.0, 0.0]), "step": torch.tensor(7)}
-    assert torch.equal(max_abs([a, b, c])["w"], torch.tensor([-3.0, -4.0, 2.0, 0.0]))
-    assert max_abs([a, b, c])["step"].item() == 3  # integer buffers come from the first copy
-    # majority sign, mean of the agreeing entries: (1+2)/2, (3+1)/2, (2+2)/2, 0
-    assert torch.equal(sign_consensus([a, b, c])["w"], torch.tensor([1.5, 2.0, 2.0, 0.0]))
-    # tie (one each): the sign of the sum wins
-    assert torch.equal(sign_consensus([a, c])["w"][:3], torch.tensor([-3.0, -4.0, 2.0]))
-    torch.testing.assert_close(power_mean([a, b, c], p=1.0)["w"], average_state_dicts([a, b, c])["w"])
-    cubic = power_mean([a, b], p=3.0)["w"][0].item()
-    assert cubic == pytest.approx(((1 + 8) / 2) ** (1 / 3))
-
-
-def test_weighted_average_is_seeded_convex_combination():
-    a = {"w": torch.zeros(3)}
-    b = {"w": torch.ones(3)}
-    first = weighted_average([a, b], torch.Generator().manual_seed(1))["w"]
-    again = weighted_average([a, b], torch.Generator().manual_seed(1))["w"]
-    other = weighted_average([a, b], torch.Generator().manual_seed(2))["w"]
-    assert torch.equal(first, again) and not torch.equal(first, other)
-    assert 0 < first[0].item() < 1 and torch.allclose(first, first[0].expand(3))
-
-
-def test_aligned_average_needs_groups(state):
-    with pytest.raises(ConfigError):
-        MERGES["aligned_average"]([state, state])
-    with pytest.raises(ConfigError):
-        merge_copies("no_such_merge", [state])
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("act_type", ["permute", "all"])
-def test_aligned_average_undoes_act(act_type):
-    base = random_affine_state_dict(torch.float64)
-    vae = build_vae(SMALL_VAE_CONFIG).double().eval()
-    for module in vae.modules():  # eps 0: scaling is then exactly invariant, so only rounding remains
-        if isinstance(module, nn.GroupNorm):
-            module.eps = 0.0
-    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-
-    def decode(state_dict):
-        vae.load_state_dict(state_dict)
-        return vae.decode(latents).sample
-
-    copies = [apply_act(base, draw_act(base, act_type, GROUPS, seed)) for seed in (11, 12, 13)]
-    reference = decode(base)
-    aligned = decode(merge_copies("aligned_average", copies, num_groups=GROUPS))
-    naive = decode(merge_copies("average", copies))
-    assert (aligned - reference).abs().max().item() < 1e-9
-    assert (naive - reference).abs().max().item() > 1e-2  # ACT does scramble a naive average

@@ -84,3 +84,17 @@ def test_project_imports_inside_functions_say_why():
                     if not any("#" in line for line in around):
                         unexplained.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     assert not unexplained, unexplained
+
+
+def test_no_file_over_400_lines_and_no_function_over_80():
+    """Sizes a reader can hold (docs/design.md, "Coding style"): package, tests and experiments."""
+    root = PACKAGE.parent
+    too_long = []
+    for path in sorted([*PACKAGE.rglob("*.py"), *(root / "tests").glob("*.py"), *(root / "experiments").glob("*.py")]):
+        text = path.read_text()
+        if len(text.splitlines()) > 400:
+            too_long.append(f"{path.relative_to(root)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 80:
+                too_long.append(f"{path.relative_to(root)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, too_long

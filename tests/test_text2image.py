@@ -30,94 +30,16 @@ from fingerprint_lm.distributor.copies import issue_copy, load_copy
 from fingerprint_lm.errors import CheckpointError, ConfigError, RegistryError
 from fingerprint_lm.evaluation.sd_pipeline import check_copy_fits, generate_latents, load_text2image_pipeline
 from fingerprint_lm.evaluation.text2image import GRID_NAME, METRICS_NAME, choose_fid_mode, resolve_dtype
-from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT, load_fingerprint_model
+from fingerprint_lm.models.checkpoint import load_fingerprint_model
 from fingerprint_lm.registry.store import Registry
 from fingerprint_lm.tasks import run
 from tests.conftest import ROOT, compose_config
+from tests.tiny_sd import build_tiny_pipeline
 
 SECRET = "text2image-test-secret"
 USERS = ("alice", "bob", "carol")
 CODE_BITS = 48
 N_IMAGES = 6
-MAX_TOKENS = 77  # CLIP's; one token per character here, so captions fit
-
-
-# -- a tiny Stable Diffusion folder -----------------------------------------------------------------
-def byte_alphabet() -> list[str]:
-    """The 256 characters a byte-level BPE writes bytes as: printable Latin-1 bytes stand for
-    themselves, the others (controls, space, ...) are moved to code points from 256 up."""
-    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    shifted = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
-
-
-def write_tiny_tokenizer(folder: Path) -> Path:
-    """vocab.json + merges.txt of a CLIP BPE with no merges: every byte is a token, alone or
-    word-final (``</w>``), so any caption tokenizes without unknown tokens."""
-    alphabet = byte_alphabet()
-    tokens = [*alphabet, *(c + "</w>" for c in alphabet), "<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return folder
-
-
-def build_tiny_pipeline(folder: Path) -> Path:
-    """Save a StableDiffusionPipeline with a tiny UNet and CLIP text model and the embedded
-    checkpoint's base VAE (4 latent channels, factor 4: 32 px images from 8x8 latents)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(
-        write_tiny_tokenizer(folder.parent / "tokenizer_source"), model_max_length=MAX_TOKENS
-    )
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=MAX_TOKENS,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    scheduler = DDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    vae = AutoencoderKL.from_pretrained(SHIPPED_CHECKPOINT / "base_vae", low_cpu_mem_usage=False)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -181,50 +103,38 @@ def test_config_defaults(tmp_path):
     assert settings.device == "auto" and settings.dtype == "auto" and settings.seed == 0
 
 
-def test_evaluation_attributes_the_user_and_writes_metrics(world, monkeypatch):
+@pytest.fixture(scope="module")
+def proxy_run(world) -> tuple[dict, Path]:
+    """bob's copy evaluated with fid_proxy: the metrics and the output folder."""
     from fingerprint_lm.tasks import text2image_eval
 
     # the real fid_proxy net and training, on 256 procedural images instead of 4096 (drawing those
-    # alone takes seconds here)
-    train = text2image_eval.train_proxy_feature_net  # the task imports it at module level
-    monkeypatch.setattr(
-        text2image_eval, "train_proxy_feature_net", lambda *args, **kwargs: train(*args, **kwargs, train_size=256)
-    )
-    metrics = evaluate(
-        world,
-        "eval_bob",
-        "text2image.fid=proxy",
-        "text2image.fid_min_images=2",
-        "text2image.fid_proxy_steps=20",
-    )
-    out = world["root"] / "eval_bob"
+    # alone takes seconds here); the task imports it at module level, so it is patched there
+    train = text2image_eval.train_proxy_feature_net
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(text2image_eval, "train_proxy_feature_net",
+                      lambda *args, **kwargs: train(*args, **kwargs, train_size=256))
+        metrics = evaluate(world, "eval_bob", "text2image.fid=proxy", "text2image.fid_min_images=2",
+                           "text2image.fid_proxy_steps=20")
+    return metrics, world["root"] / "eval_bob"
+
+
+def test_evaluation_writes_its_metrics(proxy_run):
+    metrics, out = proxy_run
     saved = json.loads((out / METRICS_NAME).read_text())
     assert saved["bit_acc"] == metrics["bit_acc"] and saved["user_id"] == "bob"
     assert saved.keys() >= {
-        "n_images",
-        "bit_acc",
-        "bit_acc_min",
-        "attributed_rate",
-        "misattributed",
-        "match_threshold",
-        "bit_acc_base",
-        "base_accused_rate",
-        "psnr_vs_base",
-        "fid_mode",
-        "fid_proxy",
-        "fid_proxy_base",
-        "fid",
-        "resolution",
-        "seed",
-        "device",
-        "dtype",
-        "images",
-        "grid",
+        "n_images", "bit_acc", "bit_acc_min", "attributed_rate", "misattributed", "match_threshold",
+        "bit_acc_base", "base_accused_rate", "psnr_vs_base", "fid_mode", "fid_proxy", "fid_proxy_base",
+        "fid", "resolution", "seed", "device", "dtype", "images", "grid",
     }
     assert metrics["n_images"] == N_IMAGES and len(metrics["images"]) == N_IMAGES
     assert metrics["resolution"] == 32 and metrics["device"] == "cpu" and metrics["dtype"] == "float32"
     assert metrics["code_length"] == CODE_BITS and metrics["n_users"] == len(USERS)
 
+
+def test_every_image_is_attributed_to_the_user_and_none_of_the_controls(world, proxy_run):
+    metrics, _ = proxy_run
     with Registry(world["root"] / "registry" / "registry.sqlite", CODE_BITS) as registry:
         code = "".join(str(int(b)) for b in registry.get("bob")["code"])
     for row in metrics["images"]:
@@ -232,38 +142,30 @@ def test_evaluation_attributes_the_user_and_writes_metrics(world, monkeypatch):
         assert row["bit_acc"] == sum(a == b for a, b in zip(row["bits"], code)) / CODE_BITS
         assert row["accused_user"] == "bob" and row["p_value"] <= 1e-6
         assert row["base_accused_user"] is None  # the same latents through the pipeline's own VAE
-        assert (
-            row["seed"] == row["index"] and Path(row["file"]).is_file() and Path(row["base_file"]).is_file()
-        )
+        assert row["seed"] == row["index"] and Path(row["file"]).is_file() and Path(row["base_file"]).is_file()
     assert metrics["bit_acc"] >= 0.95 and metrics["attributed_rate"] == 1.0 and metrics["misattributed"] == 0
     assert metrics["bit_acc_base"] < 0.8 and metrics["base_accused_rate"] == 0.0
     assert 10.0 < metrics["psnr_vs_base"] < 60.0  # marked, not identical
 
-    # the proxy is reported as fid_proxy, never as FID
-    assert metrics["fid_mode"] == "proxy" and metrics["fid"] is None and metrics["fid_base"] is None
-    assert (
-        metrics["fid_proxy"] > 0 and metrics["fid_proxy_base"] > 0 and "not comparable" in metrics["fid_note"]
-    )
 
+def test_the_proxy_is_named_a_proxy_and_the_grid_is_written(proxy_run):
+    metrics, out = proxy_run
+    assert metrics["fid_mode"] == "proxy" and metrics["fid"] is None and metrics["fid_base"] is None
+    assert metrics["fid_proxy"] > 0 and metrics["fid_proxy_base"] > 0 and "not comparable" in metrics["fid_note"]
     grid = Image.open(out / GRID_NAME)
     assert grid.size == (4 * 32 + 3 * 2, 2 * 32 + 2) and Path(metrics["grid"]) == out / GRID_NAME
-    assert sorted(p.name for p in (out / "images" / "copy").iterdir()) == [
-        f"{i:05d}.png" for i in range(N_IMAGES)
-    ]
+    assert sorted(p.name for p in (out / "images" / "copy").iterdir()) == [f"{i:05d}.png" for i in range(N_IMAGES)]
 
-    # the copy really is the pipeline's VAE: its own decode (float32) gives the same pixels. The
-    # pipeline is called on the evaluation's first batch (text2image.batch_size=4, one generator per
-    # image): a batch of 1 runs the UNet with other float32 rounding, one 8-bit level off here and there.
-    pipe = load_text2image_pipeline(
-        world["pipeline"], load_copy(world["root"] / "copies" / "bob"), torch.device("cpu")
-    )
+
+def test_the_copy_is_the_pipelines_vae(world, proxy_run):
+    """The pipeline's own decode (float32) gives the evaluation's pixels. It is called on the
+    evaluation's first batch (text2image.batch_size=4, one generator per image): a batch of 1 runs
+    the UNet with other float32 rounding, one 8-bit level off here and there."""
+    metrics, _ = proxy_run
+    pipe = load_text2image_pipeline(world["pipeline"], load_copy(world["root"] / "copies" / "bob"), torch.device("cpu"))
     batch = metrics["images"][:4]
     images = pipe(
-        prompt=[row["caption"] for row in batch],
-        height=32,
-        width=32,
-        num_inference_steps=3,
-        guidance_scale=2.0,
+        prompt=[row["caption"] for row in batch], height=32, width=32, num_inference_steps=3, guidance_scale=2.0,
         generator=[torch.Generator().manual_seed(row["seed"]) for row in batch],
     ).images
     for row, image in zip(batch, images):
