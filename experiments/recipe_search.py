@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from fingerprint_lm.lit import stages
-from fingerprint_lm.tasks.train import method_from_config
+from fingerprint_lm.tasks.train import method_from_config, model_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, list[str]] = {
@@ -61,7 +61,6 @@ def main() -> None:
     rows = []
     for name in args.variants:
         cfg = compose_cfg([*VARIANTS[name], f"method.steps={args.steps}", "logger=none"])
-        plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
         datamodule = instantiate(cfg.data)
 
         def make_trainer(cfg=cfg, **overrides):
@@ -70,8 +69,7 @@ def main() -> None:
             kwargs.update(overrides)
             return instantiate(cfg.trainer, **kwargs)
 
-        vae, _ = stages.prepare_base_vae(cfg.model.source, cfg.paths.cache_dir, datamodule, make_trainer,
-                                         plain(cfg.model.vae_config), cfg.model.path, plain(cfg.model.pretrain))
+        vae, _ = stages.prepare_base_vae(model_spec(cfg), cfg.paths.cache_dir, datamodule, make_trainer)
         start = time.perf_counter()
         model, _, facts = stages.train_fingerprint(
             vae, cfg.fingerprint_bits, datamodule, make_trainer, method_from_config(cfg), seed=cfg.seed)

@@ -21,10 +21,11 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
 from fingerprint_lm.lit import stages
 from fingerprint_lm.tasks import run
+from fingerprint_lm.tasks.train import model_spec
 from tests.conftest import DEBUG_TINY, ROOT, compose_config
 
 STEPS = 3
@@ -141,10 +142,8 @@ def _cache_base_vae(cfg) -> None:
         single.trainer.devices = 1
     datamodule = instantiate(single.data)
     stages.prepare_base_vae(
-        source="config", cache_dir=single.paths.cache_dir, datamodule=datamodule,
-        make_trainer=lambda **kw: instantiate(single.trainer, **{"logger": False, **kw}),
-        vae_config=OmegaConf.to_container(single.model.vae_config, resolve=True),
-        pretrain=OmegaConf.to_container(single.model.pretrain, resolve=True),
+        model_spec(single), single.paths.cache_dir, datamodule,
+        lambda **kw: instantiate(single.trainer, **{"logger": False, **kw}),
     )
 
 
@@ -197,10 +196,8 @@ def test_base_vae_stage_averages_gradients_across_ranks(tmp_path):
     cfg = _ddp_cfg(tmp_path)
     probe = GradientProbe(str(tmp_path / "probe"))
     vae, facts = stages.prepare_base_vae(
-        source="config", cache_dir=cfg.paths.cache_dir, datamodule=instantiate(cfg.data),
-        make_trainer=lambda **kw: instantiate(cfg.trainer, **{**kw, "callbacks": [probe]}),
-        vae_config=OmegaConf.to_container(cfg.model.vae_config, resolve=True),
-        pretrain=OmegaConf.to_container(cfg.model.pretrain, resolve=True),
+        model_spec(cfg), cfg.paths.cache_dir, instantiate(cfg.data),
+        lambda **kw: instantiate(cfg.trainer, **{**kw, "callbacks": [probe]}),
     )
     assert_gradients_were_averaged(tmp_path / "probe")
     assert facts["base_vae_cached"] is False

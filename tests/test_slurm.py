@@ -25,6 +25,7 @@ from fingerprint_lm import storage as cache
 from fingerprint_lm.errors import CheckpointError
 from fingerprint_lm.lit import stages
 from fingerprint_lm.tasks import run
+from fingerprint_lm.tasks.train import model_spec
 from tests.conftest import CONF, DEBUG_TINY, ROOT, compose_config
 
 ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "WANDB_MODE": "offline"}
@@ -155,10 +156,8 @@ def _pretrain_base_vae_once(tmp_path: Path) -> None:
     """Fill the cache before the sweep so its parallel jobs load the same base VAE."""
     cfg = compose_config(tmp_path, [])
     stages.prepare_base_vae(
-        source="config", cache_dir=cfg.paths.cache_dir, datamodule=instantiate(cfg.data),
-        make_trainer=lambda **kw: instantiate(cfg.trainer, **{"logger": False, **kw}),
-        vae_config=OmegaConf.to_container(cfg.model.vae_config, resolve=True),
-        pretrain=OmegaConf.to_container(cfg.model.pretrain, resolve=True),
+        model_spec(cfg), cfg.paths.cache_dir, instantiate(cfg.data),
+        lambda **kw: instantiate(cfg.trainer, **{"logger": False, **kw}),
     )
 
 

@@ -22,7 +22,14 @@ from fingerprint_lm.methods import FingerprintMethod
 from fingerprint_lm.metrics.quality import psnr, ssim
 from fingerprint_lm.models import augment as aug
 from fingerprint_lm.models.checkpoint import FingerprintModel
-from fingerprint_lm.models.vae import build_vae, downscale_factor, encode_latents, load_vae, parse_dtype
+from fingerprint_lm.models.vae import (
+    BaseVAESpec,
+    build_vae,
+    downscale_factor,
+    encode_latents,
+    load_vae,
+    parse_dtype,
+)
 from fingerprint_lm.storage import atomic_directory, config_hash
 
 log = logging.getLogger(__name__)
@@ -30,32 +37,24 @@ log = logging.getLogger(__name__)
 
 # -- base VAE -----------------------------------------------------------------------------------
 def prepare_base_vae(
-    source: str,
+    spec: BaseVAESpec,
     cache_dir: str | Path,
     datamodule: L.LightningDataModule,
     make_trainer: Callable[..., L.Trainer],
-    vae_config: dict | None = None,
-    path: str | None = None,
-    pretrain: dict | None = None,
-    dtype: str | None = None,
-    freeze_encoder: bool = False,
-    scaling_factor: float | None = None,
 ) -> tuple[Any, dict]:
-    """Return the base VAE and facts about it: built and pretrained here (cached by config hash)
-    when ``source == "config"``, or loaded from a local diffusers folder when ``"pretrained"``.
+    """Return the base VAE of ``spec`` and facts about it: built and pretrained here (cached by
+    config hash) when ``spec.source == "config"``, or loaded from a local diffusers folder.
 
-    ``dtype`` is the dtype the weights are held in (None: float32); ``freeze_encoder`` keeps the
-    encoder out of pretraining; ``scaling_factor``, when given, must match the VAE's own (a guard
-    against a folder of another model family: SD 1/2 use 0.18215, SDXL 0.13025)."""
-    torch_dtype = parse_dtype(dtype)
-    if source == "pretrained":
-        if not path:
-            raise ConfigError("model.source=pretrained needs model.path (a local diffusers VAE folder)")
-        vae = load_vae(path, dtype=torch_dtype)
-        facts = {"base_vae": str(path), "base_vae_seconds": 0.0, "base_vae_cached": True}
+    ``spec.dtype`` is the dtype the weights are held in (None: float32); ``spec.freeze_encoder``
+    keeps the encoder out of pretraining; ``spec.scaling_factor``, when given, must match the VAE's
+    own (a guard against a folder of another model family: SD 1/2 use 0.18215, SDXL 0.13025)."""
+    vae_config, pretrain, freeze_encoder = spec.vae_config, spec.pretrain, spec.freeze_encoder
+    scaling_factor = spec.scaling_factor
+    torch_dtype = parse_dtype(spec.dtype)
+    if spec.source == "pretrained":
+        vae = load_vae(spec.path, dtype=torch_dtype)
+        facts = {"base_vae": str(spec.path), "base_vae_seconds": 0.0, "base_vae_cached": True}
         return vae, {**facts, **_vae_facts(vae, scaling_factor)}
-    if source != "config":
-        raise ConfigError(f"unknown model.source '{source}' (expected 'config' or 'pretrained')")
     pretrain = dict(pretrain or {})
     key = config_hash({"vae": vae_config, "pretrain": pretrain, "resolution": datamodule.resolution})
     target = Path(cache_dir) / "base_vae" / key

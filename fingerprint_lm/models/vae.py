@@ -5,13 +5,14 @@ Nothing here downloads: ``from_pretrained`` is only ever called on a local direc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
 
-from fingerprint_lm.errors import CheckpointError, ConfigError
+from fingerprint_lm.errors import CheckpointError, ConfigError, check_int
 
 # The embedded default: 3 resolution levels (downscale factor 4), 16 channels at full resolution.
 TINY_VAE_CONFIG: dict[str, Any] = {
@@ -56,6 +57,33 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"unknown VAE dtype '{name}' (expected one of {', '.join(DTYPES)})")
     return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class BaseVAESpec:
+    """The base VAE a run fingerprints (``conf/model/*.yaml``, instantiated through ``_target_``):
+    built from ``vae_config`` and pretrained here (``source="config"``), or loaded from a local
+    diffusers folder (``source="pretrained"``, ``path``). The ranges are checked here, once."""
+
+    source: str = "config"
+    path: str | None = None
+    vae_config: dict[str, Any] | None = None
+    pretrain: dict[str, Any] | None = None
+    dtype: str | None = None  # the weights' dtype: None (float32) | bfloat16 | float16
+    scaling_factor: float | None = None  # None: the VAE's own; a number must match it
+    gradient_checkpointing: bool = False
+    freeze_encoder: bool = False  # pretraining trains the decoder side only
+    calibration_batch_size: int = 256  # images per decoder pass of calibration / detector fit
+
+    def __post_init__(self) -> None:
+        if self.source not in ("config", "pretrained"):
+            raise ConfigError(f"unknown model.source '{self.source}' (expected 'config' or 'pretrained')")
+        if self.source == "config":
+            check_int("model.pretrain.steps", (self.pretrain or {}).get("steps"))
+        elif not self.path:
+            raise ConfigError("model.source=pretrained needs model.path (a local diffusers VAE folder)")
+        check_int("model.calibration_batch_size", self.calibration_batch_size)
+        parse_dtype(self.dtype)
 
 
 def build_vae(config: dict[str, Any] | None = None) -> AutoencoderKL:

@@ -19,14 +19,11 @@ from fingerprint_lm.errors import CheckpointError, ConfigError, check_int
 from fingerprint_lm.lit import stages
 from fingerprint_lm.methods import FingerprintMethod
 from fingerprint_lm.models.checkpoint import save_fingerprint_model
+from fingerprint_lm.models.vae import BaseVAESpec
 from fingerprint_lm.report.plots import write_training_curve
 from fingerprint_lm.tasks.wrapper import Task, TaskContext, flatten, is_global_zero, one_line_config_error
 
 log = logging.getLogger(__name__)
-
-
-def _plain(node) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 def method_from_config(cfg: DictConfig) -> FingerprintMethod:
@@ -51,9 +48,21 @@ def make_trainer_factory(cfg: DictConfig, context: TaskContext):
     return make_trainer
 
 
+def model_spec(cfg: DictConfig) -> BaseVAESpec:
+    """The ``model`` config group's entry, instantiated (``_target_``) and so range-checked."""
+    if OmegaConf.is_missing(cfg.model, "path"):
+        raise ConfigError("model.path is required: a local diffusers VAE folder (e.g. model.path=/data/sd2/vae)")
+    try:
+        return instantiate(cfg.model, _convert_="all")
+    except InstantiationException as exc:
+        error = one_line_config_error(exc)
+        raise error if error is exc.__cause__ else ConfigError(f"model: {error}") from exc
+
+
 def train_from_config(cfg: DictConfig, vae, datamodule, make_trainer, ckpt_path: str | None = None, seed=None):
     """:func:`stages.train_fingerprint` with ``fingerprint_bits``, the ``method`` and the decoder
     settings of ``model.*`` from ``cfg`` (the training run and the sweep's per-length models)."""
+    spec = model_spec(cfg)
     return stages.train_fingerprint(
         vae,
         check_int("fingerprint_bits", cfg.fingerprint_bits),
@@ -62,8 +71,8 @@ def train_from_config(cfg: DictConfig, vae, datamodule, make_trainer, ckpt_path:
         method=method_from_config(cfg),
         ckpt_path=ckpt_path,
         seed=cfg.seed if seed is None else seed,
-        gradient_checkpointing=bool(cfg.model.get("gradient_checkpointing", False)),
-        calibration_batch_size=check_int("model.calibration_batch_size", cfg.model.get("calibration_batch_size", 256)),
+        gradient_checkpointing=spec.gradient_checkpointing,
+        calibration_batch_size=spec.calibration_batch_size,
     )
 
 
@@ -99,25 +108,7 @@ def _check(cfg: DictConfig) -> None:
     """Every cheap check before anything trains or is written."""
     check_int("fingerprint_bits", cfg.fingerprint_bits)
     method_from_config(cfg)
-    if OmegaConf.is_missing(cfg.model, "path"):
-        raise ConfigError("model.path is required: a local diffusers VAE folder (e.g. model.path=/data/sd2/vae)")
-    if cfg.model.source == "config":
-        check_int("model.pretrain.steps", cfg.model.pretrain.steps)
-
-
-def _base_vae(cfg: DictConfig, datamodule, make_trainer):
-    return stages.prepare_base_vae(
-        source=cfg.model.source,
-        cache_dir=cfg.paths.cache_dir,
-        datamodule=datamodule,
-        make_trainer=make_trainer,
-        vae_config=_plain(cfg.model.vae_config),
-        path=cfg.model.path,
-        pretrain=_plain(cfg.model.pretrain),
-        dtype=cfg.model.get("dtype"),
-        freeze_encoder=bool(cfg.model.get("freeze_encoder", False)),
-        scaling_factor=cfg.model.get("scaling_factor"),
-    )
+    model_spec(cfg)
 
 
 def train(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
@@ -127,7 +118,7 @@ def train(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     make_trainer = make_trainer_factory(cfg, context)
     make_trainer(logger=False, callbacks=[])  # a bad trainer.* value fails now, before any training
-    vae, vae_facts = _base_vae(cfg, datamodule, make_trainer)
+    vae, vae_facts = stages.prepare_base_vae(model_spec(cfg), cfg.paths.cache_dir, datamodule, make_trainer)
     ckpt_path = resume_checkpoint(output_dir / "checkpoints" / "last.ckpt") if cfg.resume else None
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
