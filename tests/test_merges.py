@@ -8,9 +8,13 @@ import torch
 from torch import nn
 
 from fingerprint_lm.attacks.collusion import (
+    IMAGE_MERGES,
     MERGES,
+    image_blend,
+    image_mix,
     max_abs,
     merge_copies,
+    mix_owners,
     power_mean,
     sign_consensus,
     weighted_average,
@@ -98,3 +102,28 @@ def test_aligned_average_undoes_act(act_type):
     naive = decode(merge_copies("average", copies))
     assert (aligned - reference).abs().max().item() < 1e-9
     assert (naive - reference).abs().max().item() > 1e-2  # ACT does scramble a naive average
+
+
+# -- image-level collusion ---------------------------------------------------------------------------
+def _batches(c: int, n: int = 12) -> list[torch.Tensor]:
+    """Colluder j's images are all j (so the owner of a mixed image can be read off its pixels)."""
+    return [torch.full((n, 3, 4, 4), float(j)) for j in range(c)]
+
+
+def test_image_mix_takes_each_image_whole_from_one_colluder_seeded():
+    mixed = image_mix(_batches(3), torch.Generator().manual_seed(0))
+    owners = mixed.flatten(1)
+    assert torch.equal(owners.min(dim=1).values, owners.max(dim=1).values)  # one colluder per image
+    assert set(owners[:, 0].long().tolist()) == {0, 1, 2}
+    assert torch.equal(owners[:, 0].long(), mix_owners(3, 12, torch.Generator().manual_seed(0)))
+    assert torch.equal(mixed, image_mix(_batches(3), torch.Generator().manual_seed(0)))
+    assert not torch.equal(mixed, image_mix(_batches(3), torch.Generator().manual_seed(1)))
+
+
+def test_image_blend_is_the_pixelwise_mean_and_bad_batches_are_refused():
+    assert torch.equal(image_blend(_batches(4)), torch.full((12, 3, 4, 4), 1.5))
+    with pytest.raises(ConfigError, match="at least 2"):
+        image_blend(_batches(1))
+    with pytest.raises(ConfigError, match="share one"):
+        image_mix([torch.zeros(2, 3, 4, 4), torch.zeros(3, 3, 4, 4)])
+    assert set(IMAGE_MERGES) == {"image_mix", "image_blend"}

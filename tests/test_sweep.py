@@ -93,6 +93,21 @@ def test_collusion_and_act(tiny_model, fid_net):
     assert aligned["bit_acc"] == pytest.approx(naive_no_act["bit_acc"], abs=0.01)
 
 
+def test_image_collusion_names_every_colluder(tiny_model):
+    """Colluders pooling their copies' images (each image one colluder's) are each named by
+    per-image evidence. Blending two copies' images of the same content halves the evidence: with
+    32-bit codes its pooled score (about sqrt(16) = 4) stays under the threshold (5.1 here), so
+    only the absence of false accusations is asserted."""
+    assert parse_case("image_mix_c3") == ("image_mix", None, 3)
+    with pytest.raises(ConfigError, match="at least 2 colluders"):
+        parse_case("image_blend_c1")
+    mixed = point(tiny_model, None, act="all", attack="image_mix", colluders=3)
+    assert mixed["tracing_caught"] == 3 and mixed["tracing_innocents_accused"] == 0
+    assert mixed["attribution_acc"] > 0.9 and mixed["psnr"] > 25  # every image a clean copy's
+    blended = point(tiny_model, None, act="all", attack="image_blend", colluders=2)
+    assert blended["tracing_innocents_accused"] == 0 and blended["attribution_acc"] < mixed["attribution_acc"]
+
+
 def test_cuts_without_resize_are_scored_against_the_same_cut_of_the_base(tiny_model, fid_net):
     """crop and shift return smaller images: PSNR compares them with the same cut of the base
     decoder's outputs (a shift alone leaves that PSNR as it was), and no fid_proxy across sizes."""

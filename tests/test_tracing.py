@@ -10,7 +10,13 @@ import pytest
 from fingerprint_lm.errors import ConfigError, DataError
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.store import Registry
-from fingerprint_lm.registry.tracing import bit_evidence, score_codes, trace, tracing_threshold
+from fingerprint_lm.registry.tracing import (
+    bit_evidence,
+    score_codes,
+    trace,
+    trace_evidence,
+    tracing_threshold,
+)
 
 
 def _index(n: int, k: int, rng) -> tuple[CodeIndex, np.ndarray]:
@@ -132,3 +138,54 @@ def test_bad_inputs():
     with pytest.raises(ConfigError):
         trace(np.full((2, 48), 0.7), index, fpr=0.0)
     assert trace(np.full(48, 0.7), CodeIndex.from_bits([], np.zeros((0, 48), np.uint8))) == []
+
+
+# -- both kinds of evidence (trace_evidence) -------------------------------------------------------
+def _mixed_probs(codes: np.ndarray, rng, per_user: int = 4, flip: float = 0.05) -> np.ndarray:
+    """Images pooled by colluders: ``per_user`` images of each colluder's copy, each carrying that
+    colluder's full code with a few bits flipped (confident outputs, as a clean copy gives)."""
+    rows = []
+    for code in codes:
+        for _ in range(per_user):
+            noisy = np.where(rng.random(code.shape) < flip, 1 - code, code)
+            rows.append(np.where(noisy == 1, 0.9, 0.1))
+    return np.array(rows)[rng.permutation(len(rows))]
+
+
+def test_pooled_images_of_several_users_name_each_of_them():
+    """The issue's case: every image carries one user's full code. The pooled score alone accuses
+    nobody (the evidence is a blend again); per-image attribution names each colluder."""
+    rng = np.random.default_rng(7)
+    index, bits = _index(1000, 48, rng)
+    colluders = [3, 500, 999]
+    probs = _mixed_probs(bits[colluders], rng)
+    assert not [s for s in trace(probs, index, fpr=1e-6) if s["accused"]]
+    result = trace_evidence(probs, index, fpr=1e-6, top=5)
+    accused = {s["user_id"]: s for s in result["suspects"] if s["accused"]}
+    assert set(accused) == {"u3", "u500", "u999"}
+    assert all(s["evidence"] == "per_image" and s["n_images"] >= 1 for s in accused.values())
+    assert result["per_image_fpr"] == pytest.approx(1e-6 / (2 * 12)) and result["pooled_fpr"] == 5e-7
+    assert [s["accused"] for s in result["suspects"]] == sorted((s["accused"] for s in result["suspects"]), reverse=True)
+
+
+def test_a_merged_model_is_traced_by_the_pooled_score():
+    """Five copies merged: no image is any one colluder's (hard bits match each code on ~5/8 of
+    the bits), so the accusations rest on the pooled score."""
+    rng = np.random.default_rng(8)
+    index, bits = _index(1000, 256, rng)
+    colluders = {f"u{i}" for i in (10, 20, 30, 40, 50)}
+    probs = _merged_probs(bits[[10, 20, 30, 40, 50]], rng, n_images=16, noise=0.1)
+    accused = [s for s in trace_evidence(probs, index, fpr=1e-6)["suspects"] if s["accused"]]
+    assert accused and {s["user_id"] for s in accused} <= colluders
+    assert all(s["evidence"] == "pooled" and s["n_images"] == 0 for s in accused)
+
+
+@pytest.mark.parametrize("fpr", [1e-6, 1e-3, 0.2])
+def test_accused_exactly_when_the_bound_is_within_fpr_and_innocents_stay_free(fpr):
+    rng = np.random.default_rng(9)
+    index, bits = _index(2000, 48, rng)
+    for probs in (rng.random((20, 48)), _mixed_probs(bits[[1]], rng, per_user=20)):
+        for suspect in trace_evidence(probs, index, fpr=fpr, top=50)["suspects"]:
+            assert suspect["accused"] == (suspect["p_value_bound"] <= fpr), suspect
+    innocent = trace_evidence(rng.random((20, 48)), index, fpr=1e-6, top=50)["suspects"]
+    assert not [s for s in innocent if s["accused"]]

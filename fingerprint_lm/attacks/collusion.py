@@ -1,4 +1,4 @@
-"""Collusion: ``c`` users merge their copies' state dicts into one model.
+"""Collusion: ``c`` users merge their copies' state dicts into one model, or pool their images.
 
 Every merge takes a list of state dicts with the same keys and shapes and returns a new one;
 the inputs are untouched. Floating-point tensors are merged element-wise in float64 and stored in
@@ -14,6 +14,13 @@ returns the copy (up to float64 rounding for :func:`power_mean`).
 
 :data:`MERGES` maps names to ``fn(state_dicts, generator=None, **options)``; :func:`merge_copies`
 calls one by name and passes ``num_groups`` only where it is needed.
+
+Colluders need not touch the weights: :data:`IMAGE_MERGES` pool the images their copies made of
+the same content (``outputs[j]`` is colluder ``j``'s ``[n, 3, H, W]`` batch):
+
+- :func:`image_mix`: each suspect image is one colluder's image (a seeded random colluder per
+  image): every image carries one full code, a different one from image to image.
+- :func:`image_blend`: each suspect image is the pixelwise mean of the colluders' images.
 """
 
 from __future__ import annotations
@@ -30,9 +37,12 @@ StateDict = dict[str, torch.Tensor]
 Merge = Callable[..., StateDict]
 
 __all__ = [
+    "IMAGE_MERGES",
     "MERGES",
     "aligned_average",
     "average",
+    "image_blend",
+    "image_mix",
     "max_abs",
     "merge_copies",
     "power_mean",
@@ -183,3 +193,35 @@ def merge_copies(
     if name == "aligned_average":
         return MERGES[name](state_dicts, generator, num_groups=num_groups, **options)
     return MERGES[name](state_dicts, generator, **options)
+
+
+# -- image-level collusion ------------------------------------------------------------------------
+def _check_outputs(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    if len(outputs) < 2:
+        raise ConfigError(f"image collusion needs at least 2 colluders' images, got {len(outputs)}")
+    shapes = {tuple(batch.shape) for batch in outputs}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 4:
+        raise ConfigError(f"colluders' image batches must share one [n, 3, H, W] shape, got {sorted(shapes)}")
+    return torch.stack(list(outputs))
+
+
+def image_mix(outputs: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+    """Image ``i`` from colluder ``owner[i]``, drawn uniformly per image (seeded by ``generator``);
+    :func:`mix_owners` gives the same owners for the same generator state."""
+    stacked = _check_outputs(outputs)
+    owners = mix_owners(len(outputs), stacked.shape[1], generator)
+    return stacked[owners, torch.arange(stacked.shape[1])]
+
+
+def mix_owners(n_colluders: int, n_images: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Which colluder each image of :func:`image_mix` comes from (``int64 [n_images]``)."""
+    return torch.randint(0, n_colluders, (n_images,), generator=generator)
+
+
+def image_blend(outputs: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+    """The pixelwise mean of the colluders' images of the same content."""
+    return _check_outputs(outputs).mean(dim=0)
+
+
+IMAGE_MERGES: dict[str, Callable[..., torch.Tensor]] = {"image_mix": image_mix, "image_blend": image_blend}
+

@@ -6,9 +6,10 @@ matches ``m`` of them. The p-value ``P[Binomial(k, 1/2) >= m]`` is multiplied by
 ``N`` (Bonferroni); the nearest user is accused only when that is ``<= fpr``. Equivalently, an
 image is attributed when ``m >= match_threshold(k, fpr, N)``.
 
-Tracing (several images of ONE suspect model, e.g. a merge of several copies): every registered
-code is scored against the mean soft evidence of all images and users above the Hoeffding +
-Bonferroni threshold ``sqrt(2 ln(N / fpr))`` are accused (:mod:`fingerprint_lm.registry.tracing`).
+Tracing (a suspect set of images: one merged model's, or images colluders pooled or blended):
+every user named by an image on its own is accused, and every registered code is scored against
+the mean soft evidence of all images, users above the Hoeffding + Bonferroni threshold accused too;
+the false-accusation budget is split between the two (:mod:`fingerprint_lm.registry.tracing`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from fingerprint_lm.errors import ConfigError, DataError, check_probability
 from fingerprint_lm.metrics.bits import match_threshold
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.store import Registry
-from fingerprint_lm.registry.tracing import trace, tracing_threshold
+from fingerprint_lm.registry.tracing import trace_evidence
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
@@ -169,20 +170,15 @@ def trace_images(
 
 def trace_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: Sequence[str],
                  fpr: float = 1e-6, top: int = 10) -> dict:
-    """Tracing from the extractor logits ``[n, k]`` of one suspect model's images.
+    """Tracing from the extractor logits ``[n, k]`` of a suspect set of images (one model's, or
+    pooled or blended by colluders): :func:`~fingerprint_lm.registry.tracing.trace_evidence`.
 
-    Returns ``{"fpr", "n_users", "n_images", "images", "threshold", "suspects": [...]}``; each
-    suspect has ``user_id``, ``score``, ``p_value_bound`` and ``accused`` (``score >= threshold``),
-    by decreasing score; ``top`` suspects plus every accused one.
+    Returns ``{"fpr", "n_users", "n_images", "images", "threshold", "per_image_fpr", "pooled_fpr",
+    "suspects": [...]}``; each suspect has ``user_id``, ``n_images`` (images attributed to them),
+    ``score`` (pooled), ``p_value_bound``, ``evidence`` (``per_image`` | ``pooled`` | ``both``)
+    and ``accused``: accused users first, then by score; ``top`` suspects plus every accused one.
     """
     index = _index(registry)
     _check(None, index, fpr)
-    suspects = trace(_sigmoid(np.asarray(logits, dtype=np.float64)), index, fpr=fpr, top=top)
-    return {
-        "fpr": float(fpr),
-        "n_users": len(index),
-        "n_images": len(names),
-        "images": list(names),
-        "threshold": tracing_threshold(max(len(index), 1), fpr),
-        "suspects": suspects,
-    }
+    traced = trace_evidence(_sigmoid(np.asarray(logits, dtype=np.float64)), index, fpr=fpr, top=top)
+    return {"fpr": float(fpr), "n_users": len(index), "n_images": len(names), "images": list(names), **traced}

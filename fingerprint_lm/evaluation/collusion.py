@@ -8,6 +8,9 @@ attack and decodes held-out images with the result. The attack is one of
 - a merge of the ``c`` copies (:data:`~fingerprint_lm.attacks.collusion.MERGES`: ``average``,
   ``aligned_average`` (the adaptive colluder), ``max_abs``, ...): state dicts and bias maps merged
   together (stream ACT permutes the bias map's channels with the last segment);
+- image collusion of the ``c`` copies (:data:`~fingerprint_lm.attacks.collusion.IMAGE_MERGES`):
+  ``image_mix`` (each image from one colluder's copy) or ``image_blend`` (the pixelwise mean of
+  the colluders' images of the same content);
 - an image attack (:data:`~fingerprint_lm.attacks.image.IMAGE_ATTACKS`) on the copy's outputs;
 - a model attack on the (first) copy's tensors, bias map included (the user holds both files):
   ``weight_noise`` (relative std), ``prune`` (fraction), ``quantize_int8|fp16|bf16``,
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 
 from fingerprint_lm.attacks import model as model_attacks
-from fingerprint_lm.attacks.collusion import MERGES, merge_copies
+from fingerprint_lm.attacks.collusion import IMAGE_MERGES, MERGES, merge_copies
 from fingerprint_lm.attacks.image import IMAGE_ATTACKS, SIZE_CHANGING
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.distributor.attribution import attribute_logits, trace_logits
@@ -49,7 +52,8 @@ from fingerprint_lm.registry.index import CodeIndex
 
 MODEL_ATTACKS: tuple[str, ...] = ("weight_noise", "prune", "quantize_int8", "quantize_fp16", "quantize_bf16", "finetune")
 OUTPUT_ATTACKS: tuple[str, ...] = ("estimate_remove",)
-ATTACKS: tuple[str, ...] = ("none", *MERGES, *IMAGE_ATTACKS, *MODEL_ATTACKS, *OUTPUT_ATTACKS)
+COLLUSIONS: tuple[str, ...] = (*MERGES, *IMAGE_MERGES)  # attacks of c >= 2 copies
+ATTACKS: tuple[str, ...] = ("none", *COLLUSIONS, *IMAGE_ATTACKS, *MODEL_ATTACKS, *OUTPUT_ATTACKS)
 # Held-out images of the sweep: a stream seed no training, validation, test or fid_proxy set uses
 # (those are run seed + 0 / 1_000_003 / 2_000_003, and 10_000 + proxy seed).
 SWEEP_IMAGE_SEED = 5_000_011
@@ -190,9 +194,9 @@ def check_point(attack: str, strength: float | None, colluders: int) -> None:
     if attack not in ATTACKS:
         raise ConfigError(f"unknown attack {attack!r}; expected one of {', '.join(ATTACKS)}")
     check_int("colluders", colluders)
-    if attack in MERGES and colluders < 2 and attack != "average":
-        raise ConfigError(f"merge {attack!r} needs at least 2 colluders, got {colluders}")
-    if attack not in MERGES and colluders != 1:
+    if attack in COLLUSIONS and colluders < 2 and attack != "average":
+        raise ConfigError(f"collusion {attack!r} needs at least 2 colluders, got {colluders}")
+    if attack not in COLLUSIONS and colluders != 1:
         raise ConfigError(f"attack {attack!r} works on one copy; colluders must be 1, got {colluders}")
     needs_strength = (
         attack in IMAGE_ATTACKS and attack != "combined" or attack in ("weight_noise", "prune", "finetune")
@@ -305,7 +309,11 @@ def attacked_images(model: FingerprintModel, users: Users, point: Point, real: t
     device = settings.device
     latents = batched.encode(model.vae, real, device)
     base_outputs = batched.decode(build_decoder(model.vae.config, model.vae.state_dict(), None, None), latents, device)
-    outputs = batched.decode(attacked_decoder(model, users, point, generator, settings, tune_images), latents, device)
+    if point.attack in IMAGE_MERGES:  # every colluder decodes the same content with their own copy
+        copies = [batched.decode(build_decoder(model.vae.config, *copy), latents, device) for copy in users.copies]
+        outputs = IMAGE_MERGES[point.attack](copies, generator)
+    else:
+        outputs = batched.decode(attacked_decoder(model, users, point, generator, settings, tune_images), latents, device)
     reference = base_outputs
     if point.attack in IMAGE_ATTACKS:
         if point.attack in SIZE_CHANGING:

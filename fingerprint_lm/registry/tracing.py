@@ -27,6 +27,15 @@ a min-distance codebook makes them slightly dependent (and the bound slightly op
 The bound is conservative (the Gaussian tail it mimics is smaller by about a factor ``t``), so the
 real false-accusation rate is well below ``fpr``; the price is power: with 48-bit codes, 2-3
 colluders usually rank first but score below the threshold at ``fpr = 1e-6``.
+
+Two kinds of evidence (:func:`trace_evidence`). Pooling helps against merged models and blended
+images, whose every image carries a blend of codes; it hurts when colluders pool images (each
+image one user's full code): the pooled evidence is then a blend again, below the threshold,
+although every image names its user. So tracing also attributes each image on its own (nearest
+code, binomial p-value, Bonferroni over the registry) and accuses every user named by an image.
+The false-accusation budget ``fpr`` is split: ``fpr / 2`` for the pooled score and ``fpr / 2``
+shared by the ``n`` images (``fpr / (2 n)`` each, Bonferroni over images), so by the union bound
+an innocent is accused by either kind with probability at most ``fpr``.
 """
 
 from __future__ import annotations
@@ -143,3 +152,58 @@ def trace(probs, index: CodeIndex | Registry, fpr: float = 1e-6, top: int = 10) 
             }
         )
     return out
+
+
+def trace_evidence(probs, index: CodeIndex | Registry, fpr: float = 1e-6, top: int = 10) -> dict:
+    """Every user that per-image attribution or the pooled score supports, at a total false
+    accusation probability ``fpr`` (see the module docstring).
+
+    Returns ``{"per_image_fpr", "pooled_fpr", "threshold", "suspects": [...]}``; each suspect has
+    ``user_id``, ``n_images`` (images attributed to them), ``score`` (pooled), ``p_value_bound``
+    (the smaller of the two evidences' bounds, each already corrected for the other half of the
+    budget: a user is accused exactly when it is ``<= fpr``), ``evidence`` (``per_image``,
+    ``pooled``, ``both`` or None) and ``accused``; accused users first, then by score; ``top``
+    suspects plus every accused one.
+    """
+    check_probability("fpr", fpr)
+    if isinstance(index, Registry):
+        index = index.index()
+    p = np.asarray(probs, dtype=np.float64)
+    n_images = 1 if p.ndim == 1 else p.shape[0]
+    per_image_fpr, pooled_fpr = fpr / (2.0 * n_images), fpr / 2.0
+    n = len(index)
+    out = {"per_image_fpr": per_image_fpr, "pooled_fpr": pooled_fpr,
+           "threshold": tracing_threshold(max(n, 1), pooled_fpr), "suspects": []}
+    if n == 0:
+        bit_evidence(probs)  # still reject malformed input
+        return out
+    scores = _score_index(probs, index)
+    named: dict[int, list[float]] = {}  # user row -> corrected p-values of the images naming them
+    row_of: dict[str, int] = {}
+    for result in index.identify_many(p.reshape(n_images, -1), fpr=per_image_fpr):
+        if result["accused"]:
+            row_of = row_of or {user: i for i, user in enumerate(index.user_ids)}
+            named.setdefault(row_of[result["user_id"]], []).append(result["p_value"])
+    pooled = scores >= out["threshold"]
+    rows = set(named) | set(np.flatnonzero(pooled).tolist())
+    rows |= set(np.argsort(-scores, kind="stable")[: max(int(top), 0)].tolist())
+    suspects = [_suspect(index.user_ids[i], float(scores[i]), named.get(i, []), bool(pooled[i]), n, n_images)
+                for i in rows]
+    suspects.sort(key=lambda row: (not row["accused"], -row["score"]))
+    out["suspects"] = suspects
+    return out
+
+
+def _suspect(user_id: str, score: float, p_values: list[float], pooled: bool, n_users: int, n_images: int) -> dict:
+    per_image_bound = min(1.0, 2.0 * n_images * min(p_values)) if p_values else 1.0
+    pooled_bound = min(1.0, 2.0 * n_users * math.exp(-0.5 * score * score)) if score > 0 else 1.0
+    evidence = {(True, True): "both", (True, False): "per_image", (False, True): "pooled"}.get((bool(p_values), pooled))
+    return {
+        "user_id": user_id,
+        "n_images": len(p_values),
+        "score": score,
+        "p_value_bound": min(per_image_bound, pooled_bound),
+        "evidence": evidence,
+        "accused": evidence is not None,
+    }
+

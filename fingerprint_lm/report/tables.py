@@ -143,6 +143,7 @@ def summary_markdown(rows: list[dict], title: str = "Collusion sweep") -> str:
         "",
         *method_lines(rows),
         *headline_lines(rows),
+        *tracing_lines(rows),
     ]
     lines.append("| " + " | ".join(MARKDOWN_COLUMNS) + " |")
     lines.append("|" + "|".join("---" for _ in MARKDOWN_COLUMNS) + "|")
@@ -217,6 +218,29 @@ def headline_lines(rows: list[dict]) -> list[str]:
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return out
+
+
+def tracing_lines(rows: list[dict]) -> list[str]:
+    """Who tracing names when ``c`` users collude (ACT all, else the first ACT type present), per
+    method and length: colluders caught, innocents accused, share of images attributed to a colluder."""
+    cases = sorted({(r.get("attack"), r.get("colluders")) for r in rows if (r.get("colluders") or 0) >= 2},
+                   key=lambda c: (str(c[0]), c[1]))
+    if not cases:
+        return []
+    groups = _groups(rows)
+    out = ["## Tracing colluders: caught / c, innocents accused, images attributed to a colluder", "",
+           "| collusion | c | " + " | ".join(f"{m} {b}-bit" for m, b in groups) + " |",
+           "|---|---|" + "---|" * len(groups)]
+    for attack, colluders in cases:
+        cells = []
+        for group in groups:
+            row = _find(rows, group, "all", attack, colluders) or next(
+                (r for r in rows if _in_group(r, group) and (r.get("attack"), r.get("colluders")) == (attack, colluders)),
+                None)
+            cells.append("" if row is None else f"{row.get('tracing_caught')}/{colluders}, "
+                         f"{row.get('tracing_innocents_accused')}, {_cell(row.get('attribution_acc'), 2)}")
+        out.append(f"| {attack} | {colluders} | " + " | ".join(cells) + " |")
+    return [*out, ""]
 
 
 def _plot_collusion(rows: list[dict], metric: str, path: Path) -> None:

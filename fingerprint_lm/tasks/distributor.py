@@ -173,11 +173,12 @@ def print_summary(task: str, result: dict, json_path: Path | None = None) -> Non
             table.add_row(Path(row["image"]).name, user, f"{row['matching_bits']}/{result['code_length']}",
                           f"{row['p_value']:.2e}")
     elif task == "trace":
-        title = f"{result['n_images']} images: accused if score >= {result['threshold']:.2f}"
-        table = Table("user", "score", "p-value bound", "accused", title=title)
+        title = (f"{result['n_images']} images, fpr {result['fpr']:g}: accused if an image names them "
+                 f"or pooled score >= {result['threshold']:.2f}")
+        table = Table("user", "images", "pooled score", "p-value bound", "evidence", "accused", title=title)
         for row in result["suspects"][:_MAX_ROWS]:
-            table.add_row(row["user_id"], f"{row['score']:.2f}", f"{row['p_value_bound']:.2e}",
-                          "yes" if row["accused"] else "no")
+            table.add_row(row["user_id"], str(row["n_images"]), f"{row['score']:.2f}", f"{row['p_value_bound']:.2e}",
+                          row["evidence"] or "-", "yes" if row["accused"] else "no")
     elif task == "generate":
         console.print(f"wrote {result['n_images']} images from {result['copy']} to {result['out']}")
     elif task == "verify":
