@@ -87,6 +87,11 @@ def test_trace_ranks_the_source_first_and_accuses_nobody_for_base_images(issued,
     assert suspects[0]["p_value_bound"] <= float(TRACE_FPR) < suspects[1]["p_value_bound"]
     base = task(issued, checkpoint, "trace", f"images={issued / 'base_images'}", f"distributor.fpr={TRACE_FPR}")
     assert not any(s["accused"] for s in base["suspects"])
+    # the symmetric Tardos score of the images' majority bits: bob alone, above its threshold
+    tardos = task(issued, checkpoint, "trace", f"images={issued / 'bob_images'}", f"distributor.fpr={TRACE_FPR}",
+                  "distributor.tracing=tardos")
+    assert tardos["scoring"] == "tardos" and [s["user_id"] for s in tardos["suspects"] if s["accused"]] == ["bob"]
+    assert tardos["suspects"][0]["score"] >= tardos["threshold"] > tardos["suspects"][1]["score"]
 
 
 def test_copy_holds_no_private_tensors_and_no_secret(issued, checkpoint):

@@ -25,6 +25,7 @@ from fingerprint_lm.errors import ConfigError, DataError, check_probability
 from fingerprint_lm.metrics.bits import match_threshold
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.store import Registry
+from fingerprint_lm.registry.tardos import tardos_trace
 from fingerprint_lm.registry.tracing import trace_evidence
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -159,17 +160,21 @@ def trace_images(
     images: Sequence[tuple[str, torch.Tensor]],
     fpr: float = 1e-6,
     top: int = 10,
+    scoring: str = "evidence",
 ) -> dict:
     """Rank registered users as the source (or colluders) of one suspect model's images:
     :func:`trace_logits` of the extractor's logits, read one image at a time."""
     index = _index(registry)
     _check(extractor, index, fpr)
     logits = extract_logits(extractor, [image for _, image in images])
-    return trace_logits(logits, index, [name for name, _ in images], fpr, top)
+    return trace_logits(logits, index, [name for name, _ in images], fpr, top, scoring)
+
+
+TRACING_SCORES = ("evidence", "tardos")
 
 
 def trace_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: Sequence[str],
-                 fpr: float = 1e-6, top: int = 10) -> dict:
+                 fpr: float = 1e-6, top: int = 10, scoring: str = "evidence") -> dict:
     """Tracing from the extractor logits ``[n, k]`` of a suspect set of images (one model's, or
     pooled or blended by colluders): :func:`~fingerprint_lm.registry.tracing.trace_evidence`.
 
@@ -177,8 +182,17 @@ def trace_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: Sequ
     "suspects": [...]}``; each suspect has ``user_id``, ``n_images`` (images attributed to them),
     ``score`` (pooled), ``p_value_bound``, ``evidence`` (``per_image`` | ``pooled`` | ``both``)
     and ``accused``: accused users first, then by score; ``top`` suspects plus every accused one.
+    ``scoring="tardos"``: the symmetric Tardos score of the set's majority bits instead
+    (:func:`~fingerprint_lm.registry.tardos.tardos_trace`; the registry's codes are uniform, so
+    every bias is 1/2), each suspect with ``user_id``, ``score``, ``p_value_bound``, ``accused``.
     """
     index = _index(registry)
     _check(None, index, fpr)
-    traced = trace_evidence(_sigmoid(np.asarray(logits, dtype=np.float64)), index, fpr=fpr, top=top)
+    if scoring not in TRACING_SCORES:
+        raise ConfigError(f"unknown tracing score {scoring!r}; expected one of {', '.join(TRACING_SCORES)}")
+    probs = _sigmoid(np.asarray(logits, dtype=np.float64))
+    if scoring == "tardos":
+        traced = {"scoring": "tardos", **tardos_trace(probs, index, fpr=fpr, top=top)}
+    else:
+        traced = {"scoring": "evidence", **trace_evidence(probs, index, fpr=fpr, top=top)}
     return {"fpr": float(fpr), "n_users": len(index), "n_images": len(names), "images": list(names), **traced}

@@ -120,9 +120,9 @@ def task_attribute(cfg: DictConfig, context: TaskContext) -> dict:
 
 
 def task_trace(cfg: DictConfig, context: TaskContext) -> dict:
-    top = int(cfg.distributor.top)
+    top, scoring = int(cfg.distributor.top), str(cfg.distributor.tracing)
     return _read_suspects(cfg, "trace", lambda extractor, index, images, fpr: trace_images(
-        extractor, index, images, fpr=fpr, top=top))
+        extractor, index, images, fpr=fpr, top=top, scoring=scoring))
 
 
 def task_generate(cfg: DictConfig, context: TaskContext) -> dict:
@@ -173,12 +173,12 @@ def print_summary(task: str, result: dict, json_path: Path | None = None) -> Non
             table.add_row(Path(row["image"]).name, user, f"{row['matching_bits']}/{result['code_length']}",
                           f"{row['p_value']:.2e}")
     elif task == "trace":
-        title = (f"{result['n_images']} images, fpr {result['fpr']:g}: accused if an image names them "
-                 f"or pooled score >= {result['threshold']:.2f}")
+        rule = ("an image names them or pooled score" if result["scoring"] == "evidence" else "Tardos score")
+        title = f"{result['n_images']} images, fpr {result['fpr']:g}: accused if {rule} >= {result['threshold']:.2f}"
         table = Table("user", "images", "pooled score", "p-value bound", "evidence", "accused", title=title)
         for row in result["suspects"][:_MAX_ROWS]:
-            table.add_row(row["user_id"], str(row["n_images"]), f"{row['score']:.2f}", f"{row['p_value_bound']:.2e}",
-                          row["evidence"] or "-", "yes" if row["accused"] else "no")
+            table.add_row(row["user_id"], str(row.get("n_images", "-")), f"{row['score']:.2f}",
+                          f"{row['p_value_bound']:.2e}", row.get("evidence") or "-", "yes" if row["accused"] else "no")
     elif task == "generate":
         console.print(f"wrote {result['n_images']} images from {result['copy']} to {result['out']}")
     elif task == "verify":
