@@ -141,7 +141,7 @@ def test_image_reading_converts_modes_and_rejects_bad_files(issued, checkpoint, 
     empty = tmp_path / "empty"
     empty.mkdir()
     cases = [
-        (small, "8x12: smaller than the fingerprint tile \\(16x16\\)"),
+        (small, "8x12: smaller than the extractor reads \\(16x16\\)"),
         (corrupt, "cannot read image"),
         (empty, "no image files"),
         (tmp_path / "missing", "no such image file or folder"),

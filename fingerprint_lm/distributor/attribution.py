@@ -56,20 +56,42 @@ def list_images(paths: str | Path | Sequence[str | Path]) -> list[Path]:
 def read_images(paths: str | Path | Sequence[str | Path], min_size: int = 1) -> list[tuple[str, torch.Tensor]]:
     """Read images as ``(path, FloatTensor[3, H, W] in [-1, 1])``, in :func:`list_images` order.
 
-    RGBA is composited over white, greyscale and palette images become RGB; any size works (odd
-    sizes too) as long as both sides are at least ``min_size`` (the extractor's tile: smaller
-    images cannot hold a full carrier period). A corrupt or unreadable file raises DataError.
+    RGBA is composited over white, greyscale, 16-bit, CMYK and palette images become 8-bit RGB, an
+    animated image gives its first frame; any size works (odd sizes too) as long as both sides are
+    at least ``min_size`` (the smallest image the extractor reads). A corrupt or unreadable file, or
+    one past Pillow's decompression-bomb limit, raises DataError.
     """
-    out = []
-    for file in list_images(paths):
-        image = load_rgb(file)
-        width, height = image.size
-        if width < min_size or height < min_size:
-            raise DataError(
-                f"image {file} is {width}x{height}: smaller than the fingerprint tile ({min_size}x{min_size})"
-            )
-        out.append((str(file), to_tensor(image)))
-    return out
+    return [(str(file), _read_one(file, min_size)) for file in list_images(paths)]
+
+
+def read_suspect_images(paths: str | Path | Sequence[str | Path], min_size: int = 1
+                        ) -> tuple[list[tuple[str, torch.Tensor]], list[dict[str, str]]]:
+    """:func:`read_images` for attribution and tracing: files inside a named folder that cannot be
+    read are skipped, each listed as ``{"image", "reason"}``, and the rest are read; a file named
+    on its own must be readable. DataError when nothing at all could be read."""
+    paths = [paths] if isinstance(paths, str | Path) else list(paths)
+    images, skipped = [], []
+    for entry in paths:
+        in_folder = Path(entry).is_dir()
+        for file in list_images(entry):
+            try:
+                images.append((str(file), _read_one(file, min_size)))
+            except DataError as exc:
+                if not in_folder:
+                    raise
+                skipped.append({"image": str(file), "reason": str(exc)})
+    if not images:
+        first = f" (first: {skipped[0]['reason']})" if skipped else ""
+        raise DataError(f"no readable image: {len(skipped)} skipped{first}")
+    return images, skipped
+
+
+def _read_one(file: Path, min_size: int) -> torch.Tensor:
+    image = load_rgb(file)
+    width, height = image.size
+    if width < min_size or height < min_size:
+        raise DataError(f"image {file} is {width}x{height}: smaller than the extractor reads ({min_size}x{min_size})")
+    return to_tensor(image)
 
 
 @torch.no_grad()

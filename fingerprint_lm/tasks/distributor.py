@@ -15,7 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from fingerprint_lm.distributor.attribution import attribute_images, read_images, trace_images
+from fingerprint_lm.distributor.attribution import attribute_images, read_suspect_images, trace_images
 from fingerprint_lm.distributor.copies import (
     check_user_id,
     code_rng,
@@ -111,8 +111,8 @@ def _read_suspects(cfg: DictConfig, task: str, score) -> dict:
     model = load_fingerprint_model(checkpoint_dir(cfg))
     with open_registry(cfg.distributor.registry, model.fingerprint_bits, method=model.method) as reg:
         paths = _required(cfg, "images", task, "PATH (an image file or a folder)")
-        images = read_images(paths, min_size=int(model.extractor.min_image_size))
-        return score(model.extractor, reg.index(), images, fpr)
+        images, skipped = read_suspect_images(paths, min_size=int(model.extractor.min_image_size))
+        return {**score(model.extractor, reg.index(), images, fpr), "skipped": skipped}
 
 
 def task_attribute(cfg: DictConfig, context: TaskContext) -> dict:
