@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,13 +22,45 @@ def config_hash(config: Any, length: int = 12) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
+def _temp_prefix(target: Path) -> str:
+    """``.<name>.<host>-<pid>.``: temporaries say who writes them, so a later writer can tell one
+    left by a process that died (kill -9, OOM) from one a live process is still writing."""
+    return f".{target.name}.{socket.gethostname()}-{os.getpid()}."
+
+
+def remove_dead_writers_temporaries(target: Path) -> None:
+    """Remove the temporaries beside ``target`` whose writer, a process of this host, is gone
+    (another host's are left alone: its process ids mean nothing here)."""
+    host = socket.gethostname()
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.{glob.escape(host)}-*.*"):
+        pid = stale.name[len(f".{target.name}.{host}-"):].split(".", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield a temporary directory beside ``target``; it replaces ``target`` only if the block
-    succeeds, so a crash or bad input never leaves a half-written artefact behind."""
+    succeeds, so a crash or bad input never leaves a half-written artefact behind (and what a
+    killed writer left is removed by the next one)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    remove_dead_writers_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artefact should not be
@@ -51,7 +85,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file via a temporary sibling and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    remove_dead_writers_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)

@@ -25,13 +25,16 @@ nor does the ACT secret (only its HMAC-derived per-user seed is used, and it is 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +50,8 @@ from fingerprint_lm.models.checkpoint import FingerprintModel
 from fingerprint_lm.models.pnm import tile_to
 from fingerprint_lm.models.vae import load_vae
 from fingerprint_lm.registry.store import Registry
+
+log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -178,6 +183,33 @@ def _write_config(directory: Path, config: Mapping) -> None:
 
 
 # -- issuing --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _user_lock(locks: Path, user_id: str) -> Iterator[None]:
+    """An exclusive lock per user id; the kernel drops it when its holder dies (kill -9 included),
+    so a copy folder met under the lock is never one another live issue is about to register."""
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / user_id, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _remove_interrupted_issue(target: Path) -> None:
+    """Remove what an issue killed before it registered left behind: its temporary folders
+    (``.<user>.*``, from :func:`write_copy`) and an unregistered copy holding only copy files.
+    Anything else in the way is the user's and is refused."""
+    for stale in target.parent.glob(f".{target.name}.*"):
+        if stale.is_dir():
+            log.warning("removing %s, left by an interrupted issue", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    if not target.exists():
+        return
+    if target.is_dir() and {p.name for p in target.iterdir()} <= {CONFIG_NAME, WEIGHTS_NAME, BIAS_MAP_NAME}:
+        log.warning("removing %s: written by an interrupted issue, never registered nor handed out", target)
+        shutil.rmtree(target)
+        return
+    raise CheckpointError(f"{target} already exists but {target.name!r} is not registered; remove it first")
+
+
 def issue_copy(
     model: FingerprintModel,
     registry: Registry,
@@ -204,7 +236,10 @@ def issue_copy(
 
     Every check runs before anything is written; if registration fails (e.g. another process
     registered the same id meanwhile) the copy folder is removed again, so the registry and the
-    copies folder never disagree. Returns ``user_id``, ``copy``, ``copy_sha256``, ``act_type``,
+    copies folder never disagree. Issuing holds a per-user lock (``issue_locks/<user>`` beside the
+    registry file), so what a killed issue left (a temporary folder, or a written but unregistered
+    copy that was never handed out) is recognised on the next attempt and removed before the copy
+    is made again. Returns ``user_id``, ``copy``, ``copy_sha256``, ``act_type``,
     ``code_length``, ``has_bias_map``.
     """
     check_user_id(user_id)
@@ -220,18 +255,19 @@ def issue_copy(
     if act_type != "none" and not secret:
         raise ConfigError(f"ACT type {act_type!r} needs the distributor's secret")
     target = Path(copies_dir) / user_id
-    if target.exists():
-        raise CheckpointError(f"{target} already exists but {user_id!r} is not registered; remove it first")
-
-    code = registry.new_code(np.random.default_rng() if rng is None else rng)
-    seed = derive_act_seed(secret, user_id) if act_type != "none" else None
-    state, bias_map, site = personal_tensors(model, code, act_type, seed, scale_range, act_scope)
-    sha = write_copy(target, model.vae.config, state, bias_map, site)
-    try:
-        registry.register(user_id, code, copy_sha256=sha, act_type=act_type)
-    except BaseException:
-        shutil.rmtree(target, ignore_errors=True)
-        raise
+    with _user_lock(Path(registry.path).parent / "issue_locks", user_id):
+        if user_id in registry:  # registered by another process while we waited for the lock
+            raise RegistryError(f"duplicate user {user_id!r}: already registered")
+        _remove_interrupted_issue(target)
+        code = registry.new_code(np.random.default_rng() if rng is None else rng)
+        seed = derive_act_seed(secret, user_id) if act_type != "none" else None
+        state, bias_map, site = personal_tensors(model, code, act_type, seed, scale_range, act_scope)
+        sha = write_copy(target, model.vae.config, state, bias_map, site)
+        try:
+            registry.register(user_id, code, copy_sha256=sha, act_type=act_type)
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
     return {
         "user_id": user_id,
         "copy": str(target),
