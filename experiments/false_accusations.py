@@ -85,7 +85,7 @@ def best_match_prediction(k: int, n_users: int) -> np.ndarray:
     return np.diff(np.concatenate([[0.0], at_most]))
 
 
-def run(checkpoint: str, source: str, n_images: int, n_users: int, decoder, seed: int) -> tuple[dict, np.ndarray]:
+def run(checkpoint: str, source: str, n_images: int, n_users: int, decoder, seed: int) -> dict:
     model = load_fingerprint_model(shipped_checkpoint(checkpoint))
     k = model.fingerprint_bits
     codes = np.random.default_rng(seed).integers(0, 2, size=(n_users, k), dtype=np.uint8)
@@ -102,31 +102,40 @@ def run(checkpoint: str, source: str, n_images: int, n_users: int, decoder, seed
     prediction = best_match_prediction(k, n_users)
     row.update(best_match_mean=float(best.mean()), best_match_max=int(best.max()),
                predicted_best_match_mean=float(np.arange(k + 1) @ prediction),
+               best_match_counts=np.bincount(best, minlength=k + 1).tolist(),
                seconds=round(time.perf_counter() - start, 1))
-    return row, best
+    return row
 
 
-def plot(histograms: dict[tuple[str, str], np.ndarray], k: int, n_users: int, path: Path) -> None:
+def plot(rows: list[dict], path: Path) -> None:
+    """Each row's best-match distribution against the fair-bits prediction, a panel per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = sorted({m for m, _ in histograms})
+    methods = sorted({row["method"] for row in rows})
     fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 3.6), sharey=True, squeeze=False)
-    prediction = best_match_prediction(k, n_users)
     for ax, method in zip(axes[0], methods):
-        for (m, source), best in histograms.items():
-            if m == method:
-                counts = np.bincount(best, minlength=k + 1) / len(best)
-                ax.plot(np.arange(k + 1), counts, marker="o", ms=3, label=source)
-        ax.plot(np.arange(k + 1), prediction, "k--", label="fair bits (prediction)")
+        mine = [row for row in rows if row["method"] == method]
+        k, n_users = mine[0]["bits"], mine[0]["users"]
+        for row in mine:
+            counts = np.asarray(row["best_match_counts"], dtype=np.float64)
+            ax.plot(np.arange(k + 1), counts / counts.sum(), marker="o", ms=3,
+                    label=f"{row['source']} ({row['images']} images)")
+        ax.plot(np.arange(k + 1), best_match_prediction(k, n_users), "k--", label="fair bits (prediction)")
         ax.set(title=f"{method}: best match over {n_users} codes", xlabel=f"matching bits of {k}",
-               xlim=(28, 44), yscale="log", ylim=(1e-6, 1))
+               xlim=(28, 46), yscale="log", ylim=(1e-6, 1))
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("share of images")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _print_row(row: dict) -> None:
+    print(f"| {row['method']} | {row['source']} | {row['images']} | {row['users']} | {row['accused_at_1e-06']} "
+          f"| {row['accused_at_0.001']} | {row['ones_share']:.3f} | {row['best_match_mean']:.2f} / "
+          f"{row['best_match_max']} | {row['predicted_best_match_mean']:.2f} |", flush=True)
 
 
 def main() -> None:
@@ -137,23 +146,29 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(ROOT / ".cache" / "fingerprint_lm"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoints", nargs="+", default=["embedded", "embedded_pnm"])
+    parser.add_argument("--report-only", action="store_true",
+                        help="print the table and redraw the plot from results/false_accusations.jsonl")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    other = second_generator(args.second_steps, Path(args.cache_dir))
     print("| method | source | images | users | accused at 1e-6 | accused at 1e-3 | share of 1-bits "
           "| best match: mean / max | fair bits predict: mean |")
     print("|---|---|---|---|---|---|---|---|---|")
-    histograms, k = {}, 48
-    for checkpoint in args.checkpoints:
-        for source in SOURCES:
-            row, best = run(checkpoint, source, args.images, args.users, other, args.seed)
-            histograms[(row["method"], source)], k = best, row["bits"]
-            print(f"| {row['method']} | {source} | {row['images']} | {row['users']} | {row['accused_at_1e-06']} "
-                  f"| {row['accused_at_0.001']} | {row['ones_share']:.3f} | {row['best_match_mean']:.2f} / "
-                  f"{row['best_match_max']} | {row['predicted_best_match_mean']:.2f} |", flush=True)
-            with (RESULTS / "false_accusations.jsonl").open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
-    plot(histograms, k, args.users, RESULTS / "false_accusations.png")
+    results = RESULTS / "false_accusations.jsonl"
+    if not args.report_only:
+        torch.set_num_threads(2)
+        other = second_generator(args.second_steps, Path(args.cache_dir))
+        for checkpoint in args.checkpoints:
+            for source in SOURCES:
+                row = run(checkpoint, source, args.images, args.users, other, args.seed)
+                with results.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+    latest: dict[tuple, dict] = {}  # the newest row per (method, source) with its distribution
+    for line in results.read_text().splitlines():
+        row = json.loads(line)
+        if "best_match_counts" in row:
+            latest[(row["method"], row["source"])] = row
+    for row in latest.values():
+        _print_row(row)
+    plot(list(latest.values()), RESULTS / "false_accusations.png")
 
 
 if __name__ == "__main__":

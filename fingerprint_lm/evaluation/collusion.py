@@ -149,6 +149,8 @@ class PointResult:
     false_positives: float  # the same test on the base decoder's outputs
     tracing_caught: int
     tracing_innocents_accused: int
+    tardos_caught: int  # the symmetric Tardos score of the images' majority bits, same fpr
+    tardos_innocents_accused: int
     psnr: float
     ssim: float
     fid_proxy: float | None = None
@@ -339,6 +341,8 @@ def score(model: FingerprintModel, users: Users, point: Point, images: PointImag
     attributed = attribute_logits(logits, users.index, names, fpr=settings.fpr)["images"]
     traced = trace_logits(logits, users.index, names, fpr=settings.tracing_fpr, top=point.colluders)
     accused = [s["user_id"] for s in traced["suspects"] if s["accused"]]
+    tardos = trace_logits(logits, users.index, names, fpr=settings.tracing_fpr, top=point.colluders, scoring="tardos")
+    tardos_accused = [s["user_id"] for s in tardos["suspects"] if s["accused"]]
     colluders = users.colluder_ids
     threshold = match_threshold(k, settings.fpr, 1)
     base_logits = batched.extract(model.extractor, images.base_outputs, settings.device).numpy()
@@ -364,6 +368,8 @@ def score(model: FingerprintModel, users: Users, point: Point, images: PointImag
         false_positives=float(np.mean(((base_logits > 0) == users.codes[0][None]).sum(axis=1) >= threshold)),
         tracing_caught=sum(u in colluders for u in accused),
         tracing_innocents_accused=sum(u not in colluders for u in accused),
+        tardos_caught=sum(u in colluders for u in tardos_accused),
+        tardos_innocents_accused=sum(u not in colluders for u in tardos_accused),
         psnr=float(psnr(images.outputs, images.reference).mean()),
         ssim=float(ssim(images.outputs, images.reference)),
         fid_proxy=fid_proxy,

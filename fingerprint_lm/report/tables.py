@@ -33,6 +33,8 @@ COLUMNS: tuple[str, ...] = (
     "false_positives",
     "tracing_caught",
     "tracing_innocents_accused",
+    "tardos_caught",
+    "tardos_innocents_accused",
     "psnr",
     "ssim",
     "fid_proxy",
