@@ -293,7 +293,7 @@ def test_sweep_model_cache_key_follows_the_base_vae_weights(tmp_path):
     import shutil
 
     from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT
-    from fingerprint_lm.tasks.sweep_point import sweep_model_cache_dir, training_record
+    from fingerprint_lm.tasks.sweep_point import sweep_model_cache_dir, training_config, training_record
 
     cfg = compose_config(tmp_path / "job", ["+experiment=collusion_sweep", "fingerprint_bits=32"], tiny=False)
     base = tmp_path / "base_vae"
@@ -301,6 +301,10 @@ def test_sweep_model_cache_key_follows_the_base_vae_weights(tmp_path):
     record = training_record(cfg)
     key = sweep_model_cache_dir(cfg, record, base)
     assert key == sweep_model_cache_dir(cfg, record, base)
+    # the point's seed draws users and attacks; the per-length model depends on sweep.train_seed only
+    other_seed = compose_config(tmp_path / "job", ["+experiment=collusion_sweep", "fingerprint_bits=32", "seed=3"], tiny=False)
+    assert sweep_model_cache_dir(training_config(other_seed), record, base) == sweep_model_cache_dir(
+        training_config(cfg), record, base)
     weights = base / "diffusion_pytorch_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1  # one bit of one weight

@@ -9,6 +9,7 @@ writes the sweep's summary when the multirun ends.
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import json
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fingerprint_lm.devices import resolve_device
 from fingerprint_lm.errors import ConfigError, check_int
@@ -85,6 +86,15 @@ def _given_checkpoint(cfg: DictConfig) -> Path:
     return directory
 
 
+def training_config(cfg: DictConfig) -> DictConfig:
+    """``cfg`` as the per-length training sees it: ``seed`` (and so the data stream, whose seed
+    interpolates it) is ``sweep.train_seed``, so points of other seeds share one trained model."""
+    train_cfg = copy.deepcopy(cfg)
+    with open_dict(train_cfg):
+        train_cfg.seed = int(cfg.sweep.train_seed)
+    return train_cfg
+
+
 def sweep_model_dir(cfg: DictConfig) -> tuple[Path, str]:
     """The trained model a sweep point evaluates, and where it came from.
 
@@ -104,6 +114,7 @@ def sweep_model_dir(cfg: DictConfig) -> tuple[Path, str]:
     if (shipped / "fingerprint.json").is_file() and _recorded(json.loads((shipped / "fingerprint.json").read_text())) == record:
         return shipped, "shipped"
     base_vae_dir = SHIPPED_CHECKPOINT / "base_vae"  # every method trains on the same base VAE
+    cfg = training_config(cfg)
     target = sweep_model_cache_dir(cfg, record, base_vae_dir)
     if (target / "fingerprint.json").is_file():
         return target, "cached"
