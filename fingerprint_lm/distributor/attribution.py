@@ -184,7 +184,7 @@ def trace_images(
     top: int = 10,
     scoring: str = "evidence",
 ) -> dict:
-    """Rank registered users as the source (or colluders) of one suspect model's images:
+    """Rank registered users as the source (or colluders) of a suspect set of images:
     :func:`trace_logits` of the extractor's logits, read one image at a time."""
     index = _index(registry)
     _check(extractor, index, fpr)
