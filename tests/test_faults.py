@@ -58,17 +58,24 @@ def _temporaries(root: Path) -> list[Path]:
     return [p for p in root.rglob(".*") if p.name.count(".") >= 3 and "-" in p.name and ".hydra" not in p.parts]
 
 
-def test_a_killed_sweep_resumes_to_the_same_summary(tmp_path):
-    cmd = _command("+experiment=collusion_sweep", "debug=tiny", "hydra.sweep.dir=sweep")
+def _uninterrupted_and_resumed(tmp_path: Path, cmd: list[str], kill_after: str, result: str) -> tuple[Path, Path]:
+    """Run ``cmd`` once through, and once killed as soon as ``kill_after`` exists (before
+    ``result`` does) and then run again; both in fresh directories, returned in that order."""
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     reference.mkdir(), killed.mkdir()
     _run(cmd, reference)
-    _kill_when(cmd, killed, lambda: (killed / "sweep" / "0" / "metrics.json").is_file())
-    assert not (killed / "sweep" / "summary.csv").exists()
+    _kill_when(cmd, killed, lambda: (killed / kill_after).is_file())
+    assert not (killed / result).exists()
     _run(cmd, killed)
+    assert not _temporaries(killed)
+    return reference, killed
+
+
+def test_a_killed_sweep_resumes_to_the_same_summary(tmp_path):
+    cmd = _command("+experiment=collusion_sweep", "debug=tiny", "hydra.sweep.dir=sweep")
+    reference, killed = _uninterrupted_and_resumed(tmp_path, cmd, "sweep/0/metrics.json", "sweep/summary.csv")
     summary = (killed / "sweep" / "summary.csv").read_bytes()
     assert summary == (reference / "sweep" / "summary.csv").read_bytes()
-    assert not _temporaries(killed)
 
 
 def test_a_killed_issue_is_finished_by_rerunning_it(tmp_path, checkpoint, secret):
@@ -107,14 +114,8 @@ def test_issue_killed_at_any_moment_then_rerun_leaves_registry_and_copies_agreei
 
 def test_a_killed_training_run_resumes_from_its_checkpoint(tmp_path):
     cmd = _command("debug=tiny", "logger=none", "hydra.run.dir=run")
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    reference.mkdir(), killed.mkdir()
-    _run(cmd, reference)
-    _kill_when(cmd, killed, lambda: (killed / "run" / "checkpoints" / "last.ckpt").is_file())
-    assert not (killed / "run" / "metrics.json").exists()
-    _run(cmd, killed)
+    reference, killed = _uninterrupted_and_resumed(tmp_path, cmd, "run/checkpoints/last.ckpt", "run/metrics.json")
     first = json.loads((reference / "run" / "metrics.json").read_text())
     resumed = json.loads((killed / "run" / "metrics.json").read_text())
     assert resumed["steps"] == first["steps"]
     assert abs(resumed["bit_acc"] - first["bit_acc"]) <= 0.05 and abs(resumed["psnr"] - first["psnr"]) <= 1.0
-    assert not _temporaries(killed)
