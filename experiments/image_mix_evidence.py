@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fingerprint_lm.errors import exit_on_user_error
-from fingerprint_lm.evaluation.collusion import Point, PointSettings, draw_users, evaluate_point
+from fingerprint_lm.evaluation.collusion import Point, PointSettings, evaluate_point
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.registry.tracing import trace, trace_evidence
@@ -30,7 +30,7 @@ def main() -> None:
     settings, point = PointSettings(n_images=256, n_innocents=1000, tracing_fpr=1e-3), Point("all", "image_mix", None, 3)
     torch.manual_seed(0)
     result = evaluate_point(model, point, settings, 0)
-    users = draw_users(model, point, settings, 0)
+    users = result.users
     logits = batched.extract(model.extractor, result.images.outputs).double().numpy()
     probs = 1.0 / (1.0 + np.exp(-logits))
     print("pooled scores alone (fpr 5e-4):")

@@ -37,8 +37,10 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -174,8 +176,6 @@ def write_copy(
 
 
 def _write_config(directory: Path, config: Mapping) -> None:
-    import diffusers
-
     # What save_pretrained writes: the class name first, then the constructor arguments.
     body = {k: v for k, v in dict(config).items() if not k.startswith("_")}
     header = {"_class_name": "AutoencoderKL", "_diffusers_version": diffusers.__version__}
@@ -357,6 +357,18 @@ def load_copy(path: str | Path, expected_sha256: str | None = None):
         bias_map, site = read_bias_map(bias_file)
         attach_bias_map(vae, bias_map, site, source=bias_file)
     return vae.eval()
+
+
+def decoder_from_tensors(vae_config, state: dict[str, torch.Tensor], bias_map: torch.Tensor | None,
+                         site: str | None):
+    """What :func:`load_copy` builds, from a copy's tensors instead of its folder: a stock
+    ``AutoencoderKL`` with ``state`` loaded and, with a bias map, the site's GroupNorm swapped for a
+    :class:`BiasMapGroupNorm` (the collusion sweep decodes attacked and merged copies this way)."""
+    vae = AutoencoderKL.from_config(vae_config)
+    vae.load_state_dict(state)
+    if bias_map is not None:
+        attach_bias_map(vae, bias_map, site)
+    return vae.eval().requires_grad_(False)
 
 
 def attach_bias_map(vae, bias_map: torch.Tensor, site: str, source: str | Path = "bias map"):

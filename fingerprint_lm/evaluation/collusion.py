@@ -39,7 +39,7 @@ from fingerprint_lm.attacks.collusion import IMAGE_MERGES, MERGES, merge_copies
 from fingerprint_lm.attacks.image import IMAGE_ATTACKS, SIZE_CHANGING
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.distributor.attribution import attribute_logits, trace_logits
-from fingerprint_lm.distributor.copies import attach_bias_map
+from fingerprint_lm.distributor.copies import decoder_from_tensors
 from fingerprint_lm.errors import ConfigError, check_int, check_probability
 from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.metrics.bits import match_threshold
@@ -157,9 +157,10 @@ class PointResult:
     fid_proxy_base: float | None = None
     seconds: float = 0.0
     images: PointImages | None = field(default=None, repr=False)
+    users: Users | None = field(default=None, repr=False)  # who the point drew: codes and registry
 
     def as_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("images", "tpr_at_fpr")}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("images", "users", "tpr_at_fpr")}
         out["tpr_at_fpr1e-6"] = self.tpr_at_fpr  # the summary's historical column name
         return out
 
@@ -208,18 +209,6 @@ def check_point(attack: str, strength: float | None, colluders: int) -> None:
 
 
 # -- the steps of a point -------------------------------------------------------------------------
-def build_decoder(vae_config, state: dict[str, torch.Tensor], bias_map: torch.Tensor | None, site: str | None):
-    """A stock ``AutoencoderKL`` with ``state`` loaded and, with a bias map, the site swapped for a
-    ``BiasMapGroupNorm`` (what :func:`~fingerprint_lm.distributor.copies.load_copy` builds)."""
-    from diffusers import AutoencoderKL  # diffusers' import is heavy: only when a point runs
-
-    vae = AutoencoderKL.from_config(vae_config)
-    vae.load_state_dict(state)
-    if bias_map is not None:
-        attach_bias_map(vae, bias_map, site)
-    return vae.eval().requires_grad_(False)
-
-
 def _user_seed(seed: int, index: int) -> int:
     return int(np.random.default_rng([int(seed), 1, index]).integers(0, 2**62))
 
@@ -288,7 +277,7 @@ def attacked_decoder(model: FingerprintModel, users: Users, point: Point, genera
         state = merged
     elif point.attack in ("weight_noise", "prune") or point.attack.startswith("quantize_"):
         state, bias_map = _model_attack(point.attack, point.attack_strength, state, bias_map, site, generator)
-    decoder = build_decoder(config, state, bias_map, site)
+    decoder = decoder_from_tensors(config, state, bias_map, site)
     if point.attack == "finetune":
         if tune_images is None:
             stream = ProceduralImages(int(model.meta.get("resolution", 32)), FINETUNE_IMAGE_SEED, 256)
@@ -310,9 +299,9 @@ def attacked_images(model: FingerprintModel, users: Users, point: Point, real: t
     image or output attack."""
     device = settings.device
     latents = batched.encode(model.vae, real, device)
-    base_outputs = batched.decode(build_decoder(model.vae.config, model.vae.state_dict(), None, None), latents, device)
+    base_outputs = batched.decode(decoder_from_tensors(model.vae.config, model.vae.state_dict(), None, None), latents, device)
     if point.attack in IMAGE_MERGES:  # every colluder decodes the same content with their own copy
-        copies = [batched.decode(build_decoder(model.vae.config, *copy), latents, device) for copy in users.copies]
+        copies = [batched.decode(decoder_from_tensors(model.vae.config, *copy), latents, device) for copy in users.copies]
         outputs = IMAGE_MERGES[point.attack](copies, generator)
     else:
         outputs = batched.decode(attacked_decoder(model, users, point, generator, settings, tune_images), latents, device)
@@ -339,10 +328,8 @@ def score(model: FingerprintModel, users: Users, point: Point, images: PointImag
     per_colluder = [(hard == users.codes[i][None]).mean() for i in range(point.colluders)]
     names = [f"image{i}" for i in range(len(logits))]
     attributed = attribute_logits(logits, users.index, names, fpr=settings.fpr)["images"]
-    traced = trace_logits(logits, users.index, names, fpr=settings.tracing_fpr, top=point.colluders)
-    accused = [s["user_id"] for s in traced["suspects"] if s["accused"]]
-    tardos = trace_logits(logits, users.index, names, fpr=settings.tracing_fpr, top=point.colluders, scoring="tardos")
-    tardos_accused = [s["user_id"] for s in tardos["suspects"] if s["accused"]]
+    caught, innocents = _traced(logits, users, names, settings, point.colluders, "evidence")
+    tardos_caught, tardos_innocents = _traced(logits, users, names, settings, point.colluders, "tardos")
     colluders = users.colluder_ids
     threshold = match_threshold(k, settings.fpr, 1)
     base_logits = batched.extract(model.extractor, images.base_outputs, settings.device).numpy()
@@ -366,16 +353,26 @@ def score(model: FingerprintModel, users: Users, point: Point, images: PointImag
         attribution_acc=float(np.mean([r["accused"] and r["user_id"] in colluders for r in attributed])),
         tpr_at_fpr=float(np.mean((hard == users.codes[0][None]).sum(axis=1) >= threshold)),
         false_positives=float(np.mean(((base_logits > 0) == users.codes[0][None]).sum(axis=1) >= threshold)),
-        tracing_caught=sum(u in colluders for u in accused),
-        tracing_innocents_accused=sum(u not in colluders for u in accused),
-        tardos_caught=sum(u in colluders for u in tardos_accused),
-        tardos_innocents_accused=sum(u not in colluders for u in tardos_accused),
+        tracing_caught=caught,
+        tracing_innocents_accused=innocents,
+        tardos_caught=tardos_caught,
+        tardos_innocents_accused=tardos_innocents,
         psnr=float(psnr(images.outputs, images.reference).mean()),
         ssim=float(ssim(images.outputs, images.reference)),
         fid_proxy=fid_proxy,
         fid_proxy_base=fid_proxy_base,
         images=images,
+        users=users,
     )
+
+
+def _traced(logits: np.ndarray, users: Users, names: list[str], settings: PointSettings, top: int,
+            scoring: str) -> tuple[int, int]:
+    """(colluders, innocents) the distributor's tracing accuses with ``scoring``."""
+    suspects = trace_logits(logits, users.index, names, fpr=settings.tracing_fpr, top=top, scoring=scoring)["suspects"]
+    accused = [s["user_id"] for s in suspects if s["accused"]]
+    colluders = users.colluder_ids
+    return sum(u in colluders for u in accused), sum(u not in colluders for u in accused)
 
 
 def evaluate_point(model: FingerprintModel, point: Point, settings: PointSettings, seed: int, fid_net=None,
@@ -384,7 +381,7 @@ def evaluate_point(model: FingerprintModel, point: Point, settings: PointSetting
     randomness). ``images``: held-out real images ``[n, 3, R, R]`` in [-1, 1] (None: procedural);
     ``tune_images``: the fine-tuning attacker's own images (None: 256 other procedural images);
     ``fid_net``: the fid_proxy feature net (None skips ``fid_proxy``). The result keeps the images
-    it scored (``result.images``)."""
+    it scored (``result.images``) and the users it drew (``result.users``)."""
     start = time.perf_counter()
     real = held_out_images(int(model.meta.get("resolution", 32)), settings.n_images, images)
     users = draw_users(model, point, settings, seed)

@@ -77,13 +77,18 @@ def tardos_scores(pirate: np.ndarray, codes: np.ndarray, biases: np.ndarray | No
     return terms.sum(axis=1)
 
 
+def _term_bound(cutoff: float) -> float:
+    """``M``, the largest ``|g|`` for biases in ``[cutoff, 1 - cutoff]`` (1 for uniform codes)."""
+    return 1.0 if cutoff >= 0.5 else math.sqrt((1 - cutoff) / cutoff)
+
+
 def tardos_threshold(m: int, n_users: int, fpr: float, cutoff: float = 0.5) -> float:
     """Score above which a user is accused: Bernstein's bound with Bonferroni over ``n_users``
     (``cutoff`` 0.5: uniform codes, every term +-1)."""
     check_probability("fpr", fpr)
     check_int("code length", m)
     check_int("number of users", n_users)
-    bound = 1.0 if cutoff >= 0.5 else math.sqrt((1 - cutoff) / cutoff)
+    bound = _term_bound(cutoff)
     log_term = math.log(n_users / fpr)
     a = log_term * bound / 3.0
     return a + math.sqrt(a * a + 2.0 * log_term * m)
@@ -101,7 +106,7 @@ def tardos_trace(probs, index: CodeIndex, fpr: float = 1e-6, top: int = 10, bias
     if n == 0:
         return {"threshold": threshold, "erased": int((pirate < 0).sum()), "suspects": []}
     scores = tardos_scores(pirate, index.bits(), biases)
-    bound = 1.0 if cutoff >= 0.5 else math.sqrt((1 - cutoff) / cutoff)
+    bound = _term_bound(cutoff)
     keep = max(int(top), int((scores >= threshold).sum()))
     suspects = []
     for i in np.argsort(-scores, kind="stable")[:keep]:

@@ -142,7 +142,7 @@ def trace(probs, index: CodeIndex | Registry, fpr: float = 1e-6, top: int = 10) 
     out = []
     for i in order:
         s = float(scores[i])
-        bound = min(1.0, n * math.exp(-0.5 * s * s)) if s > 0 else 1.0
+        bound = pooled_bound(s, n)
         out.append(
             {
                 "user_id": index.user_ids[i],
@@ -194,15 +194,22 @@ def trace_evidence(probs, index: CodeIndex | Registry, fpr: float = 1e-6, top: i
     return out
 
 
-def _suspect(user_id: str, score: float, p_values: list[float], pooled: bool, n_users: int, n_images: int) -> dict:
+def pooled_bound(score: float, n_users: int) -> float:
+    """Hoeffding + Bonferroni bound on an innocent reaching ``score``: ``min(1, N exp(-score^2/2))``."""
+    return min(1.0, n_users * math.exp(-0.5 * score * score)) if score > 0 else 1.0
+
+
+def _suspect(user_id: str, score: float, p_values: list[float], pooled_accused: bool, n_users: int,
+             n_images: int) -> dict:
     per_image_bound = min(1.0, 2.0 * n_images * min(p_values)) if p_values else 1.0
-    pooled_bound = min(1.0, 2.0 * n_users * math.exp(-0.5 * score * score)) if score > 0 else 1.0
-    evidence = {(True, True): "both", (True, False): "per_image", (False, True): "pooled"}.get((bool(p_values), pooled))
+    pooled = pooled_bound(score, 2 * n_users)  # corrected for the other half of the budget
+    evidence = {(True, True): "both", (True, False): "per_image", (False, True): "pooled"}.get(
+        (bool(p_values), pooled_accused))
     return {
         "user_id": user_id,
         "n_images": len(p_values),
         "score": score,
-        "p_value_bound": min(per_image_bound, pooled_bound),
+        "p_value_bound": min(per_image_bound, pooled),
         "evidence": evidence,
         "accused": evidence is not None,
     }

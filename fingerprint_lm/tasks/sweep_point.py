@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -201,24 +202,20 @@ def point_settings(cfg: DictConfig) -> PointSettings:
     )
 
 
-def point_record(cfg: DictConfig, directory: Path) -> dict[str, Any]:
-    """Everything a point's result depends on; its hash is the ``point_key`` a re-run matches."""
-    settings = cfg.sweep
+def point_record(cfg: DictConfig, directory: Path, settings: PointSettings) -> dict[str, Any]:
+    """Everything a point's result depends on (where it runs aside); its hash is the ``point_key``
+    a re-run matches."""
+    evaluation = {f.name: getattr(settings, f.name) for f in fields(settings) if f.name != "device"}
     return {
         "method": str(cfg.method.name),
         "fingerprint_bits": cfg.fingerprint_bits,
         "act": cfg.act.type,
-        "case": str(settings.case),
+        "case": str(cfg.sweep.case),
         "seed": int(cfg.seed),
-        "n_images": int(settings.n_images),
-        "n_innocents": int(settings.n_innocents),
-        "fpr": float(settings.fpr),
-        "tracing_fpr": float(settings.tracing_fpr),
-        "scale_range": [float(cfg.act.scale_min), float(cfg.act.scale_max)],
-        "act_scope": str(cfg.act.scope),
-        "finetune_lr": float(settings.finetune_lr),
-        "fid_proxy_steps": int(settings.fid_proxy_steps),
-        "images": str(settings.images),
+        **evaluation,
+        "scale_range": list(settings.scale_range),
+        "fid_proxy_steps": int(cfg.sweep.fid_proxy_steps),
+        "images": str(cfg.sweep.images),
         "checkpoint": str(directory.resolve()),
         "checkpoint_meta": config_hash(json.loads((directory / "fingerprint.json").read_text())),
     }
@@ -237,7 +234,8 @@ def _previous(metrics_path: Path, key: str) -> dict[str, Any] | None:
 def run_sweep_point(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
     directory, model_source = sweep_model_dir(cfg)
     point = Point.from_case(str(cfg.act.type), str(cfg.sweep.case))
-    record = point_record(cfg, directory)
+    settings = point_settings(cfg)
+    record = point_record(cfg, directory, settings)
     key = config_hash(record)
     context.output_dir.mkdir(parents=True, exist_ok=True)
     if (previous := _previous(context.output_dir / "metrics.json", key)) is not None:
@@ -254,7 +252,7 @@ def run_sweep_point(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
     fid_net = train_proxy_feature_net(resolution, steps=steps, cache_dir=cfg.paths.cache_dir) if steps > 0 else None
     images, tune_images = sweep_images(cfg, resolution)
     torch.manual_seed(int(cfg.seed))
-    result = evaluate_point(model, point, point_settings(cfg), int(cfg.seed), fid_net, images, tune_images)
+    result = evaluate_point(model, point, settings, int(cfg.seed), fid_net, images, tune_images)
     metrics = {**result.as_dict(), "case": str(cfg.sweep.case), "point_key": key, "point": record,
                "model_source": model_source}
     for logger in loggers:
