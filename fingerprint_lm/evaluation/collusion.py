@@ -21,12 +21,11 @@ The steps are separate functions (:func:`draw_users`, :func:`attacked_images`, :
 analysis script can take the images a point scores (:class:`PointImages`) without re-running it.
 Attribution and tracing are the distributor's own (:mod:`fingerprint_lm.distributor.attribution`).
 Hydra's basic sweeper takes the cartesian product of its lists, so attack, strength and colluder
-count travel as one case string (:func:`parse_case`): ``none_c1``, ``average_c3``, ``jpeg_q50``...
+count travel as one case string (:func:`~fingerprint_lm.attacks.cases.parse_case`): ``none_c1``, ``average_c3``, ``jpeg_q50``...
 """
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from fingerprint_lm.attacks import model as model_attacks
+from fingerprint_lm.attacks.cases import check_point, parse_case
 from fingerprint_lm.attacks.collusion import IMAGE_MERGES, MERGES, merge_copies
 from fingerprint_lm.attacks.image import IMAGE_ATTACKS, SIZE_CHANGING
 from fingerprint_lm.data.synthetic import ProceduralImages
@@ -50,16 +50,10 @@ from fingerprint_lm.models.act import ACT_TYPES
 from fingerprint_lm.models.checkpoint import FingerprintModel
 from fingerprint_lm.registry.index import CodeIndex
 
-MODEL_ATTACKS: tuple[str, ...] = ("weight_noise", "prune", "quantize_int8", "quantize_fp16", "quantize_bf16", "finetune")
-OUTPUT_ATTACKS: tuple[str, ...] = ("estimate_remove",)
-COLLUSIONS: tuple[str, ...] = (*MERGES, *IMAGE_MERGES)  # attacks of c >= 2 copies
-ATTACKS: tuple[str, ...] = ("none", *COLLUSIONS, *IMAGE_ATTACKS, *MODEL_ATTACKS, *OUTPUT_ATTACKS)
 # Held-out images of the sweep: a stream seed no training, validation, test or fid_proxy set uses
 # (those are run seed + 0 / 1_000_003 / 2_000_003, and 10_000 + proxy seed).
 SWEEP_IMAGE_SEED = 5_000_011
 FINETUNE_IMAGE_SEED = 6_000_013  # the attacker's own fine-tuning images
-_STRENGTH = re.compile(r"^[a-z]?(\d+(?:\.\d+)?)$")
-_COLLUDERS = re.compile(r"^c(\d+)$")
 
 
 # -- what a point is ------------------------------------------------------------------------------
@@ -163,49 +157,6 @@ class PointResult:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("images", "users", "tpr_at_fpr")}
         out["tpr_at_fpr1e-6"] = self.tpr_at_fpr  # the summary's historical column name
         return out
-
-
-# -- grid cases -----------------------------------------------------------------------------------
-def parse_case(case: str) -> tuple[str, float | None, int]:
-    """``"average_c3"`` -> ``("average", None, 3)``, ``"jpeg_q50"`` -> ``("jpeg", 50.0, 1)``.
-
-    The case is an attack name followed by ``_``-separated tokens: ``c<N>`` sets the number of
-    colluders (default 1), a number with an optional one-letter unit prefix (``q50``, ``s1``,
-    ``0.05``) the attack strength. Merges need ``c >= 2``; every other attack works on one copy.
-    """
-    text = str(case)
-    names = sorted((n for n in ATTACKS if text == n or text.startswith(n + "_")), key=len, reverse=True)
-    if not names:
-        raise ConfigError(
-            f"unknown sweep case {case!r}: expected <attack>[_<strength>][_c<N>] with attack one "
-            f"of {', '.join(ATTACKS)}"
-        )
-    attack = names[0]
-    strength, colluders = None, 1
-    for token in filter(None, text[len(attack) :].split("_")):
-        if match := _COLLUDERS.match(token):
-            colluders = int(match.group(1))
-        elif (match := _STRENGTH.match(token)) and strength is None:
-            strength = float(match.group(1))
-        else:
-            raise ConfigError(f"sweep case {case!r}: cannot read {token!r} (c<N> or a strength)")
-    check_point(attack, strength, colluders)
-    return attack, strength, colluders
-
-
-def check_point(attack: str, strength: float | None, colluders: int) -> None:
-    if attack not in ATTACKS:
-        raise ConfigError(f"unknown attack {attack!r}; expected one of {', '.join(ATTACKS)}")
-    check_int("colluders", colluders)
-    if attack in COLLUSIONS and colluders < 2 and attack != "average":
-        raise ConfigError(f"collusion {attack!r} needs at least 2 colluders, got {colluders}")
-    if attack not in COLLUSIONS and colluders != 1:
-        raise ConfigError(f"attack {attack!r} works on one copy; colluders must be 1, got {colluders}")
-    needs_strength = (
-        attack in IMAGE_ATTACKS and attack != "combined" or attack in ("weight_noise", "prune", "finetune")
-    )
-    if needs_strength and strength is None:
-        raise ConfigError(f"attack {attack!r} needs a strength (e.g. {attack}_0.5)")
 
 
 # -- the steps of a point -------------------------------------------------------------------------

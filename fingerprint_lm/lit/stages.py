@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from fingerprint_lm.attacks.cases import ROBUSTNESS_SUITE, image_case
 from fingerprint_lm.data.datamodule import check_resolution
 from fingerprint_lm.errors import ConfigError, check_int
 from fingerprint_lm.lit.base_vae import BaseVAEModule
@@ -147,16 +148,6 @@ def train_fingerprint(
 
 
 # -- evaluation ---------------------------------------------------------------------------------
-# Evaluation-time versions of the training augmentations, at fixed strengths (the attack suite
-# with real JPEG, rotation, ... is in ``attacks/``).
-ROBUSTNESS_PROBES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "noise_0.05": lambda x: x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)),
-    "blur_sigma1": lambda x: aug.gaussian_blur(x, 1.0),
-    "jpeglike_q80": lambda x: aug.jpeg_like(x, 80),
-    "jpeglike_q50": lambda x: aug.jpeg_like(x, 50),
-    "brightness_1.3": lambda x: aug.brightness(x, 1.3),
-    "crop_0.8_resize": lambda x: aug.crop_resize(x, 0.8, torch.Generator().manual_seed(0)),
-}
 
 
 @torch.no_grad()
@@ -164,14 +155,17 @@ def evaluate_fingerprint(
     model: FingerprintModel,
     loader: Iterable,
     max_images: int | None = None,
-    probes: dict[str, Callable] | None = None,
+    probes: Iterable[str] = ROBUSTNESS_SUITE,
     seed: int = 12345,
 ) -> dict[str, Any]:
     """Held-out evaluation with fresh random fingerprints: bit accuracy, PSNR/SSIM against the
-    base decoder, accuracy under each robustness probe, and the accuracy left once the carrier
-    bias maps are removed (what the main-path affine sites carry on their own)."""
+    base decoder, accuracy under each robustness probe (attack cases of
+    :mod:`~fingerprint_lm.attacks.cases`, the collusion sweep's names and strengths), and the
+    accuracy left once the carrier bias maps are removed (what the main-path affine sites carry on
+    their own)."""
     generator = torch.Generator().manual_seed(seed)
-    probes = ROBUSTNESS_PROBES if probes is None else probes
+    probes = {case: image_case(case) for case in probes}
+    attack_generator = torch.Generator().manual_seed(seed + 1)  # the probes' random crops and noise
     total, correct, psnrs, ssims = 0, 0.0, [], []
     probe_correct = dict.fromkeys(probes, 0.0)
     no_carrier_correct = 0.0
@@ -187,7 +181,7 @@ def evaluate_fingerprint(
         psnrs.append(psnr(out, base))
         ssims.append(ssim(out, base) * len(images))
         for name, probe in probes.items():
-            probe_correct[name] += ((model.extractor(probe(out)) > 0).long() == bits).float().sum().item()
+            probe_correct[name] += ((model.extractor(probe(out, attack_generator)) > 0).long() == bits).float().sum().item()
         if model.pnm.spatial_site_name is not None:
             no_carrier = model.pnm(latents, bits, carriers=False)
             no_carrier_correct += ((model.extractor(no_carrier) > 0).long() == bits).float().sum().item()

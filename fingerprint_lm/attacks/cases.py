@@ -1,0 +1,80 @@
+"""One set of attack names, used by the training run's robustness probes, the collusion sweep and
+the README: a *case* is an attack name followed by ``_``-separated tokens, ``c<N>`` for the number
+of colluders and a number (with an optional one-letter unit prefix: ``q50``, ``s1``) for the
+strength. ``none_c1``, ``average_c3``, ``jpeg_q50``, ``gaussian_blur_s1``, ``weight_noise_0.05``.
+Hydra's basic sweeper takes the cartesian product of its lists, which is why attack, strength and
+colluder count travel as one string.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+
+from fingerprint_lm.attacks.collusion import IMAGE_MERGES, MERGES
+from fingerprint_lm.attacks.image import IMAGE_ATTACKS
+from fingerprint_lm.errors import ConfigError, check_int
+
+MODEL_ATTACKS: tuple[str, ...] = ("weight_noise", "prune", "quantize_int8", "quantize_fp16", "quantize_bf16", "finetune")
+OUTPUT_ATTACKS: tuple[str, ...] = ("estimate_remove",)
+COLLUSIONS: tuple[str, ...] = (*MERGES, *IMAGE_MERGES)  # attacks of c >= 2 copies
+ATTACKS: tuple[str, ...] = ("none", *COLLUSIONS, *IMAGE_ATTACKS, *MODEL_ATTACKS, *OUTPUT_ATTACKS)
+
+# The image attacks every trained model is probed with (``metrics.json``: ``robust/<case>``); the
+# collusion sweep's default grid scores the same cases on issued copies (tests/test_configs.py).
+ROBUSTNESS_SUITE: tuple[str, ...] = (
+    "jpeg_q90", "jpeg_q50", "crop_resize_0.5", "crop_0.5", "shift_1", "shift_8", "rotation_10",
+    "gaussian_blur_s1", "gaussian_noise_0.05", "brightness_1.5", "combined",
+)
+
+_STRENGTH = re.compile(r"^[a-z]?(\d+(?:\.\d+)?)$")
+_COLLUDERS = re.compile(r"^c(\d+)$")
+
+
+def parse_case(case: str) -> tuple[str, float | None, int]:
+    """``"average_c3"`` -> ``("average", None, 3)``, ``"jpeg_q50"`` -> ``("jpeg", 50.0, 1)``.
+    Merges need ``c >= 2``; every other attack works on one copy."""
+    text = str(case)
+    names = sorted((n for n in ATTACKS if text == n or text.startswith(n + "_")), key=len, reverse=True)
+    if not names:
+        raise ConfigError(
+            f"unknown attack case {case!r}: expected <attack>[_<strength>][_c<N>] with attack one "
+            f"of {', '.join(ATTACKS)}"
+        )
+    attack = names[0]
+    strength, colluders = None, 1
+    for token in filter(None, text[len(attack) :].split("_")):
+        if match := _COLLUDERS.match(token):
+            colluders = int(match.group(1))
+        elif (match := _STRENGTH.match(token)) and strength is None:
+            strength = float(match.group(1))
+        else:
+            raise ConfigError(f"attack case {case!r}: cannot read {token!r} (c<N> or a strength)")
+    check_point(attack, strength, colluders)
+    return attack, strength, colluders
+
+
+def check_point(attack: str, strength: float | None, colluders: int) -> None:
+    if attack not in ATTACKS:
+        raise ConfigError(f"unknown attack {attack!r}; expected one of {', '.join(ATTACKS)}")
+    check_int("colluders", colluders)
+    if attack in COLLUSIONS and colluders < 2 and attack != "average":
+        raise ConfigError(f"collusion {attack!r} needs at least 2 colluders, got {colluders}")
+    if attack not in COLLUSIONS and colluders != 1:
+        raise ConfigError(f"attack {attack!r} works on one copy; colluders must be 1, got {colluders}")
+    needs_strength = (
+        attack in IMAGE_ATTACKS and attack != "combined" or attack in ("weight_noise", "prune", "finetune")
+    )
+    if needs_strength and strength is None:
+        raise ConfigError(f"attack {attack!r} needs a strength (e.g. {attack}_0.5)")
+
+
+def image_case(case: str) -> Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]:
+    """The image attack a case names, as ``attack(images, generator)``."""
+    attack, strength, _ = parse_case(case)
+    if attack not in IMAGE_ATTACKS:
+        raise ConfigError(f"{case!r} is not an image attack; expected one of {', '.join(IMAGE_ATTACKS)}")
+    function = IMAGE_ATTACKS[attack]
+    return lambda images, generator=None: function(images, strength, generator)
