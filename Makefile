@@ -20,8 +20,8 @@ test:  ## fast tests (about 7 minutes on 2 CPU cores; must stay under 10)
 test-full:  ## all tests, slow ones included
 	$(PY) -m pytest -q tests
 
-bench:  ## print speed figures (training step K=0/K=1, extractor and decoder throughput, ...)
-	$(PY) -m fingerprint_lm.bench
+bench:  ## speed and memory figures, the default sweep cold and warm included (~30 min): writes BENCHMARKS.md
+	$(PY) -m fingerprint_lm.bench --sweep --write BENCHMARKS.md
 
 METHOD ?= carrier
 checkpoint:  ## retrain a shipped checkpoint: METHOD=carrier (assets/embedded, default) | pnm (assets/embedded_pnm)

@@ -1,13 +1,13 @@
-"""``make bench``: speed figures of the embedded default on this machine (printed, not asserted).
+"""``make bench``: speed and memory figures of the embedded default, written to ``BENCHMARKS.md``.
 
-Training step K=0 vs K=1 (the worst-case term's cost), extractor and PNM-decoder throughput,
-and the distributor's figures (registry search, registration, issuing a copy) when available.
+Every section runs in a fresh process (its peak resident memory is its own) and the ratios are
+measured side by side in one run: the worst-case training step against a plain one (per ascent
+variant), issuing one copy per method (pnm against stable_signature, which trains each copy, and
+wouaf), identification among 10^6 registered users, extractor and decoder throughput, the CLI's
+start-up, and (``--sweep``) the README's default collusion sweep cold and warm. ``--sd`` adds one
+worst-case step of a PNM on an SD-sized decoder (bf16 on CUDA; on a CPU, float32 and minutes).
 
-``--sd`` adds one worst-case training step (K=1, batch 1) of a PNM on a randomly initialised
-decoder of Stable Diffusion 1/2's size (128/256/512/512, 49M parameters), with and without
-gradient checkpointing: seconds per step and peak memory (CUDA: peak allocated, bf16 autocast;
-CPU: peak resident set of a fresh process, float32). It is behind a flag because on a CPU it is
-slow: measured here (2 shared cores, 1 thread), ~20 s per step at 64 px, about 3 minutes in all.
+    python -m fingerprint_lm.bench [--sweep] [--sd] [--write BENCHMARKS.md] [--threads N]
 """
 
 from __future__ import annotations
@@ -15,45 +15,75 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import multiprocessing
+import platform
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from fingerprint_lm.distributor.bench import bench_distributor
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
+from fingerprint_lm.methods import personal_tensors
+from fingerprint_lm.models.checkpoint import (
+    build_fingerprint_model,
+    load_fingerprint_model,
+    shipped_checkpoint,
+)
 from fingerprint_lm.models.extractor import FingerprintExtractor
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.vae import SD_VAE_CONFIG, build_vae
 from fingerprint_lm.registry.bench import bench_registry
 
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP_COMMAND = [sys.executable, "-m", "fingerprint_lm", "+experiment=collusion_sweep"]
+# The ascent variants of the worst-case step (lit/fingerprinting.py, experiments/worst_case_cost.py).
+WORST_CASE_VARIANTS: dict[str, dict] = {
+    "K1_exact": {"wc_ascent": "exact"},
+    "K1_reuse": {"wc_ascent": "reuse"},
+    "K1_lagged": {"wc_ascent": "lagged"},
+    "K1_exact_every2": {"wc_ascent": "exact", "wc_every": 2},
+}
 
-def _median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+
+def _mean_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """Mean, not median: a step that alternates cheap and dear (every 2nd) must count both."""
     for _ in range(warmup):
         fn()
-    times = []
+    start = time.perf_counter()
     for _ in range(repeats):
-        start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return (time.perf_counter() - start) / repeats
 
 
-def _module(wc_steps: int, bits: int) -> FingerprintModule:
-    torch.manual_seed(0)
-    vae = build_vae()
-    return _manual(FingerprintModule(vae, PersonalizedDecoder(vae.decoder, bits), FingerprintExtractor(bits),
-                                     wc_steps=wc_steps))
+def _manual(module: FingerprintModule) -> FingerprintModule:
+    """Let ``training_step`` run outside a Trainer (optimizer, backward and logging stubs)."""
+    optimizer = module.configure_optimizers()
+    module.optimizers = lambda: optimizer
+    module.manual_backward = lambda loss: loss.backward()
+    module.log_dict = lambda *a, **k: None
+    module.log = lambda *a, **k: None
+    return module
 
 
-def bench_training(batch_size: int = 32, bits: int = 48, repeats: int = 10) -> dict[str, float]:
+def bench_training(batch_size: int = 32, bits: int = 48, repeats: int = 20) -> dict[str, float]:
+    """Seconds per training step: plain (K=0) and each worst-case variant; ratios to plain."""
     images = torch.rand(batch_size, 3, 32, 32) * 2 - 1
-    out = {}
-    for k in (0, 1):
-        module = _module(k, bits)
-        out[f"train_step_K{k}_s"] = _median_seconds(lambda m=module: m.training_step({"image": images}, 0), repeats)
-    out["worst_case_cost_ratio"] = out["train_step_K1_s"] / out["train_step_K0_s"]
+    out: dict[str, float] = {}
+    for name, options in {"K0_plain": {"wc_steps": 0}, **WORST_CASE_VARIANTS}.items():
+        torch.manual_seed(0)
+        vae = build_vae()
+        module = _manual(FingerprintModule(vae, PersonalizedDecoder(vae.decoder, bits), FingerprintExtractor(bits),
+                                           **options))
+        out[f"train_step_{name}_s"] = _mean_seconds(lambda m=module: m.training_step({"image": images}, 0), repeats)
+    for name in WORST_CASE_VARIANTS:
+        out[f"worst_case_ratio_{name}"] = out[f"train_step_{name}_s"] / out["train_step_K0_plain_s"]
     return out
 
 
@@ -67,17 +97,87 @@ def bench_inference(batch_size: int = 64, bits: int = 48, repeats: int = 10) -> 
     codes = torch.randint(0, 2, (batch_size, bits))
     images = torch.rand(batch_size, 3, 32, 32) * 2 - 1
     return {
-        "extractor_images_per_s": batch_size / _median_seconds(lambda: extractor(images), repeats),
-        "pnm_decoder_images_per_s": batch_size / _median_seconds(lambda: pnm(latents, codes), repeats),
-        "base_decoder_images_per_s": batch_size / _median_seconds(lambda: pnm(latents, None), repeats),
+        "extractor_images_per_s": batch_size / _mean_seconds(lambda: extractor(images), repeats),
+        "pnm_decoder_images_per_s": batch_size / _mean_seconds(lambda: pnm(latents, codes), repeats),
+        "base_decoder_images_per_s": batch_size / _mean_seconds(lambda: pnm(latents, None), repeats),
     }
 
 
-def _sd_training_step(resolution: int, batch_size: int, bits: int, checkpointing: bool, repeats: int,
-                      threads: int | None) -> dict[str, float]:
-    """One configuration of ``bench_sd_training``, run in a fresh process (clean peak memory)."""
-    if threads:
-        torch.set_num_threads(threads)
+def _method_models() -> dict[str, object]:
+    """A 48-bit model of each method: shipped checkpoints where they exist; stable_signature is the
+    pnm checkpoint's base VAE and reader with the per-copy recipe's defaults (what the method builds)."""
+    models = {name: load_fingerprint_model(shipped_checkpoint(folder))
+              for name, folder in (("carrier", "embedded"), ("pnm", "embedded_pnm"), ("wouaf", "embedded_wouaf"))
+              if (shipped_checkpoint(folder) / "fingerprint.json").is_file()}
+    if "wouaf" not in models:  # same cost trained or not: random heads on the tiny default
+        vae = build_vae()
+        models["wouaf"] = build_fingerprint_model(vae, 48, {"affine_sites": [], "spatial_site": None, "conv_sites": [
+            "conv_in", "*.resnets.*.conv1", "up_blocks.*.resnets.*.conv1"]}, {"kind": "band_energy"}, {"method": "wouaf"})
+    signature = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
+    signature.meta = {**signature.meta, "method": "stable_signature", "copy_finetune": {}}
+    models["stable_signature"] = signature
+    return models
+
+
+def bench_issue_methods(repeats: int = 20, slow_repeats: int = 2) -> dict[str, float]:
+    """Seconds to compute one copy (code -> the copy's tensors, ACT all) per method, and the ratio
+    of stable_signature's (a training run per copy) to pnm's and wouaf's."""
+    rng = np.random.default_rng(0)
+    out: dict[str, float] = {}
+    for name, model in _method_models().items():
+        n = slow_repeats if name == "stable_signature" else repeats
+
+        def issue(model=model):  # a new code each time: no memoised copy
+            return personal_tensors(model, rng.integers(0, 2, 48, dtype=np.uint8), "all", int(rng.integers(2**31)))
+
+        out[f"issue_copy_{name}_s"] = _mean_seconds(issue, n, warmup=1 if n == slow_repeats else 2)
+    for name in ("pnm", "wouaf"):
+        out[f"issue_ratio_stable_signature_over_{name}"] = out["issue_copy_stable_signature_s"] / out[f"issue_copy_{name}_s"]
+    return out
+
+
+def bench_startup(repeats: int = 3) -> dict[str, float]:
+    """Wall seconds of ``python -m fingerprint_lm --help`` and of ``import fingerprint_lm.tasks``."""
+    def timed(args: list[str]) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run(args, cwd=tempfile.gettempdir(), capture_output=True, check=True)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    return {"cli_help_s": timed([sys.executable, "-m", "fingerprint_lm", "--help"]),
+            "import_tasks_s": timed([sys.executable, "-c", "import fingerprint_lm.tasks"])}
+
+
+def bench_sweep() -> dict[str, float]:
+    """The README's collusion sweep command in a fresh directory with an empty cache (cold: the
+    fid_proxy net, stable_signature's whitened reader and every copy's training included), then the
+    same command again in the same directory (warm: a new multirun dir, so every point is scored
+    again, with the cached models and fid_proxy net). The cold run's summary.md is kept in
+    ``experiments/results/bench_sweep_summary.md``."""
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {"FINGERPRINT_LM_CACHE": str(Path(tmp) / "cache"), "PATH": "/usr/bin:/bin",
+               "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "HOME": tmp}
+        for label in ("cold", "warm"):
+            start = time.perf_counter()
+            result = subprocess.run(SWEEP_COMMAND, cwd=tmp, env=env, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"sweep failed ({label}): {result.stderr[-2000:]}")
+            out[f"sweep_{label}_s"] = time.perf_counter() - start
+        summaries = sorted(Path(tmp).glob("outputs/multiruns/**/summary.md"))
+        out["sweep_points"] = float(len(list(Path(tmp).glob("outputs/multiruns/*/*/metrics.json"))))
+        if summaries:
+            kept = ROOT / "experiments" / "results" / "bench_sweep_summary.md"
+            kept.write_text(summaries[-1].read_text())
+    out["sweep_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return out
+
+
+def _sd_training_step(resolution: int, batch_size: int, bits: int, checkpointing: bool) -> dict[str, float]:
+    """One worst-case step (K=1) of a PNM on an SD-sized decoder (random weights); bf16 autocast on
+    CUDA (a CPU without bf16 units is slower in bf16 than in float32)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     vae = build_vae(SD_VAE_CONFIG)
@@ -87,7 +187,6 @@ def _sd_training_step(resolution: int, batch_size: int, bits: int, checkpointing
     images = torch.rand(batch_size, 3, resolution, resolution, device=device) * 2 - 1
 
     def step():
-        # bf16 autocast where it pays (CUDA); a CPU without bf16 units is slower in bf16 than fp32
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             module.training_step({"image": images}, 0)
         if device.type == "cuda":
@@ -95,74 +194,107 @@ def _sd_training_step(resolution: int, batch_size: int, bits: int, checkpointing
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    seconds = _median_seconds(step, repeats, warmup=1)
+    seconds = _mean_seconds(step, 1, warmup=1)
+    out = {"train_step_s": seconds}
     if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    return {"seconds": seconds, "peak_mb": peak_mb}
-
-
-def bench_sd_training(resolution: int | None = None, batch_size: int = 1, bits: int = 48, repeats: int = 1,
-                      threads: int | None = None) -> dict[str, float]:
-    """Seconds per worst-case training step and peak memory of a PNM on an SD-sized decoder,
-    without and with gradient checkpointing (each in its own process)."""
-    resolution = resolution or (256 if torch.cuda.is_available() else 64)
-    out: dict[str, float] = {}
-    context = multiprocessing.get_context("spawn")
-    for checkpointing in (False, True):
-        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            result = pool.submit(_sd_training_step, resolution, batch_size, bits, checkpointing, repeats,
-                                 threads).result()
-        tag = f"sd_{resolution}px_b{batch_size}_{'ckpt' if checkpointing else 'plain'}"
-        out[f"{tag}_train_step_s"] = result["seconds"]
-        out[f"{tag}_peak_mb"] = result["peak_mb"]
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 
-def _manual(module: FingerprintModule) -> FingerprintModule:
-    """Let ``training_step`` run outside a Trainer (optimizer, backward and logging stubs)."""
-    optimizer = module.configure_optimizers()
-    module.optimizers = lambda: optimizer
-    module.manual_backward = lambda loss: loss.backward()
-    module.log_dict = lambda *a, **k: None
-    module.log = lambda *a, **k: None
-    return module
+def bench_sd_training(resolution: int | None = None, batch_size: int = 1, bits: int = 48) -> dict[str, float]:
+    resolution = resolution or (256 if torch.cuda.is_available() else 64)
+    out: dict[str, float] = {}
+    for checkpointing in (False, True):
+        tag = f"sd_{resolution}px_b{batch_size}_{'ckpt' if checkpointing else 'plain'}"
+        result = _in_fresh_process(_sd_training_step, resolution, batch_size, bits, checkpointing)
+        out.update({f"{tag}_{key}": value for key, value in result.items()})
+    return out
+
+
+# -- running and writing ----------------------------------------------------------------------------
+def _section(fn: Callable[..., dict], threads: int | None, *args) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    result = fn(*args)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return result
+
+
+def _in_fresh_process(fn: Callable[..., dict], *args, threads: int | None = None) -> dict:
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(_section, fn, threads, *args).result()
+
+
+SECTIONS: dict[str, tuple[Callable[..., dict], str]] = {
+    "training": (bench_training, "training step, batch 32, 32 px, 48 bits: plain and worst-case (K=1) variants"),
+    "inference": (bench_inference, "throughput, batch 64, 32 px"),
+    "issue": (bench_issue_methods, "issuing one copy per method (code -> copy tensors, ACT all)"),
+    "distributor": (bench_distributor, "issuing one copy of the shipped carrier checkpoint, step by step"),
+    "registry": (bench_registry, "identification among 10^6 registered 48-bit codes; registration"),
+    "startup": (bench_startup, "start-up of the CLI"),
+}
+
+
+def _format(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def markdown(results: dict[str, dict], command: str, seconds: float, threads: int) -> str:
+    lines = [
+        "# Benchmarks", "",
+        f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')} in {seconds / 60:.1f} min: "
+        f"torch {torch.__version__}, {threads} torch threads per section, {platform.processor() or platform.machine()}, "
+        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}. "
+        "Each section ran in a fresh process: `peak_rss_mb` is that process's peak resident memory. "
+        "Seconds are means over repeats; compare ratios across machines, not seconds.", "",
+    ]
+    for name, figures in results.items():
+        title = SECTIONS[name][1] if name in SECTIONS else {
+            "sweep": "the README's default collusion sweep (`python -m fingerprint_lm +experiment=collusion_sweep`)",
+            "sd": "one worst-case step of a PNM on an SD-sized decoder (random weights, batch 1)"}[name]
+        lines += [f"## {name}: {title}", "", "| figure | value |", "|---|---|"]
+        lines += [f"| {key} | {_format(value)} |" for key, value in figures.items()]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--sd", action="store_true",
-                        help="also time a training step on an SD-sized decoder (slow on a CPU: minutes)")
-    parser.add_argument("--sd-only", action="store_true", help="only the SD-sized figure")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per section (default: torch's)")
+    parser.add_argument("--sweep", action="store_true", help="also run the README's collusion sweep cold and warm")
+    parser.add_argument("--sd", action="store_true", help="also time an SD-sized decoder step (minutes on a CPU)")
+    parser.add_argument("--sd-only", action="store_true", help="only the SD-sized step")
     parser.add_argument("--sd-resolution", type=int, default=None, help="SD image side (default: 256 CUDA, 64 CPU)")
+    parser.add_argument("--only", nargs="*", choices=sorted(SECTIONS), help="run only these sections")
+    parser.add_argument("--write", type=Path, default=None, help="also write the figures as markdown here")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"# fingerprint_lm bench: torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    start = time.perf_counter()
+    results: dict[str, dict] = {}
+    for name in [] if args.sd_only else (args.only or SECTIONS):
+        results[name] = _in_fresh_process(SECTIONS[name][0], threads=args.threads)
+        _print(name, results[name])
     if args.sd or args.sd_only:
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU, float32"
-        print(f"# SD-sized decoder (128/256/512/512), random init, batch 1, K=1 worst-case step, {device}")
-    if args.sd_only:
-        _print(bench_sd_training(args.sd_resolution, threads=args.threads))
-        return
-    print("# embedded default: tiny AutoencoderKL (16/32/64), 32x32 images, 48-bit fingerprints")
-    results: dict[str, float] = {}
-    results.update(bench_training())
-    results.update(bench_inference())
-    results.update(bench_registry())
-    results.update(bench_distributor())
-    if args.sd:
-        results.update(bench_sd_training(args.sd_resolution, threads=args.threads))
-    _print(results)
+        results["sd"] = bench_sd_training(args.sd_resolution)
+        _print("sd", results["sd"])
+    if args.sweep:
+        results["sweep"] = bench_sweep()
+        _print("sweep", results["sweep"])
+    if args.write:
+        command = "python -m fingerprint_lm.bench " + " ".join(sys.argv[1:])
+        text = markdown(results, command.strip(), time.perf_counter() - start, args.threads or torch.get_num_threads())
+        if not (args.sd or args.sd_only):
+            text += "\nThe SD-sized step (`--sd`) and the clean-fid path were not run here (no GPU).\n"
+        tmp = args.write.with_name(f".{args.write.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(args.write)
 
 
-def _print(results: dict[str, float]) -> None:
+def _print(section: str, results: dict) -> None:
+    print(f"# {section}", flush=True)
     width = max(len(k) for k in results)
     for key, value in results.items():
-        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-        print(f"{key:<{width}}  {shown}")
+        print(f"{key:<{width}}  {_format(value)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,23 @@ def compose_config(tmp_path: Path, overrides: list[str] = (), tiny: bool = True)
     return cfg
 
 
+@pytest.fixture(scope="session")
+def default_cfg(tmp_path_factory):
+    """The composed default config (no overrides, no debug overlay), once for every test that only
+    reads it. Tests must not modify it (compose their own with ``compose_config`` for that)."""
+    cfg = compose_config(tmp_path_factory.mktemp("default_cfg"), [], tiny=False)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_default_cfg(tmp_path_factory):
+    """``debug=tiny``'s composed config, read-only, shared like ``default_cfg``."""
+    cfg = compose_config(tmp_path_factory.mktemp("tiny_default_cfg"), [])
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
     return lambda overrides=(): compose_config(tmp_path, list(overrides))

@@ -110,13 +110,12 @@ def test_a_sweep_stopped_by_a_bad_value_leaves_no_sweep_dir(tmp_path):
     assert list((tmp_path / "outputs" / "multiruns").glob("*")) == []
 
 
-def test_training_probes_and_the_sweep_use_one_set_of_attack_names(tmp_path):
+def test_training_probes_and_the_sweep_use_one_set_of_attack_names(default_cfg):
     """Every training run's robustness probes are image cases of the sweep's default grid, so a
     ``robust/<case>`` figure and the sweep's row of that case mean the same attack."""
     from fingerprint_lm.attacks.cases import ROBUSTNESS_SUITE, parse_case
     from fingerprint_lm.attacks.image import IMAGE_ATTACKS
 
-    cfg = compose_config(tmp_path, [], tiny=False)
-    sweep_cases = str(cfg.sweep.grid.case).split(",")
+    sweep_cases = str(default_cfg.sweep.grid.case).split(",")
     image_cases = [case for case in sweep_cases if parse_case(case)[0] in IMAGE_ATTACKS]
     assert image_cases == list(ROBUSTNESS_SUITE)

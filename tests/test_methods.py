@@ -24,16 +24,19 @@ from tests.conftest import ROOT, compose_config
 BITS = 32
 
 
-@pytest.fixture(scope="module")
-def pnm_model(tmp_path_factory):
-    """An untrained method=pnm model on the debug=tiny VAE, its heads set to random values so that
-    every user's copy differs from the base decoder (about 0.1 relative change per value)."""
-    cfg = compose_config(tmp_path_factory.mktemp("pnm"), ["method=pnm"])
+@pytest.fixture(scope="module", params=["pnm", "wouaf"])
+def pnm_model(tmp_path_factory, request):
+    """An untrained stock-weight model (method=pnm: GroupNorm affines; method=wouaf: conv input
+    channels) on the debug=tiny VAE, its heads set to random values so that every user's copy
+    differs from the base decoder (about 0.1 relative change per value)."""
+    cfg = compose_config(tmp_path_factory.mktemp(request.param), [f"method={request.param}"])
     method = method_from_config(cfg)
     torch.manual_seed(0)
     model = method.build_model(build_vae(OmegaConf.to_container(cfg.model.vae_config)).eval(), BITS)
+    heads = [*model.pnm.affine_heads.values(), *model.pnm.conv_heads.values()]
+    assert heads and model.method == request.param
     with torch.no_grad():
-        for head in model.pnm.affine_heads.values():
+        for head in heads:
             head.weight.normal_(0, 0.05)
     return model
 
@@ -44,22 +47,24 @@ def set_eps(module, eps: float) -> None:
             norm.eps = eps
 
 
-def test_method_group_instantiates_both_methods(tmp_path):
-    carrier = method_from_config(compose_config(tmp_path, []))
+def test_method_group_instantiates_every_method(tmp_path, tiny_default_cfg):
+    carrier = method_from_config(tiny_default_cfg)
     pnm = method_from_config(compose_config(tmp_path, ["method=pnm"]))
+    wouaf = method_from_config(compose_config(tmp_path, ["method=wouaf"]))
     assert isinstance(carrier, CarrierMethod) and isinstance(pnm, PNMMethod)
+    assert wouaf.record()["method"] == "wouaf" and wouaf.pnm["affine_sites"] == [] and wouaf.pnm["conv_sites"]
     assert pnm.pnm["spatial_site"] is None and pnm.extractor["kind"] == "band_energy"
     assert pnm.record()["method"] == "pnm"
     # the learned reader is one setting away; its own settings, not the band reader's, are used
     pooled = method_from_config(compose_config(tmp_path, ["method=pnm", "method.extractor.kind=pooled"]))
-    vae = build_vae(OmegaConf.to_container(compose_config(tmp_path, []).model.vae_config))
+    vae = build_vae(OmegaConf.to_container(tiny_default_cfg.model.vae_config))
     assert isinstance(pooled.build_model(vae, 16).extractor, PooledExtractor)
     with pytest.raises(ConfigError, match="method.extractor.pooled"):
         build_extractor(16, kind="pooled", pooled={"filter_size": 7})
 
 
 @pytest.mark.parametrize("act_type", ACT_TYPES)
-def test_pnm_copy_is_a_stock_folder_equal_to_the_pnm_decoder(pnm_model, tmp_path, act_type):
+def test_stock_copy_is_a_stock_folder_equal_to_the_methods_decoder(pnm_model, tmp_path, act_type):
     """Exactly the two stock files; AutoencoderKL.from_pretrained decodes within 1e-5 of the
     distributor's PNM decoder. ACT none/permute/sign are exact at the stock GroupNorm eps; ACT
     scale changes a group's input scale s, which GroupNorm cancels exactly only at eps = 0
@@ -126,7 +131,7 @@ def test_band_energy_extractor_reads_a_band_texture_after_shifts_and_crops():
         reader(torch.rand(1, 3, 6, 6))
 
 
-def test_bad_method_values_are_one_error_line(tmp_path):
+def test_bad_method_values_are_one_error_line(tmp_path, tiny_default_cfg):
     with pytest.raises(ConfigError, match="spatial_site must be null"):
         method_from_config(compose_config(tmp_path, ["method=pnm", "method.pnm.spatial_site=conv_norm_out"]))
     with pytest.raises(ConfigError, match="shift-invariant extractor"):
@@ -140,7 +145,7 @@ def test_bad_method_values_are_one_error_line(tmp_path):
     # whitening needs more images than bits: refused when the model is built, before training
     small = method_from_config(compose_config(tmp_path, ["method=pnm", "method.detector_fit_samples=16"]))
     with pytest.raises(ConfigError, match="detector_fit_samples > 48"):
-        small.build_model(build_vae(OmegaConf.to_container(compose_config(tmp_path, []).model.vae_config)), 48)
+        small.build_model(build_vae(OmegaConf.to_container(tiny_default_cfg.model.vae_config)), 48)
     result = subprocess.run(
         [sys.executable, "-m", "fingerprint_lm", "debug=tiny", "method=pnm", "method.steps=0",
          f"hydra.run.dir={tmp_path / 'run'}"],
@@ -167,6 +172,10 @@ def test_sweep_summary_puts_methods_side_by_side():
     assert "| none | 0.999 (30.5) | 0.600 (30.5) |" in table
     assert "| shift | 0.410 (30.5) | 0.590 (30.5) |" in table
     assert "## carrier: 48-bit fingerprints" in text and "## pnm: 48-bit fingerprints" in text
+    # the opening table: a row per method; the worst image attack is named
+    compared = text[text.index("## Methods compared"):text.index("## Methods side by side")].splitlines()
+    assert compared[4].startswith("| carrier 48-bit | 0.999 | 30.50 | 0.410 / 0.410 (shift) |")
+    assert compared[5].startswith("| pnm 48-bit | 0.600 | 30.50 | 0.590 / 0.590 (shift) |")
     assert summary_csv(rows).splitlines()[1].startswith("carrier,48,all,none")
     # one method: no side-by-side section, headings as before
     assert "Methods side by side" not in summary_markdown([r for r in rows if r["method"] == "pnm"])

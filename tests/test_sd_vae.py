@@ -52,8 +52,9 @@ def sd_folder(tmp_path_factory):
     return folder
 
 
-def _pnm(vae, bits=16, **kwargs):
-    model = build_fingerprint_model(vae, bits, {"tile_size": 8, "mapping_hidden": 16}, {"cnn_channels": (8,)})
+def _pnm(vae, bits=16, conv_sites=(), **kwargs):
+    pnm_kwargs = {"tile_size": 8, "mapping_hidden": 16, "conv_sites": conv_sites}
+    model = build_fingerprint_model(vae, bits, pnm_kwargs, {"cnn_channels": (8,)})
     for key, value in kwargs.items():
         setattr(model.pnm, key, value)
     return model
@@ -61,7 +62,7 @@ def _pnm(vae, bits=16, **kwargs):
 
 def _randomise_heads(pnm: PersonalizedDecoder, std: float = 0.1) -> None:
     with torch.no_grad():
-        for head in pnm.affine_heads.values():
+        for head in [*pnm.affine_heads.values(), *pnm.conv_heads.values()]:
             head.weight.normal_(0, std)
 
 
@@ -116,7 +117,8 @@ def test_zero_modulation_reproduces_the_sd_layout_decoder_exactly(sd_folder):
 def _gradients(sd_folder, checkpointing: bool):
     torch.manual_seed(1)
     vae = load_vae(sd_folder)
-    model = _pnm(vae, gradient_checkpointing=checkpointing)
+    # conv sites too (method=wouaf): their modulation must reach the recomputed blocks as well
+    model = _pnm(vae, conv_sites=["up_blocks.*.resnets.*.conv1"], gradient_checkpointing=checkpointing)
     _randomise_heads(model.pnm)
     model.pnm.decoder.requires_grad_(True)  # gradients through the decoder weights too
     calls = []
@@ -144,6 +146,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(sd_folder):
     # the modulation reached the recomputed blocks: heads and carriers get gradients
     assert grads_ckpt["affine_heads.up_blocks__3__resnets__2__norm2.weight"].abs().sum() > 0
     assert grads_ckpt["carriers"].abs().sum() > 0
+    assert grads_ckpt["conv_heads.up_blocks__3__resnets__2__conv1.weight"].abs().sum() > 0
 
 
 def _fingerprint_module(vae, checkpointing=False, **kwargs):
@@ -363,3 +366,4 @@ def test_method_pnm_runs_on_an_sd_vae_folder_and_its_copy_is_stock(tmp_path, sd_
         latents = torch.randn(1, 4, 4, 4)
         stock = AutoencoderKL.from_pretrained(tmp_path / "copy").eval()
         assert (stock.decode(latents).sample - model.pnm(latents, code[None])).abs().max() <= 1e-5
+

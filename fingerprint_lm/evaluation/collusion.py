@@ -104,6 +104,7 @@ class Users:
     user_ids: list[str]
     index: CodeIndex
     copies: list[tuple[dict[str, torch.Tensor], torch.Tensor | None, str | None]]  # (state, bias map, site)
+    issue_seconds: float = 0.0  # wall time per copy made (a per-copy training run included)
 
     @property
     def colluder_ids(self) -> set[str]:
@@ -149,6 +150,7 @@ class PointResult:
     ssim: float
     fid_proxy: float | None = None
     fid_proxy_base: float | None = None
+    issue_seconds: float = 0.0  # per copy; a memoised per-copy training (stable_signature) is nearly free
     seconds: float = 0.0
     images: PointImages | None = field(default=None, repr=False)
     users: Users | None = field(default=None, repr=False)  # who the point drew: codes and registry
@@ -170,6 +172,7 @@ def draw_users(model: FingerprintModel, point: Point, settings: PointSettings, s
     rng = np.random.default_rng([int(seed), 0])
     codes = rng.integers(0, 2, size=(point.colluders + settings.n_innocents, k), dtype=np.uint8)
     user_ids = [f"colluder{i}" for i in range(point.colluders)] + [f"innocent{i}" for i in range(settings.n_innocents)]
+    start = time.perf_counter()
     copies = [
         personal_tensors(
             model, codes[i], point.act, _user_seed(seed, i) if point.act != "none" else None,
@@ -177,7 +180,8 @@ def draw_users(model: FingerprintModel, point: Point, settings: PointSettings, s
         )
         for i in range(point.colluders)
     ]
-    return Users(codes, user_ids, CodeIndex.from_bits(user_ids, codes), copies)
+    seconds = (time.perf_counter() - start) / point.colluders
+    return Users(codes, user_ids, CodeIndex.from_bits(user_ids, codes), copies, seconds)
 
 
 def held_out_images(resolution: int, n_images: int, images: torch.Tensor | None = None) -> torch.Tensor:
@@ -312,6 +316,7 @@ def score(model: FingerprintModel, users: Users, point: Point, images: PointImag
         ssim=float(ssim(images.outputs, images.reference)),
         fid_proxy=fid_proxy,
         fid_proxy_base=fid_proxy_base,
+        issue_seconds=users.issue_seconds,
         images=images,
         users=users,
     )

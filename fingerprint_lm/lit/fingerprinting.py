@@ -4,8 +4,10 @@ Loss = w_rec * MSE(decoded_u, decoded_base) + lambda_fp * BCE(E(aug(decoded_u)),
        + lambda_wc * BCE(E(aug(decoded_u; theta + delta*)), f_u)
 
 ``delta*`` comes from K steps of normalised gradient ascent on the fingerprint loss, per decoder
-tensor, inside ``||delta_t|| <= rho * ||theta_t||`` (AWP/SAM style). The first ascent direction
-reuses the clean pass's backward, so a K-step worst-case step costs about (1 + K) plain steps.
+tensor, inside ``||delta_t|| <= rho * ||theta_t||`` (AWP/SAM style). Where the first ascent
+direction comes from is ``wc_ascent`` (``FingerprintModule``); the shipped ``lagged`` takes the
+previous step's worst-case gradient, so a K = 1 step costs one more forward and backward than a
+plain step (1.8x measured, ``make bench``) instead of 2.6x for the exact direction.
 ``w_rec`` follows a PSNR target (dual ascent on log w_rec) so runs land at the fidelity asked for.
 """
 
@@ -20,11 +22,14 @@ from diffusers import AutoencoderKL
 from torch import nn
 from torch.nn import functional as F
 
+from fingerprint_lm.errors import ConfigError, check_int
 from fingerprint_lm.metrics.quality import psnr, ssim
 from fingerprint_lm.models.augment import AugmentConfig, random_augment
 from fingerprint_lm.models.extractor import FingerprintExtractor, fold_tiles
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.vae import encode_latents, encoder_parameters, freeze_encoder
+
+WC_ASCENTS: tuple[str, ...] = ("exact", "reuse", "lagged")
 
 
 def worst_case_perturbation(
@@ -61,6 +66,12 @@ class FingerprintModule(L.LightningModule):
         lambda_wc: weight of the worst-case fingerprint BCE (ignored when ``wc_steps`` = 0).
         wc_steps: K, inner ascent steps (0 = plain training).
         wc_rho: relative radius of the weight perturbation per tensor.
+        wc_ascent: where the first ascent direction comes from: ``exact`` (the clean fingerprint
+            BCE's gradient: one more backward over the clean graph), ``reuse`` (the whole clean
+            loss's gradient, which the clean backward computes anyway: SAM's choice) or ``lagged``
+            (the previous step's worst-case gradient; the clean backward then skips the decoder
+            weights' gradients). ``experiments/worst_case_cost.py`` compares them.
+        wc_every: the worst-case term is added on every ``wc_every``-th step (1: every step).
         psnr_target: fidelity the reconstruction weight steers to (dB, fingerprinted vs base).
         rec_weight_init: initial reconstruction weight.
         rec_weight_lr: step of the dual update on log(rec weight).
@@ -90,6 +101,8 @@ class FingerprintModule(L.LightningModule):
         lambda_wc: float = 1.0,
         wc_steps: int = 1,
         wc_rho: float = 0.01,
+        wc_ascent: str = "exact",
+        wc_every: int = 1,
         psnr_target: float = 31.0,
         rec_weight_init: float = 100.0,
         rec_weight_lr: float = 0.01,
@@ -109,6 +122,10 @@ class FingerprintModule(L.LightningModule):
         self.lambda_wc = lambda_wc
         self.wc_steps = wc_steps
         self.wc_rho = wc_rho
+        if wc_ascent not in WC_ASCENTS:
+            raise ConfigError(f"wc_ascent must be one of {', '.join(WC_ASCENTS)}, got {wc_ascent!r}")
+        self.wc_ascent = wc_ascent
+        self.wc_every = check_int("wc_every", wc_every)
         self.psnr_target = psnr_target
         self.rec_weight_lr = rec_weight_lr
         self.augment = augment or AugmentConfig()
@@ -200,39 +217,19 @@ class FingerprintModule(L.LightningModule):
         rec_weight = self.log_rec_weight.exp()
         carriers = not (self.carrier_dropout > 0 and float(torch.rand(())) < self.carrier_dropout)
 
-        weights = self.decoder_weights() if self.wc_steps > 0 else []
-        if weights and not self.train_decoder:
-            for w in weights:
-                w.requires_grad_(True)
         optimizer.zero_grad(set_to_none=True)
+        worst_case = self.wc_steps > 0 and self._wc_due()
+        if worst_case and self._clean_pass_needs_weight_grads():
+            self._weights_require_grad(self.decoder_weights(), True)
         out = self.pnm(latents, bits, carriers).float()
         base = base.float()
         rec = F.mse_loss(out, base)
         bce = self.fingerprint_loss(out, bits)
         loss = rec_weight * rec + self.lambda_fp * bce
-        bce_wc = torch.zeros((), device=self.device)
-        if weights:
-            # The ascent direction comes from the same forward pass as the clean loss.
-            grads = torch.autograd.grad(bce, weights, retain_graph=True, allow_unused=True)
-            self.manual_backward(loss)
-            deltas = worst_case_perturbation(weights, list(grads), self.wc_rho)
-            originals = [w.detach().clone() for w in weights]  # restored by copy: bit-exact
-            try:
-                self._perturb(weights, originals, deltas)
-                for _ in range(self.wc_steps - 1):
-                    inner = self.fingerprint_loss(self.pnm(latents, bits, carriers), bits)
-                    grads = torch.autograd.grad(inner, weights, allow_unused=True)
-                    deltas = worst_case_perturbation(originals, list(grads), self.wc_rho, previous=deltas)
-                    self._perturb(weights, originals, deltas)
-                bce_wc = self.fingerprint_loss(self.pnm(latents, bits, carriers), bits)
-                self.manual_backward(self.lambda_wc * bce_wc)
-            finally:
-                self._perturb(weights, originals, None)
-            if not self.train_decoder:
-                for w in weights:
-                    w.grad = None
-                    w.requires_grad_(False)
+        if worst_case:
+            bce_wc = self._backward_with_worst_case(loss, bce, latents, bits, carriers)
         else:
+            bce_wc = torch.zeros((), device=self.device)
             self.manual_backward(loss)
         optimizer.step()
 
@@ -266,6 +263,62 @@ class FingerprintModule(L.LightningModule):
         )
         self.log("acc", bit_acc, prog_bar=True, logger=False)
         self.log("psnr", batch_psnr, prog_bar=True, logger=False)
+
+    def _wc_due(self) -> bool:
+        """Whether this step carries the worst-case term (every ``wc_every``-th step)."""
+        self._wc_calls = getattr(self, "_wc_calls", -1) + 1
+        return self._wc_calls % self.wc_every == 0
+
+    def _clean_pass_needs_weight_grads(self) -> bool:
+        """The exact ascent differentiates the clean BCE, ``reuse`` reads the clean gradient;
+        ``lagged`` needs neither once it holds a direction."""
+        return self.wc_ascent != "lagged" or getattr(self, "_lagged_direction", None) is None
+
+    def _backward_with_worst_case(self, loss, bce, latents, bits, carriers) -> torch.Tensor:
+        """Backward of the clean ``loss`` and of ``lambda_wc * BCE`` at ``theta + delta*``;
+        returns that BCE. The first ascent direction depends on ``wc_ascent`` (class docstring)."""
+        weights = self.decoder_weights()
+        if self.wc_ascent == "reuse":  # SAM: the clean loss's own gradient, no extra backward
+            self.manual_backward(loss)
+            grads = [None if w.grad is None else w.grad.detach().clone() for w in weights]
+        elif self._clean_pass_needs_weight_grads():  # the fingerprint loss alone: one more backward
+            grads = list(torch.autograd.grad(bce, weights, retain_graph=True, allow_unused=True))
+            self.manual_backward(loss)
+        else:  # lagged: the previous step's worst-case gradient
+            grads = self._lagged_direction
+            self.manual_backward(loss)
+        self._weights_require_grad(weights, True)
+        # lagged needs the worst-case term's gradient alone; a trained decoder already holds the clean one
+        lagged = self.wc_ascent == "lagged"
+        before = [None if w.grad is None else w.grad.detach().clone() for w in weights] if lagged else None
+        deltas = worst_case_perturbation(weights, grads, self.wc_rho)
+        originals = [w.detach().clone() for w in weights]  # restored by copy: bit-exact
+        try:
+            self._perturb(weights, originals, deltas)
+            for _ in range(self.wc_steps - 1):
+                inner = self.fingerprint_loss(self.pnm(latents, bits, carriers), bits)
+                grads = torch.autograd.grad(inner, weights, allow_unused=True)
+                deltas = worst_case_perturbation(originals, list(grads), self.wc_rho, previous=deltas)
+                self._perturb(weights, originals, deltas)
+            bce_wc = self.fingerprint_loss(self.pnm(latents, bits, carriers), bits)
+            self.manual_backward(self.lambda_wc * bce_wc)
+        finally:
+            self._perturb(weights, originals, None)
+        if lagged:  # this term's own gradient becomes the next direction
+            self._lagged_direction = [
+                None if w.grad is None else w.grad.detach().clone() - (0 if b is None else b)
+                for w, b in zip(weights, before)
+            ]
+        if not self.train_decoder:  # the shared decoder is not trained: drop its gradients
+            for w in weights:
+                w.grad = None
+            self._weights_require_grad(weights, False)
+        return bce_wc
+
+    def _weights_require_grad(self, weights: list[nn.Parameter], flag: bool) -> None:
+        if not self.train_decoder:
+            for w in weights:
+                w.requires_grad_(flag)
 
     @staticmethod
     @torch.no_grad()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from fingerprint_lm.errors import ConfigError, check_int
 from fingerprint_lm.lit.base_vae import BaseVAEModule
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
 from fingerprint_lm.methods import FingerprintMethod
+from fingerprint_lm.methods.base import COPY_TRAINERS
 from fingerprint_lm.metrics.quality import psnr, ssim
 from fingerprint_lm.models import augment as aug
 from fingerprint_lm.models.checkpoint import FingerprintModel
@@ -132,7 +134,8 @@ def train_fingerprint(
         facts.update(method.before_fit(module, datamodule.train_dataloader()))
         module.cpu()
     fit_seconds = time.perf_counter() - start
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if method.trains_shared_modules:  # stable_signature trains each copy instead
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     module.to(trainer.strategy.root_device)  # the hook decodes images too: on the training device
     facts.update(method.after_fit(module, datamodule.train_dataloader()))
     module.cpu()  # evaluation and checkpoint writing below run on the CPU copy
@@ -148,6 +151,17 @@ def train_fingerprint(
 
 
 # -- evaluation ---------------------------------------------------------------------------------
+def _decode_users(model: FingerprintModel, latents: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """``latents`` decoded by the users of ``bits``: the PNM decoder, one code per sample; for a
+    method whose copies are trained one per user (stable_signature) the batch shares the first
+    sample's code (``bits`` is overwritten with it) and is decoded by that user's trained copy."""
+    if model.method not in COPY_TRAINERS:
+        return model.pnm(latents, bits)
+    bits[:] = bits[0]
+    state = COPY_TRAINERS[model.method](model, bits[0].numpy())
+    copy = deepcopy(model.pnm)
+    copy.decoder.load_state_dict({k.removeprefix("decoder."): v for k, v in state.items() if k.startswith("decoder.")})
+    return copy(latents, None)
 
 
 @torch.no_grad()
@@ -176,7 +190,7 @@ def evaluate_fingerprint(
         latents = encode_latents(model.vae, images)
         bits = torch.randint(0, 2, (len(images), model.fingerprint_bits), generator=generator)
         base = model.pnm(latents, None)
-        out = model.pnm(latents, bits)
+        out = _decode_users(model, latents, bits)
         correct += ((model.extractor(out) > 0).long() == bits).float().sum().item()
         psnrs.append(psnr(out, base))
         ssims.append(ssim(out, base) * len(images))

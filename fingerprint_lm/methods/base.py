@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -42,8 +42,12 @@ class FingerprintMethod:
     checkpoint_name: str = "embedded"
     shipped_steps: int | None = None
 
+    # False: nothing is shared across users to train (stable_signature trains each copy instead);
+    # the training stage then runs only the method's hooks.
+    trains_shared_modules: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
-        check_int("method.steps", self.steps)
+        check_int("method.steps", self.steps, 1 if self.trains_shared_modules else 0)
         if self.detector_fit_samples < 0:
             raise ConfigError(f"method.detector_fit_samples must be >= 0, got {self.detector_fit_samples}")
 
@@ -77,6 +81,11 @@ def collect_images(loader: Iterable, n: int) -> torch.Tensor:
     return torch.cat(images)[:n]
 
 
+# Methods whose copies are trained one per user register here how (method name ->
+# ``(model, code) -> VAE state dict``): methods.stable_signature.
+COPY_TRAINERS: dict[str, Callable[[FingerprintModel, np.ndarray], dict[str, torch.Tensor]]] = {}
+
+
 @torch.no_grad()
 def personal_tensors(
     model: FingerprintModel,
@@ -89,25 +98,35 @@ def personal_tensors(
     """The tensors of one user's copy: ``(vae_state_dict, bias_map, bias_map_site)``.
 
     Affine sites: ``weight = gamma_0 * (1 + scale)``, ``bias = beta_0 + shift`` (float64, one
-    rounding), the function :class:`~fingerprint_lm.models.pnm.ModulatedGroupNorm` computes. Then
+    rounding), the function :class:`~fingerprint_lm.models.pnm.ModulatedGroupNorm` computes; conv
+    sites: input-channel columns of the weight times ``1 + in_scale``
+    (:class:`~fingerprint_lm.models.pnm.ModulatedConv2d`); a method in :data:`COPY_TRAINERS`
+    trains the copy's weights instead. Then
     the user's ACT (``act_seed`` required unless ``act_type == "none"``) over ``act_scope``
     (:data:`~fingerprint_lm.models.act.ACT_SCOPES`; stream ACT permutes the bias map's channels
     with the last stream segment). ``bias_map`` is the spatial site's ``[1, C, T, T]`` map (None
     without a spatial site: ``method=pnm``), ``bias_map_site`` its module name in the VAE
     (``decoder.conv_norm_out``). Every returned tensor is a fresh copy.
     """
-    pnm = model.pnm
     code = torch.as_tensor(np.asarray(bits)).long().reshape(1, -1)
-    modulation = pnm.modulation(code)  # checks the code length against the model
-    base = model.vae.state_dict()
-    state = dict(base)
     bias_map, site_name = None, None
+    if model.method in COPY_TRAINERS:
+        state = COPY_TRAINERS[model.method](model, code[0].numpy())
+        modulation = {}
+    else:
+        modulation = model.pnm.modulation(code)  # checks the code length against the model
+        base = model.vae.state_dict()
+        state = dict(base)
     for site, values in modulation.items():
         prefix = f"decoder.{site}"
         if "scale" in values:
             weight, bias = base[f"{prefix}.weight"], base[f"{prefix}.bias"]
             state[f"{prefix}.weight"] = (weight.double() * (1.0 + values["scale"][0].double())).to(weight.dtype)
             state[f"{prefix}.bias"] = (bias.double() + values["shift"][0].double()).to(bias.dtype)
+        if "in_scale" in values:  # conv sites: conv((1 + s) * x) == the conv with weight[:, c] * (1 + s_c)
+            weight = base[f"{prefix}.weight"]
+            gain = 1.0 + values["in_scale"][0].double()
+            state[f"{prefix}.weight"] = (weight.double() * gain[None, :, None, None]).to(weight.dtype)
         if "bias_map" in values:
             bias_map, site_name = values["bias_map"].detach().clone().contiguous(), prefix
     if act_type not in ACT_TYPES:

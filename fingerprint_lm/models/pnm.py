@@ -11,7 +11,10 @@ Two kinds of site, both on the decoder's main path (docs/design.md, "What ships 
   detector reads it from step 0, which is what lets training start from a readable signal instead
   of an extractor that learns from nothing (measured: joint training from scratch stalls at ~70%).
 
-The modulation for a batch is set on the modulated norms right before decoding (one fingerprint
+* ``conv`` sites (none by default; ``method=wouaf`` uses every decoder conv): WOUAF-style scales of
+  a conv's input channels, ``conv((1 + s_u) * x)``, i.e. the stock conv with scaled weight columns.
+
+The modulation for a batch is set on the modulated modules right before decoding (one fingerprint
 per sample), so one forward pass serves a batch of different users.
 """
 
@@ -69,6 +72,37 @@ class ModulatedGroupNorm(nn.GroupNorm):
         if self.bias_map is not None:
             out = out + tile_to(self.bias_map.to(out.dtype), out.shape[-2:])
         return out
+
+
+class ModulatedConv2d(nn.Conv2d):
+    """Conv2d whose input channels are scaled per sample (WOUAF's weight modulation); same
+    ``weight``/``bias`` names. ``in_scale`` [B, C_in] gives ``conv((1 + in_scale) * x)``, which
+    is the stock conv with ``weight[:, c] * (1 + in_scale[c])`` (zero padding stays zero), so a
+    user's copy is a plain ``Conv2d``. None: exactly ``nn.Conv2d``."""
+
+    in_scale: torch.Tensor | None = None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> ModulatedConv2d:
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                  conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                  device=conv.weight.device, dtype=conv.weight.dtype)
+        if not conv.weight.is_meta:
+            new.load_state_dict(conv.state_dict())
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_scale is not None:
+            x = x * (1 + self.in_scale.to(x.dtype))[:, :, None, None]
+        return super().forward(x)
+
+
+# What each modulated module holds while ``PersonalizedDecoder.fingerprinted`` is active.
+_MODULATION_SLOTS = {ModulatedGroupNorm: ("scale", "shift", "bias_map"), ModulatedConv2d: ("in_scale",)}
+
+
+def _modulated_modules(module: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in module.named_modules() if type(m) in _MODULATION_SLOTS}
 
 
 def tile_to(tile: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -151,6 +185,8 @@ class PersonalizedDecoder(nn.Module):
         modulation_bound: None, or the largest relative change per affine value:
             ``scale, shift -> b * tanh(raw / b)``. Without it a message loss with no image loss yet
             drives the decoder into saturation (measured: PSNR ~7 dB, codes indistinguishable).
+        conv_sites: glob-like module names of decoder convs whose input channels are scaled per
+            user (WOUAF-style, ``ModulatedConv2d``; stock weights too). Empty to disable.
     """
 
     def __init__(
@@ -166,6 +202,7 @@ class PersonalizedDecoder(nn.Module):
         post_quant_conv: nn.Module | None = None,
         gradient_checkpointing: bool = False,
         modulation_bound: float | None = None,
+        conv_sites: Sequence[str] = (),
     ):
         super().__init__()
         if modulation_bound is not None and modulation_bound <= 0:
@@ -192,6 +229,15 @@ class PersonalizedDecoder(nn.Module):
             parent = decoder.get_submodule(parent_name) if parent_name else decoder
             setattr(parent, child, ModulatedGroupNorm.from_group_norm(norms[name]))
 
+        convs = {n: m for n, m in decoder.named_modules() if isinstance(m, nn.Conv2d)}
+        self.conv_site_names = sorted(n for n in convs if any(_match(n, p) for p in conv_sites))
+        if conv_sites and not self.conv_site_names:
+            raise ConfigError(f"no decoder conv matches the PNM conv sites {list(conv_sites)}")
+        for name in self.conv_site_names:
+            parent_name, _, child = name.rpartition(".")
+            parent = decoder.get_submodule(parent_name) if parent_name else decoder
+            setattr(parent, child, ModulatedConv2d.from_conv(convs[name]))
+
         # Heads start at zero so that a fresh PNM reproduces the base decoder exactly.
         self.affine_heads = nn.ModuleDict()
         for name in self.affine_site_names:
@@ -199,6 +245,13 @@ class PersonalizedDecoder(nn.Module):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
             self.affine_heads[name.replace(".", "__")] = head
+
+        self.conv_heads = nn.ModuleDict()
+        for name in self.conv_site_names:
+            head = nn.Linear(mapping_hidden, convs[name].in_channels)
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+            self.conv_heads[name.replace(".", "__")] = head
 
         if spatial_site is not None:
             channels = norms[spatial_site].num_channels
@@ -227,6 +280,11 @@ class PersonalizedDecoder(nn.Module):
                 bound = self.modulation_bound
                 scale, shift = bound * torch.tanh(scale / bound), bound * torch.tanh(shift / bound)
             out[name] = {"scale": scale, "shift": shift}
+        for name in self.conv_site_names:
+            in_scale = self.conv_heads[name.replace(".", "__")](style)
+            if self.modulation_bound is not None:
+                in_scale = self.modulation_bound * torch.tanh(in_scale / self.modulation_bound)
+            out[name] = {"in_scale": in_scale}
         if self.spatial_site_name is not None:
             amplitude = self.carrier_log_amplitude.exp()
             bias_map = torch.einsum("bk,k,kchw->bchw", signs, amplitude, self.carriers)
@@ -237,7 +295,7 @@ class PersonalizedDecoder(nn.Module):
     def fingerprinted(self, bits: torch.Tensor | None, carriers: bool = True) -> Iterator[None]:
         """Within the block, the decoder decodes with fingerprints ``bits`` (None: base decoder).
         ``carriers=False`` leaves out the spatial bias map (only the main-path affine part)."""
-        modules = {n: m for n, m in self.decoder.named_modules() if isinstance(m, ModulatedGroupNorm)}
+        modules = _modulated_modules(self.decoder)
         try:
             if bits is not None:
                 for name, values in self.modulation(bits).items():
@@ -247,7 +305,8 @@ class PersonalizedDecoder(nn.Module):
             yield
         finally:
             for module in modules.values():
-                module.scale = module.shift = module.bias_map = None
+                for slot in _MODULATION_SLOTS[type(module)]:
+                    setattr(module, slot, None)
 
     def forward(self, latents: torch.Tensor, bits: torch.Tensor | None, carriers: bool = True) -> torch.Tensor:
         # A VAE loaded in bf16/fp16 decodes in its own dtype; callers keep theirs (fp32 losses).
@@ -285,27 +344,33 @@ class PersonalizedDecoder(nn.Module):
 
     def pnm_parameters(self) -> list[nn.Parameter]:
         """The private PNM parameters (mapping, heads, carriers): never part of a user's copy."""
-        params = list(self.mapping.parameters()) + list(self.affine_heads.parameters())
+        params = [*self.mapping.parameters(), *self.affine_heads.parameters(), *self.conv_heads.parameters()]
         if self.spatial_site_name is not None:
             params += [self.carriers, self.carrier_log_amplitude]
         return params
 
 
 class _ModulatedBlock:
-    """A decoder block together with the modulation its norms hold now; calling it sets that
+    """A decoder block together with the modulation its modules hold now; calling it sets that
     modulation for the call (the first forward and the recomputation alike) and restores after."""
 
     def __init__(self, block: nn.Module):
         self.block = block
-        self.norms = [m for m in block.modules() if isinstance(m, ModulatedGroupNorm)]
-        self.modulation = [(m.scale, m.shift, m.bias_map) for m in self.norms]
+        self.modules = list(_modulated_modules(block).values())
+        self.modulation = self._held()
+
+    def _held(self) -> list[tuple]:
+        return [tuple(getattr(m, slot) for slot in _MODULATION_SLOTS[type(m)]) for m in self.modules]
+
+    def _set(self, values: list[tuple]) -> None:
+        for module, held in zip(self.modules, values):
+            for slot, value in zip(_MODULATION_SLOTS[type(module)], held):
+                setattr(module, slot, value)
 
     def __call__(self, sample: torch.Tensor) -> torch.Tensor:
-        current = [(m.scale, m.shift, m.bias_map) for m in self.norms]
+        current = self._held()
         try:
-            for norm, (scale, shift, bias_map) in zip(self.norms, self.modulation):
-                norm.scale, norm.shift, norm.bias_map = scale, shift, bias_map
+            self._set(self.modulation)
             return self.block(sample)
         finally:
-            for norm, (scale, shift, bias_map) in zip(self.norms, current):
-                norm.scale, norm.shift, norm.bias_map = scale, shift, bias_map
+            self._set(current)

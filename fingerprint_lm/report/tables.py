@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fingerprint_lm.attacks.cases import MODEL_ATTACKS
+from fingerprint_lm.attacks.image import IMAGE_ATTACKS
 from fingerprint_lm.errors import DataError
 from fingerprint_lm.models.act import ACT_TYPES
 
@@ -143,6 +145,7 @@ def summary_markdown(rows: list[dict], title: str = "Collusion sweep") -> str:
         f"{len(rows)} points. fid_proxy is a proxy (a small feature net trained on the "
         "procedural images), not FID; compare it with fid_proxy_base (base decoder).",
         "",
+        *comparison_lines(rows),
         *method_lines(rows),
         *headline_lines(rows),
         *tracing_lines(rows),
@@ -161,6 +164,72 @@ def _find(rows: list[dict], group: tuple[str, int], act: str, attack: str, collu
                                       row.get("attack_strength")) == (act, attack, colluders, strength):
             return row
     return None
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def comparison_lines(rows: list[dict]) -> list[str]:
+    """One row per method and length (ACT ``all`` where a case was swept with it): clean bit accuracy
+    and PSNR; mean and worst bit accuracy over image attacks and over model attacks; 2-party
+    averaging's PSNR and fid_proxy without ACT and with ACT all; the adaptive colluder; colluders
+    caught over every collusion case; the slowest issue of one copy seen in the sweep (a method
+    that trains each copy pays it once per new code)."""
+    groups = _groups(rows)
+    if not groups:
+        return []
+    out = ["## Methods compared (ACT all unless stated; fid_proxy is a proxy, not FID)", "",
+           "| method | clean bit_acc | PSNR | image attacks: mean / worst | model attacks: mean / worst "
+           "| 2-party average, no ACT: PSNR / fid_proxy | ACT all: PSNR / fid_proxy | adaptive colluder: PSNR / bit_acc "
+           "| colluders caught | innocents accused | issue one copy (s) |",
+           "|---|" + "---|" * 10]
+    for group in groups:
+        mine = [r for r in rows if _in_group(r, group)]
+        single = [r for r in mine if r.get("colluders") == 1 and r.get("act") == "all"] or \
+            [r for r in mine if r.get("colluders") == 1]
+        clean = next((r for r in single if r.get("attack") == "none"), None)
+
+        plain, act_all = _find(rows, group, "none", "average", 2), _find(rows, group, "all", "average", 2)
+        adaptive = _find(rows, group, "all", "aligned_average", 2)
+        colluding = [r for r in mine if (r.get("colluders") or 0) >= 2 and r.get("act") == "all"]
+        cells = [
+            f"{group[0]} {group[1]}-bit",
+            _cell(clean.get("bit_acc") if clean else None, 3),
+            _cell(clean.get("psnr") if clean else None, 2),
+            _spread(single, "image"),
+            _spread(single, "model"),
+            _pair(plain, "psnr", "fid_proxy", 2, 1),
+            _pair(act_all, "psnr", "fid_proxy", 2, 1),
+            _pair(adaptive, "psnr", "bit_acc", 2, 3),
+            f"{sum(r.get('tracing_caught') or 0 for r in colluding)}/{sum(r['colluders'] for r in colluding)}"
+            if colluding else "",
+            str(sum(r.get("tracing_innocents_accused") or 0 for r in colluding)) if colluding else "",
+            _cell(max((r.get("issue_seconds") or 0.0 for r in mine), default=None), 3),
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    return [*out, ""]
+
+
+def _spread(rows: list[dict], kind: str) -> str:
+    """Mean and worst bit accuracy over the ``kind`` attacks among ``rows``, the worst case named."""
+    values = [(r["bit_acc"], r.get("case") or r["attack"]) for r in rows if _attack_kind(r["attack"]) == kind]
+    if not values:
+        return ""
+    worst = min(values)
+    return f"{_cell(_mean([v for v, _ in values]), 3)} / {_cell(worst[0], 3)} ({worst[1]})"
+
+
+def _pair(row: dict | None, a: str, b: str, digits_a: int, digits_b: int) -> str:
+    return "" if row is None else f"{_cell(row.get(a), digits_a)} / {_cell(row.get(b), digits_b)}"
+
+
+def _attack_kind(attack: str) -> str:
+    if attack in IMAGE_ATTACKS:
+        return "image"
+    if attack in MODEL_ATTACKS:
+        return "model"
+    return "other"
 
 
 def method_lines(rows: list[dict]) -> list[str]:
