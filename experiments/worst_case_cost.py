@@ -24,6 +24,7 @@ import torch
 from hydra.utils import instantiate
 from recipe_search import compose_cfg  # experiments/ is on sys.path when run as a script
 
+from fingerprint_lm.bench import manual_stepping
 from fingerprint_lm.evaluation.collusion import Point, PointSettings, evaluate_point
 from fingerprint_lm.lit import stages
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
@@ -48,11 +49,7 @@ def step_seconds(vae, method, options: dict, steps: int = 12) -> float:
     """Mean seconds of a training step outside a Trainer (batch 32, 32 px), after 3 warm-up steps."""
     model = method.build_model(vae, 48)
     train = {**method.train, **options}
-    module = FingerprintModule(vae, model.pnm, model.extractor, **train)
-    optimizer = module.configure_optimizers()
-    module.optimizers = lambda: optimizer
-    module.manual_backward = lambda loss: loss.backward()
-    module.log_dict = module.log = lambda *a, **k: None
+    module = manual_stepping(FingerprintModule(vae, model.pnm, model.extractor, **train))
     images = torch.rand(32, 3, 32, 32) * 2 - 1
     times = []
     for i in range(steps + 3):

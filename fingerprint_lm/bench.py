@@ -32,7 +32,6 @@ from fingerprint_lm.distributor.bench import bench_distributor
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
 from fingerprint_lm.methods import personal_tensors
 from fingerprint_lm.models.checkpoint import (
-    build_fingerprint_model,
     load_fingerprint_model,
     shipped_checkpoint,
 )
@@ -62,7 +61,7 @@ def _mean_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> fl
     return (time.perf_counter() - start) / repeats
 
 
-def _manual(module: FingerprintModule) -> FingerprintModule:
+def manual_stepping(module: FingerprintModule) -> FingerprintModule:
     """Let ``training_step`` run outside a Trainer (optimizer, backward and logging stubs)."""
     optimizer = module.configure_optimizers()
     module.optimizers = lambda: optimizer
@@ -79,7 +78,7 @@ def bench_training(batch_size: int = 32, bits: int = 48, repeats: int = 20) -> d
     for name, options in {"K0_plain": {"wc_steps": 0}, **WORST_CASE_VARIANTS}.items():
         torch.manual_seed(0)
         vae = build_vae()
-        module = _manual(FingerprintModule(vae, PersonalizedDecoder(vae.decoder, bits), FingerprintExtractor(bits),
+        module = manual_stepping(FingerprintModule(vae, PersonalizedDecoder(vae.decoder, bits), FingerprintExtractor(bits),
                                            **options))
         out[f"train_step_{name}_s"] = _mean_seconds(lambda m=module: m.training_step({"image": images}, 0), repeats)
     for name in WORST_CASE_VARIANTS:
@@ -104,15 +103,10 @@ def bench_inference(batch_size: int = 64, bits: int = 48, repeats: int = 10) -> 
 
 
 def _method_models() -> dict[str, object]:
-    """A 48-bit model of each method: shipped checkpoints where they exist; stable_signature is the
-    pnm checkpoint's base VAE and reader with the per-copy recipe's defaults (what the method builds)."""
+    """A 48-bit model of each method: the shipped checkpoints; stable_signature is the pnm
+    checkpoint's base VAE and reader with the per-copy recipe's defaults (what the method builds)."""
     models = {name: load_fingerprint_model(shipped_checkpoint(folder))
-              for name, folder in (("carrier", "embedded"), ("pnm", "embedded_pnm"), ("wouaf", "embedded_wouaf"))
-              if (shipped_checkpoint(folder) / "fingerprint.json").is_file()}
-    if "wouaf" not in models:  # same cost trained or not: random heads on the tiny default
-        vae = build_vae()
-        models["wouaf"] = build_fingerprint_model(vae, 48, {"affine_sites": [], "spatial_site": None, "conv_sites": [
-            "conv_in", "*.resnets.*.conv1", "up_blocks.*.resnets.*.conv1"]}, {"kind": "band_energy"}, {"method": "wouaf"})
+              for name, folder in (("carrier", "embedded"), ("pnm", "embedded_pnm"), ("wouaf", "embedded_wouaf"))}
     signature = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
     signature.meta = {**signature.meta, "method": "stable_signature", "copy_finetune": {}}
     models["stable_signature"] = signature
@@ -183,7 +177,7 @@ def _sd_training_step(resolution: int, batch_size: int, bits: int, checkpointing
     vae = build_vae(SD_VAE_CONFIG)
     pnm = PersonalizedDecoder(vae.decoder, bits, post_quant_conv=vae.post_quant_conv,
                               gradient_checkpointing=checkpointing)
-    module = _manual(FingerprintModule(vae, pnm, FingerprintExtractor(bits), wc_steps=1)).to(device)
+    module = manual_stepping(FingerprintModule(vae, pnm, FingerprintExtractor(bits), wc_steps=1)).to(device)
     images = torch.rand(batch_size, 3, resolution, resolution, device=device) * 2 - 1
 
     def step():

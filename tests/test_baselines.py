@@ -28,6 +28,7 @@ def test_stable_signature_copies_are_trained_per_user_and_read_as_their_own(tmp_
     assert metrics["steps"] == 0
     assert metrics["bit_acc"] > 0.6, metrics["bit_acc"]  # evaluated through copies trained per user
     model = load_fingerprint_model(metrics["checkpoint"])
+    assert not [key for key in model.meta if key.startswith("_")]  # no private state in the saved record
     assert model.method == "stable_signature" and model.pnm.pnm_parameters() == list(model.pnm.mapping.parameters())
     rng = np.random.default_rng(0)
     own, other = rng.integers(0, 2, (2, BITS), dtype=np.uint8)

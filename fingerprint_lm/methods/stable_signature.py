@@ -77,14 +77,13 @@ _MEMO_SIZE = 16
 
 
 def _digest(model) -> str:
-    """A fingerprint of the base VAE and the extractor, kept on the model (computed once)."""
-    if "_finetune_digest" not in model.meta:
-        digest = hashlib.sha256()
-        for module in (model.vae, model.extractor):
-            for name, tensor in sorted(module.state_dict().items()):
-                digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-        model.meta["_finetune_digest"] = digest.hexdigest()
-    return model.meta["_finetune_digest"]
+    """A fingerprint of the base VAE and the extractor, computed on every call (milliseconds here)
+    so that neither a changed model nor its saved record can carry a stale one."""
+    digest = hashlib.sha256()
+    for module in (model.vae, model.extractor):
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def finetune_copy(model, bits) -> dict[str, torch.Tensor]:

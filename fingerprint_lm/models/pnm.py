@@ -105,6 +105,20 @@ def _modulated_modules(module: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in module.named_modules() if type(m) in _MODULATION_SLOTS}
 
 
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at ``root``'s submodule path ``name`` (parameter names stay the same)."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _zero_head(width: int, outputs: int) -> nn.Linear:
+    """A linear head that starts at zero, so that a fresh PNM reproduces the base decoder exactly."""
+    head = nn.Linear(width, outputs)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
 def tile_to(tile: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Repeat a [B,C,T,T] tile periodically to cover [B,C,H,W] (cropping the last period)."""
     height, width = size
@@ -225,33 +239,22 @@ class PersonalizedDecoder(nn.Module):
         self.spatial_site_name = spatial_site
 
         for name in {*self.affine_site_names, *([spatial_site] if spatial_site else [])}:
-            parent_name, _, child = name.rpartition(".")
-            parent = decoder.get_submodule(parent_name) if parent_name else decoder
-            setattr(parent, child, ModulatedGroupNorm.from_group_norm(norms[name]))
+            _replace(decoder, name, ModulatedGroupNorm.from_group_norm(norms[name]))
 
         convs = {n: m for n, m in decoder.named_modules() if isinstance(m, nn.Conv2d)}
         self.conv_site_names = sorted(n for n in convs if any(_match(n, p) for p in conv_sites))
         if conv_sites and not self.conv_site_names:
             raise ConfigError(f"no decoder conv matches the PNM conv sites {list(conv_sites)}")
         for name in self.conv_site_names:
-            parent_name, _, child = name.rpartition(".")
-            parent = decoder.get_submodule(parent_name) if parent_name else decoder
-            setattr(parent, child, ModulatedConv2d.from_conv(convs[name]))
+            _replace(decoder, name, ModulatedConv2d.from_conv(convs[name]))
 
-        # Heads start at zero so that a fresh PNM reproduces the base decoder exactly.
         self.affine_heads = nn.ModuleDict()
         for name in self.affine_site_names:
-            head = nn.Linear(mapping_hidden, 2 * norms[name].num_channels)
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
-            self.affine_heads[name.replace(".", "__")] = head
+            self.affine_heads[name.replace(".", "__")] = _zero_head(mapping_hidden, 2 * norms[name].num_channels)
 
         self.conv_heads = nn.ModuleDict()
         for name in self.conv_site_names:
-            head = nn.Linear(mapping_hidden, convs[name].in_channels)
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
-            self.conv_heads[name.replace(".", "__")] = head
+            self.conv_heads[name.replace(".", "__")] = _zero_head(mapping_hidden, convs[name].in_channels)
 
         if spatial_site is not None:
             channels = norms[spatial_site].num_channels
@@ -276,20 +279,19 @@ class PersonalizedDecoder(nn.Module):
         out: dict[str, dict[str, torch.Tensor]] = {}
         for name in self.affine_site_names:
             scale, shift = self.affine_heads[name.replace(".", "__")](style).chunk(2, dim=-1)
-            if self.modulation_bound is not None:
-                bound = self.modulation_bound
-                scale, shift = bound * torch.tanh(scale / bound), bound * torch.tanh(shift / bound)
-            out[name] = {"scale": scale, "shift": shift}
+            out[name] = {"scale": self._bounded(scale), "shift": self._bounded(shift)}
         for name in self.conv_site_names:
-            in_scale = self.conv_heads[name.replace(".", "__")](style)
-            if self.modulation_bound is not None:
-                in_scale = self.modulation_bound * torch.tanh(in_scale / self.modulation_bound)
-            out[name] = {"in_scale": in_scale}
+            out[name] = {"in_scale": self._bounded(self.conv_heads[name.replace(".", "__")](style))}
         if self.spatial_site_name is not None:
             amplitude = self.carrier_log_amplitude.exp()
             bias_map = torch.einsum("bk,k,kchw->bchw", signs, amplitude, self.carriers)
             out.setdefault(self.spatial_site_name, {})["bias_map"] = bias_map
         return out
+
+    def _bounded(self, raw: torch.Tensor) -> torch.Tensor:
+        """``b * tanh(raw / b)`` with ``b = modulation_bound`` (None: ``raw`` as it is)."""
+        bound = self.modulation_bound
+        return raw if bound is None else bound * torch.tanh(raw / bound)
 
     @contextlib.contextmanager
     def fingerprinted(self, bits: torch.Tensor | None, carriers: bool = True) -> Iterator[None]:
