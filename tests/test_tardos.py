@@ -1,5 +1,5 @@
 """Symmetric Tardos scoring against its published formulas: term values, innocents' moments, the
-Bernstein threshold, and colluders caught under the classic collusion strategies."""
+Chernoff threshold, and colluders caught under the classic collusion strategies."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from fingerprint_lm.registry.tardos import (
     arcsine_biases,
     draw_tardos_codes,
     pirate_bits,
+    tardos_p_value_bound,
     tardos_scores,
     tardos_threshold,
     tardos_trace,
@@ -57,26 +58,45 @@ def test_biases_follow_the_cut_arcsine_density():
 
 
 def test_the_threshold_bounds_innocent_accusations():
-    """Bernstein + Bonferroni: innocents' codes against random pirate strings, fpr 0.05 over 500
+    """Chernoff + Bonferroni: innocents' codes against random pirate strings, fpr 0.05 over 500
     users, 400 trials: far fewer trials with an accusation than 5%."""
     rng = np.random.default_rng(2)
-    cutoff = 0.05
-    biases = arcsine_biases(128, cutoff, rng)
-    threshold = tardos_threshold(128, 500, 0.05, cutoff)
+    biases = arcsine_biases(128, 0.05, rng)
     trials_with_accusation = 0
     for _ in range(400):
         codes = draw_tardos_codes(500, biases, rng)
         pirate = (rng.random(128) < 0.5).astype(np.int8)
+        threshold = tardos_threshold(pirate, 500, 0.05, biases)
         trials_with_accusation += bool((tardos_scores(pirate, codes, biases) >= threshold).any())
     assert trials_with_accusation <= 20
-    assert tardos_threshold(64, 10, 1e-3) == pytest.approx(math.log(1e4) / 3 + math.sqrt((math.log(1e4) / 3) ** 2 + 2 * math.log(1e4) * 64))
+
+
+def _kl_half(q: float) -> float:
+    return q * math.log(2 * q) + (1 - q) * math.log(2 * (1 - q))
+
+
+@pytest.mark.parametrize("m", [48, 256])
+def test_uniform_threshold_is_the_binomial_chernoff_bound(m):
+    """For p = 1/2 the bound is exp(-m KL((1 + z/m)/2 || 1/2)) (Chernoff-Hoeffding for +-1 terms):
+    the threshold solves m KL = ln(N / fpr), and is below Bernstein's a + sqrt(a^2 + 2 L m)."""
+    pirate = np.random.default_rng(5).integers(0, 2, m)
+    log_term = math.log(1000 / 1e-6)
+    z = tardos_threshold(pirate, 1000, 1e-6)
+    if m * math.log(2) <= log_term:  # 48 bits cannot reach fpr 1e-6 over 1000 users at all
+        assert z > m
+        return
+    assert m * _kl_half((1 + z / m) / 2) == pytest.approx(log_term, rel=2e-3)
+    a = log_term / 3
+    assert z < a + math.sqrt(a * a + 2 * log_term * m)
+    assert tardos_p_value_bound(z, pirate, 1000) == pytest.approx(1e-6, rel=0.05)
+    # erased positions carry nothing: with every position erased nobody can be accused
+    assert tardos_threshold(np.full(m, -1), 1000, 1e-6) > 0
+    assert tardos_p_value_bound(0.0, np.full(m, -1), 1000) == 1.0
 
 
 @pytest.mark.parametrize("strategy", ["majority", "interleave", "minority"])
 def test_colluders_are_caught_and_innocents_are_not(strategy):
     rng = np.random.default_rng(3)
-    # Tardos' own cutoff 1/(300 c) makes the terms' bound M = sqrt((1-t)/t) ~ 30, where Bernstein's
-    # threshold is loose (~356 here against colluder scores ~240); t = 0.05 keeps M at 4.4
     c, m, n = 3, 1024, 1000
     cutoff = 0.05
     biases = arcsine_biases(m, cutoff, rng)
@@ -90,7 +110,7 @@ def test_colluders_are_caught_and_innocents_are_not(strategy):
     else:
         pirate = colluders[rng.integers(0, c, size=m), np.arange(m)].astype(np.int8)
     scores = tardos_scores(pirate, codes, biases)
-    threshold = tardos_threshold(m, n, 1e-3, cutoff)
+    threshold = tardos_threshold(pirate, n, 1e-3, biases)
     assert (scores[:c] >= threshold).any() and not (scores[c:] >= threshold).any()
 
 

@@ -16,11 +16,16 @@ and ``S_u = sum_i g(y_i, x_ui)``. For an innocent user, whose bits are drawn ind
 ``y``, every term has mean 0 and variance 1 whatever ``y`` is (:func:`tardos_scores` is tested
 against these moments), and ``|g| <= M = sqrt((1 - t) / t)``.
 
-Threshold. Bernstein's inequality for ``m`` such terms gives
-``P[S_u >= z] <= exp(-z^2 / (2 (m + M z / 3)))``; with a Bonferroni correction over ``N`` users,
-``z = a + sqrt(a^2 + 2 L m)``, ``a = L M / 3``, ``L = ln(N / fpr)`` accuses an innocent with
-probability at most ``fpr`` (:func:`tardos_threshold`). For ``p = 1/2`` every term is +-1 and the
-score is ``2 * matching bits - m``.
+Threshold. Given the pirate bits ``y``, an innocent user's terms are independent, each ``g(y_i, x)``
+with ``x ~ Bernoulli(p_i)``, so Chernoff's bound holds exactly as stated for every ``lam > 0``:
+``P[S_u >= z] <= exp(-lam z + K(lam))`` with ``K(lam) = sum_i log E[exp(lam g_i)]`` computed from
+the biases. With a Bonferroni correction over ``N`` users, ``z = min_lam (K(lam) + L) / lam``,
+``L = ln(N / fpr)``, accuses an innocent with probability at most ``fpr`` (:func:`tardos_threshold`,
+minimised over a fixed grid of ``lam``: any ``lam`` gives a valid bound). It is tighter than the
+Bernstein bound used before, ``z = a + sqrt(a^2 + 2 L m)``, ``a = L M / 3``, ``M = max |g|``, which
+needs more bits than 48-256 to accuse anyone: ``python experiments/tardos_bias_sim.py`` compares
+them (``results/tardos_bias_sim.md``). For ``p = 1/2`` every term is +-1, the score is
+``2 * matching bits - m`` and Chernoff's bound is the binomial one, ``exp(-m KL((1 + z/m)/2 || 1/2))``.
 
 Several images of a suspect set vote per position: ``y_i`` is the sign of the pooled evidence
 ``mean(2 p_i - 1)``; positions without a majority are erased (they add nothing to any score, which
@@ -66,9 +71,7 @@ def tardos_scores(pirate: np.ndarray, codes: np.ndarray, biases: np.ndarray | No
     codes = np.asarray(codes)
     if codes.ndim != 2 or codes.shape[1] != y.shape[0]:
         raise DataError(f"codes must have shape [N, {y.shape[0]}], got {codes.shape}")
-    p = np.full(y.shape[0], 0.5) if biases is None else np.asarray(biases, dtype=np.float64)
-    if p.shape != y.shape or np.any(p <= 0) or np.any(p >= 1):
-        raise DataError(f"biases must be {y.shape[0]} values in (0, 1)")
+    p = _biases(y, biases)
     one, zero = np.sqrt((1 - p) / p), np.sqrt(p / (1 - p))
     # rows: the user's bit x; the term for y = 1 is (one if x else -zero), for y = 0 (-one if x else zero)
     agree_one = np.where(codes == 1, one, -zero)
@@ -77,41 +80,67 @@ def tardos_scores(pirate: np.ndarray, codes: np.ndarray, biases: np.ndarray | No
     return terms.sum(axis=1)
 
 
-def _term_bound(cutoff: float) -> float:
-    """``M``, the largest ``|g|`` for biases in ``[cutoff, 1 - cutoff]`` (1 for uniform codes)."""
-    return 1.0 if cutoff >= 0.5 else math.sqrt((1 - cutoff) / cutoff)
+# Chernoff's lam grid: wide enough for +-1 terms near the end of their range (lam ~ atanh(z/m) up
+# to ~10) and for arcsine terms of up to ~30 (lam ~ 1e-3); 400 points cost microseconds per trace.
+_LAMBDAS = np.geomspace(1e-4, 40.0, 400)
 
 
-def tardos_threshold(m: int, n_users: int, fpr: float, cutoff: float = 0.5) -> float:
-    """Score above which a user is accused: Bernstein's bound with Bonferroni over ``n_users``
-    (``cutoff`` 0.5: uniform codes, every term +-1)."""
+def _log_mgf(pirate: np.ndarray, biases: np.ndarray) -> np.ndarray:
+    """``K(lam)`` for every ``lam`` of the grid: an innocent's score's log moment generating function
+    given the pirate bits (erased positions add 0)."""
+    y, p = np.asarray(pirate), np.asarray(biases, dtype=np.float64)
+    one, zero = np.sqrt((1 - p) / p), np.sqrt(p / (1 - p))
+    lam = _LAMBDAS[:, None]
+    # y = 1: +one when x = 1 (prob p), -zero otherwise; y = 0: +zero when x = 0, -one otherwise
+    k_one = np.logaddexp(np.log(p) + lam * one, np.log1p(-p) - lam * zero)
+    k_zero = np.logaddexp(np.log1p(-p) + lam * zero, np.log(p) - lam * one)
+    return np.where(y == 1, k_one, np.where(y == 0, k_zero, 0.0)).sum(axis=1)
+
+
+def _biases(pirate: np.ndarray, biases: np.ndarray | None) -> np.ndarray:
+    m = np.asarray(pirate).shape[0]
+    p = np.full(m, 0.5) if biases is None else np.asarray(biases, dtype=np.float64)
+    if p.shape != (m,) or np.any(p <= 0) or np.any(p >= 1):
+        raise DataError(f"biases must be {m} values in (0, 1)")
+    return p
+
+
+def tardos_threshold(pirate, n_users: int, fpr: float, biases: np.ndarray | None = None) -> float:
+    """Score above which a user is accused: Chernoff's bound given the pirate bits (1, 0, or -1
+    for erased) and the code biases (None: 1/2 everywhere), Bonferroni over ``n_users``."""
     check_probability("fpr", fpr)
-    check_int("code length", m)
     check_int("number of users", n_users)
-    bound = _term_bound(cutoff)
     log_term = math.log(n_users / fpr)
-    a = log_term * bound / 3.0
-    return a + math.sqrt(a * a + 2.0 * log_term * m)
+    k = _log_mgf(pirate, _biases(pirate, biases))
+    return float(np.min((k + log_term) / _LAMBDAS))
 
 
-def tardos_trace(probs, index: CodeIndex, fpr: float = 1e-6, top: int = 10, biases: np.ndarray | None = None,
-                 cutoff: float = 0.5) -> dict:
+def tardos_p_value_bound(score: float, pirate, n_users: int, biases: np.ndarray | None = None) -> float:
+    """``n_users * min_lam exp(-lam score + K(lam))``, capped at 1: the Bonferroni-corrected bound on
+    an innocent scoring ``score`` or more."""
+    return _p_value_bound(score, _log_mgf(pirate, _biases(pirate, biases)), n_users)
+
+
+def _p_value_bound(score: float, log_mgf: np.ndarray, n_users: int) -> float:
+    return min(1.0, float(n_users * np.exp(np.min(log_mgf - _LAMBDAS * float(score)))))
+
+
+def tardos_trace(probs, index: CodeIndex, fpr: float = 1e-6, top: int = 10, biases: np.ndarray | None = None) -> dict:
     """Rank the registry's users by symmetric Tardos score against a suspect set's soft outputs.
 
     Returns ``{"threshold", "erased", "suspects": [...]}`` with per suspect ``user_id``, ``score``,
-    ``p_value_bound`` (Bernstein, times ``N``) and ``accused``; by decreasing score."""
+    ``p_value_bound`` (Chernoff, times ``N``) and ``accused``; by decreasing score."""
     pirate = pirate_bits(probs)
-    m, n = pirate.shape[0], len(index)
-    threshold = tardos_threshold(m, max(n, 1), fpr, cutoff)
+    n = len(index)
+    threshold = tardos_threshold(pirate, max(n, 1), fpr, biases)
     if n == 0:
         return {"threshold": threshold, "erased": int((pirate < 0).sum()), "suspects": []}
     scores = tardos_scores(pirate, index.bits(), biases)
-    bound = _term_bound(cutoff)
+    log_mgf = _log_mgf(pirate, _biases(pirate, biases))
     keep = max(int(top), int((scores >= threshold).sum()))
     suspects = []
     for i in np.argsort(-scores, kind="stable")[:keep]:
         s = float(scores[i])
-        p_bound = min(1.0, n * math.exp(-s * s / (2.0 * (m + bound * s / 3.0)))) if s > 0 else 1.0
-        suspects.append({"user_id": index.user_ids[i], "score": s, "p_value_bound": p_bound,
-                         "accused": bool(s >= threshold)})
+        suspects.append({"user_id": index.user_ids[i], "score": s,
+                         "p_value_bound": _p_value_bound(s, log_mgf, n), "accused": bool(s >= threshold)})
     return {"threshold": threshold, "erased": int((pirate < 0).sum()), "suspects": suspects}
