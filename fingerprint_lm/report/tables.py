@@ -117,12 +117,8 @@ def _sort_key(row: dict) -> tuple:
     )
 
 
-def _rate(value: Any) -> str:
-    """A bit accuracy with 3 decimals always (``_cell`` prints a whole 1.0 as ``1``, right for counts)."""
-    return f"{value:.3f}" if isinstance(value, float) and not math.isnan(value) else _cell(value)
-
-
-def _cell(value: Any, digits: int = 4) -> str:
+def _cell(value: Any, digits: int = 4, rate: bool = False) -> str:
+    """``rate``: always ``digits`` decimals (a whole float prints as ``1`` otherwise, right for counts)."""
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -130,7 +126,7 @@ def _cell(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
-        return f"{value:.{digits}f}" if not value.is_integer() or abs(value) >= 1e15 else f"{value:g}"
+        return f"{value:.{digits}f}" if rate or not value.is_integer() or abs(value) >= 1e15 else f"{value:g}"
     return str(value)
 
 
@@ -253,7 +249,7 @@ def method_lines(rows: list[dict]) -> list[str]:
         for group in groups:
             row = _find(rows, group, "all", attack, 1, strength) or next(
                 (r for r in rows if _in_group(r, group) and r.get("case") == case), None)
-            cells.append("" if row is None else f"{_rate(row.get('bit_acc'))} ({_cell(row.get('psnr'), 1)})")
+            cells.append("" if row is None else f"{_cell(row.get('bit_acc'), 3, rate=True)} ({_cell(row.get('psnr'), 1)})")
         out.append(f"| {case} | " + " | ".join(cells) + " |")
     return [*out, ""]
 
