@@ -161,7 +161,8 @@ def bench_sweep() -> dict[str, float]:
                 raise RuntimeError(f"sweep failed ({label}): {result.stderr[-2000:]}")
             out[f"sweep_{label}_s"] = time.perf_counter() - start
         summaries = sorted(Path(tmp).glob("outputs/multiruns/**/summary.md"))
-        out["sweep_points"] = float(len(list(Path(tmp).glob("outputs/multiruns/*/*/metrics.json"))))
+        # the cold and the warm run each write a multirun folder: count the last one's points
+        out["sweep_points"] = float(len(list(summaries[-1].parent.glob("*/metrics.json")))) if summaries else 0.0
         if summaries:
             kept = ROOT / "experiments" / "results" / "bench_sweep_summary.md"
             kept.write_text(summaries[-1].read_text())
