@@ -161,9 +161,10 @@ def bench_sweep() -> dict[str, float]:
                 raise RuntimeError(f"sweep failed ({label}): {result.stderr[-2000:]}")
             out[f"sweep_{label}_s"] = time.perf_counter() - start
         summaries = sorted(Path(tmp).glob("outputs/multiruns/**/summary.md"))
-        # the cold and the warm run each write a multirun folder: count the last one's points
-        out["sweep_points"] = float(len(list(summaries[-1].parent.glob("*/metrics.json")))) if summaries else 0.0
+        out["sweep_points"] = 0.0
         if summaries:
+            # the cold and the warm run each write a multirun folder: count the last one's points
+            out["sweep_points"] = float(len(list(summaries[-1].parent.glob("*/metrics.json"))))
             kept = ROOT / "experiments" / "results" / "bench_sweep_summary.md"
             kept.write_text(summaries[-1].read_text())
     out["sweep_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

@@ -22,9 +22,9 @@ with ``x ~ Bernoulli(p_i)``, so Chernoff's bound holds exactly as stated for eve
 the biases. With a Bonferroni correction over ``N`` users, ``z = min_lam (K(lam) + L) / lam``,
 ``L = ln(N / fpr)``, accuses an innocent with probability at most ``fpr`` (:func:`tardos_threshold`,
 minimised over a fixed grid of ``lam``: any ``lam`` gives a valid bound). It is tighter than the
-Bernstein bound used before, ``z = a + sqrt(a^2 + 2 L m)``, ``a = L M / 3``, ``M = max |g|``, which
-needs more bits than 48-256 to accuse anyone: ``python experiments/tardos_bias_sim.py`` compares
-them (``results/tardos_bias_sim.md``). For ``p = 1/2`` every term is +-1, the score is
+Bernstein bound used before, ``z = a + sqrt(a^2 + 2 L m)``, ``a = L M / 3``, ``M = max |g|``, and
+much tighter for biased codes, whose ``M`` is large: ``python experiments/tardos_bias_sim.py``
+compares them (``results/tardos_bias_sim.md``). For ``p = 1/2`` every term is +-1, the score is
 ``2 * matching bits - m`` and Chernoff's bound is the binomial one, ``exp(-m KL((1 + z/m)/2 || 1/2))``.
 
 Several images of a suspect set vote per position: ``y_i`` is the sign of the pooled evidence
@@ -110,9 +110,11 @@ def tardos_threshold(pirate, n_users: int, fpr: float, biases: np.ndarray | None
     for erased) and the code biases (None: 1/2 everywhere), Bonferroni over ``n_users``."""
     check_probability("fpr", fpr)
     check_int("number of users", n_users)
-    log_term = math.log(n_users / fpr)
-    k = _log_mgf(pirate, _biases(pirate, biases))
-    return float(np.min((k + log_term) / _LAMBDAS))
+    return _threshold(_log_mgf(pirate, _biases(pirate, biases)), n_users, fpr)
+
+
+def _threshold(log_mgf: np.ndarray, n_users: int, fpr: float) -> float:
+    return float(np.min((log_mgf + math.log(n_users / fpr)) / _LAMBDAS))
 
 
 def tardos_p_value_bound(score: float, pirate, n_users: int, biases: np.ndarray | None = None) -> float:
@@ -130,13 +132,14 @@ def tardos_trace(probs, index: CodeIndex, fpr: float = 1e-6, top: int = 10, bias
 
     Returns ``{"threshold", "erased", "suspects": [...]}`` with per suspect ``user_id``, ``score``,
     ``p_value_bound`` (Chernoff, times ``N``) and ``accused``; by decreasing score."""
+    check_probability("fpr", fpr)
     pirate = pirate_bits(probs)
     n = len(index)
-    threshold = tardos_threshold(pirate, max(n, 1), fpr, biases)
+    log_mgf = _log_mgf(pirate, _biases(pirate, biases))  # once: the threshold and every p-value use it
+    threshold = _threshold(log_mgf, max(n, 1), fpr)
     if n == 0:
         return {"threshold": threshold, "erased": int((pirate < 0).sum()), "suspects": []}
     scores = tardos_scores(pirate, index.bits(), biases)
-    log_mgf = _log_mgf(pirate, _biases(pirate, biases))
     keep = max(int(top), int((scores >= threshold).sum()))
     suspects = []
     for i in np.argsort(-scores, kind="stable")[:keep]:
