@@ -17,6 +17,13 @@ is below ``--psnr-target`` (on from step 0).
 
     python experiments/band_energy_probe.py --steps 600 --decoder-lr 1e-4
 
+``--reader-lr`` > 0 makes the reader learned but warm-started: its Gabor filters start as the
+secret bank and train with the generator (the reader stays conv + mean pooling, so still
+shift-invariant); ``mu`` and ``sigma`` are re-measured on the same clean batch every 50 steps,
+so unmarked images keep reading as balanced bits while the filters move.
+
+    python experiments/band_energy_probe.py --steps 1000 --decoder-lr 5e-4 --reader-lr 1e-3
+
 Held-out evaluation (256 images, fresh codes): bit accuracy, PSNR vs the base decoder, bit
 accuracy after a 3-px shift and after a 50% crop without resize. Rows go to
 ``results/band_energy_probe.jsonl``.
@@ -96,10 +103,13 @@ def probe(args) -> dict:
     reader = BandEnergyReader(args.bits, size=args.filter_size, seed=args.seed + 5, differential=args.differential)
     data = batches(args.resolution, 256, seed=args.seed + 1000)
     with torch.no_grad():
-        clean = next(data)
-        reader.standardise(base.decode(base.encode(clean).latent_dist.mode()).sample)
+        clean = base.decode(base.encode(next(data)).latent_dist.mode()).sample
+        reader.standardise(clean)
     trainable = [p for n, p in pnm.named_parameters() if not n.startswith(("decoder.", "post_quant_conv."))]
     groups = [{"params": trainable, "lr": args.lr}]
+    if args.reader_lr > 0:  # warm start: the secret bank is where the filters begin, not where they stay
+        reader.weight = nn.Parameter(reader.weight.detach().clone())
+        groups.append({"params": [reader.weight], "lr": args.reader_lr})
     if args.decoder_lr > 0:
         pnm.decoder.requires_grad_(True)
         groups.append({"params": pnm.decoder.parameters(), "lr": args.decoder_lr})
@@ -107,6 +117,9 @@ def probe(args) -> dict:
     image_weight, start, history = 0.0, time.perf_counter(), []
     data = batches(args.resolution, args.batch_size, seed=args.seed)
     for step in range(args.steps):
+        if args.reader_lr > 0 and step % 50 == 0:
+            with torch.no_grad():
+                reader.standardise(clean)
         _, reference, bits, marked = mark_batch(vae, base, pnm, next(data), args.bits)
         logits = reader(marked)
         message = F.binary_cross_entropy_with_logits(logits, bits)
@@ -124,6 +137,9 @@ def probe(args) -> dict:
             print(f"  step {step}: train bit_acc {acc:.3f} psnr {current:.2f} dB weight {image_weight:.1f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     seconds = time.perf_counter() - start
+    if args.reader_lr > 0:
+        with torch.no_grad():
+            reader.standardise(clean)
     return {**vars(args), "train_seconds": round(seconds, 1), **evaluate(pnm, vae, base, reader, args), "history": history}
 
 
@@ -161,6 +177,7 @@ def main() -> None:
     parser.add_argument("--filter-size", type=int, default=7)
     parser.add_argument("--psnr-target", type=float, default=30.0)
     parser.add_argument("--weight-lr", type=float, default=1.0)
+    parser.add_argument("--reader-lr", type=float, default=0.0, help="> 0: train the reader's filters from the secret bank")
     parser.add_argument("--bound", type=float, default=0.5, help="largest relative change per channel")
     parser.add_argument("--differential", action="store_true", help="read each bit as the log ratio of two orthogonal orientations")
     parser.add_argument("--seed", type=int, default=0)

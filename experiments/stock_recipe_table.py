@@ -26,6 +26,8 @@ def describe(probe: str, row: dict) -> str:
         return "stage 1: reader + throwaway image encoder (Stable Signature split)"
     decoder = f", decoder lr {row['decoder_lr']:g}" if row.get("decoder_lr") else ", decoder frozen"
     differential = " differential" if row.get("differential") else ""
+    if row.get("reader_lr"):
+        return f"band-energy reader{differential} warm-started, filters learned (lr {row['reader_lr']:g}){decoder}"
     return f"fixed band-energy reader{differential}{decoder}"
 
 
