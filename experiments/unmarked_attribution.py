@@ -2,7 +2,7 @@
 1000 registered users, fpr 1e-6: nobody accused).
 
 For each shipped checkpoint: ``--images`` held-out procedural images decoded by the *base* decoder
-(unmarked), read by the method's extractor, and identified against ``--users`` random registered
+(unmarked; the checkpoint's ``reference_vae``, the base as it was, when training moved the shared decoder), read by the method's extractor, and identified against ``--users`` random registered
 codes (the distributor's attribution: nearest code, binomial p-value, Bonferroni over the registry).
 Printed: users accused, the share of 1-bits (balanced is 0.5), and the best-match bit counts
 against what independent fair bits predict (the maximum over the registry of Binomial(k, 1/2)).
@@ -48,7 +48,8 @@ def run(checkpoint: str, n_images: int, n_users: int, fpr: float, seed: int) -> 
     hard = []
     for first in range(0, n_images, 256):
         batch = torch.stack([images.sample(i)["image"] for i in range(first, min(first + 256, n_images))])
-        unmarked = model.vae.decode(model.vae.encode(batch).latent_dist.mode()).sample
+        base = model.vae if model.reference_vae is None else model.reference_vae
+        unmarked = base.decode(model.vae.encode(batch).latent_dist.mode()).sample
         hard.append((model.extractor(unmarked) > 0).numpy().astype(np.uint8))
     hard = np.concatenate(hard)
     results = index.identify_many(hard, fpr=fpr)

@@ -7,7 +7,7 @@ import torch
 
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import ConfigError, DataError
-from fingerprint_lm.models.pooled_extractor import MIN_SIZE, PooledExtractor
+from fingerprint_lm.models.pooled_extractor import MIN_SIZE, BandEnergyExtractor, PooledExtractor
 
 
 def images(count: int, resolution: int = 32, seed: int = 4) -> torch.Tensor:
@@ -93,3 +93,17 @@ def test_bad_input_is_a_data_error(extractor):
         extractor.fit_whitening(images(16))
     with pytest.raises(ConfigError, match="positive sizes"):
         PooledExtractor(0)
+
+
+def test_a_band_reader_with_learned_filters_starts_at_the_secret_bank_and_trains():
+    fixed = BandEnergyExtractor(8, seed=3)
+    learned = BandEnergyExtractor(8, seed=3, learn_filters=True)
+    assert list(fixed.parameters()) == [] and list(learned.parameters()) == [learned.weight]
+    assert torch.equal(fixed.weight, learned.weight)
+    learned.raw_logits(images(4)).sum().backward()
+    assert learned.weight.grad is not None and learned.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        learned.weight.add_(0.1 * torch.randn_like(learned.weight))
+    # one state-dict key either way: a checkpoint loads whichever way its reader was trained
+    fixed.load_state_dict(learned.state_dict())
+    assert torch.equal(fixed.weight, learned.weight)

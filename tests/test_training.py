@@ -38,13 +38,13 @@ def test_worst_case_perturbation_has_the_specified_radius_and_direction():
         assert d.norm() <= 0.05 * p.norm() * (1 + 1e-5)
 
 
-def _module(wc_steps: int, rho: float = 0.05):
+def _module(wc_steps: int, rho: float = 0.05, **kwargs):
     torch.manual_seed(0)
     vae = build_vae(SMALL_VAE)
     pnm = PersonalizedDecoder(vae.decoder, 16, tile_size=8, mapping_hidden=16)
     extractor = FingerprintExtractor(16, tile_size=8, cnn_channels=(8,))
     no_augment = AugmentConfig(p_noise=0, p_blur=0, p_jpeg=0, p_crop=0, p_brightness=0)  # deterministic losses
-    return FingerprintModule(vae, pnm, extractor, wc_steps=wc_steps, wc_rho=rho, augment=no_augment)
+    return FingerprintModule(vae, pnm, extractor, wc_steps=wc_steps, wc_rho=rho, augment=no_augment, **kwargs)
 
 
 def _one_step(module: FingerprintModule, images):
@@ -72,6 +72,19 @@ def test_one_worst_case_step_perturbs_then_restores_decoder_and_updates_the_pnm(
     assert all(not p.requires_grad for p in module.decoder_weights())
     # gradient ascent inside the ball makes the fingerprint loss worse, not better
     assert logged["train/bce_wc"] > logged["train/bce"]
+
+
+def test_a_trained_shared_decoder_is_measured_against_the_base_as_it_was():
+    module = _module(wc_steps=1, train_decoder=True, decoder_lr=1e-2)
+    latents = module.encode(torch.rand(4, 3, 16, 16) * 2 - 1)
+    before = module.reference(latents).clone()
+    assert torch.equal(before, module.pnm(latents, None).detach())
+    _one_step(module, torch.rand(8, 3, 16, 16) * 2 - 1)
+    # the shared decoder moved (its unmarked output changed); the reference did not
+    assert not torch.allclose(module.pnm(latents, None).detach(), before)
+    assert torch.equal(module.reference(latents), before)
+    assert not any(p.requires_grad for p in module.reference_pnm.parameters())
+    assert _module(wc_steps=0).reference_pnm is None  # nothing to keep when the decoder is frozen
 
 
 def test_plain_step_has_no_worst_case_term():

@@ -119,7 +119,11 @@ def train_fingerprint(
     check_int("fingerprint length", fingerprint_bits)
     check_resolution(datamodule.resolution, downscale_factor(vae))
     L.seed_everything(seed, workers=True, verbose=False)
+    # A trained shared decoder moves away from the base: a copy of the base as it was stays the
+    # fidelity reference of the evaluation, the sweep and the shipped checkpoint (reference_vae/).
+    reference_vae = deepcopy(vae).eval().requires_grad_(False) if method.train.get("train_decoder") else None
     model = method.build_model(vae, fingerprint_bits)
+    model.reference_vae = reference_vae
     model.pnm.gradient_checkpointing = gradient_checkpointing
     module = FingerprintModule(vae, model.pnm, model.extractor, augment=aug.AugmentConfig(**method.augment),
                                calibration_batch_size=calibration_batch_size, **method.train)
@@ -176,7 +180,8 @@ def evaluate_fingerprint(
     base decoder, accuracy under each robustness probe (attack cases of
     :mod:`~fingerprint_lm.attacks.cases`, the collusion sweep's names and strengths), and the
     accuracy left once the carrier bias maps are removed (what the main-path affine sites carry on
-    their own)."""
+    their own). PSNR/SSIM compare against ``model.reference_vae`` (the base decoder as it was)
+    when the shared decoder was trained, else against the model's own base decoder."""
     generator = torch.Generator().manual_seed(seed)
     probes = {case: image_case(case) for case in probes}
     attack_generator = torch.Generator().manual_seed(seed + 1)  # the probes' random crops and noise
@@ -189,7 +194,7 @@ def evaluate_fingerprint(
         images = batch["image"]
         latents = encode_latents(model.vae, images)
         bits = torch.randint(0, 2, (len(images), model.fingerprint_bits), generator=generator)
-        base = model.pnm(latents, None)
+        base = model.pnm(latents, None) if model.reference_vae is None else model.reference_vae.decode(latents).sample
         out = _decode_users(model, latents, bits)
         correct += ((model.extractor(out) > 0).long() == bits).float().sum().item()
         psnrs.append(psnr(out, base))

@@ -63,13 +63,15 @@ class PNMMethod(FingerprintMethod):
 def whiten(module, images: torch.Tensor) -> None:
     """Fit the extractor's whitening on the base decoder's (unmarked) outputs of ``images``,
     decoded ``module.calibration_batch_size`` at a time on the module's device; only the raw
-    logits are kept (2048 SD-sized images would be 6 GB)."""
+    logits are kept (2048 SD-sized images would be 6 GB). The base is the decoder as it was
+    (``module.reference``): with a trained shared decoder, unmarked images in the wild come from
+    the original model, not from the shared decoder nobody receives."""
     extractor = module.extractor
     if not isinstance(extractor, WhitenedReader):
         raise ConfigError(f"{type(extractor).__name__} has no whitening")
     was_training = extractor.training
     extractor.eval()
-    raw = [extractor.raw_logits(module.pnm(module.encode(chunk.to(module.device)), None).float()).cpu()
+    raw = [extractor.raw_logits(module.reference(module.encode(chunk.to(module.device))).float()).cpu()
            for chunk in images.split(module.calibration_batch_size)]
     extractor.train(was_training)
     extractor.fit_whitening_raw(torch.cat(raw))

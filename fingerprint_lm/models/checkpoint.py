@@ -56,12 +56,17 @@ def checkpoint_code_length(directory: str | Path) -> int:
 
 @dataclass
 class FingerprintModel:
-    """Everything the distributor keeps: base VAE, PNM decoder and extractor, plus metadata."""
+    """Everything the distributor keeps: base VAE, PNM decoder and extractor, plus metadata.
+
+    ``reference_vae``: when training moved the shared decoder (``train_decoder``), the base VAE as
+    it was, which fidelity (PSNR, SSIM, the sweep's unmarked outputs) is measured against; None
+    when ``vae`` is still the base."""
 
     vae: Any
     pnm: PersonalizedDecoder
     extractor: Any  # models.extractor.build_extractor: tiled, pooled or band_energy
     meta: dict[str, Any]
+    reference_vae: Any = None
 
     @property
     def method(self) -> str:
@@ -95,15 +100,21 @@ def save_fingerprint_model(model: FingerprintModel, directory: str | Path) -> Pa
     """Write atomically: the directory appears complete or not at all."""
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
-        model.vae.save_pretrained(tmp / "base_vae", safe_serialization=True)
-        # diffusers records where the VAE was loaded from (a cache path of this machine): not for a checkpoint
-        config_path = tmp / "base_vae" / "config.json"
-        config = json.loads(config_path.read_text())
-        if config.pop("_name_or_path", None) is not None:
-            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _save_vae(model.vae, tmp / "base_vae")
+        if model.reference_vae is not None:
+            _save_vae(model.reference_vae, tmp / "reference_vae")
         save_file(private_state_dict(model), tmp / "fingerprint.safetensors")
         (tmp / "fingerprint.json").write_text(json.dumps(model.meta, indent=2, sort_keys=True))
     return directory
+
+
+def _save_vae(vae, folder: Path) -> None:
+    vae.save_pretrained(folder, safe_serialization=True)
+    # diffusers records where the VAE was loaded from (a cache path of this machine): not for a checkpoint
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    if config.pop("_name_or_path", None) is not None:
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_fingerprint_model(directory: str | Path | None = None, map_location: str = "cpu") -> FingerprintModel:
@@ -132,6 +143,8 @@ def load_fingerprint_model(directory: str | Path | None = None, map_location: st
         model.extractor.load_state_dict(extractor_state)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {directory} does not match its config: {str(exc).splitlines()[0]}") from exc
+    if (directory / "reference_vae").is_dir():
+        model.reference_vae = load_vae(directory / "reference_vae").eval()
     model.vae.eval()
     model.extractor.eval()
     return model
