@@ -104,7 +104,8 @@ def bench_inference(batch_size: int = 64, bits: int = 48, repeats: int = 10) -> 
 
 def _method_models() -> dict[str, object]:
     """A 48-bit model of each method: the shipped checkpoints; stable_signature is the pnm
-    checkpoint's base VAE and reader with the per-copy recipe's defaults (what the method builds)."""
+    checkpoint's base VAE and reader with the per-copy recipe's defaults (the sweep builds it on the
+    base VAE with the fixed bank instead: the same decoder size, so the same cost per copy)."""
     models = {name: load_fingerprint_model(shipped_checkpoint(folder))
               for name, folder in (("carrier", "embedded"), ("pnm", "embedded_pnm"), ("wouaf", "embedded_wouaf"))}
     signature = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))

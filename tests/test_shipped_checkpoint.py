@@ -1,6 +1,7 @@
 """The embedded checkpoint shipped in the package, evaluated on freshly generated images."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,16 +55,21 @@ PNM_CHECKPOINT = shipped_checkpoint("embedded_pnm")
 
 
 def test_shipped_pnm_checkpoint_is_safetensors_only_and_records_its_method():
-    files = {p.name for p in PNM_CHECKPOINT.rglob("*") if p.is_file()}
-    assert files == {"fingerprint.json", "fingerprint.safetensors", "config.json", "diffusion_pytorch_model.safetensors"}
+    files = {str(p.relative_to(PNM_CHECKPOINT)) for p in PNM_CHECKPOINT.rglob("*") if p.is_file()}
+    # reference_vae/: the base decoder as it was before training moved the shared one (what PSNR is measured against)
+    assert files == {"fingerprint.json", "fingerprint.safetensors"} | {
+        f"{folder}/{name}" for folder in ("base_vae", "reference_vae") for name in ("config.json", "diffusion_pytorch_model.safetensors")}
     assert json.loads((PNM_CHECKPOINT / "fingerprint.json").read_text())["method"] == "pnm"
 
 
 def test_shipped_pnm_checkpoint_re_evaluated_through_stock_loaded_copies(tmp_path):
-    """Issue a copy (ACT all), load it with AutoencoderKL.from_pretrained, decode fresh images, save
-    them as 8-bit pixels, read them: the recorded bit accuracy (0.598 on 512 images with fresh
-    random codes) is reproduced within 0.02 for this one user, and is above 0.53; PSNR vs the base
-    decoder >= 29.5 dB.
+    """Issue 8 copies (ACT all), load each with AutoencoderKL.from_pretrained, decode fresh images,
+    save them as 8-bit pixels, read them. One user's accuracy depends on their code (0.65-0.84
+    over 16 users: experiments/per_user_spread.py), so the users' mean is what reproduces the
+    recorded bit accuracy (0.726 on 512 images with a fresh random code per image): within 0.03.
+    Every user reads clearly above chance (>= 0.6: chance is 0.5 +- 0.005 over 256 x 48 bits), and
+    the users' mean PSNR against the decoder as it was (reference_vae/) is >= 29.5 dB (one user's
+    PSNR depends on the code too).
     (The issue's target, 0.99, is not met: README, "Results".)"""
     from diffusers import AutoencoderKL
 
@@ -74,20 +80,23 @@ def test_shipped_pnm_checkpoint_re_evaluated_through_stock_loaded_copies(tmp_pat
 
     model = load_fingerprint_model(PNM_CHECKPOINT)
     assert model.method == "pnm" and model.pnm.spatial_site_name is None
-    with Registry(tmp_path / "registry.sqlite", model.fingerprint_bits) as registry:
-        issued = issue_copy(model, registry, "alice", tmp_path / "copies", secret=b"s", act_type="all",
-                            rng=np.random.default_rng(0))
-        code = torch.as_tensor(registry.get("alice")["code"]).long()
-    assert sorted(p.name for p in (tmp_path / "copies" / "alice").iterdir()) == [
-        "config.json", "diffusion_pytorch_model.safetensors"]
-    stock = AutoencoderKL.from_pretrained(issued["copy"]).eval()
     images = held_out_images(32, 256, seed=31)  # a seed the training run never used
-    marked = decode_with(model.vae, stock, images)
-    base = decode_with(model.vae, model.vae, images)
-    pixels = torch.from_numpy(to_uint8_pixels(marked)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.no_grad():
-        bit_acc = ((model.extractor(pixels) > 0).long() == code).float().mean().item()
+    base = decode_with(model.vae, model.reference_vae, images)  # the base as it was, before the shared decoder trained
+    accuracies, psnrs = [], []
+    with Registry(tmp_path / "registry.sqlite", model.fingerprint_bits) as registry:
+        for user in range(8):
+            issued = issue_copy(model, registry, f"user{user}", tmp_path / "copies", secret=b"s", act_type="all",
+                                rng=np.random.default_rng(user))
+            code = torch.as_tensor(registry.get(f"user{user}")["code"]).long()
+            assert sorted(p.name for p in Path(issued["copy"]).iterdir()) == [
+                "config.json", "diffusion_pytorch_model.safetensors"]
+            stock = AutoencoderKL.from_pretrained(issued["copy"]).eval()
+            marked = decode_with(model.vae, stock, images)
+            pixels = torch.from_numpy(to_uint8_pixels(marked)).permute(0, 3, 1, 2).float() / 127.5 - 1
+            with torch.no_grad():
+                accuracies.append(((model.extractor(pixels) > 0).long() == code).float().mean().item())
+            psnrs.append(psnr(marked, base).mean().item())
     recorded = json.loads((PNM_CHECKPOINT / "fingerprint.json").read_text())["metrics"]
-    assert bit_acc >= 0.53, bit_acc
-    assert abs(bit_acc - recorded["bit_acc"]) < 0.02, (bit_acc, recorded)
-    assert psnr(marked, base).mean().item() >= 29.5
+    assert min(accuracies) >= 0.6, accuracies
+    assert abs(np.mean(accuracies) - recorded["bit_acc"]) < 0.03, (accuracies, recorded)
+    assert np.mean(psnrs) >= 29.5, psnrs
