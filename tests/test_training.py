@@ -85,6 +85,12 @@ def test_a_trained_shared_decoder_is_measured_against_the_base_as_it_was():
     assert torch.equal(module.reference(latents), before)
     assert not any(p.requires_grad for p in module.reference_pnm.parameters())
     assert _module(wc_steps=0).reference_pnm is None  # nothing to keep when the decoder is frozen
+    # a Lightning checkpoint written before the reference existed still resumes (strict load)
+    state = {k: v for k, v in module.state_dict().items() if not k.startswith("reference_pnm.")}
+    checkpoint = {"state_dict": state}
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])
+    assert torch.equal(module.reference(latents), before)
 
 
 def test_plain_step_has_no_worst_case_term():

@@ -350,6 +350,10 @@ class FingerprintModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # checkpoints written before the curve was part of the state: resume with an empty curve
         checkpoint["state_dict"].setdefault("_extra_state", {"history": []})
+        # ... or before the frozen reference was: it still holds the base here, untouched by training
+        if self.reference_pnm is not None:
+            for key, value in self.reference_pnm.state_dict().items():
+                checkpoint["state_dict"].setdefault(f"reference_pnm.{key}", value)
 
     def validation_step(self, batch, batch_idx):
         images = batch["image"]

@@ -194,7 +194,10 @@ def evaluate_fingerprint(
         images = batch["image"]
         latents = encode_latents(model.vae, images)
         bits = torch.randint(0, 2, (len(images), model.fingerprint_bits), generator=generator)
-        base = model.pnm(latents, None) if model.reference_vae is None else model.reference_vae.decode(latents).sample
+        if model.reference_vae is None:
+            base = model.pnm(latents, None)
+        else:  # a stock decode wants latents in the VAE's dtype (bf16 weights); PersonalizedDecoder casts
+            base = model.reference_vae.decode(latents.to(model.reference_vae.dtype)).sample.float()
         out = _decode_users(model, latents, bits)
         correct += ((model.extractor(out) > 0).long() == bits).float().sum().item()
         psnrs.append(psnr(out, base))

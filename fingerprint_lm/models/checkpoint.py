@@ -146,5 +146,7 @@ def load_fingerprint_model(directory: str | Path | None = None, map_location: st
     if (directory / "reference_vae").is_dir():
         model.reference_vae = load_vae(directory / "reference_vae").eval()
     model.vae.eval()
-    model.extractor.eval()
+    # A loaded model is used, not trained: a reader with learned filters must not collect
+    # gradients when a copy is fine-tuned against it (stable_signature).
+    model.extractor.eval().requires_grad_(False)
     return model
