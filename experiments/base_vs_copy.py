@@ -43,8 +43,7 @@ def main() -> None:
                    rng=np.random.default_rng(0))
         registry.close()
         copy = load_copy(Path(tmp) / "copies" / "bob")
-        base = model.vae if model.reference_vae is None else model.reference_vae  # the base as it was
-        base_out = decode_with(model.vae, base, images)
+        base_out = decode_with(model.vae, model.unmarked_vae, images)
         copy_out = decode_with(model.vae, copy, images)
     difference = ((copy_out - base_out).abs() * 5).clamp(0, 2) - 1  # |diff| x5, shown on [-1, 1]
     rows = [np.concatenate(list(to_uint8_pixels(x)), axis=1) for x in (base_out, copy_out, difference)]

@@ -91,8 +91,7 @@ def run(checkpoint: str, source: str, n_images: int, n_users: int, decoder, seed
     codes = np.random.default_rng(seed).integers(0, 2, size=(n_users, k), dtype=np.uint8)
     index = CodeIndex.from_bits([f"user{i}" for i in range(n_users)], codes)
     start = time.perf_counter()
-    base = model.vae if model.reference_vae is None else model.reference_vae  # the base as it was
-    bits = unmarked_bits(model, source, n_images, base if source == "base_decoder" else decoder)
+    bits = unmarked_bits(model, source, n_images, model.unmarked_vae if source == "base_decoder" else decoder)
     row = {"date": time.strftime("%Y-%m-%d"), "method": model.method, "source": source, "bits": k,
            "images": n_images, "users": n_users, "ones_share": float(bits.mean())}
     best = None

@@ -36,7 +36,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "per_user_spread.jsonl"
 def spread(checkpoint: str, users: int, n_images: int, seed: int) -> dict:
     model = load_fingerprint_model(shipped_checkpoint(checkpoint))
     images = held_out_images(model.meta.get("resolution", 32), n_images, seed=seed)
-    base = decode_with(model.vae, model.vae if model.reference_vae is None else model.reference_vae, images)
+    base = decode_with(model.vae, model.unmarked_vae, images)
     rng = np.random.default_rng(seed)
     accuracies, psnrs = [], []
     for _ in range(users):

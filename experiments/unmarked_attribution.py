@@ -48,8 +48,7 @@ def run(checkpoint: str, n_images: int, n_users: int, fpr: float, seed: int) -> 
     hard = []
     for first in range(0, n_images, 256):
         batch = torch.stack([images.sample(i)["image"] for i in range(first, min(first + 256, n_images))])
-        base = model.vae if model.reference_vae is None else model.reference_vae
-        unmarked = base.decode(model.vae.encode(batch).latent_dist.mode()).sample
+        unmarked = model.unmarked_vae.decode(model.vae.encode(batch).latent_dist.mode()).sample
         hard.append((model.extractor(unmarked) > 0).numpy().astype(np.uint8))
     hard = np.concatenate(hard)
     results = index.identify_many(hard, fpr=fpr)

@@ -254,8 +254,7 @@ def attacked_images(model: FingerprintModel, users: Users, point: Point, real: t
     image or output attack."""
     device = settings.device
     latents = batched.encode(model.vae, real, device)
-    # The unmarked outputs fidelity is measured against: the base as it was when training moved the shared decoder.
-    base_vae = model.vae if model.reference_vae is None else model.reference_vae
+    base_vae = model.unmarked_vae  # what fidelity is measured against
     base_outputs = batched.decode(decoder_from_tensors(base_vae.config, base_vae.state_dict(), None, None), latents, device)
     if point.attack in IMAGE_MERGES:  # every colluder decodes the same content with their own copy
         copies = [batched.decode(decoder_from_tensors(model.vae.config, *copy), latents, device) for copy in users.copies]

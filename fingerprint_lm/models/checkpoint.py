@@ -69,6 +69,12 @@ class FingerprintModel:
     reference_vae: Any = None
 
     @property
+    def unmarked_vae(self) -> Any:
+        """The VAE whose outputs count as unmarked: the base as it was (``reference_vae``) when
+        training moved the shared decoder, else ``vae``."""
+        return self.vae if self.reference_vae is None else self.reference_vae
+
+    @property
     def method(self) -> str:
         """The method that trained it (:func:`recorded_method`)."""
         return recorded_method(self.meta)

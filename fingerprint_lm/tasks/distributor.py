@@ -131,9 +131,7 @@ def task_generate(cfg: DictConfig, context: TaskContext) -> dict:
     model = load_fingerprint_model(checkpoint_dir(cfg))
     resolution = int(model.meta.get("resolution") or cfg.data.resolution)
     images = held_out_images(resolution, n_images, seed=int(cfg.seed))
-    # the base as it was: method=pnm trains its shared decoder and keeps the original as reference_vae
-    base = model.vae if model.reference_vae is None else model.reference_vae
-    decoder_vae = base if copy == "base" else load_copy(copy)
+    decoder_vae = model.unmarked_vae if copy == "base" else load_copy(copy)
     decoded = decode_with(model.vae, decoder_vae, images)
     out = Path(cfg.get("out") or context.output_dir / "images")
     files = save_pngs(decoded, out)
