@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from recipe_search import compose_cfg  # experiments/ is on sys.path when run as a script
+from model_attack_table import score_model  # experiments/ is on sys.path when run as a script
+from recipe_search import compose_cfg
 
 from fingerprint_lm.bench import manual_stepping
-from fingerprint_lm.evaluation.collusion import Point, PointSettings, evaluate_point
 from fingerprint_lm.lit import stages
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
 from fingerprint_lm.models.checkpoint import load_fingerprint_model
@@ -78,13 +78,7 @@ def run_variant(name: str, steps: int, shipped) -> dict:
     train_seconds = time.perf_counter() - start
     row = {"variant": name, "steps": facts["steps"], "train_s": round(train_seconds, 1),
            "step_cost_ratio": round(variant_step / plain_step, 2)}
-    settings = PointSettings(n_images=256, n_innocents=1000)
-    for case in CASES:
-        result = evaluate_point(model, Point.from_case("none", case), settings, seed=0)
-        row[case] = round(result.bit_acc, 4)
-        if case == "none_c1":
-            row["psnr"] = round(result.psnr, 2)
-    return row
+    return {**row, **score_model(model, CASES)}
 
 
 def write_table(rows: list[dict]) -> str:

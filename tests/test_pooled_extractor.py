@@ -86,6 +86,21 @@ def test_whitening_balances_skewed_logits():
     assert ((raw > raw.mean(0)).float().mean(0) - 0.5).abs().min() > 0.1
 
 
+def test_mean_centre_and_per_logit_standardisation_on_request():
+    """centre="mean": zero-mean whitened logits; decorrelate=False: a diagonal matrix, unit variance
+    per logit, correlations left as they were (experiments/results/whitening_table.md)."""
+    model = PooledExtractor(8, width=16, depth=2).eval()
+    model.centre, model.decorrelate = "mean", False
+    unmarked = images(400)
+    model.fit_whitening(unmarked)
+    logits = model(unmarked).double()
+    assert logits.mean(0).abs().max() < 1e-4
+    assert torch.equal(model.whiten_matrix, torch.diag(torch.diag(model.whiten_matrix)))
+    torch.testing.assert_close(logits.var(0), torch.ones(8, dtype=torch.float64), atol=1e-3, rtol=0)
+    with pytest.raises(ConfigError, match="centre"):
+        BandEnergyExtractor(8, centre="mode")
+
+
 def test_bad_input_is_a_data_error(extractor):
     with pytest.raises(DataError, match=f"at least {MIN_SIZE} px"):
         extractor(torch.zeros(1, 3, MIN_SIZE - 1, 32))

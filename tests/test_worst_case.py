@@ -65,8 +65,22 @@ def test_wc_every_adds_the_term_on_every_nth_step_only():
     assert seen == [True, False, True, False]
 
 
+def test_wc_start_holds_the_term_back_until_its_step(monkeypatch):
+    module = _module(wc_steps=1, wc_start=2)
+    step = {"value": 0}
+    monkeypatch.setattr(FingerprintModule, "global_step", property(lambda self: step["value"]))
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    seen = []
+    for step["value"] in range(4):
+        module.training_step({"image": images}, step["value"])
+        seen.append(float(module.logged["train/bce_wc"]) > 0)
+    assert seen == [False, False, True, True]
+
+
 def test_worst_case_settings_are_checked():
     with pytest.raises(ConfigError, match="wc_ascent"):
         _module(wc_ascent="sam")
     with pytest.raises(ConfigError, match="wc_every"):
         _module(wc_every=0)
+    with pytest.raises(ConfigError, match="wc_start"):
+        _module(wc_start=-1)

@@ -73,6 +73,8 @@ class FingerprintModule(L.LightningModule):
             (the previous step's worst-case gradient; the clean backward then skips the decoder
             weights' gradients). ``experiments/worst_case_cost.py`` compares them.
         wc_every: the worst-case term is added on every ``wc_every``-th step (1: every step).
+        wc_start: first step with the worst-case term (turned on late, at step 3000, it wiped
+            the mark learned without it: experiments/results/worst_case_start.md).
         psnr_target: fidelity the reconstruction weight steers to (dB, fingerprinted vs base).
         rec_weight_init: initial reconstruction weight.
         rec_weight_lr: step of the dual update on log(rec weight).
@@ -86,6 +88,9 @@ class FingerprintModule(L.LightningModule):
             maps, so the main-path affine sites must carry the fingerprint on their own.
         calibration_batch_size: images per decoder pass when calibrating the carriers and fitting
             the detector before training (decoder activations at SD scale bound it, not the data).
+        rewhiten_every: re-fit the extractor's whitening on ``whitening_outputs`` (unmarked outputs
+            a method hook sets) every this many steps; 0: never (shipped: re-fitting as it goes
+            slowed learning several-fold, experiments/results/whitening_table.md).
 
     The encoder is never trained here: latents come from it under ``no_grad`` and no optimizer
     group holds its parameters (checked in ``configure_optimizers``). Mixed precision comes from
@@ -106,6 +111,7 @@ class FingerprintModule(L.LightningModule):
         wc_rho: float = 0.01,
         wc_ascent: str = "exact",
         wc_every: int = 1,
+        wc_start: int = 0,
         psnr_target: float = 31.0,
         rec_weight_init: float = 100.0,
         rec_weight_lr: float = 0.01,
@@ -114,6 +120,7 @@ class FingerprintModule(L.LightningModule):
         decoder_lr: float = 1e-5,
         carrier_dropout: float = 0.0,
         calibration_batch_size: int = 256,
+        rewhiten_every: int = 0,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -129,6 +136,7 @@ class FingerprintModule(L.LightningModule):
             raise ConfigError(f"wc_ascent must be one of {', '.join(WC_ASCENTS)}, got {wc_ascent!r}")
         self.wc_ascent = wc_ascent
         self.wc_every = check_int("wc_every", wc_every)
+        self.wc_start = check_int("wc_start", wc_start, minimum=0)
         self.psnr_target = psnr_target
         self.rec_weight_lr = rec_weight_lr
         self.augment = augment or AugmentConfig()
@@ -136,6 +144,8 @@ class FingerprintModule(L.LightningModule):
         self.decoder_lr = decoder_lr
         self.carrier_dropout = carrier_dropout
         self.calibration_batch_size = calibration_batch_size
+        self.rewhiten_every = check_int("rewhiten_every", rewhiten_every, minimum=0)
+        self.whitening_outputs: torch.Tensor | None = None  # set by the method (PNMMethod.prepare_training)
         self.history: list[dict] = []  # per-step training curve (written beside metrics.json)
         self.register_buffer("log_rec_weight", torch.tensor(math.log(rec_weight_init)))
         self.register_buffer("detector_fitted", torch.tensor(False))
@@ -219,7 +229,18 @@ class FingerprintModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         freeze_encoder(self.vae)
 
+    @torch.no_grad()
+    def refresh_whitening(self) -> None:
+        """Re-fit the whitening on ``whitening_outputs`` (left where they are; chunks to the device)."""
+        self.extractor.eval()  # back to the module's mode below (a pooled reader's BatchNorm)
+        chunks = self.whitening_outputs.split(self.calibration_batch_size)
+        raw = [self.extractor.raw_logits(chunk.to(self.device)).float() for chunk in chunks]
+        self.extractor.train(self.training)
+        self.extractor.fit_whitening_raw(torch.cat(raw))
+
     def training_step(self, batch, batch_idx):
+        if self.rewhiten_every and self.whitening_outputs is not None and self.global_step % self.rewhiten_every == 0:
+            self.refresh_whitening()
         optimizer = self.optimizers()
         images = batch["image"]
         latents = self.encode(images)
@@ -229,7 +250,7 @@ class FingerprintModule(L.LightningModule):
         carriers = not (self.carrier_dropout > 0 and float(torch.rand(())) < self.carrier_dropout)
 
         optimizer.zero_grad(set_to_none=True)
-        worst_case = self.wc_steps > 0 and self._wc_due()
+        worst_case = self.wc_steps > 0 and self.global_step >= self.wc_start and self._wc_due()
         if worst_case and self._clean_pass_needs_weight_grads():
             self._weights_require_grad(self.decoder_weights(), True)
         out = self.pnm(latents, bits, carriers).float()

@@ -130,13 +130,14 @@ def train_fingerprint(
     trainer = make_trainer()
     start = time.perf_counter()
     facts: dict[str, Any] = {}
+    # The hooks run before fit(), on the training device rather than the CPU (an SD decoder
+    # over 4096 images is hours on a CPU), then hand the module back on the CPU as fit()
+    # expects it, whatever the launcher. DDP ranks each do it, with equal seeds.
+    module.to(trainer.strategy.root_device)
     if ckpt_path is None:
-        # The hook runs before fit(), on the training device rather than the CPU (an SD decoder
-        # over 4096 images is hours on a CPU), then hands the module back on the CPU as fit()
-        # expects it, whatever the launcher. DDP ranks each do it, with equal seeds.
-        module.to(trainer.strategy.root_device)
         facts.update(method.before_fit(module, datamodule.train_dataloader()))
-        module.cpu()
+    method.prepare_training(module, datamodule.train_dataloader())
+    module.cpu()
     fit_seconds = time.perf_counter() - start
     if method.trains_shared_modules:  # stable_signature trains each copy instead
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -65,6 +65,10 @@ class FingerprintMethod:
         device; ``loader`` yields training batches. Returns facts for ``metrics.json``."""
         return {}
 
+    def prepare_training(self, module, loader: Iterable) -> None:
+        """Runs before every training, fresh or resumed (after :meth:`before_fit` on a fresh one),
+        with ``module`` on the training device: state the module needs but does not checkpoint."""
+
     def after_fit(self, module, loader: Iterable) -> dict[str, Any]:
         """Runs after training (fresh or resumed), with ``module`` on the training device."""
         return {}

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from fingerprint_lm.errors import ConfigError, DataError
 
 MIN_SIZE = 16
+WHITENING_CENTRES = ("median", "mean")
 
 
 class WhitenedReader(nn.Module):
@@ -32,10 +33,14 @@ class WhitenedReader(nn.Module):
 
     min_image_size = MIN_SIZE
 
-    def __init__(self, fingerprint_bits: int, gain: float = 1.0):
+    def __init__(self, fingerprint_bits: int, gain: float = 1.0, centre: str = "median", decorrelate: bool = True):
         super().__init__()
+        if centre not in WHITENING_CENTRES:
+            raise ConfigError(f"the whitening centre must be one of {', '.join(WHITENING_CENTRES)}, got {centre!r}")
         self.fingerprint_bits = fingerprint_bits
         self.gain = gain
+        self.centre = centre
+        self.decorrelate = decorrelate
         self.register_buffer("whiten_mean", torch.zeros(fingerprint_bits))
         self.register_buffer("whiten_matrix", torch.eye(fingerprint_bits))
 
@@ -55,7 +60,7 @@ class WhitenedReader(nn.Module):
     @torch.no_grad()
     def fit_whitening(self, unmarked: torch.Tensor, batch_size: int = 256, eps: float = 1e-6) -> None:
         """Fit ``W = C^{-1/2}`` (symmetric, through an eigendecomposition of the covariance C of
-        the raw logits) and a centre at which every whitened logit has median 0, on unmarked
+        the raw logits) and a centre (``self.centre``: the whitened logits' median or mean at 0), on unmarked
         images; needs more images than bits."""
         was_training = self.training
         self.eval()
@@ -76,17 +81,23 @@ class WhitenedReader(nn.Module):
         mean = raw.mean(0)
         centred = raw - mean
         covariance = centred.T @ centred / (len(raw) - 1)
+        if not self.decorrelate:  # per-logit standardisation: W = diag(1 / std)
+            covariance = torch.diag(torch.diag(covariance))
         values, vectors = torch.linalg.eigh(covariance)
         # eps relative to the largest variance: a direction the extractor never varies along stays
         # bounded instead of being blown up by 1/sqrt(~0).
         floor = eps * values.max().clamp_min(torch.finfo(values.dtype).tiny)
         clamped = values.clamp_min(floor)
         inverse_sqrt = vectors @ torch.diag(clamped.rsqrt()) @ vectors.T
-        # Centre on the median, not the mean: attribution's p-values assume each bit of an
-        # unmarked image is a fair coin, P[logit > 0] = 1/2, and log-energies are skewed (measured:
-        # 0.569 of the bits of 10^4 unmarked images were 1 with mean centring).
-        median = (centred @ inverse_sqrt.T).median(dim=0).values
-        centre = mean + vectors @ torch.diag(clamped.sqrt()) @ vectors.T @ median
+        # "median": every bit of an unmarked image is a fair coin, P[logit > 0] = 1/2 (log-energies
+        # are skewed: 0.569 of the bits of 10^4 unmarked images were 1 with the mean); "mean":
+        # zero-mean logits. Attribution's false-accusation bound needs neither: an innocent's code
+        # is uniform and independent of the image, so its matches are Binomial(k, 1/2) whatever
+        # the image's bits are. Fair bits keep an unmarked image from looking like anyone's code.
+        centre = mean
+        if self.centre == "median":
+            median = (centred @ inverse_sqrt.T).median(dim=0).values
+            centre = mean + vectors @ torch.diag(clamped.sqrt()) @ vectors.T @ median
         self.whiten_mean.copy_(centre.to(self.whiten_mean.dtype))
         self.whiten_matrix.copy_(inverse_sqrt.to(self.whiten_matrix.dtype))
 
@@ -150,13 +161,16 @@ class BandEnergyExtractor(WhitenedReader):
         seed: seed of the secret bands (frequency, orientation, colour).
         gain: logit scale after whitening (BCE saturation during training).
         learn_filters: train the filters (from the secret bank) instead of keeping them fixed.
+        centre: where the whitening puts threshold 0: the unmarked logits' ``median`` or ``mean``
+            (:meth:`WhitenedReader.fit_whitening_raw`).
     """
 
     def __init__(self, fingerprint_bits: int, filter_size: int = 7, frequency: tuple[float, float] = (0.12, 0.35),
-                 seed: int = 5, gain: float = 3.0, learn_filters: bool = False):
+                 seed: int = 5, gain: float = 3.0, learn_filters: bool = False, centre: str = "median",
+                 decorrelate: bool = True):
         if fingerprint_bits <= 0 or filter_size < 3:
             raise ConfigError(f"the band reader needs bits > 0 and filter_size >= 3, got {fingerprint_bits}, {filter_size}")
-        super().__init__(fingerprint_bits, gain)
+        super().__init__(fingerprint_bits, gain, centre, decorrelate)
         self.min_image_size = filter_size
         generator = torch.Generator().manual_seed(seed)
         low, high = frequency

@@ -1,0 +1,64 @@
+"""Model-level attacks on saved checkpoints, scored the way the sweep scores them
+(``evaluation.collusion.evaluate_point``: a fresh copy, 256 held-out images, 1000 innocents, act
+none). Used to weigh the worst-case term against what it costs in clean bit accuracy (issue 11):
+
+    python experiments/model_attack_table.py embedded_pnm /path/to/fingerprint_model [...]
+
+A name without a slash is a shipped checkpoint (``fingerprint_lm/assets/<name>``). Rows are
+appended to ``results/model_attack_table.jsonl`` and the table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fingerprint_lm.evaluation.collusion import Point, PointSettings, evaluate_point
+from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT, load_fingerprint_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CASES = ("none_c1", "weight_noise_0.05", "prune_0.3", "quantize_int8", "finetune_50", "finetune_500")
+
+
+def score_model(model, cases: tuple[str, ...] = CASES) -> dict:
+    """Bit accuracy of a fresh copy of ``model`` under each case (``none_c1`` first: it adds PSNR)."""
+    row = {}
+    settings = PointSettings(n_images=256, n_innocents=1000)
+    for case in cases:
+        result = evaluate_point(model, Point.from_case("none", case), settings, seed=0)
+        row[case] = round(result.bit_acc, 4)
+        if case == "none_c1":
+            row["psnr"] = round(result.psnr, 2)
+    return row
+
+
+def score(path: Path) -> dict:
+    return {"checkpoint": str(path), **score_model(load_fingerprint_model(path))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoints", nargs="+")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.checkpoints:
+        path = Path(name) if "/" in name else SHIPPED_CHECKPOINT.parent / name
+        row = score(path)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(RESULTS / "model_attack_table.jsonl", "a") as handle:
+            handle.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), **row}) + "\n")
+    keys = ["checkpoint", "psnr", *CASES]
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()
