@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader
 
 from fingerprint_lm.errors import CheckpointError, ConfigError
 from fingerprint_lm.lit.base_vae import BaseVAEModule
-from fingerprint_lm.lit.fingerprinting import FingerprintModule, worst_case_perturbation
+from fingerprint_lm.lit.fingerprinting import FingerprintModule
+from fingerprint_lm.lit.worst_case import worst_case_perturbation
 from fingerprint_lm.models.augment import AugmentConfig
 from fingerprint_lm.models.checkpoint import build_fingerprint_model
 from fingerprint_lm.models.pnm import PersonalizedDecoder

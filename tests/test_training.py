@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fingerprint_lm.errors import CheckpointError, ConfigError, DataError
-from fingerprint_lm.lit.fingerprinting import FingerprintModule, worst_case_perturbation
+from fingerprint_lm.lit.fingerprinting import FingerprintModule
+from fingerprint_lm.lit.worst_case import worst_case_perturbation
 from fingerprint_lm.models.augment import AugmentConfig
 from fingerprint_lm.models.extractor import FingerprintExtractor
 from fingerprint_lm.models.pnm import PersonalizedDecoder

@@ -77,6 +77,22 @@ def test_wc_start_holds_the_term_back_until_its_step(monkeypatch):
     assert seen == [False, False, True, True]
 
 
+def test_wc_rho_ramp_grows_the_radius_linearly_to_wc_rho(monkeypatch):
+    import fingerprint_lm.lit.fingerprinting as training
+
+    module = _module(wc_steps=1, wc_rho=0.01, wc_rho_ramp=4)
+    step = {"value": 0}
+    monkeypatch.setattr(FingerprintModule, "global_step", property(lambda self: step["value"]))
+    radii = []
+    perturbation = training.worst_case_perturbation
+    monkeypatch.setattr(training, "worst_case_perturbation",
+                        lambda weights, grads, rho, **kw: radii.append(rho) or perturbation(weights, grads, rho, **kw))
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    for step["value"] in range(6):
+        module.training_step({"image": images}, step["value"])
+    assert radii == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
+
+
 def test_worst_case_settings_are_checked():
     with pytest.raises(ConfigError, match="wc_ascent"):
         _module(wc_ascent="sam")
@@ -84,3 +100,5 @@ def test_worst_case_settings_are_checked():
         _module(wc_every=0)
     with pytest.raises(ConfigError, match="wc_start"):
         _module(wc_start=-1)
+    with pytest.raises(ConfigError, match="wc_rho_ramp"):
+        _module(wc_rho_ramp=1.5)

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fingerprint_lm.errors import ConfigError, check_int
+from fingerprint_lm.lit.worst_case import worst_case_perturbation
 from fingerprint_lm.metrics.quality import psnr, ssim
 from fingerprint_lm.models.augment import AugmentConfig, random_augment
 from fingerprint_lm.models.extractor import FingerprintExtractor, fold_tiles
@@ -31,28 +32,6 @@ from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.vae import encode_latents, encoder_parameters, freeze_encoder
 
 WC_ASCENTS: tuple[str, ...] = ("exact", "reuse", "lagged")
-
-
-def worst_case_perturbation(
-    params: list[nn.Parameter], grads: list[torch.Tensor | None], rho: float, previous: list[torch.Tensor] | None = None
-) -> list[torch.Tensor]:
-    """One normalised ascent step per tensor, projected onto ``||delta_t|| <= rho ||theta_t||``.
-
-    With ``previous`` None the step lands on the ball's surface along the gradient (K = 1).
-    Norms and the step are computed in float32 (a bf16 norm over millions of entries is off by
-    percents); each delta is returned in its parameter's dtype, ready to add to it."""
-    deltas = []
-    for i, (param, grad) in enumerate(zip(params, grads)):
-        radius = rho * param.detach().float().norm()
-        delta = torch.zeros_like(param, dtype=torch.float32) if previous is None else previous[i].float()
-        if grad is not None:
-            grad = grad.float()
-            delta = delta + radius * grad / grad.norm().clamp_min(1e-12)
-        norm = delta.norm()
-        if norm > radius:
-            delta = delta * (radius / norm)
-        deltas.append(delta.to(param.dtype))
-    return deltas
 
 
 class FingerprintModule(L.LightningModule):
@@ -67,6 +46,7 @@ class FingerprintModule(L.LightningModule):
         lambda_wc: weight of the worst-case fingerprint BCE (ignored when ``wc_steps`` = 0).
         wc_steps: K, inner ascent steps (0 = plain training).
         wc_rho: relative radius of the weight perturbation per tensor.
+        wc_rho_ramp: the radius grows linearly from 0 to ``wc_rho`` over this many steps (0: none).
         wc_ascent: where the first ascent direction comes from: ``exact`` (the clean fingerprint
             BCE's gradient: one more backward over the clean graph), ``reuse`` (the whole clean
             loss's gradient, which the clean backward computes anyway: SAM's choice) or ``lagged``
@@ -109,6 +89,7 @@ class FingerprintModule(L.LightningModule):
         lambda_wc: float = 1.0,
         wc_steps: int = 1,
         wc_rho: float = 0.01,
+        wc_rho_ramp: int = 0,
         wc_ascent: str = "exact",
         wc_every: int = 1,
         wc_start: int = 0,
@@ -132,6 +113,7 @@ class FingerprintModule(L.LightningModule):
         self.lambda_wc = lambda_wc
         self.wc_steps = wc_steps
         self.wc_rho = wc_rho
+        self.wc_rho_ramp = check_int("wc_rho_ramp", wc_rho_ramp, minimum=0)
         if wc_ascent not in WC_ASCENTS:
             raise ConfigError(f"wc_ascent must be one of {', '.join(WC_ASCENTS)}, got {wc_ascent!r}")
         self.wc_ascent = wc_ascent
@@ -323,14 +305,15 @@ class FingerprintModule(L.LightningModule):
         # lagged needs the worst-case term's gradient alone; a trained decoder already holds the clean one
         lagged = self.wc_ascent == "lagged"
         before = [None if w.grad is None else w.grad.detach().clone() for w in weights] if lagged else None
-        deltas = worst_case_perturbation(weights, grads, self.wc_rho)
+        rho = self.wc_rho * min(1.0, (self.global_step + 1) / self.wc_rho_ramp) if self.wc_rho_ramp else self.wc_rho
+        deltas = worst_case_perturbation(weights, grads, rho)
         originals = [w.detach().clone() for w in weights]  # restored by copy: bit-exact
         try:
             self._perturb(weights, originals, deltas)
             for _ in range(self.wc_steps - 1):
                 inner = self.fingerprint_loss(self.pnm(latents, bits, carriers), bits)
                 grads = torch.autograd.grad(inner, weights, allow_unused=True)
-                deltas = worst_case_perturbation(originals, list(grads), self.wc_rho, previous=deltas)
+                deltas = worst_case_perturbation(originals, list(grads), rho, previous=deltas)
                 self._perturb(weights, originals, deltas)
             bce_wc = self.fingerprint_loss(self.pnm(latents, bits, carriers), bits)
             self.manual_backward(self.lambda_wc * bce_wc)
