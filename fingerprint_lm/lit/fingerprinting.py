@@ -214,11 +214,7 @@ class FingerprintModule(L.LightningModule):
     @torch.no_grad()
     def refresh_whitening(self) -> None:
         """Re-fit the whitening on ``whitening_outputs`` (left where they are; chunks to the device)."""
-        self.extractor.eval()  # back to the module's mode below (a pooled reader's BatchNorm)
-        chunks = self.whitening_outputs.split(self.calibration_batch_size)
-        raw = [self.extractor.raw_logits(chunk.to(self.device)).float() for chunk in chunks]
-        self.extractor.train(self.training)
-        self.extractor.fit_whitening_raw(torch.cat(raw))
+        self.extractor.fit_whitening_chunks(self.whitening_outputs.split(self.calibration_batch_size))
 
     def training_step(self, batch, batch_idx):
         if self.rewhiten_every and self.whitening_outputs is not None and self.global_step % self.rewhiten_every == 0:

@@ -84,9 +84,5 @@ def whiten(module, images: torch.Tensor) -> None:
     extractor = module.extractor
     if not isinstance(extractor, WhitenedReader):
         raise ConfigError(f"{type(extractor).__name__} has no whitening")
-    was_training = extractor.training
-    extractor.eval()
-    raw = [extractor.raw_logits(module.reference(module.encode(chunk.to(module.device))).float()).cpu()
-           for chunk in images.split(module.calibration_batch_size)]
-    extractor.train(was_training)
-    extractor.fit_whitening_raw(torch.cat(raw))
+    extractor.fit_whitening_chunks(module.reference(module.encode(chunk.to(module.device))).float()
+                                   for chunk in images.split(module.calibration_batch_size))

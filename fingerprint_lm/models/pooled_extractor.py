@@ -62,11 +62,18 @@ class WhitenedReader(nn.Module):
         """Fit ``W = C^{-1/2}`` (symmetric, through an eigendecomposition of the covariance C of
         the raw logits) and a centre (``self.centre``: the whitened logits' median or mean at 0), on unmarked
         images; needs more images than bits."""
+        self.fit_whitening_chunks(unmarked.split(batch_size), eps)
+
+    @torch.no_grad()
+    def fit_whitening_chunks(self, chunks, eps: float = 1e-6) -> None:
+        """:meth:`fit_whitening` from an iterable of unmarked image batches (each read in eval
+        mode on this reader's device; only the raw logits are kept, on the CPU)."""
         was_training = self.training
         self.eval()
-        raw = torch.cat([self.raw_logits(unmarked[i : i + batch_size]) for i in range(0, len(unmarked), batch_size)])
+        device = self.whiten_mean.device
+        raw = [self.raw_logits(chunk.to(device)).float().cpu() for chunk in chunks]
         self.train(was_training)
-        self.fit_whitening_raw(raw, eps)
+        self.fit_whitening_raw(torch.cat(raw), eps)
 
     @torch.no_grad()
     def fit_whitening_raw(self, raw: torch.Tensor, eps: float = 1e-6) -> None:
