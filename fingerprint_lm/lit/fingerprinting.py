@@ -46,7 +46,8 @@ class FingerprintModule(L.LightningModule):
         lambda_wc: weight of the worst-case fingerprint BCE (ignored when ``wc_steps`` = 0).
         wc_steps: K, inner ascent steps (0 = plain training).
         wc_rho: relative radius of the weight perturbation per tensor.
-        wc_rho_ramp: the radius grows linearly from 0 to ``wc_rho`` over this many steps (0: none).
+        wc_rho_ramp: the radius grows linearly from 0 to ``wc_rho`` over this many steps (0: none),
+            counted from step 0, not from ``wc_start``.
         wc_ascent: where the first ascent direction comes from: ``exact`` (the clean fingerprint
             BCE's gradient: one more backward over the clean graph), ``reuse`` (the whole clean
             loss's gradient, which the clean backward computes anyway: SAM's choice) or ``lagged``
