@@ -21,6 +21,7 @@ from fingerprint_lm.metrics.fid import train_proxy_feature_net
 from fingerprint_lm.models.checkpoint import load_fingerprint_model
 from fingerprint_lm.report.tables import COLUMNS, SUMMARY_FILES, write_summary
 from fingerprint_lm.tasks import run
+from fingerprint_lm.tasks.train import training_recipe
 from tests.conftest import ROOT, TINY_BITS, compose_config
 
 BITS = TINY_BITS
@@ -267,6 +268,7 @@ def test_sweep_trains_a_model_per_length_once_and_uses_the_shipped_one_where_it_
         and meta["metrics"]["steps"] == 8
         and meta["metrics"]["bit_acc"] > 0.9  # the carriers are read from step 0 (closed-form reader)
     )
+    assert meta["recipe"] == training_recipe(point_cfg("a", ["fingerprint_bits=32", *fast]))
     second = run(point_cfg("b", ["fingerprint_bits=32", "sweep.case=average_c2", *fast]))
     assert (
         second["model_source"] == "cached" and second["point"]["checkpoint"] == first["point"]["checkpoint"]
@@ -285,6 +287,28 @@ def test_sweep_trains_a_model_per_length_once_and_uses_the_shipped_one_where_it_
         )
     )
     assert shipped["model_source"] == "shipped" and shipped["bit_acc"] > 0.95
+
+
+@pytest.mark.parametrize("method", ["carrier", "pnm", "wouaf"])
+def test_shipped_checkpoints_match_their_method_config_and_no_other_recipe(tmp_path, method):
+    """The sweep takes a method's shipped checkpoint only for the training config it records: the
+    default config matches it; another recipe (method.train.lr) or step count does not; a
+    checkpoint that records no recipe (trained before recipes were recorded) matches on the rest."""
+    from fingerprint_lm.models.checkpoint import shipped_checkpoint
+    from fingerprint_lm.tasks.sweep_point import matches_shipped, training_record
+
+    def record(*overrides):
+        cfg = compose_config(tmp_path / "job", ["+experiment=collusion_sweep", f"method={method}", *overrides], tiny=False)
+        return training_record(cfg), cfg
+
+    default, cfg = record()
+    meta = json.loads((shipped_checkpoint(str(cfg.method.checkpoint_name)) / "fingerprint.json").read_text())
+    assert matches_shipped(meta, default)
+    assert not matches_shipped(meta, record(f"method.shipped_steps={int(cfg.method.steps) + 1}")[0])
+    other_lr, _ = record(f"method.train.lr={float(cfg.method.train.lr) * 2}")
+    legacy = {key: value for key, value in meta.items() if key != "recipe"}
+    assert matches_shipped(legacy, other_lr)
+    assert not matches_shipped({**legacy, "recipe": default["recipe"]}, other_lr)
 
 
 def test_sweep_model_cache_key_follows_the_base_vae_weights(tmp_path):

@@ -41,7 +41,12 @@ from fingerprint_lm.models.checkpoint import (
 from fingerprint_lm.models.vae import load_vae
 from fingerprint_lm.report.tables import write_summary
 from fingerprint_lm.storage import config_hash
-from fingerprint_lm.tasks.train import method_from_config, record_training_config, train_from_config
+from fingerprint_lm.tasks.train import (
+    method_from_config,
+    record_training_config,
+    train_from_config,
+    training_recipe,
+)
 from fingerprint_lm.tasks.wrapper import Task, TaskContext
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,7 @@ def training_record(cfg: DictConfig) -> dict[str, Any]:
         **method_from_config(cfg).record(),
         "resolution": int(cfg.data.resolution),
         "steps": int(cfg.method.steps),
+        "recipe": training_recipe(cfg),
     }
 
 
@@ -66,7 +72,18 @@ def _recorded(meta: dict[str, Any]) -> dict[str, Any]:
         "extractor": meta.get("extractor"),
         "resolution": meta.get("resolution"),
         "steps": meta.get("metrics", {}).get("steps"),
+        "recipe": meta.get("recipe"),
     }
+
+
+def matches_shipped(meta: dict[str, Any], record: dict[str, Any]) -> bool:
+    """Whether a shipped checkpoint's ``fingerprint.json`` (``meta``) records the training config
+    ``record``. A checkpoint from before recipes were recorded (no ``recipe`` key) matches on the
+    rest, as before: what it was trained with beyond that is not known."""
+    recorded = _recorded(meta)
+    if recorded["recipe"] is None:
+        recorded["recipe"] = record["recipe"]
+    return recorded == record
 
 
 def _given_checkpoint(cfg: DictConfig) -> Path:
@@ -101,7 +118,7 @@ def sweep_model_dir(cfg: DictConfig) -> tuple[Path, str]:
 
     ``sweep.checkpoint`` set: that folder (its length must be ``fingerprint_bits``): ``"given"``.
     Otherwise the shipped checkpoint of the method when its recorded training config
-    (:func:`training_record`: length, PNM, extractor, resolution, steps) matches the sweep's:
+    (:func:`training_record`: length, PNM, extractor, resolution, steps, recipe) matches the sweep's:
     ``"shipped"``. Otherwise a model trained once for this training config on the shipped
     checkpoint's base VAE, cached under ``paths.cache_dir/sweep_models/<hash>`` and reused by every
     ACT/attack/colluder point: ``"trained"`` for the point that trained it, ``"cached"`` after. A
@@ -112,7 +129,7 @@ def sweep_model_dir(cfg: DictConfig) -> tuple[Path, str]:
         return _given_checkpoint(cfg), "given"
     record = training_record(cfg)
     shipped = shipped_checkpoint(str(cfg.method.checkpoint_name))
-    if (shipped / "fingerprint.json").is_file() and _recorded(json.loads((shipped / "fingerprint.json").read_text())) == record:
+    if (shipped / "fingerprint.json").is_file() and matches_shipped(json.loads((shipped / "fingerprint.json").read_text()), record):
         return shipped, "shipped"
     base_vae_dir = SHIPPED_CHECKPOINT / "base_vae"  # every method trains on the same base VAE
     cfg = training_config(cfg)
