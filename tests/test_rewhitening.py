@@ -65,3 +65,29 @@ def test_training_refreshes_the_whitening_every_nth_step(monkeypatch):
     module.whitening_outputs = None  # nothing to whiten on (resume before the method set it): no refresh
     module.training_step(batch, 9)
     assert calls == [0, 3, 6]
+
+
+def test_after_fit_whitens_on_the_outputs_training_rewhitened_on(monkeypatch):
+    """With ``rewhiten_every`` on, after_fit re-fits on the held unmarked outputs instead of
+    decoding the loader's images again, and then lets them go; without them it decodes."""
+    import fingerprint_lm.methods.pnm as pnm_method
+
+    method = pnm_method.PNMMethod(name="pnm", steps=1, extractor={"kind": "band_energy"}, detector_fit_samples=16)
+    module = module_with_learned_reader(rewhiten_every=5)
+    loader = [{"image": unmarked(16)}]
+    decoded = []
+    monkeypatch.setattr(pnm_method, "whiten", lambda module, images: decoded.append(len(images)))
+    method.prepare_training(module, loader)
+    assert module.whitening_outputs.shape == (16, 3, 32, 32)
+    module.extractor.weight.data.add_(0.3)  # the filters moved during training
+    method.after_fit(module, loader)
+    assert decoded == [] and module.whitening_outputs is None
+    logits = module.extractor(unmarked_outputs_of(module, loader[0]["image"])) / module.extractor.gain
+    assert logits.median(0).values.abs().max() < 1e-3  # whitened for the moved filters
+    method.after_fit(module, loader)
+    assert decoded == [16]
+
+
+@torch.no_grad()
+def unmarked_outputs_of(module, images):
+    return module.reference(module.encode(images)).float()

@@ -61,7 +61,10 @@ class PNMMethod(FingerprintMethod):
             module.whitening_outputs = unmarked_outputs(module, collect_images(loader, self.detector_fit_samples))
 
     def after_fit(self, module, loader: Iterable) -> dict[str, Any]:
-        whiten(module, collect_images(loader, self.detector_fit_samples))
+        if module.whitening_outputs is not None:  # decoded once already (prepare_training): reuse them
+            module.refresh_whitening()
+        else:
+            whiten(module, collect_images(loader, self.detector_fit_samples))
         module.whitening_outputs = None
         return {}
 
