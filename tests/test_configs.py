@@ -68,7 +68,7 @@ def test_debug_overlays_shrink_an_experiment_and_the_command_line_still_wins(tmp
     sweep = compose_config(tmp_path, ["+experiment=collusion_sweep"], tiny=False)
     tiny = compose_config(tmp_path, ["+experiment=collusion_sweep", "debug=tiny"], tiny=False)
     fast = compose_config(tmp_path, ["+experiment=collusion_sweep", "debug=fast"], tiny=False)
-    assert len(str(sweep.sweep.grid.case).split(",")) == 27 and sweep.method.steps == 600
+    assert len(str(sweep.sweep.grid.case).split(",")) == 28 and sweep.method.steps == 600
     assert (tiny.sweep.grid.fingerprint_bits, tiny.sweep.grid.act) == ("48", "all")
     assert len(str(tiny.sweep.grid.case).split(",")) == 2 and tiny.method.steps == 20
     assert len(str(fast.sweep.grid.act).split(",")) * len(str(fast.sweep.grid.case).split(",")) == 6

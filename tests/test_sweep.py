@@ -135,6 +135,18 @@ def test_image_attack_and_bad_points(tiny_model, fid_net):
         PointSettings(n_images=1)
 
 
+def test_spectral_removal_point(tiny_model):
+    """spectral_remove filters the copy's outputs towards the attacker's own images' spectrum;
+    at strength 0 it is the plain copy."""
+    assert parse_case("spectral_remove") == ("spectral_remove", None, 1)
+    assert parse_case("spectral_remove_0.5") == ("spectral_remove", 0.5, 1)
+    plain = point(tiny_model, None)
+    unchanged = point(tiny_model, None, attack="spectral_remove", strength=0.0)
+    assert unchanged["bit_acc"] == plain["bit_acc"] and unchanged["psnr"] == pytest.approx(plain["psnr"], abs=0.01)
+    filtered = point(tiny_model, None, attack="spectral_remove")
+    assert abs(filtered["psnr"] - plain["psnr"]) > 0.1
+
+
 def test_summary_is_deterministic(tmp_path, tiny_model):
     for num, (act, attack, colluders) in enumerate(
         [("none", "none", 1), ("none", "average", 2), ("all", "average", 2), ("all", "aligned_average", 2)]

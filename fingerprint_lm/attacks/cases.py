@@ -18,7 +18,7 @@ from fingerprint_lm.attacks.image import IMAGE_ATTACKS
 from fingerprint_lm.errors import ConfigError, check_int
 
 MODEL_ATTACKS: tuple[str, ...] = ("weight_noise", "prune", "quantize_int8", "quantize_fp16", "quantize_bf16", "finetune")
-OUTPUT_ATTACKS: tuple[str, ...] = ("estimate_remove",)
+OUTPUT_ATTACKS: tuple[str, ...] = ("estimate_remove", "spectral_remove")
 COLLUSIONS: tuple[str, ...] = (*MERGES, *IMAGE_MERGES)  # attacks of c >= 2 copies
 ATTACKS: tuple[str, ...] = ("none", *COLLUSIONS, *IMAGE_ATTACKS, *MODEL_ATTACKS, *OUTPUT_ATTACKS)
 

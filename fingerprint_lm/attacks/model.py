@@ -10,6 +10,8 @@ buffers are copied. Randomness comes from an explicit ``torch.Generator``.
 - :func:`finetune_reconstruction`: fine-tune the copy's decoder on reconstruction alone.
 - :func:`swap_in_base`: replace the copy by a base model the attacker somehow holds.
 - :func:`estimate_and_remove`: removal by estimation, from one's own outputs only.
+- :func:`spectral_equalize`: removal of a mark that tilts the outputs' spectrum (pnm, wouaf), from
+  one's own outputs and unmarked images of the same kind.
 - :func:`zero_mark_parameters`: zero parameters that carry the mark alone (e.g. a bias map).
 """
 
@@ -256,6 +258,42 @@ def estimate_and_remove(
             raise ConfigError(f"period must be positive, got {period}")
         estimate = _periodic_mean(estimate, (p_h, p_w))
     cleaned = (x - estimate[None]).clamp(-1, 1)
+    return cleaned.to(images.device, images.dtype)
+
+
+@torch.no_grad()
+def spectral_equalize(images: torch.Tensor, reference: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """Removal by estimation for a mark that lives in the outputs' spectrum, not in their pixels.
+
+    A per-channel change of a decoder's normalisation (pnm, wouaf) shifts how much energy a copy's
+    outputs put in each frequency band, the same for every image, and a band-energy reader reads
+    that shift. The attacker averages the amplitude spectrum of their own outputs and of unmarked
+    images of the same kind (``reference``: photographs they hold, not the base model's outputs),
+    and filters every output by the ratio, per colour channel and frequency, so that their outputs'
+    mean spectrum becomes the reference's. Content averages out of both means; a user's
+    fixed tilt does not. The filter also moves the outputs towards the reference's spectrum where
+    the decoder itself differs from it, which costs PSNR: the price the attacker pays.
+
+    Parameters:
+        images: ``[N, C, H, W]`` in ``[-1, 1]``, all from one copy.
+        reference: ``[M, C, H, W]`` unmarked images of the same size.
+        strength: the filter is ``ratio ** strength`` (0: no change, 1: the full ratio).
+
+    Returns the filtered images, clamped to ``[-1, 1]``.
+    """
+    if images.dim() != 4 or images.shape[0] == 0 or reference.dim() != 4 or reference.shape[0] == 0:
+        raise DataError(f"spectral_equalize needs non-empty [N, C, H, W] batches, got "
+                        f"{tuple(images.shape)} and {tuple(reference.shape)}")
+    if images.shape[1:] != reference.shape[1:]:
+        raise DataError(f"spectral_equalize: images {tuple(images.shape[1:])} and reference "
+                        f"{tuple(reference.shape[1:])} differ in size")
+    if not math.isfinite(strength) or strength < 0:
+        raise ConfigError(f"strength must be >= 0, got {strength}")
+    spectra = torch.fft.fft2(images.detach().double().cpu())
+    own = spectra.abs().mean(dim=0)
+    target = torch.fft.fft2(reference.detach().double().cpu()).abs().mean(dim=0)
+    ratio = (target / own.clamp_min(1e-12 * float(own.max()))) ** strength
+    cleaned = torch.fft.ifft2(spectra * ratio[None]).real.clamp(-1, 1)
     return cleaned.to(images.device, images.dtype)
 
 

@@ -15,7 +15,9 @@ attack and decodes held-out images with the result. The attack is one of
 - a model attack on the (first) copy's tensors, bias map included (the user holds both files):
   ``weight_noise`` (relative std), ``prune`` (fraction), ``quantize_int8|fp16|bf16``,
   ``finetune`` (steps of reconstruction-only fine-tuning);
-- ``estimate_remove``: removal by estimation from the copy's own outputs, period = the tile size.
+- ``estimate_remove``: removal by estimation from the copy's own outputs, period = the tile size;
+- ``spectral_remove[_<strength>]``: the copy's outputs filtered so that their mean amplitude
+  spectrum becomes that of the attacker's own unmarked images (the fine-tuning attacker's set).
 
 The steps are separate functions (:func:`draw_users`, :func:`attacked_images`, :func:`score`) so an
 analysis script can take the images a point scores (:class:`PointImages`) without re-running it.
@@ -234,16 +236,21 @@ def attacked_decoder(model: FingerprintModel, users: Users, point: Point, genera
         state, bias_map = _model_attack(point.attack, point.attack_strength, state, bias_map, site, generator)
     decoder = decoder_from_tensors(config, state, bias_map, site)
     if point.attack == "finetune":
-        if tune_images is None:
-            stream = ProceduralImages(int(model.meta.get("resolution", 32)), FINETUNE_IMAGE_SEED, 256)
-            tune_images = torch.stack([stream.sample(i)["image"] for i in range(256)])
         decoder.to(settings.device)
         with torch.enable_grad():
             decoder = model_attacks.finetune_reconstruction(
-                decoder, int(point.attack_strength), settings.finetune_lr, tune_images, batch_size=16,
-                generator=generator,
+                decoder, int(point.attack_strength), settings.finetune_lr, attacker_images(model, tune_images),
+                batch_size=16, generator=generator,
             )
     return decoder
+
+
+def attacker_images(model: FingerprintModel, images: torch.Tensor | None = None) -> torch.Tensor:
+    """The attacker's own unmarked images: ``images``, or 256 procedural ones no other set uses."""
+    if images is not None:
+        return images
+    stream = ProceduralImages(int(model.meta.get("resolution", 32)), FINETUNE_IMAGE_SEED, 256)
+    return torch.stack([stream.sample(i)["image"] for i in range(256)])
 
 
 @torch.no_grad()
@@ -271,6 +278,9 @@ def attacked_images(model: FingerprintModel, users: Users, point: Point, real: t
     elif point.attack == "estimate_remove":
         tile = int(getattr(model.pnm, "tile_size", model.meta.get("pnm", {}).get("tile_size", 16)))
         outputs = model_attacks.estimate_and_remove(outputs, period=tile)
+    elif point.attack == "spectral_remove":
+        strength = 1.0 if point.attack_strength is None else float(point.attack_strength)
+        outputs = model_attacks.spectral_equalize(outputs, attacker_images(model, tune_images), strength)
     return PointImages(real, base_outputs, outputs, reference)
 
 
