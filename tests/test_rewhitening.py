@@ -82,12 +82,8 @@ def test_after_fit_whitens_on_the_outputs_training_rewhitened_on(monkeypatch):
     module.extractor.weight.data.add_(0.3)  # the filters moved during training
     method.after_fit(module, loader)
     assert decoded == [] and module.whitening_outputs is None
-    logits = module.extractor(unmarked_outputs_of(module, loader[0]["image"])) / module.extractor.gain
+    with torch.no_grad():
+        logits = module.extractor(pnm_method.unmarked_outputs(module, loader[0]["image"])) / module.extractor.gain
     assert logits.median(0).values.abs().max() < 1e-3  # whitened for the moved filters
     method.after_fit(module, loader)
     assert decoded == [16]
-
-
-@torch.no_grad()
-def unmarked_outputs_of(module, images):
-    return module.reference(module.encode(images)).float()

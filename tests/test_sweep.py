@@ -18,9 +18,10 @@ import torch
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.evaluation.collusion import Point, PointSettings, evaluate_point, parse_case
 from fingerprint_lm.metrics.fid import train_proxy_feature_net
-from fingerprint_lm.models.checkpoint import load_fingerprint_model
+from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.report.tables import COLUMNS, SUMMARY_FILES, write_summary
 from fingerprint_lm.tasks import run
+from fingerprint_lm.tasks.sweep_point import matches_shipped, training_record
 from fingerprint_lm.tasks.train import training_recipe
 from tests.conftest import ROOT, TINY_BITS, compose_config
 
@@ -306,9 +307,6 @@ def test_shipped_checkpoints_match_their_method_config_and_no_other_recipe(tmp_p
     """The sweep takes a method's shipped checkpoint only for the training config it records: the
     default config matches it; another recipe (method.train.lr) or step count does not; a
     checkpoint that records no recipe (trained before recipes were recorded) matches on the rest."""
-    from fingerprint_lm.models.checkpoint import shipped_checkpoint
-    from fingerprint_lm.tasks.sweep_point import matches_shipped, training_record
-
     def record(*overrides):
         cfg = compose_config(tmp_path / "job", ["+experiment=collusion_sweep", f"method={method}", *overrides], tiny=False)
         return training_record(cfg), cfg
