@@ -23,3 +23,17 @@ def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path, script):
     assert result.returncode == 2 and len(errors) == 1 and "no fingerprint checkpoint" in errors[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args", [["--steps", "0"], ["--schedules", "cosine"], ["--checkpoint", "embedded"]])
+def test_lr_warmdown_probe_refuses_bad_input_before_training(args):
+    """A bad schedule or length, or a checkpoint that is not pnm, is one error line, exit 2, and no
+    row appended to the results."""
+    results = ROOT / "experiments" / "results" / "lr_warmdown_probe.jsonl"
+    before = results.read_text() if results.exists() else None
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "lr_warmdown_probe.py"), *args],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert (results.read_text() if results.exists() else None) == before

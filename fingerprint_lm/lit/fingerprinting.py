@@ -24,7 +24,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from fingerprint_lm.errors import ConfigError, check_int
-from fingerprint_lm.lit.worst_case import worst_case_perturbation
+from fingerprint_lm.lit import warmdown
+from fingerprint_lm.lit.worst_case import set_perturbed, worst_case_perturbation
 from fingerprint_lm.metrics.quality import psnr, ssim
 from fingerprint_lm.models.augment import AugmentConfig, random_augment
 from fingerprint_lm.models.extractor import FingerprintExtractor, fold_tiles
@@ -72,6 +73,9 @@ class FingerprintModule(L.LightningModule):
         rewhiten_every: re-fit the extractor's whitening on ``whitening_outputs`` (unmarked outputs
             a method hook sets) every this many steps; 0: never (shipped: re-fitting as it goes
             slowed learning several-fold, experiments/results/whitening_table.md).
+        lr_warmdown_fraction: every learning rate falls linearly to 0 over this fraction of the
+            run's last steps (0: constant); ``warmdown_reader`` ``frozen``: the reader is re-whitened
+            on ``whitening_outputs`` then and trains no more (:mod:`fingerprint_lm.lit.warmdown`).
 
     The encoder is never trained here: latents come from it under ``no_grad`` and no optimizer
     group holds its parameters (checked in ``configure_optimizers``). Mixed precision comes from
@@ -103,6 +107,8 @@ class FingerprintModule(L.LightningModule):
         carrier_dropout: float = 0.0,
         calibration_batch_size: int = 256,
         rewhiten_every: int = 0,
+        lr_warmdown_fraction: float = 0.0,
+        warmdown_reader: str = "trained",
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -128,6 +134,8 @@ class FingerprintModule(L.LightningModule):
         self.carrier_dropout = carrier_dropout
         self.calibration_batch_size = calibration_batch_size
         self.rewhiten_every = check_int("rewhiten_every", rewhiten_every, minimum=0)
+        self.lr_warmdown_fraction = warmdown.check_fraction(lr_warmdown_fraction)
+        self.warmdown_reader = warmdown.check_warmdown_reader(warmdown_reader)
         self.whitening_outputs: torch.Tensor | None = None  # set by the method (PNMMethod.prepare_training)
         self.history: list[dict] = []  # per-step training curve (written beside metrics.json)
         self.register_buffer("log_rec_weight", torch.tensor(math.log(rec_weight_init)))
@@ -142,7 +150,6 @@ class FingerprintModule(L.LightningModule):
             param.requires_grad_(True)
         self.vae.eval()
 
-    # -- helpers ------------------------------------------------------------------------------
     @property
     def fingerprint_bits(self) -> int:
         return self.pnm.fingerprint_bits
@@ -214,8 +221,10 @@ class FingerprintModule(L.LightningModule):
 
     @torch.no_grad()
     def refresh_whitening(self) -> None:
-        """Re-fit the whitening on ``whitening_outputs`` (left where they are; chunks to the device)."""
-        self.extractor.fit_whitening_chunks(self.whitening_outputs.split(self.calibration_batch_size))
+        """Re-fit the whitening on ``whitening_outputs`` (chunks to the device), in float32 even
+        inside a bf16-autocast training step, as after_fit fits the shipped one."""
+        with torch.autocast(self.device.type, enabled=False):
+            self.extractor.fit_whitening_chunks(self.whitening_outputs.split(self.calibration_batch_size))
 
     def training_step(self, batch, batch_idx):
         if self.rewhiten_every and self.whitening_outputs is not None and self.global_step % self.rewhiten_every == 0:
@@ -228,6 +237,7 @@ class FingerprintModule(L.LightningModule):
         rec_weight = self.log_rec_weight.exp()
         carriers = not (self.carrier_dropout > 0 and float(torch.rand(())) < self.carrier_dropout)
 
+        reader_frozen = self._warmdown(optimizer)
         optimizer.zero_grad(set_to_none=True)
         worst_case = self.wc_steps > 0 and self.global_step >= self.wc_start and self._wc_due()
         if worst_case and self._clean_pass_needs_weight_grads():
@@ -242,6 +252,8 @@ class FingerprintModule(L.LightningModule):
         else:
             bce_wc = torch.zeros((), device=self.device)
             self.manual_backward(loss)
+        if reader_frozen:  # frozen by skipping its update, not requires_grad: plain DDP expects every gradient
+            warmdown.drop_gradients(self.extractor)
         optimizer.step()
 
         with torch.no_grad():
@@ -275,6 +287,21 @@ class FingerprintModule(L.LightningModule):
         self.log("acc", bit_acc, prog_bar=True, logger=False)
         self.log("psnr", batch_psnr, prog_bar=True, logger=False)
 
+    def _warmdown(self, optimizer) -> bool:
+        """Set this step's learning rates; whether the reader is frozen now (re-whitened once when
+        it freezes: a run resumed in the warm-down re-fits the same whitening, same filters)."""
+        if not self.lr_warmdown_fraction:  # the configured rates stand (configure_optimizers)
+            return False
+        max_steps = self.trainer.max_steps if self._trainer is not None else None
+        steps = warmdown.warmdown_steps(max_steps, self.lr_warmdown_fraction)
+        warmdown.set_learning_rates(optimizer, (self.lr, self.decoder_lr),
+                                    warmdown.lr_factor(self.global_step, max_steps, steps))
+        frozen = self.warmdown_reader == "frozen" and warmdown.in_warmdown(self.global_step, max_steps, steps)
+        if frozen and not getattr(self, "_reader_frozen", False) and self.whitening_outputs is not None:
+            self.refresh_whitening()
+        self._reader_frozen = frozen
+        return frozen
+
     def _wc_due(self) -> bool:
         """Whether this step carries the worst-case term (every ``wc_every``-th step)."""
         self._wc_calls = getattr(self, "_wc_calls", -1) + 1
@@ -306,16 +333,16 @@ class FingerprintModule(L.LightningModule):
         deltas = worst_case_perturbation(weights, grads, rho)
         originals = [w.detach().clone() for w in weights]  # restored by copy: bit-exact
         try:
-            self._perturb(weights, originals, deltas)
+            set_perturbed(weights, originals, deltas)
             for _ in range(self.wc_steps - 1):
                 inner = self.fingerprint_loss(self.pnm(latents, bits, carriers), bits)
                 grads = torch.autograd.grad(inner, weights, allow_unused=True)
                 deltas = worst_case_perturbation(originals, list(grads), rho, previous=deltas)
-                self._perturb(weights, originals, deltas)
+                set_perturbed(weights, originals, deltas)
             bce_wc = self.fingerprint_loss(self.pnm(latents, bits, carriers), bits)
             self.manual_backward(self.lambda_wc * bce_wc)
         finally:
-            self._perturb(weights, originals, None)
+            set_perturbed(weights, originals, None)
         if lagged:  # this term's own gradient becomes the next direction
             self._lagged_direction = [
                 None if w.grad is None else w.grad.detach().clone() - (0 if b is None else b)
@@ -331,13 +358,6 @@ class FingerprintModule(L.LightningModule):
         if not self.train_decoder:
             for w in weights:
                 w.requires_grad_(flag)
-
-    @staticmethod
-    @torch.no_grad()
-    def _perturb(weights: list[nn.Parameter], originals: list[torch.Tensor], deltas: list[torch.Tensor] | None) -> None:
-        """Set ``weights`` to ``originals + deltas`` (``deltas`` None: back to the originals)."""
-        for i, (w, original) in enumerate(zip(weights, originals)):
-            w.copy_(original if deltas is None else original + deltas[i])
 
     # The training curve travels inside the module's state: with ddp_spawn the steps run in child
     # processes and only the state dict comes back to the main process (which writes the outputs),

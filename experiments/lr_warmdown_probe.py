@@ -1,0 +1,116 @@
+"""Does a learning-rate warm-down lift method=pnm's mark? (issue 11)
+
+The shipped pnm recipe trains at constant learning rates, and its training curve still rises at
+12000 steps (about +0.005 bit accuracy per 500 steps). A linear decay of every rate to 0 over a
+run's last steps (``method.train.lr_warmdown_fraction``) often consolidates what a constant rate leaves
+noisy. This probe warm-starts from a shipped checkpoint (mapping network, trained shared decoder,
+learned reader) and continues the shipped recipe for ``--steps`` more steps, once per schedule:
+``constant`` (the control: what more steps alone give) and ``warmdown`` (the rates fall linearly
+to 0 over those steps). Each result is then whitened on 2048 unmarked images and evaluated as the
+training task evaluates (512 held-out images, a fresh code per image, the robustness suite).
+
+    python experiments/lr_warmdown_probe.py --steps 1500
+
+The optimizer state and the PSNR steering's weight are not in a checkpoint: both restart (the
+weight from the recipe's ``rec_weight_init``), so both arms first share ``--warmup`` steps at
+constant rates (same seed: the same steps) in which the PSNR returns to its target. Rows are appended to
+``results/lr_warmdown_probe.jsonl``; a table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+
+from fingerprint_lm.data.datamodule import ImageDataModule
+from fingerprint_lm.errors import ConfigError, exit_on_user_error
+from fingerprint_lm.lit.fingerprinting import FingerprintModule
+from fingerprint_lm.lit.stages import evaluate_fingerprint
+from fingerprint_lm.methods.base import collect_images
+from fingerprint_lm.methods.pnm import whiten
+from fingerprint_lm.models.augment import AugmentConfig
+from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
+
+RESULTS = Path(__file__).resolve().parent / "results" / "lr_warmdown_probe.jsonl"
+PROBES = ("shift_8", "crop_0.5", "crop_resize_0.5", "jpeg_q50", "gaussian_blur_s1", "brightness_1.5")
+
+
+def continue_training(checkpoint: str, schedule: str, steps: int, warmup: int, seed: int,
+                      freeze_reader: bool = False) -> dict:
+    model = load_fingerprint_model(shipped_checkpoint(checkpoint))
+    recipe = model.meta.get("recipe")
+    if model.method != "pnm" or recipe is None or model.reference_vae is None:
+        raise ConfigError(f"{checkpoint}: a pnm checkpoint with a recorded recipe and reference_vae/ is needed")
+    # a frozen reader keeps the checkpoint's whitening valid: training aims at the final logits
+    model.extractor.train().requires_grad_(not freeze_reader)
+    L.seed_everything(seed, verbose=False)
+    # the reader is frozen (or not) here for the whole continuation, not by the recipe's warm-down
+    train = {**recipe["train"], "lr_warmdown_fraction": steps / (warmup + steps) if schedule == "warmdown" else 0.0,
+             "warmdown_reader": "trained"}
+    module = FingerprintModule(model.vae, model.pnm, model.extractor, augment=AugmentConfig(**recipe["augment"]),
+                               **train)
+    # the reference is the decoder as it was before any training, not the trained shared one
+    module.reference_pnm.decoder.load_state_dict(model.reference_vae.decoder.state_dict())
+    module.reference_pnm.post_quant_conv.load_state_dict(model.reference_vae.post_quant_conv.state_dict())
+    module.detector_fitted.fill_(True)
+    data = ImageDataModule(source="synthetic", resolution=32, batch_size=32, seed=seed, test_size=512)
+    data.setup("fit")
+    trainer = L.Trainer(accelerator="cpu", max_steps=warmup + steps, logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, enable_progress_bar=True, enable_model_summary=False)
+    start = time.perf_counter()
+    trainer.fit(module, train_dataloaders=data.train_dataloader())
+    seconds = time.perf_counter() - start
+    model.pnm.eval()
+    model.extractor.eval()
+    eval_data = ImageDataModule(source="synthetic", resolution=32, batch_size=32, seed=0, test_size=512)
+    eval_data.setup("test")
+    # read with the whitening training aimed at, then with the one fitted afresh (what ships)
+    as_trained = evaluate_fingerprint(model, eval_data.test_dataloader(), 512, probes=())["bit_acc"]
+    whiten(module, collect_images(data.train_dataloader(), recipe.get("detector_fit_samples", 2048)))
+    metrics = evaluate_fingerprint(model, eval_data.test_dataloader(), 512, probes=PROBES)
+    tail = module.history[-min(500, len(module.history)):]
+    return {"date": time.strftime("%Y-%m-%d"), "checkpoint": checkpoint, "schedule": schedule, "steps": steps,
+            "warmup": warmup, "seed": seed, "freeze_reader": freeze_reader, "bit_acc_before_rewhitening": as_trained, "train_seconds": round(seconds, 1),
+            "train_bit_acc_last500": sum(r["bit_acc"] for r in tail) / max(1, len(tail)),
+            "bit_acc": metrics["bit_acc"], "psnr": metrics["psnr"], "ssim": metrics["ssim"],
+            "robustness": metrics["robustness"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default="embedded_pnm")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--schedules", default="constant,warmdown")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--freeze-reader", action="store_true", help="train the mapping and decoder only")
+    args = parser.parse_args()
+    if args.steps <= 0 or args.warmup < 0:
+        raise ConfigError(f"--steps must be positive and --warmup >= 0, got {args.steps} and {args.warmup}")
+    schedules = args.schedules.split(",")
+    if set(schedules) - {"constant", "warmdown"}:
+        raise ConfigError(f"--schedules takes constant and/or warmdown, got {args.schedules!r}")
+    rows = []
+    for schedule in schedules:
+        row = continue_training(args.checkpoint, schedule, args.steps, args.warmup, args.seed, args.freeze_reader)
+        rows.append(row)
+        RESULTS.parent.mkdir(exist_ok=True)
+        with RESULTS.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+    print(f"{args.warmup} shared steps at constant rates first, then:")
+    print(f"| schedule | reader | +steps | s | train acc (last 500) | before re-whitening | bit_acc | PSNR | {' | '.join(PROBES)} |")
+    print("|---" * (8 + len(PROBES)) + "|")
+    for r in rows:
+        attacks = " | ".join(f"{r['robustness'][p]:.3f}" for p in PROBES)
+        reader = "frozen" if r["freeze_reader"] else "trained"
+        print(f"| {r['schedule']} | {reader} | {r['steps']} | {r['train_seconds']:.0f} | {r['train_bit_acc_last500']:.3f} | "
+              f"{r['bit_acc_before_rewhitening']:.3f} | "
+              f"{r['bit_acc']:.3f} | {r['psnr']:.2f} | {attacks} |")
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
