@@ -74,7 +74,8 @@ def continue_training(checkpoint: str, schedule: str, steps: int, warmup: int, s
     metrics = evaluate_fingerprint(model, eval_data.test_dataloader(), 512, probes=PROBES)
     tail = module.history[-min(500, len(module.history)):]
     return {"date": time.strftime("%Y-%m-%d"), "checkpoint": checkpoint, "schedule": schedule, "steps": steps,
-            "warmup": warmup, "seed": seed, "freeze_reader": freeze_reader, "bit_acc_before_rewhitening": as_trained, "train_seconds": round(seconds, 1),
+            "warmup": warmup, "seed": seed, "freeze_reader": freeze_reader, "bit_acc_before_rewhitening": as_trained,
+            "train_seconds": round(seconds, 1),
             "train_bit_acc_last500": sum(r["bit_acc"] for r in tail) / max(1, len(tail)),
             "bit_acc": metrics["bit_acc"], "psnr": metrics["psnr"], "ssim": metrics["ssim"],
             "robustness": metrics["robustness"]}

@@ -24,17 +24,30 @@ class RecordRates(L.Callback):
         self.rates.append([group["lr"] for group in trainer.optimizers[0].param_groups])
 
 
-def fit_rates(lr_warmdown_fraction: float, max_steps: int = 6) -> list[float]:
+def fit(module: FingerprintModule, images: torch.Tensor, callback: L.Callback, max_steps: int = 6) -> None:
+    """A real Lightning fit of ``max_steps`` steps over ``images``, two at a time."""
+    loader = torch.utils.data.DataLoader([{"image": image} for image in images], batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+                        limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=loader)
+
+
+def band_reader_module(fraction: float, reader: str) -> FingerprintModule:
+    """A module around the default tiny VAE whose band reader's filters train."""
+    torch.manual_seed(6)
+    vae = build_vae()
+    return FingerprintModule(vae, PersonalizedDecoder(vae.decoder, 8, mapping_hidden=16),
+                             BandEnergyExtractor(8, learn_filters=True), augment=NO_AUGMENT, wc_steps=0,
+                             lr_warmdown_fraction=fraction, warmdown_reader=reader)
+
+
+def fit_rates(lr_warmdown_fraction: float) -> list[float]:
     """Each step's two rates (shared modules, then decoder), flattened."""
     module = _module(wc_steps=0, lr=1e-3, train_decoder=True, decoder_lr=4e-4,
                      lr_warmdown_fraction=lr_warmdown_fraction)
-    images = torch.rand(8, 3, 32, 32) * 2 - 1
-    loader = torch.utils.data.DataLoader([{"image": image} for image in images], batch_size=2)
     recorder = RecordRates()
-    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder],
-                        limit_val_batches=0)
-    trainer.fit(module, train_dataloaders=loader)
+    fit(module, torch.rand(8, 3, 32, 32) * 2 - 1, recorder)
     return [rate for step in recorder.rates for rate in step]
 
 
@@ -57,11 +70,7 @@ def test_a_warmdown_fraction_outside_0_1_is_refused():
 def test_a_frozen_warmdown_reader_is_rewhitened_once_and_then_stays_fixed():
     """With ``warmdown_reader`` frozen the reader's filters train until the warm-down, are
     re-whitened once on the held unmarked outputs when it starts, and do not move after."""
-    torch.manual_seed(6)
-    vae = build_vae()
-    module = FingerprintModule(vae, PersonalizedDecoder(vae.decoder, 8, mapping_hidden=16),
-                               BandEnergyExtractor(8, learn_filters=True), augment=NO_AUGMENT, wc_steps=0,
-                               lr_warmdown_fraction=0.5, warmdown_reader="frozen")
+    module = band_reader_module(0.5, "frozen")
     module.whitening_outputs = unmarked(64)
     refreshed = []
     refresh = module.refresh_whitening
@@ -69,11 +78,7 @@ def test_a_frozen_warmdown_reader_is_rewhitened_once_and_then_stays_fixed():
     recorder = RecordRates()
     filters = []
     recorder.on_train_batch_end = lambda trainer, *a: filters.append(module.extractor.weight.detach().clone())
-    loader = torch.utils.data.DataLoader([{"image": image} for image in unmarked(16)], batch_size=2)
-    trainer = L.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder],
-                        limit_val_batches=0)
-    trainer.fit(module, train_dataloaders=loader)
+    fit(module, unmarked(16), recorder)
     assert len(refreshed) == 1 and torch.equal(refreshed[0], filters[2])  # before the 4th of 6 steps
     assert not torch.equal(filters[0], filters[2])  # trained before
     assert all(torch.equal(f, filters[2]) for f in filters[3:])  # frozen after
@@ -86,11 +91,7 @@ def test_pnm_holds_the_unmarked_outputs_only_for_a_reader_that_freezes(fraction,
     from fingerprint_lm.methods.pnm import PNMMethod
 
     method = PNMMethod(name="pnm", steps=1, extractor={"kind": "band_energy"}, detector_fit_samples=16)
-    torch.manual_seed(6)
-    vae = build_vae()
-    module = FingerprintModule(vae, PersonalizedDecoder(vae.decoder, 8, mapping_hidden=16),
-                               BandEnergyExtractor(8, learn_filters=True), augment=NO_AUGMENT, wc_steps=0,
-                               lr_warmdown_fraction=fraction, warmdown_reader=reader)
+    module = band_reader_module(fraction, reader)
     method.prepare_training(module, [{"image": unmarked(16)}])
     assert (module.whitening_outputs is not None) == holds
     if holds:

@@ -288,8 +288,8 @@ class FingerprintModule(L.LightningModule):
         self.log("psnr", batch_psnr, prog_bar=True, logger=False)
 
     def _warmdown(self, optimizer) -> bool:
-        """Set this step's learning rates; whether the reader is frozen now (re-whitened once when
-        it freezes: a run resumed in the warm-down re-fits the same whitening, same filters)."""
+        """Set this step's learning rates; whether the reader is frozen now (re-whitened at the
+        warm-down's first step; a run resumed later keeps the whitening its checkpoint saved)."""
         if not self.lr_warmdown_fraction:  # the configured rates stand (configure_optimizers)
             return False
         max_steps = self.trainer.max_steps if self._trainer is not None else None
@@ -297,9 +297,8 @@ class FingerprintModule(L.LightningModule):
         warmdown.set_learning_rates(optimizer, (self.lr, self.decoder_lr),
                                     warmdown.lr_factor(self.global_step, max_steps, steps))
         frozen = self.warmdown_reader == "frozen" and warmdown.in_warmdown(self.global_step, max_steps, steps)
-        if frozen and not getattr(self, "_reader_frozen", False) and self.whitening_outputs is not None:
+        if frozen and self.global_step == max_steps - steps and self.whitening_outputs is not None:
             self.refresh_whitening()
-        self._reader_frozen = frozen
         return frozen
 
     def _wc_due(self) -> bool:
