@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.errors import ConfigCompositionException, OverrideParseException
@@ -28,6 +30,22 @@ def hydra_main(cfg: DictConfig) -> float | None:
     return metrics.get("bit_acc") if isinstance(metrics, dict) else None
 
 
+TASK_CONFIGS = Path(__file__).resolve().parent.parent / "conf" / "task"
+
+
+def task_argument_hint(exc: Exception) -> str | None:
+    """``user_id=alice`` without ``task=issue``: which tasks take that argument (conf/task/), in
+    place of Hydra's advice to append it with ``+``."""
+    match = re.match(r"Could not override '(\w+)'", str(exc))
+    if match is None or "not in struct" not in str(exc.__cause__):
+        return None
+    key = match.group(1)
+    tasks = sorted(p.stem for p in TASK_CONFIGS.glob("*.yaml") if re.search(rf"^{key}:", p.read_text(), re.M))
+    if not tasks:
+        return None
+    return f"{key}= is an argument of task={' | '.join(tasks)} only; name the task (conf/task/)"
+
+
 def main() -> None:
     """Console entry: user errors, Hydra's included (unknown experiment or group option, bad
     override syntax), become one ``error: ...`` line on stderr and exit code 2."""
@@ -41,7 +59,7 @@ def main() -> None:
         remove_unstarted_sweeps()
         if wants_trace:
             raise
-        print(f"error: {hydra_error_line(exc)}", file=sys.stderr)
+        print(f"error: {task_argument_hint(exc) or hydra_error_line(exc)}", file=sys.stderr)
         sys.exit(2)
     finally:
         if not wants_trace:

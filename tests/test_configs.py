@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
+from fingerprint_lm.tasks import TASKS
 from tests.conftest import CONF, ROOT, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -86,6 +87,8 @@ def test_debug_overlays_shrink_an_experiment_and_the_command_line_still_wins(tmp
         ("debug=huge", "unknown debug 'huge' (choose one of: fast, none, tiny)"),
         ("fingerprint_bits=[1,2", "cannot parse the override 'fingerprint_bits=[1,2'"),
         ("no_such_key=3", "Could not override 'no_such_key'"),
+        ("task=nope", "unknown task 'nope' (choose one of: attribute, generate, issue, report,"),
+        ("user_id=alice", "user_id= is an argument of task=issue | text2image_eval | verify only"),
     ],
 )
 def test_hydra_errors_are_one_error_line_with_exit_code_2(tmp_path, override, expected):
@@ -119,3 +122,15 @@ def test_training_probes_and_the_sweep_use_one_set_of_attack_names(default_cfg):
     sweep_cases = str(default_cfg.sweep.grid.case).split(",")
     image_cases = [case for case in sweep_cases if parse_case(case)[0] in IMAGE_ATTACKS]
     assert image_cases == list(ROBUSTNESS_SUITE)
+
+
+def test_each_task_takes_only_its_own_arguments(tmp_path):
+    issue = compose_config(tmp_path, ["task=issue", "user_id=alice"])
+    assert issue.task == "issue" and issue.user_id == "alice" and "images" not in issue
+    assert compose_config(tmp_path, ["task=attribute", "images=x.png"]).images == "x.png"
+    train = compose_config(tmp_path, [])
+    assert train.task == "train" and not {"user_id", "images", "copy", "out"} & set(train)
+    assert train.text2image.user_id is None  # the group resolves without the task's arguments
+    assert compose_config(tmp_path, ["+experiment=collusion_sweep"], tiny=False).task == "sweep_point"
+    tasks = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
+    assert tasks == sorted(TASKS)  # one config file per command of the table

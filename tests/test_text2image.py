@@ -96,9 +96,9 @@ def read_pixels(paths) -> np.ndarray:
 
 # -- tests ------------------------------------------------------------------------------------------
 def test_config_defaults(tmp_path):
-    settings = compose_config(tmp_path, ["user_id=dora", "copy=/copies/dora"]).text2image
+    settings = compose_config(tmp_path, ["task=text2image_eval", "user_id=dora", "copy=/copies/dora"]).text2image
     assert settings.pipeline_path is None and settings.fid == "auto" and settings.fid_min_images == 50
-    assert settings.user_id == "dora" and settings.copy_path == "/copies/dora"  # from the top-level keys
+    assert settings.user_id == "dora" and settings.copy_path == "/copies/dora"  # from the task's arguments (conf/task/)
     assert settings.output_dir == f"{tmp_path}/run/text2image"
     assert settings.device == "auto" and settings.dtype == "auto" and settings.seed == 0
 
