@@ -31,7 +31,7 @@ from fingerprint_lm.errors import ConfigError, exit_on_user_error
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
 from fingerprint_lm.lit.stages import evaluate_fingerprint
 from fingerprint_lm.methods.base import collect_images
-from fingerprint_lm.methods.pnm import whiten
+from fingerprint_lm.methods.pnm import unmarked_outputs, whiten
 from fingerprint_lm.models.augment import AugmentConfig
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 
@@ -40,7 +40,7 @@ PROBES = ("shift_8", "crop_0.5", "crop_resize_0.5", "jpeg_q50", "gaussian_blur_s
 
 
 def continue_training(checkpoint: str, schedule: str, steps: int, warmup: int, seed: int,
-                      freeze_reader: bool = False) -> dict:
+                      freeze_reader: bool = False, reader_warmdown: bool = False, augment: float = 0.0) -> dict:
     model = load_fingerprint_model(shipped_checkpoint(checkpoint))
     recipe = model.meta.get("recipe")
     if model.method != "pnm" or recipe is None or model.reference_vae is None:
@@ -48,17 +48,24 @@ def continue_training(checkpoint: str, schedule: str, steps: int, warmup: int, s
     # a frozen reader keeps the checkpoint's whitening valid: training aims at the final logits
     model.extractor.train().requires_grad_(not freeze_reader)
     L.seed_everything(seed, verbose=False)
-    # the reader is frozen (or not) here for the whole continuation, not by the recipe's warm-down
+    # --freeze-reader: frozen here for the whole continuation; --reader-warmdown: the recipe's own
+    # warm-down freezes it (re-whitened first) once the warm-up steps are done
     train = {**recipe["train"], "lr_warmdown_fraction": steps / (warmup + steps) if schedule == "warmdown" else 0.0,
-             "warmdown_reader": "trained"}
-    module = FingerprintModule(model.vae, model.pnm, model.extractor, augment=AugmentConfig(**recipe["augment"]),
-                               **train)
+             "warmdown_reader": "frozen" if reader_warmdown else "trained"}
+    # --augment P: every training augmentation (crop+resize, brightness, blur, noise, JPEG-like) drawn
+    # with probability P per batch, at the recipe's strength ranges
+    probabilities = {f"p_{name}": augment for name in ("crop", "brightness", "blur", "noise", "jpeg")} if augment else {}
+    module = FingerprintModule(model.vae, model.pnm, model.extractor,
+                               augment=AugmentConfig(**{**recipe["augment"], **probabilities}), **train)
     # the reference is the decoder as it was before any training, not the trained shared one
     module.reference_pnm.decoder.load_state_dict(model.reference_vae.decoder.state_dict())
     module.reference_pnm.post_quant_conv.load_state_dict(model.reference_vae.post_quant_conv.state_dict())
     module.detector_fitted.fill_(True)
     data = ImageDataModule(source="synthetic", resolution=32, batch_size=32, seed=seed, test_size=512)
     data.setup("fit")
+    if reader_warmdown:  # what PNMMethod.prepare_training holds for the warm-down's re-whitening
+        module.whitening_outputs = unmarked_outputs(
+            module, collect_images(data.train_dataloader(), recipe.get("detector_fit_samples", 2048)))
     trainer = L.Trainer(accelerator="cpu", max_steps=warmup + steps, logger=False, enable_checkpointing=False,
                         limit_val_batches=0, enable_progress_bar=True, enable_model_summary=False)
     start = time.perf_counter()
@@ -74,7 +81,8 @@ def continue_training(checkpoint: str, schedule: str, steps: int, warmup: int, s
     metrics = evaluate_fingerprint(model, eval_data.test_dataloader(), 512, probes=PROBES)
     tail = module.history[-min(500, len(module.history)):]
     return {"date": time.strftime("%Y-%m-%d"), "checkpoint": checkpoint, "schedule": schedule, "steps": steps,
-            "warmup": warmup, "seed": seed, "freeze_reader": freeze_reader, "bit_acc_before_rewhitening": as_trained,
+            "warmup": warmup, "seed": seed, "freeze_reader": freeze_reader,
+            "reader_warmdown": reader_warmdown, "augment": augment, "bit_acc_before_rewhitening": as_trained,
             "train_seconds": round(seconds, 1),
             "train_bit_acc_last500": sum(r["bit_acc"] for r in tail) / max(1, len(tail)),
             "bit_acc": metrics["bit_acc"], "psnr": metrics["psnr"], "ssim": metrics["ssim"],
@@ -89,26 +97,34 @@ def main() -> None:
     parser.add_argument("--schedules", default="constant,warmdown")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--freeze-reader", action="store_true", help="train the mapping and decoder only")
+    parser.add_argument("--reader-warmdown", action="store_true",
+                        help="the recipe's warm-down: the reader trains in the warm-up, then is re-whitened and frozen")
+    parser.add_argument("--augment", type=float, default=0.0, help="probability of each training augmentation")
     args = parser.parse_args()
     if args.steps <= 0 or args.warmup < 0:
         raise ConfigError(f"--steps must be positive and --warmup >= 0, got {args.steps} and {args.warmup}")
+    if not 0.0 <= args.augment <= 1.0:
+        raise ConfigError(f"--augment is a probability in [0, 1], got {args.augment}")
+    if args.freeze_reader and args.reader_warmdown:
+        raise ConfigError("--freeze-reader and --reader-warmdown exclude each other")
     schedules = args.schedules.split(",")
     if set(schedules) - {"constant", "warmdown"}:
         raise ConfigError(f"--schedules takes constant and/or warmdown, got {args.schedules!r}")
     rows = []
     for schedule in schedules:
-        row = continue_training(args.checkpoint, schedule, args.steps, args.warmup, args.seed, args.freeze_reader)
+        row = continue_training(args.checkpoint, schedule, args.steps, args.warmup, args.seed, args.freeze_reader,
+                                args.reader_warmdown, args.augment)
         rows.append(row)
         RESULTS.parent.mkdir(exist_ok=True)
         with RESULTS.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
     print(f"{args.warmup} shared steps at constant rates first, then:")
-    print(f"| schedule | reader | +steps | s | train acc (last 500) | before re-whitening | bit_acc | PSNR | {' | '.join(PROBES)} |")
-    print("|---" * (8 + len(PROBES)) + "|")
+    print(f"| schedule | reader | augment | +steps | s | train acc (last 500) | before re-whitening | bit_acc | PSNR | {' | '.join(PROBES)} |")
+    print("|---" * (9 + len(PROBES)) + "|")
     for r in rows:
         attacks = " | ".join(f"{r['robustness'][p]:.3f}" for p in PROBES)
-        reader = "frozen" if r["freeze_reader"] else "trained"
-        print(f"| {r['schedule']} | {reader} | {r['steps']} | {r['train_seconds']:.0f} | {r['train_bit_acc_last500']:.3f} | "
+        reader = "frozen" if r["freeze_reader"] else "frozen at warm-down" if r.get("reader_warmdown") else "trained"
+        print(f"| {r['schedule']} | {reader} | {r.get('augment', 0.0):g} | {r['steps']} | {r['train_seconds']:.0f} | {r['train_bit_acc_last500']:.3f} | "
               f"{r['bit_acc_before_rewhitening']:.3f} | "
               f"{r['bit_acc']:.3f} | {r['psnr']:.2f} | {attacks} |")
 

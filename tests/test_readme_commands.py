@@ -99,6 +99,15 @@ def _check_sweep(workdir: Path, command: str, new: set[Path]) -> None:
     assert len(rows) == 1 + len(points)
 
 
+def _check_plugin_sweep(workdir: Path, command: str, new: set[Path]) -> None:
+    # an attack registered from the command line (conf/attacks/) is a case of the grid like a built-in one
+    sweep_dir = _newest("outputs/multiruns/*/summary.csv", workdir).parent
+    assert (sweep_dir / "summary.csv") in new
+    points = [json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")]
+    assert len(points) == 1 and points[0]["case"] == "median_s3"  # debug=tiny: one method and ACT type
+    assert 0.0 < points[0]["psnr"] < 60.0  # the filter changed the images
+
+
 def _check_summarize(workdir: Path, command: str, new: set[Path]) -> None:
     sweep_dir = _newest("outputs/multiruns/*/summary.csv", workdir).parent
     assert {sweep_dir / name for name in SUMMARY_FILES} <= new, "the newest sweep's summary is rewritten"
@@ -147,7 +156,8 @@ def _check_verify(workdir: Path, command: str, new: set[Path]) -> None:
 
 
 CHECKS: list[tuple[str, Callable[[Path, str, set[Path]], None]]] = [
-    (r"\+experiment=collusion_sweep", _check_sweep),
+    (r"\+experiment=collusion_sweep(?!.*\+attacks\.)", _check_sweep),
+    (r"\+experiment=collusion_sweep.*\+attacks\.image\.", _check_plugin_sweep),
     (r"\+experiment=(smoke|train)", _check_training_run),
     (r"fingerprint_lm\.report\.summarize", _check_summarize),
     (r"task=issue ", _check_issue),

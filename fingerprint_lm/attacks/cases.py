@@ -20,7 +20,14 @@ from fingerprint_lm.errors import ConfigError, check_int
 MODEL_ATTACKS: tuple[str, ...] = ("weight_noise", "prune", "quantize_int8", "quantize_fp16", "quantize_bf16", "finetune")
 OUTPUT_ATTACKS: tuple[str, ...] = ("estimate_remove", "spectral_remove")
 COLLUSIONS: tuple[str, ...] = (*MERGES, *IMAGE_MERGES)  # attacks of c >= 2 copies
-ATTACKS: tuple[str, ...] = ("none", *COLLUSIONS, *IMAGE_ATTACKS, *MODEL_ATTACKS, *OUTPUT_ATTACKS)
+# The built-in attacks; image attacks registered at run time (register_image_attack) join them.
+BUILTIN_ATTACKS: frozenset[str] = frozenset(("none", *COLLUSIONS, *IMAGE_ATTACKS, *MODEL_ATTACKS, *OUTPUT_ATTACKS))
+
+
+def attack_names() -> tuple[str, ...]:
+    """Every attack a case may name, the registered plug-ins included."""
+    return ("none", *COLLUSIONS, *IMAGE_ATTACKS, *MODEL_ATTACKS, *OUTPUT_ATTACKS)
+
 
 # The image attacks every trained model is probed with (``metrics.json``: ``robust/<case>``); the
 # collusion sweep's default grid scores the same cases on issued copies (tests/test_configs.py).
@@ -36,12 +43,12 @@ _COLLUDERS = re.compile(r"^c(\d+)$")
 def parse_case(case: str) -> tuple[str, float | None, int]:
     """``"average_c3"`` -> ``("average", None, 3)``, ``"jpeg_q50"`` -> ``("jpeg", 50.0, 1)``.
     Merges need ``c >= 2``; every other attack works on one copy."""
-    text = str(case)
-    names = sorted((n for n in ATTACKS if text == n or text.startswith(n + "_")), key=len, reverse=True)
+    text, known = str(case), attack_names()
+    names = sorted((n for n in known if text == n or text.startswith(n + "_")), key=len, reverse=True)
     if not names:
         raise ConfigError(
             f"unknown attack case {case!r}: expected <attack>[_<strength>][_c<N>] with attack one "
-            f"of {', '.join(ATTACKS)}"
+            f"of {', '.join(known)}"
         )
     attack = names[0]
     strength, colluders = None, 1
@@ -57,8 +64,8 @@ def parse_case(case: str) -> tuple[str, float | None, int]:
 
 
 def check_point(attack: str, strength: float | None, colluders: int) -> None:
-    if attack not in ATTACKS:
-        raise ConfigError(f"unknown attack {attack!r}; expected one of {', '.join(ATTACKS)}")
+    if attack not in attack_names():
+        raise ConfigError(f"unknown attack {attack!r}; expected one of {', '.join(attack_names())}")
     check_int("colluders", colluders)
     if attack in COLLUSIONS and colluders < 2 and attack != "average":
         raise ConfigError(f"collusion {attack!r} needs at least 2 colluders, got {colluders}")
@@ -69,6 +76,28 @@ def check_point(attack: str, strength: float | None, colluders: int) -> None:
     )
     if needs_strength and strength is None:
         raise ConfigError(f"attack {attack!r} needs a strength (e.g. {attack}_0.5)")
+
+
+_NAME_TOKEN = re.compile(r"^[a-z][a-z0-9]*$")
+
+
+def register_image_attack(name: str, attack: Callable) -> None:
+    """Make ``attack`` (``fn(images, strength, generator=None)``, images in ``[-1, 1]``) an image
+    attack called ``name``: cases then name it like a built-in one, ``<name>_<strength>`` (the
+    ``conf/attacks/`` group's plug-ins, built with ``_target_``). An attack may return a smaller
+    image (a cut without resize): fidelity is then measured against the same cut of the base
+    decoder's output. A built-in name cannot be replaced; a plug-in's can (every task registers
+    the config's plug-ins anew)."""
+    words = str(name).split("_")
+    if not all(_NAME_TOKEN.match(w) and not _COLLUDERS.match(w) and not _STRENGTH.match(w) for w in words):
+        raise ConfigError(
+            f"attack name {name!r}: lowercase words joined by '_', none of them a strength (q50, 0.5) or c<N>"
+        )
+    if name in BUILTIN_ATTACKS:
+        raise ConfigError(f"attack {name!r} is built in; give the plug-in another name")
+    if not callable(attack):
+        raise ConfigError(f"attack {name!r}: {type(attack).__name__} is not callable (add _partial_: true?)")
+    IMAGE_ATTACKS[name] = attack
 
 
 def image_case(case: str) -> Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]:

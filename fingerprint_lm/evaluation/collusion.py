@@ -38,7 +38,7 @@ import torch
 from fingerprint_lm.attacks import model as model_attacks
 from fingerprint_lm.attacks.cases import check_point, parse_case
 from fingerprint_lm.attacks.collusion import IMAGE_MERGES, MERGES, merge_copies
-from fingerprint_lm.attacks.image import IMAGE_ATTACKS, SIZE_CHANGING
+from fingerprint_lm.attacks.image import IMAGE_ATTACKS
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.distributor.attribution import attribute_logits, trace_logits
 from fingerprint_lm.distributor.copies import decoder_from_tensors
@@ -270,11 +270,13 @@ def attacked_images(model: FingerprintModel, users: Users, point: Point, real: t
         outputs = batched.decode(attacked_decoder(model, users, point, generator, settings, tune_images), latents, device)
     reference = base_outputs
     if point.attack in IMAGE_ATTACKS:
-        if point.attack in SIZE_CHANGING:
+        attack, draws = IMAGE_ATTACKS[point.attack], generator.get_state()
+        attacked = attack(outputs, point.attack_strength, generator)
+        if attacked.shape != outputs.shape:  # a cut without resize (crop, shift): fidelity against the same cut
             replay = torch.Generator()  # the attack's own random draws, replayed on the base outputs
-            replay.set_state(generator.get_state())
-            reference = IMAGE_ATTACKS[point.attack](base_outputs, point.attack_strength, replay)
-        outputs = IMAGE_ATTACKS[point.attack](outputs, point.attack_strength, generator)
+            replay.set_state(draws)
+            reference = attack(base_outputs, point.attack_strength, replay)
+        outputs = attacked
     elif point.attack == "estimate_remove":
         tile = int(getattr(model.pnm, "tile_size", model.meta.get("pnm", {}).get("tile_size", 16)))
         outputs = model_attacks.estimate_and_remove(outputs, period=tile)

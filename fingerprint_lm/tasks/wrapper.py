@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from fingerprint_lm.attacks.cases import register_image_attack
 from fingerprint_lm.errors import ConfigError, FingerprintError
 from fingerprint_lm.storage import atomic_write_text
 
@@ -61,6 +62,7 @@ def run_task(task: Task, cfg: DictConfig) -> dict[str, Any]:
     os.environ.setdefault("WANDB_SILENT", "true")
     try:
         torch.manual_seed(int(cfg.seed))
+        register_attack_plugins(cfg)
         result = task.body(cfg, context)
         if not is_global_zero():
             return result  # DDP: rank 0 alone writes a run's outputs
@@ -76,6 +78,12 @@ def run_task(task: Task, cfg: DictConfig) -> dict[str, Any]:
         raise one_line_config_error(exc) from exc
     finally:
         finish_wandb(context.loggers)
+
+
+def register_attack_plugins(cfg: DictConfig) -> None:
+    """The ``attacks`` group's image attacks (``_target_`` configs), registered under their names."""
+    for name, spec in (OmegaConf.select(cfg, "attacks.image") or {}).items():
+        register_image_attack(str(name), instantiate(spec))
 
 
 def one_line_config_error(exc: InstantiationException) -> FingerprintError:
