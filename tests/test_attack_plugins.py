@@ -8,13 +8,14 @@ import sys
 
 import pytest
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
 from fingerprint_lm.attacks.cases import BUILTIN_ATTACKS, image_case, parse_case, register_image_attack
 from fingerprint_lm.attacks.image import IMAGE_ATTACKS
 from fingerprint_lm.attacks.plugins import median_filter
 from fingerprint_lm.errors import ConfigError
-from fingerprint_lm.tasks.wrapper import register_attack_plugins
+from fingerprint_lm.tasks.wrapper import one_line_config_error, register_attack_plugins
 from tests.conftest import ROOT
 
 
@@ -83,6 +84,15 @@ def test_median_filter_removes_isolated_outliers_and_keeps_flat_images():
             median_filter(flat, bad)
 
 
+def test_a_plugin_that_cannot_be_built_is_a_one_line_config_error(plugins):
+    cfg = OmegaConf.create({"attacks": {"image": {"nope": {"_target_": "no_such_module.attack", "_partial_": True}}}})
+    with pytest.raises(InstantiationException) as caught:
+        register_attack_plugins(cfg)
+    error = one_line_config_error(caught.value)  # what run_task raises, printed as `error: ...`
+    assert isinstance(error, ConfigError) and "no_such_module" in str(error) and "\n" not in str(error)
+
+
+@pytest.mark.slow  # the same through the CLI: a fresh interpreter imports torch and Hydra
 def test_a_plugin_that_cannot_be_built_is_one_error_line(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "fingerprint_lm", "task=users", f"paths.root_dir={tmp_path}", "logger=none",
