@@ -70,9 +70,8 @@ class FingerprintModule(L.LightningModule):
             maps, so the main-path affine sites must carry the fingerprint on their own.
         calibration_batch_size: images per decoder pass when calibrating the carriers and fitting
             the detector before training (decoder activations at SD scale bound it, not the data).
-        rewhiten_every: re-fit the extractor's whitening on ``whitening_outputs`` (unmarked outputs
-            a method hook sets) every this many steps; 0: never (shipped: re-fitting as it goes
-            slowed learning several-fold, experiments/results/whitening_table.md).
+        rewhiten_every: re-fit the whitening on ``whitening_outputs`` (unmarked outputs a method
+            hook sets) every this many steps; 0: never (slowed learning: experiments/results/whitening_table.md).
         lr_warmdown_fraction: every learning rate falls linearly to 0 over this fraction of the
             run's last steps (0: constant); ``warmdown_reader`` ``frozen``: the reader is re-whitened
             on ``whitening_outputs`` then and trains no more (:mod:`fingerprint_lm.lit.warmdown`).
@@ -219,10 +218,13 @@ class FingerprintModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         freeze_encoder(self.vae)
 
+    @property
+    def rewhitens_in_training(self) -> bool:  # then a method hook must set whitening_outputs
+        return bool(self.rewhiten_every or (self.lr_warmdown_fraction and self.warmdown_reader == "frozen"))
+
     @torch.no_grad()
     def refresh_whitening(self) -> None:
-        """Re-fit the whitening on ``whitening_outputs`` (chunks to the device), in float32 even
-        inside a bf16-autocast training step, as after_fit fits the shipped one."""
+        """Re-fit the whitening on ``whitening_outputs`` in float32, also under bf16 autocast."""
         with torch.autocast(self.device.type, enabled=False):
             self.extractor.fit_whitening_chunks(self.whitening_outputs.split(self.calibration_batch_size))
 
@@ -383,11 +385,8 @@ class FingerprintModule(L.LightningModule):
         base = self.reference(latents)
         out = self.pnm(latents, bits)
         bit_acc = ((self.extractor(out) > 0).long() == bits).float().mean()
-        self.log_dict(
-            {"val/bit_acc": bit_acc, "val/psnr": psnr(out, base).mean(), "val/ssim": ssim(out, base)},
-            prog_bar=True,
-            batch_size=len(images),
-        )
+        self.log_dict({"val/bit_acc": bit_acc, "val/psnr": psnr(out, base).mean(), "val/ssim": ssim(out, base)},
+                      prog_bar=True, batch_size=len(images))
 
     def configure_optimizers(self):
         groups = [{"params": self.pnm.pnm_parameters() + list(self.extractor.parameters()), "lr": self.lr}]

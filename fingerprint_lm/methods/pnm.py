@@ -58,8 +58,7 @@ class PNMMethod(FingerprintMethod):
         # A reader whose filters train is re-whitened during training (module.rewhiten_every, or
         # once when it freezes for the warm-down) on the same unmarked outputs after_fit whitens
         # on; kept on the CPU (2048 SD-sized outputs are 1.6 GB).
-        rewhitens = module.rewhiten_every or (module.lr_warmdown_fraction and module.warmdown_reader == "frozen")
-        if rewhitens and any(p.requires_grad for p in module.extractor.parameters()):
+        if module.rewhitens_in_training and any(p.requires_grad for p in module.extractor.parameters()):
             module.whitening_outputs = unmarked_outputs(module, collect_images(loader, self.detector_fit_samples))
 
     def after_fit(self, module, loader: Iterable) -> dict[str, Any]:
