@@ -9,7 +9,8 @@ import secrets
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from fingerprint_lm.tasks import run
+from tests.conftest import ROOT, compose_config
 
 
 def _forms(secret: str) -> dict[str, bytes]:
@@ -24,17 +25,13 @@ def _forms(secret: str) -> dict[str, bytes]:
     }
 
 
-def test_the_secret_is_in_no_file_the_workflow_writes(tmp_path):
+def test_the_secret_is_in_no_file_the_workflow_writes(tmp_path, monkeypatch, capfd):
     secret = "act-secret-" + secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FINGERPRINT_LM_", "HYDRA_", "WANDB_"))}
     env.update(FINGERPRINT_LM_SECRET=secret, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(ROOT))
+    # Through the CLI: one distributor command (Hydra saves its config) and the runs that log to W&B.
     commands = [
         ["task=issue", "user_id=alice"],
-        ["task=issue", "user_id=bob"],
-        ["task=generate", "copy=copies/alice", "n_images=8", "out=alice_images"],
-        ["task=attribute", "images=alice_images"],
-        ["task=trace", "images=alice_images"],
-        ["task=verify", "copy=copies/bob", "user_id=bob"],
         ["+experiment=train", "debug=tiny", "logger=wandb"],  # a training run with W&B offline
         ["+experiment=collusion_sweep", "debug=tiny", "logger=wandb"],  # sweep points with W&B offline
     ]
@@ -44,6 +41,18 @@ def test_the_secret_is_in_no_file_the_workflow_writes(tmp_path):
         assert out.returncode == 0, (args, out.stderr[-2000:])
         for form, needle in _forms(secret).items():
             assert needle not in (out.stdout + out.stderr).encode(), (args, form)
+    # The other distributor commands in-process (a fresh interpreter costs seconds each), same files.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FINGERPRINT_LM_SECRET", secret)
+    for args in (["task=issue", "user_id=bob"],
+                 ["task=generate", "copy=copies/alice", "n_images=8", "out=alice_images"],
+                 ["task=attribute", "images=alice_images"],
+                 ["task=trace", "images=alice_images"],
+                 ["task=verify", "copy=copies/bob", "user_id=bob"]):
+        run(compose_config(tmp_path, [*args, "logger=none"], tiny=False))
+    printed = capfd.readouterr()
+    for form, needle in _forms(secret).items():
+        assert needle not in (printed.out + printed.err).encode(), form
 
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     kinds = {p.relative_to(tmp_path).parts[0] for p in files}
