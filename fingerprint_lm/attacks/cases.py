@@ -20,14 +20,15 @@ from fingerprint_lm.errors import ConfigError, check_int
 MODEL_ATTACKS: tuple[str, ...] = ("weight_noise", "prune", "quantize_int8", "quantize_fp16", "quantize_bf16", "finetune")
 OUTPUT_ATTACKS: tuple[str, ...] = ("estimate_remove", "spectral_remove")
 COLLUSIONS: tuple[str, ...] = (*MERGES, *IMAGE_MERGES)  # attacks of c >= 2 copies
-# The built-in attacks; image attacks registered at run time (register_image_attack) join them.
-BUILTIN_ATTACKS: frozenset[str] = frozenset(("none", *COLLUSIONS, *IMAGE_ATTACKS, *MODEL_ATTACKS, *OUTPUT_ATTACKS))
 
 
 def attack_names() -> tuple[str, ...]:
     """Every attack a case may name, the registered plug-ins included."""
     return ("none", *COLLUSIONS, *IMAGE_ATTACKS, *MODEL_ATTACKS, *OUTPUT_ATTACKS)
 
+
+# The built-in attacks: the names taken at import, before any plug-in registers (register_image_attack).
+BUILTIN_ATTACKS: frozenset[str] = frozenset(attack_names())
 
 # The image attacks every trained model is probed with (``metrics.json``: ``robust/<case>``); the
 # collusion sweep's default grid scores the same cases on issued copies (tests/test_configs.py).
@@ -64,8 +65,9 @@ def parse_case(case: str) -> tuple[str, float | None, int]:
 
 
 def check_point(attack: str, strength: float | None, colluders: int) -> None:
-    if attack not in attack_names():
-        raise ConfigError(f"unknown attack {attack!r}; expected one of {', '.join(attack_names())}")
+    known = attack_names()
+    if attack not in known:
+        raise ConfigError(f"unknown attack {attack!r}; expected one of {', '.join(known)}")
     check_int("colluders", colluders)
     if attack in COLLUSIONS and colluders < 2 and attack != "average":
         raise ConfigError(f"collusion {attack!r} needs at least 2 colluders, got {colluders}")
