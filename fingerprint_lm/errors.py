@@ -76,3 +76,10 @@ def check_probability(name: str, value: object) -> float:
     if isinstance(value, bool) or not 0.0 < number < 1.0:
         raise ConfigError(f"{name} must lie in (0, 1), got {value}")
     return number
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    """``value`` when it is one of ``choices``; ConfigError naming them otherwise."""
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value

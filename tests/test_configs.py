@@ -1,12 +1,17 @@
 """Every experiment composes; the config tree follows docs/design.md ("Coding style")."""
 
+import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
+from fingerprint_lm.config_schema import SCHEMAS, read_settings
+from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.tasks import TASKS
 from tests.conftest import CONF, ROOT, compose_config
 
@@ -89,6 +94,7 @@ def test_debug_overlays_shrink_an_experiment_and_the_command_line_still_wins(tmp
         ("no_such_key=3", "Could not override 'no_such_key'"),
         ("task=nope", "unknown task 'nope' (choose one of: attribute, generate, issue, report,"),
         ("user_id=alice", "user_id= is an argument of task=issue | text2image_eval | verify only"),
+        ("distributor.fpr=abc", "Error merging override distributor.fpr=abc (Value 'abc' of type 'str' could not"),
     ],
 )
 def test_hydra_errors_are_one_error_line_with_exit_code_2(tmp_path, override, expected):
@@ -134,3 +140,53 @@ def test_each_task_takes_only_its_own_arguments(tmp_path):
     assert compose_config(tmp_path, ["+experiment=collusion_sweep"], tiny=False).task == "sweep_point"
     tasks = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
     assert tasks == sorted(TASKS)  # one config file per command of the table
+
+
+@pytest.mark.parametrize("group", sorted(SCHEMAS))
+def test_each_settings_group_is_typed_by_its_schema(default_cfg, group):
+    """The group's YAML file extends its dataclass, and the values the file sets pass its checks."""
+    assert OmegaConf.get_type(default_cfg[group]) is SCHEMAS[group]
+    settings = read_settings(default_cfg, group)
+    assert isinstance(settings, SCHEMAS[group])
+    # The file's literal scalars and the dataclass's defaults say the same (one reads either).
+    defaults = {f.name: f.default for f in dataclasses.fields(SCHEMAS[group])}
+    written = OmegaConf.load(CONF / group / "default.yaml")
+    literal = {key: written[key] for key in written if key != "defaults" and not OmegaConf.is_interpolation(written, key)
+               and not OmegaConf.is_config(written[key])}
+    assert literal and {key: defaults[key] for key in literal} == literal
+
+
+@pytest.mark.parametrize(
+    ("override", "group", "expected"),
+    [
+        ("distributor.fpr=2", "distributor", "distributor.fpr must lie in (0, 1), got 2.0"),
+        ("distributor.tracing=tardis", "distributor", "distributor.tracing must be one of evidence, tardos"),
+        ("distributor.top=0", "distributor", "distributor.top must be a positive integer, got 0"),
+        ("sweep.images=coco", "sweep", "sweep.images must be one of procedural, data, got 'coco'"),
+        ("sweep.finetune_lr=0", "sweep", "sweep.finetune_lr must be a finite number > 0"),
+        ("text2image.fid=fast", "text2image", "text2image.fid must be one of auto, clean, proxy, off"),
+        ("text2image.guidance_scale=-1", "text2image", "text2image.guidance_scale must be a finite number >= 0"),
+        ("report.max_runs=0", "report", "report.max_runs must be a positive integer, got 0"),
+    ],
+)
+def test_settings_ranges_are_checked_when_a_task_reads_them(tmp_path, override, group, expected):
+    cfg = compose_config(tmp_path, [override])  # composes: the type is right, the range is not
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        read_settings(cfg, group)
+
+
+def test_a_plain_config_gets_the_same_checks(default_cfg):
+    """Scripts and tests that build a config by hand are typed by the same schema."""
+    plain = OmegaConf.create({"distributor": {**OmegaConf.to_container(default_cfg.distributor, resolve=True),
+                                              "min_distance": "eight"}})
+    with pytest.raises(ConfigError, match="distributor: Value 'eight' of type 'str' could not be converted"):
+        read_settings(plain, "distributor")
+    assert read_settings(OmegaConf.create({"distributor": {"registry": "r", "copies_dir": "c"}}),
+                         "distributor").fpr == 1e-6
+
+
+def test_text2image_fid_off_survives_yaml(tmp_path):
+    """YAML 1.1 reads `fid: off` as false; the schema gives the task the word back."""
+    cfg = compose_config(tmp_path, [])
+    cfg.text2image.fid = False
+    assert read_settings(cfg, "text2image").fid == "off"

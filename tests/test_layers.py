@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "fingerprint_lm"
 # floor of each top-level module or subpackage of fingerprint_lm
 FLOORS = {
-    "errors": 0, "storage": 0, "devices": 0, "resolvers": 0,
+    "errors": 0, "storage": 0, "devices": 0, "resolvers": 0, "config_schema": 0,
     "models": 1, "data": 1,
     "methods": 2, "attacks": 2, "metrics": 2, "registry": 2, "lit": 2,
     "distributor": 3, "evaluation": 3, "report": 3,

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from fingerprint_lm.config_schema import read_settings
 from fingerprint_lm.distributor.attribution import attribute_images, read_suspect_images, trace_images
 from fingerprint_lm.distributor.copies import (
     check_user_id,
@@ -25,7 +26,7 @@ from fingerprint_lm.distributor.copies import (
     verify_copy,
 )
 from fingerprint_lm.distributor.generation import decode_with, held_out_images, save_pngs
-from fingerprint_lm.errors import ConfigError, check_probability
+from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.models.checkpoint import (
     checkpoint_code_length,
     load_fingerprint_model,
@@ -57,19 +58,15 @@ def _required(cfg: DictConfig, key: str, task: str, example: str) -> Any:
     return OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
 
 
-def _fpr(cfg: DictConfig) -> float:
-    return check_probability("distributor.fpr", cfg.distributor.fpr)
-
-
 # -- tasks ----------------------------------------------------------------------------------------
 def task_issue(cfg: DictConfig, context: TaskContext) -> dict:
-    settings = cfg.distributor
+    settings = read_settings(cfg, "distributor")
     user_id = check_user_id(_user_id(cfg, "issue"))
     act_type = str(cfg.act.type)
     # The secret first: a missing secret must fail before anything is loaded or written.
     secret = read_secret(settings.secret_env, settings.secret_file) if act_type != "none" else None
     model = load_fingerprint_model(checkpoint_dir(cfg))
-    with open_registry(settings.registry, model.fingerprint_bits, int(settings.min_distance), create=True,
+    with open_registry(settings.registry, model.fingerprint_bits, settings.min_distance, create=True,
                        method=model.method) as reg:
         result = issue_copy(
             model,
@@ -80,7 +77,7 @@ def task_issue(cfg: DictConfig, context: TaskContext) -> dict:
             act_type=act_type,
             scale_range=(float(cfg.act.scale_min), float(cfg.act.scale_max)),
             act_scope=str(cfg.act.scope),
-            rng=code_rng(settings.get("code_seed"), user_id),
+            rng=code_rng(settings.code_seed, user_id),
         )
         result["n_users"] = len(reg)
     result["registry"] = str(settings.registry)
@@ -88,7 +85,7 @@ def task_issue(cfg: DictConfig, context: TaskContext) -> dict:
 
 
 def task_users(cfg: DictConfig, context: TaskContext) -> dict:
-    settings = cfg.distributor
+    settings = read_settings(cfg, "distributor")
     k = checkpoint_code_length(checkpoint_dir(cfg))
     with open_registry(settings.registry, k) as reg:
         users = []
@@ -107,12 +104,12 @@ def task_users(cfg: DictConfig, context: TaskContext) -> dict:
 def _read_suspects(cfg: DictConfig, task: str, score) -> dict:
     """``score(extractor, index, images, fpr)`` on the ``images=`` of ``task`` against the registry
     (attribute and trace read the same inputs and differ only in how they score them)."""
-    fpr = _fpr(cfg)
+    settings = read_settings(cfg, "distributor")
     model = load_fingerprint_model(checkpoint_dir(cfg))
-    with open_registry(cfg.distributor.registry, model.fingerprint_bits, method=model.method) as reg:
+    with open_registry(settings.registry, model.fingerprint_bits, method=model.method) as reg:
         paths = _required(cfg, "images", task, "PATH (an image file or a folder)")
         images, skipped = read_suspect_images(paths, min_size=int(model.extractor.min_image_size))
-        return {**score(model.extractor, reg.index(), images, fpr), "skipped": skipped}
+        return {**score(model.extractor, reg.index(), images, settings.fpr), "skipped": skipped}
 
 
 def task_attribute(cfg: DictConfig, context: TaskContext) -> dict:
@@ -120,7 +117,8 @@ def task_attribute(cfg: DictConfig, context: TaskContext) -> dict:
 
 
 def task_trace(cfg: DictConfig, context: TaskContext) -> dict:
-    top, scoring = int(cfg.distributor.top), str(cfg.distributor.tracing)
+    settings = read_settings(cfg, "distributor")
+    top, scoring = settings.top, settings.tracing
     return _read_suspects(cfg, "trace", lambda extractor, index, images, fpr: trace_images(
         extractor, index, images, fpr=fpr, top=top, scoring=scoring))
 
@@ -139,7 +137,7 @@ def task_generate(cfg: DictConfig, context: TaskContext) -> dict:
 
 
 def task_verify(cfg: DictConfig, context: TaskContext) -> dict:
-    settings = cfg.distributor
+    settings = read_settings(cfg, "distributor")
     user_id = _user_id(cfg, "verify")
     copy = str(_required(cfg, "copy", "verify", "PATH (a copy folder)"))
     k = checkpoint_code_length(checkpoint_dir(cfg))

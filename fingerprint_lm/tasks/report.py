@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from fingerprint_lm.errors import ConfigError, check_int
+from fingerprint_lm.config_schema import read_settings
+from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.report.compare import write_report
 from fingerprint_lm.report.runs import RunRecord, collect_local_runs, collect_wandb_api_runs
 from fingerprint_lm.tasks.wrapper import Task, TaskContext
@@ -27,34 +28,28 @@ def _string_list(name: str, value: Any, allow_none: bool = False) -> list[str] |
 def run_report(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
     """``task=report``: collect ``report.runs`` and/or ``report.wandb_path``, write the comparison to
     ``report.output_dir``, print the table; returns ``{"runs", "output_dir", "files"}``."""
-    settings = OmegaConf.to_container(cfg.report, resolve=True)
-    paths = _string_list("report.runs", settings.get("runs") or [])
-    wandb_path = settings.get("wandb_path")
+    settings = read_settings(cfg, "report")  # max_runs, output_dir and filters checked there
+    paths = _string_list("report.runs", settings.runs or [])
+    wandb_path = settings.wandb_path
     if not paths and not wandb_path:
         raise ConfigError("nothing to compare: set report.runs=[DIR,...] or report.wandb_path=entity/project")
-    max_runs = check_int("report.max_runs", settings.get("max_runs", 200))
-    if not isinstance(settings.get("output_dir"), str) or not settings["output_dir"]:
-        raise ConfigError(f"report.output_dir must be a folder path, got {settings.get('output_dir')!r}")
-    filters = settings.get("filters") or {}
-    if not isinstance(filters, dict):
-        raise ConfigError(f"report.filters must be a mapping, got {filters!r}")
 
     runs: list[RunRecord] = []
     for path in paths:
         runs.extend(collect_local_runs(path))
     if wandb_path:
-        runs.extend(collect_wandb_api_runs(wandb_path, settings.get("group"), filters, max_runs))
+        runs.extend(collect_wandb_api_runs(wandb_path, settings.group, settings.filters or {}, settings.max_runs))
     files, table = write_report(
         runs,
-        settings["output_dir"],
-        metrics=_string_list("report.metrics", settings.get("metrics"), allow_none=True),
-        config_keys=_string_list("report.config_keys", settings.get("config_keys"), allow_none=True),
-        ignore_prefixes=tuple(_string_list("report.ignore_config", settings.get("ignore_config") or [])),
-        quality_metric=str(settings.get("quality_metric") or "psnr"),
+        settings.output_dir,
+        metrics=_string_list("report.metrics", settings.metrics, allow_none=True),
+        config_keys=_string_list("report.config_keys", settings.config_keys, allow_none=True),
+        ignore_prefixes=tuple(_string_list("report.ignore_config", settings.ignore_config or [])),
+        quality_metric=settings.quality_metric or "psnr",
     )
     print(table, end="")
-    print(f"report: {len(runs)} runs -> {Path(settings['output_dir'])} ({', '.join(p.name for p in files)})")
-    return {"runs": len(runs), "output_dir": str(settings["output_dir"]), "files": [str(p) for p in files]}
+    print(f"report: {len(runs)} runs -> {Path(settings.output_dir)} ({', '.join(p.name for p in files)})")
+    return {"runs": len(runs), "output_dir": str(settings.output_dir), "files": [str(p) for p in files]}
 
 
 TASK = Task("report", run_report)

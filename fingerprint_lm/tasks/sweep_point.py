@@ -24,6 +24,7 @@ from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from fingerprint_lm.config_schema import read_settings
 from fingerprint_lm.devices import resolve_device
 from fingerprint_lm.errors import ConfigError, check_int
 from fingerprint_lm.evaluation.collusion import Point, PointSettings, evaluate_point
@@ -190,31 +191,29 @@ def sweep_images(cfg: DictConfig, resolution: int) -> tuple[torch.Tensor | None,
     """``sweep.images``: ``procedural`` (None, None: the evaluation draws its own) or ``data``: the
     first ``sweep.n_images`` test images of ``cfg.data`` (e.g. ``data=coco``) and 256 training
     images for the fine-tuning attacker, at the model's resolution."""
-    source = str(cfg.sweep.images)
-    if source == "procedural":
+    settings = read_settings(cfg, "sweep")
+    if settings.images == "procedural":
         return None, None
-    if source != "data":
-        raise ConfigError(f"sweep.images must be procedural or data, got {source!r}")
     if int(cfg.data.resolution) != resolution:
         raise ConfigError(f"data.resolution={cfg.data.resolution} but the model was trained at {resolution}")
     datamodule = instantiate(cfg.data)
     return (
-        collect_images(datamodule.test_dataloader(), int(cfg.sweep.n_images)),
+        collect_images(datamodule.test_dataloader(), settings.n_images),
         collect_images(datamodule.train_dataloader(), 256),
     )
 
 
 # -- the task -------------------------------------------------------------------------------------
 def point_settings(cfg: DictConfig) -> PointSettings:
-    settings = cfg.sweep
+    settings = read_settings(cfg, "sweep")
     return PointSettings(
-        n_images=int(settings.n_images),
-        n_innocents=int(settings.n_innocents),
-        fpr=float(settings.fpr),
-        tracing_fpr=float(settings.tracing_fpr),
+        n_images=settings.n_images,
+        n_innocents=settings.n_innocents,
+        fpr=settings.fpr,
+        tracing_fpr=settings.tracing_fpr,
         scale_range=(float(cfg.act.scale_min), float(cfg.act.scale_max)),
         act_scope=str(cfg.act.scope),
-        finetune_lr=float(settings.finetune_lr),
+        finetune_lr=settings.finetune_lr,
         device=resolve_device(settings.device, "sweep.device"),
     )
 

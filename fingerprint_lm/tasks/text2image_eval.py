@@ -6,7 +6,6 @@ and checkpoint, ``distributor.*``; writes ``text2image_metrics.json`` and the gr
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,11 @@ import torch
 from omegaconf import DictConfig
 from rich.console import Console
 
+from fingerprint_lm.config_schema import DistributorConfig, Text2ImageConfig, read_settings
 from fingerprint_lm.data.coco import CocoCaptions
 from fingerprint_lm.devices import resolve_device
 from fingerprint_lm.distributor.copies import check_user_id, load_copy
-from fingerprint_lm.errors import CheckpointError, ConfigError, check_int, check_probability
+from fingerprint_lm.errors import CheckpointError, ConfigError
 from fingerprint_lm.evaluation.sd_pipeline import (
     check_copy_fits,
     check_pipeline_folder,
@@ -47,75 +47,62 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Settings:
-    """``text2image.*`` checked: the cheap checks run before any model is loaded."""
+    """``text2image.*`` (types and ranges checked by :class:`Text2ImageConfig`) and the
+    distributor's settings, turned into what the evaluation takes. The cheap checks (the pipeline
+    folder, the user id, the device) run here, before any model is loaded."""
 
+    config: Text2ImageConfig
+    distributor: DistributorConfig
     pipeline_path: Path
     user_id: str
-    n_images: int
-    batch_size: int
-    steps: int
-    grid_images: int
-    guidance_scale: float
-    fpr: float
     device: torch.device
     dtype: torch.dtype
-    seed: int
+
+    @property
+    def fpr(self) -> float:
+        return self.distributor.fpr
 
 
-def read_settings(cfg: DictConfig) -> Settings:
-    settings = cfg.text2image
-    pipeline_path = check_pipeline_folder(settings.pipeline_path)
-    if settings.user_id is None or isinstance(settings.user_id, bool):
+def check_settings(cfg: DictConfig) -> Settings:
+    config = read_settings(cfg, "text2image")
+    distributor = read_settings(cfg, "distributor")
+    pipeline_path = check_pipeline_folder(config.pipeline_path)
+    if config.user_id is None or isinstance(config.user_id, bool):
         raise ConfigError("task=text2image_eval needs user_id=NAME (whose copy to evaluate)")
-    grid_images = check_int("text2image.grid_images", settings.grid_images, 0)
-    guidance_scale = float(settings.guidance_scale)
-    if not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ConfigError(f"text2image.guidance_scale must be a finite number >= 0, got {settings.guidance_scale}")
-    device = resolve_device(settings.device, "text2image.device")
-    return Settings(
-        pipeline_path=pipeline_path,
-        user_id=check_user_id(str(settings.user_id)),
-        n_images=check_int("text2image.n_images", settings.n_images),
-        batch_size=check_int("text2image.batch_size", settings.batch_size),
-        steps=check_int("text2image.num_inference_steps", settings.num_inference_steps),
-        grid_images=grid_images,
-        guidance_scale=guidance_scale,
-        fpr=check_probability("distributor.fpr", cfg.distributor.fpr),
-        device=device,
-        dtype=resolve_dtype(settings.dtype, device),
-        seed=int(settings.seed),
-    )
+    device = resolve_device(config.device, "text2image.device")
+    return Settings(config=config, distributor=distributor, pipeline_path=pipeline_path,
+                    user_id=check_user_id(str(config.user_id)), device=device,
+                    dtype=resolve_dtype(config.dtype, device))
 
 
 def _copy_and_code(cfg: DictConfig, s: Settings):
     """The checkpoint, the registry's code index and row of the user, and their verified copy."""
-    settings = cfg.text2image
+    settings = s.config
     model = load_fingerprint_model(checkpoint_dir(cfg))
-    with open_registry(cfg.distributor.registry, model.fingerprint_bits, method=model.method) as registry:
+    with open_registry(s.distributor.registry, model.fingerprint_bits, method=model.method) as registry:
         row = registry.get(s.user_id)  # RegistryError for an unknown user
         index = registry.index()
-    copy_path = Path(str(settings.copy_path)) if settings.copy_path else Path(cfg.distributor.copies_dir) / s.user_id
+    copy_path = Path(str(settings.copy_path)) if settings.copy_path else Path(s.distributor.copies_dir) / s.user_id
     expected = row["copy_sha256"] if settings.verify_copy else None
     if settings.verify_copy and not expected:
         raise CheckpointError(f"the registry holds no copy hash for {s.user_id!r}; set text2image.verify_copy=false")
     return model, index, row, copy_path, load_copy(copy_path, expected_sha256=expected).to(s.device)
 
 
-def _prompts(cfg: DictConfig, s: Settings) -> tuple[CocoCaptions, list[tuple[int, str]]]:
-    settings = cfg.text2image
+def _prompts(s: Settings) -> tuple[CocoCaptions, list[tuple[int, str]]]:
+    settings = s.config
     coco = CocoCaptions(settings.coco_root, str(settings.split), annotation_file=settings.annotation_file)
-    n_images = min(s.n_images, len(coco))
-    if n_images < s.n_images:
+    n_images = min(settings.n_images, len(coco))
+    if n_images < settings.n_images:
         log.warning("%s has %d captioned images: evaluating %d, not %d", coco.annotation_file, len(coco),
-                    n_images, s.n_images)
+                    n_images, settings.n_images)
     return coco, [(i, coco.captions_for(coco.image_ids[i])[0]) for i in range(n_images)]
 
 
-def _resolution(cfg: DictConfig, pipe, model) -> int:
-    resolution = cfg.text2image.resolution
+def _resolution(s: Settings, pipe, model) -> int:
+    resolution = s.config.resolution  # None, or a positive int (Text2ImageConfig)
     if resolution is None:
         resolution = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    resolution = check_int("text2image.resolution", resolution)
     if resolution % 8:
         raise ConfigError(f"text2image.resolution must be a multiple of 8 (StableDiffusionPipeline), got {resolution}")
     smallest = int(model.extractor.min_image_size)
@@ -125,30 +112,31 @@ def _resolution(cfg: DictConfig, pipe, model) -> int:
 
 
 def run_text2image_eval(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
-    settings = cfg.text2image
-    s = read_settings(cfg)
+    s = check_settings(cfg)
+    settings = s.config
     model, index, row, copy_path, copy_vae = _copy_and_code(cfg, s)
-    coco, prompts = _prompts(cfg, s)
-    requested_fid = "off" if settings.fid is False else str(settings.fid)  # YAML 1.1 reads `off` as false
+    coco, prompts = _prompts(s)
+    requested_fid = settings.fid  # auto | clean | proxy | off (YAML's `off`, read as false, normalised)
     fid_mode, fid_reason = choose_fid_mode(requested_fid, len(prompts), settings.fid_min_images,
                                            clean_fid_available() if requested_fid != "off" else False)
     pipe = load_text2image_pipeline(s.pipeline_path, copy_vae, s.device, s.dtype)
     base_vae = load_pipeline_vae(s.pipeline_path) if settings.baseline else None
     base_vae = base_vae.to(s.device) if base_vae is not None else None
     check_copy_fits(pipe, copy_vae, base_vae, copy_path)
-    resolution = _resolution(cfg, pipe, model)
+    resolution = _resolution(s, pipe, model)
     output_dir = Path(str(settings.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
     proxy_side = int(settings.fid_proxy_resolution) if fid_mode == "proxy" else None
     proxy_net = (train_proxy_feature_net(proxy_side, steps=int(settings.fid_proxy_steps), cache_dir=cfg.paths.cache_dir)
                  if fid_mode == "proxy" else None)
-    torch.manual_seed(s.seed)  # nothing should draw from the global generator; this pins it if a scheduler does
+    torch.manual_seed(settings.seed)  # nothing should draw from the global generator; this pins it if a scheduler does
     # Written beside the target and swapped in at the end: a crash never mixes old and new images.
     with atomic_directory(output_dir / "images") as images_tmp:
         result = evaluate_text2image(
             pipe, copy_vae, base_vae, model.extractor.float().cpu().eval(), index, s.user_id, row["code"], prompts,
-            images_tmp, resolution=resolution, num_inference_steps=s.steps, guidance_scale=s.guidance_scale,
-            seed=s.seed, batch_size=s.batch_size, fpr=s.fpr, grid_images=s.grid_images, proxy_side=proxy_side,
+            images_tmp, resolution=resolution, num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale, seed=settings.seed, batch_size=settings.batch_size, fpr=s.fpr,
+            grid_images=settings.grid_images, proxy_side=proxy_side,
             progress=bool(settings.progress),
         )
         reference = reference_images(fid_mode, coco, [i for i, _ in prompts], resolution, images_tmp, proxy_side)
@@ -165,10 +153,10 @@ def run_text2image_eval(cfg: DictConfig, context: TaskContext) -> dict[str, Any]
         "fid_skipped_reason": fid_reason if fid_mode == "off" else None,
         "fid_note": fid_reason if fid_mode == "proxy" else None, **scores,
         "pipeline_path": str(s.pipeline_path), "copy_path": str(copy_path), "baseline": base_vae is not None,
-        "coco_annotation_file": str(coco.annotation_file), "n_images_requested": s.n_images,
-        "resolution": resolution, "num_inference_steps": s.steps, "guidance_scale": s.guidance_scale,
-        "seed": s.seed, "batch_size": s.batch_size, "device": str(s.device),
-        "dtype": str(s.dtype).removeprefix("torch."), "images_dir": str(images_dir),
+        "coco_annotation_file": str(coco.annotation_file), "n_images_requested": settings.n_images,
+        "resolution": resolution, "num_inference_steps": settings.num_inference_steps,
+        "guidance_scale": settings.guidance_scale, "seed": settings.seed, "batch_size": settings.batch_size,
+        "device": str(s.device), "dtype": str(s.dtype).removeprefix("torch."), "images_dir": str(images_dir),
         "grid": str(grid_path) if grid_path else None, "images": result["images"],
     }
 

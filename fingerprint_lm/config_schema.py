@@ -1,0 +1,196 @@
+"""Structured configs: the types, ranges and choices of the settings groups the tasks read
+(``distributor``, ``sweep``, ``text2image``, ``report``), written once.
+
+Two checks come from one dataclass per group:
+
+- **types at composition.** Each group's YAML file extends its dataclass (``defaults:
+  [/schema/<group>@_here_, _self_]``), so Hydra refuses ``distributor.fpr=abc`` or an unknown key
+  before the task (and torch) is even imported.
+- **ranges and choices at the task's start.** :func:`read_settings` resolves the group, builds its
+  dataclass and so runs ``__post_init__``: ``distributor.fpr=2`` fails there with one
+  ``error:`` line, whichever task reads it.
+
+The dataclasses are registered in Hydra's ConfigStore (group ``schema``) when the package is
+imported (``fingerprint_lm/__init__.py``), like the OmegaConf resolvers. This module imports only
+omegaconf, hydra's ConfigStore and :mod:`fingerprint_lm.errors`: the CLI composes a config
+without importing torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fingerprint_lm.errors import ConfigError, check_choice, check_int, check_probability
+
+DEVICE_HINT = "auto | cpu | cuda | cuda:N"
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be a finite number > 0, got {value}")
+
+
+@dataclass
+class DistributorConfig:
+    """``conf/distributor/default.yaml``: the distributor's registry, copies and accusation rate."""
+
+    registry: str = MISSING
+    copies_dir: str = MISSING
+    checkpoint: str | None = None
+    secret_env: str = "FINGERPRINT_LM_SECRET"
+    secret_file: str | None = None
+    fpr: float = 1e-6
+    min_distance: int = 8
+    top: int = 10
+    tracing: str = "evidence"
+    code_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        check_probability("distributor.fpr", self.fpr)
+        check_int("distributor.min_distance", self.min_distance, 0)
+        check_int("distributor.top", self.top)
+        check_choice("distributor.tracing", self.tracing, ("evidence", "tardos"))
+
+
+@dataclass
+class SweepGrid:
+    """The collusion sweep's axes, each a comma-separated string (Hydra's basic sweeper)."""
+
+    method: str = "carrier"
+    fingerprint_bits: str = "48"
+    act: str = "all"
+    case: str = "none_c1"
+
+
+@dataclass
+class SweepConfig:
+    """``conf/sweep/default.yaml``: how one point of the collusion sweep is evaluated."""
+
+    checkpoint: str | None = None
+    train_seed: int = 0
+    case: str = "none_c1"  # parsed by the task, after the attack plug-ins are registered
+    n_images: int = 256
+    images: str = "procedural"
+    device: str = "auto"
+    n_innocents: int = 1000
+    fpr: float = 1e-6
+    tracing_fpr: float = 1e-3
+    finetune_lr: float = 1e-4
+    fid_proxy_steps: int = 1000
+    grid: SweepGrid = field(default_factory=SweepGrid)
+
+    def __post_init__(self) -> None:
+        # n_images, n_innocents, fpr and tracing_fpr: checked by the evaluation library's
+        # PointSettings, which the task builds from them at once (it guards callers without a config)
+        check_choice("sweep.images", self.images, ("procedural", "data"))
+        _check_positive("sweep.finetune_lr", self.finetune_lr)
+        check_int("sweep.fid_proxy_steps", self.fid_proxy_steps, 0)
+
+
+@dataclass
+class Text2ImageConfig:
+    """``conf/text2image/default.yaml``: Stable Diffusion from a local folder, a user's copy as VAE."""
+
+    pipeline_path: str | None = None
+    user_id: Any = None  # `user_id=42` arrives as an int; the task checks it (distributor.check_user_id)
+    copy_path: str | None = None
+    verify_copy: bool = True
+    baseline: bool = True
+    coco_root: str = MISSING
+    split: str = "val2017"
+    annotation_file: str | None = None
+    n_images: int = 16
+    resolution: int | None = None
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    seed: int = 0
+    batch_size: int = 4
+    device: str = "auto"
+    dtype: str = "auto"
+    fid: Any = "auto"  # YAML 1.1 reads `fid: off` as false: normalised below
+    fid_min_images: int = 50
+    fid_proxy_steps: int = 1000
+    fid_proxy_resolution: int = 32
+    grid_images: int = 8
+    progress: bool = True
+    output_dir: str = MISSING
+
+    def __post_init__(self) -> None:
+        check_int("text2image.n_images", self.n_images)
+        if self.resolution is not None:
+            check_int("text2image.resolution", self.resolution)
+        check_int("text2image.num_inference_steps", self.num_inference_steps)
+        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise ConfigError(f"text2image.guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
+        check_int("text2image.batch_size", self.batch_size)
+        check_choice("text2image.dtype", self.dtype, ("auto", "float32", "float16", "bfloat16"))
+        self.fid = "off" if self.fid is False else str(self.fid)
+        check_choice("text2image.fid", self.fid, ("auto", "clean", "proxy", "off"))
+        check_int("text2image.fid_min_images", self.fid_min_images, 2)
+        check_int("text2image.fid_proxy_steps", self.fid_proxy_steps)
+        check_int("text2image.fid_proxy_resolution", self.fid_proxy_resolution, 16)
+        check_int("text2image.grid_images", self.grid_images, 0)
+
+
+@dataclass
+class ReportConfig:
+    """``conf/report/default.yaml``: which runs ``task=report`` compares and how."""
+
+    runs: Any = field(default_factory=list)  # a list of folders, or one folder as a string
+    wandb_path: str | None = None
+    group: str | None = None
+    filters: Any = None
+    max_runs: int = 200
+    metrics: Any = None
+    config_keys: Any = None
+    ignore_config: Any = field(default_factory=list)
+    quality_metric: str = "psnr"
+    output_dir: str = MISSING
+
+    def __post_init__(self) -> None:
+        check_int("report.max_runs", self.max_runs)
+        if not self.output_dir:
+            raise ConfigError("report.output_dir must be a folder path, got ''")
+        if self.filters is not None and not isinstance(self.filters, dict):
+            raise ConfigError(f"report.filters must be a mapping, got {self.filters!r}")
+
+
+SCHEMAS: dict[str, type] = {
+    "distributor": DistributorConfig,
+    "sweep": SweepConfig,
+    "text2image": Text2ImageConfig,
+    "report": ReportConfig,
+}
+
+
+def register_config_schemas() -> None:
+    """Store every schema as ``schema/<group>`` in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for group, schema in SCHEMAS.items():
+        store.store(group="schema", name=group, node=schema)
+
+
+def read_settings(cfg: DictConfig, group: str) -> Any:
+    """``cfg.<group>`` as its dataclass, interpolations resolved and every range checked.
+
+    Works on a composed config (already typed) and on a plain one (tests, scripts): the values are
+    merged into the schema first, so a wrong type is a :class:`ConfigError` either way.
+    """
+    schema = SCHEMAS[group]
+    try:
+        values = OmegaConf.to_container(cfg[group], resolve=True)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), values)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, ConfigError) else None
+        if cause is not None:  # __post_init__'s own message, wrapped by OmegaConf
+            raise cause from None
+        reason = str(exc).splitlines()[0].strip()
+        raise ConfigError(f"{group}: {reason}") from None
