@@ -110,7 +110,7 @@ def save_fingerprint_model(model: FingerprintModel, directory: str | Path) -> Pa
         if model.reference_vae is not None:
             _save_vae(model.reference_vae, tmp / "reference_vae")
         save_file(private_state_dict(model), tmp / "fingerprint.safetensors")
-        (tmp / "fingerprint.json").write_text(json.dumps(model.meta, indent=2, sort_keys=True))
+        (tmp / "fingerprint.json").write_text(json.dumps(model.meta, indent=2, sort_keys=True) + "\n")
     return directory
 
 
