@@ -11,20 +11,34 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
-from fingerprint_lm.attacks.cases import BUILTIN_ATTACKS, image_case, parse_case, register_image_attack
+from fingerprint_lm.attacks.cases import (
+    BUILTIN_ATTACKS,
+    attack_kind,
+    image_case,
+    parse_case,
+    register_image_attack,
+    register_merge,
+    register_model_attack,
+)
+from fingerprint_lm.attacks.collusion import MERGES
 from fingerprint_lm.attacks.image import IMAGE_ATTACKS
-from fingerprint_lm.attacks.plugins import median_filter
+from fingerprint_lm.attacks.model import STATE_ATTACK_PLUGINS
+from fingerprint_lm.attacks.plugins import median_filter, median_merge
 from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.evaluation.collusion import Point, PointSettings, evaluate_point
+from fingerprint_lm.models.checkpoint import load_fingerprint_model
+from fingerprint_lm.report.tables import comparison_lines
 from fingerprint_lm.tasks.wrapper import one_line_config_error, register_attack_plugins
 from tests.conftest import ROOT
 
 
 @pytest.fixture
 def plugins():
-    """The registered plug-ins are removed again: other tests see the built-in table."""
+    """The registered plug-ins are removed again: other tests see the built-in tables."""
     yield
-    for name in set(IMAGE_ATTACKS) - BUILTIN_ATTACKS:
-        del IMAGE_ATTACKS[name]
+    for table in (IMAGE_ATTACKS, MERGES, STATE_ATTACK_PLUGINS):
+        for name in set(table) - BUILTIN_ATTACKS:
+            del table[name]
 
 
 def invert(images, strength, generator=None):
@@ -102,3 +116,64 @@ def test_a_plugin_that_cannot_be_built_is_one_error_line(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), out.stderr
     assert "no_such_module" in lines[0]
+
+
+def test_median_merge_is_the_elementwise_median():
+    copies = [{"w": torch.tensor([1.0, 5.0, -2.0]), "n": torch.tensor([i])} for i in range(3)]
+    copies[1]["w"] = torch.tensor([3.0, 0.0, 4.0])
+    copies[2]["w"] = torch.tensor([2.0, 9.0, 1.0])
+    merged = median_merge(copies)
+    assert torch.equal(merged["w"], torch.tensor([2.0, 5.0, 1.0])) and torch.equal(merged["n"], torch.tensor([0]))
+    assert torch.equal(median_merge(copies[:2])["w"], torch.tensor([2.0, 2.5, 1.0]))  # two copies: their mean
+    assert torch.equal(copies[0]["w"], torch.tensor([1.0, 5.0, -2.0]))  # inputs untouched
+    with pytest.raises(ConfigError, match="at least 2 copies"):
+        median_merge(copies[:1])
+
+
+def keep_copy(state_dict, strength, generator=None):
+    return {key: value.clone() for key, value in state_dict.items()}
+
+
+def test_model_and_merge_plugins_are_cases_of_their_kind(plugins):
+    cfg = OmegaConf.create({"attacks": {
+        "model": {"keep": {"_target_": "tests.test_attack_plugins.keep_copy", "_partial_": True}},
+        "merge": {"median_merge": {"_target_": "fingerprint_lm.attacks.plugins.median_merge", "_partial_": True}},
+    }})
+    register_attack_plugins(cfg)
+    assert parse_case("keep") == ("keep", None, 1) and attack_kind("keep") == "model"
+    assert parse_case("median_merge_c3") == ("median_merge", None, 3) and attack_kind("median_merge") == "merge"
+    with pytest.raises(ConfigError, match="needs at least 2 colluders"):
+        parse_case("median_merge_c1")
+    with pytest.raises(ConfigError, match="colluders must be 1"):
+        parse_case("keep_c2")
+    with pytest.raises(ConfigError, match="is built in"):
+        register_merge("average", median_merge)
+    register_image_attack("keep", invert)  # a plug-in's name may change kind: it leaves its old table
+    assert attack_kind("keep") == "image" and "keep" not in STATE_ATTACK_PLUGINS
+
+
+def test_plugins_run_through_a_sweep_point(plugins, tiny_checkpoint):
+    """A model plug-in that keeps the copy scores as the un-attacked copy; the median of two copies
+    is their mean, so it scores as the built-in 2-party average."""
+    model = load_fingerprint_model(tiny_checkpoint)
+    register_model_attack("keep", keep_copy)
+    register_merge("median_merge", median_merge)
+    settings = PointSettings(n_images=16, n_innocents=50)
+
+    def score(act, case):
+        result = evaluate_point(model, Point.from_case(act, case), settings, 0).as_dict()
+        return {k: result[k] for k in ("bit_acc", "psnr", "attribution_acc", "tracing_caught")}, result["attack_kind"]
+
+    assert score("none", "keep") == (score("none", "none_c1")[0], "model")
+    assert score("all", "median_merge_c2") == (score("all", "average_c2")[0], "merge")
+
+
+def test_a_summary_files_a_plugin_under_the_kind_its_point_recorded():
+    """report.summarize runs in a process where the sweep's plug-ins are not registered: the kind
+    each point recorded files them (rows from before points recorded it fall back to the name)."""
+    base = {"method": "pnm", "fingerprint_bits": 48, "act": "all", "colluders": 1, "psnr": 30.0}
+    rows = [{**base, "attack": "none", "bit_acc": 0.9, "attack_kind": "none"},
+            {**base, "attack": "median", "case": "median_s3", "bit_acc": 0.6, "attack_kind": "image"},
+            {**base, "attack": "jpeg", "case": "jpeg_q50", "bit_acc": 0.8}]
+    line = next(line for line in comparison_lines(rows) if line.startswith("| pnm 48-bit"))
+    assert "| 0.700 / 0.600 (median_s3) |" in line

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from fingerprint_lm.attacks.cases import BUILTIN_ATTACKS
 from tests.conftest import ROOT
 
 README = ROOT / "README.md"
@@ -104,8 +105,12 @@ def _check_plugin_sweep(workdir: Path, command: str, new: set[Path]) -> None:
     sweep_dir = _newest("outputs/multiruns/*/summary.csv", workdir).parent
     assert (sweep_dir / "summary.csv") in new
     points = [json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")]
-    assert len(points) == 1 and points[0]["case"] == "median_s3"  # debug=tiny: one method and ACT type
-    assert 0.0 < points[0]["psnr"] < 60.0  # the filter changed the images
+    cases = re.search(r'sweep\.grid\.case="([^"]+)"', command).group(1).split(",")
+    assert sorted(p["case"] for p in points) == sorted(cases)  # debug=tiny: one method and ACT type
+    kind = re.search(r"\+attacks\.(\w+)\.", command).group(1)
+    plugin = [p for p in points if p["attack"] not in BUILTIN_ATTACKS]
+    assert len(plugin) == 1 and plugin[0]["attack_kind"] == kind  # filed under its kind by the point itself
+    assert 0.0 < plugin[0]["psnr"] < 60.0  # the attack changed the images
 
 
 def _check_summarize(workdir: Path, command: str, new: set[Path]) -> None:
@@ -157,7 +162,7 @@ def _check_verify(workdir: Path, command: str, new: set[Path]) -> None:
 
 CHECKS: list[tuple[str, Callable[[Path, str, set[Path]], None]]] = [
     (r"\+experiment=collusion_sweep(?!.*\+attacks\.)", _check_sweep),
-    (r"\+experiment=collusion_sweep.*\+attacks\.image\.", _check_plugin_sweep),
+    (r"\+experiment=collusion_sweep.*\+attacks\.(image|merge)\.", _check_plugin_sweep),
     (r"\+experiment=(smoke|train)", _check_training_run),
     (r"fingerprint_lm\.report\.summarize", _check_summarize),
     (r"task=issue ", _check_issue),

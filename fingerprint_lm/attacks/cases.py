@@ -15,16 +15,29 @@ import torch
 
 from fingerprint_lm.attacks.collusion import IMAGE_MERGES, MERGES
 from fingerprint_lm.attacks.image import IMAGE_ATTACKS
+from fingerprint_lm.attacks.model import STATE_ATTACK_PLUGINS
 from fingerprint_lm.errors import ConfigError, check_int
 
 MODEL_ATTACKS: tuple[str, ...] = ("weight_noise", "prune", "quantize_int8", "quantize_fp16", "quantize_bf16", "finetune")
 OUTPUT_ATTACKS: tuple[str, ...] = ("estimate_remove", "spectral_remove")
-COLLUSIONS: tuple[str, ...] = (*MERGES, *IMAGE_MERGES)  # attacks of c >= 2 copies
 
 
 def attack_names() -> tuple[str, ...]:
     """Every attack a case may name, the registered plug-ins included."""
-    return ("none", *COLLUSIONS, *IMAGE_ATTACKS, *MODEL_ATTACKS, *OUTPUT_ATTACKS)
+    return ("none", *MERGES, *IMAGE_MERGES, *IMAGE_ATTACKS, *MODEL_ATTACKS, *STATE_ATTACK_PLUGINS, *OUTPUT_ATTACKS)
+
+
+def attack_kind(attack: str) -> str:
+    """What an attack works on: ``none``, ``merge`` (c copies' weights), ``image_collusion`` (c
+    copies' images), ``image``, ``model`` (one copy's weights) or ``output`` (one copy's outputs).
+    Sweep points record it, so summaries group plug-ins without importing them."""
+    if attack == "none":
+        return "none"
+    for kind, names in (("merge", MERGES), ("image_collusion", IMAGE_MERGES), ("image", IMAGE_ATTACKS),
+                        ("model", (*MODEL_ATTACKS, *STATE_ATTACK_PLUGINS)), ("output", OUTPUT_ATTACKS)):
+        if attack in names:
+            return kind
+    raise ConfigError(f"unknown attack {attack!r}; expected one of {', '.join(attack_names())}")
 
 
 # The built-in attacks: the names taken at import, before any plug-in registers (register_image_attack).
@@ -69,9 +82,10 @@ def check_point(attack: str, strength: float | None, colluders: int) -> None:
     if attack not in known:
         raise ConfigError(f"unknown attack {attack!r}; expected one of {', '.join(known)}")
     check_int("colluders", colluders)
-    if attack in COLLUSIONS and colluders < 2 and attack != "average":
+    collusion = attack_kind(attack) in ("merge", "image_collusion")  # attacks of c >= 2 copies
+    if collusion and colluders < 2 and attack != "average":
         raise ConfigError(f"collusion {attack!r} needs at least 2 colluders, got {colluders}")
-    if attack not in COLLUSIONS and colluders != 1:
+    if not collusion and colluders != 1:
         raise ConfigError(f"attack {attack!r} works on one copy; colluders must be 1, got {colluders}")
     needs_strength = (
         attack in IMAGE_ATTACKS and attack != "combined" or attack in ("weight_noise", "prune", "finetune")
@@ -83,13 +97,7 @@ def check_point(attack: str, strength: float | None, colluders: int) -> None:
 _NAME_TOKEN = re.compile(r"^[a-z][a-z0-9]*$")
 
 
-def register_image_attack(name: str, attack: Callable) -> None:
-    """Make ``attack`` (``fn(images, strength, generator=None)``, images in ``[-1, 1]``) an image
-    attack called ``name``: cases then name it like a built-in one, ``<name>_<strength>`` (the
-    ``conf/attacks/`` group's plug-ins, built with ``_target_``). An attack may return a smaller
-    image (a cut without resize): fidelity is then measured against the same cut of the base
-    decoder's output. A built-in name cannot be replaced; a plug-in's can (every task registers
-    the config's plug-ins anew)."""
+def _check_plugin(name: str, attack: Callable) -> None:
     words = str(name).split("_")
     if not all(_NAME_TOKEN.match(w) and not _COLLUDERS.match(w) and not _STRENGTH.match(w) for w in words):
         raise ConfigError(
@@ -97,9 +105,38 @@ def register_image_attack(name: str, attack: Callable) -> None:
         )
     if name in BUILTIN_ATTACKS:
         raise ConfigError(f"attack {name!r} is built in; give the plug-in another name")
+    if name in attack_names():  # a plug-in's name may be registered anew, but only as the same kind
+        for table in (IMAGE_ATTACKS, STATE_ATTACK_PLUGINS, MERGES):
+            table.pop(name, None)
     if not callable(attack):
         raise ConfigError(f"attack {name!r}: {type(attack).__name__} is not callable (add _partial_: true?)")
+
+
+def register_image_attack(name: str, attack: Callable) -> None:
+    """Make ``attack`` (``fn(images, strength, generator=None)``, images in ``[-1, 1]``) an image
+    attack called ``name``: cases then name it like a built-in one, ``<name>_<strength>`` (the
+    ``conf/attacks/`` group's plug-ins, built with ``_target_``). An attack may return a smaller
+    image (a cut without resize): fidelity is then measured against the same cut of the base
+    decoder's output. A built-in name cannot be replaced; a plug-in's can (every task registers
+    the config's plug-ins anew)."""
+    _check_plugin(name, attack)
     IMAGE_ATTACKS[name] = attack
+
+
+def register_model_attack(name: str, attack: Callable) -> None:
+    """Make ``attack`` (``fn(state_dict, strength, generator=None) -> state_dict``: one copy's VAE
+    tensors in, the attacked ones out, inputs untouched) a model attack called ``name``
+    (``<name>[_<strength>]``; strength None when the case gives none)."""
+    _check_plugin(name, attack)
+    STATE_ATTACK_PLUGINS[name] = attack
+
+
+def register_merge(name: str, merge: Callable) -> None:
+    """Make ``merge`` (``fn(state_dicts, generator=None) -> state_dict``: the c colluders' copies in
+    (same keys and shapes), one model out, inputs untouched) a collusion called ``name``
+    (``<name>_c<N>``)."""
+    _check_plugin(name, merge)
+    MERGES[name] = merge
 
 
 def image_case(case: str) -> Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -32,6 +32,10 @@ from fingerprint_lm.errors import ConfigError, DataError
 StateDict = dict[str, torch.Tensor]
 
 QUANTIZE_MODES: tuple[str, ...] = ("int8", "fp16", "bf16")
+
+# State-dict attacks of one's own, ``fn(state_dict, strength, generator=None) -> state_dict``,
+# registered by name (attacks.cases.register_model_attack; the conf/attacks/ group's `model:`).
+STATE_ATTACK_PLUGINS: dict[str, Callable[..., StateDict]] = {}
 
 
 def _clone(state_dict: Mapping[str, torch.Tensor]) -> StateDict:

@@ -1,16 +1,24 @@
-"""An image attack shipped as a plug-in, not in the built-in table: the worked example of
-``conf/attacks/``. It is registered the way one of your own would be, by naming it with
+"""Attacks shipped as plug-ins, not in the built-in tables: the worked examples of
+``conf/attacks/``. Each is registered the way one of your own would be, by naming it with
 ``_target_`` (README, "Collusion sweep")::
 
     python -m fingerprint_lm +experiment=collusion_sweep \\
         '+attacks.image.median={_target_:fingerprint_lm.attacks.plugins.median_filter,_partial_:true}' \\
         'sweep.grid.case="median_s3"'
 
-A plug-in has the built-in attacks' signature, ``fn(images, strength, generator=None)`` on
-``[B, 3, H, W]`` batches in ``[-1, 1]``, and returns a new batch (fingerprint_lm/attacks/image.py).
+Three kinds, each with the built-in attacks' signature and returning new tensors:
+
+- ``attacks.image.<name>``: ``fn(images, strength, generator=None)`` on ``[B, 3, H, W]`` batches
+  in ``[-1, 1]`` (fingerprint_lm/attacks/image.py); cases ``<name>_<strength>``.
+- ``attacks.model.<name>``: ``fn(state_dict, strength, generator=None)`` on one copy's VAE
+  tensors (fingerprint_lm/attacks/model.py); cases ``<name>[_<strength>]``.
+- ``attacks.merge.<name>``: ``fn(state_dicts, generator=None)`` on the c colluders' copies
+  (fingerprint_lm/attacks/collusion.py); cases ``<name>_c<N>``. Example: :func:`median_merge`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch.nn import functional as F
@@ -30,3 +38,24 @@ def median_filter(images: torch.Tensor, strength: float, generator: torch.Genera
     padded = F.pad(images, (size // 2,) * 4, mode="reflect")
     windows = F.unfold(padded.reshape(b * c, 1, *padded.shape[-2:]), size)  # [b*c, size*size, h*w]
     return windows.median(dim=1).values.reshape(b, c, h, w)
+
+
+def median_merge(
+    state_dicts: Sequence[Mapping[str, torch.Tensor]], generator: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
+    """The colluders' copies merged by the element-wise median of every floating-point tensor
+    (integer buffers from the first copy): a robust-statistics merge that, unlike the mean,
+    ignores one colluder's outlying weights. For two copies it is their mean (torch's median takes
+    the lower value, so this averages the two middle ones itself)."""
+    if len(state_dicts) < 2:
+        raise ConfigError(f"median_merge needs at least 2 copies, got {len(state_dicts)}")
+    out = {}
+    for key, value in state_dicts[0].items():
+        if not value.is_floating_point():
+            out[key] = value.detach().clone()
+            continue
+        stack = torch.stack([sd[key].detach().double() for sd in state_dicts]).sort(dim=0).values
+        middle = len(state_dicts) // 2
+        median = stack[middle] if len(state_dicts) % 2 else (stack[middle - 1] + stack[middle]) / 2
+        out[key] = median.to(value.dtype).contiguous()
+    return out

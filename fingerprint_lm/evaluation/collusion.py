@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from fingerprint_lm.attacks import model as model_attacks
-from fingerprint_lm.attacks.cases import check_point, parse_case
+from fingerprint_lm.attacks.cases import attack_kind, check_point, parse_case
 from fingerprint_lm.attacks.collusion import IMAGE_MERGES, MERGES, merge_copies
 from fingerprint_lm.attacks.image import IMAGE_ATTACKS
 from fingerprint_lm.data.synthetic import ProceduralImages
@@ -160,6 +160,7 @@ class PointResult:
     def as_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("images", "users", "tpr_at_fpr")}
         out["tpr_at_fpr1e-6"] = self.tpr_at_fpr  # the summary's historical column name
+        out["attack_kind"] = attack_kind(self.attack)  # summaries group plug-ins without importing them
         return out
 
 
@@ -205,7 +206,9 @@ def _model_attack(attack: str, strength, state, bias_map, site, generator):
     """A state-dict attack on the copy's tensors and its bias map together (the user holds both)."""
     key = f"{site}.bias_map"
     tensors = {**state, key: bias_map} if bias_map is not None else dict(state)
-    if attack == "weight_noise":
+    if attack in model_attacks.STATE_ATTACK_PLUGINS:
+        out = dict(model_attacks.STATE_ATTACK_PLUGINS[attack](tensors, strength, generator))
+    elif attack == "weight_noise":
         out = model_attacks.weight_noise(tensors, float(strength), generator)
     elif attack == "prune":
         out = model_attacks.magnitude_prune(tensors, float(strength))
@@ -232,7 +235,7 @@ def attacked_decoder(model: FingerprintModel, users: Users, point: Point, genera
         )
         bias_map = merged.pop(key, None)
         state = merged
-    elif point.attack in ("weight_noise", "prune") or point.attack.startswith("quantize_"):
+    elif attack_kind(point.attack) == "model" and point.attack != "finetune":  # noise, pruning, quantization, plug-ins
         state, bias_map = _model_attack(point.attack, point.attack_strength, state, bias_map, site, generator)
     decoder = decoder_from_tensors(config, state, bias_map, site)
     if point.attack == "finetune":

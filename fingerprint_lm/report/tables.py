@@ -214,7 +214,7 @@ def comparison_lines(rows: list[dict]) -> list[str]:
 
 def _spread(rows: list[dict], kind: str) -> str:
     """Mean and worst bit accuracy over the ``kind`` attacks among ``rows``, the worst case named."""
-    values = [(r["bit_acc"], r.get("case") or r["attack"]) for r in rows if _attack_kind(r["attack"]) == kind]
+    values = [(r["bit_acc"], r.get("case") or r["attack"]) for r in rows if _attack_kind(r) == kind]
     if not values:
         return ""
     worst = min(values)
@@ -225,12 +225,14 @@ def _pair(row: dict | None, a: str, b: str, digits_a: int, digits_b: int) -> str
     return "" if row is None else f"{_cell(row.get(a), digits_a)} / {_cell(row.get(b), digits_b)}"
 
 
-def _attack_kind(attack: str) -> str:
-    if attack in IMAGE_ATTACKS:
-        return "image"
-    if attack in MODEL_ATTACKS:
-        return "model"
-    return "other"
+def _attack_kind(row: dict) -> str:
+    """image | model | other; a point records its attack's kind (plug-ins registered in the sweep's
+    own processes included), rows written before it did are looked up by name."""
+    kind = row.get("attack_kind")
+    if kind is None:
+        attack = row["attack"]
+        kind = "image" if attack in IMAGE_ATTACKS else "model" if attack in MODEL_ATTACKS else "other"
+    return kind if kind in ("image", "model") else "other"
 
 
 def method_lines(rows: list[dict]) -> list[str]:

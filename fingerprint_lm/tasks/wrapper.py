@@ -22,7 +22,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fingerprint_lm.attacks.cases import register_image_attack
+from fingerprint_lm.attacks.cases import register_image_attack, register_merge, register_model_attack
 from fingerprint_lm.errors import ConfigError, FingerprintError
 from fingerprint_lm.storage import atomic_write_text
 
@@ -80,10 +80,15 @@ def run_task(task: Task, cfg: DictConfig) -> dict[str, Any]:
         finish_wandb(context.loggers)
 
 
+PLUGIN_KINDS = {"image": register_image_attack, "model": register_model_attack, "merge": register_merge}
+
+
 def register_attack_plugins(cfg: DictConfig) -> None:
-    """The ``attacks`` group's image attacks (``_target_`` configs), registered under their names."""
-    for name, spec in (OmegaConf.select(cfg, "attacks.image") or {}).items():
-        register_image_attack(str(name), instantiate(spec))
+    """The ``attacks`` group's plug-ins (``attacks.<image|model|merge>.<name>``, ``_target_``
+    configs), each registered under its name."""
+    for kind, register in PLUGIN_KINDS.items():
+        for name, spec in (OmegaConf.select(cfg, f"attacks.{kind}") or {}).items():
+            register(str(name), instantiate(spec))
 
 
 def one_line_config_error(exc: InstantiationException) -> FingerprintError:
