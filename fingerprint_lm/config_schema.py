@@ -27,8 +27,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fingerprint_lm.errors import ConfigError, check_choice, check_int, check_probability
 
-DEVICE_HINT = "auto | cpu | cuda | cuda:N"
-
 
 def _check_positive(name: str, value: float) -> None:
     if not (math.isfinite(value) and value > 0):
@@ -42,7 +40,7 @@ class DistributorConfig:
     registry: str = MISSING
     copies_dir: str = MISSING
     checkpoint: str | None = None
-    secret_env: str = "FINGERPRINT_LM_SECRET"
+    secret_env: str | None = "FINGERPRINT_LM_SECRET"
     secret_file: str | None = None
     fpr: float = 1e-6
     min_distance: int = 8
@@ -76,7 +74,7 @@ class SweepConfig:
     case: str = "none_c1"  # parsed by the task, after the attack plug-ins are registered
     n_images: int = 256
     images: str = "procedural"
-    device: str = "auto"
+    device: str | None = "auto"  # None: auto (devices.resolve_device)
     n_innocents: int = 1000
     fpr: float = 1e-6
     tracing_fpr: float = 1e-3
@@ -110,8 +108,8 @@ class Text2ImageConfig:
     guidance_scale: float = 7.5
     seed: int = 0
     batch_size: int = 4
-    device: str = "auto"
-    dtype: str = "auto"
+    device: str | None = "auto"  # None: auto, as for the dtype
+    dtype: str | None = "auto"  # checked against the device by evaluation.text2image.resolve_dtype
     fid: Any = "auto"  # YAML 1.1 reads `fid: off` as false: normalised below
     fid_min_images: int = 50
     fid_proxy_steps: int = 1000
@@ -128,12 +126,12 @@ class Text2ImageConfig:
         if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
             raise ConfigError(f"text2image.guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
         check_int("text2image.batch_size", self.batch_size)
-        check_choice("text2image.dtype", self.dtype, ("auto", "float32", "float16", "bfloat16"))
         self.fid = "off" if self.fid is False else str(self.fid)
         check_choice("text2image.fid", self.fid, ("auto", "clean", "proxy", "off"))
-        check_int("text2image.fid_min_images", self.fid_min_images, 2)
-        check_int("text2image.fid_proxy_steps", self.fid_proxy_steps)
-        check_int("text2image.fid_proxy_resolution", self.fid_proxy_resolution, 16)
+        if self.fid != "off":  # the Frechet settings matter only when a distance is computed
+            check_int("text2image.fid_min_images", self.fid_min_images, 2)
+            check_int("text2image.fid_proxy_steps", self.fid_proxy_steps)
+            check_int("text2image.fid_proxy_resolution", self.fid_proxy_resolution, 16)
         check_int("text2image.grid_images", self.grid_images, 0)
 
 
@@ -149,7 +147,7 @@ class ReportConfig:
     metrics: Any = None
     config_keys: Any = None
     ignore_config: Any = field(default_factory=list)
-    quality_metric: str = "psnr"
+    quality_metric: str | None = "psnr"  # None: psnr
     output_dir: str = MISSING
 
     def __post_init__(self) -> None:

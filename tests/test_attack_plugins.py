@@ -130,13 +130,9 @@ def test_median_merge_is_the_elementwise_median():
         median_merge(copies[:1])
 
 
-def keep_copy(state_dict, strength, generator=None):
-    return {key: value.clone() for key, value in state_dict.items()}
-
-
 def test_model_and_merge_plugins_are_cases_of_their_kind(plugins):
     cfg = OmegaConf.create({"attacks": {
-        "model": {"keep": {"_target_": "tests.test_attack_plugins.keep_copy", "_partial_": True}},
+        "model": {"keep": {"_target_": "tests.test_attack_plugins.damp", "_partial_": True}},
         "merge": {"median_merge": {"_target_": "fingerprint_lm.attacks.plugins.median_merge", "_partial_": True}},
     }})
     register_attack_plugins(cfg)
@@ -152,20 +148,51 @@ def test_model_and_merge_plugins_are_cases_of_their_kind(plugins):
     assert attack_kind("keep") == "image" and "keep" not in STATE_ATTACK_PLUGINS
 
 
+DAMP_CALLS: list[float] = []
+
+
+def damp(state_dict, strength, generator=None):
+    """Every floating-point tensor times (1 - strength): a model attack the images show."""
+    DAMP_CALLS.append(strength)
+    return {k: v * (1 - strength) if v.is_floating_point() else v.clone() for k, v in state_dict.items()}
+
+
+def drop_a_key(state_dict, strength, generator=None):
+    return dict(list(state_dict.items())[1:])
+
+
 def test_plugins_run_through_a_sweep_point(plugins, tiny_checkpoint):
-    """A model plug-in that keeps the copy scores as the un-attacked copy; the median of two copies
-    is their mean, so it scores as the built-in 2-party average."""
+    """A model plug-in changes the copy the point scores; the median of two copies is their mean,
+    so it scores as the built-in 2-party average; a plug-in that returns other keys is refused."""
     model = load_fingerprint_model(tiny_checkpoint)
-    register_model_attack("keep", keep_copy)
+    register_model_attack("damp", damp)
     register_merge("median_merge", median_merge)
+    register_model_attack("lossy", drop_a_key)
     settings = PointSettings(n_images=16, n_innocents=50)
 
     def score(act, case):
         result = evaluate_point(model, Point.from_case(act, case), settings, 0).as_dict()
         return {k: result[k] for k in ("bit_acc", "psnr", "attribution_acc", "tracing_caught")}, result["attack_kind"]
 
-    assert score("none", "keep") == (score("none", "none_c1")[0], "model")
+    DAMP_CALLS.clear()
+    clean, damped = score("none", "none_c1")[0], score("none", "damp_0.5")
+    assert DAMP_CALLS == [0.5] and damped[1] == "model" and damped[0] != clean  # the copy the point scored changed
+    assert score("none", "damp_0") == (clean, "model")
     assert score("all", "median_merge_c2") == (score("all", "average_c2")[0], "merge")
+    with pytest.raises(ConfigError, match="attack plug-in 'lossy' changed the state dict's keys"):
+        score("none", "lossy")
+
+
+def test_a_failed_registration_keeps_the_plugin_and_one_name_is_one_kind(plugins):
+    register_image_attack("foo", median_filter)
+    with pytest.raises(ConfigError, match="not callable"):
+        register_image_attack("foo", 3)
+    assert parse_case("foo_s3") == ("foo", 3.0, 1)
+    spec = {"_target_": "fingerprint_lm.attacks.plugins.median_merge", "_partial_": True}
+    cfg = OmegaConf.create({"attacks": {"image": {"bar": {**spec, "_target_": "fingerprint_lm.attacks.plugins.median_filter"}},
+                                        "merge": {"bar": spec}}})
+    with pytest.raises(ConfigError, match="'bar' is both attacks.image and attacks.merge"):
+        register_attack_plugins(cfg)
 
 
 def test_a_summary_files_a_plugin_under_the_kind_its_point_recorded():

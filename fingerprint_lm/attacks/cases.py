@@ -40,7 +40,7 @@ def attack_kind(attack: str) -> str:
     raise ConfigError(f"unknown attack {attack!r}; expected one of {', '.join(attack_names())}")
 
 
-# The built-in attacks: the names taken at import, before any plug-in registers (register_image_attack).
+# The built-in attacks: the names taken at import, before any plug-in registers (register_*).
 BUILTIN_ATTACKS: frozenset[str] = frozenset(attack_names())
 
 # The image attacks every trained model is probed with (``metrics.json``: ``robust/<case>``); the
@@ -105,11 +105,12 @@ def _check_plugin(name: str, attack: Callable) -> None:
         )
     if name in BUILTIN_ATTACKS:
         raise ConfigError(f"attack {name!r} is built in; give the plug-in another name")
-    if name in attack_names():  # a plug-in's name may be registered anew, but only as the same kind
-        for table in (IMAGE_ATTACKS, STATE_ATTACK_PLUGINS, MERGES):
-            table.pop(name, None)
     if not callable(attack):
         raise ConfigError(f"attack {name!r}: {type(attack).__name__} is not callable (add _partial_: true?)")
+    # Every task registers the config's plug-ins anew, so a plug-in's name may be registered again,
+    # even as another kind: it then leaves its old table (one name, one attack).
+    for table in (IMAGE_ATTACKS, STATE_ATTACK_PLUGINS, MERGES):
+        table.pop(name, None)
 
 
 def register_image_attack(name: str, attack: Callable) -> None:
@@ -125,16 +126,18 @@ def register_image_attack(name: str, attack: Callable) -> None:
 
 def register_model_attack(name: str, attack: Callable) -> None:
     """Make ``attack`` (``fn(state_dict, strength, generator=None) -> state_dict``: one copy's VAE
-    tensors in, the attacked ones out, inputs untouched) a model attack called ``name``
-    (``<name>[_<strength>]``; strength None when the case gives none)."""
+    tensors in, the attacked ones out with the same keys and shapes, inputs untouched) a model
+    attack called ``name`` (``<name>[_<strength>]``; strength None when the case gives none). A
+    ``carrier`` copy's state dict also holds its bias map (``<site>.bias_map``): the user holds
+    that file too."""
     _check_plugin(name, attack)
     STATE_ATTACK_PLUGINS[name] = attack
 
 
 def register_merge(name: str, merge: Callable) -> None:
     """Make ``merge`` (``fn(state_dicts, generator=None) -> state_dict``: the c colluders' copies in
-    (same keys and shapes), one model out, inputs untouched) a collusion called ``name``
-    (``<name>_c<N>``)."""
+    (same keys and shapes, a ``carrier`` copy's bias map included), one model with those keys and
+    shapes out, inputs untouched) a collusion called ``name`` (``<name>_c<N>``)."""
     _check_plugin(name, merge)
     MERGES[name] = merge
 

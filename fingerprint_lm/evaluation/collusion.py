@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from fingerprint_lm.attacks import model as model_attacks
-from fingerprint_lm.attacks.cases import attack_kind, check_point, parse_case
+from fingerprint_lm.attacks.cases import BUILTIN_ATTACKS, attack_kind, check_point, parse_case
 from fingerprint_lm.attacks.collusion import IMAGE_MERGES, MERGES, merge_copies
 from fingerprint_lm.attacks.image import IMAGE_ATTACKS
 from fingerprint_lm.data.synthetic import ProceduralImages
@@ -202,12 +202,28 @@ def held_out_images(resolution: int, n_images: int, images: torch.Tensor | None 
     return real
 
 
+def _checked_plugin_output(name: str, out, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A plug-in's state dict, refused (one ConfigError) unless it has the copy's keys and shapes:
+    the decoder is rebuilt from it, and a stray or missing key would end in a traceback there."""
+    if not isinstance(out, dict):
+        raise ConfigError(f"attack plug-in {name!r} returned {type(out).__name__}, not a state dict")
+    if out.keys() != reference.keys():
+        missing, extra = sorted(reference.keys() - out.keys()), sorted(out.keys() - reference.keys())
+        raise ConfigError(f"attack plug-in {name!r} changed the state dict's keys (missing {missing[:3]}, "
+                          f"extra {extra[:3]}); return every key it was given")
+    for key, value in reference.items():
+        if not isinstance(out[key], torch.Tensor) or out[key].shape != value.shape:
+            raise ConfigError(f"attack plug-in {name!r} returned {key} with another shape than {tuple(value.shape)}")
+    return dict(out)
+
+
 def _model_attack(attack: str, strength, state, bias_map, site, generator):
     """A state-dict attack on the copy's tensors and its bias map together (the user holds both)."""
     key = f"{site}.bias_map"
     tensors = {**state, key: bias_map} if bias_map is not None else dict(state)
     if attack in model_attacks.STATE_ATTACK_PLUGINS:
-        out = dict(model_attacks.STATE_ATTACK_PLUGINS[attack](tensors, strength, generator))
+        out = _checked_plugin_output(attack, model_attacks.STATE_ATTACK_PLUGINS[attack](tensors, strength, generator),
+                                     tensors)
     elif attack == "weight_noise":
         out = model_attacks.weight_noise(tensors, float(strength), generator)
     elif attack == "prune":
@@ -227,12 +243,10 @@ def attacked_decoder(model: FingerprintModel, users: Users, point: Point, genera
         # The bias map is one more tensor of each copy: merged with the rest (and aligned by the
         # adaptive colluder, since stream ACT permutes its channels with the last segment).
         key = f"{site}.bias_map"
-        merged = merge_copies(
-            point.attack,
-            [{**s, key: b} if b is not None else s for s, b, _ in users.copies],
-            generator,
-            num_groups=int(config.norm_num_groups),
-        )
+        copies = [{**s, key: b} if b is not None else s for s, b, _ in users.copies]
+        merged = merge_copies(point.attack, copies, generator, num_groups=int(config.norm_num_groups))
+        if point.attack not in BUILTIN_ATTACKS:
+            merged = _checked_plugin_output(point.attack, merged, copies[0])
         bias_map = merged.pop(key, None)
         state = merged
     elif attack_kind(point.attack) == "model" and point.attack != "finetune":  # noise, pruning, quantization, plug-ins

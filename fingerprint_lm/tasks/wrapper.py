@@ -86,8 +86,14 @@ PLUGIN_KINDS = {"image": register_image_attack, "model": register_model_attack, 
 def register_attack_plugins(cfg: DictConfig) -> None:
     """The ``attacks`` group's plug-ins (``attacks.<image|model|merge>.<name>``, ``_target_``
     configs), each registered under its name."""
+    seen: dict[str, str] = {}
     for kind, register in PLUGIN_KINDS.items():
         for name, spec in (OmegaConf.select(cfg, f"attacks.{kind}") or {}).items():
+            if str(name) in seen:
+                raise ConfigError(
+                    f"attack plug-in {str(name)!r} is both attacks.{seen[str(name)]} and attacks.{kind}: one name, one attack"
+                )
+            seen[str(name)] = kind
             register(str(name), instantiate(spec))
 
 
