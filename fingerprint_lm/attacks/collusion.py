@@ -44,6 +44,7 @@ __all__ = [
     "image_blend",
     "image_mix",
     "max_abs",
+    "elementwise_merge",
     "merge_copies",
     "power_mean",
     "sign_consensus",
@@ -65,10 +66,12 @@ def _check(state_dicts: Sequence[Mapping[str, torch.Tensor]]) -> None:
                 )
 
 
-def _elementwise(
+def elementwise_merge(
     state_dicts: Sequence[Mapping[str, torch.Tensor]], combine: Callable[[torch.Tensor], torch.Tensor]
 ) -> StateDict:
-    """Apply ``combine`` to the float64 stack ``[c, *shape]`` of every floating-point tensor."""
+    """Apply ``combine`` to the float64 stack ``[c, *shape]`` of every floating-point tensor; integer
+    buffers come from the first copy. The building block of the element-wise merges here and of
+    merge plug-ins (attacks/plugins.py: median_merge)."""
     _check(state_dicts)
     out: StateDict = {}
     for key, value in state_dicts[0].items():
@@ -116,7 +119,7 @@ def max_abs(
         index = stack.abs().argmax(dim=0, keepdim=True)
         return stack.gather(0, index)[0]
 
-    return _elementwise(state_dicts, combine)
+    return elementwise_merge(state_dicts, combine)
 
 
 def power_mean(
@@ -136,7 +139,7 @@ def power_mean(
         mean = (stack.sign() * stack.abs().pow(p)).mean(dim=0)
         return mean.sign() * mean.abs().pow(1.0 / p)
 
-    return _elementwise(state_dicts, combine)
+    return elementwise_merge(state_dicts, combine)
 
 
 def sign_consensus(
@@ -154,7 +157,7 @@ def sign_consensus(
         total = torch.where(agree, stack, torch.zeros_like(stack)).sum(dim=0)
         return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
 
-    return _elementwise(state_dicts, combine)
+    return elementwise_merge(state_dicts, combine)
 
 
 def _aligned_average_merge(

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch.nn import functional as F
 
+from fingerprint_lm.attacks.collusion import elementwise_merge
 from fingerprint_lm.errors import ConfigError
 
 
@@ -49,13 +50,9 @@ def median_merge(
     the lower value, so this averages the two middle ones itself)."""
     if len(state_dicts) < 2:
         raise ConfigError(f"median_merge needs at least 2 copies, got {len(state_dicts)}")
-    out = {}
-    for key, value in state_dicts[0].items():
-        if not value.is_floating_point():
-            out[key] = value.detach().clone()
-            continue
-        stack = torch.stack([sd[key].detach().double() for sd in state_dicts]).sort(dim=0).values
-        middle = len(state_dicts) // 2
-        median = stack[middle] if len(state_dicts) % 2 else (stack[middle - 1] + stack[middle]) / 2
-        out[key] = median.to(value.dtype).contiguous()
-    return out
+
+    def median(stack: torch.Tensor) -> torch.Tensor:
+        ordered, middle = stack.sort(dim=0).values, len(stack) // 2
+        return ordered[middle] if len(stack) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+    return elementwise_merge(state_dicts, median)

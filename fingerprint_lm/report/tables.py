@@ -13,9 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fingerprint_lm.attacks.cases import MODEL_ATTACKS
-from fingerprint_lm.attacks.image import IMAGE_ATTACKS
-from fingerprint_lm.errors import DataError
+from fingerprint_lm.attacks.cases import attack_kind
+from fingerprint_lm.errors import ConfigError, DataError
 from fingerprint_lm.models.act import ACT_TYPES
 
 COLUMNS: tuple[str, ...] = (
@@ -226,12 +225,12 @@ def _pair(row: dict | None, a: str, b: str, digits_a: int, digits_b: int) -> str
 
 
 def _attack_kind(row: dict) -> str:
-    """image | model | other; a point records its attack's kind (plug-ins registered in the sweep's
-    own processes included), rows written before it did are looked up by name."""
-    kind = row.get("attack_kind")
-    if kind is None:
-        attack = row["attack"]
-        kind = "image" if attack in IMAGE_ATTACKS else "model" if attack in MODEL_ATTACKS else "other"
+    """image | model | other: the kind the point recorded (plug-ins registered in the sweep's own
+    processes included), else looked up by name (rows from before points recorded it)."""
+    try:
+        kind = row.get("attack_kind") or attack_kind(row["attack"])
+    except ConfigError:  # a plug-in of another process, in a row that did not record its kind
+        kind = "other"
     return kind if kind in ("image", "model") else "other"
 
 

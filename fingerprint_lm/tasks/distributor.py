@@ -102,25 +102,24 @@ def task_users(cfg: DictConfig, context: TaskContext) -> dict:
 
 
 def _read_suspects(cfg: DictConfig, task: str, score) -> dict:
-    """``score(extractor, index, images, fpr)`` on the ``images=`` of ``task`` against the registry
-    (attribute and trace read the same inputs and differ only in how they score them)."""
+    """``score(extractor, index, images, settings)`` on the ``images=`` of ``task`` against the
+    registry (attribute and trace read the same inputs and differ only in how they score them)."""
     settings = read_settings(cfg, "distributor")
     model = load_fingerprint_model(checkpoint_dir(cfg))
     with open_registry(settings.registry, model.fingerprint_bits, method=model.method) as reg:
         paths = _required(cfg, "images", task, "PATH (an image file or a folder)")
         images, skipped = read_suspect_images(paths, min_size=int(model.extractor.min_image_size))
-        return {**score(model.extractor, reg.index(), images, settings.fpr), "skipped": skipped}
+        return {**score(model.extractor, reg.index(), images, settings), "skipped": skipped}
 
 
 def task_attribute(cfg: DictConfig, context: TaskContext) -> dict:
-    return _read_suspects(cfg, "attribute", attribute_images)
+    return _read_suspects(cfg, "attribute", lambda extractor, index, images, settings: attribute_images(
+        extractor, index, images, fpr=settings.fpr))
 
 
 def task_trace(cfg: DictConfig, context: TaskContext) -> dict:
-    settings = read_settings(cfg, "distributor")
-    top, scoring = settings.top, settings.tracing
-    return _read_suspects(cfg, "trace", lambda extractor, index, images, fpr: trace_images(
-        extractor, index, images, fpr=fpr, top=top, scoring=scoring))
+    return _read_suspects(cfg, "trace", lambda extractor, index, images, settings: trace_images(
+        extractor, index, images, fpr=settings.fpr, top=settings.top, scoring=settings.tracing))
 
 
 def task_generate(cfg: DictConfig, context: TaskContext) -> dict:
