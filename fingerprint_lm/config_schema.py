@@ -1,9 +1,9 @@
 """Structured configs: the types, ranges and choices of the settings groups the tasks read
-(``distributor``, ``sweep``, ``text2image``, ``report``), written once.
+(``act``, ``distributor``, ``sweep``, ``text2image``, ``report``), written once.
 
 Two checks come from one dataclass per group:
 
-- **types at composition.** Each group's YAML file extends its dataclass (``defaults:
+- **types at composition.** Each group's YAML files extend its dataclass (``defaults:
   [/schema/<group>@_here_, _self_]``), so Hydra refuses ``distributor.fpr=abc`` or an unknown key
   before the task (and torch) is even imported.
 - **ranges and choices at the task's start.** :func:`read_settings` resolves the group, builds its
@@ -31,6 +31,31 @@ from fingerprint_lm.errors import ConfigError, check_choice, check_int, check_pr
 def _check_positive(name: str, value: float) -> None:
     if not (math.isfinite(value) and value > 0):
         raise ConfigError(f"{name} must be a finite number > 0, got {value}")
+
+
+# The ACT types and where they act; models/act.py implements them (and re-exports these names).
+ACT_TYPES: tuple[str, ...] = ("none", "permute", "scale", "sign", "all")
+# The ResnetBlocks' interior channels, the residual stream (every segment of it,
+# fingerprint_lm/models/residual_stream.py), or both.
+ACT_SCOPES: tuple[str, ...] = ("interior", "stream", "both")
+
+
+@dataclass
+class ActConfig:
+    """``conf/act/*.yaml``: the Anti-Collusion Transformation of issued copies (one file per type)."""
+
+    type: str = "all"
+    scale_min: float = 0.25  # log-uniform range of the per-group scales (types scale, all)
+    scale_max: float = 4.0
+    scope: str = "stream"
+
+    def __post_init__(self) -> None:
+        check_choice("act.type", self.type, ACT_TYPES)
+        check_choice("act.scope", self.scope, ACT_SCOPES)
+        _check_positive("act.scale_min", self.scale_min)
+        _check_positive("act.scale_max", self.scale_max)
+        if self.scale_max < self.scale_min:
+            raise ConfigError(f"act.scale_max must be >= act.scale_min, got [{self.scale_min}, {self.scale_max}]")
 
 
 @dataclass
@@ -159,6 +184,7 @@ class ReportConfig:
 
 
 SCHEMAS: dict[str, type] = {
+    "act": ActConfig,
     "distributor": DistributorConfig,
     "sweep": SweepConfig,
     "text2image": Text2ImageConfig,

@@ -150,7 +150,7 @@ def test_each_settings_group_is_typed_by_its_schema(default_cfg, group):
     assert isinstance(settings, SCHEMAS[group])
     # The file's literal scalars and the dataclass's defaults say the same (one reads either).
     defaults = {f.name: f.default for f in dataclasses.fields(SCHEMAS[group])}
-    written = OmegaConf.load(CONF / group / "default.yaml")
+    written = OmegaConf.load(CONF / group / f"{'all' if group == 'act' else 'default'}.yaml")  # the default option
     literal = {key: written[key] for key in written if key != "defaults" and not OmegaConf.is_interpolation(written, key)
                and not OmegaConf.is_config(written[key])}
     assert literal and {key: defaults[key] for key in literal} == literal
@@ -159,6 +159,9 @@ def test_each_settings_group_is_typed_by_its_schema(default_cfg, group):
 @pytest.mark.parametrize(
     ("override", "group", "expected"),
     [
+        ("act.scope=everywhere", "act", "act.scope must be one of interior, stream, both"),
+        ("act.scale_min=0", "act", "act.scale_min must be a finite number > 0, got 0.0"),
+        ("act.scale_max=0.1", "act", "act.scale_max must be >= act.scale_min, got [0.25, 0.1]"),
         ("distributor.fpr=2", "distributor", "distributor.fpr must lie in (0, 1), got 2.0"),
         ("distributor.tracing=tardis", "distributor", "distributor.tracing must be one of evidence, tardos"),
         ("distributor.top=0", "distributor", "distributor.top must be a positive integer, got 0"),
@@ -173,6 +176,13 @@ def test_settings_ranges_are_checked_when_a_task_reads_them(tmp_path, override, 
     cfg = compose_config(tmp_path, [override])  # composes: the type is right, the range is not
     with pytest.raises(ConfigError, match=re.escape(expected)):
         read_settings(cfg, group)
+
+
+@pytest.mark.parametrize("act_type", sorted(p.stem for p in (CONF / "act").glob("*.yaml")))
+def test_every_act_option_is_typed_and_names_its_type(tmp_path, act_type):
+    cfg = compose_config(tmp_path, [f"act={act_type}"])
+    assert OmegaConf.get_type(cfg.act) is SCHEMAS["act"]
+    assert read_settings(cfg, "act").type == act_type
 
 
 def test_a_plain_config_gets_the_same_checks(default_cfg):

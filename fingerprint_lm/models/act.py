@@ -35,13 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
+from fingerprint_lm.config_schema import ACT_SCOPES, ACT_TYPES  # the choices the act config group checks
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.models.residual_stream import StreamSegment, find_stream_segments
 
-ACT_TYPES: tuple[str, ...] = ("none", "permute", "scale", "sign", "all")
-# Where ACT acts: the ResnetBlocks' interior channels, the residual stream (every segment of it,
-# fingerprint_lm/models/residual_stream.py), or both.
-ACT_SCOPES: tuple[str, ...] = ("interior", "stream", "both")
 STREAM_PREFIX = "stream:"  # ACT parameter keys of stream segments: "stream:<segment name>"
 
 # Only decoder blocks: the encoder never leaves the distributor and is not fingerprinted.

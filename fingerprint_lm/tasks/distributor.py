@@ -60,9 +60,9 @@ def _required(cfg: DictConfig, key: str, task: str, example: str) -> Any:
 
 # -- tasks ----------------------------------------------------------------------------------------
 def task_issue(cfg: DictConfig, context: TaskContext) -> dict:
-    settings = read_settings(cfg, "distributor")
+    settings, act = read_settings(cfg, "distributor"), read_settings(cfg, "act")
     user_id = check_user_id(_user_id(cfg, "issue"))
-    act_type = str(cfg.act.type)
+    act_type = act.type
     # The secret first: a missing secret must fail before anything is loaded or written.
     secret = read_secret(settings.secret_env, settings.secret_file) if act_type != "none" else None
     model = load_fingerprint_model(checkpoint_dir(cfg))
@@ -75,8 +75,8 @@ def task_issue(cfg: DictConfig, context: TaskContext) -> dict:
             settings.copies_dir,
             secret=secret,
             act_type=act_type,
-            scale_range=(float(cfg.act.scale_min), float(cfg.act.scale_max)),
-            act_scope=str(cfg.act.scope),
+            scale_range=(act.scale_min, act.scale_max),
+            act_scope=act.scope,
             rng=code_rng(settings.code_seed, user_id),
         )
         result["n_users"] = len(reg)

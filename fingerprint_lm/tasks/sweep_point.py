@@ -205,14 +205,14 @@ def sweep_images(cfg: DictConfig, resolution: int) -> tuple[torch.Tensor | None,
 
 # -- the task -------------------------------------------------------------------------------------
 def point_settings(cfg: DictConfig) -> PointSettings:
-    settings = read_settings(cfg, "sweep")
+    settings, act = read_settings(cfg, "sweep"), read_settings(cfg, "act")
     return PointSettings(
         n_images=settings.n_images,
         n_innocents=settings.n_innocents,
         fpr=settings.fpr,
         tracing_fpr=settings.tracing_fpr,
-        scale_range=(float(cfg.act.scale_min), float(cfg.act.scale_max)),
-        act_scope=str(cfg.act.scope),
+        scale_range=(act.scale_min, act.scale_max),
+        act_scope=act.scope,
         finetune_lr=settings.finetune_lr,
         device=resolve_device(settings.device, "sweep.device"),
     )
