@@ -3,7 +3,7 @@
 Every section runs in a fresh process (its peak resident memory is its own) and the ratios are
 measured side by side in one run: the worst-case training step against a plain one (per ascent
 variant), issuing one copy per method (pnm against stable_signature, which trains each copy, and
-wouaf), identification among 10^6 registered users, extractor and decoder throughput, the CLI's
+wouaf; at the tiny size and at SD's decoder size), identification among 10^6 registered users, extractor and decoder throughput, the CLI's
 start-up, and (``--sweep``) the README's default collusion sweep cold and warm. ``--sd`` adds one
 worst-case step of a PNM on an SD-sized decoder (bf16 on CUDA; on a CPU, float32 and minutes).
 
@@ -43,6 +43,7 @@ from fingerprint_lm.registry.bench import bench_registry
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_COMMAND = [sys.executable, "-m", "fingerprint_lm", "+experiment=collusion_sweep"]
 # The ascent variants of the worst-case step (lit/fingerprinting.py, experiments/worst_case_cost.py).
+SIGNATURE_RECIPE_STEPS = 100  # conf/method/stable_signature.yaml, and Stable Signature's own recipe
 WORST_CASE_VARIANTS: dict[str, dict] = {
     "K1_exact": {"wc_ascent": "exact"},
     "K1_reuse": {"wc_ascent": "reuse"},
@@ -129,6 +130,81 @@ def bench_issue_methods(repeats: int = 20, slow_repeats: int = 2) -> dict[str, f
     for name in ("pnm", "wouaf"):
         out[f"issue_ratio_stable_signature_over_{name}"] = out["issue_copy_stable_signature_s"] / out[f"issue_copy_{name}_s"]
     return out
+
+
+def _sd_method_model(method: str, vae, bits: int, resolution: int, copy_finetune: dict | None = None):
+    """A ``method`` model from its ``conf/method/*.yaml`` on an SD-sized VAE (random weights)."""
+    from hydra.utils import instantiate  # hydra only for this section: the others never compose configs
+    from omegaconf import OmegaConf
+
+    model = instantiate(OmegaConf.load(ROOT / "conf" / "method" / f"{method}.yaml")).build_model(vae, bits)
+    model.meta["resolution"] = resolution
+    if copy_finetune is not None:
+        model.meta["copy_finetune"] = {**model.meta.get("copy_finetune", {}), **copy_finetune}
+    return model
+
+
+def issue_cost_sd(resolution: int = 256, batch_size: int = 4, steps: tuple[int, int] = (1, 3),
+                  repeats: int = 10, bits: int = 48) -> dict:
+    """Issuing one copy on an SD-sized decoder (``SD_VAE_CONFIG``, 83.7M parameters): pnm timed
+    ``repeats`` times (median), stable_signature's per-copy fine-tune timed at two step counts after
+    an untimed warm-up. Its 100-step recipe would take about an hour here, so that figure is an
+    estimate, ``fixed + 100 * per_step``, from the two measured runs (named as one wherever shown)."""
+    steps_a, steps_b = steps
+    torch.manual_seed(0)
+    vae = build_vae(SD_VAE_CONFIG).eval()
+    rng = np.random.default_rng(0)
+
+    def issue(model):  # a new code each time: nothing memoised
+        return personal_tensors(model, rng.integers(0, 2, bits, dtype=np.uint8), "all", int(rng.integers(2**31)))
+
+    pnm = _sd_method_model("pnm", vae, bits, resolution)
+    issue(pnm)  # warm-up
+    pnm_times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        issue(pnm)
+        pnm_times.append(time.perf_counter() - start)
+
+    def signature(n_steps: int):  # pool: the images the steps draw from
+        recipe = {"steps": n_steps, "batch_size": batch_size, "pool": batch_size * steps_b}
+        return _sd_method_model("stable_signature", vae, bits, resolution, recipe)
+
+    issue(signature(1))  # untimed: the allocator's and the kernels' first-call costs
+    timed = {}
+    for n_steps in (steps_a, steps_b):
+        model = signature(n_steps)
+        start = time.perf_counter()
+        issue(model)
+        timed[n_steps] = time.perf_counter() - start
+    per_step = (timed[steps_b] - timed[steps_a]) / (steps_b - steps_a)
+    fixed = timed[steps_a] - steps_a * per_step
+    estimate = fixed + SIGNATURE_RECIPE_STEPS * per_step
+    pnm_s = statistics.median(pnm_times)
+    return {
+        "parameters_m": sum(p.numel() for p in vae.parameters()) / 1e6, "bits": bits,
+        "resolution": resolution, "batch_size": batch_size,
+        "pnm_issue_s": pnm_s, "pnm_issue_s_all": pnm_times,
+        "stable_signature_steps_timed": [steps_a, steps_b],
+        "stable_signature_s_timed": [timed[steps_a], timed[steps_b]],
+        "stable_signature_per_step_s": per_step, "stable_signature_fixed_s": fixed,
+        "stable_signature_100_steps_estimate_s": estimate, "ratio_estimate": estimate / pnm_s,
+    }
+
+
+def bench_issue_sd() -> dict[str, float]:
+    """The issue ratio at Stable Diffusion's decoder size and Stable Signature's 256 px, batch 4."""
+    row = issue_cost_sd()
+    return {
+        "sd_parameters_m": row["parameters_m"],
+        "sd_issue_copy_pnm_s_median": row["pnm_issue_s"],
+        "sd_stable_signature_s_1_step": row["stable_signature_s_timed"][0],
+        "sd_stable_signature_s_3_steps": row["stable_signature_s_timed"][1],
+        "sd_stable_signature_per_step_s": row["stable_signature_per_step_s"],
+        "sd_stable_signature_fixed_s": row["stable_signature_fixed_s"],
+        "sd_stable_signature_100_steps_estimate_s": row["stable_signature_100_steps_estimate_s"],
+        "sd_issue_ratio_stable_signature_over_pnm_estimate": row["ratio_estimate"],
+    }
 
 
 def bench_startup(repeats: int = 3) -> dict[str, float]:
@@ -230,6 +306,9 @@ SECTIONS: dict[str, tuple[Callable[..., dict], str]] = {
     "distributor": (bench_distributor, "issuing one copy of the shipped carrier checkpoint, step by step"),
     "registry": (bench_registry, "identification among 10^6 registered 48-bit codes; registration"),
     "startup": (bench_startup, "start-up of the CLI"),
+    "issue_sd": (bench_issue_sd, "issuing one copy on an SD-sized decoder (83.7M parameters, random weights), 256 px, "
+                 "batch 4: pnm measured; stable_signature's 100-step fine-tune **estimated** as fixed + 100 x per "
+                 "step from timed 1- and 3-step runs (a full run is about an hour here)"),
 }
 
 
