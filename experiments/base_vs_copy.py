@@ -19,10 +19,11 @@ import numpy as np
 from PIL import Image
 
 from fingerprint_lm.distributor.copies import issue_copy, load_copy
-from fingerprint_lm.distributor.generation import decode_with, held_out_images, to_uint8_pixels
+from fingerprint_lm.distributor.generation import decode_with, held_out_images
 from fingerprint_lm.errors import exit_on_user_error
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models.checkpoint import load_fingerprint_model
+from fingerprint_lm.pixels import to_uint8
 from fingerprint_lm.registry.store import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def main() -> None:
         base_out = decode_with(model.vae, model.unmarked_vae, images)
         copy_out = decode_with(model.vae, copy, images)
     difference = ((copy_out - base_out).abs() * 5).clamp(0, 2) - 1  # |diff| x5, shown on [-1, 1]
-    rows = [np.concatenate(list(to_uint8_pixels(x)), axis=1) for x in (base_out, copy_out, difference)]
+    rows = [np.concatenate(list(to_uint8(x)), axis=1) for x in (base_out, copy_out, difference)]
     grid = np.concatenate(rows, axis=0).repeat(args.upscale, axis=0).repeat(args.upscale, axis=1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(args.out)

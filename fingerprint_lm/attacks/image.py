@@ -7,7 +7,8 @@ dtype and device, clamped to ``[-1, 1]``, and of the same shape except for the a
 draw it from ``generator`` only, so a seeded generator makes them deterministic. The input is
 never modified.
 
-Strengths follow the peers' units (FIELD.md) so our grids are comparable:
+Strengths follow the units of the peers' evaluations (Stable Signature, Fernandez et al. 2023;
+WOUAF, Kim et al. 2024; the WAVES benchmark, An et al. 2024) so our grids are comparable:
 
 ============== ============================================ ==========
 attack         strength                                     identity
@@ -49,19 +50,12 @@ from torch.nn import functional as F
 
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.models import augment
+from fingerprint_lm.pixels import from_uint8, from_unit, to_uint8, to_unit
 
 ImageAttack = Callable[..., torch.Tensor]
 
 # ITU-R 601-2 luma, as PIL's "L" conversion and torchvision's rgb_to_grayscale.
 _LUMA = (0.299, 0.587, 0.114)
-
-
-def _to_unit(images: torch.Tensor) -> torch.Tensor:
-    return (images + 1) / 2
-
-
-def _from_unit(images: torch.Tensor) -> torch.Tensor:
-    return (images.clamp(0, 1) * 2 - 1).contiguous()
 
 
 def _check_images(images: torch.Tensor) -> None:
@@ -78,17 +72,14 @@ def jpeg(images: torch.Tensor, strength: float, generator: torch.Generator | Non
     quality = int(round(float(strength)))
     if not 1 <= quality <= 100:
         raise ConfigError(f"JPEG quality must be in 1..100, got {strength}")
-    pixels = (_to_unit(images.detach()).clamp(0, 1) * 255).round().to(torch.uint8)
-    pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
     decoded = []
-    for array in pixels:
+    for array in to_uint8(images):
         buffer = io.BytesIO()
         Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
         buffer.seek(0)
         with Image.open(buffer) as reloaded:
             decoded.append(np.asarray(reloaded.convert("RGB"), dtype=np.uint8))
-    out = torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2)
-    return (out.to(images.dtype) / 127.5 - 1).to(images.device).contiguous()
+    return from_uint8(np.stack(decoded), images.dtype).to(images.device)
 
 
 def _crop_window(images: torch.Tensor, keep: float, generator: torch.Generator | None):
@@ -219,16 +210,16 @@ def brightness(
     """Multiply [0, 1] intensities by ``strength`` (a blend with black), then clamp."""
     _check_images(images)
     factor = _check_factor("brightness", strength)
-    return _from_unit(_to_unit(images) * factor)
+    return from_unit(to_unit(images, clamp=False) * factor)
 
 
 def contrast(images: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Blend each image with its mean grey level: ``factor * x + (1 - factor) * mean(gray(x))``."""
     _check_images(images)
     factor = _check_factor("contrast", strength)
-    unit = _to_unit(images)
+    unit = to_unit(images, clamp=False)
     mean = _grayscale(unit).mean(dim=(1, 2, 3), keepdim=True)
-    return _from_unit(factor * unit + (1 - factor) * mean)
+    return from_unit(factor * unit + (1 - factor) * mean)
 
 
 def saturation(
@@ -237,8 +228,8 @@ def saturation(
     """Blend each image with its greyscale version: ``factor * x + (1 - factor) * gray(x)``."""
     _check_images(images)
     factor = _check_factor("saturation", strength)
-    unit = _to_unit(images)
-    return _from_unit(factor * unit + (1 - factor) * _grayscale(unit))
+    unit = to_unit(images, clamp=False)
+    return from_unit(factor * unit + (1 - factor) * _grayscale(unit))
 
 
 def combined(
@@ -338,7 +329,8 @@ IDENTITY_STRENGTH: dict[str, float] = {
     "regeneration": 0,
 }
 
-# Grids from the peers' evaluations (FIELD.md): WAVES, Stable Signature, WOUAF.
+# Grids from the peers' evaluations: WAVES (An et al. 2024), Stable Signature (Fernandez et al.
+# 2023), WOUAF (Kim et al. 2024).
 DEFAULT_STRENGTHS: dict[str, tuple[float, ...]] = {
     "jpeg": (90, 80, 70, 50, 30, 10),
     "crop": (0.9, 0.5, 0.1),

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from fingerprint_lm.data.synthetic import SHAPES, ProceduralImages
 from fingerprint_lm.errors import DataError, check_int
+from fingerprint_lm.pixels import from_uint8, to_uint8
 
 # Labels exist only for procedural images; -1 marks "unknown" so batches keep one schema.
 NO_LABEL = -1
@@ -68,9 +69,8 @@ def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    """8-bit RGB image -> FloatTensor[3, H, W] in [-1, 1]."""
-    array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(array)) * (2.0 / 255.0) - 1.0
+    """8-bit RGB image -> FloatTensor[3, H, W] in [-1, 1] (:func:`fingerprint_lm.pixels.from_uint8`)."""
+    return from_uint8(np.asarray(image))
 
 
 class CocoCaptions(Dataset):
@@ -194,7 +194,7 @@ def write_tiny_coco(
     images, annotations = [], []
     for index in range(n_images):
         sample = source.sample(index)
-        array = ((sample["image"].permute(1, 2, 0).numpy() + 1.0) * 127.5).round().astype(np.uint8)
+        array = to_uint8(sample["image"])
         width, height = aspect_sizes[index % len(aspect_sizes)]
         image = Image.fromarray(np.ascontiguousarray(array[:height, :width]), "RGB")
         mode, suffix = formats[index % len(formats)]

@@ -35,6 +35,7 @@ from PIL import Image
 from fingerprint_lm.data.coco import CocoCaptions
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import ConfigError, DataError, check_int
+from fingerprint_lm.pixels import to_uint8
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 CAPTION_EXTENSION = "txt"
@@ -284,7 +285,7 @@ def write_tiny_shards(
         with tarfile.open(path, mode="w") as tar:
             for index in range(first, min(first + shard_size, n)):
                 sample = source.sample(index)
-                array = ((sample["image"].permute(1, 2, 0).numpy() + 1.0) * 127.5).round().astype(np.uint8)
+                array = to_uint8(sample["image"])
                 width, height = sizes[index % len(sizes)]
                 image = Image.fromarray(np.ascontiguousarray(array[:height, :width]), "RGB")
                 encoded = io.BytesIO()

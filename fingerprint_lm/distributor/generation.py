@@ -13,6 +13,8 @@ from PIL import Image
 from fingerprint_lm.data.datamodule import TEST_SEED_OFFSET
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import check_int
+from fingerprint_lm.models import batched
+from fingerprint_lm.pixels import to_uint8
 
 
 def held_out_images(resolution: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -24,25 +26,18 @@ def held_out_images(resolution: int, n: int, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode_with(encoder_vae, decoder_vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """``decoder_vae.decode(encoder_vae.encode(images).latent_dist.mode())``, in batches."""
-    out = []
-    for start in range(0, len(images), batch_size):
-        latents = encoder_vae.encode(images[start : start + batch_size]).latent_dist.mode()
-        out.append(decoder_vae.decode(latents).sample)
-    return torch.cat(out)
-
-
-def to_uint8_pixels(images: torch.Tensor) -> np.ndarray:
-    """``[n, 3, H, W]`` images in [-1, 1] (clipped) -> 8-bit RGB ``uint8 [n, H, W, 3]`` on the CPU."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+def decode_with(encoder_vae, decoder_vae, images: torch.Tensor, batch_size: int = 64,
+                device: str | torch.device = "cpu") -> torch.Tensor:
+    """``decoder_vae.decode(encoder_vae.encode(images).latent_dist.mode())``, in batches on
+    ``device`` (:mod:`fingerprint_lm.models.batched`: no gradients, float32 on the CPU)."""
+    return batched.decode(decoder_vae, batched.encode(encoder_vae, images, device, batch_size), device, batch_size)
 
 
 def save_pngs(images: torch.Tensor, directory: str | Path, prefix: str = "img") -> list[str]:
     """Write ``[n, 3, H, W]`` images in [-1, 1] (clipped) as 8-bit PNGs ``<prefix>_0000.png``..."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    pixels = to_uint8_pixels(images)
+    pixels = to_uint8(images)
     paths = []
     for i, array in enumerate(pixels):
         path = directory / f"{prefix}_{i:04d}.png"

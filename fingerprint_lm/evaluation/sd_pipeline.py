@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fingerprint_lm.distributor.generation import to_uint8_pixels
 from fingerprint_lm.errors import CheckpointError, ConfigError
 from fingerprint_lm.models.vae import load_vae
+from fingerprint_lm.pixels import to_uint8
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -150,6 +150,6 @@ def decode_to_pixels(vae, latents: torch.Tensor) -> np.ndarray:
     ``latents / scaling_factor`` (as StableDiffusionPipeline does), clipped to [-1, 1], rounded."""
     parameter = next(vae.parameters())
     scaled = latents.to(parameter.device, torch.float32) / float(vae.config.scaling_factor)
-    return to_uint8_pixels(vae.decode(scaled.to(parameter.dtype)).sample.float())
+    return to_uint8(vae.decode(scaled.to(parameter.dtype)).sample.float())
 
 

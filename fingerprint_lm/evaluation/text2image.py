@@ -43,11 +43,11 @@ from tqdm.auto import tqdm
 
 from fingerprint_lm.data.coco import CocoCaptions
 from fingerprint_lm.distributor.attribution import attribute_images
-from fingerprint_lm.distributor.generation import to_uint8_pixels
 from fingerprint_lm.errors import ConfigError, check_int
 from fingerprint_lm.evaluation.sd_pipeline import decode_to_pixels, generate_latents
 from fingerprint_lm.metrics.fid import clean_fid, frechet_distance_proxy
 from fingerprint_lm.metrics.quality import psnr
+from fingerprint_lm.pixels import from_uint8, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +110,6 @@ def choose_fid_mode(
 
 
 # -- images ------------------------------------------------------------------------------------
-def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
-    """``uint8 [B, H, W, 3]`` -> ``float32 [B, 3, H, W]`` in [-1, 1], as reading the PNG gives."""
-    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float() * (2.0 / 255.0) - 1.0
-
-
 def write_grid(rows: Sequence[np.ndarray], path: str | Path, gap: int = 2) -> Path:
     """One PNG of image rows (each ``uint8 [n, H, W, 3]``, same n), separated by white gaps."""
     n, height, width, _ = rows[0].shape
@@ -164,7 +159,7 @@ class _Collected:
 def _score_batch(batch, decoded: dict[str, np.ndarray], extractor, index, code, fpr: float,
                  images_dir: Path, seed: int) -> tuple[list[dict[str, Any]], int | None]:
     """Save one batch's PNGs and read them: one row per image (copy, and the control if decoded)."""
-    tensors = {name: pixels_to_tensor(pixels) for name, pixels in decoded.items()}
+    tensors = {name: from_uint8(pixels) for name, pixels in decoded.items()}
     names = [f"{i:05d}.png" for i, _ in batch]
     verdicts = {name: attribute_images(extractor, index, list(zip(names, tensors[name])), fpr=fpr) for name in decoded}
     quality = psnr(tensors["copy"], tensors["base"]).tolist() if "base" in decoded else None
@@ -272,7 +267,7 @@ def evaluate_text2image(
             for name, pixels in decoded.items():
                 collected.grid[name].extend(pixels[: grid_images - len(collected.grid[name])])
                 if proxy_side is not None:
-                    collected.proxy[name].append(_resize(pixels_to_tensor(pixels), proxy_side))
+                    collected.proxy[name].append(_resize(from_uint8(pixels), proxy_side))
             bar.update(len(batch))
     summary = _summary(collected, user_id, time.perf_counter() - start, base_vae is not None)
     return {
@@ -295,7 +290,7 @@ def reference_images(fid_mode: str, coco, indices: Sequence[int], resolution: in
     if fid_mode != "clean":
         return _resize(images, int(proxy_side))
     (images_dir / REFERENCE_IMAGES).mkdir()
-    for i, pixels in zip(indices, to_uint8_pixels(images)):
+    for i, pixels in zip(indices, to_uint8(images)):
         _save_png(pixels, images_dir / REFERENCE_IMAGES / f"{i:05d}.png")
     return None
 

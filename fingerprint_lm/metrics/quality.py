@@ -5,10 +5,7 @@ from __future__ import annotations
 import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> [0, 1], clamped as a saved image would be."""
-    return ((images + 1) / 2).clamp(0, 1)
+from fingerprint_lm.pixels import to_unit
 
 
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
