@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import DictConfig
 
 from fingerprint_lm.errors import FingerprintError, exit_on_user_error, hydra_error_line
-from fingerprint_lm.sweep_guard import remove_unstarted_sweeps
+from fingerprint_lm.sweep_guard import remove_bare_job_dir, remove_unstarted_sweeps
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -26,6 +27,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     except FingerprintError as exc:
         # Inside the job: Hydra would print a traceback and exit 1 (SystemExit passes through it).
         print(f"error: {exc}", file=sys.stderr)
+        remove_bare_job_dir(Path(HydraConfig.get().runtime.output_dir), Path(str(cfg.paths.log_dir)))
         sys.exit(2)
     return metrics.get("bit_acc") if isinstance(metrics, dict) else None
 

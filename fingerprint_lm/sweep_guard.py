@@ -1,8 +1,14 @@
-"""Nothing half-written after a bad sweep value: Hydra creates a multirun's directory (and its
-``multirun.yaml``) before it composes the first job's config, so a sweep stopped by, say, an
-unknown group option would leave an empty sweep behind. :class:`RecordSweepDir` (a Hydra callback,
-``conf/hydra/default.yaml``) remembers the directory; the entry point calls
-:func:`remove_unstarted_sweeps` when it reports such an error."""
+"""Nothing half-written after a failed command.
+
+- A bad sweep value: Hydra creates a multirun's directory (and its ``multirun.yaml``) before it
+  composes the first job's config, so a sweep stopped by, say, an unknown group option would leave
+  an empty sweep behind. :class:`RecordSweepDir` (a Hydra callback, ``conf/hydra/default.yaml``)
+  remembers the directory; the entry point calls :func:`remove_unstarted_sweeps` when it reports
+  such an error.
+- A task that stops with a user error (a missing secret, an unreadable image folder): Hydra has
+  already made the job's directory (``.hydra/`` and the job's log). :func:`remove_bare_job_dir`
+  deletes it when the task wrote nothing else into it, and the empty folders above it up to
+  ``outputs/``."""
 
 from __future__ import annotations
 
@@ -28,3 +34,27 @@ def remove_unstarted_sweeps() -> None:
         if sweep_dir.is_dir() and all(p.name == "multirun.yaml" for p in sweep_dir.iterdir()):
             shutil.rmtree(sweep_dir)
     STARTED_SWEEPS.clear()
+
+
+def _is_bare_job_dir(job_dir: Path) -> bool:
+    """Only what Hydra writes for every job: the ``.hydra/`` folder and the job's ``*.log``."""
+    return all(p.name == ".hydra" and p.is_dir() or p.is_file() and p.suffix == ".log" for p in job_dir.iterdir())
+
+
+def remove_bare_job_dir(job_dir: Path, log_dir: Path) -> None:
+    """After a failed task: remove ``job_dir`` if the task wrote nothing into it, then an unstarted
+    sweep around it and every folder left empty between it and ``log_dir`` (``log_dir`` included:
+    a first command that fails leaves no ``outputs/``). A job that wrote anything keeps it all."""
+    job_dir, log_dir = job_dir.resolve(), log_dir.resolve()
+    if not job_dir.is_dir() or not _is_bare_job_dir(job_dir) or log_dir not in job_dir.parents:
+        return
+    shutil.rmtree(job_dir)
+    remove_unstarted_sweeps()
+    for folder in job_dir.parents:
+        if folder == log_dir.parent:
+            break
+        if not folder.is_dir():  # the unstarted sweep just removed
+            continue
+        if any(folder.iterdir()):
+            break
+        folder.rmdir()
