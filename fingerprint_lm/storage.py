@@ -94,3 +94,39 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# -- checksums ------------------------------------------------------------------------------------
+CHECKSUMS_NAME = "SHA256SUMS"  # the format of `sha256sum`: `sha256sum -c SHA256SUMS` checks it too
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: str | Path) -> None:
+    """List every file under ``directory`` (but the list itself) with its SHA-256, sorted."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUMS_NAME)
+    lines = [f"{file_sha256(p)}  {p.relative_to(directory).as_posix()}\n" for p in files]
+    (directory / CHECKSUMS_NAME).write_text("".join(lines))
+
+
+def mismatched_files(directory: str | Path) -> list[str] | None:
+    """The files of ``directory``'s checksum list that are missing or differ from it; None when the
+    directory has no list (written before lists were)."""
+    directory = Path(directory)
+    listing = directory / CHECKSUMS_NAME
+    if not listing.is_file():
+        return None
+    bad = []
+    for line in listing.read_text().splitlines():
+        expected, _, name = line.partition("  ")
+        file = directory / name
+        if not name or not file.is_file() or file_sha256(file) != expected:
+            bad.append(name or line)
+    return bad

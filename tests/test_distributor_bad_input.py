@@ -4,6 +4,7 @@ altered or foreign copies are refused, unreadable images are named, and the cons
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +18,10 @@ from PIL import Image
 from fingerprint_lm.distributor.attribution import attribute_images, read_images, trace_images
 from fingerprint_lm.distributor.copies import (
     BIAS_MAP_NAME,
+    CONFIG_NAME,
+    LEGACY_HASHED_FILES,
     WEIGHTS_NAME,
+    check_copy_hash,
     copy_sha256,
     load_copy,
     personal_tensors,
@@ -114,6 +118,42 @@ def test_unknown_user_and_altered_copies_are_rejected(issued, checkpoint, tmp_pa
     assert registry_state(issued) == before
 
 
+@pytest.mark.parametrize("edit", ["act_fn", "scaling_factor", "removed"])
+def test_an_edited_config_json_is_an_altered_copy(issued, checkpoint, tmp_path, edit):
+    """config.json holds no weights, but another activation or latent scaling changes what the
+    weights compute: the copy's hash covers it."""
+    copy = tmp_path / "bob"
+    shutil.copytree(issued / "copies" / "bob", copy)
+    config_file = copy / CONFIG_NAME
+    config = json.loads(config_file.read_text())
+    assert edit == "removed" or config[edit] not in ("relu", 0)  # the edit changes the value
+    if edit == "removed":
+        config_file.unlink()
+    else:
+        config[edit] = "relu" if edit == "act_fn" else config[edit] / 2
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with Registry(issued / "registry" / "registry.sqlite", BITS) as reg:
+        expected = reg.get("bob")["copy_sha256"]
+        with pytest.raises(CheckpointError, match="registered hash of 'bob' \\(truncated or altered\\)"):
+            verify_copy(copy, reg, "bob")
+    with pytest.raises(CheckpointError, match="truncated or altered"):
+        load_copy(copy, expected_sha256=expected)
+    with pytest.raises(CheckpointError, match="truncated or altered"):
+        task(issued, checkpoint, "verify", f"copy={copy}", "user_id=bob")
+
+
+def test_a_hash_registered_before_config_json_was_hashed_still_verifies(issued, caplog):
+    """Registries written before config.json was hashed keep working, with a warning."""
+    copy = issued / "copies" / "bob"
+    legacy = copy_sha256(copy, LEGACY_HASHED_FILES)
+    assert legacy != copy_sha256(copy)
+    with caplog.at_level("WARNING"):
+        assert check_copy_hash(copy, legacy) == legacy
+    assert "config.json not checked" in caplog.text
+    with pytest.raises(CheckpointError, match="truncated or altered"):
+        check_copy_hash(copy, "0" * 64)
+
+
 def test_image_reading_converts_modes_and_rejects_bad_files(issued, checkpoint, tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()
@@ -174,6 +214,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, checkpoint, issued):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
     assert result.stderr.startswith("error: no ACT secret: set the environment variable FINGERPRINT_LM_SECRET")
     assert not (tmp_path / "registry").exists() and not (tmp_path / "copies").exists()
+    assert not (tmp_path / "outputs").exists()  # nor Hydra's job folder: the task wrote nothing
 
     # after the model is loaded too (no library warning may add lines)
     empty = tmp_path / "empty"
@@ -185,3 +226,29 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, checkpoint, issued):
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == f"error: no image files (.png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff, .gif) in folder {empty}"
     assert registry_state(issued) == before
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_cli_refuses_an_altered_checkpoint_in_one_line(tmp_path, checkpoint, issued):
+    """A checkpoint whose weights were altered after it was written: every distributor command
+    that loads it ends with one error line and exit 2, and writes nothing."""
+    damaged = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, damaged)
+    weights = damaged / "fingerprint.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    env = {**os.environ, "FINGERPRINT_LM_SECRET": SECRET, "OMP_NUM_THREADS": "1"}
+    before = registry_state(issued)
+    registry = f"distributor.registry={issued / 'registry' / 'registry.sqlite'}"
+    for args in (("task=issue", "user_id=zoe", f"distributor.copies_dir={tmp_path / 'copies'}",
+                  f"distributor.registry={tmp_path / 'registry.sqlite'}"),
+                 ("task=attribute", f"images={issued / 'bob_images'}", registry),
+                 ("task=trace", f"images={issued / 'bob_images'}", registry)):
+        result = cli(*args, f"paths.root_dir={tmp_path}", f"distributor.checkpoint={damaged}", env=env)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [
+            f"error: checkpoint {damaged}: fingerprint.safetensors truncated, altered or missing "
+            "(does not match its SHA256SUMS)"]
+    assert registry_state(issued) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no registry, copies or outputs/

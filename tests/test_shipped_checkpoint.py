@@ -50,6 +50,42 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
         load_fingerprint_model(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("damage", ["fingerprint.json", "base_vae/diffusion_pytorch_model.safetensors", "removed"])
+def test_an_altered_checkpoint_is_refused_by_its_checksums(tmp_path, damage):
+    """One flipped byte anywhere (a weight, the record) or a missing file: refused before loading.
+    An edited fingerprint.json could otherwise rebuild other modules around the same tensors."""
+    import shutil
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(SHIPPED_CHECKPOINT, copy)
+    if damage == "removed":
+        (copy / "base_vae" / "config.json").unlink()
+    else:
+        data = bytearray((copy / damage).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (copy / damage).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match its SHA256SUMS"):
+        load_fingerprint_model(copy)
+    # Without the list (a checkpoint written before lists existed) nothing is checked up front: a
+    # flipped weight then loads unnoticed (why the list exists); what breaks loading is still one
+    # CheckpointError, not a traceback.
+    (copy / "SHA256SUMS").unlink()
+    if damage.endswith(".safetensors"):
+        assert load_fingerprint_model(copy).fingerprint_bits == 48
+    else:
+        with pytest.raises(CheckpointError):
+            load_fingerprint_model(copy)
+
+
+def test_a_checkpoint_without_checksums_still_loads(tmp_path):
+    import shutil
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(SHIPPED_CHECKPOINT, copy)
+    (copy / "SHA256SUMS").unlink()
+    assert load_fingerprint_model(copy).fingerprint_bits == 48
+
+
 # -- method=pnm: its shipped checkpoint, read through a stock diffusers load -----------------------
 PNM_CHECKPOINT = shipped_checkpoint("embedded_pnm")
 
@@ -57,7 +93,7 @@ PNM_CHECKPOINT = shipped_checkpoint("embedded_pnm")
 def test_shipped_pnm_checkpoint_is_safetensors_only_and_records_its_method():
     files = {str(p.relative_to(PNM_CHECKPOINT)) for p in PNM_CHECKPOINT.rglob("*") if p.is_file()}
     # reference_vae/: the base decoder as it was before training moved the shared one (what PSNR is measured against)
-    assert files == {"fingerprint.json", "fingerprint.safetensors"} | {
+    assert files == {"fingerprint.json", "fingerprint.safetensors", "SHA256SUMS"} | {
         f"{folder}/{name}" for folder in ("base_vae", "reference_vae") for name in ("config.json", "diffusion_pytorch_model.safetensors")}
     assert json.loads((PNM_CHECKPOINT / "fingerprint.json").read_text())["method"] == "pnm"
 
@@ -74,8 +110,9 @@ def test_shipped_pnm_checkpoint_re_evaluated_through_stock_loaded_copies(tmp_pat
     from diffusers import AutoencoderKL
 
     from fingerprint_lm.distributor.copies import issue_copy
-    from fingerprint_lm.distributor.generation import decode_with, held_out_images, to_uint8_pixels
+    from fingerprint_lm.distributor.generation import decode_with, held_out_images
     from fingerprint_lm.metrics.quality import psnr
+    from fingerprint_lm.pixels import from_uint8, to_uint8
     from fingerprint_lm.registry.store import Registry
 
     model = load_fingerprint_model(PNM_CHECKPOINT)
@@ -92,7 +129,7 @@ def test_shipped_pnm_checkpoint_re_evaluated_through_stock_loaded_copies(tmp_pat
                 "config.json", "diffusion_pytorch_model.safetensors"]
             stock = AutoencoderKL.from_pretrained(issued["copy"]).eval()
             marked = decode_with(model.vae, stock, images)
-            pixels = torch.from_numpy(to_uint8_pixels(marked)).permute(0, 3, 1, 2).float() / 127.5 - 1
+            pixels = from_uint8(to_uint8(marked))
             with torch.no_grad():
                 accuracies.append(((model.extractor(pixels) > 0).long() == code).float().mean().item())
             psnrs.append(psnr(marked, base).mean().item())

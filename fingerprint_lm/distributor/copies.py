@@ -58,8 +58,12 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 BIAS_MAP_NAME = "fingerprint_bias_map.safetensors"
-# The files a copy's hash covers, in this order (config.json is not hashed: it holds no weights).
-HASHED_FILES = (WEIGHTS_NAME, BIAS_MAP_NAME)
+# The files a copy's hash covers, in this order. config.json holds no weights, but an edited one
+# (another activation, another latent scaling) changes what the weights compute.
+HASHED_FILES = (CONFIG_NAME, WEIGHTS_NAME, BIAS_MAP_NAME)
+# Registries written before config.json was hashed hold hashes over these: still accepted, with a
+# warning that the copy's config.json was not checked.
+LEGACY_HASHED_FILES = (WEIGHTS_NAME, BIAS_MAP_NAME)
 # The bias map's tensor is named ``<site>.bias_map`` (e.g. ``decoder.conv_norm_out.bias_map``).
 # Metadata stays a single key: safetensors writes a multi-key metadata dict in arbitrary order,
 # which would make the file bytes, and so the registered hash, differ between runs.
@@ -112,8 +116,8 @@ def check_user_id(user_id: object) -> str:
 
 
 # -- files ----------------------------------------------------------------------------------------
-def copy_sha256(path: str | Path) -> str:
-    """SHA-256 over the copy's safetensors files in the fixed order of :data:`HASHED_FILES`.
+def copy_sha256(path: str | Path, files: tuple[str, ...] = HASHED_FILES) -> str:
+    """SHA-256 over the copy's files in the fixed order of ``files`` (:data:`HASHED_FILES`).
 
     For each file present, the hash takes its name, a NUL byte, its size as 8 little-endian
     bytes, then its contents, so removing, truncating or altering any of them changes the hash.
@@ -122,7 +126,7 @@ def copy_sha256(path: str | Path) -> str:
     if not (path / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"no copy at {path} ({WEIGHTS_NAME} missing)")
     digest = hashlib.sha256()
-    for name in HASHED_FILES:
+    for name in files:
         file = path / name
         if not file.is_file():
             continue
@@ -131,6 +135,19 @@ def copy_sha256(path: str | Path) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def check_copy_hash(path: str | Path, expected: str, whose: str = "the expected hash") -> str:
+    """The copy's :func:`copy_sha256` if it equals ``expected``; a hash registered before
+    config.json was hashed (:data:`LEGACY_HASHED_FILES`) is accepted with a warning. Otherwise
+    :class:`CheckpointError`: a truncated or altered copy."""
+    actual = copy_sha256(path)
+    if actual == expected:
+        return actual
+    if copy_sha256(path, LEGACY_HASHED_FILES) == expected:
+        log.warning("copy %s: its hash was registered before config.json was hashed; config.json not checked", path)
+        return expected
+    raise CheckpointError(f"copy {path} does not match {whose} (truncated or altered)")
 
 
 def write_copy(
@@ -288,11 +305,7 @@ def verify_copy(path: str | Path, registry: Registry, user_id: str) -> dict:
     expected = row["copy_sha256"]
     if not expected:
         raise RegistryError(f"user {user_id!r} has no copy hash in the registry")
-    actual = copy_sha256(path)
-    if actual != expected:
-        raise CheckpointError(
-            f"copy {path} does not match the registered hash of {user_id!r} (truncated or altered)"
-        )
+    actual = check_copy_hash(path, expected, f"the registered hash of {user_id!r}")
     return {"user_id": user_id, "copy": str(path), "copy_sha256": actual, "act_type": row["act_type"], "ok": True}
 
 
@@ -349,8 +362,8 @@ def load_copy(path: str | Path, expected_sha256: str | None = None):
     user's code. ``expected_sha256`` (e.g. from the registry) is checked first when given.
     """
     path = Path(path)
-    if expected_sha256 is not None and copy_sha256(path) != expected_sha256:
-        raise CheckpointError(f"copy {path} does not match the expected hash (truncated or altered)")
+    if expected_sha256 is not None:
+        check_copy_hash(path, expected_sha256)
     vae = load_vae(path)
     bias_file = path / BIAS_MAP_NAME
     if bias_file.is_file():

@@ -5,6 +5,9 @@ Layout of a checkpoint directory::
     base_vae/                     diffusers AutoencoderKL folder (config.json + safetensors)
     fingerprint.safetensors       PNM (mapping, heads, carriers) and extractor tensors
     fingerprint.json              how to rebuild the modules (bits, sites, tile, widths) + provenance
+    reference_vae/                (methods that train the shared decoder) the decoder as it was
+    SHA256SUMS                    every file's SHA-256 (``sha256sum -c`` format), checked on load:
+                                  a truncated or altered checkpoint is refused, not half-loaded
 
 It is private to the distributor: user copies (``registry``) contain neither the mapping network
 nor the extractor.
@@ -25,7 +28,7 @@ from fingerprint_lm.errors import CheckpointError
 from fingerprint_lm.models.extractor import build_extractor
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.vae import load_vae
-from fingerprint_lm.storage import atomic_directory
+from fingerprint_lm.storage import atomic_directory, mismatched_files, write_checksums
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 # The shipped checkpoint of each method: assets/<method.checkpoint_name> (conf/method/*.yaml).
@@ -111,6 +114,7 @@ def save_fingerprint_model(model: FingerprintModel, directory: str | Path) -> Pa
             _save_vae(model.reference_vae, tmp / "reference_vae")
         save_file(private_state_dict(model), tmp / "fingerprint.safetensors")
         (tmp / "fingerprint.json").write_text(json.dumps(model.meta, indent=2, sort_keys=True) + "\n")
+        write_checksums(tmp)
     return directory
 
 
@@ -129,12 +133,19 @@ def load_fingerprint_model(directory: str | Path | None = None, map_location: st
     meta_path = directory / "fingerprint.json"
     if not meta_path.is_file():
         raise CheckpointError(f"no fingerprint checkpoint at {directory} (fingerprint.json missing)")
+    # Checkpoints written before SHA256SUMS existed (None) load unchecked.
+    if bad := mismatched_files(directory):
+        raise CheckpointError(f"checkpoint {directory}: {', '.join(bad[:3])} truncated, altered or missing "
+                              "(does not match its SHA256SUMS)")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"corrupt {meta_path}: {exc}") from exc
     vae = load_vae(directory / "base_vae")
-    model = build_fingerprint_model(vae, int(meta["fingerprint_bits"]), meta["pnm"], meta["extractor"], meta)
+    try:
+        model = build_fingerprint_model(vae, int(meta["fingerprint_bits"]), meta["pnm"], meta["extractor"], meta)
+    except (KeyError, TypeError, ValueError) as exc:  # a record that no longer describes the modules
+        raise CheckpointError(f"{meta_path} does not describe a fingerprint model: {exc!r}") from exc
     try:
         state = load_file(directory / "fingerprint.safetensors", device=map_location)
     except (SafetensorError, OSError, ValueError) as exc:
