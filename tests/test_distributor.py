@@ -92,6 +92,11 @@ def test_trace_ranks_the_source_first_and_accuses_nobody_for_base_images(issued,
                   "distributor.tracing=tardos")
     assert tardos["scoring"] == "tardos" and [s["user_id"] for s in tardos["suspects"] if s["accused"]] == ["bob"]
     assert tardos["suspects"][0]["score"] >= tardos["threshold"] > tardos["suspects"][1]["score"]
+    # the fields every trace reports; bob's own images name him one by one too
+    assert {key for s in tardos["suspects"] for key in s} == {
+        "user_id", "n_images", "score", "p_value_bound", "evidence", "accused"}
+    assert tardos["suspects"][0]["evidence"] == "pooled" and tardos["suspects"][1]["evidence"] is None
+    assert tardos["suspects"][0]["n_images"] > 0 == tardos["suspects"][1]["n_images"]
 
 
 def test_copy_holds_no_private_tensors_and_no_secret(issued, checkpoint):

@@ -14,6 +14,7 @@ the false-accusation budget is split between the two (:mod:`fingerprint_lm.regis
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -206,7 +207,8 @@ def trace_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: Sequ
     and ``accused``: accused users first, then by score; ``top`` suspects plus every accused one.
     ``scoring="tardos"``: the symmetric Tardos score of the set's majority bits instead
     (:func:`~fingerprint_lm.registry.tardos.tardos_trace`; the registry's codes are uniform, so
-    every bias is 1/2), each suspect with ``user_id``, ``score``, ``p_value_bound``, ``accused``.
+    every bias is 1/2), each suspect with the same fields (``evidence`` is ``pooled`` or None;
+    ``n_images`` counts the images per-image attribution names them on, outside the accusation).
     """
     index = _index(registry)
     _check(None, index, fpr)
@@ -215,6 +217,13 @@ def trace_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: Sequ
     probs = _sigmoid(np.asarray(logits, dtype=np.float64))
     if scoring == "tardos":
         traced = {"scoring": "tardos", **tardos_trace(probs, index, fpr=fpr, top=top)}
+        # The fields every trace reports: the Tardos score pools the whole set (its only evidence);
+        # n_images says how many images per-image attribution names the user on, for information.
+        named = Counter(result["user_id"] for result in (index.identify_many(probs, fpr=fpr / len(probs))
+                                                         if traced["suspects"] else []) if result["accused"])
+        for suspect in traced["suspects"]:
+            suspect.update(n_images=named.get(suspect["user_id"], 0),
+                           evidence="pooled" if suspect["accused"] else None)
     else:
         traced = {"scoring": "evidence", **trace_evidence(probs, index, fpr=fpr, top=top)}
     return {"fpr": float(fpr), "n_users": len(index), "n_images": len(names), "images": list(names), **traced}
