@@ -1,15 +1,18 @@
 """The import floors of docs/design.md ("Package layout"): a module imports only from its own floor
-or below, anywhere in the file (function-level imports included)."""
+or below, anywhere in the file (function-level imports included). And the repository explains
+itself: both layout maps name every module, and nothing cites a file outside the repository."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "fingerprint_lm"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "fingerprint_lm"
 # floor of each top-level module or subpackage of fingerprint_lm
 FLOORS = {
-    "errors": 0, "storage": 0, "devices": 0, "resolvers": 0, "config_schema": 0,
+    "errors": 0, "storage": 0, "devices": 0, "resolvers": 0, "config_schema": 0, "pixels": 0,
     "models": 1, "data": 1,
     "methods": 2, "attacks": 2, "metrics": 2, "registry": 2, "lit": 2,
     "distributor": 3, "evaluation": 3, "report": 3,
@@ -98,3 +101,34 @@ def test_no_file_over_400_lines_and_no_function_over_80():
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 80:
                 too_long.append(f"{path.relative_to(root)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
     assert not too_long, too_long
+
+
+# -- the repository explains itself ---------------------------------------------------------------
+def _section(text: str, start: str, end: str) -> str:
+    return text[text.index(start):text.index(end, text.index(start))]
+
+
+def test_both_layout_maps_name_every_module_and_shipped_checkpoint():
+    """README's "Layout" and docs/design.md's "Package layout" are the maps a newcomer reads."""
+    maps = {
+        "README.md": _section((ROOT / "README.md").read_text(), "## Layout", "## Running at scale"),
+        "docs/design.md": _section((ROOT / "docs" / "design.md").read_text(), "## Package layout", "Import floors:"),
+    }
+    missing = [
+        f"{where}: {path.relative_to(ROOT)}"
+        for path in sorted((ROOT / "fingerprint_lm").rglob("*.py")) if path.name != "__init__.py"
+        for where, text in maps.items() if not re.search(rf"(?<![\w.]){path.stem}(\.py)?\b", text)
+    ]
+    missing += [f"{where}: assets/{folder.name}/" for folder in sorted((ROOT / "fingerprint_lm" / "assets").iterdir())
+                if folder.is_dir() for where, text in maps.items() if f"assets/{folder.name}/" not in text]
+    assert not missing
+
+
+def test_nothing_cites_files_outside_the_repository():
+    """The method, the layers and the peers' figures are in docs/design.md and the README."""
+    outside = re.compile(r"\.\./shared|\b(?:DESIGN|STYLE|FIELD)\.md\b")
+    files = [*(ROOT / "fingerprint_lm").rglob("*.py"), *(ROOT / "tests").rglob("*.py"),
+             *(ROOT / "experiments").rglob("*.py"), *(ROOT / "conf").rglob("*.yaml"), *(ROOT / "docs").rglob("*.md"),
+             ROOT / "README.md", ROOT / "Makefile", ROOT / "experiments" / "README.md"]
+    citing = [str(f.relative_to(ROOT)) for f in files if f.resolve() != Path(__file__).resolve() and outside.search(f.read_text())]
+    assert not citing

@@ -1,6 +1,7 @@
 """Bit-level statistics: bit accuracy and the binomial detection test.
 
-Detection test (FIELD.md, "Statistics everyone uses"): an image whose extracted bits match a
+Detection test (the one Stable Signature, Fernandez et al. 2023, and WOUAF, Kim et al. 2024,
+report; docs/design.md, "Attribution and tracing"): an image whose extracted bits match a
 ``k``-bit code in ``m`` places has p-value ``P[Binomial(k, 1/2) >= m]`` under the hypothesis that
 the image has nothing to do with that code (its bits are then fair coins). Identifying among ``N``
 users multiplies the p-value by ``N`` (Bonferroni). A user is accused when the corrected p-value is
