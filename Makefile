@@ -20,7 +20,7 @@ test:  ## fast tests (about 9 minutes on 2 CPU cores; must stay under 10)
 test-full:  ## all tests, slow ones included
 	$(PY) -m pytest -q tests
 
-bench:  ## speed and memory figures, the default sweep cold and warm included (~30 min): writes BENCHMARKS.md
+bench:  ## speed and memory figures, the SD-sized issue ratio and the default sweep cold and warm included (~35 min): writes BENCHMARKS.md
 	$(PY) -m fingerprint_lm.bench --sweep --write BENCHMARKS.md
 
 METHOD ?= carrier

@@ -243,7 +243,8 @@ def bench_sweep() -> dict[str, float]:
             # the cold and the warm run each write a multirun folder: count the last one's points
             out["sweep_points"] = float(len(list(summaries[-1].parent.glob("*/metrics.json"))))
             kept = ROOT / "experiments" / "results" / "bench_sweep_summary.md"
-            kept.write_text(summaries[-1].read_text())
+            kept.write_text(summaries[0].read_text())  # the cold run's (folders are named by start time)
+    # the largest of this process's children: the sweep commands (run in a process of its own)
     out["sweep_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return out
 
@@ -354,7 +355,9 @@ def main() -> None:
         results["sd"] = bench_sd_training(args.sd_resolution)
         _print("sd", results["sd"])
     if args.sweep:
-        results["sweep"] = bench_sweep()
+        # in a fresh process too: its children's peak memory is then the sweep's alone, not the
+        # SD-sized issue section's
+        results["sweep"] = _in_fresh_process(bench_sweep, threads=args.threads)
         _print("sweep", results["sweep"])
     if args.write:
         command = "python -m fingerprint_lm.bench " + " ".join(sys.argv[1:])

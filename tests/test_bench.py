@@ -1,0 +1,35 @@
+"""``make bench``'s plumbing (fingerprint_lm/bench.py), without its timings: the page it writes and
+the SD-sized issue measurement on a small image side."""
+
+from __future__ import annotations
+
+import pytest
+
+from fingerprint_lm import bench
+
+
+def test_the_page_names_its_command_every_section_and_what_was_not_run():
+    results = {"issue": {"issue_copy_pnm_s": 0.004, "issue_ratio_stable_signature_over_pnm": 1328.0},
+               "issue_sd": {"sd_issue_ratio_stable_signature_over_pnm_estimate": 19880.0, "peak_rss_mb": 8955.0},
+               "sweep": {"sweep_cold_s": 739.6}}
+    page = bench.markdown(results, "python -m fingerprint_lm.bench --sweep", 1812.0, 2)
+    assert page.startswith("# Benchmarks\n")
+    assert "`python -m fingerprint_lm.bench --sweep`" in page and "in 30.2 min" in page
+    for name in results:
+        assert f"## {name}: " in page
+    assert "**estimated**" in page  # the SD-sized stable_signature figure says it is an estimate
+    assert "| issue_ratio_stable_signature_over_pnm | 1328 |" in page
+    assert "| sd_issue_ratio_stable_signature_over_pnm_estimate | 1.988e+04 |" in page
+
+
+@pytest.mark.slow  # an SD-sized decoder and its fine-tune: ~8 s and a few GB
+def test_issue_cost_sd_measures_both_methods_on_the_sd_sized_decoder():
+    """The issue_sd section's function at a tiny image side (the decoder is SD's size: ~10 s)."""
+    row = bench.issue_cost_sd(resolution=16, batch_size=1, steps=(1, 2), repeats=1, bits=8)
+    assert row["parameters_m"] == pytest.approx(83.65, abs=0.01)
+    assert len(row["pnm_issue_s_all"]) == 1 and row["pnm_issue_s"] > 0
+    seconds = row["stable_signature_s_timed"]
+    assert row["stable_signature_per_step_s"] == pytest.approx(seconds[1] - seconds[0])
+    assert row["stable_signature_100_steps_estimate_s"] == pytest.approx(
+        row["stable_signature_fixed_s"] + 100 * row["stable_signature_per_step_s"])
+    assert row["ratio_estimate"] == pytest.approx(row["stable_signature_100_steps_estimate_s"] / row["pnm_issue_s"])
