@@ -100,11 +100,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 CHECKSUMS_NAME = "SHA256SUMS"  # the format of `sha256sum`: `sha256sum -c SHA256SUMS` checks it too
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
+def update_with_file(digest, path: str | Path) -> None:
+    """Feed a file's bytes to a ``hashlib`` digest in 1 MiB blocks (checkpoints can be GBs)."""
     with Path(path).open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    update_with_file(digest, path)
     return digest.hexdigest()
 
 

@@ -38,7 +38,7 @@ def remove_unstarted_sweeps() -> None:
 
 def _is_bare_job_dir(job_dir: Path) -> bool:
     """Only what Hydra writes for every job: the ``.hydra/`` folder and the job's ``*.log``."""
-    return all(p.name == ".hydra" and p.is_dir() or p.is_file() and p.suffix == ".log" for p in job_dir.iterdir())
+    return all((p.name == ".hydra" and p.is_dir()) or (p.is_file() and p.suffix == ".log") for p in job_dir.iterdir())
 
 
 def remove_bare_job_dir(job_dir: Path, log_dir: Path) -> None:

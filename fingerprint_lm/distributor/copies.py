@@ -52,6 +52,7 @@ from fingerprint_lm.models.checkpoint import FingerprintModel
 from fingerprint_lm.models.pnm import tile_to
 from fingerprint_lm.models.vae import load_vae
 from fingerprint_lm.registry.store import Registry
+from fingerprint_lm.storage import update_with_file
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +132,7 @@ def copy_sha256(path: str | Path, files: tuple[str, ...] = HASHED_FILES) -> str:
         if not file.is_file():
             continue
         digest.update(name.encode() + b"\0" + file.stat().st_size.to_bytes(8, "little"))
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        update_with_file(digest, file)
     return digest.hexdigest()
 
 

@@ -25,7 +25,6 @@ def held_out_images(resolution: int, n: int, seed: int = 0) -> torch.Tensor:
     return torch.stack([images.sample(i)["image"] for i in range(n)])
 
 
-@torch.no_grad()
 def decode_with(encoder_vae, decoder_vae, images: torch.Tensor, batch_size: int = 64,
                 device: str | torch.device = "cpu") -> torch.Tensor:
     """``decoder_vae.decode(encoder_vae.encode(images).latent_dist.mode())``, in batches on
