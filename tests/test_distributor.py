@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from diffusers import AutoencoderKL
 from safetensors import safe_open
@@ -97,6 +98,7 @@ def test_trace_ranks_the_source_first_and_accuses_nobody_for_base_images(issued,
         "user_id", "n_images", "score", "p_value_bound", "evidence", "accused"}
     assert tardos["suspects"][0]["evidence"] == "pooled" and tardos["suspects"][1]["evidence"] is None
     assert tardos["suspects"][0]["n_images"] > 0 == tardos["suspects"][1]["n_images"]
+    assert tardos["per_image_fpr"] == pytest.approx(float(TRACE_FPR) / 16)
 
 
 def test_copy_holds_no_private_tensors_and_no_secret(issued, checkpoint):

@@ -208,7 +208,8 @@ def trace_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: Sequ
     ``scoring="tardos"``: the symmetric Tardos score of the set's majority bits instead
     (:func:`~fingerprint_lm.registry.tardos.tardos_trace`; the registry's codes are uniform, so
     every bias is 1/2), each suspect with the same fields (``evidence`` is ``pooled`` or None;
-    ``n_images`` counts the images per-image attribution names them on, outside the accusation).
+    ``n_images`` counts the images per-image attribution names them on at ``per_image_fpr`` =
+    ``fpr / n``, outside the accusation).
     """
     index = _index(registry)
     _check(None, index, fpr)
@@ -216,10 +217,12 @@ def trace_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: Sequ
         raise ConfigError(f"unknown tracing score {scoring!r}; expected one of {', '.join(TRACING_SCORES)}")
     probs = _sigmoid(np.asarray(logits, dtype=np.float64))
     if scoring == "tardos":
-        traced = {"scoring": "tardos", **tardos_trace(probs, index, fpr=fpr, top=top)}
-        # The fields every trace reports: the Tardos score pools the whole set (its only evidence);
-        # n_images says how many images per-image attribution names the user on, for information.
-        named = Counter(result["user_id"] for result in (index.identify_many(probs, fpr=fpr / len(probs))
+        # The fields every trace reports: the Tardos score pools the whole set (its only evidence,
+        # so it spends the whole fpr); n_images says how many images per-image attribution names the
+        # user on at fpr / n each (stated as per_image_fpr), for information: it accuses nobody.
+        per_image_fpr = fpr / len(probs)
+        traced = {"scoring": "tardos", "per_image_fpr": per_image_fpr, **tardos_trace(probs, index, fpr=fpr, top=top)}
+        named = Counter(result["user_id"] for result in (index.identify_many(probs, fpr=per_image_fpr)
                                                          if traced["suspects"] else []) if result["accused"])
         for suspect in traced["suspects"]:
             suspect.update(n_images=named.get(suspect["user_id"], 0),
