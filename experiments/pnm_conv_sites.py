@@ -1,0 +1,85 @@
+"""Does WOUAF-style conv modulation beside the GroupNorms widen method=pnm's channel? (issue 11)
+
+Issue 11 lists it among what might widen the channel: besides the affine of 17 decoder GroupNorms
+(1536 values), the private mapping network also scales the input channels of decoder convs
+(``method.pnm.conv_sites``; still stock weights: a scaled weight column is a stock conv). This
+script runs the training command once per arm, alone and one after the other, with the shipped
+recipe shortened to ``--steps`` (its warm-down covers the last quarter as in the full run), and
+prints the held-out figures the training task measures (512 images, a fresh code each):
+
+    python experiments/pnm_conv_sites.py --steps 2000
+
+Arms: ``groupnorm`` (the shipped sites), ``groupnorm+conv`` (plus every decoder conv that
+method=wouaf scales), ``groupnorm+conv_out`` (plus only the last conv, next to the pixels), and
+two controls on the learning rates of the shipped sites, to set the conv arms' gains against a
+cheaper knob: ``groupnorm_lr_x2`` (every rate doubled), ``groupnorm_decoder_lr_x2``,
+``groupnorm_lr_x0.5`` (every rate halved).
+Rows go to ``results/pnm_conv_sites.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "pnm_conv_sites.jsonl"
+WOUAF_CONVS = ("[conv_in,mid_block.resnets.*.conv1,mid_block.resnets.*.conv2,up_blocks.*.resnets.*.conv1,"
+               "up_blocks.*.resnets.*.conv2,up_blocks.*.resnets.*.conv_shortcut,up_blocks.*.upsamplers.*.conv,conv_out]")
+ARMS = {
+    "groupnorm": [],
+    "groupnorm+conv": [f"+method.pnm.conv_sites={WOUAF_CONVS}"],
+    "groupnorm+conv_out": ["+method.pnm.conv_sites=[conv_out]"],
+    # the same sites at twice the learning rates (mapping network and reader; shared decoder)
+    "groupnorm_lr_x2": ["method.train.lr=2e-3", "method.train.decoder_lr=1e-3"],
+    "groupnorm_decoder_lr_x2": ["method.train.decoder_lr=1e-3"],
+    "groupnorm_lr_x0.5": ["method.train.lr=5e-4", "method.train.decoder_lr=2.5e-4"],
+}
+PROBES = ("shift_8", "crop_0.5", "jpeg_q50", "gaussian_blur_s1", "brightness_1.5")
+
+
+def run_arm(name: str, steps: int, out: Path) -> dict:
+    command = [sys.executable, "-m", "fingerprint_lm", "+experiment=train", "method=pnm", f"method.steps={steps}",
+               "logger=none", f"hydra.run.dir={out}", *ARMS[name]]
+    print("$", " ".join(command), flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"arm": name, "steps": steps, "wall_seconds": round(time.perf_counter() - start, 1),
+            "train_seconds": round(metrics["train_seconds"], 1), "bit_acc": metrics["bit_acc"],
+            "psnr": metrics["psnr"], "ssim": metrics["ssim"],
+            "robustness": {p: metrics["robustness"].get(p) for p in PROBES}, "overrides": ARMS[name]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--arms", default=",".join(ARMS))
+    args = parser.parse_args()
+    arms = args.arms.split(",")
+    unknown = set(arms) - set(ARMS)
+    if unknown or args.steps <= 0:
+        sys.exit(f"error: --arms takes {', '.join(ARMS)} and --steps > 0, got {args.arms!r} / {args.steps}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in arms:
+            row = run_arm(name, args.steps, Path(tmp) / name)
+            rows.append(row)
+            RESULTS.parent.mkdir(exist_ok=True)
+            with RESULTS.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+    print(f"| arm | steps | train s | bit_acc | PSNR dB | SSIM | {' | '.join(PROBES)} |")
+    print("|---" * (6 + len(PROBES)) + "|")
+    for r in rows:
+        attacks = " | ".join(f"{r['robustness'][p]:.3f}" if r["robustness"][p] is not None else "-" for p in PROBES)
+        print(f"| {r['arm']} | {r['steps']} | {r['train_seconds']:.0f} | {r['bit_acc']:.3f} | {r['psnr']:.2f} | "
+              f"{r['ssim']:.3f} | {attacks} |")
+
+
+if __name__ == "__main__":
+    main()
