@@ -13,7 +13,9 @@ Arms: ``groupnorm`` (the shipped sites), ``groupnorm+conv`` (plus every decoder 
 method=wouaf scales), ``groupnorm+conv_out`` (plus only the last conv, next to the pixels), and
 two controls on the learning rates of the shipped sites, to set the conv arms' gains against a
 cheaper knob: ``groupnorm_lr_x2`` (every rate doubled), ``groupnorm_decoder_lr_x2``,
-``groupnorm_lr_x0.5`` (every rate halved).
+``groupnorm_lr_x0.5`` (every rate halved); and ``groupnorm_bound_1.0``, the modulation bound
+doubled (the shipped checkpoint puts 18% of its modulation values above 0.9 of the bound 0.5);
+``groupnorm+conv_decoder_lr_x2_bound_1.0``, the three together.
 Rows go to ``results/pnm_conv_sites.jsonl``.
 """
 
@@ -39,6 +41,11 @@ ARMS = {
     "groupnorm_lr_x2": ["method.train.lr=2e-3", "method.train.decoder_lr=1e-3"],
     "groupnorm_decoder_lr_x2": ["method.train.decoder_lr=1e-3"],
     "groupnorm_lr_x0.5": ["method.train.lr=5e-4", "method.train.decoder_lr=2.5e-4"],
+    # the shipped checkpoint's mapping network sits near its bound: 18% of its values above 0.9 b
+    "groupnorm_bound_1.0": ["method.pnm.modulation_bound=1.0"],
+    # the three small gains together: do they add?
+    "groupnorm+conv_decoder_lr_x2_bound_1.0": [f"+method.pnm.conv_sites={WOUAF_CONVS}", "method.train.decoder_lr=1e-3",
+                                               "method.pnm.modulation_bound=1.0"],
 }
 PROBES = ("shift_8", "crop_0.5", "jpeg_q50", "gaussian_blur_s1", "brightness_1.5")
 
