@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fingerprint_lm.errors import ConfigError, exit_on_user_error
+
 RESULTS = Path(__file__).resolve().parent / "results" / "pnm_conv_sites.jsonl"
 WOUAF_CONVS = ("[conv_in,mid_block.resnets.*.conv1,mid_block.resnets.*.conv2,up_blocks.*.resnets.*.conv1,"
                "up_blocks.*.resnets.*.conv2,up_blocks.*.resnets.*.conv_shortcut,up_blocks.*.upsamplers.*.conv,conv_out]")
@@ -50,14 +52,14 @@ ARMS = {
 PROBES = ("shift_8", "crop_0.5", "jpeg_q50", "gaussian_blur_s1", "brightness_1.5")
 
 
-def run_arm(name: str, steps: int, out: Path) -> dict:
+def run_arm(name: str, steps: int, out: Path, seed: int | None) -> dict:
     command = [sys.executable, "-m", "fingerprint_lm", "+experiment=train", "method=pnm", f"method.steps={steps}",
-               "logger=none", f"hydra.run.dir={out}", *ARMS[name]]
+               "logger=none", f"hydra.run.dir={out}", *ARMS[name], *([f"seed={seed}"] if seed is not None else [])]
     print("$", " ".join(command), flush=True)
     start = time.perf_counter()
     subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     metrics = json.loads((out / "metrics.json").read_text())
-    return {"arm": name, "steps": steps, "wall_seconds": round(time.perf_counter() - start, 1),
+    return {"arm": name, "steps": steps, "seed": seed, "wall_seconds": round(time.perf_counter() - start, 1),
             "train_seconds": round(metrics["train_seconds"], 1), "bit_acc": metrics["bit_acc"],
             "psnr": metrics["psnr"], "ssim": metrics["ssim"],
             "robustness": {p: metrics["robustness"].get(p) for p in PROBES}, "overrides": ARMS[name]}
@@ -67,26 +69,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--seed", type=int, default=None, help="the training command's seed (default: the config's)")
     args = parser.parse_args()
     arms = args.arms.split(",")
     unknown = set(arms) - set(ARMS)
     if unknown or args.steps <= 0:
-        sys.exit(f"error: --arms takes {', '.join(ARMS)} and --steps > 0, got {args.arms!r} / {args.steps}")
+        raise ConfigError(f"--arms takes {', '.join(ARMS)} and --steps > 0, got {args.arms!r} / {args.steps}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in arms:
-            row = run_arm(name, args.steps, Path(tmp) / name)
+            row = run_arm(name, args.steps, Path(tmp) / name, args.seed)
             rows.append(row)
             RESULTS.parent.mkdir(exist_ok=True)
             with RESULTS.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
-    print(f"| arm | steps | train s | bit_acc | PSNR dB | SSIM | {' | '.join(PROBES)} |")
-    print("|---" * (6 + len(PROBES)) + "|")
+    print(f"| arm | steps | seed | train s | bit_acc | PSNR dB | SSIM | {' | '.join(PROBES)} |")
+    print("|---" * (7 + len(PROBES)) + "|")
     for r in rows:
         attacks = " | ".join(f"{r['robustness'][p]:.3f}" if r["robustness"][p] is not None else "-" for p in PROBES)
-        print(f"| {r['arm']} | {r['steps']} | {r['train_seconds']:.0f} | {r['bit_acc']:.3f} | {r['psnr']:.2f} | "
+        print(f"| {r['arm']} | {r['steps']} | {r['seed']} | {r['train_seconds']:.0f} | {r['bit_acc']:.3f} | {r['psnr']:.2f} | "
               f"{r['ssim']:.3f} | {attacks} |")
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)
