@@ -30,11 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from fingerprint_lm.errors import ConfigError, exit_on_user_error
 
-RESULTS = Path(__file__).resolve().parent / "results" / "pnm_conv_sites.jsonl"
-WOUAF_CONVS = ("[conv_in,mid_block.resnets.*.conv1,mid_block.resnets.*.conv2,up_blocks.*.resnets.*.conv1,"
-               "up_blocks.*.resnets.*.conv2,up_blocks.*.resnets.*.conv_shortcut,up_blocks.*.upsamplers.*.conv,conv_out]")
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "experiments" / "results" / "pnm_conv_sites.jsonl"
+# method=wouaf's own sites, read from its config so the two cannot drift apart
+WOUAF_CONVS = "[" + ",".join(OmegaConf.load(ROOT / "conf" / "method" / "wouaf.yaml").pnm.conv_sites) + "]"
 ARMS = {
     "groupnorm": [],
     "groupnorm+conv": [f"+method.pnm.conv_sites={WOUAF_CONVS}"],
