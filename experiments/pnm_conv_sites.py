@@ -8,6 +8,10 @@ recipe shortened to ``--steps`` (its warm-down covers the last quarter as in the
 prints the held-out figures the training task measures (512 images, a fresh code each):
 
     python experiments/pnm_conv_sites.py --steps 2000
+    python experiments/pnm_conv_sites.py --steps 12000 --arms groupnorm+conv_decoder_lr_x2_bound_1.0 --keep runs/pnm12k
+
+``--keep DIR`` keeps each arm's run folder and its exported copy (``DIR/<arm>/checkpoint``, the layout
+``make checkpoint METHOD=pnm`` writes to ``fingerprint_lm/assets/embedded_pnm``).
 
 Arms: ``groupnorm`` (the shipped sites), ``groupnorm+conv`` (plus every decoder conv that
 method=wouaf scales), ``groupnorm+conv_out`` (plus only the last conv, next to the pixels), and
@@ -55,9 +59,11 @@ ARMS = {
 PROBES = ("shift_8", "crop_0.5", "jpeg_q50", "gaussian_blur_s1", "brightness_1.5")
 
 
-def run_arm(name: str, steps: int, out: Path, seed: int | None) -> dict:
+def run_arm(name: str, steps: int, out: Path, seed: int | None, export: bool = False) -> dict:
     command = [sys.executable, "-m", "fingerprint_lm", "+experiment=train", "method=pnm", f"method.steps={steps}",
-               "logger=none", f"hydra.run.dir={out}", *ARMS[name], *([f"seed={seed}"] if seed is not None else [])]
+               "logger=none", f"hydra.run.dir={out}", *ARMS[name], *([f"seed={seed}"] if seed is not None else []),
+               # --keep: the trained copy is exported beside the run, never over the shipped assets
+               *(["export_checkpoint=true", f"paths.export_dir={out / 'checkpoint'}"] if export else [])]
     print("$", " ".join(command), flush=True)
     start = time.perf_counter()
     subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -73,15 +79,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--seed", type=int, default=None, help="the training command's seed (default: the config's)")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep each arm's run folder and exported checkpoint under DIR/<arm> (default: a temporary folder)")
     args = parser.parse_args()
     arms = args.arms.split(",")
     unknown = set(arms) - set(ARMS)
     if unknown or args.steps <= 0:
         raise ConfigError(f"--arms takes {', '.join(ARMS)} and --steps > 0, got {args.arms!r} / {args.steps}")
+    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
+        raise ConfigError(f"--keep {args.keep} is not empty; name a new folder")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in arms:
-            row = run_arm(name, args.steps, Path(tmp) / name, args.seed)
+            out = (args.keep.resolve() if args.keep is not None else Path(tmp)) / name
+            row = run_arm(name, args.steps, out, args.seed, export=args.keep is not None)
             rows.append(row)
             RESULTS.parent.mkdir(exist_ok=True)
             with RESULTS.open("a") as handle:

@@ -167,6 +167,9 @@ def test_summary_is_deterministic(tmp_path, tiny_model):
     assert first == second
     lines = first["summary.csv"].decode().splitlines()
     assert lines[0].split(",") == list(COLUMNS) and len(lines) == 5
+    # the cost of issuing a copy travels to summary.csv, measured (a wall time, never 0)
+    issue_cells = [line.split(",")[COLUMNS.index("issue_seconds")] for line in lines[1:]]
+    assert all(float(cell) > 0 for cell in issue_cells), issue_cells
     assert "| aligned_average |" in first["summary.md"].decode()
     out = subprocess.run(
         [sys.executable, "-m", "fingerprint_lm.report.summarize", str(tmp_path / "sweep")],

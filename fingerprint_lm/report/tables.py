@@ -42,6 +42,7 @@ COLUMNS: tuple[str, ...] = (
     "fid_proxy_base",
     "act_scope",
     "model_source",
+    "issue_seconds",  # wall time to make one user's copy (stable_signature: its per-copy training run)
 )
 # The readable table: fewer columns.
 MARKDOWN_COLUMNS: tuple[str, ...] = (
