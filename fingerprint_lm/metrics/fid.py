@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from fingerprint_lm.data.synthetic import COLORS, SHAPES, TEXTURES, ProceduralImages
 from fingerprint_lm.errors import CheckpointError, ConfigError, DataError, FingerprintError
+from fingerprint_lm.models.batched import in_batches
 from fingerprint_lm.storage import atomic_directory, atomic_write_text, config_hash
 
 PROXY_WEIGHTS_NAME = "model.safetensors"
@@ -192,15 +193,12 @@ def proxy_features(images: torch.Tensor, net: ProxyFeatureNet, batch_size: int =
     was_training = net.training
     net.eval()
     try:
-        chunks = [
-            net.features(images[start : start + batch_size].to(parameter.device, parameter.dtype))
-            .double()
-            .cpu()
-            for start in range(0, images.shape[0], batch_size)
-        ]
+        # the project's one batched loop (float32 on the CPU back; the net ends on the CPU, where the
+        # sweep keeps it); float64 only for the Gaussian statistics
+        features = in_batches(net, lambda m, x: m.features(x.to(parameter.dtype)), images, parameter.device, batch_size)
     finally:
         net.train(was_training)
-    return torch.cat(chunks)
+    return features.double()
 
 
 def _covariance(features: torch.Tensor) -> torch.Tensor:
