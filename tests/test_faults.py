@@ -102,7 +102,9 @@ def test_issue_killed_at_any_moment_then_rerun_leaves_registry_and_copies_agreei
     root.mkdir()
     cmd = _command("task=issue", "logger=none", f"paths.root_dir={root}", f"distributor.checkpoint={checkpoint}",
                    f"fingerprint_bits={32}")
-    for i, delay in enumerate((0.5, 2.0, 4.0)):
+    # two kill moments: early in start-up, and late enough that the issue may already have finished
+    # (a third, at 2 s, was dropped to keep `make test` under 10 minutes: about 9 s)
+    for i, delay in enumerate((0.5, 4.0)):
         user = f"user{i}"
         deadline = time.monotonic() + delay
         _kill_when([*cmd, f"user_id={user}"], root, lambda deadline=deadline: time.monotonic() > deadline)
@@ -113,7 +115,7 @@ def test_issue_killed_at_any_moment_then_rerun_leaves_registry_and_copies_agreei
         finished = rerun.returncode == 2 and rerun.stderr.strip() == f"error: duplicate user '{user}': already registered"
         assert rerun.returncode == 0 or finished, rerun.stderr[-2000:]
     rows, _, folders = registry_state(root)
-    assert rows == 3 and folders == ["user0", "user1", "user2"]
+    assert rows == 2 and folders == ["user0", "user1"]
     assert not [p for p in (root / "copies").iterdir() if p.name.startswith(".")]
 
 
