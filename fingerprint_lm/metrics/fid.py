@@ -193,8 +193,8 @@ def proxy_features(images: torch.Tensor, net: ProxyFeatureNet, batch_size: int =
     was_training = net.training
     net.eval()
     try:
-        # the project's one batched loop (float32 on the CPU back; the net ends on the CPU, where the
-        # sweep keeps it); float64 only for the Gaussian statistics
+        # the project's one batched loop (float32 on the CPU back; the net stays where it was);
+        # float64 only for the Gaussian statistics
         features = in_batches(net, lambda m, x: m.features(x.to(parameter.dtype)), images, parameter.device, batch_size)
     finally:
         net.train(was_training)

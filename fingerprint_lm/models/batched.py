@@ -18,15 +18,18 @@ def in_batches(
     batch_size: int = 64,
 ) -> torch.Tensor:
     """``torch.cat([fn(module, batch) for batch in inputs])`` with ``module`` and each batch on
-    ``device``; float32 CPU output. ``module`` goes back to the CPU afterwards (copies' tensors are
-    built from CPU state dicts)."""
+    ``device``; float32 CPU output. ``module`` goes back to the device it came from afterwards (the
+    CPU for the models and copies here, whose tensors are built from CPU state dicts; a module
+    without parameters: the CPU)."""
+    first = next(module.parameters(), None)
+    home = first.device if first is not None else torch.device("cpu")
     try:
         module.to(device)
         return torch.cat(
             [fn(module, inputs[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(inputs), batch_size)]
         )
     finally:
-        module.to("cpu")
+        module.to(home)
 
 
 def encode(vae, images: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 64) -> torch.Tensor:
