@@ -91,8 +91,8 @@ def main() -> None:
     unknown = set(arms) - set(ARMS)
     if unknown or args.steps <= 0:
         raise ConfigError(f"--arms takes {', '.join(ARMS)} and --steps > 0, got {args.arms!r} / {args.steps}")
-    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
-        raise ConfigError(f"--keep {args.keep} is not empty; name a new folder")
+    if args.keep is not None and args.keep.exists() and (not args.keep.is_dir() or any(args.keep.iterdir())):
+        raise ConfigError(f"--keep {args.keep} is a file or a folder that is not empty; name a new folder")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in arms:

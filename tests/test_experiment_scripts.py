@@ -51,3 +51,22 @@ def test_pnm_conv_sites_refuses_bad_input_before_training(args):
     assert result.returncode == 2 and len(errors) == 1 and "--arms takes" in errors[0], result.stderr
     assert "Traceback" not in result.stderr and "$ " not in result.stdout
     assert (results.read_text() if results.exists() else None) == before
+
+
+@pytest.mark.parametrize("occupied", ["file", "folder"])
+def test_pnm_conv_sites_refuses_an_occupied_keep_folder(tmp_path, occupied):
+    """--keep names a new or empty folder: a file, or a folder with something in it, is one error
+    line and exit 2 before any training, and both stay as they were."""
+    keep = tmp_path / "keep"
+    if occupied == "file":
+        keep.write_text("mine")
+    else:
+        keep.mkdir()
+        (keep / "notes.txt").write_text("mine")
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "pnm_conv_sites.py"), "--keep", str(keep)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "--keep" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and "$ " not in result.stdout
+    assert (keep.read_text() if occupied == "file" else sorted(p.name for p in keep.iterdir())) == (
+        "mine" if occupied == "file" else ["notes.txt"])
