@@ -3,9 +3,12 @@
 
 For each shipped checkpoint: ``--images`` held-out procedural images decoded by the *base* decoder
 (unmarked; the checkpoint's ``reference_vae``, the base as it was, when training moved the shared decoder), read by the method's extractor, and identified against ``--users`` random registered
-codes (the distributor's attribution: nearest code, binomial p-value, Bonferroni over the registry).
-Printed: users accused, the share of 1-bits (balanced is 0.5), and the best-match bit counts
-against what independent fair bits predict (the maximum over the registry of Binomial(k, 1/2)).
+codes (the distributor's attribution: hard decoding, nearest code, binomial p-value; and soft
+decoding, the default since 2026-12-04, logit-weighted score with its exact p-value; Bonferroni
+over the registry either way). Printed: users accused by each, the images soft decoding would
+accuse at fpr 1e-3 (at most about images x 1e-3 if the p-values are calibrated), the share of
+1-bits (balanced is 0.5), and the best-match bit counts against what independent fair bits
+predict (the maximum over the registry of Binomial(k, 1/2)).
 
     python experiments/unmarked_attribution.py --images 10000 --users 1000
 
@@ -27,6 +30,7 @@ from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import exit_on_user_error
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.registry.index import CodeIndex
+from fingerprint_lm.registry.soft import soft_identify
 
 RESULTS = Path(__file__).resolve().parent / "results" / "unmarked_attribution.jsonl"
 
@@ -45,18 +49,22 @@ def run(checkpoint: str, n_images: int, n_users: int, fpr: float, seed: int) -> 
     index = CodeIndex.from_bits([f"user{i}" for i in range(n_users)], codes)
     images = ProceduralImages(32, seed=TEST_SEED_OFFSET + 500 + seed, length=n_images)
     start = time.perf_counter()
-    hard = []
+    logits = []
     for first in range(0, n_images, 256):
         batch = torch.stack([images.sample(i)["image"] for i in range(first, min(first + 256, n_images))])
         unmarked = model.unmarked_vae.decode(model.vae.encode(batch).latent_dist.mode()).sample
-        hard.append((model.extractor(unmarked) > 0).numpy().astype(np.uint8))
-    hard = np.concatenate(hard)
+        logits.append(model.extractor(unmarked).double().numpy())
+    logits = np.concatenate(logits)
+    hard = (logits > 0).astype(np.uint8)
     results = index.identify_many(hard, fpr=fpr)
+    soft = soft_identify(logits, index, fpr=fpr)
     best = np.array([r["matching_bits"] for r in results])
     simulated = expected_best_match(k, n_users, 2000, rng)
     return {
         "method": model.method, "checkpoint": checkpoint, "bits": k, "images": n_images, "users": n_users,
         "fpr": fpr, "accused": int(sum(r["accused"] for r in results)), "ones_share": float(hard.mean()),
+        "soft_accused": int(sum(r["accused"] for r in soft)),
+        "soft_accused_at_1e-3": int(sum(r["p_value"] <= 1e-3 for r in soft)),
         "best_match_mean": float(best.mean()), "best_match_max": int(best.max()),
         "expected_best_match_mean": float(simulated.mean()), "expected_best_match_99pct": float(np.percentile(simulated, 99)),
         "seconds": round(time.perf_counter() - start, 1),
@@ -71,11 +79,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoints", nargs="+", default=["embedded", "embedded_pnm"])
     args = parser.parse_args()
-    print("| method | images | users | fpr | accused | share of 1-bits | best match: mean / max | fair bits predict: mean / 99th pct |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| method | images | users | fpr | accused: hard / soft | soft at fpr 1e-3 | share of 1-bits "
+          "| best match: mean / max | fair bits predict: mean / 99th pct |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for checkpoint in args.checkpoints:
         row = run(checkpoint, args.images, args.users, args.fpr, args.seed)
-        print(f"| {row['method']} | {row['images']} | {row['users']} | {row['fpr']:g} | {row['accused']} "
+        print(f"| {row['method']} | {row['images']} | {row['users']} | {row['fpr']:g} | {row['accused']} / "
+              f"{row['soft_accused']} | {row['soft_accused_at_1e-3']} "
               f"| {row['ones_share']:.3f} | {row['best_match_mean']:.2f} / {row['best_match_max']} "
               f"| {row['expected_best_match_mean']:.2f} / {row['expected_best_match_99pct']:.0f} |")
         RESULTS.parent.mkdir(exist_ok=True)

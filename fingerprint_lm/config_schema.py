@@ -71,6 +71,7 @@ class DistributorConfig:
     min_distance: int = 8
     top: int = 10
     tracing: str = "evidence"
+    decoding: str = "soft"
     code_seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -78,6 +79,7 @@ class DistributorConfig:
         check_int("distributor.min_distance", self.min_distance, 0)
         check_int("distributor.top", self.top)
         check_choice("distributor.tracing", self.tracing, ("evidence", "tardos"))
+        check_choice("distributor.decoding", self.decoding, ("soft", "hard"))
 
 
 @dataclass
@@ -103,6 +105,7 @@ class SweepConfig:
     n_innocents: int = 1000
     fpr: float = 1e-6
     tracing_fpr: float = 1e-3
+    decoding: str = "soft"
     finetune_lr: float = 1e-4
     fid_proxy_steps: int = 1000
     grid: SweepGrid = field(default_factory=SweepGrid)

@@ -1,10 +1,15 @@
 """From images to users: reading image files, extracting bits, attribution and colluder tracing.
 
-Attribution (one image at a time): the extractor's logits give ``k`` hard bits; the registered
-code nearest in Hamming distance (bit-packed search, :class:`~fingerprint_lm.registry.store.CodeIndex`)
-matches ``m`` of them. The p-value ``P[Binomial(k, 1/2) >= m]`` is multiplied by the registry size
-``N`` (Bonferroni); the nearest user is accused only when that is ``<= fpr``. Equivalently, an
-image is attributed when ``m >= match_threshold(k, fpr, N)``.
+Attribution (one image at a time), ``decoding="soft"`` (the default): every registered code is
+scored by the sum of the extractor's logits over the bits it sets, and the best user's p-value is
+the exact probability that a random code scores as high *given this image*
+(:mod:`fingerprint_lm.registry.soft`), times the registry size ``N`` (Bonferroni); the user is
+accused only when that is ``<= fpr``. ``decoding="hard"`` keeps only the logits' signs: the code
+nearest in Hamming distance (bit-packed search, :class:`~fingerprint_lm.registry.index.CodeIndex`)
+matches ``m`` bits, p-value ``P[Binomial(k, 1/2) >= m]`` times ``N``: an image is attributed when
+``m >= match_threshold(k, fpr, N)``. Both bounds rest on the same fact, that an innocent's code is
+drawn independently of the image; the soft score uses what the hard one throws away, how sure the
+extractor is of each bit (``experiments/results/soft_attribution.md``).
 
 Tracing (a suspect set of images: one merged model's, or images colluders pooled or blended):
 every user named by an image on its own is accused, and every registered code is scored against
@@ -25,6 +30,7 @@ from fingerprint_lm.data.coco import load_rgb, to_tensor
 from fingerprint_lm.errors import ConfigError, DataError, check_probability
 from fingerprint_lm.metrics.bits import match_threshold
 from fingerprint_lm.registry.index import CodeIndex
+from fingerprint_lm.registry.soft import identify_logits
 from fingerprint_lm.registry.store import Registry
 from fingerprint_lm.registry.tardos import tardos_trace
 from fingerprint_lm.registry.tracing import trace_evidence
@@ -126,30 +132,33 @@ def attribute_images(
     registry: Registry | CodeIndex,
     images: Sequence[tuple[str, torch.Tensor]],
     fpr: float = 1e-6,
+    decoding: str = "soft",
 ) -> dict:
     """Name the user behind each image (independently): :func:`attribute_logits` of the
     extractor's logits, read one image at a time (images may differ in size)."""
     index = _index(registry)
     _check(extractor, index, fpr)
     logits = extract_logits(extractor, [image for _, image in images])
-    return attribute_logits(logits, index, [name for name, _ in images], fpr)
+    return attribute_logits(logits, index, [name for name, _ in images], fpr, decoding)
 
 
 def attribute_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: Sequence[str],
-                     fpr: float = 1e-6) -> dict:
+                     fpr: float = 1e-6, decoding: str = "soft") -> dict:
     """Attribution of images whose extractor logits ``[n, k]`` are given (``names``: one per row).
 
-    Returns ``{"fpr", "n_users", "code_length", "match_threshold", "images": [...]}`` where each
-    image has ``image``, ``bits`` (string of 0/1), ``user_id`` (None when nobody is accused),
-    ``nearest_user_id``, ``matching_bits``, ``n_nearest``, ``p_value`` (Bonferroni-corrected) and
-    ``accused``. ``match_threshold`` is the number of matching bits needed for an accusation, None
-    when even ``k`` matches cannot reach ``fpr`` among this many users.
+    Returns ``{"fpr", "decoding", "n_users", "code_length", "match_threshold", "images": [...]}``
+    where each image has ``image``, ``bits`` (string of 0/1), ``user_id`` (None when nobody is
+    accused), ``nearest_user_id``, ``matching_bits``, ``n_nearest``, ``p_value``
+    (Bonferroni-corrected) and ``accused``, and with soft decoding the ``score`` the p-value is of
+    (:func:`~fingerprint_lm.registry.soft.soft_identify`). ``match_threshold`` is the number of
+    matching bits hard decoding needs for an accusation (soft decoding has one threshold per image),
+    None when even ``k`` matches cannot reach ``fpr`` among this many users.
     """
     index = _index(registry)
     _check(None, index, fpr)
     k = index.k
     bits = (np.asarray(logits) > 0).astype(np.uint8)
-    results = index.identify_many(bits, fpr=fpr)
+    results = identify_logits(logits, index, fpr=fpr, decoding=decoding)
     try:
         threshold = match_threshold(k, fpr, max(len(index), 1))
     except ConfigError:
@@ -166,10 +175,12 @@ def attribute_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: 
                 "n_nearest": int(result["n_nearest"]),
                 "p_value": float(result["p_value"]),
                 "accused": bool(result["accused"]),
+                **({"score": int(result["score"])} if "score" in result else {}),
             }
         )
     return {
         "fpr": float(fpr),
+        "decoding": decoding,
         "n_users": len(index),
         "code_length": k,
         "match_threshold": threshold,
@@ -184,20 +195,21 @@ def trace_images(
     fpr: float = 1e-6,
     top: int = 10,
     scoring: str = "evidence",
+    decoding: str = "soft",
 ) -> dict:
     """Rank registered users as the source (or colluders) of a suspect set of images:
     :func:`trace_logits` of the extractor's logits, read one image at a time."""
     index = _index(registry)
     _check(extractor, index, fpr)
     logits = extract_logits(extractor, [image for _, image in images])
-    return trace_logits(logits, index, [name for name, _ in images], fpr, top, scoring)
+    return trace_logits(logits, index, [name for name, _ in images], fpr, top, scoring, decoding)
 
 
 TRACING_SCORES = ("evidence", "tardos")
 
 
 def trace_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: Sequence[str],
-                 fpr: float = 1e-6, top: int = 10, scoring: str = "evidence") -> dict:
+                 fpr: float = 1e-6, top: int = 10, scoring: str = "evidence", decoding: str = "soft") -> dict:
     """Tracing from the extractor logits ``[n, k]`` of a suspect set of images (one model's, or
     pooled or blended by colluders): :func:`~fingerprint_lm.registry.tracing.trace_evidence`.
 
@@ -209,7 +221,8 @@ def trace_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: Sequ
     (:func:`~fingerprint_lm.registry.tardos.tardos_trace`; the registry's codes are uniform, so
     every bias is 1/2), each suspect with the same fields (``evidence`` is ``pooled`` or None;
     ``n_images`` counts the images per-image attribution names them on at ``per_image_fpr`` =
-    ``fpr / n``, outside the accusation).
+    ``fpr / n``, outside the accusation). ``decoding``: how per-image attribution reads each image
+    (:func:`attribute_logits`).
     """
     index = _index(registry)
     _check(None, index, fpr)
@@ -222,11 +235,13 @@ def trace_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: Sequ
         # user on at fpr / n each (stated as per_image_fpr), for information: it accuses nobody.
         per_image_fpr = fpr / len(probs)
         traced = {"scoring": "tardos", "per_image_fpr": per_image_fpr, **tardos_trace(probs, index, fpr=fpr, top=top)}
-        named = Counter(result["user_id"] for result in (index.identify_many(probs, fpr=per_image_fpr)
+        named = Counter(result["user_id"] for result in (identify_logits(logits, index, per_image_fpr, decoding)
                                                          if traced["suspects"] else []) if result["accused"])
         for suspect in traced["suspects"]:
             suspect.update(n_images=named.get(suspect["user_id"], 0),
                            evidence="pooled" if suspect["accused"] else None)
     else:
-        traced = {"scoring": "evidence", **trace_evidence(probs, index, fpr=fpr, top=top)}
-    return {"fpr": float(fpr), "n_users": len(index), "n_images": len(names), "images": list(names), **traced}
+        traced = {"scoring": "evidence", **trace_evidence(probs, index, fpr=fpr, top=top, logits=logits,
+                                                          decoding=decoding)}
+    return {"fpr": float(fpr), "decoding": decoding, "n_users": len(index), "n_images": len(names),
+            "images": list(names), **traced}

@@ -42,15 +42,15 @@ from fingerprint_lm.attacks.image import IMAGE_ATTACKS
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.distributor.attribution import attribute_logits, trace_logits
 from fingerprint_lm.distributor.copies import decoder_from_tensors
-from fingerprint_lm.errors import ConfigError, check_int, check_probability
+from fingerprint_lm.errors import ConfigError, check_choice, check_int, check_probability
 from fingerprint_lm.methods.base import personal_tensors
-from fingerprint_lm.metrics.bits import match_threshold
 from fingerprint_lm.metrics.fid import frechet_distance_proxy
 from fingerprint_lm.metrics.quality import psnr, ssim
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.act import ACT_TYPES
 from fingerprint_lm.models.checkpoint import FingerprintModel
 from fingerprint_lm.registry.index import CodeIndex
+from fingerprint_lm.registry.soft import DECODINGS, code_p_values
 
 # Held-out images of the sweep: a stream seed no training, validation, test or fid_proxy set uses
 # (those are run seed + 0 / 1_000_003 / 2_000_003, and 10_000 + proxy seed).
@@ -86,6 +86,7 @@ class PointSettings:
     n_innocents: int = 1000
     fpr: float = 1e-6  # attribution (Bonferroni over the registry) and the one-code detection test
     tracing_fpr: float = 1e-3
+    decoding: str = "soft"  # per-image attribution and the one-code test (registry/soft.py)
     scale_range: tuple[float, float] = (0.25, 4.0)
     act_scope: str = "stream"
     finetune_lr: float = 1e-4
@@ -96,6 +97,7 @@ class PointSettings:
         check_int("n_innocents", self.n_innocents, 0)
         check_probability("fpr", self.fpr)
         check_probability("tracing_fpr", self.tracing_fpr)
+        check_choice("decoding", self.decoding, DECODINGS)
 
 
 @dataclass
@@ -312,11 +314,10 @@ def score(model: FingerprintModel, users: Users, point: Point, images: PointImag
     hard = (logits > 0).astype(np.uint8)
     per_colluder = [(hard == users.codes[i][None]).mean() for i in range(point.colluders)]
     names = [f"image{i}" for i in range(len(logits))]
-    attributed = attribute_logits(logits, users.index, names, fpr=settings.fpr)["images"]
+    attributed = attribute_logits(logits, users.index, names, fpr=settings.fpr, decoding=settings.decoding)["images"]
     caught, innocents = _traced(logits, users, names, settings, point.colluders, "evidence")
     tardos_caught, tardos_innocents = _traced(logits, users, names, settings, point.colluders, "tardos")
     colluders = users.colluder_ids
-    threshold = match_threshold(k, settings.fpr, 1)
     base_logits = batched.extract(model.extractor, images.base_outputs, settings.device).numpy()
     fid_proxy = fid_proxy_base = None
     if fid_net is not None and images.outputs.shape[-2:] == images.real.shape[-2:]:  # no proxy across sizes
@@ -336,8 +337,8 @@ def score(model: FingerprintModel, users: Users, point: Point, images: PointImag
         bit_acc_min=float(np.min(per_colluder)),
         bit_acc_max=float(np.max(per_colluder)),
         attribution_acc=float(np.mean([r["accused"] and r["user_id"] in colluders for r in attributed])),
-        tpr_at_fpr=float(np.mean((hard == users.codes[0][None]).sum(axis=1) >= threshold)),
-        false_positives=float(np.mean(((base_logits > 0) == users.codes[0][None]).sum(axis=1) >= threshold)),
+        tpr_at_fpr=float(np.mean(code_p_values(logits, users.codes[0], settings.decoding) <= settings.fpr)),
+        false_positives=float(np.mean(code_p_values(base_logits, users.codes[0], settings.decoding) <= settings.fpr)),
         tracing_caught=caught,
         tracing_innocents_accused=innocents,
         tardos_caught=tardos_caught,
@@ -355,7 +356,8 @@ def score(model: FingerprintModel, users: Users, point: Point, images: PointImag
 def _traced(logits: np.ndarray, users: Users, names: list[str], settings: PointSettings, top: int,
             scoring: str) -> tuple[int, int]:
     """(colluders, innocents) the distributor's tracing accuses with ``scoring``."""
-    suspects = trace_logits(logits, users.index, names, fpr=settings.tracing_fpr, top=top, scoring=scoring)["suspects"]
+    suspects = trace_logits(logits, users.index, names, fpr=settings.tracing_fpr, top=top, scoring=scoring,
+                            decoding=settings.decoding)["suspects"]
     accused = [s["user_id"] for s in suspects if s["accused"]]
     colluders = users.colluder_ids
     return sum(u in colluders for u in accused), sum(u not in colluders for u in accused)

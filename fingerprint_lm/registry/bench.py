@@ -14,6 +14,7 @@ import numpy as np
 
 from fingerprint_lm.registry.codes import draw_codes_min_distance, pack_bits
 from fingerprint_lm.registry.index import CodeIndex
+from fingerprint_lm.registry.soft import soft_identify
 from fingerprint_lm.registry.store import Registry
 from fingerprint_lm.registry.tracing import trace
 
@@ -30,7 +31,9 @@ def bench_registry(
 
     Keys: ``identify_ms_median``, ``identify_nearest_correct``/``identify_accused_correct`` (queries
     are registered codes with 5% of bits flipped) (one :meth:`CodeIndex.identify` among ``n_index`` random codes,
-    median of ``n_queries``), ``identify_many_ms_per_query``, ``trace_ms`` (one :func:`trace` over
+    median of ``n_queries``), ``identify_many_ms_per_query``, ``soft_identify_ms_median`` and
+    ``soft_identify_unmarked_ms_median`` (:func:`soft_identify` of one image's logits: the noisy
+    codes' signs with random confidence, and pure noise), ``trace_ms`` (one :func:`trace` over
     the same index, 16 images), and ``register_s_min_distance_<d>`` (``register_many`` of
     ``n_register`` users into a fresh file, codes drawn beforehand at that distance) plus
     ``draw_s_min_distance_<d>`` (drawing those codes).
@@ -58,6 +61,18 @@ def bench_registry(
     t0 = time.perf_counter()
     index.identify_many(queries, fpr=1e-6)
     out["identify_many_ms_per_query"] = 1e3 * (time.perf_counter() - t0) / n_queries
+    # Soft decoding (the distributor's default): logits with the noisy codes' signs and random
+    # confidence, and pure-noise logits (an unmarked image: nobody reaches the threshold).
+    marked = (2.0 * queries - 1.0) * rng.exponential(1.0, queries.shape)
+    for name, rows in (("soft_identify", marked), ("soft_identify_unmarked", rng.standard_normal(queries.shape))):
+        times, accused = [], 0
+        for row, t in zip(rows, targets):
+            t0 = time.perf_counter()
+            res = soft_identify(row[None], index, fpr=1e-6)[0]
+            times.append(time.perf_counter() - t0)
+            accused += res["user_id"] == f"u{t}"
+        out[f"{name}_ms_median"] = 1e3 * float(np.median(times))
+        out[f"{name}_accused_correct"] = f"{accused}/{n_queries}"
     probs = np.clip(bits[targets[:2]].mean(axis=0) + rng.normal(0, 0.2, size=(16, k)), 0, 1)
     t0 = time.perf_counter()
     trace(probs, index, fpr=1e-6)

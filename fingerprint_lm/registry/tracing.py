@@ -32,7 +32,8 @@ Two kinds of evidence (:func:`trace_evidence`). Pooling helps against merged mod
 images, whose every image carries a blend of codes; it hurts when colluders pool images (each
 image one user's full code): the pooled evidence is then a blend again, below the threshold,
 although every image names its user. So tracing also attributes each image on its own (nearest
-code, binomial p-value, Bonferroni over the registry) and accuses every user named by an image.
+code, binomial p-value, Bonferroni over the registry; or soft-decision: :mod:`fingerprint_lm.registry.soft`)
+and accuses every user named by an image.
 The false-accusation budget ``fpr`` is split: ``fpr / 2`` for the pooled score and ``fpr / 2``
 shared by the ``n`` images (``fpr / (2 n)`` each, Bonferroni over images), so by the union bound
 an innocent is accused by either kind with probability at most ``fpr``.
@@ -46,6 +47,7 @@ import numpy as np
 
 from fingerprint_lm.errors import ConfigError, DataError, check_probability
 from fingerprint_lm.registry.index import CodeIndex
+from fingerprint_lm.registry.soft import identify_logits
 from fingerprint_lm.registry.store import Registry
 
 
@@ -154,9 +156,12 @@ def trace(probs, index: CodeIndex | Registry, fpr: float = 1e-6, top: int = 10) 
     return out
 
 
-def trace_evidence(probs, index: CodeIndex | Registry, fpr: float = 1e-6, top: int = 10) -> dict:
+def trace_evidence(probs, index: CodeIndex | Registry, fpr: float = 1e-6, top: int = 10, logits=None,
+                   decoding: str = "soft") -> dict:
     """Every user that per-image attribution or the pooled score supports, at a total false
-    accusation probability ``fpr`` (see the module docstring).
+    accusation probability ``fpr`` (see the module docstring). Per-image attribution decodes each
+    image's ``logits`` (``[n_images, k]``; None: the log-odds of ``probs``) with ``decoding``
+    (:func:`~fingerprint_lm.registry.soft.identify_logits`).
 
     Returns ``{"per_image_fpr", "pooled_fpr", "threshold", "suspects": [...]}``; each suspect has
     ``user_id``, ``n_images`` (images attributed to them), ``score`` (pooled), ``p_value_bound``
@@ -180,7 +185,10 @@ def trace_evidence(probs, index: CodeIndex | Registry, fpr: float = 1e-6, top: i
     scores = _score_index(probs, index)
     named: dict[int, list[float]] = {}  # user row -> corrected p-values of the images naming them
     row_of: dict[str, int] = {}
-    for result in index.identify_many(p.reshape(n_images, -1), fpr=per_image_fpr):
+    if logits is None:  # the log-odds of probs, finite where a sigmoid saturated
+        clipped = np.clip(p.reshape(n_images, -1), 1e-12, 1.0 - 1e-12)
+        logits = np.log(clipped) - np.log1p(-clipped)
+    for result in identify_logits(np.asarray(logits).reshape(n_images, -1), index, per_image_fpr, decoding):
         if result["accused"]:
             row_of = row_of or {user: i for i, user in enumerate(index.user_ids)}
             named.setdefault(row_of[result["user_id"]], []).append(result["p_value"])

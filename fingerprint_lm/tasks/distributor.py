@@ -114,12 +114,13 @@ def _read_suspects(cfg: DictConfig, task: str, score) -> dict:
 
 def task_attribute(cfg: DictConfig, context: TaskContext) -> dict:
     return _read_suspects(cfg, "attribute", lambda extractor, index, images, settings: attribute_images(
-        extractor, index, images, fpr=settings.fpr))
+        extractor, index, images, fpr=settings.fpr, decoding=settings.decoding))
 
 
 def task_trace(cfg: DictConfig, context: TaskContext) -> dict:
     return _read_suspects(cfg, "trace", lambda extractor, index, images, settings: trace_images(
-        extractor, index, images, fpr=settings.fpr, top=settings.top, scoring=settings.tracing))
+        extractor, index, images, fpr=settings.fpr, top=settings.top, scoring=settings.tracing,
+        decoding=settings.decoding))
 
 
 def task_generate(cfg: DictConfig, context: TaskContext) -> dict:
@@ -163,6 +164,8 @@ def print_summary(task: str, result: dict, json_path: Path | None = None) -> Non
         accused = sum(r["accused"] for r in result["images"])
         threshold = result["match_threshold"]
         needed = f">= {threshold}/{result['code_length']} bits" if threshold is not None else "unreachable"
+        if result.get("decoding") == "soft":
+            needed = "soft decoding, p-value <= fpr"
         title = f"{accused}/{len(result['images'])} attributed (fpr {result['fpr']:g}: {needed})"
         table = Table("image", "user", "matching bits", "p-value", title=title)
         for row in result["images"][:_MAX_ROWS]:

@@ -211,6 +211,7 @@ def point_settings(cfg: DictConfig) -> PointSettings:
         n_innocents=settings.n_innocents,
         fpr=settings.fpr,
         tracing_fpr=settings.tracing_fpr,
+        decoding=settings.decoding,
         scale_range=(act.scale_min, act.scale_max),
         act_scope=act.scope,
         finetune_lr=settings.finetune_lr,

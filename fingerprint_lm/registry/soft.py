@@ -1,0 +1,179 @@
+"""Soft-decision attribution: name the user behind an image from the extractor's logits, not only
+from their signs, with an exact false-accusation bound.
+
+Hard decoding (:meth:`CodeIndex.identify`) keeps one bit per logit and counts matches, so a bit
+the extractor reads at +0.01 counts as much as one it reads at +5. The soft score of user ``u``
+weighs each bit by the extractor's confidence,
+
+    T_u = sum_i q_i c_ui,       q_i = round(levels * l_i / max_j |l_j|)  (integers in [-levels, levels]),
+
+the log-likelihood-ratio statistic when logits are calibrated log-odds (``log P(c_i = 1 | y) -
+log P(c_i = 0 | y) = l_i`` makes ``sum_i c_i l_i`` the log-likelihood of code ``c`` up to a
+constant), quantised so that its null distribution can be computed exactly.
+
+The bound needs no model of the logits. An innocent user's code is drawn independently of the
+image, its bits fair coins, so *given the image* (hence ``q``) their score ``sum_i q_i c_i`` is a
+sum of independent two-point variables whose distribution a convolution over bits gives exactly
+(:func:`soft_tail`). ``P[T_innocent >= T_obs | y]`` is therefore an exact p-value whatever the
+extractor does, and ``N`` times it (Bonferroni over the registry) bounds the probability that any
+innocent reaches the best user's score. With ``q = sign(l)`` the score is the match count and the
+tail is the binomial one: hard decoding is the special case. As for hard decoding, the bound
+assumes innocents' codes independent of the image: true for random codes, slightly optimistic for
+a min-distance codebook.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fingerprint_lm.errors import DataError, check_choice, check_int, check_probability
+from fingerprint_lm.metrics.bits import binomial_p_value
+from fingerprint_lm.registry.codes import pack_bits, unpack_bits
+from fingerprint_lm.registry.index import CodeIndex
+
+SOFT_LEVELS = 64  # quantisation levels of the largest |logit|: a score resolution of 1/64 of a bit
+
+
+def quantized_weights(logits, levels: int = SOFT_LEVELS) -> np.ndarray:
+    """Per-image integer bit weights ``int64 [n, k]``: logits scaled so the largest ``|l|`` of each
+    row is ``levels`` and rounded (an all-zero row stays zero)."""
+    check_int("levels", levels)
+    values = np.asarray(logits, dtype=np.float64)
+    if values.ndim == 1:
+        values = values[None]
+    if values.ndim != 2 or values.shape[1] == 0:
+        raise DataError(f"logits must have shape [n_images, k], got {np.shape(logits)}")
+    if not np.all(np.isfinite(values)):
+        raise DataError("extractor logits contain NaN or inf")
+    top = np.abs(values).max(axis=1, keepdims=True)
+    return np.rint(values * (levels / np.where(top > 0, top, 1.0))).astype(np.int64)
+
+
+def null_tail(weights) -> tuple[int, np.ndarray]:
+    """The exact law of ``sum_i w_i c_i`` for fair independent coins ``c_i`` in {0, 1} and integer
+    weights ``w`` ``[k]``: ``(low, tail)`` with ``tail[j] = P[sum >= low + j]``. Built bit by bit:
+    each coin halves the mass and shifts one half by ``|w_i|`` (a coin whose weight is negative
+    counts from ``low``, the smallest reachable sum, and flips: the same law)."""
+    w = np.asarray(weights, dtype=np.int64)
+    low = int(w[w < 0].sum())
+    pmf = np.zeros(int(np.abs(w).sum()) + 1)
+    pmf[0], span = 1.0, 1
+    for wi in np.abs(w[w != 0]):
+        pmf[wi : wi + span] += pmf[:span].copy()
+        pmf[: span + wi] *= 0.5
+        span += int(wi)
+    return low, np.cumsum(pmf[::-1])[::-1]
+
+
+def _tail_at(low: int, tail: np.ndarray, score) -> np.ndarray:
+    at = np.asarray(score, dtype=np.int64) - low
+    return np.where(at >= len(tail), 0.0, np.minimum(tail[np.clip(at, 0, len(tail) - 1)], 1.0))
+
+
+def soft_tail(weights: np.ndarray, observed) -> np.ndarray:
+    """``P[sum_i w_i c_i >= observed]`` for fair coins, exactly, per row of the integer weights
+    ``[n, k]`` (:func:`null_tail`)."""
+    weights = np.atleast_2d(np.asarray(weights, dtype=np.int64))
+    observed = np.broadcast_to(np.asarray(observed, dtype=np.int64), (weights.shape[0],))
+    return np.array([float(_tail_at(*null_tail(w), t)) for w, t in zip(weights, observed, strict=True)])
+
+
+_BLOCK_ENTRIES = 1 << 22  # query x user distances computed at once (int64: 32 MiB)
+
+
+def soft_identify(logits, index: CodeIndex, fpr: float = 1e-6, levels: int = SOFT_LEVELS) -> list[dict]:
+    """Soft-decision identification of each image's logits ``[n, k]`` among ``index``'s codes.
+
+    Each row gives ``user_id`` (the accused user or None), ``nearest_user_id``, ``score``,
+    ``matching_bits`` (hard matches with that user, for information), ``n_nearest`` (users tied
+    with them), ``p_value`` (the exact tail of ``score``, Bonferroni-corrected over the registry)
+    and ``accused`` (``p_value <= fpr``). When somebody is accused they are the best-scoring user
+    of the whole registry; otherwise the row describes the Hamming-nearest user (no user's score
+    reaches the accusation threshold, so who scores best does not change the verdict).
+
+    Exact without scoring every user: user ``u``'s score falls short of the best possible one by
+    the sum of ``|q_i|`` over the bits where their code and the logits' signs differ, at least the
+    sum of the ``d_u`` smallest ``|q_i|`` for Hamming distance ``d_u``. So only users whose
+    distance allows the threshold score are scored, after the bit-packed Hamming search.
+    """
+    check_probability("fpr", fpr)
+    weights = quantized_weights(logits, levels)
+    if weights.shape[1] != index.k:
+        raise DataError(f"logits have {weights.shape[1]} bits but the registry holds {index.k}-bit codes")
+    n_users = len(index)
+    if n_users == 0:
+        return [_empty() for _ in weights]
+    hard = (weights > 0).astype(np.uint8)
+    queries = pack_bits(hard).reshape(len(weights), -1)
+    block = max(1, _BLOCK_ENTRIES // n_users)
+    rows = []
+    for start in range(0, len(weights), block):
+        stop = start + block
+        distances = np.bitwise_count(queries[start:stop, None, :] ^ index.packed[None]).sum(axis=2, dtype=np.int64)
+        rows += [_identify_one(w, d, index, fpr) for w, d in zip(weights[start:stop], distances, strict=True)]
+    return rows
+
+
+def _identify_one(weights: np.ndarray, distances: np.ndarray, index: CodeIndex, fpr: float) -> dict:
+    n_users = len(index)
+    low, tail = null_tail(weights)
+    reachable = np.flatnonzero(tail * n_users <= fpr)  # sums (from low) an accusation needs
+    if len(reachable):
+        needed = low + int(reachable[0])  # the smallest accusable score
+        best_possible = int(weights[weights > 0].sum())
+        shortfall = np.concatenate([[0], np.cumsum(np.sort(np.abs(weights)))])  # by Hamming distance
+        max_distance = int(np.searchsorted(shortfall, best_possible - needed, side="right")) - 1
+        candidates = np.flatnonzero(distances <= max_distance)
+        if len(candidates):
+            scores = unpack_bits(index.packed[candidates], index.k).astype(np.int64) @ weights
+            top = int(scores.argmax())
+            if scores[top] >= needed:  # accused: the best of every user who could reach `needed`
+                return _row(index, int(candidates[top]), int(scores[top]), int((scores == scores[top]).sum()),
+                            weights, low, tail, fpr)
+    nearest = int(distances.argmin())
+    score = int(unpack_bits(index.packed[nearest], index.k).astype(np.int64) @ weights)
+    ties = int((distances == distances[nearest]).sum())
+    return _row(index, nearest, score, ties, weights, low, tail, fpr)
+
+
+def _row(index: CodeIndex, user: int, score: int, ties: int, weights: np.ndarray, low: int, tail: np.ndarray,
+         fpr: float) -> dict:
+    p_value = float(min(1.0, float(_tail_at(low, tail, score)) * len(index)))
+    accused = p_value <= fpr  # ties: the first registered is named, as in hard decoding
+    code = unpack_bits(index.packed[user], index.k)
+    return {"user_id": index.user_ids[user] if accused else None, "nearest_user_id": index.user_ids[user],
+            "score": score, "matching_bits": int(((weights > 0) == code).sum()), "n_nearest": ties,
+            "p_value": p_value, "accused": accused}
+
+
+def _empty() -> dict:
+    return {"user_id": None, "nearest_user_id": None, "score": 0, "matching_bits": 0, "n_nearest": 0,
+            "p_value": 1.0, "accused": False}
+
+
+DECODINGS: tuple[str, ...] = ("soft", "hard")
+
+
+def identify_logits(logits, index: CodeIndex, fpr: float = 1e-6, decoding: str = "soft") -> list[dict]:
+    """Name the user behind each image from its extractor logits ``[n, k]``: ``soft``
+    (:func:`soft_identify`) or ``hard`` (signs only, :meth:`CodeIndex.identify_many`)."""
+    check_choice("decoding", decoding, DECODINGS)
+    if decoding == "soft":
+        return soft_identify(logits, index, fpr)
+    values = np.asarray(logits, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise DataError("extractor logits contain NaN or inf")
+    return index.identify_many((values > 0).astype(np.uint8).reshape(len(values), -1), fpr=fpr)
+
+
+def code_p_values(logits, code, decoding: str = "soft") -> np.ndarray:
+    """Uncorrected p-value of one code ``[k]`` for each image's logits ``[n, k]``: the probability
+    that a random code matches the image as well (soft: the exact tail of its score; hard: the
+    binomial tail of its matching bits). A one-code detection test: ``p <= fpr``."""
+    check_choice("decoding", decoding, DECODINGS)
+    code = np.asarray(code, dtype=np.int64).reshape(-1)
+    if decoding == "soft":
+        weights = quantized_weights(logits)
+        return soft_tail(weights, weights @ code)
+    matches = ((np.asarray(logits) > 0) == code.astype(bool)).sum(axis=1)
+    return np.asarray(binomial_p_value(matches, len(code)), dtype=np.float64)
