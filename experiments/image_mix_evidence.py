@@ -3,9 +3,10 @@
     python experiments/image_mix_evidence.py [--method carrier|pnm]
 
 Re-runs the point (shipped checkpoint, ACT all, 256 images, 1000 innocents, seed 0) with the
-sweep's own evaluation, then traces its images twice: pooled scores alone (the old ``trace``, at
-fpr/2 as in the combined test) and both kinds of evidence (``trace_evidence`` at fpr 1e-3).
-Prints the top suspects of each.
+sweep's own evaluation, then traces its images: pooled scores alone (the old ``trace``, at fpr/2
+as in the combined test) and both kinds of evidence (``trace_evidence`` at fpr 1e-3), the
+per-image part with soft decoding (the default) and with hard decoding. Prints the top suspects
+of each.
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ def main() -> None:
     print("pooled scores alone (fpr 5e-4):")
     for s in trace(probs, users.index, fpr=5e-4, top=4):
         print(f"  {s['user_id']:>12} score {s['score']:.2f} accused {s['accused']}")
-    both = trace_evidence(probs, users.index, fpr=1e-3, top=4)
-    print(f"both kinds of evidence (fpr 1e-3, pooled threshold {both['threshold']:.2f}):")
-    for s in both["suspects"][:4]:
-        print(f"  {s['user_id']:>12} images {s['n_images']:3d} score {s['score']:.2f} evidence {s['evidence']}")
+    for decoding in ("soft", "hard"):
+        both = trace_evidence(probs, users.index, fpr=1e-3, top=4, logits=logits, decoding=decoding)
+        print(f"both kinds of evidence, {decoding} per-image decoding (fpr 1e-3, pooled threshold {both['threshold']:.2f}):")
+        for s in both["suspects"][:4]:
+            print(f"  {s['user_id']:>12} images {s['n_images']:3d} score {s['score']:.2f} evidence {s['evidence']}")
 
 
 if __name__ == "__main__":

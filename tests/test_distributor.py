@@ -69,7 +69,12 @@ def test_end_to_end_issue_generate_attribute(issued, checkpoint):
         assert row["matching_bits"] >= result["match_threshold"]
         assert len(row["bits"]) == BITS and set(row["bits"]) <= {"0", "1"}
     saved = json.loads((issued / "run" / "attribute.json").read_text())
-    assert saved["images"][0].keys() >= {"image", "bits", "user_id", "matching_bits", "p_value", "accused"}
+    assert saved["images"][0].keys() >= {"image", "bits", "user_id", "matching_bits", "p_value", "accused", "score"}
+    assert saved["decoding"] == "soft"
+    # hard decoding (matching bits only) names bob too
+    hard = task(issued, checkpoint, "attribute", f"images={issued / 'bob_images'}", "distributor.decoding=hard")
+    assert hard["decoding"] == "hard" and all(row["user_id"] == "bob" for row in hard["images"])
+    assert "score" not in hard["images"][0]
 
     # no image from the base decoder is accused
     base = task(issued, checkpoint, "attribute", f"images={issued / 'base_images'}")
