@@ -117,3 +117,30 @@ def test_identify_logits_and_code_p_values_agree_with_hard_decoding():
     assert np.allclose(code_p_values(np.sign(logits), codes[0], "soft"), binom.sf(matches - 1, 24, 0.5))
     with pytest.raises(ConfigError):
         identify_logits(logits, index, decoding="fuzzy")
+
+
+@pytest.mark.parametrize("k", [65, 130, 256])
+def test_long_codes_score_straight_from_the_packed_words(k):
+    """Several uint64 words per code: the pruned search and its per-byte scoring agree with the
+    unpacked scores; a tiny positive logit (weight 0) still counts as a 1-bit in matching_bits."""
+    codes, index = _population(n_users=400, k=k, seed=k)
+    rng = np.random.default_rng(k)
+    truth = rng.integers(0, len(codes), 20)
+    logits = (2.0 * codes[truth] - 1) * rng.exponential(2.0, (20, k)) + 0.5 * rng.standard_normal((20, k))
+    logits[:, 0] = 1e-9
+    results = soft_identify(logits, index, fpr=1e-6)
+    scores = quantized_weights(logits) @ codes.T.astype(np.int64)
+    assert sum(r["accused"] for r in results) >= 15
+    for row, image_scores, image_logits in zip(results, scores, logits):
+        user = int(row["nearest_user_id"][1:])
+        assert row["score"] == image_scores[user]
+        assert row["matching_bits"] == int(((image_logits > 0) == codes[user]).sum())
+        if row["accused"]:
+            assert row["score"] == image_scores.max()
+
+
+def test_hard_identify_logits_takes_one_image_and_checks_the_code_length():
+    codes, index = _population(n_users=10, k=16)
+    assert identify_logits(2.0 * codes[2] - 1, index, fpr=1e-2, decoding="hard")[0]["user_id"] == "u2"
+    with pytest.raises(DataError):
+        identify_logits(np.zeros((3, 32)), index, decoding="hard")

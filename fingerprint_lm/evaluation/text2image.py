@@ -157,11 +157,12 @@ class _Collected:
 
 
 def _score_batch(batch, decoded: dict[str, np.ndarray], extractor, index, code, fpr: float,
-                 images_dir: Path, seed: int) -> tuple[list[dict[str, Any]], int | None]:
+                 images_dir: Path, seed: int, decoding: str = "soft") -> tuple[list[dict[str, Any]], int | None]:
     """Save one batch's PNGs and read them: one row per image (copy, and the control if decoded)."""
     tensors = {name: from_uint8(pixels) for name, pixels in decoded.items()}
     names = [f"{i:05d}.png" for i, _ in batch]
-    verdicts = {name: attribute_images(extractor, index, list(zip(names, tensors[name])), fpr=fpr) for name in decoded}
+    verdicts = {name: attribute_images(extractor, index, list(zip(names, tensors[name])), fpr=fpr, decoding=decoding)
+                for name in decoded}
     quality = psnr(tensors["copy"], tensors["base"]).tolist() if "base" in decoded else None
     rows = []
     for j, (i, caption) in enumerate(batch):
@@ -230,6 +231,7 @@ def evaluate_text2image(
     seed: int,
     batch_size: int = 4,
     fpr: float = 1e-6,
+    decoding: str = "soft",
     grid_images: int = 8,
     proxy_side: int | None = None,
     progress: bool = True,
@@ -239,7 +241,8 @@ def evaluate_text2image(
     Parameters:
         pipe: the pipeline (its UNet and text encoder make the latents).
         copy_vae: the user's copy (``load_copy``); base_vae: the control decoder, or None.
-        extractor, index: the distributor's extractor (CPU) and the registry's ``CodeIndex``.
+        extractor, index: the distributor's extractor (CPU) and the registry's ``CodeIndex``;
+            ``fpr`` and ``decoding`` (``soft`` | ``hard``): its attribution (distributor/attribution.py).
         user_id, code: whose copy it is, and the code registered for them.
         prompts: ``(COCO sample index, caption)`` pairs; the index sets the image's seed and file name.
         images_dir: PNGs go to ``images_dir/copy/<index>.png`` and ``images_dir/base/<index>.png``;
@@ -262,7 +265,8 @@ def evaluate_text2image(
             decoded = {"copy": decode_to_pixels(copy_vae, latents)}
             if base_vae is not None:
                 decoded["base"] = decode_to_pixels(base_vae, latents)
-            rows, collected.match_threshold = _score_batch(batch, decoded, extractor, index, code, fpr, images_dir, seed)
+            rows, collected.match_threshold = _score_batch(batch, decoded, extractor, index, code, fpr, images_dir, seed,
+                                                           decoding)
             collected.rows.extend(rows)
             for name, pixels in decoded.items():
                 collected.grid[name].extend(pixels[: grid_images - len(collected.grid[name])])

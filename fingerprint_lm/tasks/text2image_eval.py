@@ -136,6 +136,7 @@ def run_text2image_eval(cfg: DictConfig, context: TaskContext) -> dict[str, Any]
             pipe, copy_vae, base_vae, model.extractor.float().cpu().eval(), index, s.user_id, row["code"], prompts,
             images_tmp, resolution=resolution, num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale, seed=settings.seed, batch_size=settings.batch_size, fpr=s.fpr,
+            decoding=s.distributor.decoding,
             grid_images=settings.grid_images, proxy_side=proxy_side,
             progress=bool(settings.progress),
         )
@@ -149,7 +150,7 @@ def run_text2image_eval(cfg: DictConfig, context: TaskContext) -> dict[str, Any]
     grid_path = write_grid(result["grid"], output_dir / GRID_NAME) if result["grid"] else None
     return {
         "task": "text2image_eval", "user_id": s.user_id, "code_length": int(model.fingerprint_bits),
-        "n_users": len(index), "fpr": s.fpr, **result["summary"], "fid_mode": fid_mode,
+        "n_users": len(index), "fpr": s.fpr, "decoding": s.distributor.decoding, **result["summary"], "fid_mode": fid_mode,
         "fid_skipped_reason": fid_reason if fid_mode == "off" else None,
         "fid_note": fid_reason if fid_mode == "proxy" else None, **scores,
         "pipeline_path": str(s.pipeline_path), "copy_path": str(copy_path), "baseline": base_vae is not None,
