@@ -8,6 +8,8 @@ UNIQUE constraint on the packed blob).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from fingerprint_lm.errors import DataError, RegistryError
@@ -91,23 +93,53 @@ def hamming_to_all(query_packed, codes_packed) -> np.ndarray:
     return np.bitwise_count(codes ^ q).sum(axis=1, dtype=np.int64)
 
 
+def hamming_blocks(queries_packed, codes_packed, max_elements: int = 1 << 24) -> Iterator[tuple[int, np.ndarray]]:
+    """Hamming distances between blocks of query rows and every code row: yields ``(start,
+    int32 [b, N])`` for queries ``start:start + b``, with at most ``max_elements`` words XOR-ed at
+    once (the project's one blocked search: :func:`hamming_matrix`, nearest-code identification,
+    soft-decision identification)."""
+    queries = np.atleast_2d(np.asarray(queries_packed, dtype=np.uint64))
+    codes = np.asarray(codes_packed, dtype=np.uint64)
+    if codes.ndim != 2 or codes.shape[1] != queries.shape[1]:
+        raise DataError(f"queries have shape {queries.shape} but codes have shape {codes.shape}")
+    block = max(1, max_elements // max(1, codes.shape[0] * queries.shape[1]))
+    for start in range(0, queries.shape[0], block):
+        q = queries[start : start + block]
+        yield start, np.bitwise_count(q[:, None, :] ^ codes[None, :, :]).sum(axis=2, dtype=np.int32)
+
+
 def hamming_matrix(queries_packed, codes_packed, max_elements: int = 1 << 24) -> np.ndarray:
     """Hamming distances ``int32 [n, N]`` between each query row and each code row.
 
     Computed in blocks of queries so that at most ``max_elements`` words are held at once.
     """
     queries = np.atleast_2d(np.asarray(queries_packed, dtype=np.uint64))
-    codes = np.asarray(codes_packed, dtype=np.uint64)
-    if codes.ndim != 2 or codes.shape[1] != queries.shape[1]:
-        raise DataError(f"queries have shape {queries.shape} but codes have shape {codes.shape}")
-    n, w = queries.shape
-    out = np.empty((n, codes.shape[0]), dtype=np.int32)
-    block = max(1, max_elements // max(1, codes.shape[0] * w))
-    for start in range(0, n, block):
-        q = queries[start : start + block]
-        out[start : start + block] = np.bitwise_count(q[:, None, :] ^ codes[None, :, :]).sum(
-            axis=2, dtype=np.int32
-        )
+    out = np.empty((queries.shape[0], np.shape(codes_packed)[0]), dtype=np.int32)
+    for start, distances in hamming_blocks(queries, codes_packed, max_elements):
+        out[start : start + len(distances)] = distances
+    return out
+
+
+def packed_dot(packed, k: int, weights: np.ndarray, rows: np.ndarray | None = None,
+               chunk: int = 1 << 18) -> np.ndarray:
+    """``codes @ weights`` for packed codes (``rows`` of them, or all), without unpacking: for
+    byte ``j`` of a code, ``table[j, b]`` is the sum of ``weights`` over the bits set in byte value
+    ``b``, so a code costs ``ceil(k / 8)`` lookups, summed byte by byte in order; ``chunk`` codes at
+    a time (memory stays flat at long codes). Integer weights give exact integer sums."""
+    weights = np.asarray(weights)
+    n_bytes = -(-int(k) // 8)
+    padded = np.zeros(8 * n_bytes, dtype=weights.dtype)
+    padded[:k] = weights
+    byte_bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")  # [256, 8]
+    table = padded.reshape(n_bytes, 8) @ byte_bits.T.astype(weights.dtype)  # [n_bytes, 256]
+    packed = np.asarray(packed, dtype=np.uint64)
+    n = len(packed) if rows is None else len(rows)
+    out = np.zeros(n, dtype=table.dtype)
+    for start in range(0, n, chunk):
+        codes = packed[start : start + chunk] if rows is None else packed[rows[start : start + chunk]]
+        code_bytes = codes.astype("<u8", copy=False).view(np.uint8)  # [c, 8 W], little-endian
+        for j in range(n_bytes):
+            out[start : start + len(codes)] += table[j][code_bytes[:, j]]
     return out
 
 

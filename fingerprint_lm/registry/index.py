@@ -10,7 +10,14 @@ import numpy as np
 
 from fingerprint_lm.errors import ConfigError, DataError
 from fingerprint_lm.metrics.bits import binomial_p_value, bonferroni
-from fingerprint_lm.registry.codes import as_bits, hamming_to_all, n_words, pack_bits, unpack_bits
+from fingerprint_lm.registry.codes import (
+    as_bits,
+    hamming_blocks,
+    hamming_to_all,
+    n_words,
+    pack_bits,
+    unpack_bits,
+)
 
 # Words of packed codes XOR-ed at once in a blocked search: bounds the temporary memory (~32 MiB).
 _BLOCK_WORDS = 1 << 22
@@ -31,12 +38,8 @@ def min_distances(queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
     out = np.full(queries.shape[0], np.iinfo(np.int64).max, dtype=np.int64)
     if codes.shape[0] == 0 or queries.shape[0] == 0:
         return out
-    w = codes.shape[1]
-    block = max(1, _BLOCK_WORDS // (codes.shape[0] * w))
-    for start in range(0, queries.shape[0], block):
-        q = queries[start : start + block]
-        d = np.bitwise_count(q[:, None, :] ^ codes[None, :, :]).sum(axis=2, dtype=np.int64)
-        out[start : start + block] = d.min(axis=1)
+    for start, d in hamming_blocks(queries, codes, _BLOCK_WORDS):
+        out[start : start + len(d)] = d.min(axis=1)
     return out
 
 
@@ -132,18 +135,13 @@ class CodeIndex:
         n = queries.shape[0]
         if len(self) == 0:
             return [self._result(0, self.k, 0, fpr) for _ in range(n)]
-        qp = pack_bits(queries)
-        w = self.packed.shape[1]
         best = np.empty(n, dtype=np.int64)
         dmin = np.empty(n, dtype=np.int64)
         ties = np.empty(n, dtype=np.int64)
-        block = max(1, _BLOCK_WORDS // (len(self) * w))
-        for start in range(0, n, block):
-            q = qp[start : start + block]
-            d = np.bitwise_count(q[:, None, :] ^ self.packed[None, :, :]).sum(axis=2, dtype=np.int32)
+        for start, d in hamming_blocks(pack_bits(queries), self.packed, _BLOCK_WORDS):
             b = np.argmin(d, axis=1)
             m = d[np.arange(d.shape[0]), b]
-            best[start : start + block] = b
-            dmin[start : start + block] = m
-            ties[start : start + block] = np.count_nonzero(d == m[:, None], axis=1)
+            best[start : start + len(d)] = b
+            dmin[start : start + len(d)] = m
+            ties[start : start + len(d)] = np.count_nonzero(d == m[:, None], axis=1)
         return [self._result(int(best[i]), int(dmin[i]), int(ties[i]), fpr) for i in range(n)]

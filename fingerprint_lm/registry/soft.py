@@ -28,23 +28,32 @@ import numpy as np
 
 from fingerprint_lm.errors import DataError, check_choice, check_int, check_probability
 from fingerprint_lm.metrics.bits import binomial_p_value
-from fingerprint_lm.registry.codes import pack_bits, unpack_bits
+from fingerprint_lm.registry.codes import hamming_blocks, pack_bits, packed_dot, unpack_bits
 from fingerprint_lm.registry.index import CodeIndex
 
 SOFT_LEVELS = 64  # quantisation levels of the largest |logit|: a score resolution of 1/64 of a bit
+
+
+def _as_logits(logits, k: int | None = None) -> np.ndarray:
+    """Logits as ``float64 [n, k]`` (one image ``[k]`` too); DataError for NaN, inf, another shape
+    or, when ``k`` is given, another code length."""
+    values = np.asarray(logits, dtype=np.float64)
+    if values.ndim == 1:
+        values = values[None]
+    if values.ndim != 2 or values.shape[1] == 0:
+        raise DataError(f"logits must have shape [n_images, k], got {np.shape(logits)}")
+    if k is not None and values.shape[1] != k:
+        raise DataError(f"logits have {values.shape[1]} bits but the registry holds {k}-bit codes")
+    if not np.all(np.isfinite(values)):
+        raise DataError("extractor logits contain NaN or inf")
+    return values
 
 
 def quantized_weights(logits, levels: int = SOFT_LEVELS) -> np.ndarray:
     """Per-image integer bit weights ``int64 [n, k]``: logits scaled so the largest ``|l|`` of each
     row is ``levels`` and rounded (an all-zero row stays zero)."""
     check_int("levels", levels)
-    values = np.asarray(logits, dtype=np.float64)
-    if values.ndim == 1:
-        values = values[None]
-    if values.ndim != 2 or values.shape[1] == 0:
-        raise DataError(f"logits must have shape [n_images, k], got {np.shape(logits)}")
-    if not np.all(np.isfinite(values)):
-        raise DataError("extractor logits contain NaN or inf")
+    values = _as_logits(logits)
     top = np.abs(values).max(axis=1, keepdims=True)
     return np.rint(values / np.where(top > 0, top, 1.0) * levels).astype(np.int64)  # subnormal tops too
 
@@ -79,7 +88,6 @@ def soft_tail(weights: np.ndarray, observed) -> np.ndarray:
 
 
 _BLOCK_ENTRIES = 1 << 22  # query x user x word XORs computed at once (uint64: 32 MiB)
-_SCORE_CHUNK = 1 << 18  # candidates scored at once
 
 
 def soft_identify(logits, index: CodeIndex, fpr: float = 1e-6, levels: int = SOFT_LEVELS) -> list[dict]:
@@ -98,41 +106,19 @@ def soft_identify(logits, index: CodeIndex, fpr: float = 1e-6, levels: int = SOF
     distance allows the threshold score are scored, after the bit-packed Hamming search.
     """
     check_probability("fpr", fpr)
-    weights = quantized_weights(logits, levels)
-    if weights.shape[1] != index.k:
-        raise DataError(f"logits have {weights.shape[1]} bits but the registry holds {index.k}-bit codes")
-    n_users = len(index)
-    if n_users == 0:
+    values = _as_logits(logits, index.k)
+    weights = quantized_weights(values, levels)
+    if len(index) == 0:
         return [_empty() for _ in weights]
     # The logits' own signs, as printed beside the verdict (a bit whose weight rounds to 0 costs
     # nothing whichever way it goes, so the bound below holds with these bits too).
-    hard = (np.asarray(logits, dtype=np.float64).reshape(weights.shape) > 0).astype(np.uint8)
-    queries = pack_bits(hard).reshape(len(weights), -1)
-    block = max(1, _BLOCK_ENTRIES // (n_users * index.packed.shape[1]))
+    hard = (values > 0).astype(np.uint8)
     rows = []
-    for start in range(0, len(weights), block):
-        stop = start + block
-        distances = np.bitwise_count(queries[start:stop, None, :] ^ index.packed[None]).sum(axis=2, dtype=np.int64)
+    for start, distances in hamming_blocks(pack_bits(hard).reshape(len(hard), -1), index.packed, _BLOCK_ENTRIES):
+        stop = start + len(distances)
         rows += [_identify_one(w, h, d, index, fpr)
                  for w, h, d in zip(weights[start:stop], hard[start:stop], distances, strict=True)]
     return rows
-
-
-def _scores(weights: np.ndarray, index: CodeIndex, rows: np.ndarray) -> np.ndarray:
-    """``codes[rows] @ weights`` straight from the packed codes, in chunks: a table per byte of the
-    code gives the sum of the weights over the bits set in each of its 256 values, so a user's
-    score is ``ceil(k / 8)`` lookups and no code is unpacked (memory stays flat at long codes)."""
-    n_bytes = -(-index.k // 8)
-    padded = np.zeros(8 * n_bytes, dtype=np.int64)
-    padded[: index.k] = weights
-    byte_bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little").astype(np.int64)
-    table = padded.reshape(n_bytes, 8) @ byte_bits.T  # [n_bytes, 256]
-    out = np.empty(len(rows), dtype=np.int64)
-    for start in range(0, len(rows), _SCORE_CHUNK):
-        chunk = rows[start : start + _SCORE_CHUNK]
-        code_bytes = index.packed[chunk].astype("<u8", copy=False).view(np.uint8)  # [c, 8 W], little-endian
-        out[start : start + len(chunk)] = sum(table[j][code_bytes[:, j]] for j in range(n_bytes))
-    return out
 
 
 def _identify_one(weights: np.ndarray, hard: np.ndarray, distances: np.ndarray, index: CodeIndex, fpr: float) -> dict:
@@ -146,13 +132,13 @@ def _identify_one(weights: np.ndarray, hard: np.ndarray, distances: np.ndarray, 
         max_distance = int(np.searchsorted(shortfall, best_possible - needed, side="right")) - 1
         candidates = np.flatnonzero(distances <= max_distance)
         if len(candidates):
-            scores = _scores(weights, index, candidates)
+            scores = packed_dot(index.packed, index.k, weights, candidates)
             top = int(scores.argmax())
             if scores[top] >= needed:  # accused: the best of every user who could reach `needed`
                 return _row(index, int(candidates[top]), int(scores[top]), int((scores == scores[top]).sum()),
                             hard, low, tail, fpr)
     nearest = int(distances.argmin())
-    score = int(_scores(weights, index, np.array([nearest]))[0])
+    score = int(packed_dot(index.packed, index.k, weights, np.array([nearest]))[0])
     ties = int((distances == distances[nearest]).sum())
     return _row(index, nearest, score, ties, hard, low, tail, fpr)
 
@@ -181,12 +167,7 @@ def identify_logits(logits, index: CodeIndex, fpr: float = 1e-6, decoding: str =
     check_choice("decoding", decoding, DECODINGS)
     if decoding == "soft":
         return soft_identify(logits, index, fpr)
-    values = np.asarray(logits, dtype=np.float64)
-    if not np.all(np.isfinite(values)):
-        raise DataError("extractor logits contain NaN or inf")
-    if values.ndim not in (1, 2) or values.shape[-1] != index.k:
-        raise DataError(f"logits must have shape [n_images, {index.k}], got {values.shape}")
-    return index.identify_many((values > 0).astype(np.uint8).reshape(-1, index.k), fpr=fpr)
+    return index.identify_many((_as_logits(logits, index.k) > 0).astype(np.uint8), fpr=fpr)
 
 
 def code_p_values(logits, code, decoding: str = "soft") -> np.ndarray:

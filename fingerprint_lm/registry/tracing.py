@@ -46,6 +46,7 @@ import math
 import numpy as np
 
 from fingerprint_lm.errors import ConfigError, DataError, check_probability
+from fingerprint_lm.registry.codes import packed_dot
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.soft import identify_logits
 from fingerprint_lm.registry.store import Registry
@@ -91,9 +92,8 @@ def score_codes(probs, codes_bits) -> np.ndarray:
 
 
 def _score_index(probs, index: CodeIndex) -> np.ndarray:
-    """:func:`score_codes` straight from the packed codes, by byte lookup tables: for byte ``j``
-    of a packed code, ``table[j, b]`` is the sum of ``w`` over the bits set in byte value ``b``, so
-    ``c . w`` is ``ceil(k/8)`` gathers per user instead of unpacking ``k`` bits."""
+    """:func:`score_codes` straight from the packed codes (:func:`~fingerprint_lm.registry.codes.packed_dot`:
+    ``ceil(k/8)`` byte-table lookups per user instead of unpacking ``k`` bits)."""
     w = bit_evidence(probs)
     k = index.k
     if w.shape[0] != k:
@@ -101,16 +101,7 @@ def _score_index(probs, index: CodeIndex) -> np.ndarray:
     norm = float(np.sqrt(np.sum(w * w)))
     if norm == 0.0 or len(index) == 0:
         return np.zeros(len(index))
-    n_bytes = -(-k // 8)
-    w_pad = np.zeros(8 * n_bytes)
-    w_pad[:k] = w
-    byte_bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")  # [256, 8]
-    table = w_pad.reshape(n_bytes, 8) @ byte_bits.T.astype(np.float64)  # [n_bytes, 256]
-    code_bytes = index.packed.astype("<u8", copy=False).view(np.uint8)  # [N, 8W], little-endian
-    dots = np.zeros(len(index))
-    for j in range(n_bytes):
-        dots += table[j][code_bytes[:, j]]
-    return (2.0 * dots - w.sum()) / norm
+    return (2.0 * packed_dot(index.packed, k, w) - w.sum()) / norm
 
 
 def trace(probs, index: CodeIndex | Registry, fpr: float = 1e-6, top: int = 10) -> list[dict]:
