@@ -30,7 +30,7 @@ from fingerprint_lm.attacks.cases import parse_case
 from fingerprint_lm.attacks.image import IMAGE_ATTACKS
 from fingerprint_lm.distributor.copies import decoder_from_tensors
 from fingerprint_lm.distributor.generation import decode_with, held_out_images
-from fingerprint_lm.errors import exit_on_user_error
+from fingerprint_lm.errors import check_int, check_probability, exit_on_user_error
 from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
@@ -114,6 +114,10 @@ def main() -> None:
     parser.add_argument("--fpr", type=float, default=1e-6)
     parser.add_argument("--seed", type=int, default=5)
     args = parser.parse_args()
+    check_int("--users", args.users)
+    check_int("--registry", args.registry, args.users)  # the copies' users are registered too
+    check_int("--images", args.images)
+    check_probability("--fpr", args.fpr)
     names = ["hard", *WEIGHTINGS]
     print(f"attribution rate (wrong accusations) among {args.registry} users, fpr {args.fpr}, "
           f"{args.users} copies x {args.images} held-out images\n")

@@ -28,7 +28,7 @@ import torch
 
 from fingerprint_lm.data.datamodule import TEST_SEED_OFFSET
 from fingerprint_lm.data.synthetic import ProceduralImages
-from fingerprint_lm.errors import exit_on_user_error
+from fingerprint_lm.errors import check_int, exit_on_user_error
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.registry.soft import null_tail, quantized_weights
@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--registries", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    for name in ("images", "users", "registries"):
+        check_int(f"--{name}", getattr(args, name))
     print(f"unmarked images accused among {args.users} users, over {args.registries} random registries\n")
     print("| method | decoding | images | fpr | bound (fpr x images) | mean | std | max "
           "| one code: share of pairs with p <= fpr |")

@@ -70,3 +70,23 @@ def test_pnm_conv_sites_refuses_an_occupied_keep_folder(tmp_path, occupied):
     assert "Traceback" not in result.stderr and "$ " not in result.stdout
     assert (keep.read_text() if occupied == "file" else sorted(p.name for p in keep.iterdir())) == (
         "mine" if occupied == "file" else ["notes.txt"])
+
+
+@pytest.mark.parametrize(("script", "args"), [
+    ("soft_attribution.py", ["--users", "0"]),
+    ("soft_attribution.py", ["--users", "8", "--registry", "4"]),
+    ("soft_attribution.py", ["--fpr", "2"]),
+    ("soft_calibration.py", ["--images", "0"]),
+    ("soft_calibration.py", ["--registries", "0"]),
+])
+def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args):
+    """A non-positive count, a registry smaller than the users given copies, or an fpr outside
+    (0, 1) is one error line and exit 2, and no row is appended to the results."""
+    results = ROOT / "experiments" / "results" / script.replace(".py", ".jsonl")
+    before = results.read_text() if results.exists() else None
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert (results.read_text() if results.exists() else None) == before
