@@ -34,6 +34,7 @@ from fingerprint_lm.errors import check_int, check_probability, exit_on_user_err
 from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
+from fingerprint_lm.models.extractor import soft_weights
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.soft import quantized_weights, soft_identify, soft_tail
 
@@ -49,13 +50,14 @@ def attacked(images: torch.Tensor, case: str, seed: int) -> torch.Tensor:
     return IMAGE_ATTACKS[attack](images, strength, torch.Generator().manual_seed(seed))
 
 
-def rates(logits: np.ndarray, truth: np.ndarray, index: CodeIndex, fpr: float) -> dict:
-    """Attribution rate (right user accused) and wrong accusations, per decoding rule."""
+def rates(logits: np.ndarray, weights: np.ndarray, truth: np.ndarray, index: CodeIndex, fpr: float) -> dict:
+    """Attribution rate (right user accused) and wrong accusations, per decoding rule: hard reads
+    the logits' signs, the soft rules the extractor's soft weights (the carrier reader whitens)."""
     out = {}
     hard = index.identify_many((logits > 0).astype(np.uint8), fpr=fpr)
     out["hard"] = _count(hard, truth, index)
     for name, weigh in WEIGHTINGS.items():
-        out[name] = _count(soft_identify(weigh(logits), index, fpr=fpr), truth, index)
+        out[name] = _count(soft_identify(weigh(weights), index, fpr=fpr), truth, index)
     return out
 
 
@@ -91,16 +93,18 @@ def measure(checkpoint: str, users: int, registry: int, n_images: int, fpr: floa
     for case in CASES:
         batch = torch.cat([attacked(out, case, seed + u) for u, out in enumerate(outputs)])
         logits = batched.extract(model.extractor, batch, "cpu").double().numpy()
+        weights = soft_weights(model.extractor, logits)
         bit_acc = float(((logits > 0) == codes[truth]).mean())
-        rows.append({"checkpoint": checkpoint, "case": case, "bit_acc": bit_acc, **rates(logits, truth, index, fpr),
-                     **({"calibration": innocent_calibration(logits[:: max(1, len(logits) // 256)], codes[:64],
+        rows.append({"checkpoint": checkpoint, "case": case, "bit_acc": bit_acc, **rates(logits, weights, truth, index, fpr),
+                     **({"calibration": innocent_calibration(weights[:: max(1, len(logits) // 256)], codes[:64],
                                                              truth[:: max(1, len(logits) // 256)])}
                         if case == "none_c1" and users <= 64 else {})})
     base = decode_with(model.vae, model.unmarked_vae, images)
     logits = batched.extract(model.extractor, base, "cpu").double().numpy()
     unmarked = {"hard": sum(r["accused"] for r in index.identify_many((logits > 0).astype(np.uint8), fpr=fpr))}
     for name, weigh in WEIGHTINGS.items():
-        unmarked[name] = sum(r["accused"] for r in soft_identify(weigh(logits), index, fpr=fpr))
+        unmarked[name] = sum(r["accused"] for r in soft_identify(weigh(soft_weights(model.extractor, logits)), index,
+                                                                 fpr=fpr))
     rows.append({"checkpoint": checkpoint, "case": "unmarked (base decoder)", "accused": unmarked})
     return rows
 

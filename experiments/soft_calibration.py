@@ -6,7 +6,8 @@ number of unmarked images accused at ``fpr`` among ``N`` users is at most ``fpr 
 registry is a poor check: every image is scored against the same ``N`` codes, so the count of a
 single registry scatters more than a Poisson count would. This reads ``--images`` unmarked
 held-out images through the base decoder (the checkpoint's ``reference_vae`` where it ships one)
-once, then draws ``--registries`` fresh registries of ``--users`` codes and reports the mean,
+once (soft decoding: the extractor's soft weights, whitened logits for the carrier reader since
+2026-12-05), then draws ``--registries`` fresh registries of ``--users`` codes and reports the mean,
 spread and maximum of the accusations at each fpr against the bound, and the share of (image,
 code) pairs whose uncorrected p-value is at most 1e-2 and 1e-3 (the bound: those values). The
 same for hard decoding (the logits' signs: the binomial test is this test with equal weights).
@@ -31,6 +32,7 @@ from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import check_int, exit_on_user_error
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
+from fingerprint_lm.models.extractor import soft_weights
 from fingerprint_lm.registry.soft import null_tail, quantized_weights
 
 RESULTS = Path(__file__).resolve().parent / "results" / "soft_calibration.jsonl"
@@ -38,12 +40,13 @@ FPRS = (1e-3, 1e-2)
 
 
 @torch.no_grad()
-def unmarked_logits(checkpoint: str, n_images: int) -> tuple[str, np.ndarray]:
+def unmarked_logits(checkpoint: str, n_images: int) -> tuple[str, np.ndarray, np.ndarray]:
     model = load_fingerprint_model(shipped_checkpoint(checkpoint))
     stream = ProceduralImages(32, seed=TEST_SEED_OFFSET + 900, length=n_images)
     images = torch.stack([stream.sample(i)["image"] for i in range(n_images)])
     decoded = batched.decode(model.unmarked_vae, batched.encode(model.vae, images))
-    return model.method, batched.extract(model.extractor, decoded).double().numpy()
+    logits = batched.extract(model.extractor, decoded).double().numpy()
+    return model.method, logits, soft_weights(model.extractor, logits)  # what each decoding reads
 
 
 def tail_table(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -95,9 +98,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for checkpoint in args.checkpoints:
         start = time.perf_counter()
-        method, logits = unmarked_logits(checkpoint, args.images)
+        method, logits, weights = unmarked_logits(checkpoint, args.images)
         result = {decoding: calibrate(values, args.users, args.registries, args.seed)
-                  for decoding, values in (("soft", logits), ("hard", np.sign(logits)))}
+                  for decoding, values in (("soft", weights), ("hard", np.sign(logits)))}
         for decoding, rows in result.items():
             for fpr, row in rows.items():
                 print(f"| {method} | {decoding} | {args.images} | {fpr} | {row['bound']:g} | {row['mean']:.2f} "

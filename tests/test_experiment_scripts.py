@@ -78,6 +78,7 @@ def test_pnm_conv_sites_refuses_an_occupied_keep_folder(tmp_path, occupied):
     ("soft_attribution.py", ["--fpr", "2"]),
     ("soft_calibration.py", ["--images", "0"]),
     ("soft_calibration.py", ["--registries", "0"]),
+    ("soft_weight_whitening.py", ["--fit", "0"]),
 ])
 def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args):
     """A non-positive count, a registry smaller than the users given copies, or an fpr outside
@@ -90,3 +91,19 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args):
     assert result.returncode == 2 and len(errors) == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert (results.read_text() if results.exists() else None) == before
+
+
+def test_fit_soft_whitening_refuses_a_pnm_checkpoint_and_leaves_it_as_it_was(tmp_path):
+    """Only the carrier reader has a soft whitening: a pnm checkpoint is one error line, exit 2, unchanged."""
+    import shutil
+
+    from fingerprint_lm.models.checkpoint import shipped_checkpoint
+
+    target = tmp_path / "pnm"
+    shutil.copytree(shipped_checkpoint("embedded_pnm"), target)
+    before = {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "fit_soft_whitening.py"), str(target)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "carrier" in errors[0], result.stderr
+    assert {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()} == before

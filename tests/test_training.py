@@ -13,6 +13,7 @@ from fingerprint_lm.errors import CheckpointError, ConfigError, DataError
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
 from fingerprint_lm.lit.worst_case import worst_case_perturbation
 from fingerprint_lm.models.augment import AugmentConfig
+from fingerprint_lm.models.checkpoint import load_fingerprint_model
 from fingerprint_lm.models.extractor import FingerprintExtractor
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.vae import build_vae, load_vae
@@ -109,6 +110,10 @@ def test_short_training_run_learns_a_readable_fingerprint(tiny_cfg):
     for key in ("bit_acc", "psnr", "ssim", "fingerprint_bits", "train_seconds", "steps"):
         assert key in written
     assert written["fingerprint_bits"] == 16
+    # the carrier's last hook whitened the reader's soft-decision weights on unmarked outputs
+    assert written["soft_whitened"] is True
+    reader = load_fingerprint_model(metrics["checkpoint"]).extractor
+    assert not torch.equal(reader.soft_whitening, torch.eye(16))
 
 
 def test_training_resumes_from_last_ckpt(tiny_cfg):

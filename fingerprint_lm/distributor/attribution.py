@@ -29,6 +29,7 @@ import torch
 from fingerprint_lm.data.coco import load_rgb, to_tensor
 from fingerprint_lm.errors import ConfigError, DataError, check_probability
 from fingerprint_lm.metrics.bits import match_threshold
+from fingerprint_lm.models.extractor import soft_weights
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.soft import identify_logits
 from fingerprint_lm.registry.store import Registry
@@ -111,6 +112,11 @@ def extract_logits(extractor: torch.nn.Module, images: Sequence[torch.Tensor]) -
     return torch.stack(rows).numpy()
 
 
+def _decided(logits, weights, decoding: str):
+    """What per-image attribution reads: the soft weights with soft decoding, where given."""
+    return logits if weights is None or decoding != "soft" else weights
+
+
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * logits))  # overflow-free
 
@@ -139,18 +145,21 @@ def attribute_images(
     index = _index(registry)
     _check(extractor, index, fpr)
     logits = extract_logits(extractor, [image for _, image in images])
-    return attribute_logits(logits, index, [name for name, _ in images], fpr, decoding)
+    return attribute_logits(logits, index, [name for name, _ in images], fpr, decoding, soft_weights(extractor, logits))
 
 
 def attribute_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: Sequence[str],
-                     fpr: float = 1e-6, decoding: str = "soft") -> dict:
+                     fpr: float = 1e-6, decoding: str = "soft", weights: np.ndarray | None = None) -> dict:
     """Attribution of images whose extractor logits ``[n, k]`` are given (``names``: one per row).
 
     Returns ``{"fpr", "decoding", "n_users", "code_length", "match_threshold", "images": [...]}``
     where each image has ``image``, ``bits`` (string of 0/1), ``user_id`` (None when nobody is
     accused), ``nearest_user_id``, ``matching_bits``, ``n_nearest``, ``p_value``
     (Bonferroni-corrected) and ``accused``, and with soft decoding the ``score`` the p-value is of
-    (:func:`~fingerprint_lm.registry.soft.soft_identify`). ``match_threshold`` is the number of
+    (:func:`~fingerprint_lm.registry.soft.soft_identify`) of ``weights``, the extractor's
+    :func:`~fingerprint_lm.models.extractor.soft_weights` of the logits (None: the logits; the
+    carrier reader whitens them for this), ``matching_bits`` then counting the weights' signs.
+    ``bits`` are always the logits' signs. ``match_threshold`` is the number of
     matching bits hard decoding needs for an accusation (soft decoding has one threshold per image),
     None when even ``k`` matches cannot reach ``fpr`` among this many users.
     """
@@ -158,7 +167,7 @@ def attribute_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: 
     _check(None, index, fpr)
     k = index.k
     bits = (np.asarray(logits) > 0).astype(np.uint8)
-    results = identify_logits(logits, index, fpr=fpr, decoding=decoding)
+    results = identify_logits(_decided(logits, weights, decoding), index, fpr=fpr, decoding=decoding)
     try:
         threshold = match_threshold(k, fpr, max(len(index), 1))
     except ConfigError:
@@ -202,14 +211,16 @@ def trace_images(
     index = _index(registry)
     _check(extractor, index, fpr)
     logits = extract_logits(extractor, [image for _, image in images])
-    return trace_logits(logits, index, [name for name, _ in images], fpr, top, scoring, decoding)
+    return trace_logits(logits, index, [name for name, _ in images], fpr, top, scoring, decoding,
+                        soft_weights(extractor, logits))
 
 
 TRACING_SCORES = ("evidence", "tardos")
 
 
 def trace_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: Sequence[str],
-                 fpr: float = 1e-6, top: int = 10, scoring: str = "evidence", decoding: str = "soft") -> dict:
+                 fpr: float = 1e-6, top: int = 10, scoring: str = "evidence", decoding: str = "soft",
+                 weights: np.ndarray | None = None) -> dict:
     """Tracing from the extractor logits ``[n, k]`` of a suspect set of images (one model's, or
     pooled or blended by colluders): :func:`~fingerprint_lm.registry.tracing.trace_evidence`.
 
@@ -221,8 +232,8 @@ def trace_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: Sequ
     (:func:`~fingerprint_lm.registry.tardos.tardos_trace`; the registry's codes are uniform, so
     every bias is 1/2), each suspect with the same fields (``evidence`` is ``pooled`` or None;
     ``n_images`` counts the images per-image attribution names them on at ``per_image_fpr`` =
-    ``fpr / n``, outside the accusation). ``decoding``: how per-image attribution reads each image
-    (:func:`attribute_logits`).
+    ``fpr / n``, outside the accusation). ``decoding`` and ``weights``: how per-image attribution
+    reads each image (:func:`attribute_logits`); the pooled evidence reads the logits.
     """
     index = _index(registry)
     _check(None, index, fpr)
@@ -235,13 +246,14 @@ def trace_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: Sequ
         # user on at fpr / n each (stated as per_image_fpr), for information: it accuses nobody.
         per_image_fpr = fpr / len(probs)
         traced = {"scoring": "tardos", "per_image_fpr": per_image_fpr, **tardos_trace(probs, index, fpr=fpr, top=top)}
-        named = Counter(result["user_id"] for result in (identify_logits(logits, index, per_image_fpr, decoding)
+        decided = _decided(logits, weights, decoding)
+        named = Counter(result["user_id"] for result in (identify_logits(decided, index, per_image_fpr, decoding)
                                                          if traced["suspects"] else []) if result["accused"])
         for suspect in traced["suspects"]:
             suspect.update(n_images=named.get(suspect["user_id"], 0),
                            evidence="pooled" if suspect["accused"] else None)
     else:
-        traced = {"scoring": "evidence", **trace_evidence(probs, index, fpr=fpr, top=top, logits=logits,
-                                                          decoding=decoding)}
+        traced = {"scoring": "evidence", **trace_evidence(probs, index, fpr=fpr, top=top,
+                                                          logits=_decided(logits, weights, decoding), decoding=decoding)}
     return {"fpr": float(fpr), "decoding": decoding, "n_users": len(index), "n_images": len(names),
             "images": list(names), **traced}

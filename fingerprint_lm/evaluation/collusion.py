@@ -49,6 +49,7 @@ from fingerprint_lm.metrics.quality import psnr, ssim
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.act import ACT_TYPES
 from fingerprint_lm.models.checkpoint import FingerprintModel
+from fingerprint_lm.models.extractor import soft_weights
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.soft import DECODINGS, code_p_values
 
@@ -314,11 +315,15 @@ def score(model: FingerprintModel, users: Users, point: Point, images: PointImag
     hard = (logits > 0).astype(np.uint8)
     per_colluder = [(hard == users.codes[i][None]).mean() for i in range(point.colluders)]
     names = [f"image{i}" for i in range(len(logits))]
-    attributed = attribute_logits(logits, users.index, names, fpr=settings.fpr, decoding=settings.decoding)["images"]
-    caught, innocents = _traced(logits, users, names, settings, point.colluders, "evidence")
-    tardos_caught, tardos_innocents = _traced(logits, users, names, settings, point.colluders, "tardos")
+    weights = soft_weights(model.extractor, logits)  # what soft decoding scores (the carrier reader whitens)
+    attributed = attribute_logits(logits, users.index, names, fpr=settings.fpr, decoding=settings.decoding,
+                                  weights=weights)["images"]
+    caught, innocents = _traced(logits, weights, users, names, settings, point.colluders, "evidence")
+    tardos_caught, tardos_innocents = _traced(logits, weights, users, names, settings, point.colluders, "tardos")
     colluders = users.colluder_ids
-    base_logits = batched.extract(model.extractor, images.base_outputs, settings.device).numpy()
+    base_logits = batched.extract(model.extractor, images.base_outputs, settings.device).double().numpy()
+    if settings.decoding == "soft":  # the one-code test reads what attribution reads
+        logits, base_logits = weights, soft_weights(model.extractor, base_logits)
     fid_proxy = fid_proxy_base = None
     if fid_net is not None and images.outputs.shape[-2:] == images.real.shape[-2:]:  # no proxy across sizes
         fid_proxy = frechet_distance_proxy(images.outputs, images.real, fid_net)
@@ -353,11 +358,11 @@ def score(model: FingerprintModel, users: Users, point: Point, images: PointImag
     )
 
 
-def _traced(logits: np.ndarray, users: Users, names: list[str], settings: PointSettings, top: int,
-            scoring: str) -> tuple[int, int]:
+def _traced(logits: np.ndarray, weights: np.ndarray, users: Users, names: list[str], settings: PointSettings,
+            top: int, scoring: str) -> tuple[int, int]:
     """(colluders, innocents) the distributor's tracing accuses with ``scoring``."""
     suspects = trace_logits(logits, users.index, names, fpr=settings.tracing_fpr, top=top, scoring=scoring,
-                            decoding=settings.decoding)["suspects"]
+                            decoding=settings.decoding, weights=weights)["suspects"]
     accused = [s["user_id"] for s in suspects if s["accused"]]
     colluders = users.colluder_ids
     return sum(u in colluders for u in accused), sum(u not in colluders for u in accused)

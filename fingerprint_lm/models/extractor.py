@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from fingerprint_lm.errors import ConfigError
-from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor, PooledExtractor
+from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor, PooledExtractor, whitening_map
 
 
 def fold_tiles(images: torch.Tensor, tile_size: int) -> torch.Tensor:
@@ -62,6 +65,15 @@ class FingerprintExtractor(nn.Module):
         if self.cnn_head is not None:
             nn.init.zeros_(self.cnn_head.weight)
             nn.init.zeros_(self.cnn_head.bias)
+        # What soft-decision attribution weighs the bits by (registry/soft.py): the logits whitened
+        # on unmarked images (fit_soft_whitening). The bits stay the raw logits' signs, this
+        # baseline's behaviour; only how much each bit counts in a soft score changes. Raw, this
+        # reader's logits are correlated (largest correlation eigenvalue 16 of 48), so a code near a
+        # shared direction scored high on many unmarked images at once: one registry of 100 accused
+        # 394 of 10^4 at fpr 1e-3, bound 10 (experiments/results/soft_weight_whitening.md).
+        # Identity until fitted, and for checkpoints written before it existed.
+        self.register_buffer("soft_centre", torch.zeros(fingerprint_bits))
+        self.register_buffer("soft_whitening", torch.eye(fingerprint_bits))
 
     @property
     def min_image_size(self) -> int:
@@ -73,6 +85,23 @@ class FingerprintExtractor(nn.Module):
         if self.cnn is not None:
             logits = logits + self.cnn_head(self.cnn(images).mean(dim=(2, 3)))
         return logits
+
+    def soft_weights(self, logits: torch.Tensor) -> torch.Tensor:
+        """The weights soft-decision attribution scores ``logits`` ``[n, k]`` with (float64)."""
+        return (logits.double() - self.soft_centre.double()) @ self.soft_whitening.double().T
+
+    @torch.no_grad()
+    def fit_soft_whitening(self, unmarked_logits: torch.Tensor) -> None:
+        """Fit :meth:`soft_weights` on this reader's logits ``[n, k]`` of unmarked images (n > k):
+        the ZCA whitening with the whitened median at 0 (:func:`whitening_map`)."""
+        centre, matrix = whitening_map(unmarked_logits)
+        self.soft_centre.copy_(centre.to(self.soft_centre.dtype))
+        self.soft_whitening.copy_(matrix.to(self.soft_whitening.dtype))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("soft_centre", "soft_whitening"):  # checkpoints written before 2026-12-05: identity
+            state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def fit_linear_head(self, images: torch.Tensor, bits: torch.Tensor, ridge: float = 1e-3) -> None:
@@ -115,3 +144,15 @@ def build_extractor(fingerprint_bits: int, tile_size: int = 16, kind: str = "til
         return BandEnergyExtractor(fingerprint_bits, **settings)
     except TypeError as exc:  # an unknown setting: name it, in one line
         raise ConfigError(f"method.extractor.{kind}: {exc}") from exc
+
+
+def soft_weights(extractor: nn.Module, logits) -> np.ndarray:
+    """What soft-decision attribution weighs ``logits`` ``[n, k]`` by: the extractor's
+    ``soft_weights`` (float64; the logits themselves for an extractor without one)."""
+    method = getattr(extractor, "soft_weights", None)
+    values = torch.as_tensor(np.asarray(logits, dtype=np.float64))
+    if method is None:
+        return values.numpy()
+    with torch.no_grad():
+        device = next(itertools.chain(extractor.buffers(), extractor.parameters()), values).device
+        return method(values.to(device)).double().cpu().numpy()

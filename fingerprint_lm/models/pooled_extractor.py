@@ -27,6 +27,39 @@ MIN_SIZE = 16
 WHITENING_CENTRES = ("median", "mean")
 
 
+@torch.no_grad()
+def whitening_map(raw: torch.Tensor, centre: str = "median", decorrelate: bool = True,
+                  eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m, W)`` such that ``W (raw - m)`` is white on the unmarked logits ``raw`` ``[n, k]``
+    (float64): ``W = C^{-1/2}``, symmetric (the ZCA map: of all whitenings, the one that moves the
+    logits least), from an eigendecomposition of their covariance ``C``, or ``diag(1 / std)``
+    without ``decorrelate``; ``centre`` puts the whitened logits' median or mean at 0. Needs more
+    images than logits."""
+    if len(raw) <= raw.shape[1]:
+        raise DataError(f"whitening {raw.shape[1]} logits needs more than {raw.shape[1]} unmarked images, got {len(raw)}")
+    raw = raw.double()
+    mean = raw.mean(0)
+    centred = raw - mean
+    covariance = centred.T @ centred / (len(raw) - 1)
+    if not decorrelate:  # per-logit standardisation: W = diag(1 / std)
+        covariance = torch.diag(torch.diag(covariance))
+    values, vectors = torch.linalg.eigh(covariance)
+    # eps relative to the largest variance: a direction the extractor never varies along stays
+    # bounded instead of being blown up by 1/sqrt(~0).
+    floor = eps * values.max().clamp_min(torch.finfo(values.dtype).tiny)
+    clamped = values.clamp_min(floor)
+    inverse_sqrt = vectors @ torch.diag(clamped.rsqrt()) @ vectors.T
+    # "median": every bit of an unmarked image is a fair coin, P[logit > 0] = 1/2 (log-energies
+    # are skewed: 0.569 of the bits of 10^4 unmarked images were 1 with the mean); "mean":
+    # zero-mean logits. Attribution's false-accusation bound needs neither: an innocent's code
+    # is uniform and independent of the image, so its matches are Binomial(k, 1/2) whatever
+    # the image's bits are. Fair bits keep an unmarked image from looking like anyone's code.
+    if centre == "median":
+        median = (centred @ inverse_sqrt.T).median(dim=0).values
+        return mean + vectors @ torch.diag(clamped.sqrt()) @ vectors.T @ median, inverse_sqrt
+    return mean, inverse_sqrt
+
+
 class WhitenedReader(nn.Module):
     """Raw per-image logits (``raw_logits``, defined by subclasses) whitened on unmarked images:
     ``logits = gain * W (raw - mean)``; identity until :meth:`fit_whitening`."""
@@ -79,34 +112,13 @@ class WhitenedReader(nn.Module):
     def fit_whitening_raw(self, raw: torch.Tensor, eps: float = 1e-6) -> None:
         """:meth:`fit_whitening` from the raw logits ``[n, k]`` of unmarked images (callers that
         decode images batch by batch keep only these, not the images)."""
-        if len(raw) <= self.fingerprint_bits:
-            raise DataError(
-                f"whitening {self.fingerprint_bits} logits needs more than {self.fingerprint_bits} unmarked images, "
-                f"got {len(raw)}"
-            )
-        raw = raw.double()
-        mean = raw.mean(0)
-        centred = raw - mean
-        covariance = centred.T @ centred / (len(raw) - 1)
-        if not self.decorrelate:  # per-logit standardisation: W = diag(1 / std)
-            covariance = torch.diag(torch.diag(covariance))
-        values, vectors = torch.linalg.eigh(covariance)
-        # eps relative to the largest variance: a direction the extractor never varies along stays
-        # bounded instead of being blown up by 1/sqrt(~0).
-        floor = eps * values.max().clamp_min(torch.finfo(values.dtype).tiny)
-        clamped = values.clamp_min(floor)
-        inverse_sqrt = vectors @ torch.diag(clamped.rsqrt()) @ vectors.T
-        # "median": every bit of an unmarked image is a fair coin, P[logit > 0] = 1/2 (log-energies
-        # are skewed: 0.569 of the bits of 10^4 unmarked images were 1 with the mean); "mean":
-        # zero-mean logits. Attribution's false-accusation bound needs neither: an innocent's code
-        # is uniform and independent of the image, so its matches are Binomial(k, 1/2) whatever
-        # the image's bits are. Fair bits keep an unmarked image from looking like anyone's code.
-        centre = mean
-        if self.centre == "median":
-            median = (centred @ inverse_sqrt.T).median(dim=0).values
-            centre = mean + vectors @ torch.diag(clamped.sqrt()) @ vectors.T @ median
+        centre, matrix = whitening_map(raw, self.centre, self.decorrelate, eps)
         self.whiten_mean.copy_(centre.to(self.whiten_mean.dtype))
-        self.whiten_matrix.copy_(inverse_sqrt.to(self.whiten_matrix.dtype))
+        self.whiten_matrix.copy_(matrix.to(self.whiten_matrix.dtype))
+
+    def soft_weights(self, logits: torch.Tensor) -> torch.Tensor:
+        """What soft-decision attribution weighs each bit by: these logits, already whitened."""
+        return logits
 
 
 class PooledExtractor(WhitenedReader):

@@ -54,6 +54,12 @@ log = logging.getLogger(__name__)
 
 
 # -- which trained model a point uses ------------------------------------------------------------
+# What training writes beyond what its config says, in the sweep cache's key: raised when a change
+# of the code alone changes a trained model, so no cached model from before is reused.
+# 2 (2026-12-05): the carrier reader's soft-decision whitening, fitted after training.
+TRAINED_MODEL_VERSION = 2
+
+
 def training_record(cfg: DictConfig) -> dict[str, Any]:
     """What a trained fingerprint model's ``fingerprint.json`` records of its training config."""
     return {
@@ -160,6 +166,7 @@ def sweep_model_cache_dir(cfg: DictConfig, record: dict[str, Any], base_vae_dir:
         "trainer_precision": str(cfg.trainer.precision),
         "train_seed": int(cfg.sweep.train_seed),
         "base_vae": weights_digest.hexdigest()[:16],
+        "produces": TRAINED_MODEL_VERSION,
     }
     return Path(cfg.paths.cache_dir) / "sweep_models" / config_hash(full)
 
