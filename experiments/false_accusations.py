@@ -43,7 +43,6 @@ from fingerprint_lm.errors import exit_on_user_error
 from fingerprint_lm.lit import stages
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
-from fingerprint_lm.models.extractor import soft_weights
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.soft import soft_identify
 from fingerprint_lm.tasks.train import model_spec
@@ -106,7 +105,7 @@ def run(checkpoint: str, source: str, n_images: int, n_users: int, decoder, seed
         best = np.array([r["matching_bits"] for r in results])
     # One soft pass at the larger fpr: where the registry's best p-value is <= that fpr the row is
     # that user's, so the count at the smaller one is read from the same rows.
-    soft = soft_identify(soft_weights(model.extractor, logits), index, fpr=max(FPRS))
+    soft = soft_identify(logits, index, fpr=max(FPRS))
     for fpr in FPRS:
         row[f"soft_accused_at_{fpr:g}"] = int(sum(r["accused"] and r["p_value"] <= fpr for r in soft))
     prediction = best_match_prediction(k, n_users)

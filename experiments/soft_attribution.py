@@ -52,12 +52,14 @@ def attacked(images: torch.Tensor, case: str, seed: int) -> torch.Tensor:
 
 def rates(logits: np.ndarray, weights: np.ndarray, truth: np.ndarray, index: CodeIndex, fpr: float) -> dict:
     """Attribution rate (right user accused) and wrong accusations, per decoding rule: hard reads
-    the logits' signs, the soft rules the extractor's soft weights (the carrier reader whitens)."""
+    the logits' signs, ``soft whitened`` the extractor's soft weights (the carrier reader's logits
+    whitened on unmarked images; pnm's logits), the other soft rules the logits."""
     out = {}
     hard = index.identify_many((logits > 0).astype(np.uint8), fpr=fpr)
     out["hard"] = _count(hard, truth, index)
     for name, weigh in WEIGHTINGS.items():
-        out[name] = _count(soft_identify(weigh(weights), index, fpr=fpr), truth, index)
+        out[name] = _count(soft_identify(weigh(logits), index, fpr=fpr), truth, index)
+    out["soft whitened"] = _count(soft_identify(weights, index, fpr=fpr), truth, index)
     return out
 
 
@@ -96,15 +98,16 @@ def measure(checkpoint: str, users: int, registry: int, n_images: int, fpr: floa
         weights = soft_weights(model.extractor, logits)
         bit_acc = float(((logits > 0) == codes[truth]).mean())
         rows.append({"checkpoint": checkpoint, "case": case, "bit_acc": bit_acc, **rates(logits, weights, truth, index, fpr),
-                     **({"calibration": innocent_calibration(weights[:: max(1, len(logits) // 256)], codes[:64],
+                     **({"calibration": innocent_calibration(logits[:: max(1, len(logits) // 256)], codes[:64],
                                                              truth[:: max(1, len(logits) // 256)])}
                         if case == "none_c1" and users <= 64 else {})})
     base = decode_with(model.vae, model.unmarked_vae, images)
     logits = batched.extract(model.extractor, base, "cpu").double().numpy()
     unmarked = {"hard": sum(r["accused"] for r in index.identify_many((logits > 0).astype(np.uint8), fpr=fpr))}
     for name, weigh in WEIGHTINGS.items():
-        unmarked[name] = sum(r["accused"] for r in soft_identify(weigh(soft_weights(model.extractor, logits)), index,
-                                                                 fpr=fpr))
+        unmarked[name] = sum(r["accused"] for r in soft_identify(weigh(logits), index, fpr=fpr))
+    unmarked["soft whitened"] = sum(r["accused"] for r in soft_identify(soft_weights(model.extractor, logits), index,
+                                                                        fpr=fpr))
     rows.append({"checkpoint": checkpoint, "case": "unmarked (base decoder)", "accused": unmarked})
     return rows
 
@@ -122,7 +125,7 @@ def main() -> None:
     check_int("--registry", args.registry, args.users)  # the copies' users are registered too
     check_int("--images", args.images)
     check_probability("--fpr", args.fpr)
-    names = ["hard", *WEIGHTINGS]
+    names = ["hard", *WEIGHTINGS, "soft whitened"]
     print(f"attribution rate (wrong accusations) among {args.registry} users, fpr {args.fpr}, "
           f"{args.users} copies x {args.images} held-out images\n")
     print("| checkpoint | case | bit_acc | " + " | ".join(names) + " |\n|" + "---|" * (3 + len(names)))

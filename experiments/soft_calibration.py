@@ -6,11 +6,12 @@ number of unmarked images accused at ``fpr`` among ``N`` users is at most ``fpr 
 registry is a poor check: every image is scored against the same ``N`` codes, so the count of a
 single registry scatters more than a Poisson count would. This reads ``--images`` unmarked
 held-out images through the base decoder (the checkpoint's ``reference_vae`` where it ships one)
-once (soft decoding: the extractor's soft weights, whitened logits for the carrier reader since
-2026-12-05), then draws ``--registries`` fresh registries of ``--users`` codes and reports the mean,
+once, then draws ``--registries`` fresh registries of ``--users`` codes and reports the mean,
 spread and maximum of the accusations at each fpr against the bound, and the share of (image,
 code) pairs whose uncorrected p-value is at most 1e-2 and 1e-3 (the bound: those values). The
-same for hard decoding (the logits' signs: the binomial test is this test with equal weights).
+same for ``soft_whitened`` decoding (the extractor's soft weights: the carrier reader's logits
+whitened on unmarked images, pnm's logits as they are) and for hard decoding (the logits' signs:
+the binomial test is this test with equal weights).
 
     python experiments/soft_calibration.py --checkpoints embedded_pnm embedded
 
@@ -100,7 +101,7 @@ def main() -> None:
         start = time.perf_counter()
         method, logits, weights = unmarked_logits(checkpoint, args.images)
         result = {decoding: calibrate(values, args.users, args.registries, args.seed)
-                  for decoding, values in (("soft", weights), ("hard", np.sign(logits)))}
+                  for decoding, values in (("soft", logits), ("soft_whitened", weights), ("hard", np.sign(logits)))}
         for decoding, rows in result.items():
             for fpr, row in rows.items():
                 print(f"| {method} | {decoding} | {args.images} | {fpr} | {row['bound']:g} | {row['mean']:.2f} "

@@ -29,7 +29,6 @@ from fingerprint_lm.data.datamodule import TEST_SEED_OFFSET
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import exit_on_user_error
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
-from fingerprint_lm.models.extractor import soft_weights
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.soft import soft_identify
 
@@ -60,7 +59,7 @@ def run(checkpoint: str, n_images: int, n_users: int, fpr: float, seed: int) -> 
     results = index.identify_many(hard, fpr=fpr)
     # One soft pass at 1e-3: where the registry's best p-value is <= 1e-3 the row is that user's, so
     # the count at the (smaller) fpr is read from the same rows.
-    soft = soft_identify(soft_weights(model.extractor, logits), index, fpr=max(fpr, 1e-3))
+    soft = soft_identify(logits, index, fpr=max(fpr, 1e-3))
     best = np.array([r["matching_bits"] for r in results])
     simulated = expected_best_match(k, n_users, 2000, rng)
     return {

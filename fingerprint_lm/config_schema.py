@@ -79,7 +79,7 @@ class DistributorConfig:
         check_int("distributor.min_distance", self.min_distance, 0)
         check_int("distributor.top", self.top)
         check_choice("distributor.tracing", self.tracing, ("evidence", "tardos"))
-        check_choice("distributor.decoding", self.decoding, ("soft", "hard"))
+        check_choice("distributor.decoding", self.decoding, ("soft", "soft_whitened", "hard"))
 
 
 @dataclass
@@ -114,7 +114,7 @@ class SweepConfig:
         # n_images, n_innocents, fpr and tracing_fpr: checked by the evaluation library's
         # PointSettings, which the task builds from them at once (it guards callers without a config)
         check_choice("sweep.images", self.images, ("procedural", "data"))
-        check_choice("sweep.decoding", self.decoding, ("soft", "hard"))
+        check_choice("sweep.decoding", self.decoding, ("soft", "soft_whitened", "hard"))
         _check_positive("sweep.finetune_lr", self.finetune_lr)
         check_int("sweep.fid_proxy_steps", self.fid_proxy_steps, 0)
 

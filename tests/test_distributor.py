@@ -75,6 +75,10 @@ def test_end_to_end_issue_generate_attribute(issued, checkpoint):
     hard = task(issued, checkpoint, "attribute", f"images={issued / 'bob_images'}", "distributor.decoding=hard")
     assert hard["decoding"] == "hard" and all(row["user_id"] == "bob" for row in hard["images"])
     assert "score" not in hard["images"][0]
+    # ... and so does the soft test on the reader's whitened logits (fitted when the model was trained)
+    whitened = task(issued, checkpoint, "attribute", f"images={issued / 'bob_images'}",
+                    "distributor.decoding=soft_whitened")
+    assert whitened["decoding"] == "soft_whitened" and all(row["user_id"] == "bob" for row in whitened["images"])
 
     # no image from the base decoder is accused
     base = task(issued, checkpoint, "attribute", f"images={issued / 'base_images'}")

@@ -64,10 +64,11 @@ def test_attribution_scores_the_weights_and_reports_the_raw_bits():
     index = CodeIndex.from_bits([f"u{i}" for i in range(50)], codes)
     logits = (2.0 * codes[7] - 1)[None] * np.ones((2, 1))  # user 7's raw bits ...
     weights = (2.0 * codes[3] - 1)[None] * np.ones((2, 1))  # ... but the weights point at user 3
-    soft = attribute_logits(logits, index, ["a", "b"], fpr=1e-3, weights=weights)["images"]
-    assert [r["user_id"] for r in soft] == ["u3", "u3"]
-    assert soft[0]["bits"] == "".join(map(str, codes[7]))
-    hard = attribute_logits(logits, index, ["a", "b"], fpr=1e-3, decoding="hard", weights=weights)["images"]
-    assert [r["user_id"] for r in hard] == ["u7", "u7"]  # hard decoding reads the raw signs
-    traced = trace_logits(logits, index, ["a", "b"], fpr=1e-3, weights=weights)["suspects"]
+    whitened = attribute_logits(logits, index, ["a", "b"], fpr=1e-3, decoding="soft_whitened", weights=weights)
+    assert [r["user_id"] for r in whitened["images"]] == ["u3", "u3"]
+    assert whitened["images"][0]["bits"] == "".join(map(str, codes[7])) and whitened["decoding"] == "soft_whitened"
+    for decoding in ("soft", "hard"):  # both read the raw logits
+        rows = attribute_logits(logits, index, ["a", "b"], fpr=1e-3, decoding=decoding, weights=weights)["images"]
+        assert [r["user_id"] for r in rows] == ["u7", "u7"], decoding
+    traced = trace_logits(logits, index, ["a", "b"], fpr=1e-3, decoding="soft_whitened", weights=weights)["suspects"]
     assert any(s["user_id"] == "u3" and s["n_images"] == 2 for s in traced)  # per-image evidence: the weights

@@ -113,8 +113,8 @@ def extract_logits(extractor: torch.nn.Module, images: Sequence[torch.Tensor]) -
 
 
 def _decided(logits, weights, decoding: str):
-    """What per-image attribution reads: the soft weights with soft decoding, where given."""
-    return logits if weights is None or decoding != "soft" else weights
+    """What per-image attribution reads: the soft weights with ``soft_whitened`` decoding, where given."""
+    return weights if weights is not None and decoding == "soft_whitened" else logits
 
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -156,10 +156,11 @@ def attribute_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: 
     where each image has ``image``, ``bits`` (string of 0/1), ``user_id`` (None when nobody is
     accused), ``nearest_user_id``, ``matching_bits``, ``n_nearest``, ``p_value``
     (Bonferroni-corrected) and ``accused``, and with soft decoding the ``score`` the p-value is of
-    (:func:`~fingerprint_lm.registry.soft.soft_identify`) of ``weights``, the extractor's
-    :func:`~fingerprint_lm.models.extractor.soft_weights` of the logits (None: the logits; the
-    carrier reader whitens them for this), ``matching_bits`` then counting the weights' signs.
-    ``bits`` are always the logits' signs. ``match_threshold`` is the number of
+    (:func:`~fingerprint_lm.registry.soft.soft_identify`). ``decoding="soft_whitened"``: the same
+    test on ``weights``, the extractor's :func:`~fingerprint_lm.models.extractor.soft_weights` of
+    the logits (None: the logits; the carrier reader whitens them on unmarked images, pnm's reader
+    is whitened already), ``matching_bits`` then counting the weights' signs. ``bits`` are always
+    the logits' signs. ``match_threshold`` is the number of
     matching bits hard decoding needs for an accusation (soft decoding has one threshold per image),
     None when even ``k`` matches cannot reach ``fpr`` among this many users.
     """

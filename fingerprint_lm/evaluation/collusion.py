@@ -315,14 +315,14 @@ def score(model: FingerprintModel, users: Users, point: Point, images: PointImag
     hard = (logits > 0).astype(np.uint8)
     per_colluder = [(hard == users.codes[i][None]).mean() for i in range(point.colluders)]
     names = [f"image{i}" for i in range(len(logits))]
-    weights = soft_weights(model.extractor, logits)  # what soft decoding scores (the carrier reader whitens)
+    weights = soft_weights(model.extractor, logits)  # what decoding=soft_whitened scores
     attributed = attribute_logits(logits, users.index, names, fpr=settings.fpr, decoding=settings.decoding,
                                   weights=weights)["images"]
     caught, innocents = _traced(logits, weights, users, names, settings, point.colluders, "evidence")
     tardos_caught, tardos_innocents = _traced(logits, weights, users, names, settings, point.colluders, "tardos")
     colluders = users.colluder_ids
     base_logits = batched.extract(model.extractor, images.base_outputs, settings.device).double().numpy()
-    if settings.decoding == "soft":  # the one-code test reads what attribution reads
+    if settings.decoding == "soft_whitened":  # the one-code test reads what attribution reads
         logits, base_logits = weights, soft_weights(model.extractor, base_logits)
     fid_proxy = fid_proxy_base = None
     if fid_net is not None and images.outputs.shape[-2:] == images.real.shape[-2:]:  # no proxy across sizes

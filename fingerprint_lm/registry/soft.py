@@ -158,14 +158,18 @@ def _empty() -> dict:
             "p_value": 1.0, "accused": False}
 
 
-DECODINGS: tuple[str, ...] = ("soft", "hard")
+# ``soft_whitened``: the soft test on the extractor's logits whitened on unmarked images
+# (models/extractor.py: soft_weights), which the caller passes in place of the logits. The p-value
+# is exact either way; which weights win depends on the attack (soft_weight_whitening.md).
+DECODINGS: tuple[str, ...] = ("soft", "soft_whitened", "hard")
 
 
 def identify_logits(logits, index: CodeIndex, fpr: float = 1e-6, decoding: str = "soft") -> list[dict]:
-    """Name the user behind each image from its extractor logits ``[n, k]``: ``soft``
-    (:func:`soft_identify`) or ``hard`` (signs only, :meth:`CodeIndex.identify_many`)."""
+    """Name the user behind each image from its extractor logits ``[n, k]``: ``soft`` and
+    ``soft_whitened`` (:func:`soft_identify` of what is passed) or ``hard`` (signs only,
+    :meth:`CodeIndex.identify_many`)."""
     check_choice("decoding", decoding, DECODINGS)
-    if decoding == "soft":
+    if decoding != "hard":
         return soft_identify(logits, index, fpr)
     return index.identify_many((_as_logits(logits, index.k) > 0).astype(np.uint8), fpr=fpr)
 
@@ -176,7 +180,7 @@ def code_p_values(logits, code, decoding: str = "soft") -> np.ndarray:
     binomial tail of its matching bits). A one-code detection test: ``p <= fpr``."""
     check_choice("decoding", decoding, DECODINGS)
     code = np.asarray(code, dtype=np.int64).reshape(-1)
-    if decoding == "soft":
+    if decoding != "hard":
         weights = quantized_weights(logits)
         return soft_tail(weights, weights @ code)
     matches = ((np.asarray(logits) > 0) == code.astype(bool)).sum(axis=1)

@@ -164,8 +164,8 @@ def print_summary(task: str, result: dict, json_path: Path | None = None) -> Non
         accused = sum(r["accused"] for r in result["images"])
         threshold = result["match_threshold"]
         needed = f">= {threshold}/{result['code_length']} bits" if threshold is not None else "unreachable"
-        if result.get("decoding") == "soft":
-            needed = "soft decoding, p-value <= fpr"
+        if result.get("decoding", "hard") != "hard":
+            needed = f"{result['decoding'].replace('_', ' ')} decoding, p-value <= fpr"
         title = f"{accused}/{len(result['images'])} attributed (fpr {result['fpr']:g}: {needed})"
         table = Table("image", "user", "matching bits", "p-value", title=title)
         for row in result["images"][:_MAX_ROWS]:
