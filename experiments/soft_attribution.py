@@ -80,16 +80,24 @@ def innocent_calibration(logits: np.ndarray, codes: np.ndarray, truth: np.ndarra
 
 
 @torch.no_grad()
-def measure(checkpoint: str, users: int, registry: int, n_images: int, fpr: float, seed: int) -> list[dict]:
-    model = load_fingerprint_model(shipped_checkpoint(checkpoint))
-    images = held_out_images(model.meta.get("resolution", 32), n_images, seed=seed)
+def issue_copies(model, users: int, registry: int, images: torch.Tensor, seed: int) -> tuple[np.ndarray, CodeIndex, list]:
+    """``registry`` random codes (seeded), their index, and ``images`` decoded by copies (ACT all)
+    issued to the first ``users`` of them."""
     rng = np.random.default_rng(seed)
     codes = rng.integers(0, 2, (registry, model.fingerprint_bits), dtype=np.uint8)
     index = CodeIndex.from_bits([f"user{i}" for i in range(registry)], codes)
     outputs = []
-    for user in range(users):  # the first `users` registered codes get copies
+    for user in range(users):
         state = personal_tensors(model, codes[user], "all", int(rng.integers(2**31)))
         outputs.append(decode_with(model.vae, decoder_from_tensors(model.vae.config, *state), images))
+    return codes, index, outputs
+
+
+@torch.no_grad()
+def measure(checkpoint: str, users: int, registry: int, n_images: int, fpr: float, seed: int) -> list[dict]:
+    model = load_fingerprint_model(shipped_checkpoint(checkpoint))
+    images = held_out_images(model.meta.get("resolution", 32), n_images, seed=seed)
+    codes, index, outputs = issue_copies(model, users, registry, images, seed)
     truth = np.repeat(np.arange(users), n_images)
     rows = []
     for case in CASES:

@@ -41,12 +41,18 @@ FPRS = (1e-3, 1e-2)
 
 
 @torch.no_grad()
-def unmarked_logits(checkpoint: str, n_images: int) -> tuple[str, np.ndarray, np.ndarray]:
-    model = load_fingerprint_model(shipped_checkpoint(checkpoint))
-    stream = ProceduralImages(32, seed=TEST_SEED_OFFSET + 900, length=n_images)
+def procedural_unmarked_logits(model, seed: int, n_images: int) -> np.ndarray:
+    """The extractor's logits ``float64 [n, k]`` of the base decoder's (unmarked) outputs of the
+    first ``n_images`` procedural images of ``seed``."""
+    stream = ProceduralImages(32, seed=seed, length=n_images)
     images = torch.stack([stream.sample(i)["image"] for i in range(n_images)])
     decoded = batched.decode(model.unmarked_vae, batched.encode(model.vae, images))
-    logits = batched.extract(model.extractor, decoded).double().numpy()
+    return batched.extract(model.extractor, decoded).double().numpy()
+
+
+def unmarked_logits(checkpoint: str, n_images: int) -> tuple[str, np.ndarray, np.ndarray]:
+    model = load_fingerprint_model(shipped_checkpoint(checkpoint))
+    logits = procedural_unmarked_logits(model, TEST_SEED_OFFSET + 900, n_images)
     return model.method, logits, soft_weights(model.extractor, logits)  # what each decoding reads
 
 

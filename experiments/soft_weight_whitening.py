@@ -37,15 +37,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from soft_attribution import attacked
-from soft_calibration import calibrate
+from soft_attribution import attacked, issue_copies
+from soft_calibration import calibrate, procedural_unmarked_logits
 
 from fingerprint_lm.data.datamodule import TEST_SEED_OFFSET
-from fingerprint_lm.data.synthetic import ProceduralImages
-from fingerprint_lm.distributor.copies import decoder_from_tensors
-from fingerprint_lm.distributor.generation import decode_with, held_out_images
+from fingerprint_lm.distributor.generation import held_out_images
 from fingerprint_lm.errors import check_int, exit_on_user_error
-from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.models.pooled_extractor import whitening_map
@@ -73,21 +70,9 @@ def weightings(fit: np.ndarray) -> dict:
 
 
 @torch.no_grad()
-def unmarked(model, seed: int, n: int) -> np.ndarray:
-    stream = ProceduralImages(32, seed=seed, length=n)
-    images = torch.stack([stream.sample(i)["image"] for i in range(n)])
-    return batched.extract(model.extractor, batched.decode(model.unmarked_vae, batched.encode(model.vae, images))).double().numpy()
-
-
-@torch.no_grad()
 def marked(model, users: int, per_user: int, seed: int) -> tuple[dict, np.ndarray, np.ndarray, CodeIndex]:
     """Per case, the logits of ``users`` copies' attacked outputs; the truth; the codes; their registry."""
-    rng = np.random.default_rng(seed)
-    codes = rng.integers(0, 2, (1000, model.fingerprint_bits), dtype=np.uint8)
-    index = CodeIndex.from_bits([f"user{i}" for i in range(1000)], codes)
-    images = held_out_images(32, per_user, seed=seed)
-    outputs = [decode_with(model.vae, decoder_from_tensors(model.vae.config, *personal_tensors(
-        model, codes[u], "all", int(rng.integers(2**31)))), images) for u in range(users)]
+    codes, index, outputs = issue_copies(model, users, 1000, held_out_images(32, per_user, seed=seed), seed)
     logits = {case: batched.extract(model.extractor, torch.cat([attacked(o, case, seed + u) for u, o in enumerate(outputs)])
                                     ).double().numpy() for case in CASES}
     return logits, np.repeat(np.arange(users), per_user), codes, index
@@ -95,8 +80,8 @@ def marked(model, users: int, per_user: int, seed: int) -> tuple[dict, np.ndarra
 
 def measure(checkpoint: str, args) -> list[dict]:
     model = load_fingerprint_model(shipped_checkpoint(checkpoint))
-    fit = unmarked(model, 0, args.fit)  # the training stream: what a method's fit would see
-    test = unmarked(model, TEST_SEED_OFFSET + 900, args.images)
+    fit = procedural_unmarked_logits(model, 0, args.fit)  # the training stream: what a method's fit would see
+    test = procedural_unmarked_logits(model, TEST_SEED_OFFSET + 900, args.images)
     logits, truth, codes, index = marked(model, args.users, args.per_user, args.seed)
     rows = []
     for name, weigh in weightings(fit).items():

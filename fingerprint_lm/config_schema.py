@@ -38,6 +38,9 @@ ACT_TYPES: tuple[str, ...] = ("none", "permute", "scale", "sign", "all")
 # The ResnetBlocks' interior channels, the residual stream (every segment of it,
 # fingerprint_lm/models/residual_stream.py), or both.
 ACT_SCOPES: tuple[str, ...] = ("interior", "stream", "both")
+# How per-image attribution reads an image; registry/soft.py implements them (and re-exports the
+# names). ``soft_whitened``: the soft test on the extractor's logits whitened on unmarked images.
+DECODINGS: tuple[str, ...] = ("soft", "soft_whitened", "hard")
 
 
 @dataclass
@@ -79,7 +82,7 @@ class DistributorConfig:
         check_int("distributor.min_distance", self.min_distance, 0)
         check_int("distributor.top", self.top)
         check_choice("distributor.tracing", self.tracing, ("evidence", "tardos"))
-        check_choice("distributor.decoding", self.decoding, ("soft", "soft_whitened", "hard"))
+        check_choice("distributor.decoding", self.decoding, DECODINGS)
 
 
 @dataclass
@@ -114,7 +117,7 @@ class SweepConfig:
         # n_images, n_innocents, fpr and tracing_fpr: checked by the evaluation library's
         # PointSettings, which the task builds from them at once (it guards callers without a config)
         check_choice("sweep.images", self.images, ("procedural", "data"))
-        check_choice("sweep.decoding", self.decoding, ("soft", "soft_whitened", "hard"))
+        check_choice("sweep.decoding", self.decoding, DECODINGS)
         _check_positive("sweep.finetune_lr", self.finetune_lr)
         check_int("sweep.fid_proxy_steps", self.fid_proxy_steps, 0)
 

@@ -112,6 +112,12 @@ def extract_logits(extractor: torch.nn.Module, images: Sequence[torch.Tensor]) -
     return torch.stack(rows).numpy()
 
 
+def whitened_weights(extractor: torch.nn.Module, logits: np.ndarray, decoding: str) -> np.ndarray | None:
+    """The extractor's soft weights of ``logits`` when ``decoding`` reads them (``soft_whitened``);
+    None otherwise, so the other decodings do no extra work."""
+    return soft_weights(extractor, logits) if decoding == "soft_whitened" else None
+
+
 def _decided(logits, weights, decoding: str):
     """What per-image attribution reads: the soft weights with ``soft_whitened`` decoding, where given."""
     return weights if weights is not None and decoding == "soft_whitened" else logits
@@ -145,7 +151,8 @@ def attribute_images(
     index = _index(registry)
     _check(extractor, index, fpr)
     logits = extract_logits(extractor, [image for _, image in images])
-    return attribute_logits(logits, index, [name for name, _ in images], fpr, decoding, soft_weights(extractor, logits))
+    return attribute_logits(logits, index, [name for name, _ in images], fpr, decoding,
+                            whitened_weights(extractor, logits, decoding))
 
 
 def attribute_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: Sequence[str],
@@ -213,7 +220,7 @@ def trace_images(
     _check(extractor, index, fpr)
     logits = extract_logits(extractor, [image for _, image in images])
     return trace_logits(logits, index, [name for name, _ in images], fpr, top, scoring, decoding,
-                        soft_weights(extractor, logits))
+                        whitened_weights(extractor, logits, decoding))
 
 
 TRACING_SCORES = ("evidence", "tardos")

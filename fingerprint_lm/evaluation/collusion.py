@@ -40,7 +40,7 @@ from fingerprint_lm.attacks.cases import BUILTIN_ATTACKS, attack_kind, check_poi
 from fingerprint_lm.attacks.collusion import IMAGE_MERGES, MERGES, merge_copies
 from fingerprint_lm.attacks.image import IMAGE_ATTACKS
 from fingerprint_lm.data.synthetic import ProceduralImages
-from fingerprint_lm.distributor.attribution import attribute_logits, trace_logits
+from fingerprint_lm.distributor.attribution import attribute_logits, trace_logits, whitened_weights
 from fingerprint_lm.distributor.copies import decoder_from_tensors
 from fingerprint_lm.errors import ConfigError, check_choice, check_int, check_probability
 from fingerprint_lm.methods.base import personal_tensors
@@ -49,7 +49,6 @@ from fingerprint_lm.metrics.quality import psnr, ssim
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.act import ACT_TYPES
 from fingerprint_lm.models.checkpoint import FingerprintModel
-from fingerprint_lm.models.extractor import soft_weights
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.soft import DECODINGS, code_p_values
 
@@ -315,15 +314,15 @@ def score(model: FingerprintModel, users: Users, point: Point, images: PointImag
     hard = (logits > 0).astype(np.uint8)
     per_colluder = [(hard == users.codes[i][None]).mean() for i in range(point.colluders)]
     names = [f"image{i}" for i in range(len(logits))]
-    weights = soft_weights(model.extractor, logits)  # what decoding=soft_whitened scores
+    weights = whitened_weights(model.extractor, logits, settings.decoding)  # None unless decoding=soft_whitened
     attributed = attribute_logits(logits, users.index, names, fpr=settings.fpr, decoding=settings.decoding,
                                   weights=weights)["images"]
     caught, innocents = _traced(logits, weights, users, names, settings, point.colluders, "evidence")
     tardos_caught, tardos_innocents = _traced(logits, weights, users, names, settings, point.colluders, "tardos")
     colluders = users.colluder_ids
     base_logits = batched.extract(model.extractor, images.base_outputs, settings.device).double().numpy()
-    if settings.decoding == "soft_whitened":  # the one-code test reads what attribution reads
-        logits, base_logits = weights, soft_weights(model.extractor, base_logits)
+    if weights is not None:  # the one-code test reads what attribution reads
+        logits, base_logits = weights, whitened_weights(model.extractor, base_logits, settings.decoding)
     fid_proxy = fid_proxy_base = None
     if fid_net is not None and images.outputs.shape[-2:] == images.real.shape[-2:]:  # no proxy across sizes
         fid_proxy = frechet_distance_proxy(images.outputs, images.real, fid_net)
@@ -358,7 +357,7 @@ def score(model: FingerprintModel, users: Users, point: Point, images: PointImag
     )
 
 
-def _traced(logits: np.ndarray, weights: np.ndarray, users: Users, names: list[str], settings: PointSettings,
+def _traced(logits: np.ndarray, weights: np.ndarray | None, users: Users, names: list[str], settings: PointSettings,
             top: int, scoring: str) -> tuple[int, int]:
     """(colluders, innocents) the distributor's tracing accuses with ``scoring``."""
     suspects = trace_logits(logits, users.index, names, fpr=settings.tracing_fpr, top=top, scoring=scoring,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fingerprint_lm.config_schema import DECODINGS  # the choices the distributor and sweep configs check
 from fingerprint_lm.errors import DataError, check_choice, check_int, check_probability
 from fingerprint_lm.metrics.bits import binomial_p_value
 from fingerprint_lm.registry.codes import hamming_blocks, pack_bits, packed_dot, unpack_bits
@@ -158,15 +159,11 @@ def _empty() -> dict:
             "p_value": 1.0, "accused": False}
 
 
-# ``soft_whitened``: the soft test on the extractor's logits whitened on unmarked images
-# (models/extractor.py: soft_weights), which the caller passes in place of the logits. The p-value
-# is exact either way; which weights win depends on the attack (soft_weight_whitening.md).
-DECODINGS: tuple[str, ...] = ("soft", "soft_whitened", "hard")
-
-
 def identify_logits(logits, index: CodeIndex, fpr: float = 1e-6, decoding: str = "soft") -> list[dict]:
     """Name the user behind each image from its extractor logits ``[n, k]``: ``soft`` and
-    ``soft_whitened`` (:func:`soft_identify` of what is passed) or ``hard`` (signs only,
+    ``soft_whitened`` (:func:`soft_identify` of what is passed: for ``soft_whitened`` the caller
+    passes the extractor's logits whitened on unmarked images, ``models/extractor.py:
+    soft_weights``; the p-value is exact either way) or ``hard`` (signs only,
     :meth:`CodeIndex.identify_many`)."""
     check_choice("decoding", decoding, DECODINGS)
     if decoding != "hard":
