@@ -165,7 +165,7 @@ def test_each_settings_group_is_typed_by_its_schema(default_cfg, group):
         ("distributor.fpr=2", "distributor", "distributor.fpr must lie in (0, 1), got 2.0"),
         ("distributor.tracing=tardis", "distributor", "distributor.tracing must be one of evidence, tardos"),
         ("distributor.top=0", "distributor", "distributor.top must be a positive integer, got 0"),
-        ("distributor.decoding=fuzzy", "distributor", "distributor.decoding must be one of soft, soft_whitened, hard"),
+        ("distributor.decoding=fuzzy", "distributor", "distributor.decoding must be one of soft, soft_whitened, soft_code_null, hard"),
         ("sweep.images=coco", "sweep", "sweep.images must be one of procedural, data, got 'coco'"),
         ("sweep.finetune_lr=0", "sweep", "sweep.finetune_lr must be a finite number > 0"),
         ("text2image.fid=fast", "text2image", "text2image.fid must be one of auto, clean, proxy, off"),

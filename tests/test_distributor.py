@@ -79,6 +79,11 @@ def test_end_to_end_issue_generate_attribute(issued, checkpoint):
     whitened = task(issued, checkpoint, "attribute", f"images={issued / 'bob_images'}",
                     "distributor.decoding=soft_whitened")
     assert whitened["decoding"] == "soft_whitened" and all(row["user_id"] == "bob" for row in whitened["images"])
+    # ... and the soft test with each accused code also tested against its own unmarked law
+    checked = task(issued, checkpoint, "attribute", f"images={issued / 'bob_images'}",
+                   "distributor.decoding=soft_code_null")
+    assert checked["decoding"] == "soft_code_null" and all(row["user_id"] == "bob" for row in checked["images"])
+    assert all(c["p_value"] >= s["p_value"] for c, s in zip(checked["images"], result["images"], strict=True))
 
     # no image from the base decoder is accused
     base = task(issued, checkpoint, "attribute", f"images={issued / 'base_images'}")

@@ -29,9 +29,9 @@ import torch
 from fingerprint_lm.data.coco import load_rgb, to_tensor
 from fingerprint_lm.errors import ConfigError, DataError, check_probability
 from fingerprint_lm.metrics.bits import match_threshold
-from fingerprint_lm.models.extractor import soft_weights
+from fingerprint_lm.models.extractor import soft_null, soft_weights
 from fingerprint_lm.registry.index import CodeIndex
-from fingerprint_lm.registry.soft import identify_logits
+from fingerprint_lm.registry.soft import CodeNull, identify_logits
 from fingerprint_lm.registry.store import Registry
 from fingerprint_lm.registry.tardos import tardos_trace
 from fingerprint_lm.registry.tracing import trace_evidence
@@ -118,6 +118,19 @@ def whitened_weights(extractor: torch.nn.Module, logits: np.ndarray, decoding: s
     return soft_weights(extractor, logits) if decoding == "soft_whitened" else None
 
 
+def code_null(extractor: torch.nn.Module, decoding: str) -> CodeNull | None:
+    """The law of a code's score over unmarked images that ``soft_code_null`` decoding tests each
+    accused code against (:func:`~fingerprint_lm.models.extractor.soft_null`); None for the other
+    decodings. ConfigError when the reader's law is unknown."""
+    if decoding != "soft_code_null":
+        return None
+    fitted = soft_null(extractor)
+    if fitted is None:
+        raise ConfigError("decoding=soft_code_null needs the reader's logits fitted on unmarked images, and this "
+                          "checkpoint has none: run python experiments/fit_soft_whitening.py <checkpoint dir>")
+    return CodeNull(*fitted)
+
+
 def _decided(logits, weights, decoding: str):
     """What per-image attribution reads: the soft weights with ``soft_whitened`` decoding, where given."""
     return weights if weights is not None and decoding == "soft_whitened" else logits
@@ -152,11 +165,12 @@ def attribute_images(
     _check(extractor, index, fpr)
     logits = extract_logits(extractor, [image for _, image in images])
     return attribute_logits(logits, index, [name for name, _ in images], fpr, decoding,
-                            whitened_weights(extractor, logits, decoding))
+                            whitened_weights(extractor, logits, decoding), code_null(extractor, decoding))
 
 
 def attribute_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: Sequence[str],
-                     fpr: float = 1e-6, decoding: str = "soft", weights: np.ndarray | None = None) -> dict:
+                     fpr: float = 1e-6, decoding: str = "soft", weights: np.ndarray | None = None,
+                     null: CodeNull | None = None) -> dict:
     """Attribution of images whose extractor logits ``[n, k]`` are given (``names``: one per row).
 
     Returns ``{"fpr", "decoding", "n_users", "code_length", "match_threshold", "images": [...]}``
@@ -167,7 +181,9 @@ def attribute_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: 
     test on ``weights``, the extractor's :func:`~fingerprint_lm.models.extractor.soft_weights` of
     the logits (None: the logits; the carrier reader whitens them on unmarked images, pnm's reader
     is whitened already), ``matching_bits`` then counting the weights' signs. ``bits`` are always
-    the logits' signs. ``match_threshold`` is the number of
+    the logits' signs. ``decoding="soft_code_null"``: the soft test on the logits, each accused
+    code also tested against ``null``, its score's law over unmarked images (None: identity;
+    :func:`code_null`). ``match_threshold`` is the number of
     matching bits hard decoding needs for an accusation (soft decoding has one threshold per image),
     None when even ``k`` matches cannot reach ``fpr`` among this many users.
     """
@@ -175,7 +191,7 @@ def attribute_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: 
     _check(None, index, fpr)
     k = index.k
     bits = (np.asarray(logits) > 0).astype(np.uint8)
-    results = identify_logits(_decided(logits, weights, decoding), index, fpr=fpr, decoding=decoding)
+    results = identify_logits(_decided(logits, weights, decoding), index, fpr=fpr, decoding=decoding, code_null=null)
     try:
         threshold = match_threshold(k, fpr, max(len(index), 1))
     except ConfigError:
@@ -220,7 +236,7 @@ def trace_images(
     _check(extractor, index, fpr)
     logits = extract_logits(extractor, [image for _, image in images])
     return trace_logits(logits, index, [name for name, _ in images], fpr, top, scoring, decoding,
-                        whitened_weights(extractor, logits, decoding))
+                        whitened_weights(extractor, logits, decoding), code_null(extractor, decoding))
 
 
 TRACING_SCORES = ("evidence", "tardos")
@@ -228,7 +244,7 @@ TRACING_SCORES = ("evidence", "tardos")
 
 def trace_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: Sequence[str],
                  fpr: float = 1e-6, top: int = 10, scoring: str = "evidence", decoding: str = "soft",
-                 weights: np.ndarray | None = None) -> dict:
+                 weights: np.ndarray | None = None, null: CodeNull | None = None) -> dict:
     """Tracing from the extractor logits ``[n, k]`` of a suspect set of images (one model's, or
     pooled or blended by colluders): :func:`~fingerprint_lm.registry.tracing.trace_evidence`.
 
@@ -240,8 +256,8 @@ def trace_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: Sequ
     (:func:`~fingerprint_lm.registry.tardos.tardos_trace`; the registry's codes are uniform, so
     every bias is 1/2), each suspect with the same fields (``evidence`` is ``pooled`` or None;
     ``n_images`` counts the images per-image attribution names them on at ``per_image_fpr`` =
-    ``fpr / n``, outside the accusation). ``decoding`` and ``weights``: how per-image attribution
-    reads each image (:func:`attribute_logits`); the pooled evidence reads the logits.
+    ``fpr / n``, outside the accusation). ``decoding``, ``weights`` and ``null``: how per-image
+    attribution reads each image (:func:`attribute_logits`); the pooled evidence reads the logits.
     """
     index = _index(registry)
     _check(None, index, fpr)
@@ -255,13 +271,14 @@ def trace_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: Sequ
         per_image_fpr = fpr / len(probs)
         traced = {"scoring": "tardos", "per_image_fpr": per_image_fpr, **tardos_trace(probs, index, fpr=fpr, top=top)}
         decided = _decided(logits, weights, decoding)
-        named = Counter(result["user_id"] for result in (identify_logits(decided, index, per_image_fpr, decoding)
+        named = Counter(result["user_id"] for result in (identify_logits(decided, index, per_image_fpr, decoding, null)
                                                          if traced["suspects"] else []) if result["accused"])
         for suspect in traced["suspects"]:
             suspect.update(n_images=named.get(suspect["user_id"], 0),
                            evidence="pooled" if suspect["accused"] else None)
     else:
         traced = {"scoring": "evidence", **trace_evidence(probs, index, fpr=fpr, top=top,
-                                                          logits=_decided(logits, weights, decoding), decoding=decoding)}
+                                                          logits=_decided(logits, weights, decoding), decoding=decoding,
+                                                          code_null=null)}
     return {"fpr": float(fpr), "decoding": decoding, "n_users": len(index), "n_images": len(names),
             "images": list(names), **traced}

@@ -40,7 +40,7 @@ from fingerprint_lm.attacks.cases import BUILTIN_ATTACKS, attack_kind, check_poi
 from fingerprint_lm.attacks.collusion import IMAGE_MERGES, MERGES, merge_copies
 from fingerprint_lm.attacks.image import IMAGE_ATTACKS
 from fingerprint_lm.data.synthetic import ProceduralImages
-from fingerprint_lm.distributor.attribution import attribute_logits, trace_logits, whitened_weights
+from fingerprint_lm.distributor.attribution import attribute_logits, code_null, trace_logits, whitened_weights
 from fingerprint_lm.distributor.copies import decoder_from_tensors
 from fingerprint_lm.errors import ConfigError, check_choice, check_int, check_probability
 from fingerprint_lm.methods.base import personal_tensors
@@ -315,10 +315,11 @@ def score(model: FingerprintModel, users: Users, point: Point, images: PointImag
     per_colluder = [(hard == users.codes[i][None]).mean() for i in range(point.colluders)]
     names = [f"image{i}" for i in range(len(logits))]
     weights = whitened_weights(model.extractor, logits, settings.decoding)  # None unless decoding=soft_whitened
+    null = code_null(model.extractor, settings.decoding)  # None unless decoding=soft_code_null
     attributed = attribute_logits(logits, users.index, names, fpr=settings.fpr, decoding=settings.decoding,
-                                  weights=weights)["images"]
-    caught, innocents = _traced(logits, weights, users, names, settings, point.colluders, "evidence")
-    tardos_caught, tardos_innocents = _traced(logits, weights, users, names, settings, point.colluders, "tardos")
+                                  weights=weights, null=null)["images"]
+    caught, innocents = _traced(logits, weights, null, users, names, settings, point.colluders, "evidence")
+    tardos_caught, tardos_innocents = _traced(logits, weights, null, users, names, settings, point.colluders, "tardos")
     colluders = users.colluder_ids
     base_logits = batched.extract(model.extractor, images.base_outputs, settings.device).double().numpy()
     if weights is not None:  # the one-code test reads what attribution reads
@@ -341,8 +342,8 @@ def score(model: FingerprintModel, users: Users, point: Point, images: PointImag
         bit_acc_min=float(np.min(per_colluder)),
         bit_acc_max=float(np.max(per_colluder)),
         attribution_acc=float(np.mean([r["accused"] and r["user_id"] in colluders for r in attributed])),
-        tpr_at_fpr=float(np.mean(code_p_values(logits, users.codes[0], settings.decoding) <= settings.fpr)),
-        false_positives=float(np.mean(code_p_values(base_logits, users.codes[0], settings.decoding) <= settings.fpr)),
+        tpr_at_fpr=float(np.mean(code_p_values(logits, users.codes[0], settings.decoding, null) <= settings.fpr)),
+        false_positives=float(np.mean(code_p_values(base_logits, users.codes[0], settings.decoding, null) <= settings.fpr)),
         tracing_caught=caught,
         tracing_innocents_accused=innocents,
         tardos_caught=tardos_caught,
@@ -357,11 +358,11 @@ def score(model: FingerprintModel, users: Users, point: Point, images: PointImag
     )
 
 
-def _traced(logits: np.ndarray, weights: np.ndarray | None, users: Users, names: list[str], settings: PointSettings,
-            top: int, scoring: str) -> tuple[int, int]:
+def _traced(logits: np.ndarray, weights: np.ndarray | None, null, users: Users, names: list[str],
+            settings: PointSettings, top: int, scoring: str) -> tuple[int, int]:
     """(colluders, innocents) the distributor's tracing accuses with ``scoring``."""
     suspects = trace_logits(logits, users.index, names, fpr=settings.tracing_fpr, top=top, scoring=scoring,
-                            decoding=settings.decoding, weights=weights)["suspects"]
+                            decoding=settings.decoding, weights=weights, null=null)["suspects"]
     accused = [s["user_id"] for s in suspects if s["accused"]]
     colluders = users.colluder_ids
     return sum(u in colluders for u in accused), sum(u not in colluders for u in accused)

@@ -10,7 +10,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from fingerprint_lm.errors import ConfigError
-from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor, PooledExtractor, whitening_map
+from fingerprint_lm.models.pooled_extractor import (
+    BandEnergyExtractor,
+    PooledExtractor,
+    WhitenedReader,
+    whitening_map,
+)
 
 
 def fold_tiles(images: torch.Tensor, tile_size: int) -> torch.Tensor:
@@ -156,3 +161,22 @@ def soft_weights(extractor: nn.Module, logits) -> np.ndarray:
     with torch.no_grad():
         device = next(itertools.chain(extractor.buffers(), extractor.parameters()), values).device
         return method(values.to(device)).double().cpu().numpy()
+
+
+def soft_null(extractor: nn.Module) -> tuple[np.ndarray, np.ndarray] | None:
+    """The centre ``[k]`` and a covariance root ``[k, k]`` of the extractor's logits on unmarked
+    images, for ``soft_code_null`` decoding (``registry/soft.py: CodeNull``). The carrier reader:
+    the inverse of its fitted ZCA soft whitening (symmetric, so ``root root' = C``). A whitened
+    reader (pnm's; :class:`~fingerprint_lm.models.pooled_extractor.WhitenedReader`): its logits are
+    ``gain x`` white with median 0 on the unmarked images it was fitted on, so ``(0, gain I)``.
+    None when neither is known (a carrier reader whose whitening was never fitted)."""
+    with torch.no_grad():
+        if isinstance(extractor, WhitenedReader):
+            k = int(extractor.fingerprint_bits)
+            return np.zeros(k), float(extractor.gain) * np.eye(k)
+        if not hasattr(extractor, "soft_whitening"):
+            return None
+        whitening, centre = extractor.soft_whitening.double().cpu(), extractor.soft_centre.double().cpu()
+        if torch.equal(whitening, torch.eye(len(whitening), dtype=whitening.dtype)) and not centre.any():
+            return None  # never fitted (checkpoints written before 2026-12-05)
+        return centre.numpy(), torch.linalg.inv(whitening).numpy()

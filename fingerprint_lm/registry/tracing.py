@@ -148,11 +148,11 @@ def trace(probs, index: CodeIndex | Registry, fpr: float = 1e-6, top: int = 10) 
 
 
 def trace_evidence(probs, index: CodeIndex | Registry, fpr: float = 1e-6, top: int = 10, logits=None,
-                   decoding: str = "soft") -> dict:
+                   decoding: str = "soft", code_null=None) -> dict:
     """Every user that per-image attribution or the pooled score supports, at a total false
     accusation probability ``fpr`` (see the module docstring). Per-image attribution decodes each
-    image's ``logits`` (``[n_images, k]``; None: the log-odds of ``probs``) with ``decoding``
-    (:func:`~fingerprint_lm.registry.soft.identify_logits`).
+    image's ``logits`` (``[n_images, k]``; None: the log-odds of ``probs``) with ``decoding`` and,
+    for ``soft_code_null``, ``code_null`` (:func:`~fingerprint_lm.registry.soft.identify_logits`).
 
     Returns ``{"per_image_fpr", "pooled_fpr", "threshold", "suspects": [...]}``; each suspect has
     ``user_id``, ``n_images`` (images attributed to them), ``score`` (pooled), ``p_value_bound``
@@ -179,7 +179,7 @@ def trace_evidence(probs, index: CodeIndex | Registry, fpr: float = 1e-6, top: i
     if logits is None:  # the log-odds of probs, finite where a sigmoid saturated
         clipped = np.clip(p.reshape(n_images, -1), 1e-12, 1.0 - 1e-12)
         logits = np.log(clipped) - np.log1p(-clipped)
-    for result in identify_logits(np.asarray(logits).reshape(n_images, -1), index, per_image_fpr, decoding):
+    for result in identify_logits(np.asarray(logits).reshape(n_images, -1), index, per_image_fpr, decoding, code_null):
         if result["accused"]:
             row_of = row_of or {user: i for i, user in enumerate(index.user_ids)}
             named.setdefault(row_of[result["user_id"]], []).append(result["p_value"])
