@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import runpy
 import subprocess
 import sys
 
@@ -11,31 +12,40 @@ import pytest
 from tests.conftest import ROOT
 
 
+def run_script(script: str, args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """Run ``experiments/<script>`` as ``python experiments/<script> args`` would, in this process
+    (the subprocess start-up, a fresh torch import, cost ~5 s a case): its exit code and stderr.
+    An exception that escapes the script's own error handling fails the test with its traceback."""
+    path = ROOT / "experiments" / script
+    monkeypatch.setattr(sys, "argv", [str(path), *args])
+    monkeypatch.syspath_prepend(str(path.parent))  # the scripts import their neighbours
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    return code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("script", ["base_vs_copy.py", "fid_proxy_floor.py"])
-def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path, script):
+def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path, script, monkeypatch, capsys):
     out = tmp_path / "figure.png"
     extra = ["--out", str(out)] if script == "base_vs_copy.py" else []
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / script), "--checkpoint", str(tmp_path / "missing"), *extra],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
-    )
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode == 2 and len(errors) == 1 and "no fingerprint checkpoint" in errors[0], result.stderr
-    assert "Traceback" not in result.stderr
+    code, stderr = run_script(script, ["--checkpoint", str(tmp_path / "missing"), *extra], monkeypatch, capsys)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "no fingerprint checkpoint" in errors[0], stderr
     assert not out.exists()
 
 
 @pytest.mark.parametrize("args", [["--steps", "0"], ["--schedules", "cosine"], ["--checkpoint", "embedded"]])
-def test_lr_warmdown_probe_refuses_bad_input_before_training(args):
+def test_lr_warmdown_probe_refuses_bad_input_before_training(args, monkeypatch, capsys):
     """A bad schedule or length, or a checkpoint that is not pnm, is one error line, exit 2, and no
     row appended to the results."""
     results = ROOT / "experiments" / "results" / "lr_warmdown_probe.jsonl"
     before = results.read_text() if results.exists() else None
-    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "lr_warmdown_probe.py"), *args],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode == 2 and len(errors) == 1, result.stderr
-    assert "Traceback" not in result.stderr
+    code, stderr = run_script("lr_warmdown_probe.py", args, monkeypatch, capsys)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, stderr
     assert (results.read_text() if results.exists() else None) == before
 
 
@@ -81,20 +91,18 @@ def test_pnm_conv_sites_refuses_an_occupied_keep_folder(tmp_path, occupied):
     ("soft_weight_whitening.py", ["--fit", "0"]),
     ("soft_code_null.py", ["--users", "1"]),
 ])
-def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args):
+def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):
     """A non-positive count, a registry smaller than the users given copies, or an fpr outside
     (0, 1) is one error line and exit 2, and no row is appended to the results."""
     results = ROOT / "experiments" / "results" / script.replace(".py", ".jsonl")
     before = results.read_text() if results.exists() else None
-    result = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode == 2 and len(errors) == 1, result.stderr
-    assert "Traceback" not in result.stderr
+    code, stderr = run_script(script, args, monkeypatch, capsys)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, stderr
     assert (results.read_text() if results.exists() else None) == before
 
 
-def test_fit_soft_whitening_refuses_a_pnm_checkpoint_and_leaves_it_as_it_was(tmp_path):
+def test_fit_soft_whitening_refuses_a_pnm_checkpoint_and_leaves_it_as_it_was(tmp_path, monkeypatch, capsys):
     """Only the carrier reader has a soft whitening: a pnm checkpoint is one error line, exit 2, unchanged."""
     import shutil
 
@@ -103,8 +111,7 @@ def test_fit_soft_whitening_refuses_a_pnm_checkpoint_and_leaves_it_as_it_was(tmp
     target = tmp_path / "pnm"
     shutil.copytree(shipped_checkpoint("embedded_pnm"), target)
     before = {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()}
-    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "fit_soft_whitening.py"), str(target)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode == 2 and len(errors) == 1 and "carrier" in errors[0], result.stderr
+    code, stderr = run_script("fit_soft_whitening.py", [str(target)], monkeypatch, capsys)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "carrier" in errors[0], stderr
     assert {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
