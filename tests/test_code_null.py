@@ -71,8 +71,13 @@ def test_the_null_comes_from_the_reader_and_an_unfitted_carrier_reader_is_refuse
     assert np.allclose(root @ root.T, np.cov(fit.T), rtol=0.05, atol=0.05)
     assert np.abs(centre - np.median(fit, axis=0)).max() < 0.2
     whitened = BandEnergyExtractor(K, gain=3.0)
+    assert soft_null(whitened) is None  # not fitted yet
+    whitened.fit_whitening(torch.randn(64, 3, 16, 16))
     centre, root = soft_null(whitened)  # gain x white with median 0
     assert not centre.any() and np.array_equal(root, 3.0 * np.eye(K))
+    standardised = BandEnergyExtractor(K, gain=3.0, decorrelate=False)
+    standardised.fit_whitening(torch.randn(64, 3, 16, 16))
+    assert soft_null(standardised) is None  # per-logit standardised logits stay correlated
 
 
 def test_attribute_logits_passes_the_null_through():
@@ -80,6 +85,10 @@ def test_attribute_logits_passes_the_null_through():
     index = CodeIndex.from_bits([f"u{i}" for i in range(50)], codes)
     logits = 3.0 * (2.0 * codes[9] - 1)[None] * np.ones((2, 1))
     wide = CodeNull(np.zeros(K), 100.0 * np.eye(K))  # a law under which user 9's score is ordinary
-    assert [r["user_id"] for r in attribute_logits(logits, index, ["a", "b"], 1e-3, "soft_code_null")["images"]] == ["u9"] * 2
+    unit = CodeNull(np.zeros(K), np.eye(K))
+    assert [r["user_id"] for r in attribute_logits(logits, index, ["a", "b"], 1e-3, "soft_code_null", null=unit)["images"]
+            ] == ["u9"] * 2
+    with pytest.raises(ConfigError, match="needs the reader's law"):  # no silent fallback
+        attribute_logits(logits, index, ["a", "b"], 1e-3, "soft_code_null")
     rows = attribute_logits(logits, index, ["a", "b"], 1e-3, "soft_code_null", null=wide)["images"]
     assert not any(r["accused"] for r in rows) and all(r["nearest_user_id"] == "u9" for r in rows)

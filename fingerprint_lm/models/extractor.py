@@ -167,13 +167,16 @@ def soft_null(extractor: nn.Module) -> tuple[np.ndarray, np.ndarray] | None:
     """The centre ``[k]`` and a covariance root ``[k, k]`` of the extractor's logits on unmarked
     images, for ``soft_code_null`` decoding (``registry/soft.py: CodeNull``). The carrier reader:
     the inverse of its fitted ZCA soft whitening (symmetric, so ``root root' = C``). A whitened
-    reader (pnm's; :class:`~fingerprint_lm.models.pooled_extractor.WhitenedReader`): its logits are
-    ``gain x`` white with median 0 on the unmarked images it was fitted on, so ``(0, gain I)``.
-    None when neither is known (a carrier reader whose whitening was never fitted)."""
+    reader (pnm's; :class:`~fingerprint_lm.models.pooled_extractor.WhitenedReader`) with its full
+    whitening fitted: its logits are ``gain x`` white with median 0 on the unmarked images it was
+    fitted on, so ``(0, gain I)``. None when neither is known: a reader never fitted, or one only
+    standardised per logit (``decorrelate=false``: its logits stay correlated)."""
     with torch.no_grad():
         if isinstance(extractor, WhitenedReader):
             k = int(extractor.fingerprint_bits)
-            return np.zeros(k), float(extractor.gain) * np.eye(k)
+            fitted = not (torch.equal(extractor.whiten_matrix.cpu(), torch.eye(k, dtype=extractor.whiten_matrix.dtype))
+                          and not extractor.whiten_mean.any())
+            return (np.zeros(k), float(extractor.gain) * np.eye(k)) if fitted and extractor.decorrelate else None
         if not hasattr(extractor, "soft_whitening"):
             return None
         whitening, centre = extractor.soft_whitening.double().cpu(), extractor.soft_centre.double().cpu()

@@ -39,7 +39,7 @@ import numpy as np
 from scipy.special import ndtr
 
 from fingerprint_lm.config_schema import DECODINGS  # the choices the distributor and sweep configs check
-from fingerprint_lm.errors import DataError, check_choice, check_int, check_probability
+from fingerprint_lm.errors import ConfigError, DataError, check_choice, check_int, check_probability
 from fingerprint_lm.metrics.bits import binomial_p_value
 from fingerprint_lm.registry.codes import hamming_blocks, pack_bits, packed_dot, unpack_bits
 from fingerprint_lm.registry.index import CodeIndex
@@ -113,11 +113,6 @@ class CodeNull:
     centre: np.ndarray
     root: np.ndarray
 
-    @classmethod
-    def identity(cls, k: int) -> CodeNull:
-        """The null of a reader whose logits are whitened on unmarked images already (pnm's)."""
-        return cls(np.zeros(k), np.eye(k))
-
     def p_values(self, logits, bits) -> np.ndarray:
         """One-sided Gaussian p-values ``[n_images, n_codes]`` of the codes ``bits`` ``[u, k]``
         for the raw ``logits`` ``[n, k]``."""
@@ -133,10 +128,11 @@ def soft_identify(logits, index: CodeIndex, fpr: float = 1e-6, levels: int = SOF
 
     Each row gives ``user_id`` (the accused user or None), ``nearest_user_id``, ``score``,
     ``matching_bits`` (hard matches with that user, for information), ``n_nearest`` (users tied
-    with them), ``p_value`` (the exact tail of ``score``, Bonferroni-corrected over the registry)
-    and ``accused`` (``p_value <= fpr``). When somebody is accused they are the best-scoring user
-    of the whole registry; otherwise the row describes the Hamming-nearest user (no user's score
-    reaches the accusation threshold, so who scores best does not change the verdict).
+    with them; with ``code_null``, tied users who also pass it), ``p_value`` (the exact tail of
+    ``score``, Bonferroni-corrected over the registry) and ``accused`` (``p_value <= fpr``). When
+    somebody is accused they are the best-scoring user of the whole registry (with ``code_null``:
+    of the users passing it); otherwise the row describes the Hamming-nearest user (nobody passes,
+    so who scores best does not change the verdict).
 
     Exact without scoring every user: user ``u``'s score falls short of the best possible one by
     the sum of ``|q_i|`` over the bits where their code and the logits' signs differ, at least the
@@ -177,28 +173,30 @@ def _identify_one(weights: np.ndarray, hard: np.ndarray, distances: np.ndarray, 
         if len(candidates):
             scores = packed_dot(index.packed, index.k, weights, candidates)
             passes = scores >= needed
+            code_p = np.zeros(len(candidates))
             if null is not None and passes.any():  # the code's own unmarked law too
-                code_p = null[0].p_values(null[1], unpack_bits(index.packed[candidates[passes]], index.k).reshape(-1, index.k))[0]
-                passes[passes] = code_p * n_users <= fpr
+                bits = unpack_bits(index.packed[candidates[passes]], index.k).reshape(-1, index.k)
+                code_p[passes] = null[0].p_values(null[1], bits)[0]
+                passes &= code_p * n_users <= fpr
             if passes.any():  # accused: the best of every user who reaches `needed` (and passes the null)
                 best = int(np.where(passes, scores, scores.min() - 1).max())
                 top = int(np.flatnonzero(passes & (scores == best))[0])
                 return _row(index, int(candidates[top]), best, int((passes & (scores == best)).sum()),
-                            hard, low, tail, fpr, null)
+                            hard, low, tail, float(code_p[top]), accused=True)
     nearest = int(distances.argmin())
     score = int(packed_dot(index.packed, index.k, weights, np.array([nearest]))[0])
     ties = int((distances == distances[nearest]).sum())
-    return _row(index, nearest, score, ties, hard, low, tail, fpr, null)
+    code_p = float(null[0].p_values(null[1], unpack_bits(index.packed[nearest], index.k)[None])[0, 0]) if null else 0.0
+    return _row(index, nearest, score, ties, hard, low, tail, code_p, accused=False)
 
 
 def _row(index: CodeIndex, user: int, score: int, ties: int, hard: np.ndarray, low: int, tail: np.ndarray,
-         fpr: float, null: tuple[CodeNull, np.ndarray] | None = None) -> dict:
+         code_p: float, accused: bool) -> dict:
+    """One verdict; ``p_value``: the larger of the exact tail of ``score`` and ``code_p`` (the
+    per-code null's, 0 without one), Bonferroni-corrected: ``<= fpr`` exactly when ``accused``
+    (ties: the first registered is named, as in hard decoding)."""
     code = unpack_bits(index.packed[user], index.k)
-    p_value = float(_tail_at(low, tail, score))
-    if null is not None:
-        p_value = max(p_value, float(null[0].p_values(null[1], code[None])[0, 0]))
-    p_value = min(1.0, p_value * len(index))
-    accused = p_value <= fpr  # ties: the first registered is named, as in hard decoding
+    p_value = min(1.0, max(float(_tail_at(low, tail, score)), code_p) * len(index))
     return {"user_id": index.user_ids[user] if accused else None, "nearest_user_id": index.user_ids[user],
             "score": score, "matching_bits": int((hard == code).sum()), "n_nearest": ties,
             "p_value": p_value, "accused": accused}
@@ -215,14 +213,20 @@ def identify_logits(logits, index: CodeIndex, fpr: float = 1e-6, decoding: str =
     ``soft_whitened`` and ``soft_code_null`` (:func:`soft_identify` of what is passed: for
     ``soft_whitened`` the caller passes the extractor's logits whitened on unmarked images,
     ``models/extractor.py: soft_weights``; for ``soft_code_null`` the raw logits and the reader's
-    ``code_null``, identity when None; the exact p-value bounds each) or ``hard`` (signs only,
+    ``code_null``, required; the exact p-value bounds each) or ``hard`` (signs only,
     :meth:`CodeIndex.identify_many`)."""
     check_choice("decoding", decoding, DECODINGS)
     if decoding == "hard":
         return index.identify_many((_as_logits(logits, index.k) > 0).astype(np.uint8), fpr=fpr)
     if decoding == "soft_code_null":
-        return soft_identify(logits, index, fpr, code_null=code_null or CodeNull.identity(index.k))
+        return soft_identify(logits, index, fpr, code_null=_needed(code_null))
     return soft_identify(logits, index, fpr)
+
+
+def _needed(code_null: CodeNull | None) -> CodeNull:
+    if code_null is None:  # no silent fallback: a wrong null would be a weaker test, unannounced
+        raise ConfigError("decoding=soft_code_null needs the reader's law over unmarked images (code_null)")
+    return code_null
 
 
 def code_p_values(logits, code, decoding: str = "soft", code_null: CodeNull | None = None) -> np.ndarray:
@@ -237,7 +241,6 @@ def code_p_values(logits, code, decoding: str = "soft", code_null: CodeNull | No
         exact = soft_tail(weights, weights @ code)
         if decoding != "soft_code_null":
             return exact
-        null = code_null or CodeNull.identity(len(code))
-        return np.maximum(exact, null.p_values(_as_logits(logits, len(code)), code[None])[:, 0])
+        return np.maximum(exact, _needed(code_null).p_values(_as_logits(logits, len(code)), code[None])[:, 0])
     matches = ((np.asarray(logits) > 0) == code.astype(bool)).sum(axis=1)
     return np.asarray(binomial_p_value(matches, len(code)), dtype=np.float64)
