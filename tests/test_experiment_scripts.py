@@ -115,3 +115,15 @@ def test_fit_soft_whitening_refuses_a_pnm_checkpoint_and_leaves_it_as_it_was(tmp
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "carrier" in errors[0], stderr
     assert {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("spec", ["no_label_path.json", "run=missing/metrics.json", "run={bad}"])
+def test_metrics_table_refuses_a_missing_or_foreign_file(tmp_path, spec, monkeypatch, capsys):
+    """A spec without a label, a missing file or one that is not a run's metrics.json: one error
+    line, exit 2."""
+    if spec == "run={bad}":
+        (tmp_path / "other.json").write_text('{"loss": 1.0}')
+        spec = f"run={tmp_path / 'other.json'}"
+    code, stderr = run_script("metrics_table.py", [spec], monkeypatch, capsys)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, stderr
