@@ -32,7 +32,6 @@ Prints a markdown table; rows are appended to ``results/soft_code_null.jsonl``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -41,13 +40,14 @@ import numpy as np
 import torch
 from soft_attribution import attacked
 from soft_calibration import procedural_unmarked_logits, tail_table
+from soft_weight_whitening import check_counts, common_parser, inverse_power
 
 from fingerprint_lm.attacks.collusion import image_blend, merge_copies
 from fingerprint_lm.data.datamodule import TEST_SEED_OFFSET
 from fingerprint_lm.distributor.attribution import code_null
 from fingerprint_lm.distributor.copies import decoder_from_tensors
 from fingerprint_lm.distributor.generation import held_out_images
-from fingerprint_lm.errors import check_int, exit_on_user_error
+from fingerprint_lm.errors import exit_on_user_error
 from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
@@ -107,8 +107,8 @@ def case_logits(model, codes: np.ndarray, users: int, per_user: int, seed: int) 
     images = held_out_images(32, per_user, seed=seed)
     rng = np.random.default_rng(seed)
     copies = [personal_tensors(model, codes[u], "all", int(rng.integers(2**31))) for u in range(users)]
-    outputs = [batched.decode(decoder_from_tensors(model.vae.config, *c), batched.encode(model.vae, images)) for c in copies]
     latents = batched.encode(model.vae, images)
+    outputs = [batched.decode(decoder_from_tensors(model.vae.config, *c), latents) for c in copies]
     out = {}
     for case in CASES:
         if case.endswith("_c2"):
@@ -138,8 +138,7 @@ def _colluded(model, case: str, copies, outputs, pair, latents) -> torch.Tensor:
 
 def fitted_null(fit: np.ndarray) -> CodeNull:
     centre = np.median(fit, axis=0)
-    values, vectors = np.linalg.eigh(np.cov((fit - centre).T))
-    return CodeNull(centre, vectors @ np.diag(np.sqrt(np.maximum(values, 0))) @ vectors.T)
+    return CodeNull(centre, inverse_power(np.cov((fit - centre).T), -0.5))  # the covariance's square root
 
 
 def measure(checkpoint: str, args) -> dict:
@@ -166,18 +165,10 @@ def measure(checkpoint: str, args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoints", nargs="+", default=["embedded", "embedded_pnm"])
-    parser.add_argument("--fit", type=int, default=2048)
-    parser.add_argument("--images", type=int, default=10_000)
-    parser.add_argument("--registries", type=int, default=100)
-    parser.add_argument("--users", type=int, default=4)
-    parser.add_argument("--per-user", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=5)
+    parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--refit", action="store_true", help="fit the null here instead of using the shipped one")
     args = parser.parse_args()
-    for name in ("fit", "images", "registries", "users", "per_user"):
-        check_int(f"--{name.replace('_', '-')}", getattr(args, name), 2 if name == "users" else 1)
+    check_counts(args, min_users=2)  # the 2-party cases pair the copies
     started = time.time()
     print("| checkpoint | rule | unmarked accused at 1e-3: mean / std / max (bound 10) | "
           + " | ".join(CASES) + " |\n|---|---|---|" + "---|" * len(CASES))

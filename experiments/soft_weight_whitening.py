@@ -101,8 +101,9 @@ def measure(checkpoint: str, args) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments this script shares with ``soft_code_null.py`` (checked by :func:`check_counts`)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--checkpoints", nargs="+", default=["embedded", "embedded_pnm"])
     parser.add_argument("--fit", type=int, default=2048)
     parser.add_argument("--images", type=int, default=10_000)
@@ -110,9 +111,17 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=4)
     parser.add_argument("--per-user", type=int, default=128)
     parser.add_argument("--seed", type=int, default=5)
-    args = parser.parse_args()
+    return parser
+
+
+def check_counts(args: argparse.Namespace, min_users: int = 1) -> None:
     for name in ("fit", "images", "registries", "users", "per_user"):
-        check_int(f"--{name.replace('_', '-')}", getattr(args, name))
+        check_int(f"--{name.replace('_', '-')}", getattr(args, name), min_users if name == "users" else 1)
+
+
+def main() -> None:
+    args = common_parser(__doc__.splitlines()[0]).parse_args()
+    check_counts(args)
     started = time.time()
     print("| checkpoint | weights | corr. top 3 eigenvalues (of 48) | unmarked accused at 1e-3: mean / std / max (bound 10) | "
           + " | ".join(f"{c}: bit_acc / attributed" for c in CASES) + " |")

@@ -182,8 +182,8 @@ def attribute_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: 
     the logits (None: the logits; the carrier reader whitens them on unmarked images, pnm's reader
     is whitened already), ``matching_bits`` then counting the weights' signs. ``bits`` are always
     the logits' signs. ``decoding="soft_code_null"``: the soft test on the logits, each accused
-    code also tested against ``null``, its score's law over unmarked images (None: identity;
-    :func:`code_null`). ``match_threshold`` is the number of
+    code also tested against ``null``, its score's law over unmarked images (:func:`code_null`;
+    required: ConfigError without it). ``match_threshold`` is the number of
     matching bits hard decoding needs for an accusation (soft decoding has one threshold per image),
     None when even ``k`` matches cannot reach ``fpr`` among this many users.
     """
