@@ -171,15 +171,17 @@ def soft_null(extractor: nn.Module) -> tuple[np.ndarray, np.ndarray] | None:
     whitening fitted: its logits are ``gain x`` white with median 0 on the unmarked images it was
     fitted on, so ``(0, gain I)``. None when neither is known: a reader never fitted, or one only
     standardised per logit (``decorrelate=false``: its logits stay correlated)."""
+    if isinstance(extractor, WhitenedReader):
+        k = int(extractor.fingerprint_bits)
+        fitted = not _never_fitted(extractor.whiten_matrix, extractor.whiten_mean)
+        return (np.zeros(k), float(extractor.gain) * np.eye(k)) if fitted and extractor.decorrelate else None
+    if not hasattr(extractor, "soft_whitening") or _never_fitted(extractor.soft_whitening, extractor.soft_centre):
+        return None  # no soft whitening, or never fitted (checkpoints written before 2026-12-05)
     with torch.no_grad():
-        if isinstance(extractor, WhitenedReader):
-            k = int(extractor.fingerprint_bits)
-            fitted = not (torch.equal(extractor.whiten_matrix.cpu(), torch.eye(k, dtype=extractor.whiten_matrix.dtype))
-                          and not extractor.whiten_mean.any())
-            return (np.zeros(k), float(extractor.gain) * np.eye(k)) if fitted and extractor.decorrelate else None
-        if not hasattr(extractor, "soft_whitening"):
-            return None
-        whitening, centre = extractor.soft_whitening.double().cpu(), extractor.soft_centre.double().cpu()
-        if torch.equal(whitening, torch.eye(len(whitening), dtype=whitening.dtype)) and not centre.any():
-            return None  # never fitted (checkpoints written before 2026-12-05)
-        return centre.numpy(), torch.linalg.inv(whitening).numpy()
+        whitening = extractor.soft_whitening.double().cpu()
+        return extractor.soft_centre.double().cpu().numpy(), torch.linalg.inv(whitening).numpy()
+
+
+def _never_fitted(matrix: torch.Tensor, centre: torch.Tensor) -> bool:
+    """A whitening still at its initial value: the identity, centred at 0."""
+    return torch.equal(matrix.cpu(), torch.eye(len(matrix), dtype=matrix.dtype)) and not centre.any()
