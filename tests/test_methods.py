@@ -24,17 +24,27 @@ from tests.conftest import ROOT, compose_config
 BITS = 32
 
 
-@pytest.fixture(scope="module", params=["pnm", "wouaf"])
+# The stock-weight methods, and pnm with per-user kernels (spatial structure) at two conv sites.
+STOCK_METHODS = {
+    "pnm": ["method=pnm"],
+    "wouaf": ["method=wouaf"],
+    "pnm_kernels": ["method=pnm", "+method.pnm.kernel_sites=[conv_out,up_blocks.*.resnets.0.conv1]"],
+}
+
+
+@pytest.fixture(scope="module", params=list(STOCK_METHODS))
 def pnm_model(tmp_path_factory, request):
-    """An untrained stock-weight model (method=pnm: GroupNorm affines; method=wouaf: conv input
-    channels) on the debug=tiny VAE, its heads set to random values so that every user's copy
-    differs from the base decoder (about 0.1 relative change per value)."""
-    cfg = compose_config(tmp_path_factory.mktemp(request.param), [f"method={request.param}"])
+    """An untrained stock-weight model (method=pnm: GroupNorm affines, conv input channels, and
+    optionally kernels; method=wouaf: conv input channels) on the debug=tiny VAE, its heads set to
+    random values so that every user's copy differs from the base decoder (about 0.1 relative
+    change per value)."""
+    cfg = compose_config(tmp_path_factory.mktemp(request.param), STOCK_METHODS[request.param])
     method = method_from_config(cfg)
     torch.manual_seed(0)
     model = method.build_model(build_vae(OmegaConf.to_container(cfg.model.vae_config)).eval(), BITS)
-    heads = [*model.pnm.affine_heads.values(), *model.pnm.conv_heads.values()]
-    assert heads and model.method == request.param
+    heads = [*model.pnm.affine_heads.values(), *model.pnm.conv_heads.values(), *model.pnm.kernel_heads.values()]
+    assert heads and model.method == request.param.split("_")[0]
+    assert bool(model.pnm.kernel_site_names) == request.param.endswith("kernels")
     with torch.no_grad():
         for head in heads:
             head.weight.normal_(0, 0.05)

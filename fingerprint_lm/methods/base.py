@@ -131,6 +131,9 @@ def personal_tensors(
             weight = base[f"{prefix}.weight"]
             gain = 1.0 + values["in_scale"][0].double()
             state[f"{prefix}.weight"] = (weight.double() * gain[None, :, None, None]).to(weight.dtype)
+        if "weight_delta" in values:  # added after the input-channel scales, as ModulatedConv2d does
+            weight = state[f"{prefix}.weight"]
+            state[f"{prefix}.weight"] = (weight.double() + values["weight_delta"][0].double()).to(weight.dtype)
         if "bias_map" in values:
             bias_map, site_name = values["bias_map"].detach().clone().contiguous(), prefix
     if act_type not in ACT_TYPES:

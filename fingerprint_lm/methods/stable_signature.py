@@ -42,7 +42,7 @@ class StableSignatureMethod(PNMMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.pnm.get("affine_sites") or self.pnm.get("conv_sites"):
+        if self.pnm.get("affine_sites") or self.pnm.get("conv_sites") or self.pnm.get("kernel_sites"):
             raise ConfigError("method=stable_signature has no shared PNM: method.pnm sites must be empty")
         CopyFinetune(**self.copy_finetune)  # checks the recipe now, not at the first copy
 

@@ -29,80 +29,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.models.modulated import (  # noqa: F401  (tile_to: re-exported for copies)
+    _MODULATION_SLOTS,
+    ModulatedConv2d,
+    ModulatedGroupNorm,
+    _modulated_modules,
+    tile_to,
+)
 
 DEFAULT_AFFINE_SITES = ("up_blocks.*.resnets.*.norm2", "mid_block.resnets.*.norm2")
-
-
-class ModulatedGroupNorm(nn.GroupNorm):
-    """GroupNorm whose affine output is modulated per sample; same ``weight``/``bias`` names.
-
-    ``scale`` [B,C] and ``shift`` [B,C] give ``(1 + scale) * gamma * GN(x) + beta + shift``;
-    ``bias_map`` [B,C,T,T] is tiled over the output (periodic spatial bias). All default to None,
-    in which case the module is exactly ``nn.GroupNorm``.
-    """
-
-    scale: torch.Tensor | None = None
-    shift: torch.Tensor | None = None
-    bias_map: torch.Tensor | None = None
-
-    @classmethod
-    def from_group_norm(cls, norm: nn.GroupNorm) -> ModulatedGroupNorm:
-        like = {"device": norm.weight.device, "dtype": norm.weight.dtype} if norm.affine else {}
-        new = cls(norm.num_groups, norm.num_channels, eps=norm.eps, affine=norm.affine, **like)
-        if norm.affine and not norm.weight.is_meta:  # meta: a shape-only model (SD layout checks)
-            new.load_state_dict(norm.state_dict())
-        return new
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        # Applied to the fused GroupNorm output so zero modulation is bit-exact:
-        # (1 + s) * gamma * GN(x) + beta + t = out * (1 + s) + (t - s * beta), one fused
-        # multiply-add over the activation (it is the size that matters at SD scale). The
-        # coefficients follow the activation's dtype (bf16 heads under autocast, fp32 GroupNorm).
-        if self.scale is not None or self.shift is not None:
-            per_channel = torch.zeros(out.shape[:2], dtype=out.dtype, device=out.device)
-            gain = torch.ones_like(per_channel)
-            if self.scale is not None:
-                scale = self.scale.to(out.dtype)
-                gain = gain + scale
-                per_channel = per_channel - scale * self.bias.to(out.dtype)
-            if self.shift is not None:
-                per_channel = per_channel + self.shift.to(out.dtype)
-            out = torch.addcmul(per_channel[:, :, None, None], out, gain[:, :, None, None])
-        if self.bias_map is not None:
-            out = out + tile_to(self.bias_map.to(out.dtype), out.shape[-2:])
-        return out
-
-
-class ModulatedConv2d(nn.Conv2d):
-    """Conv2d whose input channels are scaled per sample (WOUAF's weight modulation); same
-    ``weight``/``bias`` names. ``in_scale`` [B, C_in] gives ``conv((1 + in_scale) * x)``, which
-    is the stock conv with ``weight[:, c] * (1 + in_scale[c])`` (zero padding stays zero), so a
-    user's copy is a plain ``Conv2d``. None: exactly ``nn.Conv2d``."""
-
-    in_scale: torch.Tensor | None = None
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d) -> ModulatedConv2d:
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                  conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-                  device=conv.weight.device, dtype=conv.weight.dtype)
-        if not conv.weight.is_meta:
-            new.load_state_dict(conv.state_dict())
-        return new
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.in_scale is not None:
-            x = x * (1 + self.in_scale.to(x.dtype))[:, :, None, None]
-        return super().forward(x)
-
-
-# What each modulated module holds while ``PersonalizedDecoder.fingerprinted`` is active.
-_MODULATION_SLOTS = {ModulatedGroupNorm: ("scale", "shift", "bias_map"), ModulatedConv2d: ("in_scale",)}
-
-
-def _modulated_modules(module: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in module.named_modules() if type(m) in _MODULATION_SLOTS}
 
 
 def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -117,14 +52,6 @@ def _zero_head(width: int, outputs: int) -> nn.Linear:
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     return head
-
-
-def tile_to(tile: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Repeat a [B,C,T,T] tile periodically to cover [B,C,H,W] (cropping the last period)."""
-    height, width = size
-    t_h, t_w = tile.shape[-2:]
-    reps = (math.ceil(height / t_h), math.ceil(width / t_w))
-    return tile.repeat(1, 1, *reps)[..., :height, :width]
 
 
 def hadamard_carriers(num_bits: int, dim: int, seed: int) -> torch.Tensor:
@@ -201,6 +128,11 @@ class PersonalizedDecoder(nn.Module):
             drives the decoder into saturation (measured: PSNR ~7 dB, codes indistinguishable).
         conv_sites: glob-like module names of decoder convs whose input channels are scaled per
             user (WOUAF-style, ``ModulatedConv2d``; stock weights too). Empty to disable.
+        kernel_sites: glob-like module names of decoder convs that get a per-user additive
+            kernel, ``weight + kernel_bound * tanh(raw / kernel_bound)`` over every weight value
+            (spatial structure the per-channel sites cannot make; stock weights too). Empty to
+            disable.
+        kernel_bound: the largest change of a kernel value at the kernel sites, in weight units.
     """
 
     def __init__(
@@ -217,6 +149,8 @@ class PersonalizedDecoder(nn.Module):
         gradient_checkpointing: bool = False,
         modulation_bound: float | None = None,
         conv_sites: Sequence[str] = (),
+        kernel_sites: Sequence[str] = (),
+        kernel_bound: float = 0.03,
     ):
         super().__init__()
         if modulation_bound is not None and modulation_bound <= 0:
@@ -245,7 +179,13 @@ class PersonalizedDecoder(nn.Module):
         self.conv_site_names = sorted(n for n in convs if any(_match(n, p) for p in conv_sites))
         if conv_sites and not self.conv_site_names:
             raise ConfigError(f"no decoder conv matches the PNM conv sites {list(conv_sites)}")
-        for name in self.conv_site_names:
+        self.kernel_site_names = sorted(n for n in convs if any(_match(n, p) for p in kernel_sites))
+        if kernel_sites and not self.kernel_site_names:
+            raise ConfigError(f"no decoder conv matches the PNM kernel sites {list(kernel_sites)}")
+        if not kernel_bound > 0:
+            raise ConfigError(f"kernel_bound must be positive, got {kernel_bound}")
+        self.kernel_bound = kernel_bound
+        for name in {*self.conv_site_names, *self.kernel_site_names}:
             _replace(decoder, name, ModulatedConv2d.from_conv(convs[name]))
 
         self.affine_heads = nn.ModuleDict()
@@ -255,6 +195,9 @@ class PersonalizedDecoder(nn.Module):
         self.conv_heads = nn.ModuleDict()
         for name in self.conv_site_names:
             self.conv_heads[name.replace(".", "__")] = _zero_head(mapping_hidden, convs[name].in_channels)
+        self.kernel_heads = nn.ModuleDict()
+        for name in self.kernel_site_names:
+            self.kernel_heads[name.replace(".", "__")] = _zero_head(mapping_hidden, convs[name].weight.numel())
 
         if spatial_site is not None:
             channels = norms[spatial_site].num_channels
@@ -282,6 +225,11 @@ class PersonalizedDecoder(nn.Module):
             out[name] = {"scale": self._bounded(scale), "shift": self._bounded(shift)}
         for name in self.conv_site_names:
             out[name] = {"in_scale": self._bounded(self.conv_heads[name.replace(".", "__")](style))}
+        for name in self.kernel_site_names:
+            raw = self.kernel_heads[name.replace(".", "__")](style)
+            shape = self.decoder.get_submodule(name).weight.shape
+            delta = self.kernel_bound * torch.tanh(raw / self.kernel_bound)
+            out.setdefault(name, {})["weight_delta"] = delta.reshape(len(style), *shape)
         if self.spatial_site_name is not None:
             amplitude = self.carrier_log_amplitude.exp()
             bias_map = torch.einsum("bk,k,kchw->bchw", signs, amplitude, self.carriers)
@@ -346,7 +294,8 @@ class PersonalizedDecoder(nn.Module):
 
     def pnm_parameters(self) -> list[nn.Parameter]:
         """The private PNM parameters (mapping, heads, carriers): never part of a user's copy."""
-        params = [*self.mapping.parameters(), *self.affine_heads.parameters(), *self.conv_heads.parameters()]
+        params = [*self.mapping.parameters(), *self.affine_heads.parameters(), *self.conv_heads.parameters(),
+                  *self.kernel_heads.parameters()]
         if self.spatial_site_name is not None:
             params += [self.carriers, self.carrier_log_amplitude]
         return params
