@@ -102,17 +102,24 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     assert (results.read_text() if results.exists() else None) == before
 
 
-@pytest.mark.parametrize("args", [["--steps", "0"], ["--train-images", "100"], ["--ridge", "0"],
-                                  ["--checkpoint", "embedded"]])
-def test_mark_readability_refuses_bad_input_before_any_work(args, monkeypatch, capsys):
-    """A bad count or penalty, or a checkpoint without a reference VAE (carrier), is one error
-    line and exit 2, and no row is appended to the results."""
-    results = ROOT / "experiments" / "results" / "mark_readability.jsonl"
-    before = results.read_text()
-    code, stderr = run_script("mark_readability.py", args, monkeypatch, capsys)
+@pytest.mark.parametrize(("script", "args"), [
+    ("mark_readability.py", ["--steps", "0"]),
+    ("mark_readability.py", ["--train-images", "100"]),
+    ("mark_readability.py", ["--ridge", "0"]),
+    ("mark_readability.py", ["--checkpoint", "embedded"]),
+    ("signature_ceiling.py", ["--users", "0"]),
+    ("signature_ceiling.py", ["--eval-steps", "100", "0"]),
+    ("signature_ceiling.py", ["--image-weights", "-1"]),
+])
+def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):
+    """A bad count, step or weight, or a checkpoint without a reference VAE (carrier), is one
+    error line and exit 2, and no row is appended to the results."""
+    results = ROOT / "experiments" / "results" / script.replace(".py", ".jsonl")
+    before = results.read_text() if results.exists() else None
+    code, stderr = run_script(script, args, monkeypatch, capsys)
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1, stderr
-    assert results.read_text() == before
+    assert (results.read_text() if results.exists() else None) == before
 
 
 def test_fit_soft_whitening_refuses_a_pnm_checkpoint_and_leaves_it_as_it_was(tmp_path, monkeypatch, capsys):
