@@ -12,7 +12,8 @@ per-copy recipe of ``methods/stable_signature.py`` (AdamW lr 1e-3, batch 16, BCE
 reader's logits + ``weight`` x MSE against the base decoder's output, a pool of 256 procedural
 images), reading with the checkpoint's trained band reader (``--reader shipped``) or its secret
 bank before training (``--reader bank``). At each of ``--eval-steps`` the copy decodes 256
-held-out images: bit accuracy for its code and PSNR against the base decoder.
+held-out images: bit accuracy for its code and PSNR against the base decoder. ``--resolution``
+other than 32 runs the same decoder on larger images, the reader re-whitened on them first.
 
     python experiments/signature_ceiling.py
 
@@ -41,9 +42,9 @@ from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor
 RESULTS = Path(__file__).resolve().parent / "results" / "signature_ceiling.jsonl"
 
 
-def latents_of(vae, seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def latents_of(vae, seed: int, n: int, resolution: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents of ``n`` procedural images and the base decoder's output for them."""
-    source = ProceduralImages(32, seed=seed, length=n)
+    source = ProceduralImages(resolution, seed=seed, length=n)
     images = torch.stack([source.sample(i)["image"] for i in range(n)])
     with torch.no_grad():
         latents = encode_latents(vae, images).contiguous()
@@ -93,8 +94,10 @@ def main() -> None:
     parser.add_argument("--image-weights", type=float, nargs="+", default=[100.0, 1000.0])
     parser.add_argument("--eval-steps", type=int, nargs="+", default=[100, 300, 1000, 3000])
     parser.add_argument("--reader", choices=["shipped", "bank"], default="shipped")
+    parser.add_argument("--resolution", type=int, default=32)
     args = parser.parse_args()
     check_int("--users", args.users)
+    check_int("--resolution", args.resolution, 16)
     for step in args.eval_steps:
         check_int("--eval-steps", step)
     if any(not w >= 0 for w in args.image_weights):
@@ -102,11 +105,14 @@ def main() -> None:
     torch.manual_seed(0)
     model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
     vae = model.reference_vae.eval()
-    pool, held_out = latents_of(vae, 7, 256), latents_of(vae, TEST_SEED_OFFSET, 256)
+    pool, held_out = latents_of(vae, 7, 256, args.resolution), latents_of(vae, TEST_SEED_OFFSET, 256, args.resolution)
     reader = model.extractor.eval() if args.reader == "shipped" else bank_reader(model, held_out[1])
+    if args.resolution != 32:  # the shipped whitening was fitted at 32 px: refit it on this size's base outputs
+        reader = copy.deepcopy(reader)
+        reader.fit_whitening(held_out[1])
     reader.requires_grad_(False)
     codes = torch.randint(0, 2, (args.users, model.fingerprint_bits), generator=torch.Generator().manual_seed(11))
-    print("| reader | image weight | user | " + " | ".join(f"{s} steps: bit_acc / PSNR" for s in sorted(args.eval_steps)) + " |")
+    print(f"| reader ({args.resolution} px) | image weight | user | " + " | ".join(f"{s} steps: bit_acc / PSNR" for s in sorted(args.eval_steps)) + " |")
     print("|---|---|---|" + "---|" * len(args.eval_steps))
     for weight in args.image_weights:
         for user, code in enumerate(codes):
@@ -114,6 +120,7 @@ def main() -> None:
             print(f"| {args.reader} | {weight:g} | {user} | "
                   + " | ".join(f"{r['bit_acc']:.3f} / {r['psnr']:.1f} dB" for r in rows) + " |", flush=True)
             record = {"reader": args.reader, "image_weight": weight, "user": user, "rows": rows,
+                      "resolution": args.resolution,
                       "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
             RESULTS.parent.mkdir(exist_ok=True)
             with RESULTS.open("a") as handle:
