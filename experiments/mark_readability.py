@@ -8,8 +8,9 @@ images ``y = D_u(E(x))`` (one fresh code per image):
 
 - the fidelities: ``x`` against ``D0(E(x))``, the mark ``y - D0(E(x))``, and what re-encoding
   leaves of an unmarked decoder output and of a marked one (the residual's content floor);
-- how well bits can be read from three inputs: the marked image, its residual, and the exact
-  mark ``y - D0(E(x))`` (no content at all: an upper bound no real reader has), each by
+- how well bits can be read from three inputs: the marked image, its residual, and the decoder's
+  change ``y - D0(E(x))`` (no content; no real reader has it; with a trained shared decoder part
+  of it is common to every code), each by
   - the checkpoint's own reader (its band filters) re-whitened on that input and fine-tuned
     ``--steps`` steps on it (BCE on its logits, the recipe's gain);
   - a ridge-regression linear readout of the pixels (not shift-invariant: a bound on what one

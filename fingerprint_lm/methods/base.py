@@ -102,9 +102,10 @@ def personal_tensors(
     """The tensors of one user's copy: ``(vae_state_dict, bias_map, bias_map_site)``.
 
     Affine sites: ``weight = gamma_0 * (1 + scale)``, ``bias = beta_0 + shift`` (float64, one
-    rounding), the function :class:`~fingerprint_lm.models.pnm.ModulatedGroupNorm` computes; conv
-    sites: input-channel columns of the weight times ``1 + in_scale``
-    (:class:`~fingerprint_lm.models.pnm.ModulatedConv2d`); a method in :data:`COPY_TRAINERS`
+    rounding), the function :class:`~fingerprint_lm.models.modulated.ModulatedGroupNorm` computes;
+    conv sites: input-channel columns of the weight times ``1 + in_scale``, plus the per-user
+    kernel ``weight_delta`` at kernel sites, one rounding too
+    (:class:`~fingerprint_lm.models.modulated.ModulatedConv2d`); a method in :data:`COPY_TRAINERS`
     trains the copy's weights instead. Then
     the user's ACT (``act_seed`` required unless ``act_type == "none"``) over ``act_scope``
     (:data:`~fingerprint_lm.models.act.ACT_SCOPES`; stream ACT permutes the bias map's channels
@@ -127,13 +128,16 @@ def personal_tensors(
             weight, bias = base[f"{prefix}.weight"], base[f"{prefix}.bias"]
             state[f"{prefix}.weight"] = (weight.double() * (1.0 + values["scale"][0].double())).to(weight.dtype)
             state[f"{prefix}.bias"] = (bias.double() + values["shift"][0].double()).to(bias.dtype)
-        if "in_scale" in values:  # conv sites: conv((1 + s) * x) == the conv with weight[:, c] * (1 + s_c)
+        if "in_scale" in values or "weight_delta" in values:
+            # conv((1 + s) * x) == the conv with weight[:, c] * (1 + s_c); the per-user kernel is
+            # added after the scales, as ModulatedConv2d does
             weight = base[f"{prefix}.weight"]
-            gain = 1.0 + values["in_scale"][0].double()
-            state[f"{prefix}.weight"] = (weight.double() * gain[None, :, None, None]).to(weight.dtype)
-        if "weight_delta" in values:  # added after the input-channel scales, as ModulatedConv2d does
-            weight = state[f"{prefix}.weight"]
-            state[f"{prefix}.weight"] = (weight.double() + values["weight_delta"][0].double()).to(weight.dtype)
+            modulated = weight.double()
+            if "in_scale" in values:
+                modulated = modulated * (1.0 + values["in_scale"][0].double())[None, :, None, None]
+            if "weight_delta" in values:
+                modulated = modulated + values["weight_delta"][0].double()
+            state[f"{prefix}.weight"] = modulated.to(weight.dtype)
         if "bias_map" in values:
             bias_map, site_name = values["bias_map"].detach().clone().contiguous(), prefix
     if act_type not in ACT_TYPES:

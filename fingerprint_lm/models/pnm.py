@@ -13,8 +13,12 @@ Two kinds of site, both on the decoder's main path (docs/design.md, "What ships 
 
 * ``conv`` sites (none by default; ``method=wouaf`` uses every decoder conv): WOUAF-style scales of
   a conv's input channels, ``conv((1 + s_u) * x)``, i.e. the stock conv with scaled weight columns.
+* ``kernel`` sites (none by default): a per-user additive kernel over every weight value of a
+  conv, spatial structure the per-channel sites cannot make; the stock conv with weight
+  ``W (1 + s_u) + delta_u``. A head has ``mapping_hidden x weight.numel()`` parameters: fine for
+  the tiny decoder's convs, hundreds of millions for one 512-channel SD conv.
 
-The modulation for a batch is set on the modulated modules right before decoding (one fingerprint
+The modules live in :mod:`fingerprint_lm.models.modulated`. The modulation for a batch is set on the modulated modules right before decoding (one fingerprint
 per sample), so one forward pass serves a batch of different users.
 """
 
