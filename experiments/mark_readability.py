@@ -47,7 +47,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "mark_readability.jsonl"
 INPUTS = ("image", "residual", "mark")
 
 
-def images(seed: int, n: int, resolution: int = 32) -> torch.Tensor:
+def images(seed: int, n: int, resolution: int) -> torch.Tensor:
     source = ProceduralImages(resolution, seed=seed, length=n)
     return torch.stack([source.sample(i)["image"] for i in range(n)])
 
@@ -126,8 +126,8 @@ def main() -> None:
     for name in ("train_images", "test_images", "steps"):
         check_int(f"--{name.replace('_', '-')}", getattr(args, name))
     check_int("--pooled-steps", args.pooled_steps, 0)
-    if args.train_images < 3072 or any(not p > 0 for p in args.ridge):
-        raise ConfigError("--train-images must be >= 3072 (one per pixel value) and every --ridge > 0")
+    if any(not p > 0 for p in args.ridge):
+        raise ConfigError(f"every --ridge must be > 0, got {args.ridge}")
     folder = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else shipped_checkpoint(args.checkpoint)
     torch.manual_seed(0)
     started = time.time()
@@ -135,8 +135,11 @@ def main() -> None:
     if model.reference_vae is None:
         raise ConfigError(f"{folder} has no reference_vae/: this probe needs a method=pnm checkpoint")
     model.pnm.eval()
-    train = marked_set(model, images(0, args.train_images), seed=2)
-    test = marked_set(model, images(TEST_SEED_OFFSET, args.test_images), seed=1)
+    resolution = int(model.meta.get("resolution", 32))  # the size the checkpoint was trained at
+    if args.train_images < 3 * resolution**2:
+        raise ConfigError(f"--train-images must be >= {3 * resolution**2} (one per pixel value at {resolution} px)")
+    train = marked_set(model, images(0, args.train_images, resolution), seed=2)
+    test = marked_set(model, images(TEST_SEED_OFFSET, args.test_images, resolution), seed=1)
     row = {"checkpoint": str(args.checkpoint), **fidelities(test)}
     with torch.no_grad():
         row["shipped_reader_image"] = accuracy(model.extractor(test["image"]), test["bits"])

@@ -31,13 +31,14 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from fingerprint_lm.data.datamodule import TEST_SEED_OFFSET
+from fingerprint_lm.data.datamodule import TEST_SEED_OFFSET, check_resolution
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
 from fingerprint_lm.lit.stages import encode_latents
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor
+from fingerprint_lm.models.vae import downscale_factor
 
 RESULTS = Path(__file__).resolve().parent / "results" / "signature_ceiling.jsonl"
 
@@ -105,6 +106,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
     vae = model.reference_vae.eval()
+    check_resolution(args.resolution, downscale_factor(vae))
     pool, held_out = latents_of(vae, 7, 256, args.resolution), latents_of(vae, TEST_SEED_OFFSET, 256, args.resolution)
     reader = model.extractor.eval() if args.reader == "shipped" else bank_reader(model, held_out[1])
     if args.resolution != 32:  # the shipped whitening was fitted at 32 px: refit it on this size's base outputs

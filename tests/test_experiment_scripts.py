@@ -110,6 +110,7 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("signature_ceiling.py", ["--users", "0"]),
     ("signature_ceiling.py", ["--eval-steps", "100", "0"]),
     ("signature_ceiling.py", ["--image-weights", "-1"]),
+    ("signature_ceiling.py", ["--resolution", "30"]),
 ])
 def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):
     """A bad count, step or weight, or a checkpoint without a reference VAE (carrier), is one
