@@ -15,7 +15,10 @@ images ``y = D_u(E(x))`` (one fresh code per image):
     ``--steps`` steps on it (BCE on its logits, the recipe's gain);
   - a ridge-regression linear readout of the pixels (not shift-invariant: a bound on what one
     fixed linear map can read, at ``--ridge`` penalties);
-  - with ``--pooled-steps N``, a pooled convolutional reader trained from scratch on the residual.
+  - with ``--pooled-steps N``, a pooled convolutional reader trained from scratch on the residual;
+- whether that reader-only tuning on marked images would help under attack: the shipped reader and
+  the one tuned on images, each on the held-out images under every case of the robustness suite
+  (``attacks/cases.py: ROBUSTNESS_SUITE``).
 
 The marks are fixed (the checkpoint's mapping network and decoder); only readers are trained.
 
@@ -35,6 +38,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from fingerprint_lm.attacks.cases import ROBUSTNESS_SUITE, image_case
 from fingerprint_lm.data.datamodule import TEST_SEED_OFFSET
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
@@ -75,9 +79,9 @@ def accuracy(logits: torch.Tensor, bits: torch.Tensor) -> float:
     return ((logits > 0).long() == bits).float().mean().item()
 
 
-def tuned_reader(reader, train: dict, test: dict, key: str, steps: int, batch: int = 64, seed: int = 3) -> float:
+def tuned_reader(reader, train: dict, test: dict, key: str, steps: int, batch: int = 64, seed: int = 3):
     """Train ``reader`` on ``train[key]`` (whitened first on those inputs: balanced random codes
-    centre them) and return its held-out bit accuracy on ``test[key]``."""
+    centre them); returns its held-out bit accuracy on ``test[key]`` and the reader."""
     reader = reader.train().requires_grad_(True)
     reader.whiten_mean.requires_grad_(False)
     reader.whiten_matrix.requires_grad_(False)
@@ -92,7 +96,19 @@ def tuned_reader(reader, train: dict, test: dict, key: str, steps: int, batch: i
         optimizer.step()
     with torch.no_grad():
         reader.eval().fit_whitening(train[key][:2048])
-        return accuracy(reader(test[key]), test["bits"])
+        return accuracy(reader(test[key]), test["bits"]), reader.requires_grad_(False)
+
+
+@torch.no_grad()
+def under_attack(readers: dict, test: dict, seed: int = 4) -> dict[str, float]:
+    """``<reader>/<case>``: each reader's bit accuracy on the attacked held-out marked images (the
+    same attacked batch for every reader)."""
+    out = {}
+    for case in ROBUSTNESS_SUITE:
+        attacked = image_case(case)(test["image"], torch.Generator().manual_seed(seed))
+        for name, reader in readers.items():
+            out[f"{name}/{case}"] = accuracy(reader(attacked), test["bits"])
+    return out
 
 
 def ridge_accuracy(train: dict, test: dict, key: str, penalty: float) -> float:
@@ -143,13 +159,15 @@ def main() -> None:
     row = {"checkpoint": str(args.checkpoint), **fidelities(test)}
     with torch.no_grad():
         row["shipped_reader_image"] = accuracy(model.extractor(test["image"]), test["bits"])
+    tuned = {}
     for key in INPUTS:
-        row[f"tuned_band_{key}"] = tuned_reader(copy.deepcopy(model.extractor), train, test, key, args.steps)
+        row[f"tuned_band_{key}"], tuned[key] = tuned_reader(copy.deepcopy(model.extractor), train, test, key, args.steps)
         for penalty in args.ridge:
             row[f"ridge_{penalty:g}_{key}"] = ridge_accuracy(train, test, key, penalty)
     if args.pooled_steps:
         reader = PooledExtractor(model.fingerprint_bits)
-        row["pooled_residual"] = tuned_reader(reader, train, test, "residual", args.pooled_steps)
+        row["pooled_residual"] = tuned_reader(reader, train, test, "residual", args.pooled_steps)[0]
+    row["attacked"] = under_attack({"shipped": model.extractor.eval(), "tuned": tuned["image"]}, test)
     row.update(train_images=args.train_images, test_images=args.test_images, steps=args.steps,
                pooled_steps=args.pooled_steps, seconds=round(time.time() - started, 1),
                threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"))
@@ -175,6 +193,10 @@ def print_tables(row: dict, penalties) -> None:
         print(f"| {label} | " + " | ".join(f"{row[f'{key}_{i}']:.3f}" for i in INPUTS) + " |")
     if "pooled_residual" in row:
         print(f"| pooled reader from scratch | | {row['pooled_residual']:.3f} | |")
+    print("\n| reader on attacked images | " + " | ".join(ROBUSTNESS_SUITE) + " |")
+    print("|---|" + "---|" * len(ROBUSTNESS_SUITE))
+    for name in ("shipped", "tuned"):
+        print(f"| {name} | " + " | ".join(f"{row['attacked'][f'{name}/{c}']:.3f}" for c in ROBUSTNESS_SUITE) + " |")
     print(f"\n{row['seconds']} s, {row['threads']} threads")
 
 
