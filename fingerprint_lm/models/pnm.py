@@ -18,8 +18,9 @@ Two kinds of site, both on the decoder's main path (docs/design.md, "What ships 
   ``W (1 + s_u) + delta_u``. A head has ``mapping_hidden x weight.numel()`` parameters: fine for
   the tiny decoder's convs, hundreds of millions for one 512-channel SD conv.
 
-The modules live in :mod:`fingerprint_lm.models.modulated`. The modulation for a batch is set on the modulated modules right before decoding (one fingerprint
-per sample), so one forward pass serves a batch of different users.
+The modules live in :mod:`fingerprint_lm.models.modulated`. The modulation for a batch is set on
+the modulated modules right before decoding (one fingerprint per sample), so one forward pass
+serves a batch of different users.
 """
 
 from __future__ import annotations
@@ -105,6 +106,15 @@ def _match(name: str, pattern: str) -> bool:
     return len(parts) == len(pats) and all(p == "*" or p == q for q, p in zip(parts, pats))
 
 
+def _sites(modules: dict[str, nn.Module], patterns: Sequence[str], what: str) -> list[str]:
+    """The sorted names of ``modules`` that match any of ``patterns``; a :class:`ConfigError`
+    (``no decoder <what> [patterns]``) when patterns are given and none matches."""
+    names = sorted(n for n in modules if any(_match(n, p) for p in patterns))
+    if patterns and not names:
+        raise ConfigError(f"no decoder {what} {list(patterns)}")
+    return names
+
+
 class PersonalizedDecoder(nn.Module):
     """A diffusers VAE decoder with a PNM. The base decoder's weights stay frozen by default.
 
@@ -169,9 +179,7 @@ class PersonalizedDecoder(nn.Module):
         self.mapping = MappingNetwork(fingerprint_bits, mapping_hidden)
 
         norms = {n: m for n, m in decoder.named_modules() if isinstance(m, nn.GroupNorm)}
-        self.affine_site_names = sorted(n for n in norms if any(_match(n, p) for p in affine_sites))
-        if affine_sites and not self.affine_site_names:
-            raise ConfigError(f"no decoder GroupNorm matches the PNM sites {list(affine_sites)}")
+        self.affine_site_names = _sites(norms, affine_sites, "GroupNorm matches the PNM sites")
         if spatial_site is not None and spatial_site not in norms:
             raise ConfigError(f"spatial PNM site '{spatial_site}' is not a GroupNorm of the decoder")
         self.spatial_site_name = spatial_site
@@ -180,12 +188,8 @@ class PersonalizedDecoder(nn.Module):
             _replace(decoder, name, ModulatedGroupNorm.from_group_norm(norms[name]))
 
         convs = {n: m for n, m in decoder.named_modules() if isinstance(m, nn.Conv2d)}
-        self.conv_site_names = sorted(n for n in convs if any(_match(n, p) for p in conv_sites))
-        if conv_sites and not self.conv_site_names:
-            raise ConfigError(f"no decoder conv matches the PNM conv sites {list(conv_sites)}")
-        self.kernel_site_names = sorted(n for n in convs if any(_match(n, p) for p in kernel_sites))
-        if kernel_sites and not self.kernel_site_names:
-            raise ConfigError(f"no decoder conv matches the PNM kernel sites {list(kernel_sites)}")
+        self.conv_site_names = _sites(convs, conv_sites, "conv matches the PNM conv sites")
+        self.kernel_site_names = _sites(convs, kernel_sites, "conv matches the PNM kernel sites")
         if not kernel_bound > 0:
             raise ConfigError(f"kernel_bound must be positive, got {kernel_bound}")
         self.kernel_bound = kernel_bound
@@ -232,7 +236,7 @@ class PersonalizedDecoder(nn.Module):
         for name in self.kernel_site_names:
             raw = self.kernel_heads[name.replace(".", "__")](style)
             shape = self.decoder.get_submodule(name).weight.shape
-            delta = self.kernel_bound * torch.tanh(raw / self.kernel_bound)
+            delta = self._bounded(raw, self.kernel_bound)
             out.setdefault(name, {})["weight_delta"] = delta.reshape(len(style), *shape)
         if self.spatial_site_name is not None:
             amplitude = self.carrier_log_amplitude.exp()
@@ -240,9 +244,10 @@ class PersonalizedDecoder(nn.Module):
             out.setdefault(self.spatial_site_name, {})["bias_map"] = bias_map
         return out
 
-    def _bounded(self, raw: torch.Tensor) -> torch.Tensor:
-        """``b * tanh(raw / b)`` with ``b = modulation_bound`` (None: ``raw`` as it is)."""
-        bound = self.modulation_bound
+    def _bounded(self, raw: torch.Tensor, bound: float | None = None) -> torch.Tensor:
+        """``b * tanh(raw / b)`` with ``b = bound``, by default ``modulation_bound`` (None: ``raw``
+        as it is); the kernel sites pass ``kernel_bound``."""
+        bound = self.modulation_bound if bound is None else bound
         return raw if bound is None else bound * torch.tanh(raw / bound)
 
     @contextlib.contextmanager
