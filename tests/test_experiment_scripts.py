@@ -27,6 +27,17 @@ def run_script(script: str, args: list[str], monkeypatch, capsys) -> tuple[int, 
     return code, capsys.readouterr().err
 
 
+def assert_refused_leaving_results(script: str, args: list[str], monkeypatch, capsys) -> None:
+    """``experiments/<script> args`` is one ``error:`` line and exit 2, and its results file
+    (``results/<script>.jsonl``) is as it was: no row appended, none created."""
+    results = ROOT / "experiments" / "results" / script.replace(".py", ".jsonl")
+    before = results.read_text() if results.exists() else None
+    code, stderr = run_script(script, args, monkeypatch, capsys)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, stderr
+    assert (results.read_text() if results.exists() else None) == before
+
+
 @pytest.mark.parametrize("script", ["base_vs_copy.py", "fid_proxy_floor.py"])
 def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path, script, monkeypatch, capsys):
     out = tmp_path / "figure.png"
@@ -41,12 +52,7 @@ def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path, script, monkeypatch
 def test_lr_warmdown_probe_refuses_bad_input_before_training(args, monkeypatch, capsys):
     """A bad schedule or length, or a checkpoint that is not pnm, is one error line, exit 2, and no
     row appended to the results."""
-    results = ROOT / "experiments" / "results" / "lr_warmdown_probe.jsonl"
-    before = results.read_text() if results.exists() else None
-    code, stderr = run_script("lr_warmdown_probe.py", args, monkeypatch, capsys)
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1, stderr
-    assert (results.read_text() if results.exists() else None) == before
+    assert_refused_leaving_results("lr_warmdown_probe.py", args, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("args", [["--arms", "groupnorm,nonsense"], ["--steps", "0"]])
@@ -94,12 +100,7 @@ def test_pnm_conv_sites_refuses_an_occupied_keep_folder(tmp_path, occupied):
 def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):
     """A non-positive count, a registry smaller than the users given copies, or an fpr outside
     (0, 1) is one error line and exit 2, and no row is appended to the results."""
-    results = ROOT / "experiments" / "results" / script.replace(".py", ".jsonl")
-    before = results.read_text() if results.exists() else None
-    code, stderr = run_script(script, args, monkeypatch, capsys)
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1, stderr
-    assert (results.read_text() if results.exists() else None) == before
+    assert_refused_leaving_results(script, args, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize(("script", "args"), [
@@ -115,12 +116,7 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
 def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):
     """A bad count, step or weight, or a checkpoint without a reference VAE (carrier), is one
     error line and exit 2, and no row is appended to the results."""
-    results = ROOT / "experiments" / "results" / script.replace(".py", ".jsonl")
-    before = results.read_text() if results.exists() else None
-    code, stderr = run_script(script, args, monkeypatch, capsys)
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1, stderr
-    assert (results.read_text() if results.exists() else None) == before
+    assert_refused_leaving_results(script, args, monkeypatch, capsys)
 
 
 def test_fit_soft_whitening_refuses_a_pnm_checkpoint_and_leaves_it_as_it_was(tmp_path, monkeypatch, capsys):
