@@ -43,6 +43,7 @@ from fingerprint_lm.data.datamodule import TEST_SEED_OFFSET
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
 from fingerprint_lm.lit.stages import encode_latents
+from fingerprint_lm.metrics.bits import bit_accuracy
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.models.pooled_extractor import PooledExtractor
@@ -76,7 +77,8 @@ def marked_set(model, x: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
 
 
 def accuracy(logits: torch.Tensor, bits: torch.Tensor) -> float:
-    return ((logits > 0).long() == bits).float().mean().item()
+    """The bit accuracy of the hard decisions ``logits > 0``."""
+    return float(bit_accuracy((logits > 0).detach().cpu().numpy(), bits.numpy()))
 
 
 def tuned_reader(reader, train: dict, test: dict, key: str, steps: int, batch: int = 64, seed: int = 3):

@@ -35,6 +35,7 @@ from fingerprint_lm.data.datamodule import TEST_SEED_OFFSET, check_resolution
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
 from fingerprint_lm.lit.stages import encode_latents
+from fingerprint_lm.metrics.bits import bit_accuracy
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor
@@ -83,7 +84,7 @@ def finetune(vae, reader, code: torch.Tensor, weight: float, eval_steps: list[in
                 decoder.eval()
                 out = torch.cat([decoder(post_quant(z)) for z in test_latents.split(64)])
                 decoder.train()
-                bit_acc = ((reader(out) > 0).long() == code).float().mean().item()
+                bit_acc = float(bit_accuracy((reader(out) > 0).numpy(), code.numpy()))
                 rows.append({"steps": step, "bit_acc": bit_acc, "psnr": psnr(out, test_base).mean().item(),
                              "train_s": round(time.time() - started, 1)})
     return rows

@@ -62,6 +62,12 @@ def test_unknown_site_is_a_clear_error(vae):
         PersonalizedDecoder(vae.decoder, 8, spatial_site="nope")
     with pytest.raises(ConfigError, match="no decoder GroupNorm"):
         PersonalizedDecoder(vae.decoder, 8, affine_sites=["nope.*"])
+    with pytest.raises(ConfigError, match="no decoder conv matches the PNM conv sites"):
+        PersonalizedDecoder(vae.decoder, 8, conv_sites=["nope.*"])
+    with pytest.raises(ConfigError, match="no decoder conv matches the PNM kernel sites"):
+        PersonalizedDecoder(vae.decoder, 8, kernel_sites=["nope.*"])
+    with pytest.raises(ConfigError, match="kernel_bound must be positive"):
+        PersonalizedDecoder(vae.decoder, 8, kernel_sites=["conv_out"], kernel_bound=0.0)
 
 
 def test_carriers_are_orthogonal():
