@@ -112,6 +112,8 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("signature_ceiling.py", ["--eval-steps", "100", "0"]),
     ("signature_ceiling.py", ["--image-weights", "-1"]),
     ("signature_ceiling.py", ["--resolution", "30"]),
+    ("compiled_issue_probe.py", ["--repeats", "0"]),
+    ("compiled_issue_probe.py", ["--signature-repeats", "-1"]),
 ])
 def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):
     """A bad count, step or weight, or a checkpoint without a reference VAE (carrier), is one
@@ -144,3 +146,18 @@ def test_metrics_table_refuses_a_missing_or_foreign_file(tmp_path, spec, monkeyp
     code, stderr = run_script("metrics_table.py", [spec], monkeypatch, capsys)
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1, stderr
+
+
+@pytest.mark.parametrize("checkpoint", ["embedded_pnm", "embedded"])
+def test_compiled_issue_probe_equals_the_shipped_issuance(checkpoint, monkeypatch):
+    """The probe's compiled copy is the shipped path's copy to float32 rounding (a few ulp), for
+    every ACT type and scope, the carrier's bias map included: what it times is the same work."""
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    from compiled_issue_probe import _max_relative_difference
+
+    from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
+
+    model = load_fingerprint_model(shipped_checkpoint(checkpoint))
+    for act_type in ("none", "permute", "sign", "scale", "all"):
+        for scope in ("stream", "interior", "both"):
+            assert _max_relative_difference(model, act_type, scope) < 1e-6, (act_type, scope)

@@ -124,26 +124,44 @@ def draw_act(
     """
     if act_type not in ACT_TYPES:
         raise ConfigError(f"unknown ACT type {act_type!r}; expected one of {', '.join(ACT_TYPES)}")
+    spaces = act_spaces(state_dict, num_groups, scope)
+    drawn = draw_spaces([channels for _, channels in spaces], act_type, num_groups, seed, scale_range)
+    return {key: params for (key, _), params in zip(spaces, drawn, strict=True)}
+
+
+def act_spaces(state_dict: Mapping[str, torch.Tensor], num_groups: int, scope: str) -> list[tuple[str, int]]:
+    """``(ACT parameter key, channels)`` of every site and stream segment of ``state_dict`` that
+    :func:`draw_act` draws for, in its draw order (interior sites first)."""
     if scope not in ACT_SCOPES:
         raise ConfigError(f"unknown ACT scope {scope!r}; expected one of {', '.join(ACT_SCOPES)}")
-    scale_min, scale_max = (float(v) for v in scale_range)
-    if not 0.0 < scale_min <= scale_max:
-        raise ConfigError(f"ACT scale range must satisfy 0 < min <= max, got {scale_range}")
-    generator = torch.Generator().manual_seed(int(seed))
-
-    def draw(channels: int) -> ActParams:
-        return _draw_channels(channels, num_groups, act_type, generator, scale_min, scale_max)
-
-    params: dict[str, ActParams] = {}
+    spaces: list[tuple[str, int]] = []
     if scope in ("interior", "both"):
-        for site in find_act_sites(state_dict):
-            params[site] = draw(site_channels(state_dict, site, num_groups))
+        spaces += [(site, site_channels(state_dict, site, num_groups)) for site in find_act_sites(state_dict)]
     if scope in ("stream", "both"):
         for segment in find_stream_segments(state_dict):
             if segment.channels % num_groups:
                 raise ConfigError(f"{segment.name}: {segment.channels} channels do not split into {num_groups} groups")
-            params[STREAM_PREFIX + segment.name] = draw(segment.channels)
-    return params
+            spaces.append((STREAM_PREFIX + segment.name, segment.channels))
+    return spaces
+
+
+def draw_spaces(
+    channels: list[int], act_type: str, num_groups: int, seed: int, scale_range: tuple[float, float] = (0.25, 4.0)
+) -> list[ActParams]:
+    """One transformation per channel space, drawn in order from one generator seeded with
+    ``seed``: :func:`draw_act`'s draws (and the compiled issuance's, models/copy_plan.py)."""
+    if act_type not in ACT_TYPES:
+        raise ConfigError(f"unknown ACT type {act_type!r}; expected one of {', '.join(ACT_TYPES)}")
+    scale_min, scale_max = check_scale_range(scale_range)
+    generator = torch.Generator().manual_seed(int(seed))
+    return [_draw_channels(c, num_groups, act_type, generator, scale_min, scale_max) for c in channels]
+
+
+def check_scale_range(scale_range: tuple[float, float]) -> tuple[float, float]:
+    scale_min, scale_max = (float(v) for v in scale_range)
+    if not 0.0 < scale_min <= scale_max:
+        raise ConfigError(f"ACT scale range must satisfy 0 < min <= max, got {scale_range}")
+    return scale_min, scale_max
 
 
 def _draw_channels(
@@ -151,23 +169,37 @@ def _draw_channels(
 ) -> ActParams:
     """Group permutation + within-group permutations, group signs and group scales for one site."""
     group_size = channels // num_groups
-    perm = torch.arange(channels)
-    group_sign = torch.ones(num_groups, dtype=torch.float64)
-    group_scale = torch.ones(num_groups, dtype=torch.float64)
-    if act_type in ("permute", "all"):
-        group_order = torch.randperm(num_groups, generator=generator)
-        within = torch.stack([torch.randperm(group_size, generator=generator) for _ in range(num_groups)])
-        perm = (group_order[:, None] * group_size + within).reshape(-1)
-    if act_type in ("sign", "all"):
-        group_sign = torch.randint(0, 2, (num_groups,), generator=generator).double() * 2 - 1
-    if act_type in ("scale", "all"):
-        u = torch.rand(num_groups, generator=generator, dtype=torch.float64)
-        group_scale = torch.exp(math.log(scale_min) + u * (math.log(scale_max) - math.log(scale_min)))
+    perm, sign_bits, uniform = draw_raw(channels, num_groups, act_type, generator)
+    group_sign = torch.ones(num_groups, dtype=torch.float64) if sign_bits is None else sign_bits.double() * 2 - 1
+    group_scale = torch.ones(num_groups, dtype=torch.float64) if uniform is None else log_uniform(uniform, scale_min, scale_max)
     return ActParams(
         perm=perm,
         sign=group_sign.repeat_interleave(group_size),
         scale=group_scale.repeat_interleave(group_size),
     )
+
+
+def draw_raw(
+    channels: int, num_groups: int, act_type: str, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One space's draws in their fixed order: the channel permutation (group order, then each
+    group's own order), the group sign bits and the group scales' uniforms (None: not drawn)."""
+    group_size = channels // num_groups
+    perm, sign_bits, uniform = torch.arange(channels), None, None
+    if act_type in ("permute", "all"):
+        group_order = torch.randperm(num_groups, generator=generator)
+        within = torch.stack([torch.randperm(group_size, generator=generator) for _ in range(num_groups)])
+        perm = (group_order[:, None] * group_size + within).reshape(-1)
+    if act_type in ("sign", "all"):
+        sign_bits = torch.randint(0, 2, (num_groups,), generator=generator)
+    if act_type in ("scale", "all"):
+        uniform = torch.rand(num_groups, generator=generator, dtype=torch.float64)
+    return perm, sign_bits, uniform
+
+
+def log_uniform(uniform: torch.Tensor, scale_min: float, scale_max: float) -> torch.Tensor:
+    """Group scales from uniforms in [0, 1): log-uniform over ``[scale_min, scale_max]``."""
+    return torch.exp(math.log(scale_min) + uniform * (math.log(scale_max) - math.log(scale_min)))
 
 
 def clone_state_dict(state_dict: Mapping[str, torch.Tensor]) -> StateDict:

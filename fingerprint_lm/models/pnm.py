@@ -221,10 +221,7 @@ class PersonalizedDecoder(nn.Module):
     # -- modulation -------------------------------------------------------------------------
     def modulation(self, bits: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         """Per-site coefficients for a batch of fingerprints ``bits`` [B,k] in {0,1}."""
-        if bits.shape[-1] != self.fingerprint_bits:
-            raise ConfigError(
-                f"fingerprint has {bits.shape[-1]} bits but this model was built for {self.fingerprint_bits}"
-            )
+        self.check_code(bits)
         signs = bits.to(self.mapping.net[0].weight.dtype) * 2 - 1
         style = self.mapping(signs)
         out: dict[str, dict[str, torch.Tensor]] = {}
@@ -243,6 +240,13 @@ class PersonalizedDecoder(nn.Module):
             bias_map = torch.einsum("bk,k,kchw->bchw", signs, amplitude, self.carriers)
             out.setdefault(self.spatial_site_name, {})["bias_map"] = bias_map
         return out
+
+    def check_code(self, bits: torch.Tensor) -> None:
+        """Refuse fingerprints [B,k] of another length than the model's."""
+        if bits.shape[-1] != self.fingerprint_bits:
+            raise ConfigError(
+                f"fingerprint has {bits.shape[-1]} bits but this model was built for {self.fingerprint_bits}"
+            )
 
     def _bounded(self, raw: torch.Tensor, bound: float | None = None) -> torch.Tensor:
         """``b * tanh(raw / b)`` with ``b = bound``, by default ``modulation_bound`` (None: ``raw``
