@@ -2,6 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
+# where pip finds torch: empty = pip's own configuration (here: a local CPU wheel); elsewhere e.g.
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu, or .../whl/cu128 for a GPU build
+TORCH_INDEX ?=
 
 .PHONY: help install test test-full bench format lint clean checkpoint
 
@@ -11,7 +14,7 @@ help:  ## list the commands
 install:  ## make .venv, install torch (CPU, pinned) first, then the package with dev+cluster extras
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[dev,cluster]"
 
 test:  ## fast tests (about 8 minutes on 2 CPU cores; must stay under 10)
