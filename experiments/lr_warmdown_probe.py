@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from fingerprint_lm.data.datamodule import ImageDataModule
 from fingerprint_lm.errors import ConfigError, exit_on_user_error
@@ -40,7 +41,11 @@ PROBES = ("shift_8", "crop_0.5", "crop_resize_0.5", "jpeg_q50", "gaussian_blur_s
 
 
 def continue_training(checkpoint: str, schedule: str, steps: int, warmup: int, seed: int,
-                      freeze_reader: bool = False, reader_warmdown: bool = False, augment: float = 0.0) -> dict:
+                      freeze_reader: bool = False, reader_warmdown: bool = False, augment: float = 0.0,
+                      prepare=None, measure=None) -> dict:
+    """Continue ``checkpoint``'s recipe (see the module docstring); the row of figures. Other probes
+    change the module before training with ``prepare(module)`` and add figures of the trained model
+    to the row with ``measure(model) -> dict``."""
     model = load_fingerprint_model(shipped_checkpoint(checkpoint))
     recipe = model.meta.get("recipe")
     if model.method != "pnm" or recipe is None or model.reference_vae is None:
@@ -66,6 +71,8 @@ def continue_training(checkpoint: str, schedule: str, steps: int, warmup: int, s
     if reader_warmdown:  # what PNMMethod.prepare_training holds for the warm-down's re-whitening
         module.whitening_outputs = unmarked_outputs(
             module, collect_images(data.train_dataloader(), recipe.get("detector_fit_samples", 2048)))
+    if prepare is not None:
+        prepare(module)
     trainer = L.Trainer(accelerator="cpu", max_steps=warmup + steps, logger=False, enable_checkpointing=False,
                         limit_val_batches=0, enable_progress_bar=True, enable_model_summary=False)
     start = time.perf_counter()
@@ -77,6 +84,7 @@ def continue_training(checkpoint: str, schedule: str, steps: int, warmup: int, s
     eval_data.setup("test")
     # read with the whitening training aimed at, then with the one fitted afresh (what ships)
     as_trained = evaluate_fingerprint(model, eval_data.test_dataloader(), 512, probes=())["bit_acc"]
+    stale = whiteness(model.extractor, unmarked_outputs(module, collect_images(data.train_dataloader(), 2048)))
     whiten(module, collect_images(data.train_dataloader(), recipe.get("detector_fit_samples", 2048)))
     metrics = evaluate_fingerprint(model, eval_data.test_dataloader(), 512, probes=PROBES)
     tail = module.history[-min(500, len(module.history)):]
@@ -86,7 +94,16 @@ def continue_training(checkpoint: str, schedule: str, steps: int, warmup: int, s
             "train_seconds": round(seconds, 1),
             "train_bit_acc_last500": sum(r["bit_acc"] for r in tail) / max(1, len(tail)),
             "bit_acc": metrics["bit_acc"], "psnr": metrics["psnr"], "ssim": metrics["ssim"],
-            "robustness": metrics["robustness"]}
+            "robustness": metrics["robustness"], **stale, **(measure(model) if measure is not None else {})}
+
+
+@torch.no_grad()
+def whiteness(reader, unmarked: torch.Tensor) -> dict[str, float]:
+    """How white the training's whitening still is on unmarked outputs: the fraction of 1-bits and
+    the largest correlation between two logits."""
+    logits = torch.cat([reader(chunk) for chunk in unmarked.split(256)])
+    correlation = torch.corrcoef(logits.T) - torch.eye(logits.shape[1])
+    return {"stale_one_bits": (logits > 0).float().mean().item(), "stale_max_corr": correlation.abs().max().item()}
 
 
 def main() -> None:

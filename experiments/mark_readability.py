@@ -18,7 +18,12 @@ images ``y = D_u(E(x))`` (one fresh code per image):
   - with ``--pooled-steps N``, a pooled convolutional reader trained from scratch on the residual;
 - whether that reader-only tuning on marked images would help under attack: the shipped reader and
   the one tuned on images, each on the held-out images under every case of the robustness suite
-  (``attacks/cases.py: ROBUSTNESS_SUITE``).
+  (``attacks/cases.py: ROBUSTNESS_SUITE``);
+- whether reading *against a reference* helps: the shipped reader's logits of ``y`` minus its
+  logits of the re-encoding ``D0(E(y))`` (what the distributor can compute), of the shared
+  decoder's re-encoding (the trained decoder without a code), and of the exact unmarked
+  counterpart ``D0(E(x))`` (an oracle: no content left but the mark's own effect). Its whitening
+  is affine, so the difference cancels the content's own logits.
 
 The marks are fixed (the checkpoint's mapping network and decoder); only readers are trained.
 
@@ -121,6 +126,21 @@ def ridge_accuracy(train: dict, test: dict, key: str, penalty: float) -> float:
     return accuracy(test[key].flatten(1).double() @ weights, test["bits"])
 
 
+@torch.no_grad()
+def differential_accuracy(model, test: dict) -> dict[str, float]:
+    """The shipped reader on ``y`` minus the same reader on a reference image (see the docstring)."""
+    reader, reference = model.extractor.eval(), model.reference_vae
+    out = {}
+    for name, images in (("reencoded", lambda z: reference.decode(z).sample), ("shared_decoder", lambda z: model.pnm(z, None))):
+        logits = torch.cat([reader(y) - reader(images(encode_latents(reference, y))) for y in test["image"].split(256)])
+        out[f"differential_{name}"] = accuracy(logits, test["bits"])
+    out["differential_oracle"] = accuracy(reader(test["image"]) - reader(test["base"]), test["bits"])
+    unmarked = reader(test["base"])
+    out["unmarked_logit_std"] = unmarked.std().item()
+    out["unmarked_differential_logit_std"] = (unmarked - reader(test["base"] - test["unmarked_residual"])).std().item()
+    return out
+
+
 def fidelities(test: dict) -> dict[str, float]:
     return {
         "x_vs_base_db": psnr(test["base"], test["x"]).mean().item(),
@@ -169,6 +189,7 @@ def main() -> None:
     if args.pooled_steps:
         reader = PooledExtractor(model.fingerprint_bits)
         row["pooled_residual"] = tuned_reader(reader, train, test, "residual", args.pooled_steps)[0]
+    row.update(differential_accuracy(model, test))
     row["attacked"] = under_attack({"shipped": model.extractor.eval(), "tuned": tuned["image"]}, test)
     row.update(train_images=args.train_images, test_images=args.test_images, steps=args.steps,
                pooled_steps=args.pooled_steps, seconds=round(time.time() - started, 1),
@@ -195,6 +216,11 @@ def print_tables(row: dict, penalties) -> None:
         print(f"| {label} | " + " | ".join(f"{row[f'{key}_{i}']:.3f}" for i in INPUTS) + " |")
     if "pooled_residual" in row:
         print(f"| pooled reader from scratch | | {row['pooled_residual']:.3f} | |")
+    print("\n| the shipped reader on y minus the same on: | D0(E(y)) | shared decoder(E(y)) | D0(E(x)), oracle | "
+          "unmarked logits' std, plain / minus D0(E(y)) |")
+    print("|---|---|---|---|---|")
+    print(f"| bit accuracy | {row['differential_reencoded']:.3f} | {row['differential_shared_decoder']:.3f} | "
+          f"{row['differential_oracle']:.3f} | {row['unmarked_logit_std']:.2f} / {row['unmarked_differential_logit_std']:.2f} |")
     print("\n| reader on attacked images | " + " | ".join(ROBUSTNESS_SUITE) + " |")
     print("|---|" + "---|" * len(ROBUSTNESS_SUITE))
     for name in ("shipped", "tuned"):

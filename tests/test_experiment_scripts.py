@@ -112,6 +112,10 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("signature_ceiling.py", ["--eval-steps", "100", "0"]),
     ("signature_ceiling.py", ["--image-weights", "-1"]),
     ("signature_ceiling.py", ["--resolution", "30"]),
+    ("differential_reader_probe.py", ["--steps", "0"]),
+    ("differential_reader_probe.py", ["--arms", "plain,other"]),
+    ("whitening_penalty_probe.py", ["--weights", "1", "0"]),
+    ("whitening_penalty_probe.py", ["--pool-batch", "48"]),
     ("compiled_issue_probe.py", ["--repeats", "0"]),
     ("compiled_issue_probe.py", ["--signature-repeats", "-1"]),
 ])

@@ -24,11 +24,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from fingerprint_lm.errors import ConfigError, check_int
-from fingerprint_lm.lit import warmdown
+from fingerprint_lm.lit import warmdown, whiteness
 from fingerprint_lm.lit.worst_case import set_perturbed, worst_case_perturbation
 from fingerprint_lm.metrics.quality import psnr, ssim
 from fingerprint_lm.models.augment import AugmentConfig, random_augment
-from fingerprint_lm.models.extractor import FingerprintExtractor, fold_tiles
+from fingerprint_lm.models.extractor import FingerprintExtractor
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.vae import encode_latents, encoder_parameters, freeze_encoder
 
@@ -75,6 +75,8 @@ class FingerprintModule(L.LightningModule):
         lr_warmdown_fraction: every learning rate falls linearly to 0 over this fraction of the
             run's last steps (0: constant); ``warmdown_reader`` ``frozen``: the reader is re-whitened
             on ``whitening_outputs`` then and trains no more (:mod:`fingerprint_lm.lit.warmdown`).
+        whiteness_weight, whiteness_batch: a penalty keeping a learned reader white on
+            ``whiteness_batch`` unmarked outputs a step (:mod:`fingerprint_lm.lit.whiteness`; 0: off).
 
     The encoder is never trained here: latents come from it under ``no_grad`` and no optimizer
     group holds its parameters (checked in ``configure_optimizers``). Mixed precision comes from
@@ -108,6 +110,8 @@ class FingerprintModule(L.LightningModule):
         rewhiten_every: int = 0,
         lr_warmdown_fraction: float = 0.0,
         warmdown_reader: str = "trained",
+        whiteness_weight: float = 0.0,
+        whiteness_batch: int = 128,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -135,6 +139,8 @@ class FingerprintModule(L.LightningModule):
         self.rewhiten_every = check_int("rewhiten_every", rewhiten_every, minimum=0)
         self.lr_warmdown_fraction = warmdown.check_fraction(lr_warmdown_fraction)
         self.warmdown_reader = warmdown.check_warmdown_reader(warmdown_reader)
+        self.whiteness_weight, self.whiteness_batch = whiteness.check_whiteness(
+            whiteness_weight, whiteness_batch, pnm.fingerprint_bits)
         self.whitening_outputs: torch.Tensor | None = None  # set by the method (PNMMethod.prepare_training)
         self.history: list[dict] = []  # per-step training curve (written beside metrics.json)
         self.register_buffer("log_rec_weight", torch.tensor(math.log(rec_weight_init)))
@@ -174,38 +180,6 @@ class FingerprintModule(L.LightningModule):
         return [p for n, p in self.pnm.named_parameters() if n.startswith(("decoder.", "post_quant_conv."))
                 and id(p) not in private]
 
-    @torch.no_grad()
-    def calibrate_carriers(self, images: torch.Tensor, margin_db: float = 1.0, rounds: int = 4) -> float:
-        """Scale the carrier amplitudes so the marked output sits ``margin_db`` above the PSNR
-        target before training starts (MSE grows with amplitude squared, so a few rescalings
-        converge). Returns the PSNR reached."""
-        if self.pnm.spatial_site_name is None:
-            return float("nan")
-        chunks = images.split(self.calibration_batch_size)
-        latents = [self.encode(chunk.to(self.device)) for chunk in chunks]
-        base = [self.reference(z) for z in latents]
-        bits = [self.random_bits(len(z)) for z in latents]
-        reached = float("nan")
-        for _ in range(rounds):
-            reached = torch.cat([psnr(self.pnm(z, b), ref) for z, b, ref in zip(latents, bits, base)]).mean().item()
-            self.pnm.carrier_log_amplitude += (reached - self.psnr_target - margin_db) / 20 * math.log(10)
-        return reached
-
-    @torch.no_grad()
-    def fit_detector(self, images: torch.Tensor, batch_size: int | None = None) -> None:
-        """Closed-form initialisation of the extractor's linear reader on fresh fingerprints.
-
-        Outputs are folded to one tile per image as they come (the reader only sees folded
-        images): 4096 SD-sized outputs would otherwise be 13 GB."""
-        outputs, bits = [], []
-        for chunk in images.split(batch_size or self.calibration_batch_size):
-            chunk = chunk.to(self.device)
-            chunk_bits = self.random_bits(len(chunk))
-            outputs.append(fold_tiles(self.pnm(self.encode(chunk), chunk_bits), self.extractor.tile_size))
-            bits.append(chunk_bits)
-        self.extractor.fit_linear_head(torch.cat(outputs), torch.cat(bits))
-        self.detector_fitted.fill_(True)
-
     def fingerprint_loss(self, images: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         logits = self.extractor(random_augment(images.float(), self.augment))
         return F.binary_cross_entropy_with_logits(logits.float(), bits.float())
@@ -220,7 +194,8 @@ class FingerprintModule(L.LightningModule):
 
     @property
     def rewhitens_in_training(self) -> bool:  # then a method hook must set whitening_outputs
-        return bool(self.rewhiten_every or (self.lr_warmdown_fraction and self.warmdown_reader == "frozen"))
+        return bool(self.rewhiten_every or self.whiteness_weight
+                    or (self.lr_warmdown_fraction and self.warmdown_reader == "frozen"))
 
     @torch.no_grad()
     def refresh_whitening(self) -> None:
@@ -249,6 +224,10 @@ class FingerprintModule(L.LightningModule):
         rec = F.mse_loss(out, base)
         bce = self.fingerprint_loss(out, bits)
         loss = rec_weight * rec + self.lambda_fp * bce
+        whiteness_term = torch.zeros((), device=self.device)
+        if self.whiteness_weight and self.whitening_outputs is not None and not reader_frozen:
+            whiteness_term = whiteness.pool_penalty(self.extractor, self.whitening_outputs, self.whiteness_batch, self.device)
+            loss = loss + self.whiteness_weight * whiteness_term
         if worst_case:
             bce_wc = self._backward_with_worst_case(loss, bce, latents, bits, carriers)
         else:
@@ -270,6 +249,7 @@ class FingerprintModule(L.LightningModule):
                 "train/rec_mse": rec.detach(),
                 "train/bce": bce.detach(),
                 "train/bce_wc": bce_wc.detach(),
+                "train/whiteness": whiteness_term.detach(),
                 "train/psnr": batch_psnr,
                 "train/bit_acc": bit_acc,
                 "train/rec_weight": rec_weight,

@@ -9,6 +9,7 @@ ships as a third file that a plain diffusers load drops) and is tile-aligned (a 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,8 @@ import torch
 
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.methods.base import FingerprintMethod, collect_images
+from fingerprint_lm.metrics.quality import psnr
+from fingerprint_lm.models.extractor import fold_tiles
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +34,9 @@ class CarrierMethod(FingerprintMethod):
             raise ConfigError("method=carrier reads its carrier tiles with the tiled extractor: drop method.extractor.kind")
 
     def before_fit(self, module, loader: Iterable) -> dict[str, Any]:
-        log.info("carriers calibrated to %.2f dB", module.calibrate_carriers(collect_images(loader, 256)))
+        log.info("carriers calibrated to %.2f dB", calibrate_carriers(module, collect_images(loader, 256)))
         if self.detector_fit_samples > 0:
-            module.fit_detector(collect_images(loader, self.detector_fit_samples))
+            fit_detector(module, collect_images(loader, self.detector_fit_samples))
         return {}
 
     @torch.no_grad()
@@ -50,6 +53,40 @@ class CarrierMethod(FingerprintMethod):
                     for chunk in images.split(module.calibration_batch_size))
         fit_soft_whitening(module.extractor, unmarked)
         return {"soft_whitened": True}
+
+
+@torch.no_grad()
+def calibrate_carriers(module, images: torch.Tensor, margin_db: float = 1.0, rounds: int = 4) -> float:
+    """Scale the carrier amplitudes so the marked output sits ``margin_db`` above the module's PSNR
+    target before training starts (MSE grows with amplitude squared, so a few rescalings
+    converge). Returns the PSNR reached."""
+    if module.pnm.spatial_site_name is None:
+        return float("nan")
+    chunks = images.split(module.calibration_batch_size)
+    latents = [module.encode(chunk.to(module.device)) for chunk in chunks]
+    base = [module.reference(z) for z in latents]
+    bits = [module.random_bits(len(z)) for z in latents]
+    reached = float("nan")
+    for _ in range(rounds):
+        reached = torch.cat([psnr(module.pnm(z, b), ref) for z, b, ref in zip(latents, bits, base)]).mean().item()
+        module.pnm.carrier_log_amplitude += (reached - module.psnr_target - margin_db) / 20 * math.log(10)
+    return reached
+
+
+@torch.no_grad()
+def fit_detector(module, images: torch.Tensor, batch_size: int | None = None) -> None:
+    """Closed-form initialisation of the module's tiled linear reader on fresh fingerprints.
+
+    Outputs are folded to one tile per image as they come (the reader only sees folded
+    images): 4096 SD-sized outputs would otherwise be 13 GB."""
+    outputs, bits = [], []
+    for chunk in images.split(batch_size or module.calibration_batch_size):
+        chunk = chunk.to(module.device)
+        chunk_bits = module.random_bits(len(chunk))
+        outputs.append(fold_tiles(module.pnm(module.encode(chunk), chunk_bits), module.extractor.tile_size))
+        bits.append(chunk_bits)
+    module.extractor.fit_linear_head(torch.cat(outputs), torch.cat(bits))
+    module.detector_fitted.fill_(True)
 
 
 @torch.no_grad()
