@@ -47,8 +47,10 @@ RESULTS = Path(__file__).resolve().parent / "results" / "whitening_penalty_probe
 
 
 def with_whiteness_penalty(weight: float, pool_batch: int, seed: int):
-    """A ``prepare`` hook: 2048 unmarked outputs of the training data, and every fingerprint loss
-    (clean and worst-case passes) plus ``weight`` times the penalty on a random batch of them."""
+    """A ``prepare`` hook: 2048 unmarked outputs of the training data, and the clean pass's
+    fingerprint loss plus ``weight`` times the penalty on a random batch of them. The twin of
+    ``FingerprintModule(whiteness_weight=...)``, kept here with its own seeded draws and pool so
+    that the recorded rows reproduce."""
 
     def prepare(module) -> None:
         data = ImageDataModule(source="synthetic", resolution=32, batch_size=32, seed=seed + 7, test_size=512)
@@ -67,7 +69,6 @@ def with_whiteness_penalty(weight: float, pool_batch: int, seed: int):
             return original(outputs, bits) + weight * whiteness_penalty(unmarked, reader.gain)
 
         module.fingerprint_loss = loss
-        module.whiteness_pool = pool
 
     return prepare
 

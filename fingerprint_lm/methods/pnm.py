@@ -56,8 +56,9 @@ class PNMMethod(FingerprintMethod):
 
     def prepare_training(self, module, loader: Iterable) -> None:
         # A reader whose filters train is re-whitened during training (module.rewhiten_every, or
-        # once when it freezes for the warm-down) on the same unmarked outputs after_fit whitens
-        # on; kept on the CPU (2048 SD-sized outputs are 1.6 GB).
+        # once when it freezes for the warm-down), or held white by module.whiteness_weight's
+        # penalty, on the same unmarked outputs after_fit whitens on; kept on the CPU (2048
+        # SD-sized outputs are 1.6 GB).
         if module.rewhitens_in_training and any(p.requires_grad for p in module.extractor.parameters()):
             module.whitening_outputs = unmarked_outputs(module, collect_images(loader, self.detector_fit_samples))
 

@@ -149,7 +149,7 @@ def draw_spaces(
     channels: list[int], act_type: str, num_groups: int, seed: int, scale_range: tuple[float, float] = (0.25, 4.0)
 ) -> list[ActParams]:
     """One transformation per channel space, drawn in order from one generator seeded with
-    ``seed``: :func:`draw_act`'s draws (and the compiled issuance's, models/copy_plan.py)."""
+    ``seed``: :func:`draw_act`'s draws (and the compiled issuance's, experiments/compiled_issue_probe.py)."""
     if act_type not in ACT_TYPES:
         raise ConfigError(f"unknown ACT type {act_type!r}; expected one of {', '.join(ACT_TYPES)}")
     scale_min, scale_max = check_scale_range(scale_range)
