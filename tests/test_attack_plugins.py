@@ -12,23 +12,24 @@ from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
 from fingerprint_lm.attacks.cases import (
+    ATTACK_TABLES,
     BUILTIN_ATTACKS,
     attack_kind,
     image_case,
     parse_case,
+    register_attack,
     register_image_attack,
     register_merge,
     register_model_attack,
 )
-from fingerprint_lm.attacks.collusion import MERGES
 from fingerprint_lm.attacks.image import IMAGE_ATTACKS
-from fingerprint_lm.attacks.model import STATE_ATTACK_PLUGINS
+from fingerprint_lm.attacks.model import STATE_ATTACKS
 from fingerprint_lm.attacks.plugins import median_filter, median_merge
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.evaluation.collusion import Point, PointSettings, evaluate_point
 from fingerprint_lm.models.checkpoint import load_fingerprint_model
 from fingerprint_lm.report.tables import comparison_lines
-from fingerprint_lm.tasks.wrapper import one_line_config_error, register_attack_plugins
+from fingerprint_lm.tasks.wrapper import one_line_config_error, register_attacks
 from tests.conftest import ROOT
 
 
@@ -36,7 +37,7 @@ from tests.conftest import ROOT
 def plugins():
     """The registered plug-ins are removed again: other tests see the built-in tables."""
     yield
-    for table in (IMAGE_ATTACKS, MERGES, STATE_ATTACK_PLUGINS):
+    for table in ATTACK_TABLES.values():
         for name in set(table) - BUILTIN_ATTACKS:
             del table[name]
 
@@ -78,8 +79,8 @@ def test_registration_refuses_names_that_would_clash_or_not_parse(plugins, name,
 def test_the_config_group_registers_instantiated_plugins(plugins):
     cfg = OmegaConf.create({"attacks": {"image": {
         "median": {"_target_": "fingerprint_lm.attacks.plugins.median_filter", "_partial_": True}}}})
-    register_attack_plugins(cfg)
-    register_attack_plugins(cfg)  # every task registers anew: a plug-in may replace itself
+    register_attacks(cfg)
+    register_attacks(cfg)  # every task registers anew: a plug-in may replace itself
     images = torch.rand(1, 3, 12, 12) * 2 - 1
     assert torch.equal(image_case("median_s3")(images), median_filter(images, 3))
 
@@ -101,7 +102,7 @@ def test_median_filter_removes_isolated_outliers_and_keeps_flat_images():
 def test_a_plugin_that_cannot_be_built_is_a_one_line_config_error(plugins):
     cfg = OmegaConf.create({"attacks": {"image": {"nope": {"_target_": "no_such_module.attack", "_partial_": True}}}})
     with pytest.raises(InstantiationException) as caught:
-        register_attack_plugins(cfg)
+        register_attacks(cfg)
     error = one_line_config_error(caught.value)  # what run_task raises, printed as `error: ...`
     assert isinstance(error, ConfigError) and "no_such_module" in str(error) and "\n" not in str(error)
 
@@ -135,7 +136,7 @@ def test_model_and_merge_plugins_are_cases_of_their_kind(plugins):
         "model": {"keep": {"_target_": "tests.test_attack_plugins.damp", "_partial_": True}},
         "merge": {"median_merge": {"_target_": "fingerprint_lm.attacks.plugins.median_merge", "_partial_": True}},
     }})
-    register_attack_plugins(cfg)
+    register_attacks(cfg)
     assert parse_case("keep") == ("keep", None, 1) and attack_kind("keep") == "model"
     assert parse_case("median_merge_c3") == ("median_merge", None, 3) and attack_kind("median_merge") == "merge"
     with pytest.raises(ConfigError, match="needs at least 2 colluders"):
@@ -145,7 +146,7 @@ def test_model_and_merge_plugins_are_cases_of_their_kind(plugins):
     with pytest.raises(ConfigError, match="is built in"):
         register_merge("average", median_merge)
     register_image_attack("keep", invert)  # a plug-in's name may change kind: it leaves its old table
-    assert attack_kind("keep") == "image" and "keep" not in STATE_ATTACK_PLUGINS
+    assert attack_kind("keep") == "image" and "keep" not in STATE_ATTACKS
 
 
 DAMP_CALLS: list[float] = []
@@ -192,7 +193,7 @@ def test_a_failed_registration_keeps_the_plugin_and_one_name_is_one_kind(plugins
     cfg = OmegaConf.create({"attacks": {"image": {"bar": {**spec, "_target_": "fingerprint_lm.attacks.plugins.median_filter"}},
                                         "merge": {"bar": spec}}})
     with pytest.raises(ConfigError, match="'bar' is both attacks.image and attacks.merge"):
-        register_attack_plugins(cfg)
+        register_attacks(cfg)
 
 
 def test_a_summary_files_a_plugin_under_the_kind_its_point_recorded():
@@ -204,3 +205,42 @@ def test_a_summary_files_a_plugin_under_the_kind_its_point_recorded():
             {**base, "attack": "jpeg", "case": "jpeg_q50", "bit_acc": 0.8}]
     line = next(line for line in comparison_lines(rows) if line.startswith("| pnm 48-bit"))
     assert "| 0.700 / 0.600 (median_s3) |" in line
+
+
+def test_the_attacks_group_names_every_built_in_by_its_target(plugins, default_cfg):
+    """conf/attacks/default.yaml lists each attack of one signature under its kind; registering
+    the group leaves the tables as they were, and a built-in name cannot point elsewhere."""
+    listed = {kind: set(default_cfg.attacks[kind]) for kind in ATTACK_TABLES}
+    assert listed == {kind: set(table) for kind, table in ATTACK_TABLES.items()}
+    before = {kind: dict(table) for kind, table in ATTACK_TABLES.items()}
+    register_attacks(default_cfg)
+    assert {kind: dict(table) for kind, table in ATTACK_TABLES.items()} == before
+    for kind, name, other in (("image", "jpeg", "fingerprint_lm.attacks.image.crop"),
+                              ("model", "jpeg", "fingerprint_lm.attacks.image.jpeg"),
+                              ("merge", "average", "fingerprint_lm.attacks.collusion.max_abs")):
+        cfg = OmegaConf.create({"attacks": {kind: {name: {"_target_": other, "_partial_": True}}}})
+        with pytest.raises(ConfigError, match=f"{name!r} is built in"):
+            register_attacks(cfg)
+    assert {kind: dict(table) for kind, table in ATTACK_TABLES.items()} == before
+
+
+def first_colluder(outputs, generator=None):
+    return outputs[0].clone()
+
+
+def test_an_image_merge_plugin_is_an_image_collusion_case(plugins, tiny_checkpoint):
+    """An image collusion of one's own: the suspect images are the first colluder's, so each is
+    attributed to a colluder (a blend of two is not); a wrong shape is refused."""
+    cfg = OmegaConf.create({"attacks": {"image_merge": {
+        "first": {"_target_": "tests.test_attack_plugins.first_colluder", "_partial_": True}}}})
+    register_attacks(cfg)
+    assert parse_case("first_c3") == ("first", None, 3) and attack_kind("first") == "image_collusion"
+    model = load_fingerprint_model(tiny_checkpoint)
+    settings = PointSettings(n_images=8, n_innocents=20)
+    first = evaluate_point(model, Point.from_case("all", "first_c2"), settings, 0).as_dict()
+    blend = evaluate_point(model, Point.from_case("all", "image_blend_c2"), settings, 0).as_dict()
+    assert first["attack_kind"] == "image_collusion"
+    assert first["attribution_acc"] == 1.0 > blend["attribution_acc"]  # every image carries one full code
+    register_attack("image_merge", "first", lambda outputs, generator=None: outputs[0][:1])
+    with pytest.raises(ConfigError, match="image collusion plug-in 'first' must return one batch"):
+        evaluate_point(model, Point.from_case("all", "first_c2"), settings, 0)

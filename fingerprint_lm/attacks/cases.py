@@ -8,6 +8,7 @@ colluder count travel as one string.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 
@@ -15,16 +16,29 @@ import torch
 
 from fingerprint_lm.attacks.collusion import IMAGE_MERGES, MERGES
 from fingerprint_lm.attacks.image import IMAGE_ATTACKS
-from fingerprint_lm.attacks.model import STATE_ATTACK_PLUGINS
+from fingerprint_lm.attacks.model import STATE_ATTACKS
 from fingerprint_lm.errors import ConfigError, check_int
 
-MODEL_ATTACKS: tuple[str, ...] = ("weight_noise", "prune", "quantize_int8", "quantize_fp16", "quantize_bf16", "finetune")
+# The model attack that is not a state-dict function: it fine-tunes the copy's decoder on the
+# attacker's own images, so the evaluation runs it (evaluation/collusion.py).
+TRAINING_ATTACKS: tuple[str, ...] = ("finetune",)
+# Attacks on one copy's outputs that need more than the images (the copy's tile, unmarked images of
+# the same kind): the evaluation runs them too.
 OUTPUT_ATTACKS: tuple[str, ...] = ("estimate_remove", "spectral_remove")
+
+# Every attack that is a function of one signature, by kind: the ``conf/attacks/`` group's
+# sections, which name each by its ``_target_`` (register_attack). Plug-ins join these tables.
+ATTACK_TABLES: dict[str, dict[str, Callable]] = {
+    "image": IMAGE_ATTACKS,            # fn(images, strength, generator=None)
+    "model": STATE_ATTACKS,            # fn(state_dict, strength, generator=None)
+    "merge": MERGES,                   # fn(state_dicts, generator=None)
+    "image_merge": IMAGE_MERGES,       # fn(outputs, generator=None): one [n, 3, H, W] batch per colluder
+}
 
 
 def attack_names() -> tuple[str, ...]:
     """Every attack a case may name, the registered plug-ins included."""
-    return ("none", *MERGES, *IMAGE_MERGES, *IMAGE_ATTACKS, *MODEL_ATTACKS, *STATE_ATTACK_PLUGINS, *OUTPUT_ATTACKS)
+    return ("none", *MERGES, *IMAGE_MERGES, *IMAGE_ATTACKS, *STATE_ATTACKS, *TRAINING_ATTACKS, *OUTPUT_ATTACKS)
 
 
 def attack_kind(attack: str) -> str:
@@ -34,13 +48,16 @@ def attack_kind(attack: str) -> str:
     if attack == "none":
         return "none"
     for kind, names in (("merge", MERGES), ("image_collusion", IMAGE_MERGES), ("image", IMAGE_ATTACKS),
-                        ("model", (*MODEL_ATTACKS, *STATE_ATTACK_PLUGINS)), ("output", OUTPUT_ATTACKS)):
+                        ("model", (*STATE_ATTACKS, *TRAINING_ATTACKS)), ("output", OUTPUT_ATTACKS)):
         if attack in names:
             return kind
     raise ConfigError(f"unknown attack {attack!r}; expected one of {', '.join(attack_names())}")
 
 
-# The built-in attacks: the names taken at import, before any plug-in registers (register_*).
+# The built-in attacks: the names and functions the tables hold at import, before any plug-in
+# registers. The config names the same functions; a built-in name cannot point elsewhere (a cached
+# sweep point of ``jpeg_q50`` must mean the same attack).
+BUILTIN_FUNCTIONS: dict[str, Callable] = {name: fn for table in ATTACK_TABLES.values() for name, fn in table.items()}
 BUILTIN_ATTACKS: frozenset[str] = frozenset(attack_names())
 
 # The image attacks every trained model is probed with (``metrics.json``: ``robust/<case>``); the
@@ -97,31 +114,40 @@ def check_point(attack: str, strength: float | None, colluders: int) -> None:
 _NAME_TOKEN = re.compile(r"^[a-z][a-z0-9]*$")
 
 
-def _check_plugin(name: str, attack: Callable) -> None:
+def register_attack(kind: str, name: str, attack: Callable) -> None:
+    """Make ``attack`` the attack called ``name`` of ``kind`` (a key of :data:`ATTACK_TABLES`), so
+    cases name it: ``<name>_<strength>`` (image), ``<name>[_<strength>]`` (model), ``<name>_c<N>``
+    (merge, image_merge). Every task registers the ``conf/attacks/`` group's entries, built with
+    their ``_target_``, at its start.
+
+    A built-in name is accepted only with its own function, of its own kind (the group lists the
+    built-ins that way); a new name is a plug-in, and may be registered again, even as another kind:
+    it then leaves its old table (one name, one attack)."""
+    if kind not in ATTACK_TABLES:
+        raise ConfigError(f"unknown attack kind {kind!r}; expected one of {', '.join(ATTACK_TABLES)}")
+    if not callable(attack):
+        raise ConfigError(f"attack {name!r}: {type(attack).__name__} is not callable (add _partial_: true?)")
+    if isinstance(attack, functools.partial) and not attack.args and not attack.keywords:
+        attack = attack.func  # what `_target_` + `_partial_: true` builds from a plain function
+    if name in BUILTIN_ATTACKS:
+        if BUILTIN_FUNCTIONS.get(name) is not attack or ATTACK_TABLES[kind].get(name) is not attack:
+            raise ConfigError(f"attack {name!r} is built in; give the plug-in another name")
+        return
     words = str(name).split("_")
     if not all(_NAME_TOKEN.match(w) and not _COLLUDERS.match(w) and not _STRENGTH.match(w) for w in words):
         raise ConfigError(
             f"attack name {name!r}: lowercase words joined by '_', none of them a strength (q50, 0.5) or c<N>"
         )
-    if name in BUILTIN_ATTACKS:
-        raise ConfigError(f"attack {name!r} is built in; give the plug-in another name")
-    if not callable(attack):
-        raise ConfigError(f"attack {name!r}: {type(attack).__name__} is not callable (add _partial_: true?)")
-    # Every task registers the config's plug-ins anew, so a plug-in's name may be registered again,
-    # even as another kind: it then leaves its old table (one name, one attack).
-    for table in (IMAGE_ATTACKS, STATE_ATTACK_PLUGINS, MERGES):
+    for table in ATTACK_TABLES.values():
         table.pop(name, None)
+    ATTACK_TABLES[kind][name] = attack
 
 
 def register_image_attack(name: str, attack: Callable) -> None:
     """Make ``attack`` (``fn(images, strength, generator=None)``, images in ``[-1, 1]``) an image
-    attack called ``name``: cases then name it like a built-in one, ``<name>_<strength>`` (the
-    ``conf/attacks/`` group's plug-ins, built with ``_target_``). An attack may return a smaller
-    image (a cut without resize): fidelity is then measured against the same cut of the base
-    decoder's output. A built-in name cannot be replaced; a plug-in's can (every task registers
-    the config's plug-ins anew)."""
-    _check_plugin(name, attack)
-    IMAGE_ATTACKS[name] = attack
+    attack called ``name`` (:func:`register_attack`). An attack may return a smaller image (a cut
+    without resize): fidelity is then measured against the same cut of the base decoder's output."""
+    register_attack("image", name, attack)
 
 
 def register_model_attack(name: str, attack: Callable) -> None:
@@ -130,16 +156,21 @@ def register_model_attack(name: str, attack: Callable) -> None:
     attack called ``name`` (``<name>[_<strength>]``; strength None when the case gives none). A
     ``carrier`` copy's state dict also holds its bias map (``<site>.bias_map``): the user holds
     that file too."""
-    _check_plugin(name, attack)
-    STATE_ATTACK_PLUGINS[name] = attack
+    register_attack("model", name, attack)
 
 
 def register_merge(name: str, merge: Callable) -> None:
     """Make ``merge`` (``fn(state_dicts, generator=None) -> state_dict``: the c colluders' copies in
     (same keys and shapes, a ``carrier`` copy's bias map included), one model with those keys and
     shapes out, inputs untouched) a collusion called ``name`` (``<name>_c<N>``)."""
-    _check_plugin(name, merge)
-    MERGES[name] = merge
+    register_attack("merge", name, merge)
+
+
+def register_image_merge(name: str, merge: Callable) -> None:
+    """Make ``merge`` (``fn(outputs, generator=None) -> images``: one ``[n, 3, H, W]`` batch per
+    colluder, of the same content, in; ``n`` suspect images of that shape out) an image collusion
+    called ``name`` (``<name>_c<N>``)."""
+    register_attack("image_merge", name, merge)
 
 
 def image_case(case: str) -> Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]:

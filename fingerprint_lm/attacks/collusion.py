@@ -40,6 +40,7 @@ __all__ = [
     "IMAGE_MERGES",
     "MERGES",
     "aligned_average",
+    "aligned_average_merge",
     "average",
     "image_blend",
     "image_mix",
@@ -160,7 +161,7 @@ def sign_consensus(
     return elementwise_merge(state_dicts, combine)
 
 
-def _aligned_average_merge(
+def aligned_average_merge(
     state_dicts: Sequence[Mapping[str, torch.Tensor]],
     generator: torch.Generator | None = None,
     num_groups: int | None = None,
@@ -178,7 +179,7 @@ MERGES: dict[str, Merge] = {
     "max_abs": max_abs,
     "power_mean": power_mean,
     "sign_consensus": sign_consensus,
-    "aligned_average": _aligned_average_merge,
+    "aligned_average": aligned_average_merge,
 }
 
 

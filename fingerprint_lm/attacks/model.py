@@ -7,6 +7,9 @@ buffers are copied. Randomness comes from an explicit ``torch.Generator``.
 - :func:`weight_noise`: Gaussian noise relative to each tensor's standard deviation.
 - :func:`magnitude_prune`: zero the smallest weights of every conv/linear weight (per tensor).
 - :func:`quantize_roundtrip`: int8 (per-tensor symmetric), fp16 or bf16 and back.
+
+:data:`STATE_ATTACKS` names the first three with the common signature ``fn(state_dict, strength,
+generator=None)`` (``weight_noise``, ``prune``, ``quantize_<int8|fp16|bf16>``).
 - :func:`finetune_reconstruction`: fine-tune the copy's decoder on reconstruction alone.
 - :func:`swap_in_base`: replace the copy by a base model the attacker somehow holds.
 - :func:`estimate_and_remove`: removal by estimation, from one's own outputs only.
@@ -33,9 +36,6 @@ StateDict = dict[str, torch.Tensor]
 
 QUANTIZE_MODES: tuple[str, ...] = ("int8", "fp16", "bf16")
 
-# State-dict attacks of one's own, ``fn(state_dict, strength, generator=None) -> state_dict``,
-# registered by name (attacks.cases.register_model_attack; the conf/attacks/ group's `model:`).
-STATE_ATTACK_PLUGINS: dict[str, Callable[..., StateDict]] = {}
 
 
 def _clone(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
@@ -118,6 +118,42 @@ def quantize_roundtrip(state_dict: Mapping[str, torch.Tensor], mode: str) -> Sta
             scale = peak / 127
             out[key] = ((data / scale).round().clamp(-127, 127) * scale).to(value.dtype)
     return out
+
+
+def prune(state_dict: Mapping[str, torch.Tensor], strength: float, generator: torch.Generator | None = None) -> StateDict:
+    """:func:`magnitude_prune` with the common signature (case ``prune_<fraction>``)."""
+    return magnitude_prune(state_dict, float(strength))
+
+
+def quantize_int8(state_dict: Mapping[str, torch.Tensor], strength: float | None = None,
+                  generator: torch.Generator | None = None) -> StateDict:
+    """:func:`quantize_roundtrip` to int8 with the common signature (``strength`` is ignored)."""
+    return quantize_roundtrip(state_dict, "int8")
+
+
+def quantize_fp16(state_dict: Mapping[str, torch.Tensor], strength: float | None = None,
+                  generator: torch.Generator | None = None) -> StateDict:
+    """:func:`quantize_roundtrip` to fp16 with the common signature (``strength`` is ignored)."""
+    return quantize_roundtrip(state_dict, "fp16")
+
+
+def quantize_bf16(state_dict: Mapping[str, torch.Tensor], strength: float | None = None,
+                  generator: torch.Generator | None = None) -> StateDict:
+    """:func:`quantize_roundtrip` to bf16 with the common signature (``strength`` is ignored)."""
+    return quantize_roundtrip(state_dict, "bf16")
+
+
+# The state-dict attacks on one copy by name, each ``fn(state_dict, strength, generator=None) ->
+# state_dict`` (strength None when a case gives none). Plug-ins join them by name
+# (attacks.cases.register_model_attack; the conf/attacks/ group's ``model:``). ``finetune`` is a
+# model attack too, but it trains a decoder on the attacker's images: the evaluation runs it.
+STATE_ATTACKS: dict[str, Callable[..., StateDict]] = {
+    "weight_noise": weight_noise,
+    "prune": prune,
+    "quantize_int8": quantize_int8,
+    "quantize_fp16": quantize_fp16,
+    "quantize_bf16": quantize_bf16,
+}
 
 
 def _image_batches(

@@ -223,15 +223,9 @@ def _model_attack(attack: str, strength, state, bias_map, site, generator):
     """A state-dict attack on the copy's tensors and its bias map together (the user holds both)."""
     key = f"{site}.bias_map"
     tensors = {**state, key: bias_map} if bias_map is not None else dict(state)
-    if attack in model_attacks.STATE_ATTACK_PLUGINS:
-        out = _checked_plugin_output(attack, model_attacks.STATE_ATTACK_PLUGINS[attack](tensors, strength, generator),
-                                     tensors)
-    elif attack == "weight_noise":
-        out = model_attacks.weight_noise(tensors, float(strength), generator)
-    elif attack == "prune":
-        out = model_attacks.magnitude_prune(tensors, float(strength))
-    else:
-        out = model_attacks.quantize_roundtrip(tensors, attack.removeprefix("quantize_"))
+    out = model_attacks.STATE_ATTACKS[attack](tensors, strength, generator)
+    if attack not in BUILTIN_ATTACKS:
+        out = _checked_plugin_output(attack, out, tensors)
     return out, (out.pop(key) if bias_map is not None else None)
 
 
@@ -251,7 +245,7 @@ def attacked_decoder(model: FingerprintModel, users: Users, point: Point, genera
             merged = _checked_plugin_output(point.attack, merged, copies[0])
         bias_map = merged.pop(key, None)
         state = merged
-    elif attack_kind(point.attack) == "model" and point.attack != "finetune":  # noise, pruning, quantization, plug-ins
+    elif point.attack in model_attacks.STATE_ATTACKS:  # noise, pruning, quantization, plug-ins
         state, bias_map = _model_attack(point.attack, point.attack_strength, state, bias_map, site, generator)
     decoder = decoder_from_tensors(config, state, bias_map, site)
     if point.attack == "finetune":
@@ -285,6 +279,9 @@ def attacked_images(model: FingerprintModel, users: Users, point: Point, real: t
     if point.attack in IMAGE_MERGES:  # every colluder decodes the same content with their own copy
         copies = [batched.decode(decoder_from_tensors(model.vae.config, *copy), latents, device) for copy in users.copies]
         outputs = IMAGE_MERGES[point.attack](copies, generator)
+        if point.attack not in BUILTIN_ATTACKS and (not isinstance(outputs, torch.Tensor) or outputs.shape != copies[0].shape):
+            raise ConfigError(f"image collusion plug-in {point.attack!r} must return one batch of shape "
+                              f"{tuple(copies[0].shape)}, got {getattr(outputs, 'shape', type(outputs).__name__)}")
     else:
         outputs = batched.decode(attacked_decoder(model, users, point, generator, settings, tune_images), latents, device)
     reference = base_outputs

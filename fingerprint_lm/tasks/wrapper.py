@@ -22,7 +22,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fingerprint_lm.attacks.cases import register_image_attack, register_merge, register_model_attack
+from fingerprint_lm.attacks.cases import ATTACK_TABLES, register_attack
 from fingerprint_lm.errors import ConfigError, FingerprintError
 from fingerprint_lm.storage import atomic_write_text
 
@@ -62,7 +62,7 @@ def run_task(task: Task, cfg: DictConfig) -> dict[str, Any]:
     os.environ.setdefault("WANDB_SILENT", "true")
     try:
         torch.manual_seed(int(cfg.seed))
-        register_attack_plugins(cfg)
+        register_attacks(cfg)
         result = task.body(cfg, context)
         if not is_global_zero():
             return result  # DDP: rank 0 alone writes a run's outputs
@@ -80,21 +80,19 @@ def run_task(task: Task, cfg: DictConfig) -> dict[str, Any]:
         finish_wandb(context.loggers)
 
 
-PLUGIN_KINDS = {"image": register_image_attack, "model": register_model_attack, "merge": register_merge}
-
-
-def register_attack_plugins(cfg: DictConfig) -> None:
-    """The ``attacks`` group's plug-ins (``attacks.<image|model|merge>.<name>``, ``_target_``
-    configs), each registered under its name."""
+def register_attacks(cfg: DictConfig) -> None:
+    """The ``attacks`` group (``attacks.<image|model|merge|image_merge>.<name>``: ``_target_``
+    configs), each built with ``instantiate`` and registered under its name: the built-in attacks
+    the group lists, and any plug-in added to it."""
     seen: dict[str, str] = {}
-    for kind, register in PLUGIN_KINDS.items():
+    for kind in ATTACK_TABLES:
         for name, spec in (OmegaConf.select(cfg, f"attacks.{kind}") or {}).items():
             if str(name) in seen:
                 raise ConfigError(
-                    f"attack plug-in {str(name)!r} is both attacks.{seen[str(name)]} and attacks.{kind}: one name, one attack"
+                    f"attack {str(name)!r} is both attacks.{seen[str(name)]} and attacks.{kind}: one name, one attack"
                 )
             seen[str(name)] = kind
-            register(str(name), instantiate(spec))
+            register_attack(kind, str(name), instantiate(spec))
 
 
 def one_line_config_error(exc: InstantiationException) -> FingerprintError:
