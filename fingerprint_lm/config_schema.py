@@ -1,5 +1,5 @@
 """Structured configs: the types, ranges and choices of the settings groups the tasks read
-(``act``, ``distributor``, ``sweep``, ``text2image``, ``report``), written once.
+(``act``, ``distributor``, ``sweep``, ``text2image``, ``report``, ``data``), written once.
 
 Two checks come from one dataclass per group:
 
@@ -191,12 +191,91 @@ class ReportConfig:
             raise ConfigError(f"report.filters must be a mapping, got {self.filters!r}")
 
 
+# Where the image data module reads from; data/datamodule.py implements them (and re-exports the names).
+DATA_SOURCES: tuple[str, ...] = ("synthetic", "coco", "coco_stream", "shards")
+
+
+def check_data_arguments(source: str, resolution: int, batch_size: int, num_workers: int, seed: int,
+                         val_size: int, test_size: int, shuffle_buffer: int = 256, coco_root: str | None = None,
+                         shards: Any = None) -> None:
+    """The image data module's arguments, checked once: by :class:`DataConfig` (a composed
+    ``data`` group) and by ``ImageDataModule`` itself (callers without a config)."""
+    if source not in DATA_SOURCES:
+        raise ConfigError(f"unknown data source {source!r}; expected one of {', '.join(DATA_SOURCES)}")
+    check_int("image resolution", resolution)
+    check_int("batch size", batch_size)
+    check_int("number of data workers", num_workers, minimum=0)
+    check_int("data seed", seed, minimum=0)
+    check_int("validation set size", val_size)
+    check_int("test set size", test_size)
+    check_int("shuffle buffer", shuffle_buffer, minimum=0)
+    if source in ("coco", "coco_stream") and not coco_root:
+        raise ConfigError(f"data source '{source}' needs coco_root (the folder holding annotations/ and images)")
+    if source == "shards" and not shards:
+        raise ConfigError("data source 'shards' needs shards (a .tar path, glob pattern or list of them)")
+
+
+@dataclass
+class DataConfig:
+    """``conf/data/synthetic.yaml``: the image data module's arguments. Each source's file extends
+    the class with exactly its own keys (below), so a composed ``data`` group holds the same keys
+    as before the schema and the sweep's cache keys, which hash it, stay valid."""
+
+    _target_: str = "fingerprint_lm.data.datamodule.ImageDataModule"
+    source: str = "synthetic"
+    resolution: int = 32
+    batch_size: int = 32
+    num_workers: int = 0
+    seed: int = 0
+    val_size: int = 256
+    test_size: int = 256
+
+    def __post_init__(self) -> None:
+        check_data_arguments(self.source, self.resolution, self.batch_size, self.num_workers, self.seed,
+                             self.val_size, self.test_size, getattr(self, "shuffle_buffer", 256),
+                             getattr(self, "coco_root", None), getattr(self, "shards", None))
+
+
+@dataclass
+class CocoDataConfig(DataConfig):
+    """``conf/data/coco.yaml``: a local COCO-captions folder, read map-style."""
+
+    source: str = "coco"
+    coco_root: str = MISSING
+    coco_split: str = "val2017"
+
+
+@dataclass
+class CocoStreamDataConfig(CocoDataConfig):
+    """``conf/data/coco_stream.yaml``: the same folder, streamed across ranks and workers."""
+
+    source: str = "coco_stream"
+    shuffle_buffer: int = 256
+
+
+@dataclass
+class ShardsDataConfig(DataConfig):
+    """``conf/data/shards.yaml``: captioned images from tar shards (a path, a glob or a list)."""
+
+    source: str = "shards"
+    shards: Any = MISSING
+    shuffle_buffer: int = 256
+
+
 SCHEMAS: dict[str, type] = {
     "act": ActConfig,
     "distributor": DistributorConfig,
     "sweep": SweepConfig,
     "text2image": Text2ImageConfig,
     "report": ReportConfig,
+}
+# One schema per data source (``schema/data_<source>``): the data module checks its own arguments
+# with check_data_arguments when it is built, so no task reads the group through read_settings.
+DATA_SCHEMAS: dict[str, type] = {
+    "data_synthetic": DataConfig,
+    "data_coco": CocoDataConfig,
+    "data_coco_stream": CocoStreamDataConfig,
+    "data_shards": ShardsDataConfig,
 }
 
 
@@ -205,8 +284,8 @@ def register_config_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
-    for group, schema in SCHEMAS.items():
-        store.store(group="schema", name=group, node=schema)
+    for name, schema in {**SCHEMAS, **DATA_SCHEMAS}.items():
+        store.store(group="schema", name=name, node=schema)
 
 
 def read_settings(cfg: DictConfig, group: str) -> Any:

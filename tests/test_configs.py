@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from fingerprint_lm.config_schema import SCHEMAS, read_settings
+from fingerprint_lm.config_schema import DATA_SCHEMAS, SCHEMAS, read_settings
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.tasks import TASKS
 from tests.conftest import CONF, ROOT, compose_config
@@ -201,3 +202,27 @@ def test_text2image_fid_off_survives_yaml(tmp_path):
     cfg = compose_config(tmp_path, [])
     cfg.text2image.fid = False
     assert read_settings(cfg, "text2image").fid == "off"
+
+
+@pytest.mark.parametrize("source", sorted(p.stem for p in (CONF / "data").glob("*.yaml")))
+def test_each_data_source_is_typed_by_its_schema_and_keeps_its_keys(tmp_path, source):
+    """conf/data/<source>.yaml extends its own dataclass, which adds no key the file does not set:
+    the sweep's cache keys hash the composed group, so a schema that added keys would retrain every
+    cached model. Its range checks are the data module's own (one function)."""
+    cfg = compose_config(tmp_path, [f"data={source}"], tiny=False)
+    assert OmegaConf.get_type(cfg.data) is DATA_SCHEMAS[f"data_{source}"]
+    written = OmegaConf.load(CONF / "data" / f"{source}.yaml")
+    assert set(cfg.data) == set(written) - {"defaults"} and cfg.data.source == source
+    bad = OmegaConf.merge(cfg.data, {"batch_size": 0, "coco_root": "x"} if "coco" in source else {"batch_size": 0})
+    with pytest.raises(ConfigError, match="batch size must be a positive integer, got 0"):
+        OmegaConf.to_object(bad)
+    with pytest.raises(InstantiationException, match="batch size must be a positive integer, got 0"):
+        instantiate(bad)
+
+
+def test_data_types_and_keys_are_checked_while_composing(tmp_path):
+    for override, expected in (("data.batch_size=abc", "could not be converted to Integer"),
+                               ("data.batchsize=3", "Key 'batchsize' not in 'DataConfig'")):
+        with pytest.raises(Exception) as caught:
+            compose_config(tmp_path, [override])
+        assert expected in f"{caught.value} {caught.value.__cause__}"

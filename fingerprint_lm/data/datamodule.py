@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from fingerprint_lm.config_schema import DATA_SOURCES, check_data_arguments
 from fingerprint_lm.data.coco import CocoCaptions
 from fingerprint_lm.data.sources import CocoFolder, TarShards, key_hash
 from fingerprint_lm.data.streaming import EpochStreamLoader, StreamingCaptions
@@ -17,7 +18,7 @@ from fingerprint_lm.errors import ConfigError, DataError, check_int
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("synthetic", "coco", "coco_stream", "shards")
+SOURCES = DATA_SOURCES
 STREAMING_SOURCES = ("coco_stream", "shards")
 
 # Held-out synthetic sets use seeds far from any training seed a sweep would pick.
@@ -128,21 +129,8 @@ class ImageDataModule(L.LightningDataModule):
         shuffle_buffer: int = 256,
     ) -> None:
         super().__init__()
-        if source not in SOURCES:
-            raise ConfigError(f"unknown data source {source!r}; expected one of {', '.join(SOURCES)}")
-        check_int("image resolution", resolution)
-        check_int("batch size", batch_size)
-        check_int("number of data workers", num_workers, minimum=0)
-        check_int("data seed", seed, minimum=0)
-        check_int("validation set size", val_size)
-        check_int("test set size", test_size)
-        check_int("shuffle buffer", shuffle_buffer, minimum=0)
-        if source in ("coco", "coco_stream") and not coco_root:
-            raise ConfigError(
-                f"data source '{source}' needs coco_root (the folder holding annotations/ and images)"
-            )
-        if source == "shards" and not shards:
-            raise ConfigError("data source 'shards' needs shards (a .tar path, glob pattern or list of them)")
+        check_data_arguments(source, resolution, batch_size, num_workers, seed, val_size, test_size,
+                             shuffle_buffer, coco_root, shards)
         self.source = source
         self.resolution = resolution
         self.batch_size = batch_size
