@@ -1,7 +1,8 @@
 """Every command on bad input, through the console as a user types it: one ``error:`` line, exit
 code 2, the registry untouched and nothing written (no registry, copies, images or Hydra run
 folder under the command's root). The image corpus (corrupt, empty, 1x1, bomb, 16-bit, CMYK,
-animated) is walked in-process by tests/test_bad_input_corpus.py."""
+animated) is walked file by file in-process by tests/test_bad_input_corpus.py; here a folder of
+its unreadable files goes through the console."""
 
 from __future__ import annotations
 
@@ -15,17 +16,30 @@ import pytest
 
 from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT
 from tests.conftest import ROOT, SECRET, TINY_BITS, registry_state
+from tests.test_bad_input_corpus import write_corpus
 
 
-def _inputs(issued: Path, folder: Path) -> dict[str, Path]:
-    """Bad inputs made once per test from the shared issued state (which stays untouched)."""
+def _inputs(issued: Path, checkpoint: Path, folder: Path) -> dict[str, Path]:
+    """Bad inputs made once per test from the shared issued state (which stays untouched): a
+    truncated copy and checkpoint, a corrupt image, and a folder of the image corpus's unreadable
+    files only (tests/test_bad_input_corpus.py)."""
     folder.mkdir()
+    corpus = write_corpus(folder / "corpus", issued / "bob_images" / "img_0000.png")
+    only_bad = folder / "only_bad"
+    only_bad.mkdir()
+    for file in corpus:
+        shutil.copy(folder / "corpus" / file, only_bad / file)
+    truncated_checkpoint = folder / "truncated_checkpoint"
+    shutil.copytree(checkpoint, truncated_checkpoint)
+    weights = truncated_checkpoint / "fingerprint.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
     truncated = folder / "truncated_copy"
     shutil.copytree(issued / "copies" / "bob", truncated)
     weights = truncated / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    return {"truncated_copy": truncated, "corrupt": folder / "corrupt.png"}
+    return {"truncated_copy": truncated, "corrupt": folder / "corrupt.png", "only_bad": only_bad,
+            "truncated_checkpoint": truncated_checkpoint}
 
 
 # (id, the command's own arguments, words its one error line must contain); {name} = a path
@@ -36,6 +50,9 @@ CASES = [
     ("truncated_copy", ["task=generate", "copy={truncated_copy}", "out={root}/images"], "truncated_copy"),
     ("corrupt_image", ["task=attribute", "images={corrupt}"], "corrupt.png"),
     ("no_images_argument", ["task=trace"], "task=trace needs images="),
+    ("only_unreadable_images", ["task=trace", "images={only_bad}"], "no readable image: 5 skipped"),
+    ("truncated_checkpoint", ["task=attribute", "images={bob_images}", "distributor.checkpoint={truncated_checkpoint}"],
+     "truncated_checkpoint"),
     ("value_of_wrong_type", ["task=attribute", "images={bob_images}", "distributor.fpr=abc"], "distributor.fpr"),
     ("value_out_of_range", ["task=trace", "images={bob_images}", "distributor.fpr=2"], "must lie in (0, 1)"),
     ("unknown_key", ["task=attribute", "images={bob_images}", "distributor.nope=1"], "nope"),
@@ -46,14 +63,15 @@ CASES = [
 
 
 # Each command that gets past composition imports torch and loads a model (~7 s): `make test` runs
-# one of them (generate, which no other console test reaches), `make test-full` all.
-FAST = {"truncated_copy", "value_of_wrong_type", "unknown_key", "unknown_group_option"}
+# two of them (generate, which no other console test reaches, and trace on unreadable images),
+# `make test-full` all.
+FAST = {"truncated_copy", "only_unreadable_images", "value_of_wrong_type", "unknown_key", "unknown_group_option"}
 
 
 @pytest.mark.parametrize(("args", "words"), [
     pytest.param(*case[1:], id=case[0], marks=() if case[0] in FAST else pytest.mark.slow) for case in CASES])
 def test_each_command_refuses_bad_input_in_one_line(issued, checkpoint, tmp_path, args, words):
-    paths = {**_inputs(issued, tmp_path / "inputs"), "bob": issued / "copies" / "bob",
+    paths = {**_inputs(issued, checkpoint, tmp_path / "inputs"), "bob": issued / "copies" / "bob",
              "bob_images": issued / "bob_images", "root": tmp_path / "root"}
     root = paths["root"]
     root.mkdir()

@@ -140,7 +140,7 @@ def train_fingerprint(
     module.cpu()
     fit_seconds = time.perf_counter() - start
     if method.trains_shared_modules:  # stable_signature trains each copy instead
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     module.to(trainer.strategy.root_device)  # the hook decodes images too: on the training device
     facts.update(method.after_fit(module, datamodule.train_dataloader()))
     module.cpu()  # evaluation and checkpoint writing below run on the CPU copy
