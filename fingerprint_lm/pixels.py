@@ -30,9 +30,20 @@ def from_unit(images: torch.Tensor) -> torch.Tensor:
     return (images.clamp(0, 1) * 2 - 1).contiguous()
 
 
+def to_byte_scale(images: torch.Tensor) -> torch.Tensor:
+    """``[-1, 1]`` -> ``[0, 255]`` as floats, neither rounded nor clamped: differentiable, for
+    simulations of 8-bit codecs (models.augment.jpeg_like)."""
+    return (images + 1) * 127.5
+
+
+def from_byte_scale(values: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`to_byte_scale`."""
+    return values / 127.5 - 1
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """``[..., 3, H, W]`` images in ``[-1, 1]`` -> 8-bit RGB ``uint8 [..., H, W, 3]`` on the CPU."""
-    pixels = ((images.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    pixels = to_byte_scale(images.detach().clamp(-1, 1)).round().to(torch.uint8)
     return np.ascontiguousarray(pixels.movedim(-3, -1).cpu().numpy())
 
 
@@ -40,4 +51,4 @@ def from_uint8(pixels: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.
     """8-bit RGB ``[..., H, W, 3]`` -> ``[..., 3, H, W]`` images in ``[-1, 1]`` of ``dtype``."""
     # a PIL image's array is read-only: torch wants its own writable copy then
     tensor = torch.from_numpy(np.require(pixels, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])).movedim(-1, -3)
-    return (tensor.to(dtype) / 127.5 - 1).contiguous()
+    return from_byte_scale(tensor.to(dtype)).contiguous()

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -26,7 +27,11 @@ def test_there_are_experiments():
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes(tmp_path, experiment):
     cfg = compose_config(tmp_path, [f"+experiment={experiment}"], tiny=False)
-    assert cfg.fingerprint_bits > 0
+    recipe = yaml.safe_load((CONF / "recipe" / f"{experiment}.yaml").read_text()) or {}
+    literal = {key: recipe[key] for key in ("fingerprint_bits", "seed") if key in recipe}
+    literal.update({f"method.{k}": v for k, v in (recipe.get("method") or {}).items()
+                    if not isinstance(v, dict | str)})  # the recipe's own numbers, not interpolations
+    assert literal and all(OmegaConf.select(cfg, key) == value for key, value in literal.items()), literal
     assert cfg.data._target_.endswith("ImageDataModule")
     text = (CONF / "experiment" / f"{experiment}.yaml").read_text()
     assert text.startswith("# @package _global_"), "experiments are global packages (docs/design.md)"

@@ -106,8 +106,10 @@ def test_bad_input_is_a_data_error(extractor):
         extractor(torch.zeros(1, 3, MIN_SIZE - 1, 32))
     with pytest.raises(DataError, match="more than 16 unmarked images"):
         extractor.fit_whitening(images(16))
-    with pytest.raises(ConfigError, match="positive sizes"):
+    with pytest.raises(ConfigError, match="fingerprint length must be a positive integer, got 0"):
         PooledExtractor(0)
+    with pytest.raises(ConfigError, match="extractor depth must be a positive integer, got 0"):
+        PooledExtractor(8, depth=0)
 
 
 def test_a_band_reader_with_learned_filters_starts_at_the_secret_bank_and_trains():

@@ -70,7 +70,8 @@ def test_slurm_launcher_config_follows_the_trainer():
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
     assert launcher.partition is None and launcher.account is None  # set per cluster
-    assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0
+    # the requeue signal comes inside the job's time, early enough for a checkpoint write
+    assert 0 < launcher.signal_delay_s < launcher.timeout_min * 60 and launcher.max_num_timeout >= 1
     assert OmegaConf.to_container(launcher)["submitit_folder"] == "${hydra.sweep.dir}/.submitit/%j"
     single = _compose_with_hydra(["hydra/launcher=slurm", "trainer=gpu"]).hydra.launcher
     assert (single.nodes, single.tasks_per_node, single.gpus_per_node) == (1, 1, 1)

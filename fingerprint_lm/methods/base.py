@@ -48,8 +48,7 @@ class FingerprintMethod:
 
     def __post_init__(self) -> None:
         check_int("method.steps", self.steps, 1 if self.trains_shared_modules else 0)
-        if self.detector_fit_samples < 0:
-            raise ConfigError(f"method.detector_fit_samples must be >= 0, got {self.detector_fit_samples}")
+        check_int("method.detector_fit_samples", self.detector_fit_samples, 0)
 
     # -- what a checkpoint records --------------------------------------------------------------
     def record(self) -> dict[str, Any]:

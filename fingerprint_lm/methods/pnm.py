@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.errors import ConfigError, check_int
 from fingerprint_lm.methods.base import FingerprintMethod, collect_images
 from fingerprint_lm.models.extractor import EXTRACTOR_KINDS
 from fingerprint_lm.models.pooled_extractor import WhitenedReader
@@ -35,8 +35,7 @@ class PNMMethod(FingerprintMethod):
             raise ConfigError(f"unknown extractor kind {self.extractor.get('kind')!r} (choose one of: pooled, band_energy)")
         if self.pnm.get("spatial_site") is not None:
             raise ConfigError("method=pnm keeps the fingerprint in stock weights: method.pnm.spatial_site must be null")
-        if self.detector_fit_samples <= 0:
-            raise ConfigError("method=pnm whitens its extractor: method.detector_fit_samples must be positive")
+        check_int("method=pnm whitens its extractor: method.detector_fit_samples", self.detector_fit_samples)
         if self.extractor.get("kind", "tiled") == "tiled":
             raise ConfigError("method=pnm needs a shift-invariant extractor: method.extractor.kind pooled or band_energy")
 

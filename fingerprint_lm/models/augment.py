@@ -13,6 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.pixels import from_byte_scale, from_unit, to_byte_scale, to_unit
 
 
 def gaussian_kernel(sigma: float, size: int, device=None, dtype=None) -> torch.Tensor:
@@ -62,14 +63,14 @@ def jpeg_like(images: torch.Tensor, quality: int) -> torch.Tensor:
     scale = 5000 / quality if quality < 50 else 200 - 2 * quality
     table = torch.clamp((_JPEG_LUMA * scale + 50) // 100, min=1).to(images)
     dct = _dct_matrix(8, images.device, images.dtype)
-    x = (images + 1) * 127.5  # [0, 255]
+    x = to_byte_scale(images)
     blocks = x.reshape(b, c, h // 8, 8, w // 8, 8).permute(0, 1, 2, 4, 3, 5)
     coeffs = dct @ (blocks - 128) @ dct.T
     q = coeffs / table
     q = q + (torch.round(q) - q).detach()  # straight-through
     out = dct.T @ (q * table) @ dct + 128
     out = out.permute(0, 1, 2, 4, 3, 5).reshape(b, c, h, w)
-    return out / 127.5 - 1
+    return from_byte_scale(out)
 
 
 def crop_resize(images: torch.Tensor, keep_area: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -87,7 +88,7 @@ def crop_resize(images: torch.Tensor, keep_area: float, generator: torch.Generat
 
 def brightness(images: torch.Tensor, factor: float) -> torch.Tensor:
     """Multiply intensities in [0,1] space by ``factor`` (clamped back to range)."""
-    out = ((images + 1) / 2 * factor).clamp(0, 1) * 2 - 1
+    out = from_unit(to_unit(images, clamp=False) * factor)
     # straight-through clamp so saturated pixels keep a gradient
     return images * factor + (out - images * factor).detach()
 

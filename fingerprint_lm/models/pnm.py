@@ -1,6 +1,6 @@
 """Personalized Normalization Module (PNM): the user's fingerprint lives in decoder GroupNorms.
 
-Two kinds of site, both on the decoder's main path (docs/design.md, "What ships today"):
+Two kinds of site, both on the decoder's main path (docs/design.md, "Methods"):
 
 * ``affine`` sites (``norm2`` of ResnetBlocks, configurable): per-channel coefficients
   ``gamma_u = gamma_0 * (1 + A_l(w_u))``, ``beta_u = beta_0 + B_l(w_u)`` with ``w_u = M(f_u)``.
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.errors import ConfigError, check_int
 from fingerprint_lm.models.modulated import (  # noqa: F401  (tile_to: re-exported for copies)
     _MODULATION_SLOTS,
     ModulatedConv2d,
@@ -171,9 +171,7 @@ class PersonalizedDecoder(nn.Module):
             raise ConfigError(f"modulation_bound must be positive or null, got {modulation_bound}")
         self.modulation_bound = modulation_bound
         self.gradient_checkpointing = gradient_checkpointing
-        if fingerprint_bits <= 0:
-            raise ConfigError(f"fingerprint length must be positive, got {fingerprint_bits}")
-        self.fingerprint_bits = fingerprint_bits
+        self.fingerprint_bits = check_int("fingerprint length", fingerprint_bits)
         self.decoder = decoder
         self.post_quant_conv = post_quant_conv
         self.mapping = MappingNetwork(fingerprint_bits, mapping_hidden)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fingerprint_lm.errors import ConfigError, DataError
+from fingerprint_lm.errors import ConfigError, DataError, check_int
 
 MIN_SIZE = 16
 WHITENING_CENTRES = ("median", "mean")
@@ -135,8 +135,8 @@ class PooledExtractor(WhitenedReader):
     """
 
     def __init__(self, fingerprint_bits: int, width: int = 64, depth: int = 4, in_channels: int = 3):
-        if fingerprint_bits <= 0 or width <= 0 or depth <= 0:
-            raise ConfigError(f"the extractor needs positive sizes, got bits={fingerprint_bits} width={width} depth={depth}")
+        for name, value in (("fingerprint length", fingerprint_bits), ("extractor width", width), ("extractor depth", depth)):
+            check_int(name, value)
         super().__init__(fingerprint_bits)
         layers: list[nn.Module] = []
         prev = in_channels
@@ -187,8 +187,8 @@ class BandEnergyExtractor(WhitenedReader):
     def __init__(self, fingerprint_bits: int, filter_size: int = 7, frequency: tuple[float, float] = (0.12, 0.35),
                  seed: int = 5, gain: float = 3.0, learn_filters: bool = False, centre: str = "median",
                  decorrelate: bool = True):
-        if fingerprint_bits <= 0 or filter_size < 3:
-            raise ConfigError(f"the band reader needs bits > 0 and filter_size >= 3, got {fingerprint_bits}, {filter_size}")
+        check_int("fingerprint length", fingerprint_bits)
+        check_int("band reader filter_size", filter_size, 3)
         super().__init__(fingerprint_bits, gain, centre, decorrelate)
         self.min_image_size = filter_size
         generator = torch.Generator().manual_seed(seed)

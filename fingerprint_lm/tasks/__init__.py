@@ -2,7 +2,7 @@
 
 Every layer below takes plain arguments; a task turns ``cfg`` into those arguments, calls them and
 hands its result to :func:`~fingerprint_lm.tasks.wrapper.run_task`, which writes the JSON, prints
-the summary and closes loggers (``docs/design.md``, "Layers").
+the summary and closes loggers (``docs/design.md``, "Package layout").
 """
 
 from __future__ import annotations
