@@ -215,71 +215,89 @@ def _summary(collected: _Collected, user_id: str, seconds: float, has_base: bool
     return summary
 
 
-def evaluate_text2image(
-    pipe,
-    copy_vae,
-    base_vae,
-    extractor: torch.nn.Module,
-    index,
-    user_id: str,
-    code: np.ndarray,
-    prompts: Sequence[tuple[int, str]],
-    images_dir: str | Path,
-    resolution: int,
-    num_inference_steps: int,
-    guidance_scale: float,
-    seed: int,
-    batch_size: int = 4,
-    fpr: float = 1e-6,
-    decoding: str = "soft",
-    grid_images: int = 8,
-    proxy_side: int | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class CopyOwner:
+    """Whose copy is evaluated, and how the distributor reads its images: the extractor (CPU) and
+    the registry's ``CodeIndex``, attribution at ``fpr`` with ``decoding`` (``soft`` | ``hard``;
+    distributor/attribution.py)."""
+
+    user_id: str
+    code: np.ndarray
+    extractor: torch.nn.Module
+    index: Any
+    fpr: float = 1e-6
+    decoding: str = "soft"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How the images are made: ``resolution`` px, the sampler's steps and guidance, ``seed`` (with
+    the COCO index, each image's seed), ``batch_size`` prompts at a time; ``grid_images`` per row
+    of the grid; ``proxy_side``: when set, every image is also kept at that side (fid_proxy)."""
+
+    resolution: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    batch_size: int = 4
+    grid_images: int = 8
+    proxy_side: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class Text2ImageResult:
+    """Per-image rows (``file`` / ``base_file`` relative to the images folder), the summary, the
+    grid's rows (base, copy; uint8) and, for fid_proxy, the images at the proxy's side."""
+
+    images: list[dict[str, Any]]
+    summary: dict[str, Any]
+    grid: list[np.ndarray]
+    proxy: dict[str, torch.Tensor]
+
+
+def evaluate_text2image(pipe, copy_vae, base_vae, owner: CopyOwner, prompts: Sequence[tuple[int, str]],
+                        images_dir: str | Path, generation: Generation) -> Text2ImageResult:
     """Generate, decode, save and score; plain arguments (the ``text2image_eval`` task reads the config).
 
     Parameters:
         pipe: the pipeline (its UNet and text encoder make the latents).
         copy_vae: the user's copy (``load_copy``); base_vae: the control decoder, or None.
-        extractor, index: the distributor's extractor (CPU) and the registry's ``CodeIndex``;
-            ``fpr`` and ``decoding`` (``soft`` | ``hard``): its attribution (distributor/attribution.py).
-        user_id, code: whose copy it is, and the code registered for them.
+        owner: whose copy it is, the code registered for them, and the distributor's reader.
         prompts: ``(COCO sample index, caption)`` pairs; the index sets the image's seed and file name.
         images_dir: PNGs go to ``images_dir/copy/<index>.png`` and ``images_dir/base/<index>.png``;
             the rows' ``file`` and ``base_file`` are relative to it.
-        proxy_side: when set, also keep every image resized to this side (for fid_proxy).
-
-    Returns ``{"images": [per-image rows], "summary": {...}, "grid": [uint8 rows], "proxy": {...}}``.
+        generation: how the images are made.
     """
+    g = generation
     images_dir = Path(images_dir)
     (images_dir / COPY_IMAGES).mkdir(parents=True, exist_ok=True)
     if base_vae is not None:
         (images_dir / BASE_IMAGES).mkdir(parents=True, exist_ok=True)
     collected = _Collected()
     start = time.perf_counter()
-    with tqdm(total=len(prompts), desc="text2image", unit="img", disable=not progress) as bar:
-        for first in range(0, len(prompts), batch_size):
-            batch = prompts[first : first + batch_size]
-            latents = generate_latents(pipe, [caption for _, caption in batch], [image_seed(seed, i) for i, _ in batch],
-                                       resolution, num_inference_steps, guidance_scale)
+    with tqdm(total=len(prompts), desc="text2image", unit="img", disable=not g.progress) as bar:
+        for first in range(0, len(prompts), g.batch_size):
+            batch = prompts[first : first + g.batch_size]
+            latents = generate_latents(pipe, [caption for _, caption in batch], [image_seed(g.seed, i) for i, _ in batch],
+                                       g.resolution, g.num_inference_steps, g.guidance_scale)
             decoded = {"copy": decode_to_pixels(copy_vae, latents)}
             if base_vae is not None:
                 decoded["base"] = decode_to_pixels(base_vae, latents)
-            rows, collected.match_threshold = _score_batch(batch, decoded, extractor, index, code, fpr, images_dir, seed,
-                                                           decoding)
+            rows, collected.match_threshold = _score_batch(batch, decoded, owner.extractor, owner.index, owner.code,
+                                                           owner.fpr, images_dir, g.seed, owner.decoding)
             collected.rows.extend(rows)
             for name, pixels in decoded.items():
-                collected.grid[name].extend(pixels[: grid_images - len(collected.grid[name])])
-                if proxy_side is not None:
-                    collected.proxy[name].append(_resize(from_uint8(pixels), proxy_side))
+                collected.grid[name].extend(pixels[: g.grid_images - len(collected.grid[name])])
+                if g.proxy_side is not None:
+                    collected.proxy[name].append(_resize(from_uint8(pixels), g.proxy_side))
             bar.update(len(batch))
-    summary = _summary(collected, user_id, time.perf_counter() - start, base_vae is not None)
-    return {
-        "images": collected.rows,
-        "summary": summary,
-        "grid": [np.stack(collected.grid[name]) for name in ("base", "copy") if collected.grid[name]],
-        "proxy": {name: torch.cat(parts) for name, parts in collected.proxy.items() if parts},
-    }
+    return Text2ImageResult(
+        images=collected.rows,
+        summary=_summary(collected, owner.user_id, time.perf_counter() - start, base_vae is not None),
+        grid=[np.stack(collected.grid[name]) for name in ("base", "copy") if collected.grid[name]],
+        proxy={name: torch.cat(parts) for name, parts in collected.proxy.items() if parts},
+    )
 
 
 def reference_images(fid_mode: str, coco, indices: Sequence[int], resolution: int, images_dir: Path,

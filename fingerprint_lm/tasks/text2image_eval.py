@@ -28,6 +28,8 @@ from fingerprint_lm.evaluation.sd_pipeline import (
 from fingerprint_lm.evaluation.text2image import (
     GRID_NAME,
     METRICS_NAME,
+    CopyOwner,
+    Generation,
     choose_fid_mode,
     evaluate_text2image,
     frechet_scores,
@@ -132,25 +134,22 @@ def run_text2image_eval(cfg: DictConfig, context: TaskContext) -> dict[str, Any]
     torch.manual_seed(settings.seed)  # nothing should draw from the global generator; this pins it if a scheduler does
     # Written beside the target and swapped in at the end: a crash never mixes old and new images.
     with atomic_directory(output_dir / "images") as images_tmp:
-        result = evaluate_text2image(
-            pipe, copy_vae, base_vae, model.extractor.float().cpu().eval(), index, s.user_id, row["code"], prompts,
-            images_tmp, resolution=resolution, num_inference_steps=settings.num_inference_steps,
-            guidance_scale=settings.guidance_scale, seed=settings.seed, batch_size=settings.batch_size, fpr=s.fpr,
-            decoding=s.distributor.decoding,
-            grid_images=settings.grid_images, proxy_side=proxy_side,
-            progress=bool(settings.progress),
-        )
+        owner = CopyOwner(s.user_id, row["code"], model.extractor.float().cpu().eval(), index, s.fpr,
+                          s.distributor.decoding)
+        generation = Generation(resolution, settings.num_inference_steps, settings.guidance_scale, settings.seed,
+                                settings.batch_size, settings.grid_images, proxy_side, bool(settings.progress))
+        result = evaluate_text2image(pipe, copy_vae, base_vae, owner, prompts, images_tmp, generation)
         reference = reference_images(fid_mode, coco, [i for i, _ in prompts], resolution, images_tmp, proxy_side)
     images_dir = output_dir / "images"
-    for image_row in result["images"]:
+    for image_row in result.images:
         for key in ("file", "base_file"):
             if key in image_row:
                 image_row[key] = str(images_dir / image_row[key])
-    scores = frechet_scores(fid_mode, images_dir, base_vae is not None, reference, result["proxy"], proxy_net, s.device)
-    grid_path = write_grid(result["grid"], output_dir / GRID_NAME) if result["grid"] else None
+    scores = frechet_scores(fid_mode, images_dir, base_vae is not None, reference, result.proxy, proxy_net, s.device)
+    grid_path = write_grid(result.grid, output_dir / GRID_NAME) if result.grid else None
     return {
         "task": "text2image_eval", "user_id": s.user_id, "code_length": int(model.fingerprint_bits),
-        "n_users": len(index), "fpr": s.fpr, "decoding": s.distributor.decoding, **result["summary"], "fid_mode": fid_mode,
+        "n_users": len(index), "fpr": s.fpr, "decoding": s.distributor.decoding, **result.summary, "fid_mode": fid_mode,
         "fid_skipped_reason": fid_reason if fid_mode == "off" else None,
         "fid_note": fid_reason if fid_mode == "proxy" else None, **scores,
         "pipeline_path": str(s.pipeline_path), "copy_path": str(copy_path), "baseline": base_vae is not None,
@@ -158,7 +157,7 @@ def run_text2image_eval(cfg: DictConfig, context: TaskContext) -> dict[str, Any]
         "resolution": resolution, "num_inference_steps": settings.num_inference_steps,
         "guidance_scale": settings.guidance_scale, "seed": settings.seed, "batch_size": settings.batch_size,
         "device": str(s.device), "dtype": str(s.dtype).removeprefix("torch."), "images_dir": str(images_dir),
-        "grid": str(grid_path) if grid_path else None, "images": result["images"],
+        "grid": str(grid_path) if grid_path else None, "images": result.images,
     }
 
 
