@@ -81,6 +81,26 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_files(directory: str | Path) -> Iterator[Path]:
+    """Yield a staging folder inside ``directory``; when the block succeeds, each file written
+    there replaces its namesake in ``directory``, one ``os.replace`` each, and only then. For
+    folders that hold more than the files written (a sweep's point folders beside its summary, an
+    earlier report's plots), which :func:`atomic_directory` would swap away whole. A failed block
+    changes nothing in ``directory``; a killed writer's staging folder is removed by the next one."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = directory / "staged-files"  # names the staging folders: .staged-files.<host>-<pid>.*
+    remove_dead_writers_temporaries(marker)
+    staging = Path(tempfile.mkdtemp(prefix=_temp_prefix(marker), dir=directory))
+    try:
+        yield staging
+        for path in sorted(staging.iterdir()):
+            os.replace(path, directory / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file via a temporary sibling and ``os.replace``."""
     path = Path(path)

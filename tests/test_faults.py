@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ import pytest
 
 from fingerprint_lm.distributor.copies import copy_sha256
 from fingerprint_lm.errors import CheckpointError
+from fingerprint_lm.storage import atomic_files
 from tests.conftest import SECRET, registry_state, task
 
 
@@ -134,3 +136,23 @@ def test_a_killed_training_run_resumes_from_its_checkpoint(tmp_path):
     resumed = json.loads((killed / "run" / "metrics.json").read_text())
     assert resumed["steps"] == first["steps"]
     assert abs(resumed["bit_acc"] - first["bit_acc"]) <= 0.05 and abs(resumed["psnr"] - first["psnr"]) <= 1.0
+
+
+def test_summary_files_are_replaced_together_or_not_at_all(tmp_path):
+    """storage.atomic_files, which the sweep summary and task=report write through: a failure
+    leaves the previous files and the point folders beside them as they were; a dead writer's
+    staging folder is removed by the next writer."""
+    (tmp_path / "point").mkdir()
+    (tmp_path / "point" / "metrics.json").write_text("{}")
+    (tmp_path / "summary.csv").write_text("old")
+    dead = tmp_path / f".staged-files.{socket.gethostname()}-999999999.abc"
+    dead.mkdir()
+    with pytest.raises(RuntimeError), atomic_files(tmp_path) as staging:
+        (staging / "summary.csv").write_text("new")
+        raise RuntimeError("killed while plotting")
+    assert (tmp_path / "summary.csv").read_text() == "old"
+    with atomic_files(tmp_path) as staging:
+        (staging / "summary.csv").write_text("new")
+        (staging / "summary.md").write_text("table")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["point", "summary.csv", "summary.md"]
+    assert (tmp_path / "summary.csv").read_text() == "new" and (tmp_path / "point" / "metrics.json").is_file()

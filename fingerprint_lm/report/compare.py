@@ -20,18 +20,16 @@ only when all of them exist, so an error never leaves a half-written report.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from fingerprint_lm.errors import DataError
 from fingerprint_lm.report.runs import RunRecord
+from fingerprint_lm.report.text_tables import csv_text, markdown_lines
+from fingerprint_lm.storage import atomic_files
 
 # Where a metric logged as ``<stage>/<name>`` is looked up first when ``report.metrics`` says ``name``.
 STAGE_PREFERENCE: tuple[str, ...] = ("eval", "sweep", "test", "val", "train")
@@ -149,18 +147,11 @@ def _md_cell(value: Any) -> str:
 
 
 def comparison_csv(columns: list[str], rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([_csv_cell(row.get(c)) for c in columns])
-    return buffer.getvalue()
+    return csv_text(columns, rows, _csv_cell)
 
 
 def markdown_table(columns: list[str], rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_md_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return "\n".join(markdown_lines(columns, rows, _md_cell)) + "\n"
 
 
 def comparison_markdown(config_columns: list[str], metric_columns: list[str], rows: list[dict]) -> str:
@@ -246,9 +237,7 @@ def write_report(
                 row[key] = metric_value(run, key)
     columns = ["run", "source", *config_columns, *metric_columns]
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".report.", dir=output_dir))
-    try:
+    with atomic_files(output_dir) as staging:  # everything is written before a previous report's files are replaced
         files = {
             "comparison.csv": comparison_csv(columns, rows),
             "comparison.md": comparison_markdown(config_columns, metric_columns, rows),
@@ -263,9 +252,5 @@ def write_report(
         if any(row.get("bit_acc") is not None and row.get(quality_metric) is not None for row in rows):
             _plot_scatter(rows, quality_metric, staging / SCATTER_FILE)
             names.append(SCATTER_FILE)
-        for name in names:  # everything exists: now replace the previous report's files
-            os.replace(staging / name, output_dir / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     table = markdown_table(["run", *config_columns, *metric_columns], rows)
     return [output_dir / name for name in names], table

@@ -6,8 +6,6 @@ the same metrics files give byte-identical summary files (plots carry no timesta
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from pathlib import Path
@@ -16,6 +14,8 @@ from typing import Any
 from fingerprint_lm.attacks.cases import attack_kind
 from fingerprint_lm.errors import ConfigError, DataError
 from fingerprint_lm.models.act import ACT_TYPES
+from fingerprint_lm.report.text_tables import csv_text, markdown_lines
+from fingerprint_lm.storage import atomic_files
 
 COLUMNS: tuple[str, ...] = (
     "method",
@@ -131,12 +131,7 @@ def _cell(value: Any, digits: int = 4, rate: bool = False) -> str:
 
 
 def summary_csv(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for row in rows:
-        writer.writerow([_cell(row.get(c), 6) for c in COLUMNS])
-    return buffer.getvalue()
+    return csv_text(COLUMNS, rows, lambda value: _cell(value, 6))
 
 
 def summary_markdown(rows: list[dict], title: str = "Collusion sweep") -> str:
@@ -151,10 +146,7 @@ def summary_markdown(rows: list[dict], title: str = "Collusion sweep") -> str:
         *headline_lines(rows),
         *tracing_lines(rows),
     ]
-    lines.append("| " + " | ".join(MARKDOWN_COLUMNS) + " |")
-    lines.append("|" + "|".join("---" for _ in MARKDOWN_COLUMNS) + "|")
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(c), 3) for c in MARKDOWN_COLUMNS) + " |")
+    lines += markdown_lines(MARKDOWN_COLUMNS, rows, lambda value: _cell(value, 3))
     return "\n".join(lines) + "\n"
 
 
@@ -391,10 +383,11 @@ def write_summary(sweep_dir: str | Path) -> list[Path]:
     rows = collect_points(sweep_dir)
     if not rows:
         raise DataError(f"no */metrics.json under {sweep_dir}: nothing to summarize")
-    paths = [sweep_dir / name for name in SUMMARY_FILES]
-    paths[0].write_text(summary_csv(rows))
-    paths[1].write_text(summary_markdown(rows, f"Collusion sweep {sweep_dir.name}"))
-    _plot_collusion(rows, "psnr", paths[2])
-    _plot_collusion(rows, "fid_proxy", paths[3])
-    _plot_strength(rows, paths[4])
-    return paths
+    with atomic_files(sweep_dir) as staging:  # a killed summary leaves the previous one whole
+        staged = [staging / name for name in SUMMARY_FILES]
+        staged[0].write_text(summary_csv(rows))
+        staged[1].write_text(summary_markdown(rows, f"Collusion sweep {sweep_dir.name}"))
+        _plot_collusion(rows, "psnr", staged[2])
+        _plot_collusion(rows, "fid_proxy", staged[3])
+        _plot_strength(rows, staged[4])
+    return [sweep_dir / name for name in SUMMARY_FILES]
