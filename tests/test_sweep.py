@@ -21,8 +21,8 @@ from fingerprint_lm.metrics.fid import train_proxy_feature_net
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.report.tables import COLUMNS, SUMMARY_FILES, write_summary
 from fingerprint_lm.tasks import run
-from fingerprint_lm.tasks.sweep_point import matches_shipped, training_record
-from fingerprint_lm.tasks.train import training_recipe
+from fingerprint_lm.tasks.train import method_from_config
+from fingerprint_lm.tasks.training_record import matches_shipped, training_recipe, training_record
 from tests.conftest import ROOT, TINY_BITS, compose_config
 
 BITS = TINY_BITS
@@ -312,7 +312,7 @@ def test_shipped_checkpoints_match_their_method_config_and_no_other_recipe(tmp_p
     checkpoint that records no recipe (trained before recipes were recorded) matches on the rest."""
     def record(*overrides):
         cfg = compose_config(tmp_path / "job", ["+experiment=collusion_sweep", f"method={method}", *overrides], tiny=False)
-        return training_record(cfg), cfg
+        return training_record(cfg, method_from_config(cfg)), cfg
 
     default, cfg = record()
     meta = json.loads((shipped_checkpoint(str(cfg.method.checkpoint_name)) / "fingerprint.json").read_text())
@@ -330,12 +330,12 @@ def test_sweep_model_cache_key_follows_the_base_vae_weights(tmp_path):
     import shutil
 
     from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT
-    from fingerprint_lm.tasks.sweep_point import sweep_model_cache_dir, training_config, training_record
+    from fingerprint_lm.tasks.sweep_point import sweep_model_cache_dir, training_config
 
     cfg = compose_config(tmp_path / "job", ["+experiment=collusion_sweep", "fingerprint_bits=32"], tiny=False)
     base = tmp_path / "base_vae"
     shutil.copytree(SHIPPED_CHECKPOINT / "base_vae", base)
-    record = training_record(cfg)
+    record = training_record(cfg, method_from_config(cfg))
     key = sweep_model_cache_dir(cfg, record, base)
     assert key == sweep_model_cache_dir(cfg, record, base)
     # the point's seed draws users and attacks; the per-length model depends on sweep.train_seed only

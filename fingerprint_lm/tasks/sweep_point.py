@@ -42,12 +42,8 @@ from fingerprint_lm.models.checkpoint import (
 from fingerprint_lm.models.vae import load_vae
 from fingerprint_lm.report.tables import write_summary
 from fingerprint_lm.storage import config_hash
-from fingerprint_lm.tasks.train import (
-    method_from_config,
-    record_training_config,
-    train_from_config,
-    training_recipe,
-)
+from fingerprint_lm.tasks.train import method_from_config, train_from_config
+from fingerprint_lm.tasks.training_record import matches_shipped, record_training_config, training_record
 from fingerprint_lm.tasks.wrapper import Task, TaskContext
 
 log = logging.getLogger(__name__)
@@ -58,39 +54,6 @@ log = logging.getLogger(__name__)
 # of the code alone changes a trained model, so no cached model from before is reused.
 # 2 (2026-12-05): the carrier reader's soft-decision whitening, fitted after training.
 TRAINED_MODEL_VERSION = 2
-
-
-def training_record(cfg: DictConfig) -> dict[str, Any]:
-    """What a trained fingerprint model's ``fingerprint.json`` records of its training config."""
-    return {
-        "fingerprint_bits": int(cfg.fingerprint_bits),
-        **method_from_config(cfg).record(),
-        "resolution": int(cfg.data.resolution),
-        "steps": int(cfg.method.steps),
-        "recipe": training_recipe(cfg),
-    }
-
-
-def _recorded(meta: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "fingerprint_bits": meta.get("fingerprint_bits"),
-        "method": recorded_method(meta),
-        "pnm": meta.get("pnm"),
-        "extractor": meta.get("extractor"),
-        "resolution": meta.get("resolution"),
-        "steps": meta.get("metrics", {}).get("steps"),
-        "recipe": meta.get("recipe"),
-    }
-
-
-def matches_shipped(meta: dict[str, Any], record: dict[str, Any]) -> bool:
-    """Whether a shipped checkpoint's ``fingerprint.json`` (``meta``) records the training config
-    ``record``. A checkpoint from before recipes were recorded (no ``recipe`` key) matches on the
-    rest, as before: what it was trained with beyond that is not known."""
-    recorded = _recorded(meta)
-    if recorded["recipe"] is None:
-        recorded["recipe"] = record["recipe"]
-    return recorded == record
 
 
 def _given_checkpoint(cfg: DictConfig) -> Path:
@@ -134,7 +97,7 @@ def sweep_model_dir(cfg: DictConfig) -> tuple[Path, str]:
     check_int("fingerprint_bits", cfg.fingerprint_bits)
     if cfg.sweep.checkpoint:
         return _given_checkpoint(cfg), "given"
-    record = training_record(cfg)
+    record = training_record(cfg, method_from_config(cfg))
     shipped = shipped_checkpoint(str(cfg.method.checkpoint_name))
     if (shipped / "fingerprint.json").is_file() and matches_shipped(json.loads((shipped / "fingerprint.json").read_text()), record):
         return shipped, "shipped"

@@ -1,7 +1,7 @@
 """``task=train`` (the default): base VAE -> fingerprint training -> evaluation -> ``metrics.json``.
 
 Also the config readers the collusion sweep's per-length training shares: :func:`method_from_config`,
-:func:`train_from_config`, :func:`training_recipe`, :func:`record_training_config`.
+:func:`train_from_config` (what a checkpoint records of them: :mod:`~fingerprint_lm.tasks.training_record`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from fingerprint_lm.methods import FingerprintMethod
 from fingerprint_lm.models.checkpoint import save_fingerprint_model
 from fingerprint_lm.models.vae import BaseVAESpec
 from fingerprint_lm.report.plots import write_training_curve
+from fingerprint_lm.tasks.training_record import record_training_config
 from fingerprint_lm.tasks.wrapper import Task, TaskContext, flatten, is_global_zero, one_line_config_error
 
 log = logging.getLogger(__name__)
@@ -73,33 +74,6 @@ def train_from_config(cfg: DictConfig, vae, datamodule, make_trainer, ckpt_path:
         seed=cfg.seed if seed is None else seed,
         gradient_checkpointing=spec.gradient_checkpointing,
         calibration_batch_size=spec.calibration_batch_size,
-    )
-
-
-def training_recipe(cfg: DictConfig) -> dict[str, Any]:
-    """The method's training settings that shape the trained model but are not needed to rebuild
-    it: ``train`` (losses, learning rates, the worst-case term), ``augment`` and
-    ``detector_fit_samples``. Recorded so that the sweep does not take a shipped checkpoint
-    trained with another recipe (say ``method.train.wc_rho=0.002``) for the one it was asked for."""
-    method = cfg.method
-    return {
-        "train": OmegaConf.to_container(method.get("train", {}), resolve=True),
-        "augment": OmegaConf.to_container(method.get("augment", {}), resolve=True),
-        "detector_fit_samples": method.get("detector_fit_samples"),
-    }
-
-
-def record_training_config(model, cfg: DictConfig, metrics: dict[str, Any]) -> None:
-    """Write into ``model.meta`` what a checkpoint records of its training (length, resolution and
-    :func:`training_recipe`; the method's record, PNM and extractor settings, is there since the
-    method built the model) and its quality figures; the sweep matches checkpoints on these."""
-    model.meta.update(
-        {
-            "fingerprint_bits": int(cfg.fingerprint_bits),
-            "resolution": cfg.data.resolution,
-            "recipe": training_recipe(cfg),
-            "metrics": {k: v for k, v in metrics.items() if k in ("bit_acc", "psnr", "ssim", "steps")},
-        }
     )
 
 
