@@ -146,6 +146,7 @@ def test_each_task_takes_only_its_own_arguments(tmp_path):
     assert compose_config(tmp_path, ["+experiment=collusion_sweep"], tiny=False).task == "sweep_point"
     tasks = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
     assert tasks == sorted(TASKS)  # one config file per command of the table
+    assert all(task.name == name for name, task in TASKS.items())  # logs and errors name the command typed
 
 
 @pytest.mark.parametrize("group", sorted(SCHEMAS))

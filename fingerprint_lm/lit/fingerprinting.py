@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Iterator
 
 import lightning as L
 import torch
@@ -173,6 +174,14 @@ class FingerprintModule(L.LightningModule):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Float32 latents from the frozen encoder (no graph is ever built through it)."""
         return encode_latents(self.vae, images)
+
+    @torch.no_grad()
+    def unmarked_chunks(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The reference decoder's (unmarked) float32 outputs of ``images``, made and yielded
+        ``calibration_batch_size`` at a time on the module's device: what whitening fits read,
+        without holding every output at once."""
+        for chunk in images.split(self.calibration_batch_size):
+            yield self.reference(self.encode(chunk.to(self.device))).float()
 
     def decoder_weights(self) -> list[nn.Parameter]:
         """The copy's weights a worst-case perturbation acts on (everything a user holds)."""

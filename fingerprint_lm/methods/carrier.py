@@ -49,9 +49,7 @@ class CarrierMethod(FingerprintMethod):
                         "%d bits", self.detector_fit_samples, module.extractor.fingerprint_bits)
             return {"soft_whitened": False}
         images = collect_images(loader, self.detector_fit_samples)
-        unmarked = (module.reference(module.encode(chunk.to(module.device))).float()
-                    for chunk in images.split(module.calibration_batch_size))
-        fit_soft_whitening(module.extractor, unmarked)
+        fit_soft_whitening(module.extractor, module.unmarked_chunks(images))
         return {"soft_whitened": True}
 
 

@@ -74,8 +74,7 @@ class PNMMethod(FingerprintMethod):
 def unmarked_outputs(module, images: torch.Tensor) -> torch.Tensor:
     """The reference decoder's outputs of ``images`` (float32, on the CPU), decoded
     ``module.calibration_batch_size`` at a time on the module's device."""
-    return torch.cat([module.reference(module.encode(chunk.to(module.device))).float().cpu()
-                      for chunk in images.split(module.calibration_batch_size)])
+    return torch.cat([chunk.cpu() for chunk in module.unmarked_chunks(images)])
 
 
 @torch.no_grad()
@@ -88,5 +87,4 @@ def whiten(module, images: torch.Tensor) -> None:
     extractor = module.extractor
     if not isinstance(extractor, WhitenedReader):
         raise ConfigError(f"{type(extractor).__name__} has no whitening")
-    extractor.fit_whitening_chunks(module.reference(module.encode(chunk.to(module.device))).float()
-                                   for chunk in images.split(module.calibration_batch_size))
+    extractor.fit_whitening_chunks(module.unmarked_chunks(images))
