@@ -241,7 +241,7 @@ class CocoDataConfig(DataConfig):
     """``conf/data/coco.yaml``: a local COCO-captions folder, read map-style."""
 
     source: str = "coco"
-    coco_root: str = MISSING
+    coco_root: str | None = MISSING  # null reaches check_data_arguments, which says what is missing
     coco_split: str = "val2017"
 
 

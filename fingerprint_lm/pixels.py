@@ -9,7 +9,9 @@ COCO image read back all quantise and rescale the same way:
 - :func:`from_uint8`: ``p / 127.5 - 1`` in float32 (exactly inverts :func:`to_uint8` on its
   256 levels up to float rounding);
 - :func:`to_unit` / :func:`from_unit`: ``[-1, 1]`` <-> ``[0, 1]`` for metrics and photometric
-  attacks (clamped, as a saved image would be).
+  attacks (clamped, as a saved image would be);
+- :func:`to_byte_scale` / :func:`from_byte_scale`: ``[-1, 1]`` <-> ``[0, 255]`` as unrounded
+  floats, for differentiable simulations of 8-bit codecs.
 """
 
 from __future__ import annotations

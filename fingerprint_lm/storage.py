@@ -84,7 +84,8 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_files(directory: str | Path) -> Iterator[Path]:
     """Yield a staging folder inside ``directory``; when the block succeeds, each file written
-    there replaces its namesake in ``directory``, one ``os.replace`` each, and only then. For
+    there replaces its namesake in ``directory``, one ``os.replace`` each, and only then (each
+    file is atomic; a kill between two renames leaves some old and some new files, all whole). For
     folders that hold more than the files written (a sweep's point folders beside its summary, an
     earlier report's plots), which :func:`atomic_directory` would swap away whole. A failed block
     changes nothing in ``directory``; a killed writer's staging folder is removed by the next one."""

@@ -240,7 +240,9 @@ def test_an_image_merge_plugin_is_an_image_collusion_case(plugins, tiny_checkpoi
     first = evaluate_point(model, Point.from_case("all", "first_c2"), settings, 0).as_dict()
     blend = evaluate_point(model, Point.from_case("all", "image_blend_c2"), settings, 0).as_dict()
     assert first["attack_kind"] == "image_collusion"
-    assert first["attribution_acc"] == 1.0 > blend["attribution_acc"]  # every image carries one full code
+    # every image carries one full code (a clean copy's images are attributed at > 0.8 on this model,
+    # tests/test_sweep.py); a blend of two codes is not attributed
+    assert first["attribution_acc"] > 0.8 and first["attribution_acc"] > blend["attribution_acc"]
     register_attack("image_merge", "first", lambda outputs, generator=None: outputs[0][:1])
     with pytest.raises(ConfigError, match="image collusion plug-in 'first' must return one batch"):
         evaluate_point(model, Point.from_case("all", "first_c2"), settings, 0)

@@ -138,9 +138,9 @@ def test_a_killed_training_run_resumes_from_its_checkpoint(tmp_path):
     assert abs(resumed["bit_acc"] - first["bit_acc"]) <= 0.05 and abs(resumed["psnr"] - first["psnr"]) <= 1.0
 
 
-def test_summary_files_are_replaced_together_or_not_at_all(tmp_path):
-    """storage.atomic_files, which the sweep summary and task=report write through: a failure
-    leaves the previous files and the point folders beside them as they were; a dead writer's
+def test_summary_files_replace_the_old_ones_only_once_all_are_written(tmp_path):
+    """storage.atomic_files, which the sweep summary and task=report write through: a failure while
+    writing leaves the previous files and the point folders beside them as they were; a dead writer's
     staging folder is removed by the next writer."""
     (tmp_path / "point").mkdir()
     (tmp_path / "point" / "metrics.json").write_text("{}")

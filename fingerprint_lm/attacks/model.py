@@ -7,15 +7,15 @@ buffers are copied. Randomness comes from an explicit ``torch.Generator``.
 - :func:`weight_noise`: Gaussian noise relative to each tensor's standard deviation.
 - :func:`magnitude_prune`: zero the smallest weights of every conv/linear weight (per tensor).
 - :func:`quantize_roundtrip`: int8 (per-tensor symmetric), fp16 or bf16 and back.
-
-:data:`STATE_ATTACKS` names the first three with the common signature ``fn(state_dict, strength,
-generator=None)`` (``weight_noise``, ``prune``, ``quantize_<int8|fp16|bf16>``).
 - :func:`finetune_reconstruction`: fine-tune the copy's decoder on reconstruction alone.
 - :func:`swap_in_base`: replace the copy by a base model the attacker somehow holds.
 - :func:`estimate_and_remove`: removal by estimation, from one's own outputs only.
 - :func:`spectral_equalize`: removal of a mark that tilts the outputs' spectrum (pnm, wouaf), from
   one's own outputs and unmarked images of the same kind.
 - :func:`zero_mark_parameters`: zero parameters that carry the mark alone (e.g. a bias map).
+
+:data:`STATE_ATTACKS` names the first three with the common signature ``fn(state_dict, strength,
+generator=None)`` (``weight_noise``, ``prune``, ``quantize_<int8|fp16|bf16>``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from fingerprint_lm.errors import ConfigError, DataError
 StateDict = dict[str, torch.Tensor]
 
 QUANTIZE_MODES: tuple[str, ...] = ("int8", "fp16", "bf16")
-
 
 
 def _clone(state_dict: Mapping[str, torch.Tensor]) -> StateDict:

@@ -6,7 +6,7 @@
         '+attacks.image.median={_target_:fingerprint_lm.attacks.plugins.median_filter,_partial_:true}' \\
         'sweep.grid.case="median_s3"'
 
-Three kinds, each with the built-in attacks' signature and returning new tensors:
+Four kinds, each with the built-in attacks' signature and returning new tensors:
 
 - ``attacks.image.<name>``: ``fn(images, strength, generator=None)`` on ``[B, 3, H, W]`` batches
   in ``[-1, 1]`` (fingerprint_lm/attacks/image.py); cases ``<name>_<strength>``.
@@ -14,6 +14,9 @@ Three kinds, each with the built-in attacks' signature and returning new tensors
   tensors (fingerprint_lm/attacks/model.py); cases ``<name>[_<strength>]``.
 - ``attacks.merge.<name>``: ``fn(state_dicts, generator=None)`` on the c colluders' copies
   (fingerprint_lm/attacks/collusion.py); cases ``<name>_c<N>``. Example: :func:`median_merge`.
+- ``attacks.image_merge.<name>``: ``fn(outputs, generator=None)`` on the c colluders' images of
+  the same content (one ``[n, 3, H, W]`` batch each), returning one such batch; cases
+  ``<name>_c<N>``, like ``image_mix`` and ``image_blend``.
 """
 
 from __future__ import annotations

@@ -223,7 +223,7 @@ def _model_attack(attack: str, strength, state, bias_map, site, generator):
     """A state-dict attack on the copy's tensors and its bias map together (the user holds both)."""
     key = f"{site}.bias_map"
     tensors = {**state, key: bias_map} if bias_map is not None else dict(state)
-    out = model_attacks.STATE_ATTACKS[attack](tensors, strength, generator)
+    out = model_attacks.STATE_ATTACKS[attack](tensors, None if strength is None else float(strength), generator)
     if attack not in BUILTIN_ATTACKS:
         out = _checked_plugin_output(attack, out, tensors)
     return out, (out.pop(key) if bias_map is not None else None)

@@ -215,7 +215,7 @@ def _summary(collected: _Collected, user_id: str, seconds: float, has_base: bool
     return summary
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays and modules: compared by identity
 class CopyOwner:
     """Whose copy is evaluated, and how the distributor reads its images: the extractor (CPU) and
     the registry's ``CodeIndex``, attribution at ``fpr`` with ``decoding`` (``soft`` | ``hard``;

@@ -134,10 +134,12 @@ def run_text2image_eval(cfg: DictConfig, context: TaskContext) -> dict[str, Any]
     torch.manual_seed(settings.seed)  # nothing should draw from the global generator; this pins it if a scheduler does
     # Written beside the target and swapped in at the end: a crash never mixes old and new images.
     with atomic_directory(output_dir / "images") as images_tmp:
-        owner = CopyOwner(s.user_id, row["code"], model.extractor.float().cpu().eval(), index, s.fpr,
-                          s.distributor.decoding)
-        generation = Generation(resolution, settings.num_inference_steps, settings.guidance_scale, settings.seed,
-                                settings.batch_size, settings.grid_images, proxy_side, bool(settings.progress))
+        owner = CopyOwner(user_id=s.user_id, code=row["code"], extractor=model.extractor.float().cpu().eval(),
+                          index=index, fpr=s.fpr, decoding=s.distributor.decoding)
+        generation = Generation(resolution=resolution, num_inference_steps=settings.num_inference_steps,
+                                guidance_scale=settings.guidance_scale, seed=settings.seed,
+                                batch_size=settings.batch_size, grid_images=settings.grid_images,
+                                proxy_side=proxy_side, progress=bool(settings.progress))
         result = evaluate_text2image(pipe, copy_vae, base_vae, owner, prompts, images_tmp, generation)
         reference = reference_images(fid_mode, coco, [i for i, _ in prompts], resolution, images_tmp, proxy_side)
     images_dir = output_dir / "images"
