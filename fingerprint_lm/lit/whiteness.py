@@ -7,7 +7,8 @@ it after training moves the logits training optimised (0.937 held out with the s
 stalls learning (experiments/results/whitening_table.md). A penalty on the reader's outputs for a
 random batch of unmarked outputs (their mean, and their covariance's distance from the identity,
 in units of the gain) keeps the stale fit close to a fresh one, so the re-fit after training moves
-little (experiments/results/whitening_penalty_probe.md).
+little in short runs (experiments/results/whitening_penalty_probe.md). Off by default: over the
+shipped 12000 steps it read 0.854 against the shipped recipe's 0.891.
 """
 
 from __future__ import annotations
