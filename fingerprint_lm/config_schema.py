@@ -191,7 +191,7 @@ class ReportConfig:
             raise ConfigError(f"report.filters must be a mapping, got {self.filters!r}")
 
 
-# Where the image data module reads from; data/datamodule.py implements them (and re-exports the names).
+# Where the image data module reads from (data/datamodule.py implements them).
 DATA_SOURCES: tuple[str, ...] = ("synthetic", "coco", "coco_stream", "shards")
 
 

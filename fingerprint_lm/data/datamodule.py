@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from fingerprint_lm.config_schema import DATA_SOURCES, check_data_arguments
+from fingerprint_lm.config_schema import check_data_arguments
 from fingerprint_lm.data.coco import CocoCaptions
 from fingerprint_lm.data.sources import CocoFolder, TarShards, key_hash
 from fingerprint_lm.data.streaming import EpochStreamLoader, StreamingCaptions
@@ -18,7 +18,6 @@ from fingerprint_lm.errors import ConfigError, DataError, check_int
 
 log = logging.getLogger(__name__)
 
-SOURCES = DATA_SOURCES
 STREAMING_SOURCES = ("coco_stream", "shards")
 
 # Held-out synthetic sets use seeds far from any training seed a sweep would pick.

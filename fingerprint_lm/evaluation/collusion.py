@@ -219,6 +219,14 @@ def _checked_plugin_output(name: str, out, reference: dict[str, torch.Tensor]) -
     return dict(out)
 
 
+def _check_image_merge_output(name: str, outputs, like: torch.Tensor) -> None:
+    """An image-collusion plug-in's result, refused (one ConfigError) unless it is one batch shaped
+    like each colluder's."""
+    if not isinstance(outputs, torch.Tensor) or outputs.shape != like.shape:
+        raise ConfigError(f"image collusion plug-in {name!r} must return one batch of shape "
+                          f"{tuple(like.shape)}, got {getattr(outputs, 'shape', type(outputs).__name__)}")
+
+
 def _model_attack(attack: str, strength, state, bias_map, site, generator):
     """A state-dict attack on the copy's tensors and its bias map together (the user holds both)."""
     key = f"{site}.bias_map"
@@ -279,9 +287,8 @@ def attacked_images(model: FingerprintModel, users: Users, point: Point, real: t
     if point.attack in IMAGE_MERGES:  # every colluder decodes the same content with their own copy
         copies = [batched.decode(decoder_from_tensors(model.vae.config, *copy), latents, device) for copy in users.copies]
         outputs = IMAGE_MERGES[point.attack](copies, generator)
-        if point.attack not in BUILTIN_ATTACKS and (not isinstance(outputs, torch.Tensor) or outputs.shape != copies[0].shape):
-            raise ConfigError(f"image collusion plug-in {point.attack!r} must return one batch of shape "
-                              f"{tuple(copies[0].shape)}, got {getattr(outputs, 'shape', type(outputs).__name__)}")
+        if point.attack not in BUILTIN_ATTACKS:
+            _check_image_merge_output(point.attack, outputs, copies[0])
     else:
         outputs = batched.decode(attacked_decoder(model, users, point, generator, settings, tune_images), latents, device)
     reference = base_outputs
