@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import math
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+SettingsT = TypeVar("SettingsT")
 
 
 class FingerprintError(Exception):
@@ -83,3 +88,44 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def check_float(name: str, value: object, minimum: float | None = None, maximum: float | None = None,
+                above: float | None = None) -> float:
+    """``float(value)`` when it is a finite number in range (``minimum <= value <= maximum``,
+    ``value > above``); ConfigError otherwise (a bool, a string or NaN included)."""
+    number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+    if (not math.isfinite(number) or (minimum is not None and number < minimum)
+            or (maximum is not None and number > maximum) or (above is not None and number <= above)):
+        bounds = [f">= {minimum:g}" if minimum is not None else "", f"<= {maximum:g}" if maximum is not None else "",
+                  f"> {above:g}" if above is not None else ""]
+        wanted = " and ".join(b for b in bounds if b) or "finite"
+        raise ConfigError(f"{name} must be a number {wanted}, got {value!r}")
+    return number
+
+
+def check_keys(where: str, values: Mapping, known: Iterable[str]) -> None:
+    """ConfigError naming the keys of ``values`` outside ``known`` (a typo'd setting), and the
+    known ones, instead of a TypeError from deep inside a constructor."""
+    known = list(known)
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{where} has no setting {', '.join(map(repr, unknown))} (known: {', '.join(known)})")
+
+
+def keyword_names(function: Callable, exclude: Iterable[str] = ()) -> list[str]:
+    """The keyword parameters ``function`` (or a class's constructor) accepts, less ``exclude``."""
+    skip = {"self", *exclude}
+    return [name for name, p in inspect.signature(function).parameters.items()
+            if name not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def settings_from(settings_class: type[SettingsT], values: Mapping, where: str) -> SettingsT:
+    """``settings_class(**values)`` for a settings dataclass whose ``__post_init__`` checks ranges
+    (naming each field bare): an unknown key is one ConfigError naming the known ones, a value out of
+    range one naming it under ``where`` (``method.train.lr must be ...``)."""
+    check_keys(where, values, [f.name for f in dataclasses.fields(settings_class)])
+    try:
+        return settings_class(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.{exc}") from None

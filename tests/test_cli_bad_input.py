@@ -57,15 +57,18 @@ CASES = [
     ("value_out_of_range", ["task=trace", "images={bob_images}", "distributor.fpr=2"], "must lie in (0, 1)"),
     ("unknown_key", ["task=attribute", "images={bob_images}", "distributor.nope=1"], "nope"),
     ("unknown_group_option", ["task=attribute", "images={bob_images}", "act=bogus"], "bogus"),
+    ("misspelt_method_setting", ["method=pnm", "+method.train.lrr=1"], "method.train has no setting 'lrr'"),
+    ("method_setting_out_of_range", ["method=pnm", "method.augment.p_jpeg=1.5"], "method.augment.p_jpeg must be"),
     ("wrong_code_length", ["task=attribute", "images={bob_images}", f"distributor.checkpoint={SHIPPED_CHECKPOINT}"],
      "48"),
 ]
 
 
 # Each command that gets past composition imports torch and loads a model (~7 s): `make test` runs
-# two of them (generate, which no other console test reaches, and trace on unreadable images),
-# `make test-full` all.
-FAST = {"truncated_copy", "only_unreadable_images", "value_of_wrong_type", "unknown_key", "unknown_group_option"}
+# three of them (generate, which no other console test reaches, trace on unreadable images, and
+# train with a misspelt method setting, refused when the method is built), `make test-full` all.
+FAST = {"truncated_copy", "only_unreadable_images", "value_of_wrong_type", "unknown_key", "unknown_group_option",
+        "misspelt_method_setting"}
 
 
 @pytest.mark.parametrize(("args", "words"), [

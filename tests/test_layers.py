@@ -88,7 +88,9 @@ def test_project_imports_inside_functions_say_why():
             if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
                 continue
             for node in ast.walk(function):
-                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fingerprint_lm"):
+                modules = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                           else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+                if any(m == "fingerprint_lm" or m.startswith("fingerprint_lm.") for m in modules):
                     around = lines[max(node.lineno - 3, 0) : node.lineno]
                     if not any("#" in line for line in around):
                         unexplained.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")

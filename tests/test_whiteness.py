@@ -8,8 +8,12 @@ import pytest
 import torch
 
 from fingerprint_lm.errors import ConfigError
-from fingerprint_lm.lit.whiteness import check_whiteness, whiteness_penalty
+from fingerprint_lm.lit.fingerprinting import FingerprintModule
+from fingerprint_lm.lit.whiteness import whiteness_penalty
 from fingerprint_lm.methods.pnm import PNMMethod
+from fingerprint_lm.models.pnm import PersonalizedDecoder
+from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor
+from fingerprint_lm.models.vae import build_vae
 from tests.test_rewhitening import module_with_learned_reader, unmarked
 
 
@@ -25,8 +29,10 @@ def test_penalty_is_near_zero_for_white_logits_and_grows_with_offset_and_correla
 
 @pytest.mark.parametrize(("weight", "batch"), [(-1.0, 64), (float("nan"), 64), (1.0, 8), (1.0, 0)])
 def test_bad_weight_or_a_batch_no_larger_than_the_logits_is_refused(weight, batch):
-    with pytest.raises(ConfigError):
-        check_whiteness(weight, batch, 8)
+    vae = build_vae()
+    with pytest.raises(ConfigError, match="whiteness_"):
+        FingerprintModule(vae, PersonalizedDecoder(vae.decoder, 8, mapping_hidden=16), BandEnergyExtractor(8),
+                          whiteness_weight=weight, whiteness_batch=batch)
 
 
 def test_the_penalty_pulls_a_drifted_reader_back_to_white():

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fingerprint_lm.errors import ConfigError
-from fingerprint_lm.lit.fingerprinting import WC_ASCENTS, FingerprintModule
+from fingerprint_lm.lit.fingerprinting import FingerprintModule
+from fingerprint_lm.lit.training_settings import WC_ASCENTS
 from fingerprint_lm.models.augment import AugmentConfig
 from fingerprint_lm.models.extractor import FingerprintExtractor
 from fingerprint_lm.models.pnm import PersonalizedDecoder

@@ -17,6 +17,7 @@ import copy
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 
 import lightning as L
 import torch
@@ -24,16 +25,15 @@ from diffusers import AutoencoderKL
 from torch import nn
 from torch.nn import functional as F
 
-from fingerprint_lm.errors import ConfigError, check_int
+from fingerprint_lm.errors import ConfigError, check_int, settings_from
 from fingerprint_lm.lit import warmdown, whiteness
+from fingerprint_lm.lit.training_settings import TrainingSettings
 from fingerprint_lm.lit.worst_case import set_perturbed, worst_case_perturbation
 from fingerprint_lm.metrics.quality import psnr, ssim
 from fingerprint_lm.models.augment import AugmentConfig, random_augment
 from fingerprint_lm.models.extractor import FingerprintExtractor
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.vae import encode_latents, encoder_parameters, freeze_encoder
-
-WC_ASCENTS: tuple[str, ...] = ("exact", "reuse", "lagged")
 
 
 class FingerprintModule(L.LightningModule):
@@ -43,41 +43,11 @@ class FingerprintModule(L.LightningModule):
         vae: the base ``AutoencoderKL`` (its decoder is wrapped by ``pnm``; encoder used for latents).
         pnm: the personalised decoder wrapping ``vae.decoder``.
         extractor: image -> k logits.
-        lr: AdamW learning rate of the PNM and extractor.
-        lambda_fp: weight of the clean fingerprint BCE.
-        lambda_wc: weight of the worst-case fingerprint BCE (ignored when ``wc_steps`` = 0).
-        wc_steps: K, inner ascent steps (0 = plain training).
-        wc_rho: relative radius of the weight perturbation per tensor.
-        wc_rho_ramp: the radius grows linearly from 0 to ``wc_rho`` over this many steps (0: none),
-            counted from step 0, not from ``wc_start``.
-        wc_ascent: where the first ascent direction comes from: ``exact`` (the clean fingerprint
-            BCE's gradient: one more backward over the clean graph), ``reuse`` (the whole clean
-            loss's gradient, which the clean backward computes anyway: SAM's choice) or ``lagged``
-            (the previous step's worst-case gradient; the clean backward then skips the decoder
-            weights' gradients). ``experiments/worst_case_cost.py`` compares them.
-        wc_every: the worst-case term is added on every ``wc_every``-th step (1: every step).
-        wc_start: first step with the worst-case term (turned on late, at step 3000, it wiped
-            the mark learned without it: experiments/results/worst_case_start.md).
-        psnr_target: fidelity the reconstruction weight steers to (dB, fingerprinted vs base).
-        rec_weight_init: initial reconstruction weight.
-        rec_weight_lr: step of the dual update on log(rec weight).
         augment: training augmentations.
-        train_decoder: also train the decoder's own weights (lower lr), so the mark can move into
-            the main path; a frozen copy of the decoder as it was (``reference_pnm``) stays the
-            reconstruction target and the PSNR reference, so fidelity is measured against the
-            decoder a user would otherwise get (at twice the decoder's memory).
-        decoder_lr: learning rate of the decoder's weights when ``train_decoder``.
-        carrier_dropout: probability that a training batch is decoded without the carrier bias
-            maps, so the main-path affine sites must carry the fingerprint on their own.
         calibration_batch_size: images per decoder pass when calibrating the carriers and fitting
             the detector before training (decoder activations at SD scale bound it, not the data).
-        rewhiten_every: re-fit the whitening on ``whitening_outputs`` (unmarked outputs a method
-            hook sets) every this many steps; 0: never (slowed learning: experiments/results/whitening_table.md).
-        lr_warmdown_fraction: every learning rate falls linearly to 0 over this fraction of the
-            run's last steps (0: constant); ``warmdown_reader`` ``frozen``: the reader is re-whitened
-            on ``whitening_outputs`` then and trains no more (:mod:`fingerprint_lm.lit.warmdown`).
-        whiteness_weight, whiteness_batch: a penalty keeping a learned reader white on
-            ``whiteness_batch`` unmarked outputs a step (:mod:`fingerprint_lm.lit.whiteness`; 0: off).
+        **training: :class:`~fingerprint_lm.lit.training_settings.TrainingSettings` (``method.train``),
+            each one readable as an attribute of the module (``self.lr``, ``self.wc_rho``, ...).
 
     The encoder is never trained here: latents come from it under ``no_grad`` and no optimizer
     group holds its parameters (checked in ``configure_optimizers``). Mixed precision comes from
@@ -91,67 +61,32 @@ class FingerprintModule(L.LightningModule):
         vae: AutoencoderKL,
         pnm: PersonalizedDecoder,
         extractor: FingerprintExtractor,
-        lr: float = 1e-3,
-        lambda_fp: float = 1.0,
-        lambda_wc: float = 1.0,
-        wc_steps: int = 1,
-        wc_rho: float = 0.01,
-        wc_rho_ramp: int = 0,
-        wc_ascent: str = "exact",
-        wc_every: int = 1,
-        wc_start: int = 0,
-        psnr_target: float = 31.0,
-        rec_weight_init: float = 100.0,
-        rec_weight_lr: float = 0.01,
         augment: AugmentConfig | None = None,
-        train_decoder: bool = False,
-        decoder_lr: float = 1e-5,
-        carrier_dropout: float = 0.0,
         calibration_batch_size: int = 256,
-        rewhiten_every: int = 0,
-        lr_warmdown_fraction: float = 0.0,
-        warmdown_reader: str = "trained",
-        whiteness_weight: float = 0.0,
-        whiteness_batch: int = 128,
+        **training,
     ):
         super().__init__()
         self.automatic_optimization = False
         self.vae = vae
         self.pnm = pnm
         self.extractor = extractor
-        self.lr = lr
-        self.lambda_fp = lambda_fp
-        self.lambda_wc = lambda_wc
-        self.wc_steps = wc_steps
-        self.wc_rho = wc_rho
-        self.wc_rho_ramp = check_int("wc_rho_ramp", wc_rho_ramp, minimum=0)
-        if wc_ascent not in WC_ASCENTS:
-            raise ConfigError(f"wc_ascent must be one of {', '.join(WC_ASCENTS)}, got {wc_ascent!r}")
-        self.wc_ascent = wc_ascent
-        self.wc_every = check_int("wc_every", wc_every)
-        self.wc_start = check_int("wc_start", wc_start, minimum=0)
-        self.psnr_target = psnr_target
-        self.rec_weight_lr = rec_weight_lr
         self.augment = augment or AugmentConfig()
-        self.train_decoder = train_decoder
-        self.decoder_lr = decoder_lr
-        self.carrier_dropout = carrier_dropout
-        self.calibration_batch_size = calibration_batch_size
-        self.rewhiten_every = check_int("rewhiten_every", rewhiten_every, minimum=0)
-        self.lr_warmdown_fraction = warmdown.check_fraction(lr_warmdown_fraction)
-        self.warmdown_reader = warmdown.check_warmdown_reader(warmdown_reader)
-        self.whiteness_weight, self.whiteness_batch = whiteness.check_whiteness(
-            whiteness_weight, whiteness_batch, pnm.fingerprint_bits)
+        self.calibration_batch_size = check_int("calibration_batch_size", calibration_batch_size)
+        self.settings = settings_from(TrainingSettings, training, "FingerprintModule")
+        for name, value in asdict(self.settings).items():  # the step code reads self.lr, self.wc_rho, ...
+            setattr(self, name, value)
+        if self.whiteness_batch <= pnm.fingerprint_bits:  # the batch covariance could not be the identity
+            raise ConfigError(f"whiteness_batch must exceed the {pnm.fingerprint_bits} logits, got {self.whiteness_batch}")
         self.whitening_outputs: torch.Tensor | None = None  # set by the method (PNMMethod.prepare_training)
         self.history: list[dict] = []  # per-step training curve (written beside metrics.json)
-        self.register_buffer("log_rec_weight", torch.tensor(math.log(rec_weight_init)))
+        self.register_buffer("log_rec_weight", torch.tensor(math.log(self.rec_weight_init)))
         self.register_buffer("detector_fitted", torch.tensor(False))
         self.vae.requires_grad_(False)
         freeze_encoder(self.vae)
         # Before any decoder weight can move: what fidelity is measured against (see reference()).
-        self.reference_pnm = copy.deepcopy(pnm).requires_grad_(False).eval() if train_decoder else None
+        self.reference_pnm = copy.deepcopy(pnm).requires_grad_(False).eval() if self.train_decoder else None
         for weight in self.decoder_weights():
-            weight.requires_grad_(train_decoder)
+            weight.requires_grad_(self.train_decoder)
         for param in self.pnm.pnm_parameters():
             param.requires_grad_(True)
         self.vae.eval()

@@ -15,22 +15,6 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from fingerprint_lm.errors import ConfigError
-
-WARMDOWN_READERS: tuple[str, ...] = ("trained", "frozen")
-
-
-def check_warmdown_reader(value: str) -> str:
-    if value not in WARMDOWN_READERS:
-        raise ConfigError(f"warmdown_reader must be one of {', '.join(WARMDOWN_READERS)}, got {value!r}")
-    return value
-
-
-def check_fraction(value: float) -> float:
-    if not 0.0 <= float(value) <= 1.0:
-        raise ConfigError(f"lr_warmdown_fraction must be in [0, 1], got {value}")
-    return float(value)
-
 
 def warmdown_steps(max_steps: int | None, fraction: float) -> int:
     """How many of the run's last steps warm down (0 for an unbounded run: None or negative)."""

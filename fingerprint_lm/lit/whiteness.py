@@ -15,17 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from fingerprint_lm.errors import ConfigError, check_int
-
-
-def check_whiteness(weight: float, batch: int, fingerprint_bits: int) -> tuple[float, int]:
-    """The penalty's weight (>= 0) and batch (more unmarked outputs than logits, or the batch
-    covariance cannot be the identity)."""
-    if not float(weight) >= 0.0:
-        raise ConfigError(f"whiteness_weight must be >= 0, got {weight}")
-    check_int("whiteness_batch", batch, fingerprint_bits + 1)
-    return float(weight), batch
-
 
 def whiteness_penalty(logits: torch.Tensor, gain: float) -> torch.Tensor:
     """Mean squared of ``logits / gain`` plus the mean squared distance of their covariance from

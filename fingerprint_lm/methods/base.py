@@ -9,9 +9,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fingerprint_lm.errors import ConfigError, check_int
+from fingerprint_lm.errors import ConfigError, check_int, check_keys, keyword_names, settings_from
+from fingerprint_lm.lit.training_settings import TrainingSettings
 from fingerprint_lm.models.act import ACT_TYPES, apply_act, draw_act
+from fingerprint_lm.models.augment import AugmentConfig
 from fingerprint_lm.models.checkpoint import FingerprintModel, build_fingerprint_model
+from fingerprint_lm.models.pnm import PersonalizedDecoder
 
 
 @dataclass
@@ -49,6 +52,14 @@ class FingerprintMethod:
     def __post_init__(self) -> None:
         check_int("method.steps", self.steps, 1 if self.trains_shared_modules else 0)
         check_int("method.detector_fit_samples", self.detector_fit_samples, 0)
+        # Every setting is checked here, when Hydra builds the method: a misspelt key or a value out
+        # of range is one error line before any training starts. The dictionaries themselves stay
+        # what the checkpoint records (the shipped ones are matched on them key for key).
+        check_keys("method.pnm", self.pnm, keyword_names(PersonalizedDecoder, ("decoder", "fingerprint_bits",
+                                                                                "post_quant_conv")))
+        settings_from(AugmentConfig, self.augment, "method.augment")
+        if self.trains_shared_modules:
+            settings_from(TrainingSettings, self.train, "method.train")
 
     # -- what a checkpoint records --------------------------------------------------------------
     def record(self) -> dict[str, Any]:

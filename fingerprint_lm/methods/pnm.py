@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from fingerprint_lm.errors import ConfigError, check_int
+from fingerprint_lm.errors import ConfigError, check_int, check_keys, keyword_names
 from fingerprint_lm.methods.base import FingerprintMethod, collect_images
 from fingerprint_lm.models.extractor import EXTRACTOR_KINDS
-from fingerprint_lm.models.pooled_extractor import WhitenedReader
+from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor, PooledExtractor, WhitenedReader
 
 
 @dataclass
@@ -38,6 +38,10 @@ class PNMMethod(FingerprintMethod):
         check_int("method=pnm whitens its extractor: method.detector_fit_samples", self.detector_fit_samples)
         if self.extractor.get("kind", "tiled") == "tiled":
             raise ConfigError("method=pnm needs a shift-invariant extractor: method.extractor.kind pooled or band_energy")
+        check_keys("method.extractor", self.extractor, ("kind", "pooled", "band_energy"))
+        for kind, reader in (("pooled", PooledExtractor), ("band_energy", BandEnergyExtractor)):
+            check_keys(f"method.extractor.{kind}", self.extractor.get(kind) or {},
+                       keyword_names(reader, ("fingerprint_bits", "in_channels")))
 
     def build_model(self, vae, fingerprint_bits: int):
         if self.detector_fit_samples <= fingerprint_bits:  # fail before training, not after it

@@ -23,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from fingerprint_lm.data.synthetic import ProceduralImages
-from fingerprint_lm.errors import ConfigError, check_int
+from fingerprint_lm.errors import ConfigError, check_int, settings_from
 from fingerprint_lm.methods.base import COPY_TRAINERS
 from fingerprint_lm.methods.pnm import PNMMethod
 from fingerprint_lm.models.vae import encode_latents
@@ -44,7 +44,7 @@ class StableSignatureMethod(PNMMethod):
         super().__post_init__()
         if self.pnm.get("affine_sites") or self.pnm.get("conv_sites") or self.pnm.get("kernel_sites"):
             raise ConfigError("method=stable_signature has no shared PNM: method.pnm sites must be empty")
-        CopyFinetune(**self.copy_finetune)  # checks the recipe now, not at the first copy
+        settings_from(CopyFinetune, self.copy_finetune, "method.copy_finetune")  # now, not at the first copy
 
     def record(self) -> dict[str, Any]:
         return {**super().record(), "copy_finetune": dict(self.copy_finetune)}
@@ -65,11 +65,11 @@ class CopyFinetune:
     logit_scale: float = 1.0  # the BCE reads scaled logits (their ``10 * logits`` of a HiDDeN head)
 
     def __post_init__(self) -> None:
-        check_int("copy_finetune.steps", self.steps)
-        check_int("copy_finetune.batch_size", self.batch_size)
-        check_int("copy_finetune.pool", self.pool)
+        check_int("steps", self.steps)
+        check_int("batch_size", self.batch_size)
+        check_int("pool", self.pool)
         if not self.lr > 0 or self.image_weight < 0 or not self.logit_scale > 0:
-            raise ConfigError(f"copy_finetune: lr and logit_scale must be > 0, image_weight >= 0; got {self}")
+            raise ConfigError(f"lr and logit_scale must be > 0, image_weight >= 0; got {self}")
 
 
 _MEMO: dict[tuple, dict[str, torch.Tensor]] = {}  # (model digest, code, recipe) -> decoder state
@@ -90,7 +90,7 @@ def finetune_copy(model, bits) -> dict[str, torch.Tensor]:
     """The VAE state dict of a copy whose decoder was fine-tuned for ``bits`` (deterministic: the
     code seeds the run). The last few results are memoised: a collusion sweep asks for the same
     colluder codes under every ACT type and attack, and the ACT is applied after this."""
-    recipe = CopyFinetune(**model.meta.get("copy_finetune", {}))
+    recipe = settings_from(CopyFinetune, model.meta.get("copy_finetune", {}), "copy_finetune")
     code = np.asarray(bits, dtype=np.uint8).reshape(-1)
     if len(code) != model.fingerprint_bits:
         raise ConfigError(f"fingerprint has {len(code)} bits but this model was built for {model.fingerprint_bits}")

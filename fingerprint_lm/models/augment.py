@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.errors import ConfigError, check_float
 from fingerprint_lm.pixels import from_byte_scale, from_unit, to_byte_scale, to_unit
 
 
@@ -107,6 +107,20 @@ class AugmentConfig:
     crop_keep_area: tuple[float, float] = (0.7, 1.0)
     p_brightness: float = 0.3
     brightness_factor: tuple[float, float] = (0.7, 1.3)
+
+    def __post_init__(self) -> None:
+        # (probability, range, lowest allowed value, highest) of each augmentation
+        for p_name, range_name, lowest, highest in (
+            ("p_noise", "noise_std", 0.0, 1.0), ("p_blur", "blur_sigma", 0.0, 10.0),
+            ("p_jpeg", "jpeg_quality", 1, 100), ("p_crop", "crop_keep_area", 0.01, 1.0),
+            ("p_brightness", "brightness_factor", 0.0, 10.0),
+        ):
+            check_float(p_name, getattr(self, p_name), minimum=0.0, maximum=1.0)
+            values = getattr(self, range_name)
+            if isinstance(values, str) or len(values) != 2:
+                raise ConfigError(f"{range_name} must be [low, high], got {values!r}")
+            low = check_float(f"{range_name}[0]", values[0], minimum=lowest, maximum=highest)
+            check_float(f"{range_name}[1]", values[1], minimum=low, maximum=highest)  # high >= low
 
 
 def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:

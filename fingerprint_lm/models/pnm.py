@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fingerprint_lm.errors import ConfigError, check_int
+from fingerprint_lm.errors import ConfigError, check_float, check_int
 from fingerprint_lm.models.modulated import (  # noqa: F401  (tile_to: re-exported for copies)
     _MODULATION_SLOTS,
     ModulatedConv2d,
@@ -174,7 +174,7 @@ class PersonalizedDecoder(nn.Module):
         self.fingerprint_bits = check_int("fingerprint length", fingerprint_bits)
         self.decoder = decoder
         self.post_quant_conv = post_quant_conv
-        self.mapping = MappingNetwork(fingerprint_bits, mapping_hidden)
+        self.mapping = MappingNetwork(fingerprint_bits, check_int("mapping_hidden", mapping_hidden))
 
         norms = {n: m for n, m in decoder.named_modules() if isinstance(m, nn.GroupNorm)}
         self.affine_site_names = _sites(norms, affine_sites, "GroupNorm matches the PNM sites")
@@ -207,7 +207,8 @@ class PersonalizedDecoder(nn.Module):
 
         if spatial_site is not None:
             channels = norms[spatial_site].num_channels
-            self.tile_size = tile_size
+            self.tile_size = check_int("tile_size", tile_size)
+            check_float("carrier_amplitude", carrier_amplitude, above=0.0)
             dim = channels * tile_size * tile_size
             carriers = hadamard_carriers(fingerprint_bits, dim, carrier_seed) / math.sqrt(dim)
             # Carriers and amplitudes are trainable: training may shape them, the start is readable.

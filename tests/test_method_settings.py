@@ -1,0 +1,60 @@
+"""A method's nested settings (``method.train``, ``method.pnm``, ``method.augment``, the readers'
+settings in ``method.extractor``) are checked when Hydra builds the method, in one place each
+(lit/training_settings.py, models/augment.py, the decoder's and readers' keyword names): a misspelt
+key or a value out of range is a ConfigError that names it, before any training starts, and the
+shipped methods' own settings all pass."""
+
+from __future__ import annotations
+
+import pytest
+
+from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.lit.fingerprinting import FingerprintModule
+from fingerprint_lm.lit.training_settings import TrainingSettings
+from fingerprint_lm.models.pnm import PersonalizedDecoder
+from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor
+from fingerprint_lm.models.vae import build_vae
+from fingerprint_lm.tasks.train import method_from_config
+from tests.conftest import compose_config
+
+BAD_SETTINGS = [  # (override, words the error must hold)
+    ("+method.train.lrr=1", "method.train has no setting 'lrr' (known: lr,"),
+    ("method.train.lr=-1", "method.train.lr must be a number > 0"),
+    ("method.train.decoder_lr=0", "method.train.decoder_lr must be a number > 0"),
+    ("method.train.lr_warmdown_fraction=1.5", "method.train.lr_warmdown_fraction must be a number >= 0 and <= 1"),
+    ("method.train.wc_steps=-1", "method.train.wc_steps must be an integer >= 0"),
+    ("method.train.wc_ascent=bogus", "method.train.wc_ascent must be one of exact, reuse, lagged"),
+    ("method.train.train_decoder=maybe", "method.train.train_decoder must be true or false"),
+    ("method.train.psnr_target=abc", "method.train.psnr_target must be a number > 0, got 'abc'"),
+    ("+method.pnm.mapping_hiden=3", "method.pnm has no setting 'mapping_hiden'"),
+    ("+method.extractor.band_energy.filtersize=5", "method.extractor.band_energy has no setting 'filtersize'"),
+    ("+method.extractor.tiled.width=5", "method.extractor has no setting 'tiled'"),
+    ("method.augment.p_blur=2", "method.augment.p_blur must be a number >= 0 and <= 1"),
+    ("method.augment.jpeg_quality=[90,50]", "method.augment.jpeg_quality[1] must be a number >= 90"),
+    ("method.augment.noise_std=[0.1]", "method.augment.noise_std must be [low, high]"),
+    ("+method.augment.p_rotate=0.5", "method.augment has no setting 'p_rotate'"),
+]
+
+
+@pytest.mark.parametrize(("override", "words"), BAD_SETTINGS, ids=[case[0] for case in BAD_SETTINGS])
+def test_a_bad_method_setting_is_refused_when_the_method_is_built(tmp_path, override, words):
+    with pytest.raises(ConfigError) as caught:
+        method_from_config(compose_config(tmp_path, ["method=pnm", override], tiny=False))
+    assert words in str(caught.value)
+
+
+@pytest.mark.parametrize("method", ["pnm", "carrier", "wouaf", "stable_signature"])
+def test_every_shipped_method_passes_its_own_checks(tmp_path, method):
+    built = method_from_config(compose_config(tmp_path, [f"method={method}"], tiny=False))
+    if built.trains_shared_modules:  # the dataclass holds exactly what the YAML wrote, the rest defaults
+        settings = TrainingSettings(**built.train)
+        assert {name: getattr(settings, name) for name in built.train} == built.train
+
+
+def test_the_module_names_a_misspelt_keyword_in_one_config_error():
+    vae = build_vae()
+    pnm = PersonalizedDecoder(vae.decoder, 8, mapping_hidden=16)
+    with pytest.raises(ConfigError, match="FingerprintModule has no setting 'wc_rhoo'"):
+        FingerprintModule(vae, pnm, BandEnergyExtractor(8), wc_rhoo=0.1)
+    module = FingerprintModule(vae, pnm, BandEnergyExtractor(8), wc_rho=0.02, wc_ascent="lagged")
+    assert (module.wc_rho, module.wc_ascent, module.lr) == (0.02, "lagged", TrainingSettings().lr)
