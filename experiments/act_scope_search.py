@@ -58,7 +58,8 @@ def main() -> None:
                         "seconds": time.perf_counter() - start,
                     }
                     rows.append(row)
-                    print(f"seed {seed} {row['scope']:8s} {act:7s} {attack:15s} c{colluders} bit_acc {m['bit_acc']:.3f} "
+                    print(f"seed {seed} {row['scope']:8s} {act:7s} {attack:15s} c{colluders} "
+                          f"bit_acc {m['bit_acc']:.3f} "
                           f"psnr {m['psnr']:6.2f} fid_proxy {m['fid_proxy']:7.1f}", flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a") as handle:
@@ -76,13 +77,15 @@ def main() -> None:
     none_psnr = pick("-", "none", "average", "psnr")
     print(f"\n2-party average without ACT: psnr {none_psnr:.2f} dB, fid_proxy {none_fid:.1f} "
           f"(seeds {args.seeds}, {args.n_images} images)\n")
-    print("| scope | ACT | copy bit_acc | avg PSNR | PSNR drop | avg fid_proxy | ratio vs no ACT | aligned avg PSNR | aligned fid_proxy |")
+    print("| scope | ACT | copy bit_acc | avg PSNR | PSNR drop | avg fid_proxy | ratio vs no ACT "
+          "| aligned avg PSNR | aligned fid_proxy |")
     print("|---|---|---|---|---|---|---|---|---|")
     for scope in ACT_SCOPES:
         for act in ACT_TYPES[1:]:
             fid = pick(scope, act, "average", "fid_proxy")
             psnr = pick(scope, act, "average", "psnr")
-            print(f"| {scope} | {act} | {pick(scope, act, 'none', 'bit_acc'):.3f} | {psnr:.2f} | {none_psnr - psnr:.2f} | "
+            print(f"| {scope} | {act} | {pick(scope, act, 'none', 'bit_acc'):.3f} | {psnr:.2f} | "
+                  f"{none_psnr - psnr:.2f} | "
                   f"{fid:.1f} | {fid / none_fid:.2f} | {pick(scope, act, 'aligned_average', 'psnr'):.2f} | "
                   f"{pick(scope, act, 'aligned_average', 'fid_proxy'):.1f} |")
 

@@ -140,7 +140,8 @@ def probe(args) -> dict:
     if args.reader_lr > 0:
         with torch.no_grad():
             reader.standardise(clean)
-    return {**vars(args), "train_seconds": round(seconds, 1), **evaluate(pnm, vae, base, reader, args), "history": history}
+    return {**vars(args), "train_seconds": round(seconds, 1), **evaluate(pnm, vae, base, reader, args),
+            "history": history}
 
 
 @torch.no_grad()
@@ -177,9 +178,11 @@ def main() -> None:
     parser.add_argument("--filter-size", type=int, default=7)
     parser.add_argument("--psnr-target", type=float, default=30.0)
     parser.add_argument("--weight-lr", type=float, default=1.0)
-    parser.add_argument("--reader-lr", type=float, default=0.0, help="> 0: train the reader's filters from the secret bank")
+    parser.add_argument("--reader-lr", type=float, default=0.0,
+                        help="> 0: train the reader's filters from the secret bank")
     parser.add_argument("--bound", type=float, default=0.5, help="largest relative change per channel")
-    parser.add_argument("--differential", action="store_true", help="read each bit as the log ratio of two orthogonal orientations")
+    parser.add_argument("--differential", action="store_true",
+                        help="read each bit as the log ratio of two orthogonal orientations")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     row = probe(args)

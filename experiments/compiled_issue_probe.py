@@ -147,7 +147,8 @@ class CopyPlan:
         return roles, (torch.cat(weights).detach().clone(), torch.cat(biases).detach().clone())
 
     def _build_groups(self, state, planned: list[str], roles, modulation) -> None:
-        widths = [int(v.shape[0]) for v in state.values() if v.dim()] + [int(v.shape[1]) for v in state.values() if v.dim() > 1]
+        widths = ([int(v.shape[0]) for v in state.values() if v.dim()]
+                  + [int(v.shape[1]) for v in state.values() if v.dim() > 1])
         self.identity = torch.arange(max(widths, default=1))
         space_base = [len(self.identity) + sum(self.space_channels[:s]) for s in range(len(self.space_channels))]
         space_groups = len(self.space_channels) * self.num_groups
@@ -182,7 +183,8 @@ class CopyPlan:
                 kind, offset = modulation.get(key, (None, 0))
                 none = torch.zeros(rows * cols, dtype=torch.long)
                 mod_index = 1 + offset + (col if kind == "col_mul" else row)
-                for name, values in (("source_base", torch.full_like(none, pairs)), ("row_stride", torch.full_like(none, cols)),
+                for name, values in (("source_base", torch.full_like(none, pairs)),
+                                     ("row_stride", torch.full_like(none, cols)),
                                      ("row_key", row_key), ("col_key", col_key), ("row_factor", row_factor),
                                      ("col_factor", col_factor),
                                      ("mod_mul", mod_index if kind in ("row_mul", "col_mul") else none),
@@ -252,11 +254,13 @@ class CopyPlan:
         generator = torch.Generator().manual_seed(int(act_seed))
         raw = [draw_raw(channels, self.num_groups, self.act_type, generator) for channels in self.space_channels]
         groups = len(raw) * self.num_groups
-        sign = torch.ones(groups, dtype=torch.float64) if raw[0][1] is None else torch.cat([r[1] for r in raw]).double() * 2 - 1
+        sign = (torch.ones(groups, dtype=torch.float64) if raw[0][1] is None
+                else torch.cat([r[1] for r in raw]).double() * 2 - 1)
         scale = torch.ones(groups, dtype=torch.float64) if raw[0][2] is None else log_uniform(
             torch.cat([r[2] for r in raw]), *self.scale_range)
         factor = sign * scale
-        return torch.cat([self.identity, *(r[0] for r in raw)]), torch.cat([sign.new_ones(1), factor, 1.0 / factor, sign])
+        return (torch.cat([self.identity, *(r[0] for r in raw)]),
+                torch.cat([sign.new_ones(1), factor, 1.0 / factor, sign]))
 
     def _bias_map(self, signs: torch.Tensor, perms: torch.Tensor | None) -> torch.Tensor | None:
         """The carrier's bias map (``PersonalizedDecoder.modulation``'s), its channels permuted with
@@ -272,7 +276,8 @@ class CopyPlan:
 
 
 _GROUP_INDICES = ("source_base", "row_stride", "row_key", "col_key", "row_factor", "col_factor", "mod_mul", "mod_add")
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model.pnm -> {"watched": [...], settings: (token, plan)}
+# model.pnm -> {"watched": [...], settings: (token, plan)}
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def copy_plan(model, act_type: str, scale_range: tuple[float, float], act_scope: str) -> CopyPlan | None:
@@ -339,7 +344,8 @@ def main() -> None:
     check_int("--signature-repeats", args.signature_repeats, 0)
     torch.set_num_threads(2)
     models = _method_models()
-    lines = ["| checkpoint | worst relative difference over 5 ACT types x 3 scopes | shipped path ms | compiled ms | speed-up |",
+    lines = ["| checkpoint | worst relative difference over 5 ACT types x 3 scopes | shipped path ms | compiled ms "
+             "| speed-up |",
              "|---|---|---|---|---|"]
     rng = np.random.default_rng(0)
     timings = {}
@@ -357,7 +363,8 @@ def main() -> None:
 
         shipped, compiled = _seconds(shipped_copy, args.repeats), _seconds(compiled_copy, args.repeats)
         timings[name] = (shipped, compiled)
-        lines.append(f"| {name} | {worst:.2e} | {shipped * 1e3:.2f} | {compiled * 1e3:.2f} | {shipped / compiled:.2f}x |")
+        lines.append(f"| {name} | {worst:.2e} | {shipped * 1e3:.2f} | {compiled * 1e3:.2f} | "
+                     f"{shipped / compiled:.2f}x |")
     if args.signature_repeats:
         signature = models["stable_signature"]
         seconds = _seconds(lambda: personal_tensors(signature, rng.integers(0, 2, 48, dtype=np.uint8), "all", 1),
@@ -365,7 +372,8 @@ def main() -> None:
         lines += ["", f"stable_signature copy: {seconds:.2f} s; ratio to pnm: {seconds / timings['pnm'][0]:.0f} "
                   f"(shipped path), {seconds / timings['pnm'][1]:.0f} (compiled); 10^4 needs "
                   f"{seconds / 1e4 * 1e3:.2f} ms a pnm copy"]
-    lines += ["", f"torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"]
+    lines += ["", f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                  f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"]
     print("\n".join(lines))
 
 

@@ -142,9 +142,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def _print_row(row: dict) -> None:
-    soft = (f" / {row['soft_accused_at_1e-06']}", f" / {row['soft_accused_at_0.001']}") if "soft_accused_at_1e-06" in row \
-        else ("", "")
-    print(f"| {row['method']} | {row['source']} | {row['images']} | {row['users']} | {row['accused_at_1e-06']}{soft[0]} "
+    soft = ((f" / {row['soft_accused_at_1e-06']}", f" / {row['soft_accused_at_0.001']}")
+            if "soft_accused_at_1e-06" in row else ("", ""))
+    print(f"| {row['method']} | {row['source']} | {row['images']} | {row['users']} | "
+          f"{row['accused_at_1e-06']}{soft[0]} "
           f"| {row['accused_at_0.001']}{soft[1]} | {row['ones_share']:.3f} | {row['best_match_mean']:.2f} / "
           f"{row['best_match_max']} | {row['predicted_best_match_mean']:.2f} |", flush=True)
 

@@ -41,20 +41,23 @@ def main() -> None:
     check_int("--images", args.images)
     model = load_fingerprint_model(args.checkpoint)
     if model.method != "carrier":
-        raise ConfigError(f"{args.checkpoint} is a {model.method} checkpoint; only the carrier reader has a soft whitening")
+        raise ConfigError(f"{args.checkpoint} is a {model.method} checkpoint; "
+                          "only the carrier reader has a soft whitening")
     start = time.perf_counter()
     stream = ProceduralImages(model.meta.get("resolution", 32), seed=args.seed, length=args.images)
     images = torch.stack([stream.sample(i)["image"] for i in range(args.images)])
     with torch.no_grad():
         unmarked = batched.decode(model.unmarked_vae, batched.encode(model.vae, images))
     fit_soft_whitening(model.extractor, unmarked.split(256))
-    meta = {**model.meta, "soft_whitening": {"images": args.images, "seed": args.seed, "date": time.strftime("%Y-%m-%d")}}
+    meta = {**model.meta,
+            "soft_whitening": {"images": args.images, "seed": args.seed, "date": time.strftime("%Y-%m-%d")}}
     with atomic_directory(args.checkpoint) as tmp:  # the folder is replaced whole, or not at all
         shutil.copytree(args.checkpoint, tmp, dirs_exist_ok=True)
         save_file(private_state_dict(model), tmp / "fingerprint.safetensors")
         (tmp / "fingerprint.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         write_checksums(tmp)
-    print(f"{args.checkpoint}: soft whitening fitted on {args.images} unmarked images in {time.perf_counter() - start:.1f} s")
+    print(f"{args.checkpoint}: soft whitening fitted on {args.images} unmarked images "
+          f"in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

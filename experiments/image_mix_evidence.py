@@ -28,7 +28,8 @@ def main() -> None:
     parser.add_argument("--method", choices=["carrier", "pnm"], default="carrier")
     args = parser.parse_args()
     model = load_fingerprint_model(shipped_checkpoint("embedded" if args.method == "carrier" else "embedded_pnm"))
-    settings, point = PointSettings(n_images=256, n_innocents=1000, tracing_fpr=1e-3), Point("all", "image_mix", None, 3)
+    settings, point = (PointSettings(n_images=256, n_innocents=1000, tracing_fpr=1e-3),
+                       Point("all", "image_mix", None, 3))
     torch.manual_seed(0)
     result = evaluate_point(model, point, settings, 0)
     users = result.users
@@ -39,7 +40,8 @@ def main() -> None:
         print(f"  {s['user_id']:>12} score {s['score']:.2f} accused {s['accused']}")
     for decoding in ("soft", "hard"):
         both = trace_evidence(probs, users.index, fpr=1e-3, top=4, logits=logits, decoding=decoding)
-        print(f"both kinds of evidence, {decoding} per-image decoding (fpr 1e-3, pooled threshold {both['threshold']:.2f}):")
+        print(f"both kinds of evidence, {decoding} per-image decoding "
+              f"(fpr 1e-3, pooled threshold {both['threshold']:.2f}):")
         for s in both["suspects"][:4]:
             print(f"  {s['user_id']:>12} images {s['n_images']:3d} score {s['score']:.2f} evidence {s['evidence']}")
 

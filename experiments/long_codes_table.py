@@ -10,7 +10,7 @@ Per (length, collusion, c), over the sweep's seeds (each seed draws other collud
 ACT seeds): the share of seeds where tracing caught at least one colluder, with the evidence rule
 (per-image + pooled) and with the symmetric Tardos score, the innocents accused in all of them,
 the share of images attributed to a colluder, and the colluders' bit accuracy.
-"""
+"""  # noqa: E501 (the sweep command's case list is one shell word)
 
 from __future__ import annotations
 

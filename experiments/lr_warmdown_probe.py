@@ -59,7 +59,8 @@ def continue_training(checkpoint: str, schedule: str, steps: int, warmup: int, s
              "warmdown_reader": "frozen" if reader_warmdown else "trained"}
     # --augment P: every training augmentation (crop+resize, brightness, blur, noise, JPEG-like) drawn
     # with probability P per batch, at the recipe's strength ranges
-    probabilities = {f"p_{name}": augment for name in ("crop", "brightness", "blur", "noise", "jpeg")} if augment else {}
+    probabilities = ({f"p_{name}": augment for name in ("crop", "brightness", "blur", "noise", "jpeg")}
+                     if augment else {})
     module = FingerprintModule(model.vae, model.pnm, model.extractor,
                                augment=AugmentConfig(**{**recipe["augment"], **probabilities}), **train)
     # the reference is the decoder as it was before any training, not the trained shared one
@@ -136,12 +137,14 @@ def main() -> None:
         with RESULTS.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
     print(f"{args.warmup} shared steps at constant rates first, then:")
-    print(f"| schedule | reader | augment | +steps | s | train acc (last 500) | before re-whitening | bit_acc | PSNR | {' | '.join(PROBES)} |")
+    print("| schedule | reader | augment | +steps | s | train acc (last 500) | before re-whitening | bit_acc | PSNR | "
+          f"{' | '.join(PROBES)} |")
     print("|---" * (9 + len(PROBES)) + "|")
     for r in rows:
         attacks = " | ".join(f"{r['robustness'][p]:.3f}" for p in PROBES)
         reader = "frozen" if r["freeze_reader"] else "frozen at warm-down" if r.get("reader_warmdown") else "trained"
-        print(f"| {r['schedule']} | {reader} | {r.get('augment', 0.0):g} | {r['steps']} | {r['train_seconds']:.0f} | {r['train_bit_acc_last500']:.3f} | "
+        print(f"| {r['schedule']} | {reader} | {r.get('augment', 0.0):g} | {r['steps']} | {r['train_seconds']:.0f} | "
+              f"{r['train_bit_acc_last500']:.3f} | "
               f"{r['bit_acc_before_rewhitening']:.3f} | "
               f"{r['bit_acc']:.3f} | {r['psnr']:.2f} | {attacks} |")
 

@@ -131,7 +131,8 @@ def differential_accuracy(model, test: dict) -> dict[str, float]:
     """The shipped reader on ``y`` minus the same reader on a reference image (see the docstring)."""
     reader, reference = model.extractor.eval(), model.reference_vae
     out = {}
-    for name, images in (("reencoded", lambda z: reference.decode(z).sample), ("shared_decoder", lambda z: model.pnm(z, None))):
+    for name, images in (("reencoded", lambda z: reference.decode(z).sample),
+                         ("shared_decoder", lambda z: model.pnm(z, None))):
         logits = torch.cat([reader(y) - reader(images(encode_latents(reference, y))) for y in test["image"].split(256)])
         out[f"differential_{name}"] = accuracy(logits, test["bits"])
     out["differential_oracle"] = accuracy(reader(test["image"]) - reader(test["base"]), test["bits"])
@@ -183,7 +184,8 @@ def main() -> None:
         row["shipped_reader_image"] = accuracy(model.extractor(test["image"]), test["bits"])
     tuned = {}
     for key in INPUTS:
-        row[f"tuned_band_{key}"], tuned[key] = tuned_reader(copy.deepcopy(model.extractor), train, test, key, args.steps)
+        row[f"tuned_band_{key}"], tuned[key] = tuned_reader(copy.deepcopy(model.extractor), train, test, key,
+                                                            args.steps)
         for penalty in args.ridge:
             row[f"ridge_{penalty:g}_{key}"] = ridge_accuracy(train, test, key, penalty)
     if args.pooled_steps:
@@ -205,7 +207,8 @@ def print_tables(row: dict, penalties) -> None:
           "residual energy / mark energy | cos(residual, mark) |")
     print("|---|---|---|---|---|---|")
     print(f"| {row['x_vs_base_db']:.1f} dB | {row['mark_db']:.1f} dB | {row['reencode_unmarked_db']:.1f} dB | "
-          f"{row['reencode_marked_db']:.1f} dB | {row['mark_energy_kept_in_residual']:.2f} | {row['cos_residual_mark']:.2f} |")
+          f"{row['reencode_marked_db']:.1f} dB | {row['mark_energy_kept_in_residual']:.2f} | "
+          f"{row['cos_residual_mark']:.2f} |")
     print()
     readers = ["band filters, tuned", *(f"ridge {p:g}" for p in penalties)]
     keys = ["tuned_band", *(f"ridge_{p:g}" for p in penalties)]
@@ -220,7 +223,8 @@ def print_tables(row: dict, penalties) -> None:
           "unmarked logits' std, plain / minus D0(E(y)) |")
     print("|---|---|---|---|---|")
     print(f"| bit accuracy | {row['differential_reencoded']:.3f} | {row['differential_shared_decoder']:.3f} | "
-          f"{row['differential_oracle']:.3f} | {row['unmarked_logit_std']:.2f} / {row['unmarked_differential_logit_std']:.2f} |")
+          f"{row['differential_oracle']:.3f} | {row['unmarked_logit_std']:.2f} / "
+          f"{row['unmarked_differential_logit_std']:.2f} |")
     print("\n| reader on attacked images | " + " | ".join(ROBUSTNESS_SUITE) + " |")
     print("|---|" + "---|" * len(ROBUSTNESS_SUITE))
     for name in ("shipped", "tuned"):

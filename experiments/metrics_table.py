@@ -45,12 +45,15 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="LABEL=path/to/metrics.json")
     runs = [read_run(spec) for spec in parser.parse_args().runs]
     cases = sorted({case for _, metrics, _ in runs for case in metrics.get("robustness", {})})
-    print("| run | steps | task s | bit_acc | PSNR dB | SSIM | training batches, last quarter | " + " | ".join(cases) + " |")
+    print("| run | steps | task s | bit_acc | PSNR dB | SSIM | training batches, last quarter | "
+          + " | ".join(cases) + " |")
     print("|---|---|---|---|---|---|---|" + "---|" * len(cases))
     for label, m, late in runs:
         robust = [f"{m['robustness'][c]:.3f}" if c in m.get("robustness", {}) else "" for c in cases]
-        print(f"| {label} | {m.get('steps', '')} | {m.get('train_seconds', 0):.0f} | {m['bit_acc']:.3f} | {m['psnr']:.2f} | "
-              f"{m.get('ssim', float('nan')):.3f} | {'' if late is None else f'{late:.3f}'} | " + " | ".join(robust) + " |")
+        print(f"| {label} | {m.get('steps', '')} | {m.get('train_seconds', 0):.0f} | {m['bit_acc']:.3f} | "
+              f"{m['psnr']:.2f} | "
+              f"{m.get('ssim', float('nan')):.3f} | {'' if late is None else f'{late:.3f}'} | "
+              + " | ".join(robust) + " |")
 
 
 if __name__ == "__main__":

@@ -85,7 +85,8 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--seed", type=int, default=None, help="the training command's seed (default: the config's)")
     parser.add_argument("--keep", type=Path, default=None,
-                        help="keep each arm's run folder and exported checkpoint under DIR/<arm> (default: a temporary folder)")
+                        help="keep each arm's run folder and exported checkpoint under DIR/<arm> "
+                             "(default: a temporary folder)")
     args = parser.parse_args()
     arms = args.arms.split(",")
     unknown = set(arms) - set(ARMS)
@@ -106,7 +107,8 @@ def main() -> None:
     print("|---" * (7 + len(PROBES)) + "|")
     for r in rows:
         attacks = " | ".join(f"{r['robustness'][p]:.3f}" if r["robustness"][p] is not None else "-" for p in PROBES)
-        print(f"| {r['arm']} | {r['steps']} | {r['seed']} | {r['train_seconds']:.0f} | {r['bit_acc']:.3f} | {r['psnr']:.2f} | "
+        print(f"| {r['arm']} | {r['steps']} | {r['seed']} | {r['train_seconds']:.0f} | {r['bit_acc']:.3f} | "
+              f"{r['psnr']:.2f} | "
               f"{r['ssim']:.3f} | {attacks} |")
 
 

@@ -75,7 +75,8 @@ def finetune(vae, reader, code: torch.Tensor, weight: float, eval_steps: list[in
         batch = torch.randint(0, len(latents), (16,), generator=generator)
         out = decoder(post_quant(latents[batch]))
         logits = reader(out)
-        loss = F.binary_cross_entropy_with_logits(logits, target.expand_as(logits)) + weight * F.mse_loss(out, base[batch])
+        loss = (F.binary_cross_entropy_with_logits(logits, target.expand_as(logits))
+                + weight * F.mse_loss(out, base[batch]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -115,7 +116,8 @@ def main() -> None:
         reader.fit_whitening(held_out[1])
     reader.requires_grad_(False)
     codes = torch.randint(0, 2, (args.users, model.fingerprint_bits), generator=torch.Generator().manual_seed(11))
-    print(f"| reader ({args.resolution} px) | image weight | user | " + " | ".join(f"{s} steps: bit_acc / PSNR" for s in sorted(args.eval_steps)) + " |")
+    print(f"| reader ({args.resolution} px) | image weight | user | "
+          + " | ".join(f"{s} steps: bit_acc / PSNR" for s in sorted(args.eval_steps)) + " |")
     print("|---|---|---|" + "---|" * len(args.eval_steps))
     for weight in args.image_weights:
         for user, code in enumerate(codes):

@@ -40,7 +40,8 @@ from fingerprint_lm.registry.soft import quantized_weights, soft_identify, soft_
 
 RESULTS = Path(__file__).resolve().parent / "results" / "soft_attribution.jsonl"
 CASES = ("none_c1", "shift_8", "crop_0.5", "rotation_10", "jpeg_q90", "gaussian_blur_s1", "brightness_1.5")
-WEIGHTINGS = {"soft (logit)": lambda x: x, "tanh(l/2)": lambda x: np.tanh(x / 2), "clip(l, 1)": lambda x: np.clip(x, -1, 1)}
+WEIGHTINGS = {"soft (logit)": lambda x: x, "tanh(l/2)": lambda x: np.tanh(x / 2),
+              "clip(l, 1)": lambda x: np.clip(x, -1, 1)}
 
 
 def attacked(images: torch.Tensor, case: str, seed: int) -> torch.Tensor:
@@ -80,7 +81,8 @@ def innocent_calibration(logits: np.ndarray, codes: np.ndarray, truth: np.ndarra
 
 
 @torch.no_grad()
-def issue_copies(model, users: int, registry: int, images: torch.Tensor, seed: int) -> tuple[np.ndarray, CodeIndex, list]:
+def issue_copies(model, users: int, registry: int, images: torch.Tensor,
+                 seed: int) -> tuple[np.ndarray, CodeIndex, list]:
     """``registry`` random codes (seeded), their index, and ``images`` decoded by copies (ACT all)
     issued to the first ``users`` of them."""
     rng = np.random.default_rng(seed)
@@ -105,7 +107,8 @@ def measure(checkpoint: str, users: int, registry: int, n_images: int, fpr: floa
         logits = batched.extract(model.extractor, batch, "cpu").double().numpy()
         weights = soft_weights(model.extractor, logits)
         bit_acc = float(((logits > 0) == codes[truth]).mean())
-        rows.append({"checkpoint": checkpoint, "case": case, "bit_acc": bit_acc, **rates(logits, weights, truth, index, fpr),
+        rows.append({"checkpoint": checkpoint, "case": case, "bit_acc": bit_acc,
+                     **rates(logits, weights, truth, index, fpr),
                      **({"calibration": innocent_calibration(logits[:: max(1, len(logits) // 256)], codes[:64],
                                                              truth[:: max(1, len(logits) // 256)])}
                         if case == "none_c1" and users <= 64 else {})})

@@ -98,7 +98,8 @@ def unmarked_spread(logits, whitened, null, registries: int, seed: int) -> dict:
         gaussian = null.p_values(logits, codes)
         for rule in RULES:
             counts[rule].append(int(decide(rule, logits, tails, codes, null, 1e-3, gaussian)[0].sum()))
-    return {rule: {"mean": float(np.mean(c)), "std": float(np.std(c)), "max": int(np.max(c))} for rule, c in counts.items()}
+    return {rule: {"mean": float(np.mean(c)), "std": float(np.std(c)), "max": int(np.max(c))}
+            for rule, c in counts.items()}
 
 
 @torch.no_grad()
@@ -147,7 +148,8 @@ def measure(checkpoint: str, args) -> dict:
             else code_null(model.extractor, "soft_code_null"))
     test = procedural_unmarked_logits(model, TEST_SEED_OFFSET + 900, args.images)
     row = {"checkpoint": checkpoint, "method": model.method,
-           "unmarked_fpr1e-3": unmarked_spread(test, soft_weights(model.extractor, test), null, args.registries, args.seed),
+           "unmarked_fpr1e-3": unmarked_spread(test, soft_weights(model.extractor, test), null, args.registries,
+                                               args.seed),
            "cases": {}}
     codes = np.random.default_rng(args.seed).integers(0, 2, (1000, model.fingerprint_bits)).astype(np.uint8)
     for case, (logits, truth) in case_logits(model, codes, args.users, args.per_user, args.seed).items():
@@ -178,8 +180,8 @@ def main() -> None:
             s = row["unmarked_fpr1e-3"][rule]
             cells = [f"{c[rule]['attributed']:.3f}" + (f" ({c[rule]['wrong']} wrong)" if c[rule]["wrong"] else "")
                      for c in row["cases"].values()]
-            print(f"| {row['method']} | {rule} | {s['mean']:.2f} / {s['std']:.2f} / {s['max']} | " + " | ".join(cells) + " |",
-                  flush=True)
+            print(f"| {row['method']} | {rule} | {s['mean']:.2f} / {s['std']:.2f} / {s['max']} | "
+                  + " | ".join(cells) + " |", flush=True)
         RESULTS.parent.mkdir(exist_ok=True)
         with RESULTS.open("a") as handle:
             handle.write(json.dumps({"date": time.strftime("%Y-%m-%d"), **vars(args), **row}) + "\n")

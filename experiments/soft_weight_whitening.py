@@ -73,7 +73,8 @@ def weightings(fit: np.ndarray) -> dict:
 def marked(model, users: int, per_user: int, seed: int) -> tuple[dict, np.ndarray, np.ndarray, CodeIndex]:
     """Per case, the logits of ``users`` copies' attacked outputs; the truth; the codes; their registry."""
     codes, index, outputs = issue_copies(model, users, 1000, held_out_images(32, per_user, seed=seed), seed)
-    logits = {case: batched.extract(model.extractor, torch.cat([attacked(o, case, seed + u) for u, o in enumerate(outputs)])
+    logits = {case: batched.extract(model.extractor,
+                                    torch.cat([attacked(o, case, seed + u) for u, o in enumerate(outputs)])
                                     ).double().numpy() for case in CASES}
     return logits, np.repeat(np.arange(users), per_user), codes, index
 
@@ -88,13 +89,16 @@ def measure(checkpoint: str, args) -> list[dict]:
         weights = weigh(test)
         eigen = np.linalg.eigvalsh(np.corrcoef(weights.T))[::-1][:3]
         spread = calibrate(weights, 1000, args.registries, args.seed)["0.001"]
-        row = {"checkpoint": checkpoint, "method": model.method, "weights": name, "corr_top_eigen": eigen.round(2).tolist(),
+        row = {"checkpoint": checkpoint, "method": model.method, "weights": name,
+               "corr_top_eigen": eigen.round(2).tolist(),
                "unmarked_fpr1e-3": {k: spread[k] for k in ("bound", "mean", "std", "max")}, "cases": {}}
         for case, values in logits.items():
             w = weigh(values)
             found = soft_identify(w, index, fpr=1e-6)
-            right = np.mean([r["accused"] and r["user_id"] == index.user_ids[t] for r, t in zip(found, truth, strict=True)])
-            wrong = int(sum(r["accused"] and r["user_id"] != index.user_ids[t] for r, t in zip(found, truth, strict=True)))
+            right = np.mean([r["accused"] and r["user_id"] == index.user_ids[t]
+                             for r, t in zip(found, truth, strict=True)])
+            wrong = int(sum(r["accused"] and r["user_id"] != index.user_ids[t]
+                            for r, t in zip(found, truth, strict=True)))
             row["cases"][case] = {"bit_acc": float(((w > 0) == codes[truth]).mean()),
                                   "attribution": float(right), "wrong": wrong}
         rows.append(row)
@@ -123,7 +127,8 @@ def main() -> None:
     args = common_parser(__doc__.splitlines()[0]).parse_args()
     check_counts(args)
     started = time.time()
-    print("| checkpoint | weights | corr. top 3 eigenvalues (of 48) | unmarked accused at 1e-3: mean / std / max (bound 10) | "
+    print("| checkpoint | weights | corr. top 3 eigenvalues (of 48) "
+          "| unmarked accused at 1e-3: mean / std / max (bound 10) | "
           + " | ".join(f"{c}: bit_acc / attributed" for c in CASES) + " |")
     print("|---|---|---|---|" + "---|" * len(CASES))
     for checkpoint in args.checkpoints:

@@ -2,7 +2,8 @@
 1000 registered users, fpr 1e-6: nobody accused).
 
 For each shipped checkpoint: ``--images`` held-out procedural images decoded by the *base* decoder
-(unmarked; the checkpoint's ``reference_vae``, the base as it was, when training moved the shared decoder), read by the method's extractor, and identified against ``--users`` random registered
+(unmarked; the checkpoint's ``reference_vae``, the base as it was, when training moved the shared decoder),
+read by the method's extractor, and identified against ``--users`` random registered
 codes (the distributor's attribution: hard decoding, nearest code, binomial p-value; and soft
 decoding, the default since 2026-12-04, logit-weighted score with its exact p-value; Bonferroni
 over the registry either way). Printed: users accused by each, the images soft decoding would
@@ -68,7 +69,8 @@ def run(checkpoint: str, n_images: int, n_users: int, fpr: float, seed: int) -> 
         "soft_accused": int(sum(r["accused"] and r["p_value"] <= fpr for r in soft)),
         "soft_accused_at_1e-3": int(sum(r["accused"] and r["p_value"] <= 1e-3 for r in soft)),
         "best_match_mean": float(best.mean()), "best_match_max": int(best.max()),
-        "expected_best_match_mean": float(simulated.mean()), "expected_best_match_99pct": float(np.percentile(simulated, 99)),
+        "expected_best_match_mean": float(simulated.mean()),
+        "expected_best_match_99pct": float(np.percentile(simulated, 99)),
         "seconds": round(time.perf_counter() - start, 1),
     }
 

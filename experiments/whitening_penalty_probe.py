@@ -11,7 +11,8 @@ quarter.
 
 This probe tries a third way: a penalty that keeps the reader's outputs on unmarked images white
 as it trains. The outputs are divided by the gain, for a random batch of ``--pool-batch`` of 2048
-unmarked decoder outputs each step (in the clean pass only, not again in the worst-case one). The penalty is their mean squared plus their covariance's
+unmarked decoder outputs each step (in the clean pass only, not again in the worst-case one).
+The penalty is their mean squared plus their covariance's
 squared distance from the identity, weighted by ``--weights``. The fitted whitening then has
 little left to correct.
 
@@ -76,7 +77,8 @@ def with_whiteness_penalty(weight: float, pool_batch: int, seed: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="embedded_pnm")
-    parser.add_argument("--weights", type=float, nargs="+", default=[1.0, 10.0], help="penalty weights, one arm each (> 0)")
+    parser.add_argument("--weights", type=float, nargs="+", default=[1.0, 10.0],
+                        help="penalty weights, one arm each (> 0)")
     parser.add_argument("--pool-batch", type=int, default=256, help="unmarked outputs the penalty reads a step (> 48)")
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--warmup", type=int, default=300)
@@ -97,10 +99,12 @@ def main() -> None:
         with RESULTS.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
     print(f"{args.warmup} steps at constant rates, then {args.steps} warmed down to 0; 512 held-out images")
-    print("| penalty weight | train s | PSNR dB | training's whitening | re-fitted (ships) | unmarked 1-bits, training's | max corr, training's |")
+    print("| penalty weight | train s | PSNR dB | training's whitening | re-fitted (ships) "
+          "| unmarked 1-bits, training's | max corr, training's |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['weight']:g} | {r['train_seconds']:.0f} | {r['psnr']:.2f} | {r['bit_acc_before_rewhitening']:.3f} | "
+        print(f"| {r['weight']:g} | {r['train_seconds']:.0f} | {r['psnr']:.2f} | "
+              f"{r['bit_acc_before_rewhitening']:.3f} | "
               f"{r['bit_acc']:.3f} | {r['stale_one_bits']:.3f} | {r['stale_max_corr']:.3f} |")
 
 

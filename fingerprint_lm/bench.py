@@ -3,7 +3,8 @@
 Every section runs in a fresh process (its peak resident memory is its own) and the ratios are
 measured side by side in one run: the worst-case training step against a plain one (per ascent
 variant), issuing one copy per method (pnm against stable_signature, which trains each copy, and
-wouaf; at the tiny size and at SD's decoder size), identification among 10^6 registered users, extractor and decoder throughput, the CLI's
+wouaf; at the tiny size and at SD's decoder size), identification among 10^6 registered users,
+extractor and decoder throughput, the CLI's
 start-up, and (``--sweep``) the README's default collusion sweep cold and warm. ``--sd`` adds one
 worst-case step of a PNM on an SD-sized decoder (bf16 on CUDA; on a CPU, float32 and minutes).
 
@@ -79,8 +80,8 @@ def bench_training(batch_size: int = 32, bits: int = 48, repeats: int = 20) -> d
     for name, options in {"K0_plain": {"wc_steps": 0}, **WORST_CASE_VARIANTS}.items():
         torch.manual_seed(0)
         vae = build_vae()
-        module = manual_stepping(FingerprintModule(vae, PersonalizedDecoder(vae.decoder, bits), FingerprintExtractor(bits),
-                                           **options))
+        module = manual_stepping(FingerprintModule(vae, PersonalizedDecoder(vae.decoder, bits),
+                                                   FingerprintExtractor(bits), **options))
         out[f"train_step_{name}_s"] = _mean_seconds(lambda m=module: m.training_step({"image": images}, 0), repeats)
     for name in WORST_CASE_VARIANTS:
         out[f"worst_case_ratio_{name}"] = out[f"train_step_{name}_s"] / out["train_step_K0_plain_s"]
@@ -128,7 +129,8 @@ def bench_issue_methods(repeats: int = 20, slow_repeats: int = 2) -> dict[str, f
 
         out[f"issue_copy_{name}_s"] = _mean_seconds(issue, n, warmup=1 if n == slow_repeats else 2)
     for name in ("pnm", "wouaf"):
-        out[f"issue_ratio_stable_signature_over_{name}"] = out["issue_copy_stable_signature_s"] / out[f"issue_copy_{name}_s"]
+        out[f"issue_ratio_stable_signature_over_{name}"] = (out["issue_copy_stable_signature_s"]
+                                                            / out[f"issue_copy_{name}_s"])
     return out
 
 
@@ -321,7 +323,8 @@ def markdown(results: dict[str, dict], command: str, seconds: float, threads: in
     lines = [
         "# Benchmarks", "",
         f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')} in {seconds / 60:.1f} min: "
-        f"torch {torch.__version__}, {threads} torch threads per section, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, {threads} torch threads per section, "
+        f"{platform.processor() or platform.machine()}, "
         f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}. "
         "Each section ran in a fresh process: `peak_rss_mb` is that process's peak resident memory. "
         "Seconds are means over repeats; compare ratios across machines, not seconds.", "",

@@ -190,8 +190,9 @@ def test_a_failed_registration_keeps_the_plugin_and_one_name_is_one_kind(plugins
         register_image_attack("foo", 3)
     assert parse_case("foo_s3") == ("foo", 3.0, 1)
     spec = {"_target_": "fingerprint_lm.attacks.plugins.median_merge", "_partial_": True}
-    cfg = OmegaConf.create({"attacks": {"image": {"bar": {**spec, "_target_": "fingerprint_lm.attacks.plugins.median_filter"}},
-                                        "merge": {"bar": spec}}})
+    cfg = OmegaConf.create({"attacks": {
+        "image": {"bar": {**spec, "_target_": "fingerprint_lm.attacks.plugins.median_filter"}},
+        "merge": {"bar": spec}}})
     with pytest.raises(ConfigError, match="'bar' is both attacks.image and attacks.merge"):
         register_attacks(cfg)
 

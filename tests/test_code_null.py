@@ -86,8 +86,8 @@ def test_attribute_logits_passes_the_null_through():
     logits = 3.0 * (2.0 * codes[9] - 1)[None] * np.ones((2, 1))
     wide = CodeNull(np.zeros(K), 100.0 * np.eye(K))  # a law under which user 9's score is ordinary
     unit = CodeNull(np.zeros(K), np.eye(K))
-    assert [r["user_id"] for r in attribute_logits(logits, index, ["a", "b"], 1e-3, "soft_code_null", null=unit)["images"]
-            ] == ["u9"] * 2
+    assert [r["user_id"] for r in
+            attribute_logits(logits, index, ["a", "b"], 1e-3, "soft_code_null", null=unit)["images"]] == ["u9"] * 2
     with pytest.raises(ConfigError, match="needs the reader's law"):  # no silent fallback
         attribute_logits(logits, index, ["a", "b"], 1e-3, "soft_code_null")
     rows = attribute_logits(logits, index, ["a", "b"], 1e-3, "soft_code_null", null=wide)["images"]

@@ -158,7 +158,8 @@ def test_each_settings_group_is_typed_by_its_schema(default_cfg, group):
     # The file's literal scalars and the dataclass's defaults say the same (one reads either).
     defaults = {f.name: f.default for f in dataclasses.fields(SCHEMAS[group])}
     written = OmegaConf.load(CONF / group / f"{'all' if group == 'act' else 'default'}.yaml")  # the default option
-    literal = {key: written[key] for key in written if key != "defaults" and not OmegaConf.is_interpolation(written, key)
+    literal = {key: written[key] for key in written
+               if key != "defaults" and not OmegaConf.is_interpolation(written, key)
                and not OmegaConf.is_config(written[key])}
     assert literal and {key: defaults[key] for key in literal} == literal
 
@@ -172,7 +173,8 @@ def test_each_settings_group_is_typed_by_its_schema(default_cfg, group):
         ("distributor.fpr=2", "distributor", "distributor.fpr must lie in (0, 1), got 2.0"),
         ("distributor.tracing=tardis", "distributor", "distributor.tracing must be one of evidence, tardos"),
         ("distributor.top=0", "distributor", "distributor.top must be a positive integer, got 0"),
-        ("distributor.decoding=fuzzy", "distributor", "distributor.decoding must be one of soft, soft_whitened, soft_code_null, hard"),
+        ("distributor.decoding=fuzzy", "distributor",
+         "distributor.decoding must be one of soft, soft_whitened, soft_code_null, hard"),
         ("sweep.images=coco", "sweep", "sweep.images must be one of procedural, data, got 'coco'"),
         ("sweep.finetune_lr=0", "sweep", "sweep.finetune_lr must be a finite number > 0"),
         ("text2image.fid=fast", "text2image", "text2image.fid must be one of auto, clean, proxy, off"),

@@ -224,7 +224,8 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, checkpoint, issued):
                  f"distributor.registry={issued / 'registry' / 'registry.sqlite'}",
                  f"distributor.checkpoint={checkpoint}", env=env)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip() == f"error: no image files (.png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff, .gif) in folder {empty}"
+    assert result.stderr.strip() == ("error: no image files (.png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff, .gif) "
+                                     f"in folder {empty}")
     assert registry_state(issued) == before
     assert not (tmp_path / "outputs").exists()
 

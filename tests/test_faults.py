@@ -122,7 +122,8 @@ def test_issue_killed_at_any_moment_then_rerun_leaves_registry_and_copies_agreei
                                timeout=600)
         # a kill that landed after the copy was issued and registered leaves a finished issue:
         # the rerun then refuses the user as already registered (one error line, nothing changed)
-        finished = rerun.returncode == 2 and rerun.stderr.strip() == f"error: duplicate user '{user}': already registered"
+        finished = (rerun.returncode == 2
+                    and rerun.stderr.strip() == f"error: duplicate user '{user}': already registered")
         assert rerun.returncode == 0 or finished, rerun.stderr[-2000:]
     rows, _, folders = registry_state(root)
     assert rows == 2 and folders == ["user0", "user1"]

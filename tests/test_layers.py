@@ -107,7 +107,8 @@ def test_no_file_over_400_lines_and_no_function_over_80():
             too_long.append(f"{path.relative_to(root)}: {len(text.splitlines())} lines")
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 80:
-                too_long.append(f"{path.relative_to(root)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+                too_long.append(f"{path.relative_to(root)}:{node.lineno} {node.name}: "
+                                f"{node.end_lineno - node.lineno + 1} lines")
     assert not too_long, too_long
 
 
@@ -138,5 +139,6 @@ def test_nothing_cites_files_outside_the_repository():
     files = [*(ROOT / "fingerprint_lm").rglob("*.py"), *(ROOT / "tests").rglob("*.py"),
              *(ROOT / "experiments").rglob("*.py"), *(ROOT / "conf").rglob("*.yaml"), *(ROOT / "docs").rglob("*.md"),
              ROOT / "README.md", ROOT / "Makefile", ROOT / "experiments" / "README.md"]
-    citing = [str(f.relative_to(ROOT)) for f in files if f.resolve() != Path(__file__).resolve() and outside.search(f.read_text())]
+    citing = [str(f.relative_to(ROOT)) for f in files
+              if f.resolve() != Path(__file__).resolve() and outside.search(f.read_text())]
     assert not citing

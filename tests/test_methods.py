@@ -105,7 +105,8 @@ def test_stock_copy_is_a_stock_folder_equal_to_the_methods_decoder(pnm_model, tm
                 set_eps(pnm_model.pnm, 1e-6)
             assert exact <= 1e-5, exact
         # load_copy is a stock load for such a copy
-        assert torch.equal(load_copy(folder).decode(latents).sample, AutoencoderKL.from_pretrained(folder).decode(latents).sample)
+        assert torch.equal(load_copy(folder).decode(latents).sample,
+                           AutoencoderKL.from_pretrained(folder).decode(latents).sample)
 
 
 def test_band_energy_extractor_reads_a_band_texture_after_shifts_and_crops():
@@ -118,7 +119,8 @@ def test_band_energy_extractor_reads_a_band_texture_after_shifts_and_crops():
     size, n = 40, 128
 
     def fields(count):
-        smooth = torch.nn.functional.interpolate(torch.rand(count, 3, 10, 10, generator=generator), size=size, mode="bilinear")
+        smooth = torch.nn.functional.interpolate(torch.rand(count, 3, 10, 10, generator=generator), size=size,
+                                                 mode="bilinear")
         return smooth + 0.01 * torch.randn(count, 3, size, size, generator=generator)
 
     reader = BandEnergyExtractor(48)

@@ -202,7 +202,8 @@ def test_readme_blocks_are_found_and_every_command_has_a_check():
     blocks = readme_blocks(README.read_text())
     commands = [c for block in blocks for c in block if not c.startswith(("source ", "export "))]
     assert len(blocks) == 3 and len(commands) >= 10
-    assert "python -m fingerprint_lm +experiment=collusion_sweep debug=tiny" in [c.split("#")[0].strip() for c in commands]
+    assert ("python -m fingerprint_lm +experiment=collusion_sweep debug=tiny"
+            in [c.split("#")[0].strip() for c in commands])
     for command in commands:
         check_for(command)
         assert "hydra.sweep.dir" not in command and "hydra.run.dir" not in command
@@ -212,7 +213,9 @@ def test_as_tested_appends_debug_tiny_only_to_experiments_without_a_debug_option
     assert as_tested("python -m fingerprint_lm +experiment=smoke   # note") == (
         "python -m fingerprint_lm +experiment=smoke debug=tiny"
     )
-    assert as_tested("python -m fingerprint_lm +experiment=x debug=fast") == "python -m fingerprint_lm +experiment=x debug=fast"
+    assert as_tested("python -m fingerprint_lm +experiment=x debug=fast") == (
+        "python -m fingerprint_lm +experiment=x debug=fast"
+    )
     assert as_tested("python -m fingerprint_lm task=users") == "python -m fingerprint_lm task=users"
 
 

@@ -94,7 +94,8 @@ def test_shipped_pnm_checkpoint_is_safetensors_only_and_records_its_method():
     files = {str(p.relative_to(PNM_CHECKPOINT)) for p in PNM_CHECKPOINT.rglob("*") if p.is_file()}
     # reference_vae/: the base decoder as it was before training moved the shared one (what PSNR is measured against)
     assert files == {"fingerprint.json", "fingerprint.safetensors", "SHA256SUMS"} | {
-        f"{folder}/{name}" for folder in ("base_vae", "reference_vae") for name in ("config.json", "diffusion_pytorch_model.safetensors")}
+        f"{folder}/{name}" for folder in ("base_vae", "reference_vae")
+        for name in ("config.json", "diffusion_pytorch_model.safetensors")}
     assert json.loads((PNM_CHECKPOINT / "fingerprint.json").read_text())["method"] == "pnm"
 
 

@@ -311,7 +311,8 @@ def test_shipped_checkpoints_match_their_method_config_and_no_other_recipe(tmp_p
     default config matches it; another recipe (method.train.lr) or step count does not; a
     checkpoint that records no recipe (trained before recipes were recorded) matches on the rest."""
     def record(*overrides):
-        cfg = compose_config(tmp_path / "job", ["+experiment=collusion_sweep", f"method={method}", *overrides], tiny=False)
+        cfg = compose_config(tmp_path / "job", ["+experiment=collusion_sweep", f"method={method}", *overrides],
+                             tiny=False)
         return training_record(cfg, method_from_config(cfg)), cfg
 
     default, cfg = record()
@@ -339,7 +340,8 @@ def test_sweep_model_cache_key_follows_the_base_vae_weights(tmp_path):
     key = sweep_model_cache_dir(cfg, record, base)
     assert key == sweep_model_cache_dir(cfg, record, base)
     # the point's seed draws users and attacks; the per-length model depends on sweep.train_seed only
-    other_seed = compose_config(tmp_path / "job", ["+experiment=collusion_sweep", "fingerprint_bits=32", "seed=3"], tiny=False)
+    other_seed = compose_config(tmp_path / "job", ["+experiment=collusion_sweep", "fingerprint_bits=32", "seed=3"],
+                                tiny=False)
     assert sweep_model_cache_dir(training_config(other_seed), record, base) == sweep_model_cache_dir(
         training_config(cfg), record, base)
     weights = base / "diffusion_pytorch_model.safetensors"

@@ -165,7 +165,8 @@ def test_pooled_images_of_several_users_name_each_of_them():
     assert set(accused) == {"u3", "u500", "u999"}
     assert all(s["evidence"] == "per_image" and s["n_images"] >= 1 for s in accused.values())
     assert result["per_image_fpr"] == pytest.approx(1e-6 / (2 * 12)) and result["pooled_fpr"] == 5e-7
-    assert [s["accused"] for s in result["suspects"]] == sorted((s["accused"] for s in result["suspects"]), reverse=True)
+    assert [s["accused"] for s in result["suspects"]] == sorted(
+        (s["accused"] for s in result["suspects"]), reverse=True)
 
 
 def test_a_merged_model_is_traced_by_the_pooled_score():

@@ -119,7 +119,8 @@ def quantize_roundtrip(state_dict: Mapping[str, torch.Tensor], mode: str) -> Sta
     return out
 
 
-def prune(state_dict: Mapping[str, torch.Tensor], strength: float, generator: torch.Generator | None = None) -> StateDict:
+def prune(state_dict: Mapping[str, torch.Tensor], strength: float,
+          generator: torch.Generator | None = None) -> StateDict:
     """:func:`magnitude_prune` with the common signature (case ``prune_<fraction>``)."""
     return magnitude_prune(state_dict, float(strength))
 

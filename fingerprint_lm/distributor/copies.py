@@ -265,7 +265,8 @@ def issue_copy(
     if user_id in registry:
         raise RegistryError(f"duplicate user {user_id!r}: already registered")
     if registry.method is not None and registry.method != model.method:
-        raise RegistryError(f"registry {registry.path} holds method={registry.method} users, the model is method={model.method}")
+        raise RegistryError(f"registry {registry.path} holds method={registry.method} users, "
+                            f"the model is method={model.method}")
     if act_type not in ACT_TYPES:
         raise ConfigError(f"unknown ACT type {act_type!r}; expected one of {', '.join(ACT_TYPES)}")
     if act_type != "none" and not secret:

@@ -23,7 +23,8 @@ The steps are separate functions (:func:`draw_users`, :func:`attacked_images`, :
 analysis script can take the images a point scores (:class:`PointImages`) without re-running it.
 Attribution and tracing are the distributor's own (:mod:`fingerprint_lm.distributor.attribution`).
 Hydra's basic sweeper takes the cartesian product of its lists, so attack, strength and colluder
-count travel as one case string (:func:`~fingerprint_lm.attacks.cases.parse_case`): ``none_c1``, ``average_c3``, ``jpeg_q50``...
+count travel as one case string (:func:`~fingerprint_lm.attacks.cases.parse_case`): ``none_c1``, ``average_c3``,
+``jpeg_q50``...
 """
 
 from __future__ import annotations
@@ -283,14 +284,17 @@ def attacked_images(model: FingerprintModel, users: Users, point: Point, real: t
     device = settings.device
     latents = batched.encode(model.vae, real, device)
     base_vae = model.unmarked_vae  # what fidelity is measured against
-    base_outputs = batched.decode(decoder_from_tensors(base_vae.config, base_vae.state_dict(), None, None), latents, device)
+    base_outputs = batched.decode(decoder_from_tensors(base_vae.config, base_vae.state_dict(), None, None),
+                                  latents, device)
     if point.attack in IMAGE_MERGES:  # every colluder decodes the same content with their own copy
-        copies = [batched.decode(decoder_from_tensors(model.vae.config, *copy), latents, device) for copy in users.copies]
+        copies = [batched.decode(decoder_from_tensors(model.vae.config, *copy), latents, device)
+                  for copy in users.copies]
         outputs = IMAGE_MERGES[point.attack](copies, generator)
         if point.attack not in BUILTIN_ATTACKS:
             _check_image_merge_output(point.attack, outputs, copies[0])
     else:
-        outputs = batched.decode(attacked_decoder(model, users, point, generator, settings, tune_images), latents, device)
+        outputs = batched.decode(attacked_decoder(model, users, point, generator, settings, tune_images),
+                                 latents, device)
     reference = base_outputs
     if point.attack in IMAGE_ATTACKS:
         attack, draws = IMAGE_ATTACKS[point.attack], generator.get_state()
@@ -347,7 +351,8 @@ def score(model: FingerprintModel, users: Users, point: Point, images: PointImag
         bit_acc_max=float(np.max(per_colluder)),
         attribution_acc=float(np.mean([r["accused"] and r["user_id"] in colluders for r in attributed])),
         tpr_at_fpr=float(np.mean(code_p_values(logits, users.codes[0], settings.decoding, null) <= settings.fpr)),
-        false_positives=float(np.mean(code_p_values(base_logits, users.codes[0], settings.decoding, null) <= settings.fpr)),
+        false_positives=float(np.mean(code_p_values(base_logits, users.codes[0], settings.decoding, null)
+                                      <= settings.fpr)),
         tracing_caught=caught,
         tracing_innocents_accused=innocents,
         tardos_caught=tardos_caught,

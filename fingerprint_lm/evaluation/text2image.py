@@ -279,7 +279,8 @@ def evaluate_text2image(pipe, copy_vae, base_vae, owner: CopyOwner, prompts: Seq
     with tqdm(total=len(prompts), desc="text2image", unit="img", disable=not g.progress) as bar:
         for first in range(0, len(prompts), g.batch_size):
             batch = prompts[first : first + g.batch_size]
-            latents = generate_latents(pipe, [caption for _, caption in batch], [image_seed(g.seed, i) for i, _ in batch],
+            latents = generate_latents(pipe, [caption for _, caption in batch],
+                                       [image_seed(g.seed, i) for i, _ in batch],
                                        g.resolution, g.num_inference_steps, g.guidance_scale)
             decoded = {"copy": decode_to_pixels(copy_vae, latents)}
             if base_vae is not None:

@@ -76,7 +76,8 @@ class FingerprintModule(L.LightningModule):
         for name, value in asdict(self.settings).items():  # the step code reads self.lr, self.wc_rho, ...
             setattr(self, name, value)
         if self.whiteness_batch <= pnm.fingerprint_bits:  # the batch covariance could not be the identity
-            raise ConfigError(f"whiteness_batch must exceed the {pnm.fingerprint_bits} logits, got {self.whiteness_batch}")
+            raise ConfigError(f"whiteness_batch must exceed the {pnm.fingerprint_bits} logits, "
+                              f"got {self.whiteness_batch}")
         self.whitening_outputs: torch.Tensor | None = None  # set by the method (PNMMethod.prepare_training)
         self.history: list[dict] = []  # per-step training curve (written beside metrics.json)
         self.register_buffer("log_rec_weight", torch.tensor(math.log(self.rec_weight_init)))
@@ -170,7 +171,8 @@ class FingerprintModule(L.LightningModule):
         loss = rec_weight * rec + self.lambda_fp * bce
         whiteness_term = torch.zeros((), device=self.device)
         if self.whiteness_weight and self.whitening_outputs is not None and not reader_frozen:
-            whiteness_term = whiteness.pool_penalty(self.extractor, self.whitening_outputs, self.whiteness_batch, self.device)
+            whiteness_term = whiteness.pool_penalty(self.extractor, self.whitening_outputs, self.whiteness_batch,
+                                                    self.device)
             loss = loss + self.whiteness_weight * whiteness_term
         if worst_case:
             bce_wc = self._backward_with_worst_case(loss, bce, latents, bits, carriers)

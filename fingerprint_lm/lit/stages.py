@@ -204,7 +204,8 @@ def evaluate_fingerprint(
         psnrs.append(psnr(out, base))
         ssims.append(ssim(out, base) * len(images))
         for name, probe in probes.items():
-            probe_correct[name] += ((model.extractor(probe(out, attack_generator)) > 0).long() == bits).float().sum().item()
+            probe_correct[name] += ((model.extractor(probe(out, attack_generator)) > 0).long()
+                                    == bits).float().sum().item()
         if model.pnm.spatial_site_name is not None:
             no_carrier = model.pnm(latents, bits, carriers=False)
             no_carrier_correct += ((model.extractor(no_carrier) > 0).long() == bits).float().sum().item()

@@ -30,7 +30,8 @@ def worst_case_perturbation(
 
 
 @torch.no_grad()
-def set_perturbed(weights: list[nn.Parameter], originals: list[torch.Tensor], deltas: list[torch.Tensor] | None) -> None:
+def set_perturbed(weights: list[nn.Parameter], originals: list[torch.Tensor],
+                  deltas: list[torch.Tensor] | None) -> None:
     """Set ``weights`` to ``originals + deltas`` (``deltas`` None: back to the originals, bit-exact)."""
     for i, (weight, original) in enumerate(zip(weights, originals)):
         weight.copy_(original if deltas is None else original + deltas[i])

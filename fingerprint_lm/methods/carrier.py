@@ -31,7 +31,8 @@ class CarrierMethod(FingerprintMethod):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.extractor.get("kind", "tiled") != "tiled":
-            raise ConfigError("method=carrier reads its carrier tiles with the tiled extractor: drop method.extractor.kind")
+            raise ConfigError("method=carrier reads its carrier tiles with the tiled extractor: "
+                              "drop method.extractor.kind")
 
     def before_fit(self, module, loader: Iterable) -> dict[str, Any]:
         log.info("carriers calibrated to %.2f dB", calibrate_carriers(module, collect_images(loader, 256)))

@@ -32,12 +32,14 @@ class PNMMethod(FingerprintMethod):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.extractor.get("kind", "tiled") not in EXTRACTOR_KINDS:
-            raise ConfigError(f"unknown extractor kind {self.extractor.get('kind')!r} (choose one of: pooled, band_energy)")
+            raise ConfigError(f"unknown extractor kind {self.extractor.get('kind')!r} "
+                              "(choose one of: pooled, band_energy)")
         if self.pnm.get("spatial_site") is not None:
             raise ConfigError("method=pnm keeps the fingerprint in stock weights: method.pnm.spatial_site must be null")
         check_int("method=pnm whitens its extractor: method.detector_fit_samples", self.detector_fit_samples)
         if self.extractor.get("kind", "tiled") == "tiled":
-            raise ConfigError("method=pnm needs a shift-invariant extractor: method.extractor.kind pooled or band_energy")
+            raise ConfigError("method=pnm needs a shift-invariant extractor: "
+                              "method.extractor.kind pooled or band_energy")
         check_keys("method.extractor", self.extractor, ("kind", "pooled", "band_energy"))
         for kind, reader in (("pooled", PooledExtractor), ("band_energy", BandEnergyExtractor)):
             check_keys(f"method.extractor.{kind}", self.extractor.get(kind) or {},

@@ -171,7 +171,8 @@ def _draw_channels(
     group_size = channels // num_groups
     perm, sign_bits, uniform = draw_raw(channels, num_groups, act_type, generator)
     group_sign = torch.ones(num_groups, dtype=torch.float64) if sign_bits is None else sign_bits.double() * 2 - 1
-    group_scale = torch.ones(num_groups, dtype=torch.float64) if uniform is None else log_uniform(uniform, scale_min, scale_max)
+    group_scale = (torch.ones(num_groups, dtype=torch.float64) if uniform is None
+                   else log_uniform(uniform, scale_min, scale_max))
     return ActParams(
         perm=perm,
         sign=group_sign.repeat_interleave(group_size),

@@ -66,7 +66,8 @@ def _match_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(perm, sign, scale)`` taking the copy's rows onto the reference's (see align_to_reference)."""
     if rows_ref.shape != rows_copy.shape:
-        raise ConfigError(f"copy and reference layer shapes differ: {tuple(rows_copy.shape)} vs {tuple(rows_ref.shape)}")
+        raise ConfigError(f"copy and reference layer shapes differ: "
+                          f"{tuple(rows_copy.shape)} vs {tuple(rows_ref.shape)}")
     channels = rows_ref.shape[0]
     norm_ref = rows_ref.norm(dim=1).clamp_min(1e-300)
     norm_copy = rows_copy.norm(dim=1).clamp_min(1e-300)

@@ -36,7 +36,8 @@ def whitening_map(raw: torch.Tensor, centre: str = "median", decorrelate: bool =
     without ``decorrelate``; ``centre`` puts the whitened logits' median or mean at 0. Needs more
     images than logits."""
     if len(raw) <= raw.shape[1]:
-        raise DataError(f"whitening {raw.shape[1]} logits needs more than {raw.shape[1]} unmarked images, got {len(raw)}")
+        raise DataError(f"whitening {raw.shape[1]} logits needs more than {raw.shape[1]} unmarked images, "
+                        f"got {len(raw)}")
     raw = raw.double()
     mean = raw.mean(0)
     centred = raw - mean
@@ -135,7 +136,8 @@ class PooledExtractor(WhitenedReader):
     """
 
     def __init__(self, fingerprint_bits: int, width: int = 64, depth: int = 4, in_channels: int = 3):
-        for name, value in (("fingerprint length", fingerprint_bits), ("extractor width", width), ("extractor depth", depth)):
+        for name, value in (("fingerprint length", fingerprint_bits), ("extractor width", width),
+                            ("extractor depth", depth)):
             check_int(name, value)
         super().__init__(fingerprint_bits)
         layers: list[nn.Module] = []

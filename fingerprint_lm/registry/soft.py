@@ -155,7 +155,8 @@ def soft_identify(logits, index: CodeIndex, fpr: float = 1e-6, levels: int = SOF
     for start, distances in hamming_blocks(pack_bits(hard).reshape(len(hard), -1), index.packed, _BLOCK_ENTRIES):
         stop = start + len(distances)
         rows += [_identify_one(w, h, d, index, fpr, (code_null, v) if code_null is not None else None)
-                 for w, h, d, v in zip(weights[start:stop], hard[start:stop], distances, values[start:stop], strict=True)]
+                 for w, h, d, v in zip(weights[start:stop], hard[start:stop], distances, values[start:stop],
+                                       strict=True)]
     return rows
 
 

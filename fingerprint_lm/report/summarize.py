@@ -28,7 +28,8 @@ def newest_sweep(parent: Path = DEFAULT_SWEEPS) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="(re)write a sweep's summary.csv, summary.md and plots")
     parser.add_argument(
-        "sweep_dir", nargs="?", help=f"a multirun directory holding <job>/metrics.json (default: newest in {DEFAULT_SWEEPS}/)"
+        "sweep_dir", nargs="?",
+        help=f"a multirun directory holding <job>/metrics.json (default: newest in {DEFAULT_SWEEPS}/)"
     )
     args = parser.parse_args(argv)
     try:

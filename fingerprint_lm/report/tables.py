@@ -174,7 +174,8 @@ def comparison_lines(rows: list[dict]) -> list[str]:
         return []
     out = ["## Methods compared (ACT all unless stated; fid_proxy is a proxy, not FID)", "",
            "| method | clean bit_acc | PSNR | image attacks: mean / worst | model attacks: mean / worst "
-           "| 2-party average, no ACT: PSNR / fid_proxy | ACT all: PSNR / fid_proxy | adaptive colluder: PSNR / bit_acc "
+           "| 2-party average, no ACT: PSNR / fid_proxy | ACT all: PSNR / fid_proxy "
+           "| adaptive colluder: PSNR / bit_acc "
            "| colluders caught | innocents accused | issue one copy (s) |",
            "|---|" + "---|" * 10]
     for group in groups:
@@ -233,7 +234,8 @@ def method_lines(rows: list[dict]) -> list[str]:
     groups = _groups(rows)
     if len({method for method, _ in groups}) < 2:
         return []
-    cases = sorted({(r.get("attack"), r.get("attack_strength"), r.get("case")) for r in rows if r.get("colluders") == 1},
+    cases = sorted({(r.get("attack"), r.get("attack_strength"), r.get("case"))
+                    for r in rows if r.get("colluders") == 1},
                    key=lambda c: (c[0] != "none", str(c[0]), -math.inf if c[1] is None else float(c[1])))
     out = ["## Methods side by side: bit accuracy of one copy (ACT all; PSNR vs the base decoder in brackets)", "",
            "| case | " + " | ".join(f"{m} {b}-bit" for m, b in groups) + " |",
@@ -243,7 +245,8 @@ def method_lines(rows: list[dict]) -> list[str]:
         for group in groups:
             row = _find(rows, group, "all", attack, 1, strength) or next(
                 (r for r in rows if _in_group(r, group) and r.get("case") == case), None)
-            cells.append("" if row is None else f"{_cell(row.get('bit_acc'), 3, rate=True)} ({_cell(row.get('psnr'), 1)})")
+            cells.append("" if row is None
+                         else f"{_cell(row.get('bit_acc'), 3, rate=True)} ({_cell(row.get('psnr'), 1)})")
         out.append(f"| {case} | " + " | ".join(cells) + " |")
     return [*out, ""]
 
@@ -280,7 +283,8 @@ def headline_lines(rows: list[dict]) -> list[str]:
                 ratio = naive["fid_proxy"] / baseline["fid_proxy"]
             cells = [act, _cell(naive.get("psnr"), 2), _cell(baseline["psnr"] - naive["psnr"], 2),
                      _cell(naive.get("fid_proxy"), 1), _cell(ratio, 2)]
-            cells += [_cell(aligned.get(k), d) for k, d in (("psnr", 2), ("fid_proxy", 1), ("bit_acc", 3))] if aligned else ["", "", ""]
+            cells += ([_cell(aligned.get(k), d) for k, d in (("psnr", 2), ("fid_proxy", 1), ("bit_acc", 3))]
+                      if aligned else ["", "", ""])
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return out
@@ -301,7 +305,8 @@ def tracing_lines(rows: list[dict]) -> list[str]:
         cells = []
         for group in groups:
             row = _find(rows, group, "all", attack, colluders) or next(
-                (r for r in rows if _in_group(r, group) and (r.get("attack"), r.get("colluders")) == (attack, colluders)),
+                (r for r in rows
+                 if _in_group(r, group) and (r.get("attack"), r.get("colluders")) == (attack, colluders)),
                 None)
             cells.append("" if row is None else f"{row.get('tracing_caught')}/{colluders}, "
                          f"{row.get('tracing_innocents_accused')}, {_cell(row.get('attribution_acc'), 2)}")

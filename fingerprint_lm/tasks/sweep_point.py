@@ -99,7 +99,8 @@ def sweep_model_dir(cfg: DictConfig) -> tuple[Path, str]:
         return _given_checkpoint(cfg), "given"
     record = training_record(cfg, method_from_config(cfg))
     shipped = shipped_checkpoint(str(cfg.method.checkpoint_name))
-    if (shipped / "fingerprint.json").is_file() and matches_shipped(json.loads((shipped / "fingerprint.json").read_text()), record):
+    if (shipped / "fingerprint.json").is_file() and matches_shipped(
+            json.loads((shipped / "fingerprint.json").read_text()), record):
         return shipped, "shipped"
     base_vae_dir = SHIPPED_CHECKPOINT / "base_vae"  # every method trains on the same base VAE
     cfg = training_config(cfg)
@@ -230,10 +231,12 @@ def run_sweep_point(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
         context.reused = True
         return previous
     # one W&B run per point, grouped by the sweep dir (the job dir is <sweep dir>/<job num>)
-    loggers = context.open_loggers(cfg, **({"group": context.output_dir.parent.name} if "group" in (cfg.get("logger") or {}) else {}))
+    loggers = context.open_loggers(cfg, **({"group": context.output_dir.parent.name}
+                                           if "group" in (cfg.get("logger") or {}) else {}))
     model = load_fingerprint_model(directory)
     if cfg.fingerprint_bits != model.fingerprint_bits:
-        raise ConfigError(f"fingerprint_bits={cfg.fingerprint_bits} but the model has {model.fingerprint_bits}-bit codes")
+        raise ConfigError(f"fingerprint_bits={cfg.fingerprint_bits} but the model has "
+                          f"{model.fingerprint_bits}-bit codes")
     resolution = int(model.meta.get("resolution", 32))
     steps = int(cfg.sweep.fid_proxy_steps)
     fid_net = train_proxy_feature_net(resolution, steps=steps, cache_dir=cfg.paths.cache_dir) if steps > 0 else None

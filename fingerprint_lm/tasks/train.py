@@ -117,7 +117,8 @@ def train(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
         return {"fingerprint_bits": int(cfg.fingerprint_bits), **train_facts, **vae_facts}
     write_training_curve(module.history, output_dir / "training_curve.csv", output_dir / "training_curve.png")
     eval_metrics = stages.evaluate_fingerprint(model, datamodule.test_dataloader(), cfg.eval.max_images)
-    metrics: dict[str, Any] = {"fingerprint_bits": int(cfg.fingerprint_bits), **eval_metrics, **train_facts, **vae_facts}
+    metrics: dict[str, Any] = {"fingerprint_bits": int(cfg.fingerprint_bits), **eval_metrics, **train_facts,
+                               **vae_facts}
     record_training_config(model, cfg, metrics)
     metrics["checkpoint"] = str(save_fingerprint_model(model, output_dir / "fingerprint_model"))
     if cfg.export_checkpoint:
