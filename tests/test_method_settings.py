@@ -43,6 +43,12 @@ def test_a_bad_method_setting_is_refused_when_the_method_is_built(tmp_path, over
     assert words in str(caught.value)
 
 
+def test_the_carrier_readers_settings_are_checked_too(tmp_path):
+    with pytest.raises(ConfigError, match="method.extractor has no setting 'cnn_channel'"):
+        method_from_config(compose_config(tmp_path, ["method=carrier", "+method.extractor.cnn_channel=[8]"],
+                                          tiny=False))
+
+
 @pytest.mark.parametrize("method", ["pnm", "carrier", "wouaf", "stable_signature"])
 def test_every_shipped_method_passes_its_own_checks(tmp_path, method):
     built = method_from_config(compose_config(tmp_path, [f"method={method}"], tiny=False))

@@ -35,6 +35,16 @@ def test_bad_weight_or_a_batch_no_larger_than_the_logits_is_refused(weight, batc
                           whiteness_weight=weight, whiteness_batch=batch)
 
 
+def test_codes_longer_than_the_default_batch_train_while_the_penalty_is_off():
+    """The long-codes sweep trains 128- and 256-bit codes with the penalty off (weight 0): the
+    batch only matters once the penalty is on."""
+    vae = build_vae()
+    pnm = PersonalizedDecoder(vae.decoder, 256, mapping_hidden=16)
+    assert FingerprintModule(vae, pnm, BandEnergyExtractor(256)).whiteness_batch == 128
+    with pytest.raises(ConfigError, match="whiteness_batch must exceed the 256 logits"):
+        FingerprintModule(vae, pnm, BandEnergyExtractor(256), whiteness_weight=1.0)
+
+
 def test_the_penalty_pulls_a_drifted_reader_back_to_white():
     """Filters moved away from the fitted whitening; steps of the penalty alone (no image, no bits
     loss) bring the stale whitening's logits back near mean 0 and unit covariance."""

@@ -72,10 +72,11 @@ class FingerprintModule(L.LightningModule):
         self.extractor = extractor
         self.augment = augment or AugmentConfig()
         self.calibration_batch_size = check_int("calibration_batch_size", calibration_batch_size)
-        self.settings = settings_from(TrainingSettings, training, "FingerprintModule")
-        for name, value in asdict(self.settings).items():  # the step code reads self.lr, self.wc_rho, ...
+        settings = settings_from(TrainingSettings, training, "FingerprintModule")
+        for name, value in asdict(settings).items():  # the step code reads self.lr, self.wc_rho, ...
             setattr(self, name, value)
-        if self.whiteness_batch <= pnm.fingerprint_bits:  # the batch covariance could not be the identity
+        # with the penalty on, a batch no larger than the code could not have the identity as covariance
+        if self.whiteness_weight > 0 and self.whiteness_batch <= pnm.fingerprint_bits:
             raise ConfigError(f"whiteness_batch must exceed the {pnm.fingerprint_bits} logits, "
                               f"got {self.whiteness_batch}")
         self.whitening_outputs: torch.Tensor | None = None  # set by the method (PNMMethod.prepare_training)

@@ -27,7 +27,8 @@ class FingerprintMethod:
         pnm: keyword arguments of :class:`~fingerprint_lm.models.pnm.PersonalizedDecoder`.
         extractor: keyword arguments of the extractor (``kind`` picks its class:
             :func:`~fingerprint_lm.models.extractor.build_extractor`).
-        train: keyword arguments of :class:`~fingerprint_lm.lit.fingerprinting.FingerprintModule`.
+        train: fields of :class:`~fingerprint_lm.lit.training_settings.TrainingSettings`, the keyword
+            arguments of :class:`~fingerprint_lm.lit.fingerprinting.FingerprintModule`.
         augment: fields of :class:`~fingerprint_lm.models.augment.AugmentConfig`.
         detector_fit_samples: images for a closed-form start of the extractor (0: none).
         checkpoint_name: the folder under ``fingerprint_lm/assets/`` its shipped checkpoint lives in.

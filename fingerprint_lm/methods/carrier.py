@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.errors import ConfigError, check_keys, keyword_names
 from fingerprint_lm.methods.base import FingerprintMethod, collect_images
 from fingerprint_lm.metrics.quality import psnr
-from fingerprint_lm.models.extractor import fold_tiles
+from fingerprint_lm.models.extractor import FingerprintExtractor, fold_tiles
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,9 @@ class CarrierMethod(FingerprintMethod):
         if self.extractor.get("kind", "tiled") != "tiled":
             raise ConfigError("method=carrier reads its carrier tiles with the tiled extractor: "
                               "drop method.extractor.kind")
+        # the tile size is the decoder's (method.pnm.tile_size), handed to the reader by build_extractor
+        check_keys("method.extractor", self.extractor,
+                   ["kind", *keyword_names(FingerprintExtractor, ("fingerprint_bits", "tile_size", "in_channels"))])
 
     def before_fit(self, module, loader: Iterable) -> dict[str, Any]:
         log.info("carriers calibrated to %.2f dB", calibrate_carriers(module, collect_images(loader, 256)))
