@@ -14,7 +14,7 @@ from fingerprint_lm.lit.training_settings import TrainingSettings
 from fingerprint_lm.models.act import ACT_TYPES, apply_act, draw_act
 from fingerprint_lm.models.augment import AugmentConfig
 from fingerprint_lm.models.checkpoint import FingerprintModel, build_fingerprint_model
-from fingerprint_lm.models.pnm import PersonalizedDecoder
+from fingerprint_lm.models.pnm import PersonalizedDecoder, check_decoder_settings
 
 
 @dataclass
@@ -58,6 +58,10 @@ class FingerprintMethod:
         # what the checkpoint records (the shipped ones are matched on them key for key).
         check_keys("method.pnm", self.pnm, keyword_names(PersonalizedDecoder, ("decoder", "fingerprint_bits",
                                                                                 "post_quant_conv")))
+        try:
+            check_decoder_settings(**self.pnm)
+        except ConfigError as exc:
+            raise ConfigError(f"method.pnm.{exc}") from None
         settings_from(AugmentConfig, self.augment, "method.augment")
         if self.trains_shared_modules:
             settings_from(TrainingSettings, self.train, "method.train")

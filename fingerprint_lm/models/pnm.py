@@ -115,6 +115,30 @@ def _sites(modules: dict[str, nn.Module], patterns: Sequence[str], what: str) ->
     return names
 
 
+def check_decoder_settings(affine_sites: Sequence[str] = (), spatial_site: str | None = None, tile_size: int = 16,
+                           carrier_amplitude: float = 0.3, mapping_hidden: int = 128, carrier_seed: int = 1234,
+                           gradient_checkpointing: bool = False, modulation_bound: float | None = None,
+                           conv_sites: Sequence[str] = (), kernel_sites: Sequence[str] = (),
+                           kernel_bound: float = 0.03) -> None:
+    """The types and ranges of :class:`PersonalizedDecoder`'s settings, written once: the decoder
+    runs it when built, and a method when Hydra builds it (``method.pnm``), before anything trains.
+    Whether the sites match modules of the decoder is checked when the decoder is built."""
+    for name, patterns in (("affine_sites", affine_sites), ("conv_sites", conv_sites), ("kernel_sites", kernel_sites)):
+        if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+            raise ConfigError(f"{name} must be a list of module names, got {patterns!r}")
+    if spatial_site is not None and not isinstance(spatial_site, str):
+        raise ConfigError(f"spatial_site must be a module name or null, got {spatial_site!r}")
+    check_int("tile_size", tile_size)
+    check_int("mapping_hidden", mapping_hidden)
+    check_int("carrier_seed", carrier_seed, minimum=0)
+    check_float("carrier_amplitude", carrier_amplitude, above=0.0)
+    check_float("kernel_bound", kernel_bound, above=0.0)
+    if modulation_bound is not None:
+        check_float("modulation_bound", modulation_bound, above=0.0)
+    if not isinstance(gradient_checkpointing, bool):
+        raise ConfigError(f"gradient_checkpointing must be true or false, got {gradient_checkpointing!r}")
+
+
 class PersonalizedDecoder(nn.Module):
     """A diffusers VAE decoder with a PNM. The base decoder's weights stay frozen by default.
 
@@ -167,14 +191,17 @@ class PersonalizedDecoder(nn.Module):
         kernel_bound: float = 0.03,
     ):
         super().__init__()
-        if modulation_bound is not None and modulation_bound <= 0:
-            raise ConfigError(f"modulation_bound must be positive or null, got {modulation_bound}")
+        check_decoder_settings(affine_sites=affine_sites, spatial_site=spatial_site, tile_size=tile_size,
+                               carrier_amplitude=carrier_amplitude, mapping_hidden=mapping_hidden,
+                               carrier_seed=carrier_seed, gradient_checkpointing=gradient_checkpointing,
+                               modulation_bound=modulation_bound, conv_sites=conv_sites, kernel_sites=kernel_sites,
+                               kernel_bound=kernel_bound)
         self.modulation_bound = modulation_bound
         self.gradient_checkpointing = gradient_checkpointing
         self.fingerprint_bits = check_int("fingerprint length", fingerprint_bits)
         self.decoder = decoder
         self.post_quant_conv = post_quant_conv
-        self.mapping = MappingNetwork(fingerprint_bits, check_int("mapping_hidden", mapping_hidden))
+        self.mapping = MappingNetwork(fingerprint_bits, mapping_hidden)
 
         norms = {n: m for n, m in decoder.named_modules() if isinstance(m, nn.GroupNorm)}
         self.affine_site_names = _sites(norms, affine_sites, "GroupNorm matches the PNM sites")
@@ -188,8 +215,6 @@ class PersonalizedDecoder(nn.Module):
         convs = {n: m for n, m in decoder.named_modules() if isinstance(m, nn.Conv2d)}
         self.conv_site_names = _sites(convs, conv_sites, "conv matches the PNM conv sites")
         self.kernel_site_names = _sites(convs, kernel_sites, "conv matches the PNM kernel sites")
-        if not kernel_bound > 0:
-            raise ConfigError(f"kernel_bound must be positive, got {kernel_bound}")
         self.kernel_bound = kernel_bound
         for name in {*self.conv_site_names, *self.kernel_site_names}:
             _replace(decoder, name, ModulatedConv2d.from_conv(convs[name]))
@@ -207,8 +232,7 @@ class PersonalizedDecoder(nn.Module):
 
         if spatial_site is not None:
             channels = norms[spatial_site].num_channels
-            self.tile_size = check_int("tile_size", tile_size)
-            check_float("carrier_amplitude", carrier_amplitude, above=0.0)
+            self.tile_size = tile_size
             dim = channels * tile_size * tile_size
             carriers = hadamard_carriers(fingerprint_bits, dim, carrier_seed) / math.sqrt(dim)
             # Carriers and amplitudes are trainable: training may shape them, the start is readable.
