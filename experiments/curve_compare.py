@@ -71,7 +71,7 @@ def main() -> None:
         ax_acc.axhline(0.99, color="grey", ls="--", lw=0.8)
         ax_acc.set(xlabel="step", ylabel=f"bit accuracy (train batches, mean of {args.window})", ylim=(0.45, 1.01))
         ax_psnr.axhline(30, color="grey", ls="--", lw=0.8)
-        ax_psnr.set(xlabel="step", ylabel="PSNR vs base decoder (dB)")
+        ax_psnr.set(xlabel="step", ylabel="PSNR vs base decoder (dB)", ylim=(20, 40))  # step 1 reads ~120 dB
         ax_acc.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
         fig.savefig(args.png, dpi=120)
