@@ -53,7 +53,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.window < 1 or args.every < 1:
         raise DataError("--window and --every must be positive")
-    runs = [read_curve(spec) for spec in args.curves]
+    # each run's smoothed curves once: (label, steps, bit accuracy, PSNR)
+    runs = [(label, steps, smooth(acc, args.window), smooth(psnr, args.window))
+            for label, steps, acc, psnr in map(read_curve, args.curves)]
     last = max(steps[-1] for _, steps, _, _ in runs)
     print("| step | " + " | ".join(label for label, *_ in runs) + " |")
     print("|---|" + "---|" * len(runs))
@@ -61,13 +63,13 @@ def main() -> None:
         cells = []
         for _, steps, acc, _ in runs:
             index = max((i for i, s in enumerate(steps) if s <= at), default=None)
-            cells.append("" if index is None or steps[-1] < at else f"{smooth(acc, args.window)[index]:.3f}")
+            cells.append("" if index is None or steps[-1] < at else f"{acc[index]:.3f}")
         print(f"| {at} | " + " | ".join(cells) + " |")
     if args.png is not None:
         fig, (ax_acc, ax_psnr) = plt.subplots(1, 2, figsize=(10, 3.4))
         for label, steps, acc, psnr in runs:
-            ax_acc.plot(steps, smooth(acc, args.window), lw=1, label=label)
-            ax_psnr.plot(steps, smooth(psnr, args.window), lw=1, label=label)
+            ax_acc.plot(steps, acc, lw=1, label=label)
+            ax_psnr.plot(steps, psnr, lw=1, label=label)
         ax_acc.axhline(0.99, color="grey", ls="--", lw=0.8)
         ax_acc.set(xlabel="step", ylabel=f"bit accuracy (train batches, mean of {args.window})", ylim=(0.45, 1.01))
         ax_psnr.axhline(30, color="grey", ls="--", lw=0.8)

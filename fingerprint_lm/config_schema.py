@@ -18,20 +18,13 @@ without importing torch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fingerprint_lm.errors import ConfigError, check_choice, check_int, check_probability
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"{name} must be a finite number > 0, got {value}")
-
+from fingerprint_lm.errors import ConfigError, check_choice, check_float, check_int, check_probability
 
 # The ACT types and where they act; models/act.py implements them (and re-exports these names).
 ACT_TYPES: tuple[str, ...] = ("none", "permute", "scale", "sign", "all")
@@ -56,8 +49,8 @@ class ActConfig:
     def __post_init__(self) -> None:
         check_choice("act.type", self.type, ACT_TYPES)
         check_choice("act.scope", self.scope, ACT_SCOPES)
-        _check_positive("act.scale_min", self.scale_min)
-        _check_positive("act.scale_max", self.scale_max)
+        check_float("act.scale_min", self.scale_min, above=0.0)
+        check_float("act.scale_max", self.scale_max, above=0.0)
         if self.scale_max < self.scale_min:
             raise ConfigError(f"act.scale_max must be >= act.scale_min, got [{self.scale_min}, {self.scale_max}]")
 
@@ -119,7 +112,7 @@ class SweepConfig:
         # PointSettings, which the task builds from them at once (it guards callers without a config)
         check_choice("sweep.images", self.images, ("procedural", "data"))
         check_choice("sweep.decoding", self.decoding, DECODINGS)
-        _check_positive("sweep.finetune_lr", self.finetune_lr)
+        check_float("sweep.finetune_lr", self.finetune_lr, above=0.0)
         check_int("sweep.fid_proxy_steps", self.fid_proxy_steps, 0)
 
 
@@ -156,8 +149,7 @@ class Text2ImageConfig:
         if self.resolution is not None:
             check_int("text2image.resolution", self.resolution)
         check_int("text2image.num_inference_steps", self.num_inference_steps)
-        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
-            raise ConfigError(f"text2image.guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
+        check_float("text2image.guidance_scale", self.guidance_scale, minimum=0.0)
         check_int("text2image.batch_size", self.batch_size)
         self.fid = "off" if self.fid is False else str(self.fid)
         check_choice("text2image.fid", self.fid, ("auto", "clean", "proxy", "off"))

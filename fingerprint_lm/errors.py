@@ -99,8 +99,8 @@ def check_float(name: str, value: object, minimum: float | None = None, maximum:
             or (maximum is not None and number > maximum) or (above is not None and number <= above)):
         bounds = [f">= {minimum:g}" if minimum is not None else "", f"<= {maximum:g}" if maximum is not None else "",
                   f"> {above:g}" if above is not None else ""]
-        wanted = " and ".join(b for b in bounds if b) or "finite"
-        raise ConfigError(f"{name} must be a number {wanted}, got {value!r}")
+        wanted = " and ".join(b for b in bounds if b)
+        raise ConfigError(f"{name} must be a finite number {wanted}, got {value!r}")
     return number
 
 
@@ -120,12 +120,16 @@ def keyword_names(function: Callable, exclude: Iterable[str] = ()) -> list[str]:
             if name not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
-def settings_from(settings_class: type[SettingsT], values: Mapping, where: str) -> SettingsT:
-    """``settings_class(**values)`` for a settings dataclass whose ``__post_init__`` checks ranges
-    (naming each field bare): an unknown key is one ConfigError naming the known ones, a value out of
-    range one naming it under ``where`` (``method.train.lr must be ...``)."""
-    check_keys(where, values, [f.name for f in dataclasses.fields(settings_class)])
+def settings_from(build: Callable[..., SettingsT], values: Mapping, where: str,
+                  known: Iterable[str] | None = None) -> SettingsT:
+    """``build(**values)``, where ``build`` checks ranges and names each argument bare (a settings
+    dataclass whose ``__post_init__`` checks, or a check function): a key outside ``known`` (default:
+    the dataclass's fields, or the function's keywords) is one ConfigError naming the known ones, a
+    value out of range one naming it under ``where`` (``method.train.lr must be ...``)."""
+    if known is None:
+        known = [f.name for f in dataclasses.fields(build)] if dataclasses.is_dataclass(build) else keyword_names(build)
+    check_keys(where, values, known)
     try:
-        return settings_class(**values)
+        return build(**values)
     except ConfigError as exc:
         raise ConfigError(f"{where}.{exc}") from None

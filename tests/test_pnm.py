@@ -66,7 +66,7 @@ def test_unknown_site_is_a_clear_error(vae):
         PersonalizedDecoder(vae.decoder, 8, conv_sites=["nope.*"])
     with pytest.raises(ConfigError, match="no decoder conv matches the PNM kernel sites"):
         PersonalizedDecoder(vae.decoder, 8, kernel_sites=["nope.*"])
-    with pytest.raises(ConfigError, match="kernel_bound must be a number > 0"):
+    with pytest.raises(ConfigError, match="kernel_bound must be a finite number > 0"):
         PersonalizedDecoder(vae.decoder, 8, kernel_sites=["conv_out"], kernel_bound=0.0)
 
 

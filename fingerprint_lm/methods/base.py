@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fingerprint_lm.errors import ConfigError, check_int, check_keys, keyword_names, settings_from
+from fingerprint_lm.errors import ConfigError, check_int, keyword_names, settings_from
 from fingerprint_lm.lit.training_settings import TrainingSettings
 from fingerprint_lm.models.act import ACT_TYPES, apply_act, draw_act
 from fingerprint_lm.models.augment import AugmentConfig
@@ -56,12 +56,8 @@ class FingerprintMethod:
         # Every setting is checked here, when Hydra builds the method: a misspelt key or a value out
         # of range is one error line before any training starts. The dictionaries themselves stay
         # what the checkpoint records (the shipped ones are matched on them key for key).
-        check_keys("method.pnm", self.pnm, keyword_names(PersonalizedDecoder, ("decoder", "fingerprint_bits",
-                                                                                "post_quant_conv")))
-        try:
-            check_decoder_settings(**self.pnm)
-        except ConfigError as exc:
-            raise ConfigError(f"method.pnm.{exc}") from None
+        settings_from(check_decoder_settings, self.pnm, "method.pnm",
+                      known=keyword_names(PersonalizedDecoder, ("decoder", "fingerprint_bits", "post_quant_conv")))
         settings_from(AugmentConfig, self.augment, "method.augment")
         if self.trains_shared_modules:
             settings_from(TrainingSettings, self.train, "method.train")

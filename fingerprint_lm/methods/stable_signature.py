@@ -23,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from fingerprint_lm.data.synthetic import ProceduralImages
-from fingerprint_lm.errors import ConfigError, check_int, settings_from
+from fingerprint_lm.errors import ConfigError, check_float, check_int, settings_from
 from fingerprint_lm.methods.base import COPY_TRAINERS
 from fingerprint_lm.methods.pnm import PNMMethod
 from fingerprint_lm.models.vae import encode_latents
@@ -68,8 +68,9 @@ class CopyFinetune:
         check_int("steps", self.steps)
         check_int("batch_size", self.batch_size)
         check_int("pool", self.pool)
-        if not self.lr > 0 or self.image_weight < 0 or not self.logit_scale > 0:
-            raise ConfigError(f"lr and logit_scale must be > 0, image_weight >= 0; got {self}")
+        check_float("lr", self.lr, above=0.0)
+        check_float("logit_scale", self.logit_scale, above=0.0)
+        check_float("image_weight", self.image_weight, minimum=0.0)
 
 
 _MEMO: dict[tuple, dict[str, torch.Tensor]] = {}  # (model digest, code, recipe) -> decoder state
