@@ -31,11 +31,11 @@ checkpoint:  ## retrain a shipped checkpoint: METHOD=carrier (assets/embedded, d
 	$(PY) -m fingerprint_lm +experiment=train method=$(METHOD) export_checkpoint=true
 
 format:  ## ruff format + autofix
-	$(PY) -m ruff format fingerprint_lm tests experiments
-	$(PY) -m ruff check --fix fingerprint_lm tests experiments
+	$(PY) -m ruff format fingerprint_lm hydra_plugins tests experiments
+	$(PY) -m ruff check --fix fingerprint_lm hydra_plugins tests experiments
 
 lint:  ## ruff check
-	$(PY) -m ruff check fingerprint_lm tests experiments
+	$(PY) -m ruff check fingerprint_lm hydra_plugins tests experiments
 
 clean:  ## remove caches and run outputs (not the shipped checkpoint)
 	rm -rf outputs multirun .cache .pytest_cache .ruff_cache wandb

@@ -19,21 +19,43 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-STARTED_SWEEPS: list[Path] = []
+# (sweep dir, log dir or None): a sweep dir outside the log dir loses no folder above it
+STARTED_SWEEPS: list[tuple[Path, Path | None]] = []
 
 
 class RecordSweepDir(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        STARTED_SWEEPS.append(Path(str(OmegaConf.select(config, "hydra.sweep.dir"))))
+        log_dir = OmegaConf.select(config, "paths.log_dir")
+        STARTED_SWEEPS.append((Path(str(OmegaConf.select(config, "hydra.sweep.dir"))),
+                               Path(str(log_dir)) if log_dir else None))
 
 
 def remove_unstarted_sweeps() -> None:
-    """Delete each recorded sweep directory that holds nothing but Hydra's ``multirun.yaml``
-    (a sweep with a finished or started point keeps everything)."""
-    for sweep_dir in STARTED_SWEEPS:
+    """Delete each recorded sweep directory that holds nothing but Hydra's ``multirun.yaml`` (a
+    sweep with a finished or started point keeps everything), then the folders it leaves empty up
+    to its log dir (``outputs/multiruns``, ``outputs``), when it lies inside that log dir."""
+    for sweep_dir, log_dir in STARTED_SWEEPS:
         if sweep_dir.is_dir() and all(p.name == "multirun.yaml" for p in sweep_dir.iterdir()):
             shutil.rmtree(sweep_dir)
+            if log_dir is not None:
+                _remove_empty_folders_up_to(sweep_dir, log_dir)
     STARTED_SWEEPS.clear()
+
+
+def _remove_empty_folders_up_to(path: Path, log_dir: Path) -> None:
+    """Remove every empty folder above ``path`` up to ``log_dir`` included, stopping at the first
+    folder that holds anything; nothing when ``path`` is not inside ``log_dir``."""
+    path, log_dir = path.resolve(), log_dir.resolve()
+    if log_dir not in path.parents:
+        return
+    for folder in path.parents:
+        if folder == log_dir.parent:
+            break
+        if not folder.is_dir():
+            continue
+        if any(folder.iterdir()):
+            break
+        folder.rmdir()
 
 
 def _is_bare_job_dir(job_dir: Path) -> bool:
@@ -50,11 +72,4 @@ def remove_bare_job_dir(job_dir: Path, log_dir: Path) -> None:
         return
     shutil.rmtree(job_dir)
     remove_unstarted_sweeps()
-    for folder in job_dir.parents:
-        if folder == log_dir.parent:
-            break
-        if not folder.is_dir():  # the unstarted sweep just removed
-            continue
-        if any(folder.iterdir()):
-            break
-        folder.rmdir()
+    _remove_empty_folders_up_to(job_dir, log_dir)  # skips the unstarted sweep just removed

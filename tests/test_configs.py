@@ -112,19 +112,6 @@ def test_hydra_errors_are_one_error_line_with_exit_code_2(tmp_path, override, ex
     assert not (tmp_path / "outputs").exists()  # nothing written
 
 
-def test_a_sweep_stopped_by_a_bad_value_leaves_no_sweep_dir(tmp_path):
-    """Hydra makes the sweep dir before composing the first job: a bad value there must not leave
-    an empty sweep (with only multirun.yaml) behind."""
-    out = subprocess.run(
-        [sys.executable, "-m", "fingerprint_lm", "+experiment=collusion_sweep", "debug=tiny", "act=nope,all"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )
-    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
-        "error: unknown act 'nope' (choose one of: all, none, permute, scale, sign)"
-    ], out.stderr
-    assert list((tmp_path / "outputs" / "multiruns").glob("*")) == []
-
-
 def test_training_probes_and_the_sweep_use_one_set_of_attack_names(default_cfg):
     """Every training run's robustness probes are image cases of the sweep's default grid, so a
     ``robust/<case>`` figure and the sweep's row of that case mean the same attack."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fingerprint_lm.sweep_guard import STARTED_SWEEPS, remove_bare_job_dir
+from fingerprint_lm.sweep_guard import STARTED_SWEEPS, remove_bare_job_dir, remove_unstarted_sweeps
 
 
 def _job(path, *extra):
@@ -35,7 +35,7 @@ def test_other_runs_and_started_sweeps_stay(tmp_path):
     sweep = outputs / "multiruns" / "s"
     done = _job(sweep / "0", "metrics.json")
     (sweep / "multirun.yaml").write_text("{}")
-    STARTED_SWEEPS.append(sweep)
+    STARTED_SWEEPS.append((sweep, outputs))
     remove_bare_job_dir(_job(sweep / "1"), outputs)
     assert not (sweep / "1").exists() and done.exists() and other.exists()
 
@@ -45,7 +45,7 @@ def test_an_unstarted_sweep_goes_with_its_only_failed_job(tmp_path):
     sweep = outputs / "multiruns" / "s"
     job = _job(sweep / "0")
     (sweep / "multirun.yaml").write_text("{}")
-    STARTED_SWEEPS.append(sweep)
+    STARTED_SWEEPS.append((sweep, outputs))
     remove_bare_job_dir(job, outputs)
     assert not outputs.exists()
 
@@ -54,3 +54,23 @@ def test_a_folder_outside_the_log_dir_is_never_touched(tmp_path):
     job = _job(tmp_path / "elsewhere")
     remove_bare_job_dir(job, tmp_path / "outputs")
     assert job.exists()
+
+
+def test_an_unstarted_sweep_takes_the_empty_folders_above_it_up_to_the_log_dir(tmp_path):
+    outputs = tmp_path / "outputs"
+    sweep = outputs / "multiruns" / "s"
+    sweep.mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("{}")
+    (outputs / "runs").mkdir()  # an earlier run's folder stops the pruning
+    STARTED_SWEEPS.append((sweep, outputs))
+    remove_unstarted_sweeps()
+    assert not (outputs / "multiruns").exists() and (outputs / "runs").is_dir()
+
+
+def test_a_sweep_dir_outside_the_log_dir_takes_no_folder_above_it(tmp_path):
+    sweep = tmp_path / "mine" / "s"
+    sweep.mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("{}")
+    STARTED_SWEEPS.append((sweep, tmp_path / "outputs"))
+    remove_unstarted_sweeps()
+    assert not sweep.exists() and (tmp_path / "mine").is_dir()

@@ -1,0 +1,39 @@
+"""Hydra's basic sweeper, checking each swept value once before the sweep instead of every point.
+
+Hydra's ``BasicSweeper`` composes the config of every job of a batch before launching it, so that a
+bad value fails before any point runs. The launcher then composes each job again. For the default
+collusion sweep that check is 560 compositions at about 0.17 s each on 2 CPU cores: 96 s of a
+20-minute sweep, spent before the first point. :class:`AxisCheckedSweeper` composes only enough
+jobs to cover every ``key=value`` of the batch once (35 for that grid), so a misspelt value
+of any axis still fails before the first point runs. What it no longer checks up front is a
+*combination* of values that fails to compose although each value composes with others; such a job
+fails when the launcher reaches it, and the points already finished stay on disk (re-running into
+the same ``hydra.sweep.dir`` skips them).
+
+Hydra loads sweepers only from the ``hydra_plugins`` namespace, hence this package;
+``conf/hydra/default.yaml`` selects it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+
+def covering_jobs(batch: Sequence[Sequence[str]]) -> list[Sequence[str]]:
+    """The jobs of ``batch``, in order, that each hold an override no earlier kept job holds, so
+    every override of the batch appears in at least one kept job."""
+    seen: set[str] = set()
+    kept: list[Sequence[str]] = []
+    for overrides in batch:
+        new = set(overrides) - seen
+        if new:
+            kept.append(overrides)
+            seen |= new
+    return kept
+
+
+class AxisCheckedSweeper(BasicSweeper):
+    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
+        super().validate_batch_is_legal(covering_jobs(batch))

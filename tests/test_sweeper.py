@@ -1,0 +1,52 @@
+"""The sweep's validation pass: hydra_plugins/fingerprint_lm_sweeper composes one job per swept
+value before the first point, instead of every job of the grid."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
+
+from hydra_plugins.fingerprint_lm_sweeper import AxisCheckedSweeper, covering_jobs
+from tests.conftest import CONF
+
+
+def test_a_few_jobs_cover_every_swept_value():
+    axes = (["method=a", "method=b"], ["act=x", "act=y", "act=z"], [f"sweep.case={i}" for i in range(28)])
+    batch = [list(job) for job in itertools.product(*axes)]
+    kept = covering_jobs(batch)
+    assert set().union(*map(set, kept)) == set().union(*map(set, batch))
+    # each kept job brings a value no earlier one had: at most one job per value (33), not 168
+    assert len(kept) <= sum(map(len, axes)) < len(batch)
+    assert kept[0] == batch[0] and all(job in batch for job in kept)
+
+
+def test_hydra_finds_the_sweeper_and_the_config_selects_it():
+    """Hydra instantiates sweepers only from the hydra_plugins namespace, which must therefore be
+    installed beside the package (pyproject's package list)."""
+    name = f"{AxisCheckedSweeper.__module__}.{AxisCheckedSweeper.__name__}"
+    # by name: Hydra's scan executes the module again, so its class is another object
+    assert name in [f"{cls.__module__}.{cls.__name__}" for cls in Plugins.instance().discover(Sweeper)]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=collusion_sweep"], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_ == name
+
+
+@pytest.mark.parametrize("acts", ["act=nope,all", "act=all,none,nope"])
+def test_a_bad_swept_value_stops_the_sweep_before_its_first_point_leaving_nothing(tmp_path, acts):
+    """Hydra makes the sweep dir before composing the first job; a bad value, first in its list or
+    held only by the grid's last points, still fails in the check before any point runs, and the
+    sweep dir and the folders Hydra made for it go (sweep_guard)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "fingerprint_lm", "+experiment=collusion_sweep", "debug=tiny", acts],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: unknown act 'nope' (choose one of: all, none, permute, scale, sign)"
+    ], out.stderr
+    assert not (tmp_path / "outputs").exists()
