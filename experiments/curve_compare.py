@@ -5,7 +5,7 @@ the bit accuracy and PSNR of every training batch; this smooths them over ``--wi
 draws one line per run in a two-panel PNG, and prints a table of the smoothed bit accuracy at
 every ``--every`` steps (the training batches' figure, not the held-out one in ``metrics.json``).
 
-    python experiments/curve_compare.py "12000 steps=experiments/results/embedded_pnm_training_curve.csv" \\
+    python experiments/curve_compare.py "12000 steps=experiments/results/embedded_pnm_training_curve_2026-12-04.csv" \\
         "16000 steps=<run>/training_curve.csv" --png experiments/results/pnm_longer_run_curves.png
 """
 
