@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from soft_attribution import CASES, attacked, issue_copies
+from soft_attribution import CASES, _count, attacked, issue_copies
 
 from fingerprint_lm.distributor.generation import decode_with, held_out_images
 from fingerprint_lm.errors import check_int, exit_on_user_error
@@ -58,12 +58,6 @@ def weigh(logits: np.ndarray, params: np.ndarray) -> np.ndarray:
     return logits * params[:, 0] + params[:, 1]
 
 
-def _rate(results: list[dict], truth: np.ndarray, users: list[str]) -> tuple[float, int]:
-    right = sum(r["accused"] and r["user_id"] == users[t] for r, t in zip(results, truth, strict=True))
-    wrong = sum(r["accused"] and r["user_id"] != users[t] for r, t in zip(results, truth, strict=True))
-    return right / len(results), wrong
-
-
 @torch.no_grad()
 def calibration(model, fit_users: int, n_images: int, seed: int) -> dict[str, np.ndarray]:
     """Logits of the distributor's own copies (codes it draws, ACT all) on images of another seed."""
@@ -78,7 +72,8 @@ def calibration(model, fit_users: int, n_images: int, seed: int) -> dict[str, np
 def measure(args) -> list[dict]:
     model = load_fingerprint_model(shipped_checkpoint(args.checkpoint))
     fits = calibration(model, args.fit_users, args.fit_images, args.seed)
-    weightings = {"raw logit": None, **fits}
+    raw = np.stack([np.ones(model.fingerprint_bits), np.zeros(model.fingerprint_bits)], axis=1)  # slope 1, offset 0
+    weightings = {"raw logit": raw, **fits}
     images = held_out_images(model.meta.get("resolution", 32), args.images, seed=args.seed)
     codes, index, outputs = issue_copies(model, args.users, args.registry, images, args.seed)
     truth = np.repeat(np.arange(args.users), args.images)
@@ -88,14 +83,12 @@ def measure(args) -> list[dict]:
         logits = batched.extract(model.extractor, batch, "cpu").double().numpy()
         row = {"case": case, "bit_acc": float(((logits > 0) == codes[truth]).mean())}
         for name, params in weightings.items():
-            weights = logits if params is None else weigh(logits, params)
-            row[name] = _rate(soft_identify(weights, index, fpr=args.fpr), truth, index.user_ids)
+            row[name] = _count(soft_identify(weigh(logits, params), index, fpr=args.fpr), truth, index)
         rows.append(row)
     base = decode_with(model.vae, model.unmarked_vae, images)
     logits = batched.extract(model.extractor, base, "cpu").double().numpy()
-    unmarked = {name: sum(r["accused"] for r in soft_identify(logits if p is None else weigh(logits, p), index,
-                                                              fpr=args.fpr))
-                for name, p in weightings.items()}
+    unmarked = {name: sum(r["accused"] for r in soft_identify(weigh(logits, params), index, fpr=args.fpr))
+                for name, params in weightings.items()}
     rows.append({"case": "unmarked (base decoder)", "accused": unmarked})
     slopes = fits["slope"][:, 0]
     rows.append({"case": "fitted slopes", "min": float(slopes.min()), "median": float(np.median(slopes)),

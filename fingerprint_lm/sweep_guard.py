@@ -19,15 +19,14 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-# (sweep dir, log dir or None): a sweep dir outside the log dir loses no folder above it
-STARTED_SWEEPS: list[tuple[Path, Path | None]] = []
+# (sweep dir, log dir): a sweep dir outside the log dir loses no folder above it
+STARTED_SWEEPS: list[tuple[Path, Path]] = []
 
 
 class RecordSweepDir(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        log_dir = OmegaConf.select(config, "paths.log_dir")
         STARTED_SWEEPS.append((Path(str(OmegaConf.select(config, "hydra.sweep.dir"))),
-                               Path(str(log_dir)) if log_dir else None))
+                               Path(str(config.paths.log_dir))))
 
 
 def remove_unstarted_sweeps() -> None:
@@ -37,8 +36,7 @@ def remove_unstarted_sweeps() -> None:
     for sweep_dir, log_dir in STARTED_SWEEPS:
         if sweep_dir.is_dir() and all(p.name == "multirun.yaml" for p in sweep_dir.iterdir()):
             shutil.rmtree(sweep_dir)
-            if log_dir is not None:
-                _remove_empty_folders_up_to(sweep_dir, log_dir)
+            _remove_empty_folders_up_to(sweep_dir, log_dir)
     STARTED_SWEEPS.clear()
 
 
