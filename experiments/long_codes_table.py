@@ -1,8 +1,8 @@
 """Tracing per code length and coalition size (issue 13): a table from a collusion sweep's points.
 
     python -m fingerprint_lm +experiment=collusion_sweep sweep.grid.method=carrier \\
-        sweep.grid.fingerprint_bits=64,128,256 sweep.grid.act=all \\
-        sweep.grid.case=none_c1,average_c2,average_c3,average_c5,aligned_average_c2,aligned_average_c3,aligned_average_c5,image_mix_c2,image_mix_c3,image_mix_c5,image_blend_c2,image_blend_c3,image_blend_c5 \\
+        'sweep.grid.fingerprint_bits="64,128,256"' sweep.grid.act=all \\
+        'sweep.grid.case="none_c1,average_c2,average_c3,average_c5,aligned_average_c2,aligned_average_c3,aligned_average_c5,image_mix_c2,image_mix_c3,image_mix_c5,image_blend_c2,image_blend_c3,image_blend_c5"' \\
         seed=0,1,2,3 hydra.sweep.dir=outputs/long_codes
     python experiments/long_codes_table.py outputs/long_codes
 

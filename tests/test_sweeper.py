@@ -7,11 +7,13 @@ import itertools
 import subprocess
 import sys
 
+import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.plugins import Plugins
+from hydra.errors import ConfigCompositionException
 from hydra.plugins.sweeper import Sweeper
 
-from hydra_plugins.fingerprint_lm_sweeper import AxisCheckedSweeper, covering_jobs
+from hydra_plugins.fingerprint_lm_sweeper import AxisCheckedSweeper, check_no_swept_grid_axis, covering_jobs
 from tests.conftest import CONF
 
 
@@ -23,6 +25,15 @@ def test_a_few_jobs_cover_every_swept_value():
     # each kept job brings a value no earlier one had: at most one job per value (33), not 168
     assert len(kept) <= sum(map(len, axes)) < len(batch)
     assert kept[0] == batch[0] and all(job in batch for job in kept)
+
+
+def test_an_unquoted_list_for_a_grid_axis_is_refused_with_the_quoted_form():
+    """Unquoted, Hydra sweeps the setting sweep.grid.act itself and every job keeps the default
+    grid: an 8-minute run of the wrong points (seen 2026-12-05). Quoted, it is the grid."""
+    with pytest.raises(ConfigCompositionException) as err:
+        check_no_swept_grid_axis(["debug=tiny", "sweep.grid.act=all,sign"])
+    assert "quote the list, 'sweep.grid.act=\"all,sign\"'" in str(err.value)
+    check_no_swept_grid_axis(['sweep.grid.act="all,sign"', "act=all,sign", "method=pnm"])
 
 
 def test_hydra_finds_the_sweeper_and_the_config_selects_it():

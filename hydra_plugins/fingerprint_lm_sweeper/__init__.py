@@ -10,6 +10,11 @@ of any axis still fails before the first point runs. What it no longer checks up
 fails when the launcher reaches it, and the points already finished stay on disk (re-running into
 the same ``hydra.sweep.dir`` skips them).
 
+It also refuses an unquoted list given to a grid axis (``sweep.grid.act=all,sign``): Hydra reads
+that as a sweep *of the grid setting itself*, so every job keeps the default grid (the axes were
+read from ``sweep.grid`` before the command line's sweeps) and the run silently measures the wrong
+points, twice over. The quoted form (``'sweep.grid.act="all,sign"'``) is one value, the intended grid.
+
 Hydra loads sweepers only from the ``hydra_plugins`` namespace, hence this package;
 ``conf/hydra/default.yaml`` selects it.
 """
@@ -19,6 +24,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException
+
+GRID_PREFIX = "sweep.grid."
 
 
 def covering_jobs(batch: Sequence[Sequence[str]]) -> list[Sequence[str]]:
@@ -34,6 +43,23 @@ def covering_jobs(batch: Sequence[Sequence[str]]) -> list[Sequence[str]]:
     return kept
 
 
+def check_no_swept_grid_axis(arguments: Sequence[str]) -> None:
+    """ConfigCompositionException (one error line from the CLI) for a command-line sweep of a
+    ``sweep.grid.*`` key, naming the quoted form that sets the grid instead."""
+    for override in OverridesParser.create().parse_overrides(list(arguments)):
+        key = override.get_key_element()
+        if override.is_sweep_override() and key.startswith(GRID_PREFIX):
+            values = override.input_line.split("=", 1)[1]
+            raise ConfigCompositionException(
+                f"{override.input_line} would sweep the grid setting itself, not set the grid: "
+                f"quote the list, '{key}=\"{values}\"'"
+            )
+
+
 class AxisCheckedSweeper(BasicSweeper):
+    def sweep(self, arguments: list[str]) -> object:
+        check_no_swept_grid_axis(arguments)
+        return super().sweep(arguments)
+
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         super().validate_batch_is_legal(covering_jobs(batch))
