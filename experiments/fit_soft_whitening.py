@@ -16,20 +16,16 @@ Why: ``experiments/soft_weight_whitening.py`` (``results/soft_weight_whitening.m
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
 from fingerprint_lm.methods.carrier import fit_soft_whitening
 from fingerprint_lm.models import batched
-from fingerprint_lm.models.checkpoint import load_fingerprint_model, private_state_dict
-from fingerprint_lm.storage import atomic_directory, write_checksums
+from fingerprint_lm.models.checkpoint import load_fingerprint_model, rewrite_private_state
 
 
 def main() -> None:
@@ -49,13 +45,9 @@ def main() -> None:
     with torch.no_grad():
         unmarked = batched.decode(model.unmarked_vae, batched.encode(model.vae, images))
     fit_soft_whitening(model.extractor, unmarked.split(256))
-    meta = {**model.meta,
-            "soft_whitening": {"images": args.images, "seed": args.seed, "date": time.strftime("%Y-%m-%d")}}
-    with atomic_directory(args.checkpoint) as tmp:  # the folder is replaced whole, or not at all
-        shutil.copytree(args.checkpoint, tmp, dirs_exist_ok=True)
-        save_file(private_state_dict(model), tmp / "fingerprint.safetensors")
-        (tmp / "fingerprint.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        write_checksums(tmp)
+    model.meta = {**model.meta,
+                  "soft_whitening": {"images": args.images, "seed": args.seed, "date": time.strftime("%Y-%m-%d")}}
+    rewrite_private_state(model, args.checkpoint)
     print(f"{args.checkpoint}: soft whitening fitted on {args.images} unmarked images "
           f"in {time.perf_counter() - start:.1f} s")
 

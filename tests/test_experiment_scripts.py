@@ -140,6 +140,34 @@ def test_fit_soft_whitening_refuses_a_pnm_checkpoint_and_leaves_it_as_it_was(tmp
     assert {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize("checkpoint, refusal", [("embedded_pnm", "calibrated already"), ("embedded", "only pnm")])
+def test_fit_bit_slopes_calibrates_a_pnm_checkpoint_once(tmp_path, checkpoint, refusal, monkeypatch, capsys):
+    """The shipped pnm checkpoint is calibrated: a second fit (which would scale its logits again)
+    and a carrier checkpoint are one error line, exit 2, unchanged. The same checkpoint with the
+    calibration's record removed is calibrated again: a new reader, checksums that verify."""
+    import json
+    import shutil
+
+    from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
+
+    target = tmp_path / checkpoint
+    shutil.copytree(shipped_checkpoint(checkpoint), target)
+    before = {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    code, stderr = run_script("fit_bit_slopes.py", [str(target)], monkeypatch, capsys)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and refusal in errors[0], stderr
+    assert {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+    if checkpoint != "embedded_pnm":
+        return
+    meta = json.loads((target / "fingerprint.json").read_text())
+    meta["recipe"].pop("bit_calibration_images")
+    (target / "fingerprint.json").write_text(json.dumps(meta))
+    (target / "SHA256SUMS").unlink()  # as if never calibrated: a checkpoint from before 2026-12-06
+    assert run_script("fit_bit_slopes.py", [str(target), "--images", "256"], monkeypatch, capsys)[0] == 0
+    assert (target / "fingerprint.safetensors").read_bytes() != before["fingerprint.safetensors"]
+    assert load_fingerprint_model(target).meta["recipe"]["bit_calibration_images"] == 256  # checksums verify
+
+
 @pytest.mark.parametrize("spec", ["no_label_path.json", "run=missing/metrics.json", "run={bad}"])
 def test_metrics_table_refuses_a_missing_or_foreign_file(tmp_path, spec, monkeypatch, capsys):
     """A spec without a label, a missing file or one that is not a run's metrics.json: one error

@@ -7,7 +7,7 @@ import torch
 
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import ConfigError, DataError
-from fingerprint_lm.models.pooled_extractor import MIN_SIZE, BandEnergyExtractor, PooledExtractor
+from fingerprint_lm.models.pooled_extractor import MIN_SIZE, BandEnergyExtractor, PooledExtractor, bit_slopes
 
 
 def images(count: int, resolution: int = 32, seed: int = 4) -> torch.Tensor:
@@ -124,3 +124,30 @@ def test_a_band_reader_with_learned_filters_starts_at_the_secret_bank_and_trains
     # one state-dict key either way: a checkpoint loads whichever way its reader was trained
     fixed.load_state_dict(learned.state_dict())
     assert torch.equal(fixed.weight, learned.weight)
+
+
+def test_bit_slopes_recover_each_bits_reliability_and_calibration_keeps_the_signs():
+    """Bits drawn from sigmoid(a_j l) with known slopes: the fit finds them; a bit the logit
+    does not predict gets a slope near the floor, never a negative one; the calibrated reader
+    reads the same hard bits, with each logit scaled by its slope."""
+    generator = torch.Generator().manual_seed(0)
+    true = torch.tensor([0.5, 1.0, 2.0, 0.0])
+    logits = torch.randn(20000, 4, generator=generator) * 2
+    bits = (torch.rand(20000, 4, generator=generator) < torch.sigmoid(logits * true)).long()
+    slopes = bit_slopes(logits, bits)
+    assert torch.allclose(slopes[:3], true[:3].double(), atol=0.08), slopes
+    assert 0.05 <= slopes[3] < 0.1
+    # separable data keep a finite slope (the prior), not one that runs off
+    assert torch.isfinite(bit_slopes(logits, (logits > 0).long())).all()
+
+    reader = PooledExtractor(4, width=8, depth=2)
+    images = ProceduralImages(16, seed=1, length=8)
+    batch = torch.stack([images.sample(i)["image"] for i in range(8)])
+    with torch.no_grad():
+        before = reader(batch)
+        applied = reader.calibrate_bit_slopes(logits, bits)
+        after = reader(batch)
+    assert torch.equal(applied, slopes)
+    assert torch.allclose(after, before * slopes.float(), atol=1e-5)
+    with pytest.raises(ConfigError, match="same-shaped"):
+        bit_slopes(logits, bits[:, :3])

@@ -5,7 +5,9 @@ The private mapping network turns a code into the affine weight/bias of the deco
 ``AutoencoderKL.from_pretrained(copy)`` is the user's fingerprinted decoder. A per-channel change
 is the same everywhere in the image, so it is read by a shift-invariant extractor
 (:mod:`fingerprint_lm.models.pooled_extractor`), whitened on unmarked images after training so that
-threshold 0 is valid and unmarked images give balanced bits.
+threshold 0 is valid and unmarked images give balanced bits, then (``bit_calibration_images``)
+calibrated per bit on marked images, so that soft attribution weighs each bit by how reliably it
+reads.
 """
 
 from __future__ import annotations
@@ -20,14 +22,18 @@ from fingerprint_lm.errors import ConfigError, check_int, check_keys, keyword_na
 from fingerprint_lm.methods.base import FingerprintMethod, collect_images
 from fingerprint_lm.models.extractor import EXTRACTOR_KINDS
 from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor, PooledExtractor, WhitenedReader
+from fingerprint_lm.models.vae import encode_latents
 
 
 @dataclass
 class PNMMethod(FingerprintMethod):
     """Stock-weight PNM. ``detector_fit_samples``: unmarked images the extractor is whitened on
-    (a fixed ``band_energy`` reader before and after training, a learned ``pooled`` one after)."""
+    (a fixed ``band_energy`` reader before and after training, a learned ``pooled`` one after).
+    ``bit_calibration_images``: marked images (each with its own random code) each bit's logistic
+    slope is fitted on after training (:func:`calibrate_bits`; 0: none)."""
 
     detector_fit_samples: int = 2048
+    bit_calibration_images: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -37,6 +43,7 @@ class PNMMethod(FingerprintMethod):
         if self.pnm.get("spatial_site") is not None:
             raise ConfigError("method=pnm keeps the fingerprint in stock weights: method.pnm.spatial_site must be null")
         check_int("method=pnm whitens its extractor: method.detector_fit_samples", self.detector_fit_samples)
+        check_int("method.bit_calibration_images", self.bit_calibration_images, 0)
         if self.extractor.get("kind", "tiled") == "tiled":
             raise ConfigError("method=pnm needs a shift-invariant extractor: "
                               "method.extractor.kind pooled or band_energy")
@@ -73,7 +80,40 @@ class PNMMethod(FingerprintMethod):
         else:
             whiten(module, collect_images(loader, self.detector_fit_samples))
         module.whitening_outputs = None
-        return {}
+        if not self.bit_calibration_images:
+            return {}
+        images = collect_images(loader, self.bit_calibration_images)
+        return calibrate_bits(module, images, module.calibration_batch_size)
+
+
+@torch.no_grad()
+def calibrate_bits(model, images: torch.Tensor, batch_size: int = 256, seed: int = 0) -> dict[str, float]:
+    """Decode ``images`` with ``model``'s PNM decoder (a training module or a loaded
+    :class:`~fingerprint_lm.models.checkpoint.FingerprintModel`), each under its own random code
+    (``seed``), and fold each bit's logistic slope of the whitened logits into the reader
+    (:meth:`~fingerprint_lm.models.pooled_extractor.WhitenedReader.calibrate_bit_slopes`). The
+    distributor's own codes, never registered: soft p-values stay exact, since the weights depend
+    only on the image. Returns the slopes' range, which training records in its metrics."""
+    extractor = model.extractor
+    if not isinstance(extractor, WhitenedReader):
+        raise ConfigError(f"{type(extractor).__name__} has no whitening to calibrate")
+    device = extractor.whiten_mean.device
+    generator = torch.Generator().manual_seed(seed)
+    modes = (model.pnm.training, extractor.training)
+    model.pnm.eval()
+    extractor.eval()
+    logits, bits = [], []
+    with torch.autocast(device.type, enabled=False):
+        for chunk in images.split(batch_size):
+            code = torch.randint(0, 2, (len(chunk), extractor.fingerprint_bits), generator=generator)
+            latents = encode_latents(model.vae, chunk.to(device))
+            logits.append(extractor(model.pnm(latents, code.to(device)).float()).float().cpu())
+            bits.append(code)
+    model.pnm.train(modes[0])
+    extractor.train(modes[1])
+    slopes = extractor.calibrate_bit_slopes(torch.cat(logits), torch.cat(bits))
+    return {"bit_slope_min": float(slopes.min()), "bit_slope_median": float(slopes.median()),
+            "bit_slope_max": float(slopes.max())}
 
 
 @torch.no_grad()

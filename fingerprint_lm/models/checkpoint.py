@@ -16,6 +16,7 @@ nor the extractor.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,18 @@ def save_fingerprint_model(model: FingerprintModel, directory: str | Path) -> Pa
         (tmp / "fingerprint.json").write_text(json.dumps(model.meta, indent=2, sort_keys=True) + "\n")
         write_checksums(tmp)
     return directory
+
+
+def rewrite_private_state(model: FingerprintModel, directory: str | Path) -> None:
+    """Rewrite a saved checkpoint's ``fingerprint.safetensors`` and ``fingerprint.json`` from
+    ``model`` (and its ``SHA256SUMS``), atomically; the VAE folders keep their bytes. For a fit made
+    after training (experiments/fit_soft_whitening.py, experiments/fit_bit_slopes.py)."""
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:  # the folder is replaced whole, or not at all
+        shutil.copytree(directory, tmp, dirs_exist_ok=True)
+        save_file(private_state_dict(model), tmp / "fingerprint.safetensors")
+        (tmp / "fingerprint.json").write_text(json.dumps(model.meta, indent=2, sort_keys=True) + "\n")
+        write_checksums(tmp)
 
 
 def _save_vae(vae, folder: Path) -> None:

@@ -11,6 +11,11 @@ through border effects under a crop or a plain shift. It reads any image of at l
 Whitening (:meth:`WhitenedReader.fit_whitening`) makes the logits of unmarked images decorrelated
 with unit variance and median 0, so that threshold 0 is valid and an unmarked image gives
 balanced, independent-looking bits: what attribution's binomial p-values assume.
+
+Bit calibration (:meth:`WhitenedReader.calibrate_bit_slopes`) then scales each whitened logit by
+that bit's fitted logistic slope on marked images, so a logit is its bit's log-likelihood ratio:
+soft attribution weighs the reliable bits more. A positive per-bit scale keeps the signs (the hard
+bits), the zero median and the decorrelation; only the unit variance goes.
 """
 
 from __future__ import annotations
@@ -59,6 +64,29 @@ def whitening_map(raw: torch.Tensor, centre: str = "median", decorrelate: bool =
         median = (centred @ inverse_sqrt.T).median(dim=0).values
         return mean + vectors @ torch.diag(clamped.sqrt()) @ vectors.T @ median, inverse_sqrt
     return mean, inverse_sqrt
+
+
+def bit_slopes(logits: torch.Tensor, bits: torch.Tensor, prior: float = 1.0, min_slope: float = 0.05,
+               max_slope: float = 100.0) -> torch.Tensor:
+    """Per bit j, the slope ``a_j`` of the logistic fit ``P(bit_j = 1 | l_j) = sigmoid(a_j l_j)`` on
+    ``logits`` / ``bits`` ``[n, k]`` (float64), with a Gaussian prior of precision ``prior`` around 1
+    so that a bit read perfectly on a small fit set keeps a finite slope; within
+    [``min_slope``, ``max_slope``], so that no bit's sign flips. The log-posterior's derivative falls
+    strictly with ``a_j``, so its root is found by bisection (Newton's method, unguarded, ran off on
+    a bit the logit does not predict). Measured on the shipped pnm reader: clean soft attribution
+    0.901 -> 0.933 (experiments/results/calibrated_soft_attribution.md)."""
+    if logits.shape != bits.shape or logits.ndim != 2 or len(logits) == 0:
+        raise ConfigError(f"bit slopes need same-shaped [n, k] logits and bits, got {tuple(logits.shape)} "
+                          f"and {tuple(bits.shape)}")
+    x, y = logits.double(), bits.double()
+    low = torch.full((x.shape[1],), float(min_slope), dtype=torch.float64)
+    high = torch.full_like(low, float(max_slope))
+    for _ in range(60):  # (100 - 0.05) / 2^60: far below float64's resolution of a slope
+        mid = (low + high) / 2
+        rising = (x * (y - torch.sigmoid(x * mid))).sum(0) - prior * (mid - 1) > 0
+        low = torch.where(rising, mid, low)
+        high = torch.where(rising, high, mid)
+    return (low + high) / 2
 
 
 class WhitenedReader(nn.Module):
@@ -116,6 +144,15 @@ class WhitenedReader(nn.Module):
         centre, matrix = whitening_map(raw, self.centre, self.decorrelate, eps)
         self.whiten_mean.copy_(centre.to(self.whiten_mean.dtype))
         self.whiten_matrix.copy_(matrix.to(self.whiten_matrix.dtype))
+
+    @torch.no_grad()
+    def calibrate_bit_slopes(self, logits: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        """Scale each bit's logit by :func:`bit_slopes` of this reader's ``logits`` ``[n, k]`` of
+        marked images whose codes were ``bits``: folded into the whitening matrix's rows, so the
+        checkpoint format stays as it is. Returns the slopes."""
+        slopes = bit_slopes(logits, bits)
+        self.whiten_matrix.mul_(slopes.to(self.whiten_matrix)[:, None])
+        return slopes
 
     def soft_weights(self, logits: torch.Tensor) -> torch.Tensor:
         """What soft-decision attribution weighs each bit by: these logits, already whitened."""

@@ -15,15 +15,20 @@ from fingerprint_lm.models.checkpoint import recorded_method
 
 def training_recipe(cfg: DictConfig) -> dict[str, Any]:
     """The method's training settings that shape the trained model but are not needed to rebuild
-    it: ``train`` (losses, learning rates, the worst-case term), ``augment`` and
-    ``detector_fit_samples``. Recorded so that the sweep does not take a shipped checkpoint
-    trained with another recipe (say ``method.train.wc_rho=0.002``) for the one it was asked for."""
+    it: ``train`` (losses, learning rates, the worst-case term), ``augment``,
+    ``detector_fit_samples`` and (pnm) ``bit_calibration_images``. Recorded so that the sweep does
+    not take a shipped checkpoint trained with another recipe (say ``method.train.wc_rho=0.002``)
+    for the one it was asked for."""
     method = cfg.method
-    return {
+    recipe = {
         "train": OmegaConf.to_container(method.get("train", {}), resolve=True),
         "augment": OmegaConf.to_container(method.get("augment", {}), resolve=True),
         "detector_fit_samples": method.get("detector_fit_samples"),
     }
+    # pnm's alone, and only since 2026-12-06: the other methods' records stay as they were shipped
+    if method.get("bit_calibration_images") is not None:
+        recipe["bit_calibration_images"] = method.bit_calibration_images
+    return recipe
 
 
 def record_training_config(model, cfg: DictConfig, metrics: dict[str, Any]) -> None:
