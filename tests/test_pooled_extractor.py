@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import ConfigError, DataError
+from fingerprint_lm.models.extractor import soft_null
 from fingerprint_lm.models.pooled_extractor import MIN_SIZE, BandEnergyExtractor, PooledExtractor, bit_slopes
 
 
@@ -149,5 +151,13 @@ def test_bit_slopes_recover_each_bits_reliability_and_calibration_keeps_the_sign
         after = reader(batch)
     assert torch.equal(applied, slopes)
     assert torch.allclose(after, before * slopes.float(), atol=1e-5)
+    # soft_code_null's law of unmarked logits follows the scale (an uncalibrated whitened reader: gain I)
+    reader.fit_whitening(batch.repeat(2, 1, 1, 1) + 0.01 * torch.randn(16, 3, 16, 16, generator=generator))
+    assert np.allclose(soft_null(reader)[1], reader.gain * np.diag(slopes.numpy()), atol=1e-6)
+    # a reader saved before calibration existed (no bit_scale) loads uncalibrated
+    old = {k: v for k, v in reader.state_dict().items() if k != "bit_scale"}
+    fresh = PooledExtractor(4, width=8, depth=2)
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.bit_scale, torch.ones(4))
     with pytest.raises(ConfigError, match="same-shaped"):
         bit_slopes(logits, bits[:, :3])

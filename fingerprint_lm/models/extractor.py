@@ -168,13 +168,15 @@ def soft_null(extractor: nn.Module) -> tuple[np.ndarray, np.ndarray] | None:
     images, for ``soft_code_null`` decoding (``registry/soft.py: CodeNull``). The carrier reader:
     the inverse of its fitted ZCA soft whitening (symmetric, so ``root root' = C``). A whitened
     reader (pnm's; :class:`~fingerprint_lm.models.pooled_extractor.WhitenedReader`) with its full
-    whitening fitted: its logits are ``gain x`` white with median 0 on the unmarked images it was
-    fitted on, so ``(0, gain I)``. None when neither is known: a reader never fitted, or one only
-    standardised per logit (``decorrelate=false``: its logits stay correlated)."""
+    whitening fitted: its logits are ``gain x bit_scale x`` white with median 0 on the unmarked
+    images it was fitted on, so ``(0, gain diag(bit_scale))``. None when neither is known: a
+    reader never fitted, or one only standardised per logit (``decorrelate=false``: its logits
+    stay correlated)."""
     if isinstance(extractor, WhitenedReader):
         k = int(extractor.fingerprint_bits)
         fitted = not _never_fitted(extractor.whiten_matrix, extractor.whiten_mean)
-        return (np.zeros(k), float(extractor.gain) * np.eye(k)) if fitted and extractor.decorrelate else None
+        root = float(extractor.gain) * np.diag(extractor.bit_scale.double().cpu().numpy())
+        return (np.zeros(k), root) if fitted and extractor.decorrelate else None
     if not hasattr(extractor, "soft_whitening") or _never_fitted(extractor.soft_whitening, extractor.soft_centre):
         return None  # no soft whitening, or never fitted (checkpoints written before 2026-12-05)
     with torch.no_grad():

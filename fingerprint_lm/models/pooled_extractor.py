@@ -13,9 +13,10 @@ with unit variance and median 0, so that threshold 0 is valid and an unmarked im
 balanced, independent-looking bits: what attribution's binomial p-values assume.
 
 Bit calibration (:meth:`WhitenedReader.calibrate_bit_slopes`) then scales each whitened logit by
-that bit's fitted logistic slope on marked images, so a logit is its bit's log-likelihood ratio:
-soft attribution weighs the reliable bits more. A positive per-bit scale keeps the signs (the hard
-bits), the zero median and the decorrelation; only the unit variance goes.
+that bit's fitted logistic slope on marked images (``bit_scale``), so a logit is its bit's
+log-likelihood ratio: soft attribution weighs the reliable bits more. A positive per-bit scale
+keeps the signs (the hard bits), the zero median and the decorrelation; unmarked logits then have
+standard deviation ``gain * bit_scale`` instead of ``gain``.
 """
 
 from __future__ import annotations
@@ -90,8 +91,9 @@ def bit_slopes(logits: torch.Tensor, bits: torch.Tensor, prior: float = 1.0, min
 
 
 class WhitenedReader(nn.Module):
-    """Raw per-image logits (``raw_logits``, defined by subclasses) whitened on unmarked images:
-    ``logits = gain * W (raw - mean)``; identity until :meth:`fit_whitening`."""
+    """Raw per-image logits (``raw_logits``, defined by subclasses) whitened on unmarked images
+    and scaled per bit: ``logits = gain * bit_scale * W (raw - mean)``; identity until
+    :meth:`fit_whitening` and :meth:`calibrate_bit_slopes`."""
 
     min_image_size = MIN_SIZE
 
@@ -105,6 +107,12 @@ class WhitenedReader(nn.Module):
         self.decorrelate = decorrelate
         self.register_buffer("whiten_mean", torch.zeros(fingerprint_bits))
         self.register_buffer("whiten_matrix", torch.eye(fingerprint_bits))
+        self.register_buffer("bit_scale", torch.ones(fingerprint_bits))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a reader saved before per-bit calibration (2026-12-06) has no bit_scale: it is uncalibrated
+        state_dict.setdefault(f"{prefix}bit_scale", torch.ones_like(self.bit_scale))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def check_images(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or min(images.shape[-2:]) < self.min_image_size:
@@ -117,7 +125,7 @@ class WhitenedReader(nn.Module):
         raise NotImplementedError
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.gain * (self.raw_logits(images) - self.whiten_mean) @ self.whiten_matrix.T
+        return self.gain * ((self.raw_logits(images) - self.whiten_mean) @ self.whiten_matrix.T) * self.bit_scale
 
     @torch.no_grad()
     def fit_whitening(self, unmarked: torch.Tensor, batch_size: int = 256, eps: float = 1e-6) -> None:
@@ -148,10 +156,10 @@ class WhitenedReader(nn.Module):
     @torch.no_grad()
     def calibrate_bit_slopes(self, logits: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         """Scale each bit's logit by :func:`bit_slopes` of this reader's ``logits`` ``[n, k]`` of
-        marked images whose codes were ``bits``: folded into the whitening matrix's rows, so the
-        checkpoint format stays as it is. Returns the slopes."""
+        marked images whose codes were ``bits`` (on top of any earlier scale, which those logits
+        include). Re-fitting the whitening keeps the scale. Returns the slopes."""
         slopes = bit_slopes(logits, bits)
-        self.whiten_matrix.mul_(slopes.to(self.whiten_matrix)[:, None])
+        self.bit_scale.mul_(slopes.to(self.bit_scale))
         return slopes
 
     def soft_weights(self, logits: torch.Tensor) -> torch.Tensor:
