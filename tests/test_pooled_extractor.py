@@ -151,6 +151,7 @@ def test_bit_slopes_recover_each_bits_reliability_and_calibration_keeps_the_sign
         after = reader(batch)
     assert torch.equal(applied, slopes)
     assert torch.allclose(after, before * slopes.float(), atol=1e-5)
+    assert torch.allclose(reader.soft_weights(after), before, atol=1e-5)  # soft_whitened: uncalibrated
     # soft_code_null's law of unmarked logits follows the scale (an uncalibrated whitened reader: gain I)
     reader.fit_whitening(batch.repeat(2, 1, 1, 1) + 0.01 * torch.randn(16, 3, 16, 16, generator=generator))
     assert np.allclose(soft_null(reader)[1], reader.gain * np.diag(slopes.numpy()), atol=1e-6)

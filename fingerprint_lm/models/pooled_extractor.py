@@ -125,7 +125,8 @@ class WhitenedReader(nn.Module):
         raise NotImplementedError
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.gain * ((self.raw_logits(images) - self.whiten_mean) @ self.whiten_matrix.T) * self.bit_scale
+        # (gain * x) @ W' first, as before bit_scale existed: an uncalibrated reader's logits keep their bits
+        return self.gain * (self.raw_logits(images) - self.whiten_mean) @ self.whiten_matrix.T * self.bit_scale
 
     @torch.no_grad()
     def fit_whitening(self, unmarked: torch.Tensor, batch_size: int = 256, eps: float = 1e-6) -> None:
@@ -163,8 +164,12 @@ class WhitenedReader(nn.Module):
         return slopes
 
     def soft_weights(self, logits: torch.Tensor) -> torch.Tensor:
-        """What soft-decision attribution weighs each bit by: these logits, already whitened."""
-        return logits
+        """What ``soft_whitened`` decoding weighs each bit by: these logits as whitened, without the
+        per-bit calibration (``soft`` reads them with it). The calibration weighs each bit by how
+        reliably it reads one user's image; in a blend of two users' images which bits carry the
+        evidence depends on where the codes agree instead, and the plain whitened weights trace
+        such blends better (experiments/results/calibrated_soft_attribution.md)."""
+        return logits / self.bit_scale
 
 
 class PooledExtractor(WhitenedReader):
