@@ -71,6 +71,9 @@ def calibration(model, fit_users: int, n_images: int, seed: int) -> dict[str, np
 @torch.no_grad()
 def measure(args) -> list[dict]:
     model = load_fingerprint_model(shipped_checkpoint(args.checkpoint))
+    # the reader before its shipped per-bit calibration (2026-12-06), which this probe led to: the
+    # "raw logit" column is the uncalibrated reader, and the fits are made on it
+    model.extractor.bit_scale.fill_(1.0)
     fits = calibration(model, args.fit_users, args.fit_images, args.seed)
     raw = np.stack([np.ones(model.fingerprint_bits), np.zeros(model.fingerprint_bits)], axis=1)  # slope 1, offset 0
     weightings = {"raw logit": raw, **fits}

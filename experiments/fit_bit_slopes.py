@@ -11,8 +11,8 @@ bytes. The shipped pnm checkpoint got its calibration this way:
 
     python experiments/fit_bit_slopes.py fingerprint_lm/assets/embedded_pnm
 
-A checkpoint is calibrated once: a second fit would scale the already calibrated logits again, so it
-is refused. Why calibrate: ``experiments/calibrated_soft_attribution.py``
+A checkpoint is calibrated once: a second fit would scale the already calibrated logits again, so a
+reader whose ``bit_scale`` is set is refused. Why calibrate: ``experiments/calibrated_soft_attribution.py``
 (``results/calibrated_soft_attribution.md``).
 """
 
@@ -40,14 +40,15 @@ def main() -> None:
     model = load_fingerprint_model(args.checkpoint)
     if model.method != "pnm":
         raise ConfigError(f"{args.checkpoint} is a {model.method} checkpoint; only pnm readers are calibrated per bit")
-    if "bit_calibration_images" in model.meta.get("recipe", {}):
-        raise ConfigError(f"{args.checkpoint} is calibrated already (its recipe records bit_calibration_images)")
+    if not torch.all(model.extractor.bit_scale == 1):
+        raise ConfigError(f"{args.checkpoint} is calibrated already (its reader's bit_scale is set)")
     start = time.perf_counter()
     stream = ProceduralImages(model.meta.get("resolution", 32), seed=args.seed, length=args.images)
     images = torch.stack([stream.sample(i)["image"] for i in range(args.images)])
-    slopes = calibrate_bits(model, images)
-    model.meta = {**model.meta, "recipe": {**model.meta["recipe"], "bit_calibration_images": args.images},
-                  "bit_calibration": {**slopes, "seed": args.seed, "date": time.strftime("%Y-%m-%d")}}
+    slopes = calibrate_bits(model, images.split(256))
+    model.meta = {**model.meta, "bit_calibration": {**slopes, "seed": args.seed, "date": time.strftime("%Y-%m-%d")}}
+    if model.meta.get("recipe") is not None:  # a checkpoint from before recipes were recorded stays without one
+        model.meta["recipe"] = {**model.meta["recipe"], "bit_calibration_images": args.images}
     rewrite_private_state(model, args.checkpoint)
     print(f"{args.checkpoint}: per-bit slopes {slopes['bit_slope_min']:.2f}-{slopes['bit_slope_max']:.2f} "
           f"(median {slopes['bit_slope_median']:.2f}) fitted on {args.images} marked images "

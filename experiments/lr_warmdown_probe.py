@@ -50,6 +50,9 @@ def continue_training(checkpoint: str, schedule: str, steps: int, warmup: int, s
     recipe = model.meta.get("recipe")
     if model.method != "pnm" or recipe is None or model.reference_vae is None:
         raise ConfigError(f"{checkpoint}: a pnm checkpoint with a recorded recipe and reference_vae/ is needed")
+    # training continues from the reader as trained: the per-bit calibration is fitted after training
+    # (2026-12-06), and these probes' results were measured before it existed
+    model.extractor.bit_scale.fill_(1.0)
     # a frozen reader keeps the checkpoint's whitening valid: training aims at the final logits
     model.extractor.train().requires_grad_(not freeze_reader)
     L.seed_everything(seed, verbose=False)

@@ -107,6 +107,7 @@ def main() -> None:
         raise ConfigError(f"--image-weights must be >= 0, got {args.image_weights}")
     torch.manual_seed(0)
     model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
+    model.extractor.bit_scale.fill_(1.0)  # fine-tune against the reader as trained, as measured before its calibration
     vae = model.reference_vae.eval()
     check_resolution(args.resolution, downscale_factor(vae))
     pool, held_out = latents_of(vae, 7, 256, args.resolution), latents_of(vae, TEST_SEED_OFFSET, 256, args.resolution)

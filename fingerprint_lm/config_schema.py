@@ -32,7 +32,8 @@ ACT_TYPES: tuple[str, ...] = ("none", "permute", "scale", "sign", "all")
 # fingerprint_lm/models/residual_stream.py), or both.
 ACT_SCOPES: tuple[str, ...] = ("interior", "stream", "both")
 # How per-image attribution reads an image; registry/soft.py implements them (and re-exports the
-# names). ``soft_whitened``: the soft test on the extractor's logits whitened on unmarked images;
+# names). ``soft_whitened``: the soft test on the extractor's logits whitened on unmarked images
+# (pnm's: without its per-bit calibration);
 # ``soft_code_null``: the soft test, and each accused code's score against its own law over unmarked images.
 DECODINGS: tuple[str, ...] = ("soft", "soft_whitened", "soft_code_null", "hard")
 

@@ -143,10 +143,12 @@ def test_fit_soft_whitening_refuses_a_pnm_checkpoint_and_leaves_it_as_it_was(tmp
 @pytest.mark.parametrize("checkpoint, refusal", [("embedded_pnm", "calibrated already"), ("embedded", "only pnm")])
 def test_fit_bit_slopes_calibrates_a_pnm_checkpoint_once(tmp_path, checkpoint, refusal, monkeypatch, capsys):
     """The shipped pnm checkpoint is calibrated: a second fit (which would scale its logits again)
-    and a carrier checkpoint are one error line, exit 2, unchanged. The same checkpoint with the
-    calibration's record removed is calibrated again: a new reader, checksums that verify."""
-    import json
+    and a carrier checkpoint are one error line, exit 2, unchanged. The same checkpoint with its
+    reader's scale reset is calibrated again: a new reader, checksums that verify."""
     import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
 
     from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 
@@ -159,9 +161,9 @@ def test_fit_bit_slopes_calibrates_a_pnm_checkpoint_once(tmp_path, checkpoint, r
     assert {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
     if checkpoint != "embedded_pnm":
         return
-    meta = json.loads((target / "fingerprint.json").read_text())
-    meta["recipe"].pop("bit_calibration_images")
-    (target / "fingerprint.json").write_text(json.dumps(meta))
+    state = load_file(target / "fingerprint.safetensors")
+    state["extractor.bit_scale"] = torch.ones_like(state["extractor.bit_scale"])
+    save_file(state, target / "fingerprint.safetensors")
     (target / "SHA256SUMS").unlink()  # as if never calibrated: a checkpoint from before 2026-12-06
     assert run_script("fit_bit_slopes.py", [str(target), "--images", "256"], monkeypatch, capsys)[0] == 0
     assert (target / "fingerprint.safetensors").read_bytes() != before["fingerprint.safetensors"]

@@ -206,6 +206,9 @@ def test_short_pnm_training_reads_above_chance_through_a_stock_loaded_copy(tmp_p
                                             "method.train.psnr_target=20"]))
     model = load_fingerprint_model(metrics["checkpoint"])
     assert model.method == "pnm"
+    # training ends by calibrating the reader per bit (method.bit_calibration_images), and the checkpoint records it
+    assert not torch.all(model.extractor.bit_scale == 1)
+    assert model.meta["bit_calibration"]["bit_slope_max"] == metrics["bit_slope_max"]
     code = torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(5))
     state, _, _ = personal_tensors(model, code.numpy(), "all", act_seed=3)
     write_copy(tmp_path / "copy", model.vae.config, state)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -83,6 +83,18 @@ class FingerprintMethod:
     def after_fit(self, module, loader: Iterable) -> dict[str, Any]:
         """Runs after training (fresh or resumed), with ``module`` on the training device."""
         return {}
+
+
+def image_batches(loader: Iterable, n: int) -> Iterator[torch.Tensor]:
+    """The first ``n`` images of a loader, batch by batch (the last batch cut to fit), without
+    holding them all at once."""
+    count = 0
+    for batch in loader:
+        images = batch["image"][: n - count]
+        count += len(images)
+        yield images
+        if count >= n:
+            return
 
 
 def collect_images(loader: Iterable, n: int) -> torch.Tensor:

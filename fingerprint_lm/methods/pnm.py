@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from fingerprint_lm.errors import ConfigError, check_int, check_keys, keyword_names
-from fingerprint_lm.methods.base import FingerprintMethod, collect_images
+from fingerprint_lm.methods.base import FingerprintMethod, collect_images, image_batches
 from fingerprint_lm.models.extractor import EXTRACTOR_KINDS
 from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor, PooledExtractor, WhitenedReader
 from fingerprint_lm.models.vae import encode_latents
@@ -82,18 +82,18 @@ class PNMMethod(FingerprintMethod):
         module.whitening_outputs = None
         if not self.bit_calibration_images:
             return {}
-        images = collect_images(loader, self.bit_calibration_images)
-        return calibrate_bits(module, images, module.calibration_batch_size)
+        return calibrate_bits(module, image_batches(loader, self.bit_calibration_images))
 
 
 @torch.no_grad()
-def calibrate_bits(model, images: torch.Tensor, batch_size: int = 256, seed: int = 0) -> dict[str, float]:
-    """Decode ``images`` with ``model``'s PNM decoder (a training module or a loaded
-    :class:`~fingerprint_lm.models.checkpoint.FingerprintModel`), each under its own random code
-    (``seed``), and fold each bit's logistic slope of the whitened logits into the reader
-    (:meth:`~fingerprint_lm.models.pooled_extractor.WhitenedReader.calibrate_bit_slopes`). The
-    distributor's own codes, never registered: soft p-values stay exact, since the weights depend
-    only on the image. Returns the slopes' range, which training records in its metrics."""
+def calibrate_bits(model, image_chunks: Iterable[torch.Tensor], seed: int = 0) -> dict[str, float]:
+    """Decode each chunk of images with ``model``'s PNM decoder (a training module or a loaded
+    :class:`~fingerprint_lm.models.checkpoint.FingerprintModel`), each image under its own random
+    code (``seed``), and scale each bit of the reader by its logistic slope on the whitened logits
+    (:meth:`~fingerprint_lm.models.pooled_extractor.WhitenedReader.calibrate_bit_slopes`); only the
+    logits are kept (4096 SD-sized images would be 13 GB). The distributor's own codes, never
+    registered: soft p-values stay exact, since the weights depend only on the image. Returns the
+    slopes' range, which training records in its metrics."""
     extractor = model.extractor
     if not isinstance(extractor, WhitenedReader):
         raise ConfigError(f"{type(extractor).__name__} has no whitening to calibrate")
@@ -103,14 +103,16 @@ def calibrate_bits(model, images: torch.Tensor, batch_size: int = 256, seed: int
     model.pnm.eval()
     extractor.eval()
     logits, bits = [], []
-    with torch.autocast(device.type, enabled=False):
-        for chunk in images.split(batch_size):
-            code = torch.randint(0, 2, (len(chunk), extractor.fingerprint_bits), generator=generator)
-            latents = encode_latents(model.vae, chunk.to(device))
-            logits.append(extractor(model.pnm(latents, code.to(device)).float()).float().cpu())
-            bits.append(code)
-    model.pnm.train(modes[0])
-    extractor.train(modes[1])
+    try:
+        with torch.autocast(device.type, enabled=False):
+            for chunk in image_chunks:
+                code = torch.randint(0, 2, (len(chunk), extractor.fingerprint_bits), generator=generator)
+                latents = encode_latents(model.vae, chunk.to(device))
+                logits.append(extractor(model.pnm(latents, code.to(device)).float()).float().cpu())
+                bits.append(code)
+    finally:
+        model.pnm.train(modes[0])
+        extractor.train(modes[1])
     slopes = extractor.calibrate_bit_slopes(torch.cat(logits), torch.cat(bits))
     return {"bit_slope_min": float(slopes.min()), "bit_slope_median": float(slopes.median()),
             "bit_slope_max": float(slopes.max())}

@@ -80,7 +80,7 @@ def bit_slopes(logits: torch.Tensor, bits: torch.Tensor, prior: float = 1.0, min
         raise ConfigError(f"bit slopes need same-shaped [n, k] logits and bits, got {tuple(logits.shape)} "
                           f"and {tuple(bits.shape)}")
     x, y = logits.double(), bits.double()
-    low = torch.full((x.shape[1],), float(min_slope), dtype=torch.float64)
+    low = torch.full((x.shape[1],), float(min_slope), dtype=torch.float64, device=x.device)
     high = torch.full_like(low, float(max_slope))
     for _ in range(60):  # (100 - 0.05) / 2^60: far below float64's resolution of a slope
         mid = (low + high) / 2

@@ -150,7 +150,7 @@ def train_sweep_model(cfg: DictConfig, target: Path, base_vae_dir: Path) -> None
     model, _, facts = train_from_config(cfg, load_vae(base_vae_dir), datamodule, make_trainer,
                                         seed=int(cfg.sweep.train_seed))
     quality = stages.evaluate_fingerprint(model, datamodule.test_dataloader(), int(cfg.eval.max_images))
-    record_training_config(model, cfg, {**quality, "steps": facts["steps"]})
+    record_training_config(model, cfg, {**facts, **quality})  # facts: steps, and pnm's calibration slopes
     model.meta["metrics"]["train_seconds"] = facts["train_seconds"]
     model.meta["trained_by"] = "collusion sweep (fingerprint_lm.tasks.sweep_point.train_sweep_model)"
     save_fingerprint_model(model, target)

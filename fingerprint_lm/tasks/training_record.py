@@ -43,6 +43,9 @@ def record_training_config(model, cfg: DictConfig, metrics: dict[str, Any]) -> N
             "metrics": {k: v for k, v in metrics.items() if k in ("bit_acc", "psnr", "ssim", "steps")},
         }
     )
+    calibration = {k: v for k, v in metrics.items() if k.startswith("bit_slope_")}
+    if calibration:  # pnm's per-bit calibration (methods/pnm.py: calibrate_bits), as fit_bit_slopes.py records it
+        model.meta["bit_calibration"] = calibration
 
 
 def training_record(cfg: DictConfig, method: FingerprintMethod) -> dict[str, Any]:
