@@ -88,6 +88,9 @@ class SweepGrid:
     fingerprint_bits: str = "48"
     act: str = "all"
     case: str = "none_c1"
+    # grid points left out, each "key=value|value ..." over the swept keys (every term must match);
+    # applied by hydra_plugins/fingerprint_lm_sweeper before the sweep starts
+    skip: list[str] = field(default_factory=list)
 
 
 @dataclass
