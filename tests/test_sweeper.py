@@ -13,7 +13,13 @@ from hydra.core.plugins import Plugins
 from hydra.errors import ConfigCompositionException
 from hydra.plugins.sweeper import Sweeper
 
-from hydra_plugins.fingerprint_lm_sweeper import AxisCheckedSweeper, check_no_swept_grid_axis, covering_jobs
+from hydra_plugins.fingerprint_lm_sweeper import (
+    AxisCheckedSweeper,
+    check_no_swept_grid_axis,
+    covering_jobs,
+    parse_skip_rule,
+    skipped,
+)
 from tests.conftest import CONF
 
 
@@ -34,6 +40,31 @@ def test_an_unquoted_list_for_a_grid_axis_is_refused_with_the_quoted_form():
         check_no_swept_grid_axis(["debug=tiny", "sweep.grid.act=all,sign"])
     assert "quote the list, 'sweep.grid.act=\"all,sign\"'" in str(err.value)
     check_no_swept_grid_axis(['sweep.grid.act="all,sign"', "act=all,sign", "method=pnm"])
+
+
+def test_skip_rules_leave_out_only_the_points_every_term_matches():
+    rules = [parse_skip_rule("method=stable_signature act=permute|scale|sign")]
+    assert skipped(["method=stable_signature", "fingerprint_bits=48", "act=scale", "sweep.case=none_c1"], rules)
+    assert not skipped(["method=stable_signature", "fingerprint_bits=48", "act=all", "sweep.case=none_c1"], rules)
+    assert not skipped(["method=pnm", "fingerprint_bits=48", "act=scale", "sweep.case=none_c1"], rules)
+    assert not skipped(["method=stable_signature", "act=scale"], [])
+    for bad in ("method", "=x", "method=", "   "):
+        with pytest.raises(ConfigCompositionException):
+            parse_skip_rule(bad)
+
+
+def test_the_default_grid_is_476_points_with_stable_signature_at_act_none_and_all():
+    """4 methods x 5 ACT types x 28 cases, less stable_signature's permute, scale and sign points."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=collusion_sweep"])
+    grid = cfg.sweep.grid
+    axes = [[f"{key}={value}" for value in str(grid[name]).split(",")]
+            for key, name in (("method", "method"), ("fingerprint_bits", "fingerprint_bits"), ("act", "act"),
+                              ("sweep.case", "case"))]
+    rules = [parse_skip_rule(rule) for rule in grid.skip]
+    jobs = [job for job in itertools.product(*axes) if not skipped(job, rules)]
+    assert len(jobs) == 476
+    assert {job[2] for job in jobs if job[0] == "method=stable_signature"} == {"act=none", "act=all"}
 
 
 def test_hydra_finds_the_sweeper_and_the_config_selects_it():
