@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fingerprint_lm.data.synthetic import ProceduralImages
+from fingerprint_lm.distributor.generation import training_images
 from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
 from fingerprint_lm.methods.pnm import calibrate_bits
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, rewrite_private_state
@@ -43,8 +43,7 @@ def main() -> None:
     if not torch.all(model.extractor.bit_scale == 1):
         raise ConfigError(f"{args.checkpoint} is calibrated already (its reader's bit_scale is set)")
     start = time.perf_counter()
-    stream = ProceduralImages(model.meta.get("resolution", 32), seed=args.seed, length=args.images)
-    images = torch.stack([stream.sample(i)["image"] for i in range(args.images)])
+    images = training_images(model.meta.get("resolution", 32), args.images, args.seed)
     slopes = calibrate_bits(model, images.split(256))
     model.meta = {**model.meta, "bit_calibration": {**slopes, "seed": args.seed, "date": time.strftime("%Y-%m-%d")}}
     if model.meta.get("recipe") is not None:  # a checkpoint from before recipes were recorded stays without one

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fingerprint_lm.data.synthetic import ProceduralImages
+from fingerprint_lm.distributor.generation import training_images
 from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
 from fingerprint_lm.methods.carrier import fit_soft_whitening
 from fingerprint_lm.models import batched
@@ -40,8 +40,7 @@ def main() -> None:
         raise ConfigError(f"{args.checkpoint} is a {model.method} checkpoint; "
                           "only the carrier reader has a soft whitening")
     start = time.perf_counter()
-    stream = ProceduralImages(model.meta.get("resolution", 32), seed=args.seed, length=args.images)
-    images = torch.stack([stream.sample(i)["image"] for i in range(args.images)])
+    images = training_images(model.meta.get("resolution", 32), args.images, args.seed)
     with torch.no_grad():
         unmarked = batched.decode(model.unmarked_vae, batched.encode(model.vae, images))
     fit_soft_whitening(model.extractor, unmarked.split(256))

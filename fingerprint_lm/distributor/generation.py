@@ -25,6 +25,15 @@ def held_out_images(resolution: int, n: int, seed: int = 0) -> torch.Tensor:
     return torch.stack([images.sample(i)["image"] for i in range(n)])
 
 
+def training_images(resolution: int, n: int, seed: int = 0) -> torch.Tensor:
+    """The first ``n`` images ``[n, 3, R, R]`` in [-1, 1] of the procedural training stream of
+    ``seed`` (the training config's): what fits made after training read (the post-training fit
+    scripts in experiments/)."""
+    check_int("n_images", n)
+    images = ProceduralImages(int(resolution), seed=int(seed), length=n)
+    return torch.stack([images.sample(i)["image"] for i in range(n)])
+
+
 def decode_with(encoder_vae, decoder_vae, images: torch.Tensor, batch_size: int = 64,
                 device: str | torch.device = "cpu") -> torch.Tensor:
     """``decoder_vae.decode(encoder_vae.encode(images).latent_dist.mode())``, in batches on

@@ -99,13 +99,7 @@ def image_batches(loader: Iterable, n: int) -> Iterator[torch.Tensor]:
 
 def collect_images(loader: Iterable, n: int) -> torch.Tensor:
     """The first ``n`` images of a loader, stacked."""
-    images, count = [], 0
-    for batch in loader:
-        images.append(batch["image"])
-        count += len(batch["image"])
-        if count >= n:
-            break
-    return torch.cat(images)[:n]
+    return torch.cat(list(image_batches(loader, n)))
 
 
 # Methods whose copies are trained one per user register here how (method name ->
