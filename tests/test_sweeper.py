@@ -16,6 +16,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra_plugins.fingerprint_lm_sweeper import (
     AxisCheckedSweeper,
     check_no_swept_grid_axis,
+    check_skip_keys,
     covering_jobs,
     parse_skip_rule,
     skipped,
@@ -51,6 +52,10 @@ def test_skip_rules_leave_out_only_the_points_every_term_matches():
     for bad in ("method", "=x", "method=", "   "):
         with pytest.raises(ConfigCompositionException):
             parse_skip_rule(bad)
+    # a key the sweep does not sweep (misspelt) is refused rather than skipping nothing
+    check_skip_keys(rules, {"method", "fingerprint_bits", "act", "sweep.case"})
+    with pytest.raises(ConfigCompositionException, match="methd is not a key the sweep sweeps"):
+        check_skip_keys([parse_skip_rule("methd=stable_signature")], {"method", "act"})
 
 
 def test_the_default_grid_is_476_points_with_stable_signature_at_act_none_and_all():

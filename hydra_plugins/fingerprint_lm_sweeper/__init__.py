@@ -49,9 +49,11 @@ def covering_jobs(batch: Sequence[Sequence[str]]) -> list[Sequence[str]]:
     return kept
 
 
-def check_no_swept_grid_axis(arguments: Sequence[str]) -> None:
+def check_no_swept_grid_axis(arguments: Sequence[str]) -> list[str]:
     """ConfigCompositionException (one error line from the CLI) for a command-line sweep of a
-    ``sweep.grid.*`` key, naming the quoted form that sets the grid instead."""
+    ``sweep.grid.*`` key, naming the quoted form that sets the grid instead. Returns the keys the
+    command line sweeps."""
+    swept = []
     for override in OverridesParser.create().parse_overrides(list(arguments)):
         key = override.get_key_element()
         if override.is_sweep_override() and key.startswith(GRID_PREFIX):
@@ -60,6 +62,9 @@ def check_no_swept_grid_axis(arguments: Sequence[str]) -> None:
                 f"{override.input_line} would sweep the grid setting itself, not set the grid: "
                 f"quote the list, '{key}=\"{values}\"'"
             )
+        if override.is_sweep_override():
+            swept.append(key)
+    return swept
 
 
 def parse_skip_rule(rule: str) -> dict[str, set[str]]:
@@ -74,6 +79,18 @@ def parse_skip_rule(rule: str) -> dict[str, set[str]]:
     if not terms:
         raise ConfigCompositionException("sweep.grid.skip: an empty rule would skip every point")
     return terms
+
+
+def check_skip_keys(rules: Sequence[dict[str, set[str]]], swept: set[str]) -> None:
+    """ConfigCompositionException for a rule naming a key the sweep does not sweep: a misspelt
+    ``methd=...`` would otherwise skip nothing, silently."""
+    for rule in rules:
+        unknown = sorted(set(rule) - swept)
+        if unknown:
+            raise ConfigCompositionException(
+                f"sweep.grid.skip: {', '.join(unknown)} is not a key the sweep sweeps "
+                f"(its keys: {', '.join(sorted(swept))})"
+            )
 
 
 def skipped(job: Sequence[str], rules: Sequence[dict[str, set[str]]]) -> bool:
@@ -92,7 +109,8 @@ class AxisCheckedSweeper(BasicSweeper):
         return [job for job in super().get_job_batch() if not skipped(job, self.skip_rules)]
 
     def sweep(self, arguments: list[str]) -> object:
-        check_no_swept_grid_axis(arguments)
+        swept = check_no_swept_grid_axis(arguments)
+        check_skip_keys(self.skip_rules, {*(self.params or {}), *swept})  # before the sweep dir is made
         return super().sweep(arguments)
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
