@@ -29,7 +29,7 @@ import torch
 from soft_attribution import CASES, _count, attacked, issue_copies
 
 from fingerprint_lm.distributor.generation import decode_with, held_out_images
-from fingerprint_lm.errors import check_int, exit_on_user_error
+from fingerprint_lm.errors import check_int, check_probability, exit_on_user_error
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.registry.soft import soft_identify
@@ -113,6 +113,7 @@ def main() -> None:
     for name in ("fit_users", "fit_images", "users", "images"):
         check_int(f"--{name.replace('_', '-')}", getattr(args, name))
     check_int("--registry", args.registry, args.users)
+    check_probability("--fpr", args.fpr)  # as soft_attribution.py checks it
     started = time.time()
     rows = measure(args)
     names = ["raw logit", "slope", "slope+offset"]

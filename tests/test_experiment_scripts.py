@@ -96,6 +96,8 @@ def test_pnm_conv_sites_refuses_an_occupied_keep_folder(tmp_path, occupied):
     ("soft_calibration.py", ["--registries", "0"]),
     ("soft_weight_whitening.py", ["--fit", "0"]),
     ("soft_code_null.py", ["--users", "1"]),
+    ("calibrated_soft_attribution.py", ["--fit-users", "0"]),
+    ("calibrated_soft_attribution.py", ["--fpr", "2"]),
 ])
 def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):
     """A non-positive count, a registry smaller than the users given copies, or an fpr outside
