@@ -14,6 +14,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.plugins.sweeper import Sweeper
 
 from hydra_plugins.fingerprint_lm_sweeper import (
+    GRID_AXES,
     AxisCheckedSweeper,
     check_no_swept_grid_axis,
     check_skip_keys,
@@ -56,6 +57,13 @@ def test_skip_rules_leave_out_only_the_points_every_term_matches():
     check_skip_keys(rules, {"method", "fingerprint_bits", "act", "sweep.case"})
     with pytest.raises(ConfigCompositionException, match="methd is not a key the sweep sweeps"):
         check_skip_keys([parse_skip_rule("methd=stable_signature")], {"method", "act"})
+    check_skip_keys(rules, {"seed"})  # another sweep (seed=0,1) keeps the default rule on the grid's axes
+
+
+def test_the_sweepers_grid_axes_are_the_collusion_recipes_swept_keys():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=collusion_sweep"], return_hydra_config=True)
+    assert set(cfg.hydra.sweeper.params) == set(GRID_AXES)
 
 
 def test_the_default_grid_is_476_points_with_stable_signature_at_act_none_and_all():

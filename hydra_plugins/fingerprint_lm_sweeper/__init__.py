@@ -34,6 +34,9 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 GRID_PREFIX = "sweep.grid."
+# The collusion sweep's axes (conf/recipe/collusion_sweep.yaml's hydra.sweeper.params): a skip rule
+# may name them in any sweep, since sweep.grid.skip is in every config and most sweeps sweep others.
+GRID_AXES = ("method", "fingerprint_bits", "act", "sweep.case")
 
 
 def covering_jobs(batch: Sequence[Sequence[str]]) -> list[Sequence[str]]:
@@ -82,14 +85,15 @@ def parse_skip_rule(rule: str) -> dict[str, set[str]]:
 
 
 def check_skip_keys(rules: Sequence[dict[str, set[str]]], swept: set[str]) -> None:
-    """ConfigCompositionException for a rule naming a key the sweep does not sweep: a misspelt
-    ``methd=...`` would otherwise skip nothing, silently."""
+    """ConfigCompositionException for a rule naming a key that is neither swept nor an axis of the
+    collusion grid: a misspelt ``methd=...`` would otherwise skip nothing, silently."""
+    known = {*swept, *GRID_AXES}
     for rule in rules:
-        unknown = sorted(set(rule) - swept)
+        unknown = sorted(set(rule) - known)
         if unknown:
             raise ConfigCompositionException(
                 f"sweep.grid.skip: {', '.join(unknown)} is not a key the sweep sweeps "
-                f"(its keys: {', '.join(sorted(swept))})"
+                f"(its keys: {', '.join(sorted(known))})"
             )
 
 
