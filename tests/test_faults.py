@@ -7,6 +7,12 @@ as printed (points are deterministic on the CPU, finished points are not recompu
 ``issue_seconds``, a wall time. A resumed training
 run continues from its last checkpoint, so its metrics are those of a run with a different data
 order after the checkpoint: the same number of steps, bit accuracy within 0.05, PSNR within 1 dB.
+
+The sweep and training cases run the command three times each in fresh interpreters (about 60 s
+together on 2 cores), so they are ``slow`` (``make test-full``) to keep ``make test`` under its
+10 minutes; ``make test`` keeps their cheaper siblings: a sweep rerun that skips finished points
+(``test_sweep.py``), training resumed from ``last.ckpt`` (``test_training.py``, ``test_slurm.py``),
+and the distributor's kill cases here.
 """
 
 from __future__ import annotations
@@ -75,6 +81,7 @@ def _uninterrupted_and_resumed(tmp_path: Path, cmd: list[str], kill_after: str, 
     return reference, killed
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_to_the_same_summary(tmp_path):
     cmd = _command("+experiment=collusion_sweep", "debug=tiny", "hydra.sweep.dir=sweep")
     reference, killed = _uninterrupted_and_resumed(tmp_path, cmd, "sweep/0/metrics.json", "sweep/summary.csv")
@@ -130,6 +137,7 @@ def test_issue_killed_at_any_moment_then_rerun_leaves_registry_and_copies_agreei
     assert not [p for p in (root / "copies").iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_a_killed_training_run_resumes_from_its_checkpoint(tmp_path):
     cmd = _command("debug=tiny", "logger=none", "hydra.run.dir=run")
     reference, killed = _uninterrupted_and_resumed(tmp_path, cmd, "run/checkpoints/last.ckpt", "run/metrics.json")
