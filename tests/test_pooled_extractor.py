@@ -8,6 +8,7 @@ import torch
 
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import ConfigError, DataError
+from fingerprint_lm.models.batched import evaluating
 from fingerprint_lm.models.extractor import soft_null
 from fingerprint_lm.models.pooled_extractor import MIN_SIZE, BandEnergyExtractor, PooledExtractor, bit_slopes
 
@@ -162,3 +163,20 @@ def test_bit_slopes_recover_each_bits_reliability_and_calibration_keeps_the_sign
     assert torch.equal(fresh.bit_scale, torch.ones(4))
     with pytest.raises(ConfigError, match="same-shaped"):
         bit_slopes(logits, bits[:, :3])
+
+
+def test_fitting_the_whitening_gives_every_submodule_its_own_mode_back():
+    """The fit reads in eval mode (BatchNorm's running statistics, not the batch's), then each
+    submodule gets its own mode back: a part frozen in eval mode inside a training reader stays in
+    eval mode (``reader.train(True)`` would have switched it back to training), also after an error."""
+    torch.manual_seed(0)
+    reader = PooledExtractor(8, width=8, depth=2).train()
+    frozen = next(m for m in reader.modules() if isinstance(m, torch.nn.BatchNorm2d)).eval()
+    before = [m.training for m in reader.modules()]
+    assert any(before) and not all(before)
+    reader.fit_whitening(images(32, resolution=16))
+    assert [m.training for m in reader.modules()] == before and not frozen.training
+    with pytest.raises(RuntimeError, match="mid-read"), evaluating(reader):
+        assert not any(m.training for m in reader.modules())
+        raise RuntimeError("mid-read")
+    assert [m.training for m in reader.modules()] == before

@@ -50,6 +50,7 @@ from torch.nn import functional as F
 
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.models import augment
+from fingerprint_lm.models.batched import evaluating
 from fingerprint_lm.pixels import from_uint8, from_unit, to_uint8, to_unit
 
 ImageAttack = Callable[..., torch.Tensor]
@@ -261,9 +262,7 @@ def regenerate(
     """
     _check_images(images)
     parameter = next(vae.parameters())
-    was_training = vae.training
-    vae.eval()
-    try:
+    with evaluating(vae):
         x = images.to(parameter.device, parameter.dtype)
         posterior = vae.encode(x).latent_dist
         if sample:
@@ -272,8 +271,6 @@ def regenerate(
         else:
             latents = posterior.mode()
         out = vae.decode(latents).sample
-    finally:
-        vae.train(was_training)
     return out.to(images.device, images.dtype).clamp(-1, 1)
 
 

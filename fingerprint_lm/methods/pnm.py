@@ -20,6 +20,7 @@ import torch
 
 from fingerprint_lm.errors import ConfigError, check_int, check_keys, keyword_names
 from fingerprint_lm.methods.base import FingerprintMethod, collect_images, image_batches
+from fingerprint_lm.models.batched import evaluating
 from fingerprint_lm.models.extractor import EXTRACTOR_KINDS
 from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor, PooledExtractor, WhitenedReader
 from fingerprint_lm.models.vae import encode_latents
@@ -99,20 +100,13 @@ def calibrate_bits(model, image_chunks: Iterable[torch.Tensor], seed: int = 0) -
         raise ConfigError(f"{type(extractor).__name__} has no whitening to calibrate")
     device = extractor.whiten_mean.device
     generator = torch.Generator().manual_seed(seed)
-    modes = (model.pnm.training, extractor.training)
-    model.pnm.eval()
-    extractor.eval()
     logits, bits = [], []
-    try:
-        with torch.autocast(device.type, enabled=False):
-            for chunk in image_chunks:
-                code = torch.randint(0, 2, (len(chunk), extractor.fingerprint_bits), generator=generator)
-                latents = encode_latents(model.vae, chunk.to(device))
-                logits.append(extractor(model.pnm(latents, code.to(device)).float()).float().cpu())
-                bits.append(code)
-    finally:
-        model.pnm.train(modes[0])
-        extractor.train(modes[1])
+    with evaluating(model.pnm, extractor), torch.autocast(device.type, enabled=False):
+        for chunk in image_chunks:
+            code = torch.randint(0, 2, (len(chunk), extractor.fingerprint_bits), generator=generator)
+            latents = encode_latents(model.vae, chunk.to(device))
+            logits.append(extractor(model.pnm(latents, code.to(device)).float()).float().cpu())
+            bits.append(code)
     slopes = extractor.calibrate_bit_slopes(torch.cat(logits), torch.cat(bits))
     return {"bit_slope_min": float(slopes.min()), "bit_slope_median": float(slopes.median()),
             "bit_slope_max": float(slopes.max())}

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from fingerprint_lm.data.synthetic import COLORS, SHAPES, TEXTURES, ProceduralImages
 from fingerprint_lm.errors import CheckpointError, ConfigError, DataError, FingerprintError
-from fingerprint_lm.models.batched import in_batches
+from fingerprint_lm.models.batched import evaluating, in_batches
 from fingerprint_lm.storage import atomic_directory, atomic_write_text, config_hash
 
 PROXY_WEIGHTS_NAME = "model.safetensors"
@@ -190,14 +190,10 @@ def proxy_features(images: torch.Tensor, net: ProxyFeatureNet, batch_size: int =
     if images.dim() != 4 or images.shape[1] != 3:
         raise DataError(f"fid_proxy takes [N, 3, H, W] images, got shape {tuple(images.shape)}")
     parameter = next(net.parameters())
-    was_training = net.training
-    net.eval()
-    try:
+    with evaluating(net):
         # the project's one batched loop (float32 on the CPU back; the net stays where it was);
         # float64 only for the Gaussian statistics
         features = in_batches(net, lambda m, x: m.features(x.to(parameter.dtype)), images, parameter.device, batch_size)
-    finally:
-        net.train(was_training)
     return features.double()
 
 

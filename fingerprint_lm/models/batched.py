@@ -4,9 +4,25 @@ metrics, registries and copies' state dicts live."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
+
+
+@contextmanager
+def evaluating(*modules: torch.nn.Module) -> Iterator[None]:
+    """``modules`` in eval mode inside the block; afterwards every submodule gets its own mode back.
+    (``module.train(was_training)`` would set all submodules alike: a frozen part kept in eval
+    mode inside a training module would come back training.)"""
+    modes = [(sub, sub.training) for module in modules for sub in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for sub, mode in modes:
+            sub.training = mode
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fingerprint_lm.errors import ConfigError, DataError, check_int
+from fingerprint_lm.models.batched import evaluating
 
 MIN_SIZE = 16
 WHITENING_CENTRES = ("median", "mean")
@@ -139,11 +140,9 @@ class WhitenedReader(nn.Module):
     def fit_whitening_chunks(self, chunks, eps: float = 1e-6) -> None:
         """:meth:`fit_whitening` from an iterable of unmarked image batches (each read in eval
         mode on this reader's device; only the raw logits are kept, on the CPU)."""
-        was_training = self.training
-        self.eval()
         device = self.whiten_mean.device
-        raw = [self.raw_logits(chunk.to(device)).float().cpu() for chunk in chunks]
-        self.train(was_training)
+        with evaluating(self):
+            raw = [self.raw_logits(chunk.to(device)).float().cpu() for chunk in chunks]
         self.fit_whitening_raw(torch.cat(raw), eps)
 
     @torch.no_grad()
