@@ -345,6 +345,7 @@ def test_method_pnm_runs_on_an_sd_vae_folder_and_its_copy_is_stock(tmp_path, sd_
     cfg = compose_config(tmp_path, [
         *NON_MODEL_TINY, "model=sd_vae", f"model.path={sd_folder}", "model.calibration_batch_size=16",
         "method=pnm", "fingerprint_bits=8", "method.steps=4", "method.detector_fit_samples=64",
+        "method.bit_calibration_images=64",
         "data.resolution=32", "data.batch_size=4", "data.test_size=8", "eval.max_images=8",
         "trainer.val_check_interval=4",
     ], tiny=False)
