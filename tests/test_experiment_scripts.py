@@ -120,6 +120,8 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("whitening_penalty_probe.py", ["--pool-batch", "48"]),
     ("compiled_issue_probe.py", ["--repeats", "0"]),
     ("compiled_issue_probe.py", ["--signature-repeats", "-1"]),
+    ("view_averaging.py", ["--users", "0"]),
+    ("view_averaging.py", ["--users", "8", "--registry", "4"]),
 ])
 def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):
     """A bad count, step or weight, or a checkpoint without a reference VAE (carrier), is one
