@@ -70,6 +70,7 @@ class DistributorConfig:
     top: int = 10
     tracing: str = "evidence"
     decoding: str = "soft"
+    read_mirrored: bool = False
     code_seed: int | None = None
 
     def __post_init__(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -202,3 +203,52 @@ def test_act_type_is_recorded_and_the_secret_sets_the_copy(tmp_path, checkpoint,
                          *extra)["copy_sha256"])
         monkeypatch.delenv("FINGERPRINT_LM_SECRET", raising=False)
     assert shas[0] == shas[1] != shas[2]
+
+
+class _OneWayReader(torch.nn.Module):
+    """A reader that reads ``code`` from an image whose left column is brighter than its right one
+    (as a copy's output), and nothing from its mirror: how pnm's reader meets a mirrored image."""
+
+    fingerprint_bits = 48
+
+    def __init__(self, code: np.ndarray):
+        super().__init__()
+        self.register_buffer("signs", torch.as_tensor(2.0 * code - 1.0, dtype=torch.float32))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        one_way = (images[:, :, :, 0].mean(dim=(1, 2)) > images[:, :, :, -1].mean(dim=(1, 2))).float()
+        # a little noise that depends on the image but not on its orientation
+        noise = 0.3 * torch.sin(torch.arange(48) * (1 + 7 * images.mean(dim=(1, 2, 3)))[:, None])
+        return 3.0 * one_way[:, None] * self.signs + noise
+
+
+def test_read_mirrored_attributes_mirrored_images_at_the_same_false_accusation_bound():
+    """distributor.read_mirrored: each image is read as found and mirrored at fpr/2; the kept read's
+    p-value is doubled, so a mirrored image is attributed, its row says so, and unmarked images
+    (both reads noise) are accused no more than before."""
+    from fingerprint_lm.distributor.attribution import attribute_images
+    from fingerprint_lm.registry.index import CodeIndex
+
+    codes = np.random.default_rng(0).integers(0, 2, (200, 48), dtype=np.uint8)
+    index = CodeIndex.from_bits([f"u{i}" for i in range(200)], codes)
+    reader = _OneWayReader(codes[7])
+    ramp = torch.linspace(1, -1, 16).expand(3, 16, 16)  # brighter on the left
+    found = [(f"img{i}", ramp + 0.01 * i) for i in range(6)]
+    mirrored = [(name, image.flip(-1)) for name, image in found]
+    unmarked = [(f"flat{i}", torch.full((3, 16, 16), 0.1 * i)) for i in range(6)]
+
+    def attribute(images, **kwargs):
+        return attribute_images(reader, index, images, fpr=1e-3, **kwargs)
+
+    once, either = attribute(found), attribute(found, read_mirrored=True)
+    assert all(r["user_id"] == "u7" for r in once["images"] + either["images"])
+    assert not any(r["accused"] for r in attribute(mirrored)["images"])  # one read: a mirror erases it
+    as_mirrored = attribute(mirrored, read_mirrored=True)
+    assert as_mirrored["fpr"] == 1e-3 and as_mirrored["read_mirrored"]
+    assert [(r["user_id"], r["orientation"]) for r in as_mirrored["images"]] == [("u7", "mirrored")] * 6
+    assert [r["orientation"] for r in either["images"]] == ["as found"] * 6
+    # the kept read was made at fpr/2; its p-value is reported doubled (union bound over the two reads)
+    half = attribute_images(reader, index, [(n, i.flip(-1)) for n, i in mirrored], fpr=5e-4)
+    kept = [r["p_value"] for r in as_mirrored["images"]]
+    assert 0 < min(kept) and kept == pytest.approx([min(1, 2 * r["p_value"]) for r in half["images"]])
+    assert not any(r["accused"] for r in attribute(unmarked, read_mirrored=True)["images"])

@@ -158,14 +158,40 @@ def attribute_images(
     images: Sequence[tuple[str, torch.Tensor]],
     fpr: float = 1e-6,
     decoding: str = "soft",
+    read_mirrored: bool = False,
 ) -> dict:
     """Name the user behind each image (independently): :func:`attribute_logits` of the
-    extractor's logits, read one image at a time (images may differ in size)."""
+    extractor's logits, read one image at a time (images may differ in size).
+
+    ``read_mirrored``: read each image as found and mirrored left-right, each read at ``fpr / 2``,
+    and keep per image the read with the smaller p-value, reported doubled (a union bound: each
+    image's false-accusation bound stays ``fpr``); each row then says its ``orientation``. A left-right
+    mirror erases what pnm's reader reads (0 of 2048 mirrored images attributed), and this rule
+    attributes mirrored images as well as unmirrored ones, at a little power on the unmirrored
+    (0.910 of either against 0.933 read once: ``experiments/results/view_averaging.md``)."""
     index = _index(registry)
     _check(extractor, index, fpr)
-    logits = extract_logits(extractor, [image for _, image in images])
-    return attribute_logits(logits, index, [name for name, _ in images], fpr, decoding,
-                            whitened_weights(extractor, logits, decoding), code_null(extractor, decoding))
+    names, tensors = [name for name, _ in images], [image for _, image in images]
+    views = (tensors, [image.flip(-1) for image in tensors]) if read_mirrored else (tensors,)
+    reads = []
+    for view in views:
+        logits = extract_logits(extractor, view)
+        reads.append(attribute_logits(logits, index, names, fpr / len(views), decoding,
+                                      whitened_weights(extractor, logits, decoding), code_null(extractor, decoding)))
+    return reads[0] if not read_mirrored else _either_orientation(*reads, fpr)
+
+
+ORIENTATIONS = ("as found", "mirrored")
+
+
+def _either_orientation(found: dict, mirrored: dict, fpr: float) -> dict:
+    """Per image, the read that accuses (the smaller p-value among accusing reads, else overall),
+    its p-value doubled for the two reads."""
+    rows = []
+    for pair in zip(found["images"], mirrored["images"], strict=True):
+        best = min((0, 1), key=lambda i: (not pair[i]["accused"], pair[i]["p_value"]))
+        rows.append({**pair[best], "p_value": min(1.0, 2 * pair[best]["p_value"]), "orientation": ORIENTATIONS[best]})
+    return {**found, "fpr": float(fpr), "read_mirrored": True, "images": rows}
 
 
 def attribute_logits(logits: np.ndarray, registry: Registry | CodeIndex, names: Sequence[str],

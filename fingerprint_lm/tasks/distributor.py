@@ -114,7 +114,7 @@ def _read_suspects(cfg: DictConfig, task: str, score) -> dict:
 
 def task_attribute(cfg: DictConfig, context: TaskContext) -> dict:
     return _read_suspects(cfg, "attribute", lambda extractor, index, images, settings: attribute_images(
-        extractor, index, images, fpr=settings.fpr, decoding=settings.decoding))
+        extractor, index, images, fpr=settings.fpr, decoding=settings.decoding, read_mirrored=settings.read_mirrored))
 
 
 def task_trace(cfg: DictConfig, context: TaskContext) -> dict:
@@ -166,10 +166,14 @@ def print_summary(task: str, result: dict, json_path: Path | None = None) -> Non
         needed = f">= {threshold}/{result['code_length']} bits" if threshold is not None else "unreachable"
         if result.get("decoding", "hard") != "hard":
             needed = f"{result['decoding'].replace('_', ' ')} decoding, p-value <= fpr"
+        if result.get("read_mirrored"):
+            needed += "; each image read as found and mirrored, at fpr/2 each"
         title = f"{accused}/{len(result['images'])} attributed (fpr {result['fpr']:g}: {needed})"
         table = Table("image", "user", "matching bits", "p-value", title=title)
         for row in result["images"][:_MAX_ROWS]:
             user = row["user_id"] or f"- (nearest {row['nearest_user_id']})"
+            if row.get("orientation") == "mirrored":
+                user += " (mirrored)"
             table.add_row(Path(row["image"]).name, user, f"{row['matching_bits']}/{result['code_length']}",
                           f"{row['p_value']:.2e}")
     elif task == "trace":
