@@ -177,6 +177,18 @@ def test_crop_and_shift_cut_pixels_without_resizing(images):
             IMAGE_ATTACKS["shift"](images, bad)
 
 
+def test_mirror_is_a_left_right_flip_and_a_case_without_strength(images):
+    from fingerprint_lm.attacks.cases import parse_case
+
+    out = IMAGE_ATTACKS["mirror"](images, None)
+    assert torch.equal(out[..., 0], images[..., -1]) and torch.equal(IMAGE_ATTACKS["mirror"](out, None), images)
+    assert parse_case("mirror_c1") == ("mirror", None, 1) and parse_case("mirror") == ("mirror", None, 1)
+    with pytest.raises(ConfigError, match="works on one copy"):
+        parse_case("mirror_c2")
+    with pytest.raises(ConfigError, match="needs a strength"):  # the other image attacks still need one
+        parse_case("rotation_c1")
+
+
 def test_combined_is_crop_brightness_jpeg(images):
     generator = torch.Generator().manual_seed(3)
     out = IMAGE_ATTACKS["combined"](images, None, generator)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from fingerprint_lm.attacks.collusion import IMAGE_MERGES, MERGES
-from fingerprint_lm.attacks.image import IMAGE_ATTACKS
+from fingerprint_lm.attacks.image import FIXED_EDITS, IMAGE_ATTACKS
 from fingerprint_lm.attacks.model import STATE_ATTACKS
 from fingerprint_lm.errors import ConfigError, check_int
 
@@ -105,7 +105,7 @@ def check_point(attack: str, strength: float | None, colluders: int) -> None:
     if not collusion and colluders != 1:
         raise ConfigError(f"attack {attack!r} works on one copy; colluders must be 1, got {colluders}")
     needs_strength = (
-        attack in IMAGE_ATTACKS and attack != "combined" or attack in ("weight_noise", "prune", "finetune")
+        attack in IMAGE_ATTACKS and attack not in FIXED_EDITS or attack in ("weight_noise", "prune", "finetune")
     )
     if needs_strength and strength is None:
         raise ConfigError(f"attack {attack!r} needs a strength (e.g. {attack}_0.5)")

@@ -245,6 +245,15 @@ def combined(
     return jpeg(brightness(crop_resize(images, 0.5, generator), 1.5), 80)
 
 
+def mirror(
+    images: torch.Tensor, strength: float | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A left-right mirror: free, lossless and invisible to anyone who has not seen the original.
+    ``strength`` is ignored (one fixed edit, as :func:`combined`)."""
+    _check_images(images)
+    return images.flip(-1)
+
+
 @torch.no_grad()
 def regenerate(
     images: torch.Tensor, vae: nn.Module, sample: bool = False, generator: torch.Generator | None = None
@@ -305,7 +314,11 @@ IMAGE_ATTACKS: dict[str, ImageAttack] = {
     "contrast": contrast,
     "saturation": saturation,
     "combined": combined,
+    "mirror": mirror,
 }
+
+# Image attacks that are one fixed edit: their cases name no strength ("combined", "mirror_c1").
+FIXED_EDITS: frozenset[str] = frozenset({"combined", "mirror"})
 
 # Attacks whose output is smaller than their input (quality metrics compare it with the same cut of
 # the reference image).
@@ -341,6 +354,7 @@ DEFAULT_STRENGTHS: dict[str, tuple[float, ...]] = {
     "contrast": (0.7, 1.3, 1.5, 2.0),
     "saturation": (0.7, 1.3, 1.5, 2.0),
     "combined": (1.0,),
+    "mirror": (1.0,),
     "regeneration": (1,),
 }
 
