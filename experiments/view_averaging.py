@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from soft_attribution import _count, issue_copies
 
+from fingerprint_lm.distributor.attribution import attribute_logits, either_orientation
 from fingerprint_lm.distributor.generation import decode_with, held_out_images
 from fingerprint_lm.errors import check_int, exit_on_user_error
 from fingerprint_lm.models import batched
@@ -88,17 +89,17 @@ def main() -> None:
     for name in VIEWS:
         rate, wrong = _count(soft_identify(marked[name], index, fpr=1e-6), truth, index)
         print(f"| {name} | {float(((marked[name] > 0) == codes[truth]).mean()):.3f} | {rate:.3f} ({wrong}) |")
-    # Reading both orientations, each at fpr/2 (a union bound keeps the image's false-accusation
-    # bound): an image mirrored by an attacker is the original read the other way round, so the
-    # rule's rate is the same for mirrored and unmirrored images.
-    both = [soft_identify(marked[n], index, fpr=5e-7) for n in ("identity", "hflip")]
-    right = sum(any(r["accused"] and r["user_id"] == index.user_ids[t] for r in pair)
-                for *pair, t in zip(*both, truth, strict=True))
-    wrong = sum(any(r["accused"] and r["user_id"] != index.user_ids[t] for r in pair)
-                for *pair, t in zip(*both, truth, strict=True))
-    accused = sum(any(r["accused"] for r in pair) for pair in zip(
-        *(soft_identify(unmarked[n], index, fpr=5e-7) for n in ("identity", "hflip")), strict=True))
-    print(f"\neither orientation, each read at fpr 5e-7, mirrored or not: attribution {right / len(truth):.3f} "
+    # The distributor's rule (distributor.read_mirrored): both orientations, each at fpr/2, through
+    # the library's own merge. An image mirrored by an attacker is the original read the other way
+    # round, so the rule's rate is the same for mirrored and unmirrored images.
+    def either(logits: dict[str, np.ndarray]) -> list[dict]:
+        names = [str(i) for i in range(len(logits["identity"]))]
+        reads = [attribute_logits(logits[n], index, names, fpr=5e-7) for n in ("identity", "hflip")]
+        return either_orientation(*reads, fpr=1e-6)["images"]
+
+    rate, wrong = _count(either(marked), truth, index)
+    accused = sum(r["accused"] for r in either(unmarked))
+    print(f"\nboth orientations (distributor.read_mirrored), mirrored or not: attribution {rate:.3f} "
           f"({wrong} wrong); unmarked accused {accused}")
     print(f"\n{time.time() - started:.0f} s")
 

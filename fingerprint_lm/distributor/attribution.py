@@ -173,20 +173,22 @@ def attribute_images(
     _check(extractor, index, fpr)
     names, tensors = [name for name, _ in images], [image for _, image in images]
     views = (tensors, [image.flip(-1) for image in tensors]) if read_mirrored else (tensors,)
+    null = code_null(extractor, decoding)
     reads = []
     for view in views:
         logits = extract_logits(extractor, view)
         reads.append(attribute_logits(logits, index, names, fpr / len(views), decoding,
-                                      whitened_weights(extractor, logits, decoding), code_null(extractor, decoding)))
-    return reads[0] if not read_mirrored else _either_orientation(*reads, fpr)
+                                      whitened_weights(extractor, logits, decoding), null))
+    return either_orientation(*reads, fpr) if read_mirrored else reads[0]
 
 
 ORIENTATIONS = ("as found", "mirrored")
 
 
-def _either_orientation(found: dict, mirrored: dict, fpr: float) -> dict:
-    """Per image, the read that accuses (the smaller p-value among accusing reads, else overall),
-    its p-value doubled for the two reads."""
+def either_orientation(found: dict, mirrored: dict, fpr: float) -> dict:
+    """One attribution from two :func:`attribute_logits` results of the same images, read as found
+    and mirrored, each at ``fpr / 2``: per image, the read that accuses (the smaller p-value among
+    accusing reads, else overall), its p-value doubled for the two reads."""
     rows = []
     for pair in zip(found["images"], mirrored["images"], strict=True):
         best = min((0, 1), key=lambda i: (not pair[i]["accused"], pair[i]["p_value"]))
