@@ -3,9 +3,6 @@ error for a plug-in that cannot be built."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from hydra.errors import InstantiationException
@@ -31,6 +28,7 @@ from fingerprint_lm.models.checkpoint import load_fingerprint_model
 from fingerprint_lm.report.tables import comparison_lines
 from fingerprint_lm.tasks.wrapper import one_line_config_error, register_attacks
 from tests.conftest import ROOT
+from tests.console import run_console
 
 
 @pytest.fixture
@@ -107,13 +105,10 @@ def test_a_plugin_that_cannot_be_built_is_a_one_line_config_error(plugins):
     assert isinstance(error, ConfigError) and "no_such_module" in str(error) and "\n" not in str(error)
 
 
-@pytest.mark.slow  # the same through the CLI: a fresh interpreter imports torch and Hydra
 def test_a_plugin_that_cannot_be_built_is_one_error_line(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "fingerprint_lm", "task=users", f"paths.root_dir={tmp_path}", "logger=none",
-         "+attacks.image.nope={_target_:no_such_module.attack,_partial_:true}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
+    """The same through the console (in this interpreter: tests/console.py)."""
+    out = run_console(["task=users", f"paths.root_dir={tmp_path}", "logger=none",
+                       "+attacks.image.nope={_target_:no_such_module.attack,_partial_:true}"], cwd=ROOT)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), out.stderr
     assert "no_such_module" in lines[0]

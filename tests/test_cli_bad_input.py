@@ -2,7 +2,10 @@
 code 2, the registry untouched and nothing written (no registry, copies, images or Hydra run
 folder under the command's root). The image corpus (corrupt, empty, 1x1, bomb, 16-bit, CMYK,
 animated) is walked file by file in-process by tests/test_bad_input_corpus.py; here a folder of
-its unreadable files goes through the console."""
+its unreadable files goes through the console.
+
+The console entry runs in this interpreter (tests/console.py: a fresh one costs ~7 s of imports a
+case); one case also runs through a real ``python -m fingerprint_lm``."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import pytest
 
 from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT
 from tests.conftest import ROOT, SECRET, TINY_BITS, registry_state
+from tests.console import run_console
 from tests.test_bad_input_corpus import write_corpus
 
 
@@ -64,16 +68,12 @@ CASES = [
 ]
 
 
-# Each command that gets past composition imports torch and loads a model (~7 s): `make test` runs
-# three of them (generate, which no other console test reaches, trace on unreadable images, and
-# train with a misspelt method setting, refused when the method is built), `make test-full` all.
-FAST = {"truncated_copy", "only_unreadable_images", "value_of_wrong_type", "unknown_key", "unknown_group_option",
-        "misspelt_method_setting"}
+# This case also runs through a fresh interpreter, as the user's shell starts it.
+REAL_INTERPRETER = "only_unreadable_images"
 
 
-@pytest.mark.parametrize(("args", "words"), [
-    pytest.param(*case[1:], id=case[0], marks=() if case[0] in FAST else pytest.mark.slow) for case in CASES])
-def test_each_command_refuses_bad_input_in_one_line(issued, checkpoint, tmp_path, args, words):
+@pytest.mark.parametrize(("case", "args", "words"), CASES, ids=[case[0] for case in CASES])
+def test_each_command_refuses_bad_input_in_one_line(issued, checkpoint, tmp_path, case, args, words):
     paths = {**_inputs(issued, checkpoint, tmp_path / "inputs"), "bob": issued / "copies" / "bob",
              "bob_images": issued / "bob_images", "root": tmp_path / "root"}
     root = paths["root"]
@@ -83,8 +83,12 @@ def test_each_command_refuses_bad_input_in_one_line(issued, checkpoint, tmp_path
               f"distributor.checkpoint={checkpoint}", f"distributor.registry={issued / 'registry' / 'registry.sqlite'}",
               f"distributor.copies_dir={root / 'copies'}"]
     env = {**os.environ, "FINGERPRINT_LM_SECRET": SECRET, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "fingerprint_lm", *common, *(a.format(**paths) for a in args)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    argv = [*common, *(a.format(**paths) for a in args)]
+    if case == REAL_INTERPRETER:
+        result = subprocess.run([sys.executable, "-m", "fingerprint_lm", *argv], cwd=ROOT, capture_output=True,
+                                text=True, timeout=120, env=env)
+    else:
+        result = run_console(argv, cwd=ROOT, env=env)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], result.stderr

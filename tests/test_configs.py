@@ -2,8 +2,6 @@
 
 import dataclasses
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from fingerprint_lm.config_schema import DATA_SCHEMAS, SCHEMAS, read_settings
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.tasks import TASKS
 from tests.conftest import CONF, ROOT, compose_config
+from tests.console import run_console
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
@@ -104,8 +103,7 @@ def test_debug_overlays_shrink_an_experiment_and_the_command_line_still_wins(tmp
     ],
 )
 def test_hydra_errors_are_one_error_line_with_exit_code_2(tmp_path, override, expected):
-    out = subprocess.run([sys.executable, "-m", "fingerprint_lm", override], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+    out = run_console([override], cwd=tmp_path)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), out.stderr

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from fingerprint_lm.errors import CheckpointError, ConfigError, DataError, Regis
 from fingerprint_lm.models.checkpoint import load_fingerprint_model
 from fingerprint_lm.registry.store import Registry
 from tests.conftest import ROOT, SECRET, TINY_BITS, registry_state, task
+from tests.console import run_console
 
 BITS = TINY_BITS
 
@@ -199,10 +199,8 @@ def test_image_reading_converts_modes_and_rejects_bad_files(issued, checkpoint, 
 
 
 def cli(*overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fingerprint_lm", "logger=none", *overrides],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
-    )
+    """``python -m fingerprint_lm logger=none *overrides`` (in this interpreter: tests/console.py)."""
+    return run_console(["logger=none", *overrides], cwd=ROOT, env=env)
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, checkpoint, issued):
@@ -230,9 +228,6 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, checkpoint, issued):
     assert not (tmp_path / "outputs").exists()
 
 
-# slow (21 s, three console runs): make test neared its 10-minute limit (601 s); the library-level
-# checksum refusal stays in the fast suite (tests/test_shipped_checkpoint.py).
-@pytest.mark.slow
 def test_cli_refuses_an_altered_checkpoint_in_one_line(tmp_path, checkpoint, issued):
     """A checkpoint whose weights were altered after it was written: every distributor command
     that loads it ends with one error line and exit 2, and writes nothing."""

@@ -3,9 +3,6 @@ distributor's PNM decoder; the shift-invariant extractors; config checks of the 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -20,6 +17,7 @@ from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor, PooledEx
 from fingerprint_lm.models.vae import build_vae
 from fingerprint_lm.tasks.train import method_from_config
 from tests.conftest import ROOT, compose_config
+from tests.console import run_console
 
 BITS = 32
 
@@ -158,11 +156,8 @@ def test_bad_method_values_are_one_error_line(tmp_path, tiny_default_cfg):
     small = method_from_config(compose_config(tmp_path, ["method=pnm", "method.detector_fit_samples=16"]))
     with pytest.raises(ConfigError, match="detector_fit_samples > 48"):
         small.build_model(build_vae(OmegaConf.to_container(tiny_default_cfg.model.vae_config)), 48)
-    result = subprocess.run(
-        [sys.executable, "-m", "fingerprint_lm", "debug=tiny", "method=pnm", "method.steps=0",
-         f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-    )
+    result = run_console(["debug=tiny", "method=pnm", "method.steps=0", f"hydra.run.dir={tmp_path / 'run'}"],
+                         cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == ["error: method.steps must be a positive integer, got 0"], result.stderr

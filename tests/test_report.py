@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from fingerprint_lm.report import runs as run_records
 from fingerprint_lm.resolvers import wandb_offline
 from fingerprint_lm.tasks import run
 from tests.conftest import ROOT, compose_config
+from tests.console import run_console
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Longer than one 32 KiB block of the W&B log: its config record is split into chunks.
@@ -363,21 +363,9 @@ def test_explicit_offline_setting_wins(tmp_path, monkeypatch):
 
 
 def cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fingerprint_lm",
-            "task=report",
-            f"hydra.run.dir={tmp_path / 'out'}",
-            *overrides,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    """``python -m fingerprint_lm task=report *overrides`` (in this interpreter: tests/console.py)."""
+    return run_console(["task=report", f"hydra.run.dir={tmp_path / 'out'}", *overrides], cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_cli_bad_path_is_one_line_and_exit_2(tmp_path):
@@ -388,7 +376,6 @@ def test_cli_bad_path_is_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "out" / "report").exists()
 
 
-@pytest.mark.slow  # a second interpreter start (torch, Lightning): ~10-30 s on a busy CPU box
 def test_cli_report_writes_the_comparison(tmp_path):
     run_a = write_run(tmp_path / "a", {"bit_acc": 0.75, "psnr": 25.0}, train_config(1, "/a"))
     run_b = write_run(tmp_path / "b", {"bit_acc": 0.875, "psnr": 27.0}, train_config(2, "/b"))

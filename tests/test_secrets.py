@@ -6,11 +6,10 @@ from __future__ import annotations
 import base64
 import os
 import secrets
-import subprocess
-import sys
 
 from fingerprint_lm.tasks import run
 from tests.conftest import ROOT, compose_config
+from tests.console import run_console
 
 
 def _forms(secret: str) -> dict[str, bytes]:
@@ -29,19 +28,19 @@ def test_the_secret_is_in_no_file_the_workflow_writes(tmp_path, monkeypatch, cap
     secret = "act-secret-" + secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FINGERPRINT_LM_", "HYDRA_", "WANDB_"))}
     env.update(FINGERPRINT_LM_SECRET=secret, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(ROOT))
-    # Through the CLI: one distributor command (Hydra saves its config) and the runs that log to W&B.
+    # Through the console (in this interpreter, tests/console.py): one distributor command (Hydra
+    # saves its config) and the runs that log to W&B.
     commands = [
         ["task=issue", "user_id=alice"],
         ["+experiment=train", "debug=tiny", "logger=wandb"],  # a training run with W&B offline
         ["+experiment=collusion_sweep", "debug=tiny", "logger=wandb"],  # sweep points with W&B offline
     ]
     for args in commands:
-        out = subprocess.run([sys.executable, "-m", "fingerprint_lm", *args], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=600)
+        out = run_console(args, cwd=tmp_path, env=env)
         assert out.returncode == 0, (args, out.stderr[-2000:])
         for form, needle in _forms(secret).items():
             assert needle not in (out.stdout + out.stderr).encode(), (args, form)
-    # The other distributor commands in-process (a fresh interpreter costs seconds each), same files.
+    # The other distributor commands through run(), as the console calls it, same files.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FINGERPRINT_LM_SECRET", secret)
     for args in (["task=issue", "user_id=bob"],

@@ -24,6 +24,7 @@ from fingerprint_lm.tasks import run
 from fingerprint_lm.tasks.train import method_from_config
 from fingerprint_lm.tasks.training_record import matches_shipped, training_recipe, training_record
 from tests.conftest import ROOT, TINY_BITS, compose_config
+from tests.console import run_console
 
 BITS = TINY_BITS
 N_IMAGES = 24
@@ -184,9 +185,6 @@ def test_summary_is_deterministic(tmp_path, tiny_model):
 def test_multirun_writes_summary_and_skips_on_rerun(tmp_path, sweep_checkpoint):
     sweep_dir = tmp_path / "multirun"
     command = [
-        sys.executable,
-        "-m",
-        "fingerprint_lm",
         "+experiment=collusion_sweep",
         f"hydra.sweep.dir={sweep_dir}",
         f"paths.root_dir={tmp_path}",
@@ -200,7 +198,7 @@ def test_multirun_writes_summary_and_skips_on_rerun(tmp_path, sweep_checkpoint):
         "sweep.fid_proxy_steps=5",
     ]
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "WANDB_MODE": "offline"}
-    out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    out = run_console(command, cwd=ROOT, env=env)  # in this interpreter: tests/console.py
     assert out.returncode == 0, out.stderr[-3000:]
     rows = (sweep_dir / "summary.csv").read_text().splitlines()
     assert len(rows) == 3
@@ -208,19 +206,12 @@ def test_multirun_writes_summary_and_skips_on_rerun(tmp_path, sweep_checkpoint):
     assert {(m["attack"], m["colluders"]) for m in metrics} == {("none", 1), ("average", 2)}
     assert all(m["fingerprint_bits"] == BITS and m["act"] == "none" for m in metrics)
 
-    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    again = run_console(command, cwd=ROOT, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("already done") + again.stdout.count("already done") >= 2
     assert [json.loads((sweep_dir / str(i) / "metrics.json").read_text()) for i in range(2)] == metrics
 
-    wrong = subprocess.run(
-        [*command[:-4], "fingerprint_bits=48", "sweep.n_images=16"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=300,
-    )
+    wrong = run_console([*command[:-4], "fingerprint_bits=48", "sweep.n_images=16"], cwd=ROOT, env=env)
     assert wrong.returncode != 0 and "sweep.checkpoint=null trains a model per length" in wrong.stderr
     assert len(wrong.stderr.strip().splitlines()) == 1
 

@@ -4,8 +4,6 @@ value before the first point, instead of every job of the grid."""
 from __future__ import annotations
 
 import itertools
-import subprocess
-import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -23,6 +21,7 @@ from hydra_plugins.fingerprint_lm_sweeper import (
     skipped,
 )
 from tests.conftest import CONF
+from tests.console import run_console
 
 
 def test_a_few_jobs_cover_every_swept_value():
@@ -96,10 +95,7 @@ def test_a_bad_swept_value_stops_the_sweep_before_its_first_point_leaving_nothin
     grid's last points still fails in the check before any point runs, and the sweep dir and the
     folders Hydra made for it go (sweep_guard). (A value first in its list fails in the same check,
     the first job it composes.)"""
-    out = subprocess.run(
-        [sys.executable, "-m", "fingerprint_lm", "+experiment=collusion_sweep", "debug=tiny", "act=all,none,nope"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )
+    out = run_console(["+experiment=collusion_sweep", "debug=tiny", "act=all,none,nope"], cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         "error: unknown act 'nope' (choose one of: all, none, permute, scale, sign)"
     ], out.stderr

@@ -14,8 +14,6 @@ import copy
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,6 +33,7 @@ from fingerprint_lm.models.checkpoint import load_fingerprint_model
 from fingerprint_lm.registry.store import Registry
 from fingerprint_lm.tasks import run
 from tests.conftest import ROOT, compose_config
+from tests.console import run_console
 from tests.tiny_sd import build_tiny_pipeline
 
 SECRET = "text2image-test-secret"
@@ -303,26 +302,11 @@ def test_bad_input(world, tmp_path):
     assert not (world["root"] / "bad").exists()
 
 
-@pytest.mark.slow  # a fresh interpreter imports torch and Hydra: 10-30 s on the shared test machine
 def test_cli_missing_pipeline_is_one_line_and_exit_2(tmp_path):
+    """Through the console (in this interpreter: tests/console.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fingerprint_lm",
-            "logger=none",
-            "task=text2image_eval",
-            "user_id=alice",
-            f"paths.root_dir={tmp_path}",
-            f"text2image.pipeline_path={tmp_path / 'nowhere'}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    result = run_console(["logger=none", "task=text2image_eval", "user_id=alice", f"paths.root_dir={tmp_path}",
+                          f"text2image.pipeline_path={tmp_path / 'nowhere'}"], cwd=ROOT, env=env)
     assert result.returncode == 2, result.stderr
     assert (
         result.stderr.strip()

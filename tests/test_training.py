@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.vae import build_vae, load_vae
 from fingerprint_lm.tasks import run
 from tests.conftest import ROOT
+from tests.console import run_console
 
 SMALL_VAE = dict(
     block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
@@ -150,11 +149,7 @@ def test_bad_input_gives_clear_errors(tiny_cfg, tmp_path):
 
 
 def test_cli_bad_input_is_one_line_and_nonzero(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "fingerprint_lm", "fingerprint_bits=0", "logger=none",
-         f"paths.root_dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
+    result = run_console(["fingerprint_bits=0", "logger=none", f"paths.root_dir={tmp_path}"], cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: fingerprint_bits must be a positive")
     assert "Traceback" not in result.stderr
