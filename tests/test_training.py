@@ -16,7 +16,7 @@ from fingerprint_lm.models.extractor import FingerprintExtractor
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.vae import build_vae, load_vae
 from fingerprint_lm.tasks import run
-from tests.conftest import ROOT
+from tests.conftest import ROOT, compose_config
 from tests.console import run_console
 
 SMALL_VAE = dict(
@@ -177,3 +177,22 @@ def test_truncated_vae_folder_is_a_checkpoint_error(tmp_path):
         load_vae(tmp_path / "vae")
     with pytest.raises(CheckpointError, match="config.json"):
         load_vae(tmp_path / "nowhere")
+
+
+
+def test_init_from_continues_the_shipped_pnm_model_and_records_it(tmp_path):
+    """init_from=shipped: two steps at a negligible rate keep the shipped model's reading (a fresh
+    model reads chance after two steps), fidelity stays measured against the base as it was, and
+    the new checkpoint records that it is a fine-tune (so the sweep never takes it for the shipped one)."""
+    quick = ["method=pnm", "init_from=shipped", "method.steps=2", "method.train.lr=1e-6",
+             "method.train.decoder_lr=1e-6", "method.detector_fit_samples=256", "method.bit_calibration_images=256",
+             "eval.max_images=128", "logger=none"]
+    metrics = run(compose_config(tmp_path, quick, tiny=False))
+    assert metrics["bit_acc"] > 0.85 and metrics["psnr"] > 29.0, metrics  # the shipped model: 0.917 at 29.9 dB
+    assert metrics["init_from"].endswith("embedded_pnm")
+    recorded = json.loads((tmp_path / "run" / "fingerprint_model" / "fingerprint.json").read_text())
+    assert recorded["recipe"]["init_from"] == "shipped"
+    with pytest.raises(ConfigError, match="fingerprint_bits differ"):
+        run(compose_config(tmp_path, [*quick, "fingerprint_bits=32"], tiny=False))
+    with pytest.raises(ConfigError, match="init_from=.*no fingerprint checkpoint there"):
+        run(compose_config(tmp_path, ["method=pnm", f"init_from={tmp_path / 'nothing'}"]))

@@ -108,6 +108,7 @@ def train_fingerprint(
     seed: int = 0,
     gradient_checkpointing: bool = False,
     calibration_batch_size: int = 256,
+    init_model: FingerprintModel | None = None,
 ) -> tuple[FingerprintModel, FingerprintModule, dict]:
     """Build ``method``'s PNM and extractor around ``vae``, run its pre-training hook (the carrier
     method's closed-form reader start), train with the worst-case objective, run its post-training
@@ -115,18 +116,31 @@ def train_fingerprint(
 
     ``gradient_checkpointing`` recomputes the decoder's blocks in the backward pass (memory for
     compute; SD scale); ``calibration_batch_size`` is the images per decoder pass of the carrier
-    calibration and detector fit. The encoder is frozen throughout (``FingerprintModule``)."""
+    calibration and detector fit. The encoder is frozen throughout (``FingerprintModule``).
+
+    ``init_model``: a trained model of the same method and code length to continue from instead of
+    a fresh one (a fine-tune, e.g. under augmentations): its shared decoder (``vae`` is ignored),
+    PNM and reader train on, fidelity stays measured against its ``reference_vae``, and its reader,
+    already whitened, skips the pre-training hook."""
     check_int("fingerprint length", fingerprint_bits)
     check_resolution(datamodule.resolution, downscale_factor(vae))
     L.seed_everything(seed, workers=True, verbose=False)
     # A trained shared decoder moves away from the base: a copy of the base as it was stays the
     # fidelity reference of the evaluation, the sweep and the shipped checkpoint (reference_vae/).
-    reference_vae = deepcopy(vae).eval().requires_grad_(False) if method.train.get("train_decoder") else None
-    model = method.build_model(vae, fingerprint_bits)
-    model.reference_vae = reference_vae
+    if init_model is None:
+        reference_vae = deepcopy(vae).eval().requires_grad_(False) if method.train.get("train_decoder") else None
+        model = method.build_model(vae, fingerprint_bits)
+        model.reference_vae = reference_vae
+    else:
+        model = continued_model(init_model, method, fingerprint_bits)
     model.pnm.gradient_checkpointing = gradient_checkpointing
-    module = FingerprintModule(vae, model.pnm, model.extractor, augment=aug.AugmentConfig(**method.augment),
+    module = FingerprintModule(model.vae, model.pnm, model.extractor, augment=aug.AugmentConfig(**method.augment),
                                calibration_batch_size=calibration_batch_size, **method.train)
+    if init_model is not None and module.reference_pnm is not None and model.reference_vae is not None:
+        # the module copied the trained decoder as its reference: fidelity is against the base as it was
+        module.reference_pnm.decoder.load_state_dict(model.reference_vae.decoder.state_dict())
+        if module.reference_pnm.post_quant_conv is not None:
+            module.reference_pnm.post_quant_conv.load_state_dict(model.reference_vae.post_quant_conv.state_dict())
     trainer = make_trainer()
     start = time.perf_counter()
     facts: dict[str, Any] = {}
@@ -134,7 +148,7 @@ def train_fingerprint(
     # over 4096 images is hours on a CPU), then hand the module back on the CPU as fit()
     # expects it, whatever the launcher. DDP ranks each do it, with equal seeds.
     module.to(trainer.strategy.root_device)
-    if ckpt_path is None:
+    if ckpt_path is None and init_model is None:
         facts.update(method.before_fit(module, datamodule.train_dataloader()))
     method.prepare_training(module, datamodule.train_dataloader())
     module.cpu()
@@ -153,6 +167,25 @@ def train_fingerprint(
     steps = int(trainer.global_step) or (module.history[-1]["step"] if module.history else 0)
     facts.update({"train_seconds": seconds, "detector_fit_seconds": fit_seconds, "steps": steps})
     return model, module, facts
+
+
+def continued_model(init_model: FingerprintModel, method: FingerprintMethod, fingerprint_bits: int) -> FingerprintModel:
+    """``init_model`` made trainable again, after checking that ``method`` would have built it: the
+    same method, code length, PNM sites and reader (a loaded model's reader is frozen for use)."""
+    fresh = method.record()
+    wanted = {"method": fresh.get("method"), "fingerprint_bits": fingerprint_bits, "pnm": fresh.get("pnm"),
+              "extractor": fresh.get("extractor")}
+    found = {"method": init_model.method, "fingerprint_bits": init_model.fingerprint_bits,
+             "pnm": init_model.meta.get("pnm"), "extractor": init_model.meta.get("extractor")}
+    differs = [key for key in wanted if wanted[key] != found[key]]
+    if differs:
+        raise ConfigError(f"init_from: the checkpoint was not built by this method config ({', '.join(differs)} "
+                          f"differ: {differs[0]}={found[differs[0]]!r} there, {wanted[differs[0]]!r} here)")
+    if method.train.get("train_decoder") and init_model.reference_vae is None:
+        init_model.reference_vae = deepcopy(init_model.vae).eval().requires_grad_(False)
+    init_model.pnm.train()
+    init_model.extractor.train().requires_grad_(True)
+    return init_model
 
 
 # -- evaluation ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from fingerprint_lm.errors import CheckpointError, ConfigError, check_int
 from fingerprint_lm.lit import stages
 from fingerprint_lm.methods import FingerprintMethod
-from fingerprint_lm.models.checkpoint import save_fingerprint_model
+from fingerprint_lm.models.checkpoint import load_fingerprint_model, save_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.models.vae import BaseVAESpec
 from fingerprint_lm.report.plots import write_training_curve
 from fingerprint_lm.tasks.training_record import record_training_config
@@ -60,9 +60,11 @@ def model_spec(cfg: DictConfig) -> BaseVAESpec:
         raise error if error is exc.__cause__ else ConfigError(f"model: {error}") from exc
 
 
-def train_from_config(cfg: DictConfig, vae, datamodule, make_trainer, ckpt_path: str | None = None, seed=None):
+def train_from_config(cfg: DictConfig, vae, datamodule, make_trainer, ckpt_path: str | None = None, seed=None,
+                      init_model=None):
     """:func:`stages.train_fingerprint` with ``fingerprint_bits``, the ``method`` and the decoder
-    settings of ``model.*`` from ``cfg`` (the training run and the sweep's per-length models)."""
+    settings of ``model.*`` from ``cfg`` (the training run and the sweep's per-length models);
+    ``init_model``: a trained model to continue from (``init_from``)."""
     spec = model_spec(cfg)
     return stages.train_fingerprint(
         vae,
@@ -74,7 +76,21 @@ def train_from_config(cfg: DictConfig, vae, datamodule, make_trainer, ckpt_path:
         seed=cfg.seed if seed is None else seed,
         gradient_checkpointing=spec.gradient_checkpointing,
         calibration_batch_size=spec.calibration_batch_size,
+        init_model=init_model,
     )
+
+
+def init_checkpoint(cfg: DictConfig) -> Path | None:
+    """The checkpoint folder ``init_from`` names: ``shipped`` is the method's shipped checkpoint."""
+    if cfg.get("init_from") is None:
+        return None
+    if str(cfg.init_from) == "shipped":
+        return shipped_checkpoint(cfg.method.checkpoint_name)
+    folder = Path(str(cfg.init_from)).expanduser()
+    if not (folder / "fingerprint.json").is_file():
+        raise ConfigError(f"init_from={cfg.init_from}: no fingerprint checkpoint there (fingerprint.json missing); "
+                          "give a trained model's folder (<run>/fingerprint_model) or init_from=shipped")
+    return folder
 
 
 def resume_checkpoint(last: Path) -> str | None:
@@ -97,6 +113,7 @@ def _check(cfg: DictConfig) -> None:
     check_int("fingerprint_bits", cfg.fingerprint_bits)
     method_from_config(cfg)
     model_spec(cfg)
+    init_checkpoint(cfg)
 
 
 def train(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
@@ -106,11 +123,18 @@ def train(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     make_trainer = make_trainer_factory(cfg, context)
     make_trainer(logger=False, callbacks=[])  # a bad trainer.* value fails now, before any training
-    vae, vae_facts = stages.prepare_base_vae(model_spec(cfg), cfg.paths.cache_dir, datamodule, make_trainer)
+    init_model, init_dir = None, init_checkpoint(cfg)
+    if init_dir is None:
+        vae, vae_facts = stages.prepare_base_vae(model_spec(cfg), cfg.paths.cache_dir, datamodule, make_trainer)
+    else:  # the checkpoint's own trained shared decoder (and the base as it was, for fidelity)
+        init_model = load_fingerprint_model(init_dir)
+        vae, vae_facts = init_model.vae, {"base_vae": str(init_dir / "base_vae"), "init_from": str(init_dir)}
+        log.info("continuing from the trained model at %s", init_dir)
     ckpt_path = resume_checkpoint(output_dir / "checkpoints" / "last.ckpt") if cfg.resume else None
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
-    model, module, train_facts = train_from_config(cfg, vae, datamodule, make_trainer, ckpt_path=ckpt_path)
+    model, module, train_facts = train_from_config(cfg, vae, datamodule, make_trainer, ckpt_path=ckpt_path,
+                                                   init_model=init_model)
     if not is_global_zero():
         # strategy=ddp and SLURM run this whole task on every rank: rank 0 alone evaluates and
         # writes the outputs (with ddp_spawn this is the main process, after fit returned).
