@@ -122,6 +122,9 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("compiled_issue_probe.py", ["--signature-repeats", "-1"]),
     ("view_averaging.py", ["--users", "0"]),
     ("view_averaging.py", ["--users", "8", "--registry", "4"]),
+    ("pnm_augment_finetune.py", ["--steps", "0"]),
+    ("pnm_augment_finetune.py", ["--init-from", "/nonexistent/fingerprint_model"]),
+    ("jpeg_chroma_probe.py", ["--users", "0"]),
 ])
 def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):
     """A bad count, step or weight, or a checkpoint without a reference VAE (carrier), is one

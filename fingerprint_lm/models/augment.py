@@ -41,7 +41,15 @@ def _dct_matrix(n: int, device, dtype) -> torch.Tensor:
     return mat
 
 
-# The standard JPEG luminance table, used for every channel of this approximation.
+# JFIF's full-range BT.601 conversion (byte scale; Cb and Cr centred on 128)
+_TO_YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]],
+                         dtype=torch.float64)
+_YCBCR_OFFSET = torch.tensor([0.0, 128.0, 128.0], dtype=torch.float64)
+# The standard JPEG chrominance table (Cb and Cr, when chroma is subsampled).
+_JPEG_CHROMA = torch.tensor([[17, 18, 24, 47, 99, 99, 99, 99], [18, 21, 26, 66, 99, 99, 99, 99],
+                             [24, 26, 56, 99, 99, 99, 99, 99], [47, 66, 99, 99, 99, 99, 99, 99]]
+                            + [[99] * 8] * 4, dtype=torch.float32)
+# The standard JPEG luminance table (every RGB channel of the default approximation; Y otherwise).
 _JPEG_LUMA = torch.tensor(
     [
         [16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55],
@@ -53,24 +61,46 @@ _JPEG_LUMA = torch.tensor(
 )
 
 
-def jpeg_like(images: torch.Tensor, quality: int) -> torch.Tensor:
-    """JPEG-like quantisation of 8x8 DCT blocks (straight-through rounding, no chroma
-    subsampling): differentiable stand-in for real JPEG. Sides must be multiples of 8."""
-    b, c, h, w = images.shape
-    if h % 8 or w % 8:
-        raise ConfigError(f"jpeg_like needs sides divisible by 8, got {h}x{w}")
+def _quality_table(table: torch.Tensor, quality: int, like: torch.Tensor) -> torch.Tensor:
     quality = max(1, min(100, int(quality)))
     scale = 5000 / quality if quality < 50 else 200 - 2 * quality
-    table = torch.clamp((_JPEG_LUMA * scale + 50) // 100, min=1).to(images)
-    dct = _dct_matrix(8, images.device, images.dtype)
-    x = to_byte_scale(images)
+    return torch.clamp((table * scale + 50) // 100, min=1).to(like)
+
+
+def _quantise_blocks(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """8x8 DCT blocks of ``x`` (byte scale, sides multiples of 8) quantised by ``table`` with
+    straight-through rounding."""
+    b, c, h, w = x.shape
+    dct = _dct_matrix(8, x.device, x.dtype)
     blocks = x.reshape(b, c, h // 8, 8, w // 8, 8).permute(0, 1, 2, 4, 3, 5)
-    coeffs = dct @ (blocks - 128) @ dct.T
-    q = coeffs / table
+    q = (dct @ (blocks - 128) @ dct.T) / table
     q = q + (torch.round(q) - q).detach()  # straight-through
     out = dct.T @ (q * table) @ dct + 128
-    out = out.permute(0, 1, 2, 4, 3, 5).reshape(b, c, h, w)
-    return from_byte_scale(out)
+    return out.permute(0, 1, 2, 4, 3, 5).reshape(b, c, h, w)
+
+
+def jpeg_like(images: torch.Tensor, quality: int, chroma_subsampling: bool = False) -> torch.Tensor:
+    """JPEG-like quantisation of 8x8 DCT blocks (straight-through rounding): a differentiable
+    stand-in for real JPEG. By default every RGB channel is quantised with the luminance table and
+    sides must be multiples of 8. ``chroma_subsampling`` models what PIL (and most encoders) do:
+    BT.601 YCbCr, Y quantised with the luminance table, Cb and Cr averaged over 2x2 pixels (4:2:0),
+    quantised with the chrominance table and repeated back; sides must be multiples of 16. The
+    difference matters for a mark carried in colour: 4:2:0 alone removes chroma detail above a
+    quarter cycle per pixel (experiments/results/jpeg_chroma_probe.md)."""
+    b, c, h, w = images.shape
+    block = 16 if chroma_subsampling else 8
+    if h % block or w % block:
+        raise ConfigError(f"jpeg_like{' with chroma subsampling' if chroma_subsampling else ''} "
+                          f"needs sides divisible by {block}, got {h}x{w}")
+    x = to_byte_scale(images)
+    if not chroma_subsampling:
+        return from_byte_scale(_quantise_blocks(x, _quality_table(_JPEG_LUMA, quality, images)))
+    ycc = torch.einsum("ij,bjhw->bihw", _TO_YCBCR.to(x), x) + _YCBCR_OFFSET.to(x).view(1, 3, 1, 1)
+    luma = _quantise_blocks(ycc[:, :1], _quality_table(_JPEG_LUMA, quality, images))
+    chroma = _quantise_blocks(F.avg_pool2d(ycc[:, 1:], 2), _quality_table(_JPEG_CHROMA, quality, images))
+    chroma = chroma.repeat_interleave(2, -2).repeat_interleave(2, -1)
+    ycc = torch.cat([luma, chroma], 1) - _YCBCR_OFFSET.to(x).view(1, 3, 1, 1)
+    return from_byte_scale(torch.einsum("ij,bjhw->bihw", torch.linalg.inv(_TO_YCBCR.to(x)), ycc))
 
 
 def crop_resize(images: torch.Tensor, keep_area: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -107,6 +137,10 @@ class AugmentConfig:
     crop_keep_area: tuple[float, float] = (0.7, 1.0)
     p_brightness: float = 0.3
     brightness_factor: tuple[float, float] = (0.7, 1.3)
+    # JPEG as encoders do it (YCbCr, 4:2:0 chroma, the chrominance table) instead of every RGB
+    # channel through the luminance table; settable with `+method.augment.jpeg_chroma_subsampling=true`
+    # (not in the YAMLs, so the shipped checkpoints' recorded recipes stay as they are)
+    jpeg_chroma_subsampling: bool = False
 
     def __post_init__(self) -> None:
         # (probability, range, lowest allowed value, highest) of each augmentation
@@ -143,6 +177,7 @@ def random_augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Ge
     if happens(cfg.p_noise):
         std = _uniform(*cfg.noise_std, generator) * 2  # [0,1] -> [-1,1] units
         x = x + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    if happens(cfg.p_jpeg) and x.shape[-1] % 8 == 0 and x.shape[-2] % 8 == 0:
-        x = jpeg_like(x, int(_uniform(*cfg.jpeg_quality, generator)))
+    block = 16 if cfg.jpeg_chroma_subsampling else 8
+    if happens(cfg.p_jpeg) and x.shape[-1] % block == 0 and x.shape[-2] % block == 0:
+        x = jpeg_like(x, int(_uniform(*cfg.jpeg_quality, generator)), cfg.jpeg_chroma_subsampling)
     return x
