@@ -125,6 +125,7 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("pnm_augment_finetune.py", ["--steps", "0"]),
     ("pnm_augment_finetune.py", ["--init-from", "/nonexistent/fingerprint_model"]),
     ("jpeg_chroma_probe.py", ["--users", "0"]),
+    ("luma_reader_probe.py", ["--steps", "0"]),
 ])
 def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):
     """A bad count, step or weight, or a checkpoint without a reference VAE (carrier), is one

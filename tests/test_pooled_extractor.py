@@ -180,3 +180,20 @@ def test_fitting_the_whitening_gives_every_submodule_its_own_mode_back():
         assert not any(m.training for m in reader.modules())
         raise RuntimeError("mid-read")
     assert [m.training for m in reader.modules()] == before
+
+
+def test_a_luma_band_reader_keeps_the_secret_bands_and_ignores_chroma():
+    """colour=luma: the same secret frequencies and orientations, every band along BT.601 luma, so a
+    texture that changes only chroma (zero luma) leaves its raw band energies where they were."""
+    random, luma = BandEnergyExtractor(48), BandEnergyExtractor(48, colour="luma")
+    assert torch.equal(random.band_frequency, luma.band_frequency) and torch.equal(random.band_angle, luma.band_angle)
+    expected = torch.nn.functional.normalize(torch.tensor([0.299, 0.587, 0.114]), dim=0)
+    assert torch.allclose(luma.band_colour, expected.expand(48, 3))
+    images = torch.stack([s["image"] for s in ProceduralImages(resolution=32, seed=4, length=8)])
+    chroma_only = torch.tensor([0.587, -0.299, 0.0])  # orthogonal to the luma weights
+    wave = torch.sin(torch.arange(32) * 2.0)[None, :] * torch.ones(32, 1)
+    shifted = images + 0.1 * wave * chroma_only[:, None, None]
+    assert torch.allclose(luma.raw_logits(shifted), luma.raw_logits(images), atol=1e-4)
+    assert not torch.allclose(random.raw_logits(shifted), random.raw_logits(images), atol=1e-2)
+    with pytest.raises(ConfigError, match="colour must be random or luma"):
+        BandEnergyExtractor(48, colour="blue")

@@ -233,11 +233,14 @@ class BandEnergyExtractor(WhitenedReader):
         learn_filters: train the filters (from the secret bank) instead of keeping them fixed.
         centre: where the whitening puts threshold 0: the unmarked logits' ``median`` or ``mean``
             (:meth:`WhitenedReader.fit_whitening_raw`).
+        colour: each band's colour direction: ``random`` (a secret unit RGB vector per band) or
+            ``luma`` (every band along BT.601 luma, which JPEG's 4:2:0 chroma subsampling keeps;
+            experiments/results/jpeg_chroma_probe.md).
     """
 
     def __init__(self, fingerprint_bits: int, filter_size: int = 7, frequency: tuple[float, float] = (0.12, 0.35),
                  seed: int = 5, gain: float = 3.0, learn_filters: bool = False, centre: str = "median",
-                 decorrelate: bool = True):
+                 decorrelate: bool = True, colour: str = "random"):
         check_int("fingerprint length", fingerprint_bits)
         check_int("band reader filter_size", filter_size, 3)
         super().__init__(fingerprint_bits, gain, centre, decorrelate)
@@ -246,12 +249,17 @@ class BandEnergyExtractor(WhitenedReader):
         low, high = frequency
         radius = low + (high - low) * torch.rand(fingerprint_bits, generator=generator)
         angle = math.pi * torch.rand(fingerprint_bits, generator=generator)
-        colour = F.normalize(torch.randn(fingerprint_bits, 3, generator=generator), dim=1)
+        if colour not in ("random", "luma"):
+            raise ConfigError(f"band reader colour must be random or luma, got {colour!r}")
+        # drawn either way, so that a luma reader's frequencies and orientations are the random one's
+        directions = F.normalize(torch.randn(fingerprint_bits, 3, generator=generator), dim=1)
+        if colour == "luma":
+            directions = F.normalize(torch.tensor([0.299, 0.587, 0.114]), dim=0).expand(fingerprint_bits, 3).clone()
         # The secret bands, kept to describe them (tests plant textures in them); the filters below are what reads.
         self.register_buffer("band_frequency", radius, persistent=False)
         self.register_buffer("band_angle", angle, persistent=False)
-        self.register_buffer("band_colour", colour, persistent=False)
-        bank = gabor_bank(radius, angle, colour, filter_size)
+        self.register_buffer("band_colour", directions, persistent=False)
+        bank = gabor_bank(radius, angle, directions, filter_size)
         # One state-dict key either way, so a checkpoint loads whichever way it was trained.
         if learn_filters:
             self.weight = nn.Parameter(bank)

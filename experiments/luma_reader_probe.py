@@ -1,0 +1,79 @@
+"""Probe (issue 11): does a band reader along luma make pnm's mark survive JPEG?
+
+The shipped reader's bands each lie along a random colour direction, and the mark it taught the
+decoder lives mostly in chroma, which JPEG's 4:2:0 subsampling removes
+(``results/jpeg_chroma_probe.md``). This trains pnm from scratch with the shipped recipe for
+``--steps`` twice, the bands' colours random (as shipped) and along luma (same secret frequencies
+and orientations), each as
+
+    python -m fingerprint_lm method=pnm method.steps=STEPS logger=none [+method.extractor.band_energy.colour=luma]
+
+in its own folder under ``--workdir`` (the base VAE from ``--cache``, default the checkout's
+``.cache/fingerprint_lm``), one at a time, and reads each model's held-out figures
+(``metrics.json``) and its colour probe (``jpeg_chroma_probe.probe``). Rows go to
+``results/luma_reader_probe.jsonl``; the table is printed and written to ``results/luma_reader_probe.md``:
+
+    python experiments/luma_reader_probe.py --steps 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from jpeg_chroma_probe import probe
+
+from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# the base VAE every shipped checkpoint shares, cached by the checkout's own runs (a cold one pretrains ~10 min)
+CHECKOUT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "fingerprint_lm"
+ARMS = {"random": [], "luma": ["+method.extractor.band_energy.colour=luma"]}
+COLUMNS = ("bit_acc", "psnr", "shift_8", "jpeg_q90", "jpeg_q50", "gaussian_blur_s1", "brightness_1.5")
+
+
+def run_arm(name: str, steps: int, workdir: Path, cache: Path) -> dict:
+    folder = workdir / name
+    if folder.exists():
+        raise ConfigError(f"{folder} exists: give another --workdir (each arm trains in a fresh folder)")
+    folder.mkdir(parents=True)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "fingerprint_lm", "method=pnm", f"method.steps={steps}", "logger=none",
+                    *ARMS[name]], cwd=folder, check=True, env={**os.environ, "FINGERPRINT_LM_CACHE": str(cache)})
+    seconds = time.perf_counter() - start
+    [metrics_path] = folder.glob("outputs/runs/*/metrics.json")
+    metrics = json.loads(metrics_path.read_text())
+    figures = {key: round(float(metrics.get(key, metrics["robustness"].get(key))), 4) for key in COLUMNS}
+    colours = probe(str(metrics_path.parent / "fingerprint_model"), users=4, n_images=256, seed=5)
+    return {"arm": name, "steps": steps, "overrides": ARMS[name], "seconds": round(seconds, 1), **figures,
+            "colour_probe": colours}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--workdir", type=Path, default=Path("luma_reader_probe"))
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("FINGERPRINT_LM_CACHE", CHECKOUT_CACHE)))
+    args = parser.parse_args()
+    check_int("--steps", args.steps)
+    lines = ["| arm | steps | s | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 3) + "|"]
+    probes = []
+    for name in args.arms:
+        row = run_arm(name, args.steps, args.workdir, args.cache)
+        with (RESULTS / "luma_reader_probe.jsonl").open("a") as out:
+            out.write(json.dumps(row) + "\n")
+        lines.append(f"| {name} | {row['steps']} | {row['seconds']:.0f} | "
+                     + " | ".join(f"{row[key]:.2f}" if key == "psnr" else f"{row[key]:.3f}" for key in COLUMNS) + " |")
+        probes.append(f"### {name}\n\n{row['colour_probe']}")
+        print("\n".join(lines), flush=True)
+    (RESULTS / "luma_reader_probe.md").write_text("\n".join(lines) + "\n\n" + "\n\n".join(probes) + "\n")
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
