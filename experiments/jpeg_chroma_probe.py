@@ -21,55 +21,33 @@ Prints a markdown table; ``results/jpeg_chroma_probe.md`` keeps the run's table.
 from __future__ import annotations
 
 import argparse
-import io
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from soft_attribution import issue_copies
 
+from fingerprint_lm.attacks.image import jpeg
 from fingerprint_lm.distributor.generation import decode_with, held_out_images
 from fingerprint_lm.errors import check_int, exit_on_user_error
 from fingerprint_lm.models import batched
+from fingerprint_lm.models.augment import rgb_to_ycbcr, ycbcr_to_rgb
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.pixels import from_uint8, to_uint8
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# BT.601 full range, as JPEG (JFIF) converts
-TO_YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
-
-
-def jpeg(images: torch.Tensor, quality: int, subsampling: int) -> torch.Tensor:
-    """PIL JPEG at ``quality``; ``subsampling`` 2 is 4:2:0 (PIL's default), 0 is 4:4:4."""
-    decoded = []
-    for array in to_uint8(images):
-        buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="JPEG", quality=quality, subsampling=subsampling)
-        buffer.seek(0)
-        with Image.open(buffer) as reloaded:
-            decoded.append(np.asarray(reloaded.convert("RGB"), dtype=np.uint8))
-    return from_uint8(np.stack(decoded))
-
-
-def ycbcr(images: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("ij,bjhw->bihw", TO_YCBCR, images)
-
-
-def rgb(channels: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(TO_YCBCR), channels)
 
 
 def subsample_chroma(images: torch.Tensor) -> torch.Tensor:
     """4:2:0 without quantisation: Cb and Cr averaged over 2x2 pixels and repeated back."""
-    channels = ycbcr(images)
+    channels = rgb_to_ycbcr(images)
     chroma = torch.nn.functional.avg_pool2d(channels[:, 1:], 2).repeat_interleave(2, -2).repeat_interleave(2, -1)
-    return rgb(torch.cat([channels[:, :1], chroma], 1))
+    return ycbcr_to_rgb(torch.cat([channels[:, :1], chroma], 1))
 
 
 def swap_luma(luma_from: torch.Tensor, chroma_from: torch.Tensor) -> torch.Tensor:
-    return rgb(torch.cat([ycbcr(luma_from)[:, :1], ycbcr(chroma_from)[:, 1:]], 1))
+    return ycbcr_to_rgb(torch.cat([rgb_to_ycbcr(luma_from)[:, :1], rgb_to_ycbcr(chroma_from)[:, 1:]], 1))
 
 
 def main() -> None:
@@ -98,10 +76,10 @@ def probe(checkpoint: str, users: int, n_images: int, seed: int) -> str:
     truth = codes[np.repeat(np.arange(users), n_images)]
     views = {
         "as decoded (8-bit pixels)": from_uint8(to_uint8(marked)),
-        "JPEG 90, 4:2:0 (PIL's default; the sweep's attack)": jpeg(marked, 90, 2),
-        "JPEG 90, 4:4:4": jpeg(marked, 90, 0),
-        "JPEG 50, 4:2:0": jpeg(marked, 50, 2),
-        "JPEG 50, 4:4:4": jpeg(marked, 50, 0),
+        "JPEG 90, 4:2:0 (PIL's default; the sweep's attack)": jpeg(marked, 90),
+        "JPEG 90, 4:4:4": jpeg(marked, 90, subsampling=0),
+        "JPEG 50, 4:2:0": jpeg(marked, 50),
+        "JPEG 50, 4:4:4": jpeg(marked, 50, subsampling=0),
         "chroma subsampled 4:2:0, no quantisation": subsample_chroma(marked),
         "marked luma, base chroma": swap_luma(marked, base),
         "base luma, marked chroma": swap_luma(base, marked),

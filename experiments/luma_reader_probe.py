@@ -21,14 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from jpeg_chroma_probe import probe
+from pnm_augment_finetune import row_figures, train_in_fresh_folder
 
-from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
+from fingerprint_lm.errors import check_int, exit_on_user_error
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # the base VAE every shipped checkpoint shares, cached by the checkout's own runs (a cold one pretrains ~10 min)
@@ -38,17 +36,10 @@ COLUMNS = ("bit_acc", "psnr", "shift_8", "jpeg_q90", "jpeg_q50", "gaussian_blur_
 
 
 def run_arm(name: str, steps: int, workdir: Path, cache: Path) -> dict:
-    folder = workdir / name
-    if folder.exists():
-        raise ConfigError(f"{folder} exists: give another --workdir (each arm trains in a fresh folder)")
-    folder.mkdir(parents=True)
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "fingerprint_lm", "method=pnm", f"method.steps={steps}", "logger=none",
-                    *ARMS[name]], cwd=folder, check=True, env={**os.environ, "FINGERPRINT_LM_CACHE": str(cache)})
-    seconds = time.perf_counter() - start
-    [metrics_path] = folder.glob("outputs/runs/*/metrics.json")
-    metrics = json.loads(metrics_path.read_text())
-    figures = {key: round(float(metrics.get(key, metrics["robustness"].get(key))), 4) for key in COLUMNS}
+    metrics_path, seconds = train_in_fresh_folder(
+        workdir / name, ["method=pnm", f"method.steps={steps}", "logger=none", *ARMS[name]],
+        env={**os.environ, "FINGERPRINT_LM_CACHE": str(cache)})
+    figures = row_figures(json.loads(metrics_path.read_text()), COLUMNS)
     colours = probe(str(metrics_path.parent / "fingerprint_model"), users=4, n_images=256, seed=5)
     return {"arm": name, "steps": steps, "overrides": ARMS[name], "seconds": round(seconds, 1), **figures,
             "colour_probe": colours}

@@ -47,24 +47,29 @@ COLUMNS = ("bit_acc", "psnr", "shift_8", "crop_0.5", "jpeg_q90", "jpeg_q50", "ga
            "gaussian_noise_0.05", "brightness_1.5", "combined")
 
 
-def run_variant(name: str, steps: int, workdir: Path, init_from: str = "shipped") -> dict:
-    folder = workdir / name
+def train_in_fresh_folder(folder: Path, overrides: list[str], env: dict | None = None) -> tuple[Path, float]:
+    """``python -m fingerprint_lm *overrides`` run from ``folder``, which must not exist yet: the run's
+    ``metrics.json`` and the command's wall time in seconds (luma_reader_probe.py runs its arms so too)."""
     if folder.exists():
-        raise ConfigError(f"{folder} exists: give another --workdir (each variant runs in a fresh folder)")
+        raise ConfigError(f"{folder} exists: give another --workdir (each run trains in a fresh folder)")
     folder.mkdir(parents=True)
-    command = [sys.executable, "-m", "fingerprint_lm", "method=pnm", f"init_from={init_from}", f"method.steps={steps}",
-               "logger=none", *COMMON, *VARIANTS[name]]
     start = time.perf_counter()
-    subprocess.run(command, cwd=folder, check=True)
+    subprocess.run([sys.executable, "-m", "fingerprint_lm", *overrides], cwd=folder, check=True, env=env)
     [metrics_path] = folder.glob("outputs/runs/*/metrics.json")
-    metrics = json.loads(metrics_path.read_text())
+    return metrics_path, time.perf_counter() - start
+
+
+def run_variant(name: str, steps: int, workdir: Path, init_from: str = "shipped") -> dict:
+    metrics_path, seconds = train_in_fresh_folder(workdir / name, [
+        "method=pnm", f"init_from={init_from}", f"method.steps={steps}", "logger=none", *COMMON, *VARIANTS[name]])
     return {"variant": name, "steps": steps, "init_from": init_from, "overrides": [*COMMON, *VARIANTS[name]],
-            "seconds": round(time.perf_counter() - start, 1), **row_figures(metrics)}
+            "seconds": round(seconds, 1), **row_figures(json.loads(metrics_path.read_text()))}
 
 
-def row_figures(metrics: dict) -> dict:
+def row_figures(metrics: dict, columns: tuple[str, ...] = COLUMNS) -> dict:
+    """``columns`` of a run's ``metrics.json``: top-level figures, else robustness probes."""
     robust = metrics.get("robustness", {})
-    return {key: round(float(metrics[key] if key in metrics else robust[key]), 4) for key in COLUMNS}
+    return {key: round(float(metrics[key] if key in metrics else robust[key]), 4) for key in columns}
 
 
 def table(rows: list[dict]) -> str:

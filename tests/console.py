@@ -6,8 +6,8 @@ they check. :func:`run_console` runs ``fingerprint_lm/__main__.py`` as ``__main_
 ``sys.argv``, the working directory and the environment as the user's shell would give them, and
 returns what a ``subprocess.run`` would: the exit code, stdout and stderr. What only a fresh
 interpreter shows (start-up itself, a real ``cwd``) stays covered by the tests that keep a real
-subprocess: every README command (tests/test_readme_commands.py) and one bad input per console
-test module.
+subprocess: every README command (tests/test_readme_commands.py), one bad input
+(tests/test_cli_bad_input.py), the kill -9 fault tests, DDP and SLURM.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from fingerprint_lm.errors import CheckpointError, ConfigError, DataError
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
 from fingerprint_lm.lit.worst_case import worst_case_perturbation
 from fingerprint_lm.models.augment import AugmentConfig
-from fingerprint_lm.models.checkpoint import load_fingerprint_model
+from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.models.extractor import FingerprintExtractor
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.vae import build_vae, load_vae
@@ -196,3 +196,16 @@ def test_init_from_continues_the_shipped_pnm_model_and_records_it(tmp_path):
         run(compose_config(tmp_path, [*quick, "fingerprint_bits=32"], tiny=False))
     with pytest.raises(ConfigError, match="init_from=.*no fingerprint checkpoint there"):
         run(compose_config(tmp_path, ["method=pnm", f"init_from={tmp_path / 'nothing'}"]))
+
+
+def test_a_given_reference_vae_is_the_modules_fidelity_reference():
+    """A continued model's shared decoder has moved from the base: with ``reference_vae`` the module
+    measures fidelity against the base as it was, without it against the decoder as it is."""
+    model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
+    key = "conv_out.weight"
+    assert not torch.equal(model.vae.decoder.state_dict()[key], model.reference_vae.decoder.state_dict()[key])
+    continued = FingerprintModule(model.vae, model.pnm, model.extractor, reference_vae=model.reference_vae,
+                                  train_decoder=True)
+    assert torch.equal(continued.reference_pnm.decoder.state_dict()[key], model.reference_vae.decoder.state_dict()[key])
+    fresh = FingerprintModule(model.vae, model.pnm, model.extractor, train_decoder=True)
+    assert torch.equal(fresh.reference_pnm.decoder.state_dict()[key], model.vae.decoder.state_dict()[key])

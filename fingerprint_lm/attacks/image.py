@@ -66,9 +66,11 @@ def _check_images(images: torch.Tensor) -> None:
         raise ConfigError(f"image attacks take floating-point images in [-1, 1], got {images.dtype}")
 
 
-def jpeg(images: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Real JPEG compression through PIL at quality ``strength`` (1..100, 4:2:0 subsampling, PIL's
-    defaults). Images are quantised to 8 bits first, as a saved PNG would be. Deterministic."""
+def jpeg(images: torch.Tensor, strength: float, generator: torch.Generator | None = None,
+         subsampling: int = 2) -> torch.Tensor:
+    """Real JPEG compression through PIL at quality ``strength`` (1..100; ``subsampling`` PIL's: 2 is
+    4:2:0, its default and the attack's, 0 is 4:4:4). Images are quantised to 8 bits first, as a
+    saved PNG would be. Deterministic."""
     _check_images(images)
     quality = int(round(float(strength)))
     if not 1 <= quality <= 100:
@@ -76,7 +78,7 @@ def jpeg(images: torch.Tensor, strength: float, generator: torch.Generator | Non
     decoded = []
     for array in to_uint8(images):
         buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+        Image.fromarray(array).save(buffer, format="JPEG", quality=quality, subsampling=subsampling)
         buffer.seek(0)
         with Image.open(buffer) as reloaded:
             decoded.append(np.asarray(reloaded.convert("RGB"), dtype=np.uint8))

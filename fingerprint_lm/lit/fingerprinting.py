@@ -46,6 +46,9 @@ class FingerprintModule(L.LightningModule):
         augment: training augmentations.
         calibration_batch_size: images per decoder pass when calibrating the carriers and fitting
             the detector before training (decoder activations at SD scale bound it, not the data).
+        reference_vae: with ``train_decoder``, the base VAE as it was when it differs from ``pnm``'s
+            decoder now (a model continued with ``init_from``): its decoder weights are the
+            fidelity reference; None: ``pnm``'s decoder as it is at construction.
         **training: :class:`~fingerprint_lm.lit.training_settings.TrainingSettings` (``method.train``),
             each one readable as an attribute of the module (``self.lr``, ``self.wc_rho``, ...).
 
@@ -63,6 +66,7 @@ class FingerprintModule(L.LightningModule):
         extractor: FingerprintExtractor,
         augment: AugmentConfig | None = None,
         calibration_batch_size: int = 256,
+        reference_vae: AutoencoderKL | None = None,
         **training,
     ):
         super().__init__()
@@ -87,6 +91,10 @@ class FingerprintModule(L.LightningModule):
         freeze_encoder(self.vae)
         # Before any decoder weight can move: what fidelity is measured against (see reference()).
         self.reference_pnm = copy.deepcopy(pnm).requires_grad_(False).eval() if self.train_decoder else None
+        if self.reference_pnm is not None and reference_vae is not None:
+            self.reference_pnm.decoder.load_state_dict(reference_vae.decoder.state_dict())
+            if self.reference_pnm.post_quant_conv is not None:
+                self.reference_pnm.post_quant_conv.load_state_dict(reference_vae.post_quant_conv.state_dict())
         for weight in self.decoder_weights():
             weight.requires_grad_(self.train_decoder)
         for param in self.pnm.pnm_parameters():

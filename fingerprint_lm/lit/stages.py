@@ -135,12 +135,8 @@ def train_fingerprint(
         model = continued_model(init_model, method, fingerprint_bits)
     model.pnm.gradient_checkpointing = gradient_checkpointing
     module = FingerprintModule(model.vae, model.pnm, model.extractor, augment=aug.AugmentConfig(**method.augment),
-                               calibration_batch_size=calibration_batch_size, **method.train)
-    if init_model is not None and module.reference_pnm is not None and model.reference_vae is not None:
-        # the module copied the trained decoder as its reference: fidelity is against the base as it was
-        module.reference_pnm.decoder.load_state_dict(model.reference_vae.decoder.state_dict())
-        if module.reference_pnm.post_quant_conv is not None:
-            module.reference_pnm.post_quant_conv.load_state_dict(model.reference_vae.post_quant_conv.state_dict())
+                               calibration_batch_size=calibration_batch_size,
+                               reference_vae=None if init_model is None else model.reference_vae, **method.train)
     trainer = make_trainer()
     start = time.perf_counter()
     facts: dict[str, Any] = {}

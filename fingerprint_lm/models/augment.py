@@ -61,6 +61,16 @@ _JPEG_LUMA = torch.tensor(
 )
 
 
+def rgb_to_ycbcr(images: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, H, W]`` RGB -> Y, Cb, Cr by JFIF's BT.601 matrix (linear: no offset, any scale)."""
+    return torch.einsum("ij,bjhw->bihw", _TO_YCBCR.to(images), images)
+
+
+def ycbcr_to_rgb(channels: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`rgb_to_ycbcr`."""
+    return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(_TO_YCBCR.to(channels)), channels)
+
+
 def _quality_table(table: torch.Tensor, quality: int, like: torch.Tensor) -> torch.Tensor:
     quality = max(1, min(100, int(quality)))
     scale = 5000 / quality if quality < 50 else 200 - 2 * quality
@@ -95,12 +105,12 @@ def jpeg_like(images: torch.Tensor, quality: int, chroma_subsampling: bool = Fal
     x = to_byte_scale(images)
     if not chroma_subsampling:
         return from_byte_scale(_quantise_blocks(x, _quality_table(_JPEG_LUMA, quality, images)))
-    ycc = torch.einsum("ij,bjhw->bihw", _TO_YCBCR.to(x), x) + _YCBCR_OFFSET.to(x).view(1, 3, 1, 1)
+    ycc = rgb_to_ycbcr(x) + _YCBCR_OFFSET.to(x).view(1, 3, 1, 1)
     luma = _quantise_blocks(ycc[:, :1], _quality_table(_JPEG_LUMA, quality, images))
     chroma = _quantise_blocks(F.avg_pool2d(ycc[:, 1:], 2), _quality_table(_JPEG_CHROMA, quality, images))
     chroma = chroma.repeat_interleave(2, -2).repeat_interleave(2, -1)
     ycc = torch.cat([luma, chroma], 1) - _YCBCR_OFFSET.to(x).view(1, 3, 1, 1)
-    return from_byte_scale(torch.einsum("ij,bjhw->bihw", torch.linalg.inv(_TO_YCBCR.to(x)), ycc))
+    return from_byte_scale(ycbcr_to_rgb(ycc))
 
 
 def crop_resize(images: torch.Tensor, keep_area: float, generator: torch.Generator | None = None) -> torch.Tensor:
