@@ -203,3 +203,19 @@ def test_compiled_issue_probe_equals_the_shipped_issuance(checkpoint, monkeypatc
     for act_type in ("none", "permute", "sign", "scale", "all"):
         for scope in ("stream", "interior", "both"):
             assert _max_relative_difference(model, act_type, scope) < 1e-6, (act_type, scope)
+
+
+@pytest.mark.parametrize("run_model, refusal", [("missing", "no fingerprint checkpoint there"),
+                                                ("shipped", "already records a second cycle")])
+def test_ship_second_cycle_refuses_what_is_not_a_second_cycle_of_the_shipped_model(
+        tmp_path, run_model, refusal, monkeypatch, capsys):
+    """A folder without a checkpoint, or any run once the shipped pnm checkpoint is itself a
+    second cycle, is one error line, exit 2, and nothing written."""
+    from fingerprint_lm.models.checkpoint import shipped_checkpoint
+
+    folder = tmp_path / "missing" if run_model == "missing" else shipped_checkpoint("embedded_pnm")
+    args = [str(folder), "--out", str(tmp_path / "out")]
+    code, stderr = run_script("ship_second_cycle.py", args, monkeypatch, capsys)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and refusal in errors[0], stderr
+    assert not (tmp_path / "out").exists()

@@ -37,6 +37,11 @@ BAD_SETTINGS = [  # (override, words the error must hold)
     ("method.augment.jpeg_quality=[90,50]", "method.augment.jpeg_quality[1] must be a finite number >= 90"),
     ("method.augment.noise_std=[0.1]", "method.augment.noise_std must be [low, high]"),
     ("+method.augment.p_rotate=0.5", "method.augment has no setting 'p_rotate'"),
+    ("method.second_cycle=5", "method.second_cycle must be a mapping {steps: N, train: {...}} or null, got 5"),
+    ("+method.second_cycle.stepz=3", "method.second_cycle has no setting 'stepz' (known: steps, train)"),
+    ("method.second_cycle={steps:0}", "method.second_cycle.steps must be a positive integer, got 0"),
+    ("method.second_cycle={steps:5,train:{lr:-1}}", "method.second_cycle.train.lr must be a finite number > 0"),
+    ("+method.shipped_second_cycle.train.lrr=1", "method.shipped_second_cycle.train has no setting 'lrr'"),
 ]
 
 

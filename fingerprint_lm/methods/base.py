@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from fingerprint_lm.errors import ConfigError, check_int, keyword_names, settings_from
+from fingerprint_lm.errors import ConfigError, check_int, check_keys, keyword_names, settings_from
 from fingerprint_lm.lit.training_settings import TrainingSettings
 from fingerprint_lm.models.act import ACT_TYPES, apply_act, draw_act
 from fingerprint_lm.models.augment import AugmentConfig
@@ -34,6 +34,11 @@ class FingerprintMethod:
         checkpoint_name: the folder under ``fingerprint_lm/assets/`` its shipped checkpoint lives in.
         shipped_steps: the steps its shipped checkpoint was trained with (``+experiment=train``
             and the collusion sweep train that many, so that the sweep can use the shipped one).
+        second_cycle: ``{steps, train}``: after the ``steps``, the trained model trains on for a
+            second cycle of the rates, ``train`` overriding keys of ``train`` (what ``init_from``
+            does, in the same run: :meth:`second_cycle_method`); None: one cycle.
+        shipped_second_cycle: the second cycle its shipped checkpoint was trained with (None: one);
+            ``+experiment=train`` and the collusion sweep set ``second_cycle`` to it.
     """
 
     name: str
@@ -45,6 +50,8 @@ class FingerprintMethod:
     detector_fit_samples: int = 0
     checkpoint_name: str = "embedded"
     shipped_steps: int | None = None
+    second_cycle: dict[str, Any] | None = None
+    shipped_second_cycle: dict[str, Any] | None = None
 
     # False: nothing is shared across users to train (stable_signature trains each copy instead);
     # the training stage then runs only the method's hooks.
@@ -61,6 +68,27 @@ class FingerprintMethod:
         settings_from(AugmentConfig, self.augment, "method.augment")
         if self.trains_shared_modules:
             settings_from(TrainingSettings, self.train, "method.train")
+        for where in ("second_cycle", "shipped_second_cycle"):
+            self._check_cycle(where, getattr(self, where))
+
+    def _check_cycle(self, where: str, cycle: dict[str, Any] | None) -> None:
+        if cycle is None:
+            return
+        if not self.trains_shared_modules:
+            raise ConfigError(f"method.{where}: {self.name} trains nothing shared, so it has no second cycle")
+        if not isinstance(cycle, dict):
+            raise ConfigError(f"method.{where} must be a mapping {{steps: N, train: {{...}}}} or null, got {cycle!r}")
+        check_keys(f"method.{where}", cycle, ("steps", "train"))
+        check_int(f"method.{where}.steps", cycle.get("steps"), 1)
+        settings_from(TrainingSettings, {**self.train, **(cycle.get("train") or {})}, f"method.{where}.train")
+
+    def second_cycle_method(self) -> FingerprintMethod | None:
+        """The method a second cycle trains with: ``second_cycle.steps`` steps, its ``train`` keys
+        over this method's; None without a second cycle."""
+        if self.second_cycle is None:
+            return None
+        train = {**self.train, **(self.second_cycle.get("train") or {})}
+        return replace(self, steps=int(self.second_cycle["steps"]), train=train, second_cycle=None)
 
     # -- what a checkpoint records --------------------------------------------------------------
     def record(self) -> dict[str, Any]:

@@ -6,6 +6,7 @@ Also the config readers the collusion sweep's per-length training shares: :func:
 
 from __future__ import annotations
 
+import copy
 import logging
 import zipfile
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fingerprint_lm.errors import CheckpointError, ConfigError, check_int
 from fingerprint_lm.lit import stages
@@ -61,23 +62,52 @@ def model_spec(cfg: DictConfig) -> BaseVAESpec:
 
 
 def train_from_config(cfg: DictConfig, vae, datamodule, make_trainer, ckpt_path: str | None = None, seed=None,
-                      init_model=None):
+                      init_model=None, first_cycle_dir: Path | None = None):
     """:func:`stages.train_fingerprint` with ``fingerprint_bits``, the ``method`` and the decoder
     settings of ``model.*`` from ``cfg`` (the training run and the sweep's per-length models);
-    ``init_model``: a trained model to continue from (``init_from``)."""
+    ``init_model``: a trained model to continue from (``init_from``).
+
+    With ``method.second_cycle`` the trained model then trains on for that cycle, as ``init_from``
+    would continue it. ``first_cycle_dir``: where the first cycle's model is kept (rank 0 writes it);
+    a run that finds it there (a rerun after a kill) skips the first cycle and restarts the second."""
     spec = model_spec(cfg)
-    return stages.train_fingerprint(
-        vae,
-        check_int("fingerprint_bits", cfg.fingerprint_bits),
-        datamodule,
-        make_trainer,
-        method=method_from_config(cfg),
-        ckpt_path=ckpt_path,
-        seed=cfg.seed if seed is None else seed,
-        gradient_checkpointing=spec.gradient_checkpointing,
-        calibration_batch_size=spec.calibration_batch_size,
-        init_model=init_model,
-    )
+    method = method_from_config(cfg)
+    seed = cfg.seed if seed is None else seed
+
+    def run(method, vae, ckpt_path, init_model, make_trainer=make_trainer):
+        return stages.train_fingerprint(
+            vae, check_int("fingerprint_bits", cfg.fingerprint_bits), datamodule, make_trainer, method=method,
+            ckpt_path=ckpt_path, seed=seed, gradient_checkpointing=spec.gradient_checkpointing,
+            calibration_batch_size=spec.calibration_batch_size, init_model=init_model)
+
+    second = method.second_cycle_method()
+    if second is None:
+        return run(method, vae, ckpt_path, init_model)
+    history: list[dict] = []
+    if first_cycle_dir is not None and (first_cycle_dir / "fingerprint.json").is_file():
+        log.info("second cycle: the first cycle's model is at %s; training the second from it", first_cycle_dir)
+        model, first_seconds = load_fingerprint_model(first_cycle_dir), 0.0
+    else:
+        model, module, facts = run(method, vae, ckpt_path, init_model)
+        history, first_seconds = module.history, facts["train_seconds"]
+        if first_cycle_dir is not None and is_global_zero():  # recorded as the one-cycle run it was, not evaluated
+            first_cfg = copy.deepcopy(cfg)
+            with open_dict(first_cfg):
+                first_cfg.method.second_cycle = None
+            record_training_config(model, first_cfg, facts)
+            save_fingerprint_model(model, first_cycle_dir)
+    log.info("second cycle: %d steps from the %d-step model", second.steps, method.steps)
+    # the trainer config's max_steps is method.steps (conf/trainer/): the second cycle's is its own
+    model, module, facts = run(second, model.vae, None, model,
+                               lambda **overrides: make_trainer(**{"max_steps": second.steps, **overrides}))
+    # one curve over both cycles; the record's steps are the first cycle's (the sweep matches
+    # method.steps) and the second cycle's length is recorded beside them
+    elapsed = history[-1]["elapsed_s"] if history else 0.0
+    module.history = history + [{**row, "step": row["step"] + method.steps, "elapsed_s": row["elapsed_s"] + elapsed}
+                                for row in module.history]
+    facts.update({"steps": method.steps, "second_cycle_steps": facts["steps"],
+                  "train_seconds": first_seconds + facts["train_seconds"]})
+    return model, module, facts
 
 
 def init_checkpoint(cfg: DictConfig) -> Path | None:
@@ -134,7 +164,8 @@ def train(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     model, module, train_facts = train_from_config(cfg, vae, datamodule, make_trainer, ckpt_path=ckpt_path,
-                                                   init_model=init_model)
+                                                   init_model=init_model,
+                                                   first_cycle_dir=output_dir / "first_cycle_model")
     if not is_global_zero():
         # strategy=ddp and SLURM run this whole task on every rank: rank 0 alone evaluates and
         # writes the outputs (with ddp_spawn this is the main process, after fit returned).

@@ -28,6 +28,8 @@ def training_recipe(cfg: DictConfig) -> dict[str, Any]:
     # pnm's alone, and only since 2026-12-06: the other methods' records stay as they were shipped
     if method.get("bit_calibration_images") is not None:
         recipe["bit_calibration_images"] = method.bit_calibration_images
+    if method.get("second_cycle") is not None:  # only when set: one-cycle records stay as they were shipped
+        recipe["second_cycle"] = OmegaConf.to_container(method.second_cycle, resolve=True)
     if cfg.get("init_from") is not None:  # a fine-tune of another checkpoint is not a fresh training
         recipe["init_from"] = str(cfg.init_from)
     return recipe
