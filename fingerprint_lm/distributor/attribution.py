@@ -168,7 +168,7 @@ def attribute_images(
     image's false-accusation bound stays ``fpr``); each row then says its ``orientation``. A left-right
     mirror erases what pnm's reader reads (0 of 2048 mirrored images attributed), and this rule
     attributes mirrored images as well as unmirrored ones, at a little power on the unmirrored
-    (0.910 of either against 0.933 read once: ``experiments/results/view_averaging.md``)."""
+    (0.992 of either against 0.995 read once: ``experiments/results/view_averaging.md``)."""
     index = _index(registry)
     _check(extractor, index, fpr)
     names, tensors = [name for name, _ in images], [image for _, image in images]
