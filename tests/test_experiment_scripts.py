@@ -126,6 +126,9 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("pnm_augment_finetune.py", ["--init-from", "/nonexistent/fingerprint_model"]),
     ("jpeg_chroma_probe.py", ["--users", "0"]),
     ("luma_reader_probe.py", ["--steps", "0"]),
+    ("code_screening.py", ["--candidates", "2"]),
+    ("code_screening.py", ["--keep", "1.5"]),
+    ("code_screening.py", ["--probe", "0"]),
 ])
 def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):
     """A bad count, step or weight, or a checkpoint without a reference VAE (carrier), is one
