@@ -14,9 +14,13 @@ This measures whether that would work, and what it does to the false-accusation 
 - the null: the soft p-values (uncorrected) of the candidates' codes as innocents, on the other
   users' held-out images and on unmarked (base decoder) images. Attribution's bound assumes an
   innocent's code is a fair coin independent of the image; a screened code is not a uniform draw,
-  so the share of innocent pairs at p <= 1e-3 is compared for kept and for rejected codes.
+  so the share of innocent pairs at p <= 1e-3 is compared for kept and for rejected codes;
+- ``--null-images N``: a registry of ``--registry`` screened codes (drawn until that many pass the
+  probe threshold the candidates set) and one of uniform codes, each against N unmarked images:
+  images accused at fpr 1e-6, and the share of the N x registry pairs at p <= 1e-3, 1e-4, 1e-5.
 
     python experiments/code_screening.py --candidates 64 --probe 64 --images 256
+    python experiments/code_screening.py --candidates 64 --probe 64 --images 256 --null-images 10000
 
 Prints a markdown table; the row is appended to ``results/code_screening.jsonl``.
 """
@@ -39,7 +43,7 @@ from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.pixels import from_uint8, to_uint8
 from fingerprint_lm.registry.index import CodeIndex
-from fingerprint_lm.registry.soft import quantized_weights, soft_identify, soft_tail
+from fingerprint_lm.registry.soft import null_tail, quantized_weights, soft_identify, soft_tail
 
 RESULTS = Path(__file__).resolve().parent / "results" / "code_screening.jsonl"
 PROBE_SEED, EVAL_SEED = 101, 5  # disjoint procedural images
@@ -58,8 +62,47 @@ def innocent_p_values(logits: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return np.stack([soft_tail(weights, scores[:, j]) for j in range(len(codes))], axis=1)
 
 
+def pair_p_values(logits: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """[images, codes] uncorrected soft p-values, the null law built once per image (many codes)."""
+    weights = quantized_weights(logits)
+    scores = weights @ codes.T.astype(np.int64)
+    rows = []
+    for w, s in zip(weights, scores, strict=True):
+        low, tail = null_tail(w)
+        at = s - low
+        rows.append(np.where(at >= len(tail), 0.0, np.minimum(tail[np.clip(at, 0, len(tail) - 1)], 1.0)))
+    return np.stack(rows)
+
+
 @torch.no_grad()
-def screen(candidates: int, n_probe: int, n_images: int, registry: int, keep: float, fpr: float, seed: int) -> dict:
+def screened_null(model, threshold: float, n_probe: int, n_registry: int, n_images: int, fpr: float,
+                  seed: int) -> dict:
+    """Unmarked images against a registry of codes that pass the probe and one of uniform codes."""
+    resolution = model.meta.get("resolution", 32)
+    probe = held_out_images(resolution, n_probe, PROBE_SEED)
+    rng = np.random.default_rng(seed + 1)
+    kept, draws = [], 0
+    while len(kept) < n_registry:
+        code = rng.integers(0, 2, model.fingerprint_bits, dtype=np.uint8)
+        draws += 1
+        state = personal_tensors(model, code, "all", int(rng.integers(2**31)))
+        decoder = decoder_from_tensors(model.vae.config, *state)
+        if ((read(model, decoder, probe) > 0) == code).mean() >= threshold:
+            kept.append(code)
+    uniform = np.random.default_rng(seed + 2).integers(0, 2, (n_registry, model.fingerprint_bits), dtype=np.uint8)
+    logits = read(model, model.unmarked_vae, held_out_images(resolution, n_images, 1234))
+    out = {"null_images": n_images, "screened_draws": draws}
+    for name, codes in (("screened", np.stack(kept)), ("uniform", uniform)):
+        index = CodeIndex.from_bits([f"u{i}" for i in range(n_registry)], codes)
+        p = pair_p_values(logits, codes)
+        out[name] = {"accused": sum(r["accused"] for r in soft_identify(logits, index, fpr=fpr)),
+                     **{f"p<={t:g}": float((p <= t).mean()) for t in (1e-3, 1e-4, 1e-5)}}
+    return out
+
+
+@torch.no_grad()
+def screen(candidates: int, n_probe: int, n_images: int, registry: int, keep: float, fpr: float, seed: int,
+           null_images: int = 0) -> dict:
     model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
     resolution = model.meta.get("resolution", 32)
     probe, images = held_out_images(resolution, n_probe, PROBE_SEED), held_out_images(resolution, n_images, EVAL_SEED)
@@ -94,6 +137,9 @@ def screen(candidates: int, n_probe: int, n_images: int, registry: int, keep: fl
             "innocent_p<=1e-3": float((marked_p[:, chosen][innocent[:, chosen]] <= 1e-3).mean()),
             "unmarked_p<=1e-3": float((unmarked_p[:, chosen] <= 1e-3).mean()),
         }
+    row["probe_threshold"] = float(probe_acc[kept].min())
+    if null_images:
+        row["null"] = screened_null(model, row["probe_threshold"], n_probe, registry, null_images, fpr, seed)
     return row
 
 
@@ -108,6 +154,16 @@ def table(row: dict) -> str:
         label = {"all": "every candidate", "kept": f"top {row['keep']:.0%} by probe", "rejected": "the rest"}[name]
         lines.append(f"| {label} | {r['codes']} | {r['held_bit_acc']:.3f} / {r['held_bit_acc_min']:.3f} | "
                      f"{r['attribution']:.3f} | {r['innocent_p<=1e-3']:.5f} / {r['unmarked_p<=1e-3']:.5f} |")
+    if "null" in row:
+        null = row["null"]
+        lines += ["", f"{null['null_images']} unmarked images against {row['registry']} registered codes "
+                  f"(screened: probe bit_acc >= {row['probe_threshold']:.3f}, {null['screened_draws']} draws)", "",
+                  f"| registry | accused at fpr {row['fpr']:g} | pairs p <= 1e-3 | p <= 1e-4 | p <= 1e-5 |",
+                  "|---|---|---|---|---|"]
+        for name in ("screened", "uniform"):
+            r = null[name]
+            rates = " | ".join(f"{r[key]:.2e}" for key in ("p<=0.001", "p<=0.0001", "p<=1e-05"))
+            lines.append(f"| {name} | {r['accused']} | {rates} |")
     return "\n".join(lines)
 
 
@@ -120,15 +176,18 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=0.75)
     parser.add_argument("--fpr", type=float, default=1e-6)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--null-images", type=int, default=0, help="> 0: the screened registry's null test")
     args = parser.parse_args()
     for name in ("candidates", "probe", "images", "registry"):
         check_int(f"--{name}", getattr(args, name))
     if args.candidates < 4 or args.candidates > args.registry:
         raise ConfigError(f"--candidates must be between 4 and --registry ({args.registry}), got {args.candidates}")
+    check_int("--null-images", args.null_images, 0)
     if not 0 < args.keep < 1:
         raise ConfigError(f"--keep must lie strictly between 0 and 1, got {args.keep}")
     start = time.perf_counter()
-    row = screen(args.candidates, args.probe, args.images, args.registry, args.keep, args.fpr, args.seed)
+    row = screen(args.candidates, args.probe, args.images, args.registry, args.keep, args.fpr, args.seed,
+                 args.null_images)
     row.update({"date": time.strftime("%Y-%m-%d"), "seconds": round(time.perf_counter() - start, 1),
                 "threads": torch.get_num_threads()})
     print(table(row))

@@ -129,6 +129,7 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("code_screening.py", ["--candidates", "2"]),
     ("code_screening.py", ["--keep", "1.5"]),
     ("code_screening.py", ["--probe", "0"]),
+    ("code_screening.py", ["--null-images", "-1"]),
 ])
 def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):
     """A bad count, step or weight, or a checkpoint without a reference VAE (carrier), is one
