@@ -158,6 +158,8 @@ def test_each_settings_group_is_typed_by_its_schema(default_cfg, group):
         ("distributor.fpr=2", "distributor", "distributor.fpr must lie in (0, 1), got 2.0"),
         ("distributor.tracing=tardis", "distributor", "distributor.tracing must be one of evidence, tardos"),
         ("distributor.top=0", "distributor", "distributor.top must be a positive integer, got 0"),
+        ("distributor.min_probe_bit_acc=2", "distributor",
+         "distributor.min_probe_bit_acc must be a finite number <= 1"),
         ("distributor.decoding=fuzzy", "distributor",
          "distributor.decoding must be one of soft, soft_whitened, soft_code_null, hard"),
         ("sweep.images=coco", "sweep", "sweep.images must be one of procedural, data, got 'coco'"),

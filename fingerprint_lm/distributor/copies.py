@@ -34,7 +34,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import diffusers
@@ -236,6 +236,7 @@ def issue_copy(
     scale_range: tuple[float, float] = (0.25, 4.0),
     rng: np.random.Generator | None = None,
     act_scope: str = "stream",
+    draw_code: Callable[[np.random.Generator], np.ndarray] | None = None,
 ) -> dict:
     """Issue ``user_id``'s copy: draw a code, build the copy, write it, register it.
 
@@ -249,6 +250,7 @@ def issue_copy(
         scale_range: log-uniform range of ACT's group scales.
         act_scope: where ACT acts (:data:`~fingerprint_lm.models.act.ACT_SCOPES`).
         rng: draws the code (default: fresh OS entropy; codes must not be predictable).
+        draw_code: ``rng -> code`` (default ``registry.new_code``; screening: ``screening.CodeScreen``).
 
     Every check runs before anything is written; if registration fails (e.g. another process
     registered the same id meanwhile) the copy folder is removed again, so the registry and the
@@ -276,7 +278,7 @@ def issue_copy(
         if user_id in registry:  # registered by another process while we waited for the lock
             raise RegistryError(f"duplicate user {user_id!r}: already registered")
         _remove_interrupted_issue(target)
-        code = registry.new_code(np.random.default_rng() if rng is None else rng)
+        code = (draw_code or registry.new_code)(np.random.default_rng() if rng is None else rng)
         seed = derive_act_seed(secret, user_id) if act_type != "none" else None
         state, bias_map, site = personal_tensors(model, code, act_type, seed, scale_range, act_scope)
         sha = write_copy(target, model.vae.config, state, bias_map, site)

@@ -26,6 +26,7 @@ from fingerprint_lm.distributor.copies import (
     verify_copy,
 )
 from fingerprint_lm.distributor.generation import decode_with, held_out_images, save_pngs
+from fingerprint_lm.distributor.screening import CodeScreen
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.models.checkpoint import (
     checkpoint_code_length,
@@ -68,6 +69,7 @@ def task_issue(cfg: DictConfig, context: TaskContext) -> dict:
     model = load_fingerprint_model(checkpoint_dir(cfg))
     with open_registry(settings.registry, model.fingerprint_bits, settings.min_distance, create=True,
                        method=model.method) as reg:
+        screen = None if settings.min_probe_bit_acc is None else CodeScreen(model, reg, settings.min_probe_bit_acc)
         result = issue_copy(
             model,
             reg,
@@ -78,7 +80,10 @@ def task_issue(cfg: DictConfig, context: TaskContext) -> dict:
             scale_range=(act.scale_min, act.scale_max),
             act_scope=act.scope,
             rng=code_rng(settings.code_seed, user_id),
+            draw_code=screen,
         )
+        if screen is not None:
+            result.update({"probe_bit_acc": screen.probe_bit_acc, "code_draws": screen.draws})
         result["n_users"] = len(reg)
     result["registry"] = str(settings.registry)
     return result
