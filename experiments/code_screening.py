@@ -36,42 +36,22 @@ import numpy as np
 import torch
 
 from fingerprint_lm.distributor.copies import decoder_from_tensors
-from fingerprint_lm.distributor.generation import decode_with, held_out_images
+from fingerprint_lm.distributor.generation import held_out_images
+from fingerprint_lm.distributor.screening import PROBE_SEED, read_logits
 from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
 from fingerprint_lm.methods.base import personal_tensors
-from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
-from fingerprint_lm.pixels import from_uint8, to_uint8
 from fingerprint_lm.registry.index import CodeIndex
-from fingerprint_lm.registry.soft import null_tail, quantized_weights, soft_identify, soft_tail
+from fingerprint_lm.registry.soft import quantized_weights, soft_identify, soft_tail
 
 RESULTS = Path(__file__).resolve().parent / "results" / "code_screening.jsonl"
-PROBE_SEED, EVAL_SEED = 101, 5  # disjoint procedural images
+EVAL_SEED = 5  # the held-out images the other pnm probes read (PROBE_SEED: the distributor's probe, other content)
 
 
-def read(model, decoder, images: torch.Tensor) -> np.ndarray:
-    """The reader's logits on ``images`` decoded by ``decoder`` and saved as 8-bit pixels."""
-    pixels = from_uint8(to_uint8(decode_with(model.vae, decoder, images)))
-    return batched.extract(model.extractor, pixels, "cpu").double().numpy()
-
-
-def innocent_p_values(logits: np.ndarray, codes: np.ndarray) -> np.ndarray:
+def p_values(logits: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """[images, codes]: each code's uncorrected soft p-value on each image."""
     weights = quantized_weights(logits)
-    scores = weights @ codes.T.astype(np.int64)
-    return np.stack([soft_tail(weights, scores[:, j]) for j in range(len(codes))], axis=1)
-
-
-def pair_p_values(logits: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """[images, codes] uncorrected soft p-values, the null law built once per image (many codes)."""
-    weights = quantized_weights(logits)
-    scores = weights @ codes.T.astype(np.int64)
-    rows = []
-    for w, s in zip(weights, scores, strict=True):
-        low, tail = null_tail(w)
-        at = s - low
-        rows.append(np.where(at >= len(tail), 0.0, np.minimum(tail[np.clip(at, 0, len(tail) - 1)], 1.0)))
-    return np.stack(rows)
+    return soft_tail(weights, weights @ codes.T.astype(np.int64))
 
 
 @torch.no_grad()
@@ -87,14 +67,14 @@ def screened_null(model, threshold: float, n_probe: int, n_registry: int, n_imag
         draws += 1
         state = personal_tensors(model, code, "all", int(rng.integers(2**31)))
         decoder = decoder_from_tensors(model.vae.config, *state)
-        if ((read(model, decoder, probe) > 0) == code).mean() >= threshold:
+        if ((read_logits(model, decoder, probe) > 0) == code).mean() >= threshold:
             kept.append(code)
     uniform = np.random.default_rng(seed + 2).integers(0, 2, (n_registry, model.fingerprint_bits), dtype=np.uint8)
-    logits = read(model, model.unmarked_vae, held_out_images(resolution, n_images, 1234))
+    logits = read_logits(model, model.unmarked_vae, held_out_images(resolution, n_images, 1234))
     out = {"null_images": n_images, "screened_draws": draws}
     for name, codes in (("screened", np.stack(kept)), ("uniform", uniform)):
         index = CodeIndex.from_bits([f"u{i}" for i in range(n_registry)], codes)
-        p = pair_p_values(logits, codes)
+        p = p_values(logits, codes)
         out[name] = {"accused": sum(r["accused"] for r in soft_identify(logits, index, fpr=fpr)),
                      **{f"p<={t:g}": float((p <= t).mean()) for t in (1e-3, 1e-4, 1e-5)}}
     return out
@@ -113,8 +93,8 @@ def screen(candidates: int, n_probe: int, n_images: int, registry: int, keep: fl
     for user in range(candidates):
         decoder = decoder_from_tensors(model.vae.config, *personal_tensors(model, codes[user], "all",
                                                                            int(rng.integers(2**31))))
-        probe_acc.append(float(((read(model, decoder, probe) > 0) == codes[user]).mean()))
-        logits = read(model, decoder, images)
+        probe_acc.append(float(((read_logits(model, decoder, probe) > 0) == codes[user]).mean()))
+        logits = read_logits(model, decoder, images)
         held_logits.append(logits)
         held_acc.append(float(((logits > 0) == codes[user]).mean()))
         found = soft_identify(logits, index, fpr=fpr)
@@ -124,10 +104,10 @@ def screen(candidates: int, n_probe: int, n_images: int, registry: int, keep: fl
     # the null: every candidate's code as an innocent on the other candidates' images (a thinned
     # sample of them, own pairs masked) and on unmarked images
     step = max(1, n_images // 16)
-    marked_p = innocent_p_values(np.concatenate([logits[::step] for logits in held_logits]), codes[:candidates])
+    marked_p = p_values(np.concatenate([logits[::step] for logits in held_logits]), codes[:candidates])
     owner = np.repeat(np.arange(candidates), len(marked_p) // candidates)
     innocent = np.arange(candidates)[None, :] != owner[:, None]
-    unmarked_p = innocent_p_values(read(model, model.unmarked_vae, images), codes[:candidates])
+    unmarked_p = p_values(read_logits(model, model.unmarked_vae, images), codes[:candidates])
     row = {"candidates": candidates, "probe_images": n_probe, "images": n_images, "registry": registry, "keep": keep,
            "fpr": fpr, "seed": seed, "probe_vs_held_corr": float(np.corrcoef(probe_acc, held_acc)[0, 1])}
     for name, chosen in (("all", np.ones(candidates, dtype=bool)), ("kept", kept), ("rejected", ~kept)):

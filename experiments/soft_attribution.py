@@ -76,7 +76,7 @@ def innocent_calibration(logits: np.ndarray, codes: np.ndarray, truth: np.ndarra
     scores = weights @ codes.T.astype(np.int64)
     innocent = np.ones_like(scores, dtype=bool)
     innocent[np.arange(len(truth)), truth] = False
-    p = np.stack([soft_tail(weights, scores[:, j]) for j in range(scores.shape[1])], axis=1)[innocent]
+    p = soft_tail(weights, scores)[innocent]
     return {"pairs": int(p.size), "p<=1e-3": float((p <= 1e-3).mean()), "p<=1e-4": float((p <= 1e-4).mean())}
 
 

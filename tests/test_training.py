@@ -212,7 +212,8 @@ def test_a_second_cycle_trains_on_from_the_first_in_the_same_run(tiny_cfg, tmp_p
     recorded = json.loads((tmp_path / "run" / "fingerprint_model" / "fingerprint.json").read_text())
     assert recorded["recipe"]["second_cycle"] == {"steps": 6, "train": {"lr": 1e-4}}
     assert recorded["metrics"]["steps"] == 10
-    assert (tmp_path / "run" / "first_cycle_model" / "fingerprint.json").is_file()
+    first = json.loads((tmp_path / "run" / "first_cycle_model" / "fingerprint.json").read_text())
+    assert "second_cycle" not in first["recipe"] and first["metrics"]["steps"] == 10
     caplog.clear()
     with caplog.at_level("INFO", logger="fingerprint_lm.tasks.train"):
         rerun = run(tiny_cfg(overrides))

@@ -27,6 +27,14 @@ from fingerprint_lm.pixels import from_uint8, to_uint8
 PROBE_SEED = 101  # the probe's procedural images: the seed experiments/code_screening.py measured with
 
 
+@torch.no_grad()
+def read_logits(model: FingerprintModel, decoder, images: torch.Tensor) -> np.ndarray:
+    """The reader's logits (float64) on ``images`` encoded by ``model``'s VAE, decoded by
+    ``decoder`` and saved as 8-bit pixels, as a user's images would be."""
+    pixels = from_uint8(to_uint8(decode_with(model.vae, decoder, images)))
+    return batched.extract(model.extractor, pixels, "cpu").double().numpy()
+
+
 class CodeScreen:
     """A code drawer for :func:`~fingerprint_lm.distributor.copies.issue_copy`: draws codes with
     ``registry.new_code`` until one's decoder reads at least ``min_bit_acc`` of its bits on the
@@ -43,14 +51,11 @@ class CodeScreen:
         self.probe_bit_acc: float | None = None
         self.draws = 0
 
-    @torch.no_grad()
     def read(self, code: np.ndarray) -> float:
         """The share of ``code``'s bits its decoder's probe images read back (ACT changes nothing
         a decoder outputs, so the code's plain PNM decoder stands in for the user's copy)."""
         decoder = decoder_from_tensors(self.model.vae.config, *personal_tensors(self.model, code))
-        pixels = from_uint8(to_uint8(decode_with(self.model.vae, decoder, self.images)))
-        logits = batched.extract(self.model.extractor, pixels, "cpu").numpy()
-        return float(((logits > 0) == np.asarray(code, dtype=bool)).mean())
+        return float(((read_logits(self.model, decoder, self.images) > 0) == np.asarray(code, dtype=bool)).mean())
 
     def __call__(self, rng: np.random.Generator) -> np.ndarray:
         best = 0.0

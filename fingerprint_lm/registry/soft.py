@@ -94,10 +94,14 @@ def _tail_at(low: int, tail: np.ndarray, score) -> np.ndarray:
 
 def soft_tail(weights: np.ndarray, observed) -> np.ndarray:
     """``P[sum_i w_i c_i >= observed]`` for fair coins, exactly, per row of the integer weights
-    ``[n, k]`` (:func:`null_tail`)."""
+    ``[n, k]`` (:func:`null_tail`). ``observed``: one score per row ``[n]`` (or one for all), or
+    many ``[n, u]`` (say, every registered code's score on each image): each row's law is built
+    once for all of its scores, and the result has ``observed``'s shape."""
     weights = np.atleast_2d(np.asarray(weights, dtype=np.int64))
-    observed = np.broadcast_to(np.asarray(observed, dtype=np.int64), (weights.shape[0],))
-    return np.array([float(_tail_at(*null_tail(w), t)) for w, t in zip(weights, observed, strict=True)])
+    observed = np.asarray(observed, dtype=np.int64)
+    if observed.ndim < 2:
+        observed = np.broadcast_to(observed, (weights.shape[0],))
+    return np.array([_tail_at(*null_tail(w), t) for w, t in zip(weights, observed, strict=True)], dtype=np.float64)
 
 
 _BLOCK_ENTRIES = 1 << 22  # query x user x word XORs computed at once (uint64: 32 MiB)

@@ -6,7 +6,6 @@ Also the config readers the collusion sweep's per-length training shares: :func:
 
 from __future__ import annotations
 
-import copy
 import logging
 import zipfile
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from fingerprint_lm.errors import CheckpointError, ConfigError, check_int
 from fingerprint_lm.lit import stages
@@ -91,10 +90,8 @@ def train_from_config(cfg: DictConfig, vae, datamodule, make_trainer, ckpt_path:
         model, module, facts = run(method, vae, ckpt_path, init_model)
         history, first_seconds = module.history, facts["train_seconds"]
         if first_cycle_dir is not None and is_global_zero():  # recorded as the one-cycle run it was, not evaluated
-            first_cfg = copy.deepcopy(cfg)
-            with open_dict(first_cfg):
-                first_cfg.method.second_cycle = None
-            record_training_config(model, first_cfg, facts)
+            record_training_config(model, cfg, facts)
+            model.meta["recipe"].pop("second_cycle")
             save_fingerprint_model(model, first_cycle_dir)
     log.info("second cycle: %d steps from the %d-step model", second.steps, method.steps)
     # the trainer config's max_steps is method.steps (conf/trainer/): the second cycle's is its own
