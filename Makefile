@@ -26,8 +26,8 @@ test-full:  ## all tests, slow ones included
 bench:  ## speed and memory figures, the SD-sized issue ratio and the default sweep cold and warm included (~35 min): writes BENCHMARKS.md
 	$(PY) -m fingerprint_lm.bench --sweep --write BENCHMARKS.md
 
-METHOD ?= carrier
-checkpoint:  ## retrain a shipped checkpoint: METHOD=carrier (assets/embedded, default) | pnm (assets/embedded_pnm)
+METHOD ?= pnm
+checkpoint:  ## retrain a shipped checkpoint: METHOD=pnm (assets/embedded_pnm, default) | carrier (assets/embedded)
 	$(PY) -m fingerprint_lm +experiment=train method=$(METHOD) export_checkpoint=true
 
 format:  ## ruff format + autofix

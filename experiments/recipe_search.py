@@ -43,7 +43,9 @@ VARIANTS: dict[str, list[str]] = {
 
 def compose_cfg(overrides: list[str]):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["+experiment=train", *overrides], return_hydra_config=True)
+        # the carrier recipes it searched (the default method until 2026-12-06)
+        cfg = compose("config", overrides=["+experiment=train", "method=carrier", *overrides],
+                      return_hydra_config=True)
     OmegaConf.update(cfg, "paths.root_dir", str(ROOT))
     OmegaConf.update(cfg, "paths.output_dir", str(ROOT / "outputs" / "recipe_search"))
     cfg.hydra.runtime.cwd = str(ROOT)

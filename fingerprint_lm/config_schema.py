@@ -72,12 +72,16 @@ class DistributorConfig:
     decoding: str = "soft"
     read_mirrored: bool = False
     code_seed: int | None = None
+    screen_codes: bool = True
     min_probe_bit_acc: float | None = None
+    min_probe_psnr: float | None = None
 
     def __post_init__(self) -> None:
         check_probability("distributor.fpr", self.fpr)
         if self.min_probe_bit_acc is not None:
             check_float("distributor.min_probe_bit_acc", self.min_probe_bit_acc, above=0.0, maximum=1.0)
+        if self.min_probe_psnr is not None:
+            check_float("distributor.min_probe_psnr", self.min_probe_psnr, above=0.0)
         check_int("distributor.min_distance", self.min_distance, 0)
         check_int("distributor.top", self.top)
         check_choice("distributor.tracing", self.tracing, ("evidence", "tardos"))

@@ -72,8 +72,11 @@ TINY_BITS = 32  # the shared tiny model's code length: attribution at fpr 1e-6 n
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """One `debug=tiny` carrier model with 32-bit codes, trained once for every test module that
-    needs a trained checkpoint (distributor, sweep)."""
-    metrics = run(compose_config(tmp_path_factory.mktemp("tiny_train"), [f"fingerprint_bits={TINY_BITS}"]))
+    needs a trained checkpoint (distributor, sweep). Carrier, not the default pnm: its carriers
+    are read from step 0, so a 20-step model attributes, which the pipeline's tests need; pnm's
+    own tests train or load pnm models."""
+    metrics = run(compose_config(tmp_path_factory.mktemp("tiny_train"), [f"fingerprint_bits={TINY_BITS}",
+                                                                        "method=carrier"]))
     assert metrics["bit_acc"] > 0.95  # the carriers are read from step 0; attribution needs it
     return Path(metrics["checkpoint"])
 

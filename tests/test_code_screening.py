@@ -1,7 +1,8 @@
-"""Screening codes at issue time (``distributor.min_probe_bit_acc``, distributor/screening.py): the
-issued code is one whose decoder reads at least the threshold on the probe images, the user's
-stock-loaded copy (ACT all) reads the probe as the screen did, and a threshold no code reaches is
-one RegistryError with nothing written or registered."""
+"""Screening codes at issue time (distributor/screening.py; on by default for pnm): the issued code
+is one whose decoder reads at least the bit floor on the probe images and decodes them at least the
+PSNR floor from the base decoder's, the user's stock-loaded copy (ACT all) reads the probe as the
+screen did, floors no code reaches are one RegistryError with nothing written or registered, and
+task=issue takes the checkpoint's recorded floors unless told otherwise."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from fingerprint_lm.distributor.copies import issue_copy
 from fingerprint_lm.distributor.generation import decode_with
-from fingerprint_lm.distributor.screening import CodeScreen
+from fingerprint_lm.distributor.screening import CodeScreen, fit_floors, screen_floors
 from fingerprint_lm.errors import RegistryError
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
@@ -47,23 +48,61 @@ def test_an_unreachable_threshold_is_one_error_and_nothing_is_issued(tmp_path, p
         with pytest.raises(RegistryError, match="no code among 3 draws read >= 0.9999"):
             issue_copy(pnm_model, registry, "bob", tmp_path / "copies", secret=b"s",
                        rng=np.random.default_rng(0), draw_code=screen)
+        psnr_screen = CodeScreen(pnm_model, registry, None, probe_images=8, max_draws=2, min_psnr=60.0)
+        with pytest.raises(RegistryError, match=r"no code among 2 draws decoded >= 60.0 dB \(best 3"):
+            issue_copy(pnm_model, registry, "bob", tmp_path / "copies", secret=b"s",
+                       rng=np.random.default_rng(0), draw_code=psnr_screen)
         assert "bob" not in registry
     assert not (tmp_path / "copies" / "bob").exists()
 
 
-def test_task_issue_screens_codes_when_asked_and_reports_it(tmp_path):
-    """The distributor's command with the setting, as docs/distributor.md shows it."""
+def test_the_psnr_floor_holds_for_the_stock_loaded_copy(tmp_path, pnm_model):
+    from diffusers import AutoencoderKL
+
+    from fingerprint_lm.metrics.quality import psnr
+
+    with Registry(tmp_path / "registry.sqlite", pnm_model.fingerprint_bits) as registry:
+        screen = CodeScreen(pnm_model, registry, None, probe_images=16, min_psnr=30.2)
+        issued = issue_copy(pnm_model, registry, "alice", tmp_path / "copies", secret=b"s", act_type="all",
+                            rng=np.random.default_rng(4), draw_code=screen)
+    stock = AutoencoderKL.from_pretrained(issued["copy"]).eval()
+    with torch.no_grad():
+        quality = float(psnr(decode_with(pnm_model.vae, stock, screen.images), screen.read.base).mean())
+    assert screen.probe_psnr >= 30.2 and abs(quality - screen.probe_psnr) < 1e-3
+
+
+def test_fitted_floors_keep_the_asked_share_of_random_codes(pnm_model):
+    floors = fit_floors(pnm_model, keep=0.5, min_psnr=1.0, candidates=8, probe_images=8)
+    assert floors["candidates"] == 8 and floors["min_probe_psnr"] == 1.0
+    assert floors["pass_rate"] == 0.5  # the median of 8 distinct reads; every copy is above 1 dB
+    recorded = pnm_model.meta["issue_screen"]  # the shipped checkpoint's, fitted with pnm.yaml's settings
+    assert recorded["keep"] == 0.75 and recorded["min_probe_psnr"] == 30.0
+    assert 0.9 < recorded["min_probe_bit_acc"] < 0.95
+    assert screen_floors(recorded, True, None, None) == (recorded["min_probe_bit_acc"], 30.0)
+    assert screen_floors(recorded, True, 0.5, None) == (0.5, 30.0)
+    assert screen_floors(recorded, False, 0.5, 31.0) == (None, None)
+    assert screen_floors(None, True, None, None) == (None, None)
+
+
+def test_task_issue_screens_codes_with_the_checkpoints_floors_and_reports_it(tmp_path, pnm_model):
+    """The distributor's command as the README shows it (pnm, the default), then with screening off."""
     import json
     import os
 
     from tests.console import run_console
 
     env = {**os.environ, "FINGERPRINT_LM_SECRET": "test-secret"}
-    done = run_console(["task=issue", "method=pnm", "user_id=alice", "distributor.min_probe_bit_acc=0.922"],
-                       cwd=tmp_path, env=env)
+    done = run_console(["task=issue", "user_id=alice"], cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
     (issued,) = tmp_path.glob("outputs/runs/*/issue.json")
     result = json.loads(issued.read_text())
-    assert result["probe_bit_acc"] >= 0.922 and result["code_draws"] >= 1
+    floors = pnm_model.meta["issue_screen"]
+    assert result["screen"] == {k: floors[k] for k in ("min_probe_bit_acc", "min_probe_psnr")}
+    assert result["probe_bit_acc"] >= floors["min_probe_bit_acc"] and result["probe_psnr"] >= 30.0
+    assert result["code_draws"] >= 1 and "code screened" in done.stdout
     assert sorted(p.name for p in (tmp_path / "copies" / "alice").iterdir()) == [
         "config.json", "diffusion_pytorch_model.safetensors"]
+    unscreened = run_console(["task=issue", "user_id=bob", "distributor.screen_codes=false"], cwd=tmp_path, env=env)
+    assert unscreened.returncode == 0, unscreened.stderr
+    bob = [json.loads(p.read_text()) for p in tmp_path.glob("outputs/runs/*/issue.json")]
+    assert [r for r in bob if r["user_id"] == "bob"][0].keys().isdisjoint({"code_draws", "screen"})

@@ -72,14 +72,15 @@ def test_paths_and_run_dirs_resolve_without_hydra_config(tmp_path, monkeypatch):
     assert str(cfg.hydra.run.dir).startswith(str(tmp_path / "outputs" / "runs") + "/")
     for key in ("root_dir", "data_dir", "log_dir", "cache_dir", "export_dir"):
         assert Path(str(cfg.paths[key])).is_absolute(), key
-    assert Path(str(cfg.paths.export_dir)) == ROOT / "fingerprint_lm" / "assets" / "embedded"
+    assert Path(str(cfg.paths.export_dir)) == ROOT / "fingerprint_lm" / "assets" / "embedded_pnm"  # the default method
 
 
 def test_debug_overlays_shrink_an_experiment_and_the_command_line_still_wins(tmp_path):
     sweep = compose_config(tmp_path, ["+experiment=collusion_sweep"], tiny=False)
     tiny = compose_config(tmp_path, ["+experiment=collusion_sweep", "debug=tiny"], tiny=False)
     fast = compose_config(tmp_path, ["+experiment=collusion_sweep", "debug=fast"], tiny=False)
-    assert len(str(sweep.sweep.grid.case).split(",")) == 28 and sweep.method.steps == 600
+    # the default method (pnm) at its shipped steps; the grid's method axis sets each point's
+    assert len(str(sweep.sweep.grid.case).split(",")) == 28 and sweep.method.steps == sweep.method.shipped_steps
     assert (tiny.sweep.grid.fingerprint_bits, tiny.sweep.grid.act) == ("48", "all")
     assert len(str(tiny.sweep.grid.case).split(",")) == 2 and tiny.method.steps == 20
     assert len(str(fast.sweep.grid.act).split(",")) * len(str(fast.sweep.grid.case).split(",")) == 6
@@ -160,6 +161,7 @@ def test_each_settings_group_is_typed_by_its_schema(default_cfg, group):
         ("distributor.top=0", "distributor", "distributor.top must be a positive integer, got 0"),
         ("distributor.min_probe_bit_acc=2", "distributor",
          "distributor.min_probe_bit_acc must be a finite number <= 1"),
+        ("distributor.min_probe_psnr=0", "distributor", "distributor.min_probe_psnr must be a finite number > 0"),
         ("distributor.decoding=fuzzy", "distributor",
          "distributor.decoding must be one of soft, soft_whitened, soft_code_null, hard"),
         ("sweep.images=coco", "sweep", "sweep.images must be one of procedural, data, got 'coco'"),

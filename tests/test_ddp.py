@@ -125,7 +125,10 @@ def assert_gradients_were_averaged(probe_dir: Path) -> None:
 
 
 def _ddp_cfg(tmp_path: Path, extra=()):
-    cfg = compose_config(tmp_path, ["trainer=ddp_sim", "fingerprint_bits=8", f"method.steps={STEPS}",
+    # carrier, the pipeline tests' method: what is checked is the strategy's gradient averaging,
+    # and pnm trains through the same FingerprintModule (its warm-down needs a real optimizer's
+    # param_groups, which the replayed step's stand-in does not have)
+    cfg = compose_config(tmp_path, ["method=carrier", "trainer=ddp_sim", "fingerprint_bits=8", f"method.steps={STEPS}",
                                     "model.pretrain.steps=4", "method.detector_fit_samples=128",
                                     "callbacks.model_checkpoint.every_n_train_steps=2", *extra])
     with open_dict(cfg):
@@ -214,7 +217,7 @@ def test_strategy_ddp_runs_the_script_on_every_rank_and_rank_zero_writes(tmp_pat
     # outputs and the base VAE cache must still be written once. Carrier dropout leaves parameters
     # unused in some steps: the find_unused_parameters strategy of conf/trainer/ddp.yaml copes.
     command = [
-        sys.executable, "-m", "fingerprint_lm", *DEBUG_TINY, "trainer=ddp_sim",
+        sys.executable, "-m", "fingerprint_lm", *DEBUG_TINY, "method=carrier", "trainer=ddp_sim",
         "trainer.strategy=ddp_find_unused_parameters_true", "method.train.carrier_dropout=0.5",
         "fingerprint_bits=8", f"method.steps={STEPS + 2}", "model.pretrain.steps=4",
         "method.detector_fit_samples=128", f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run",

@@ -130,6 +130,12 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("code_screening.py", ["--keep", "1.5"]),
     ("code_screening.py", ["--probe", "0"]),
     ("code_screening.py", ["--null-images", "-1"]),
+    ("default_condition.py", ["--users", "0"]),
+    ("default_condition.py", ["--users", "8", "--registry", "4"]),
+    ("default_condition.py", ["--min-probe-bit-acc", "1.5"]),
+    ("default_condition.py", ["--min-probe-psnr", "0"]),
+    ("screened_marked_null.py", ["--registry", "0"]),
+    ("screened_marked_null.py", ["--fpr", "2"]),
 ])
 def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):
     """A bad count, step or weight, or a checkpoint without a reference VAE (carrier), is one
@@ -137,18 +143,24 @@ def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypa
     assert_refused_leaving_results(script, args, monkeypatch, capsys)
 
 
-def test_fit_soft_whitening_refuses_a_pnm_checkpoint_and_leaves_it_as_it_was(tmp_path, monkeypatch, capsys):
-    """Only the carrier reader has a soft whitening: a pnm checkpoint is one error line, exit 2, unchanged."""
+@pytest.mark.parametrize("script, checkpoint, refusal", [
+    ("fit_soft_whitening.py", "embedded_pnm", "carrier"),  # only the carrier reader has a soft whitening
+    ("fit_issue_screen.py", "embedded_pnm", "already records issue_screen"),  # fitted once
+    ("fit_issue_screen.py", "embedded", "the floors are pnm's"),
+])
+def test_a_post_training_fit_refuses_a_checkpoint_it_does_not_apply_to_and_leaves_it(
+        tmp_path, script, checkpoint, refusal, monkeypatch, capsys):
+    """One error line, exit 2, and the checkpoint's files as they were."""
     import shutil
 
     from fingerprint_lm.models.checkpoint import shipped_checkpoint
 
-    target = tmp_path / "pnm"
-    shutil.copytree(shipped_checkpoint("embedded_pnm"), target)
+    target = tmp_path / checkpoint
+    shutil.copytree(shipped_checkpoint(checkpoint), target)
     before = {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()}
-    code, stderr = run_script("fit_soft_whitening.py", [str(target)], monkeypatch, capsys)
+    code, stderr = run_script(script, [str(target)], monkeypatch, capsys)
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1 and "carrier" in errors[0], stderr
+    assert code == 2 and len(errors) == 1 and refusal in errors[0], stderr
     assert {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
 
 

@@ -42,6 +42,11 @@ BAD_SETTINGS = [  # (override, words the error must hold)
     ("method.second_cycle={steps:0}", "method.second_cycle.steps must be a positive integer, got 0"),
     ("method.second_cycle={steps:5,train:{lr:-1}}", "method.second_cycle.train.lr must be a finite number > 0"),
     ("+method.shipped_second_cycle.train.lrr=1", "method.shipped_second_cycle.train has no setting 'lrr'"),
+    ("method.issue_screen=5", "method.issue_screen must be a mapping {keep, min_psnr} or null, got 5"),
+    ("+method.issue_screen.kep=0.5", "method.issue_screen has no setting 'kep'"),
+    ("method.issue_screen.keep=0", "method.issue_screen.keep must be a finite number <= 1 and > 0, got 0"),
+    ("method.issue_screen.min_psnr=null", "method.issue_screen.min_psnr must be a finite number > 0, got None"),
+    ("+method.issue_screen.candidates=0", "method.issue_screen.candidates must be a positive integer"),
 ]
 
 

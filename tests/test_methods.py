@@ -56,8 +56,8 @@ def set_eps(module, eps: float) -> None:
 
 
 def test_method_group_instantiates_every_method(tmp_path, tiny_default_cfg):
-    carrier = method_from_config(tiny_default_cfg)
-    pnm = method_from_config(compose_config(tmp_path, ["method=pnm"]))
+    pnm = method_from_config(tiny_default_cfg)  # the default
+    carrier = method_from_config(compose_config(tmp_path, ["method=carrier"]))
     wouaf = method_from_config(compose_config(tmp_path, ["method=wouaf"]))
     assert isinstance(carrier, CarrierMethod) and isinstance(pnm, PNMMethod)
     assert wouaf.record()["method"] == "wouaf" and wouaf.pnm["affine_sites"] == [] and wouaf.pnm["conv_sites"]
@@ -149,7 +149,7 @@ def test_bad_method_values_are_one_error_line(tmp_path, tiny_default_cfg):
     with pytest.raises(ConfigError, match="unknown extractor kind 'nope'"):
         method_from_config(compose_config(tmp_path, ["method=pnm", "method.extractor.kind=nope"]))
     with pytest.raises(ConfigError, match="tiled extractor"):
-        method_from_config(compose_config(tmp_path, ["+method.extractor.kind=pooled"]))
+        method_from_config(compose_config(tmp_path, ["method=carrier", "+method.extractor.kind=pooled"]))
     with pytest.raises(ConfigError, match="^method: "):  # Hydra's multi-line message, as one line
         method_from_config(compose_config(tmp_path, ["method=pnm", "+method.nope=1"]))
     # whitening needs more images than bits: refused when the model is built, before training
@@ -198,9 +198,14 @@ def test_short_pnm_training_reads_above_chance_through_a_stock_loaded_copy(tmp_p
     from fingerprint_lm.tasks import run
 
     metrics = run(compose_config(tmp_path, ["method=pnm", "fingerprint_bits=16", "method.steps=400",
-                                            "method.train.psnr_target=20"]))
+                                            "method.train.psnr_target=20",
+                                            "method.issue_screen={keep: 0.5, min_psnr: 15, candidates: 8}"]))
     model = load_fingerprint_model(metrics["checkpoint"])
     assert model.method == "pnm"
+    # ... and by fitting the floors task=issue screens codes with (debug=tiny leaves them out; set here)
+    screen = model.meta["issue_screen"]
+    assert screen == metrics["issue_screen"] and screen["candidates"] == 8 and screen["min_probe_psnr"] == 15
+    assert 0.6 < screen["min_probe_bit_acc"] < 1 and screen["pass_rate"] >= 0.25
     # training ends by calibrating the reader per bit (method.bit_calibration_images), and the checkpoint records it
     assert not torch.all(model.extractor.bit_scale == 1)
     assert model.meta["bit_calibration"]["bit_slope_max"] == metrics["bit_slope_max"]
@@ -225,5 +230,5 @@ def test_a_registry_refuses_another_methods_users(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "copies" / "bob").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
     assert issued["has_bias_map"] is False
     with pytest.raises(RegistryError, match="holds method=pnm users, not method=carrier"):
-        run(compose_config(tmp_path, ["task=issue", "user_id=carol"]))
+        run(compose_config(tmp_path, ["task=issue", "user_id=carol", "method=carrier"]))
     assert not (tmp_path / "copies" / "carol").exists()

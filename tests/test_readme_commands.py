@@ -83,7 +83,7 @@ def _check_training_run(workdir: Path, command: str, new: set[Path]) -> None:
     if "logger=csv" in command:
         assert list(run_dir.glob("csv/**/metrics.csv")), "logger=csv writes its metrics.csv"
     recorded = json.loads((run_dir / "fingerprint_model" / "fingerprint.json").read_text())
-    assert recorded["method"] == ("pnm" if "method=pnm" in command else "carrier")
+    assert recorded["method"] == ("carrier" if "method=carrier" in command else "pnm")  # pnm: the default
     if "wc_steps=0" in command:  # the run's composed config, as Hydra saved it
         assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").method.train.wc_steps == 0
 
@@ -125,10 +125,12 @@ def _task_json(workdir: Path, task: str, new: set[Path]) -> dict:
 
 
 def _check_issue(workdir: Path, command: str, new: set[Path]) -> None:
-    # "copies/alice/ + registry row (sha256, ACT type)"
-    assert (workdir / "copies" / "alice" / "config.json").is_file()
+    # "copies/alice/ (stock diffusers files) + registry row; code screened"
+    assert sorted(p.name for p in (workdir / "copies" / "alice").iterdir()) == [
+        "config.json", "diffusion_pytorch_model.safetensors"]
     assert (workdir / "registry" / "registry.sqlite").is_file()
-    assert _task_json(workdir, "issue", new)["user_id"] == "alice"
+    issued = _task_json(workdir, "issue", new)
+    assert issued["user_id"] == "alice" and issued["code_draws"] >= 1 and issued["probe_psnr"] >= 30.0
 
 
 def _check_users(workdir: Path, command: str, new: set[Path]) -> None:

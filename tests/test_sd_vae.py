@@ -276,7 +276,8 @@ NON_MODEL_TINY = DEBUG_TINY
 def test_run_trains_on_an_sd_vae_folder(tmp_path, sd_folder):
     cfg = compose_config(tmp_path, [
         *NON_MODEL_TINY, "model=sd_vae", f"model.path={sd_folder}", "model.calibration_batch_size=16",
-        "fingerprint_bits=8", "method.steps=4", "method.pnm.tile_size=8", "method.detector_fit_samples=64",
+        "method=carrier", "fingerprint_bits=8", "method.steps=4", "method.pnm.tile_size=8",
+        "method.detector_fit_samples=64",
         "data.resolution=32", "data.batch_size=4", "data.test_size=8", "eval.max_images=8",
         "trainer.val_check_interval=4",
     ], tiny=False)

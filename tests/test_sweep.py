@@ -225,6 +225,7 @@ def test_wandb_logs_one_offline_run_per_point_and_finishes(tmp_path, sweep_check
         [
             "+experiment=collusion_sweep",
             "logger=wandb",
+            "method=carrier",  # the shared tiny checkpoint's
             "act=none",
             "sweep.case=none_c1",
             f"sweep.checkpoint={sweep_checkpoint}",
@@ -259,7 +260,8 @@ def test_sweep_trains_a_model_per_length_once_and_uses_the_shipped_one_where_it_
 
     def point_cfg(job: str, overrides: list[str]):
         cfg = compose_config(
-            tmp_path / job, ["+experiment=collusion_sweep", "act=none", *overrides], tiny=False
+            # carrier: its 8-step model reads (closed-form carriers); pnm's sweep recipe adds a 2000-step second cycle
+            tmp_path / job, ["+experiment=collusion_sweep", "method=carrier", "act=none", *overrides], tiny=False
         )
         cfg.paths.cache_dir = str(tmp_path / "cache")  # shared by the jobs, as in one sweep
         return cfg

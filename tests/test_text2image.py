@@ -66,6 +66,7 @@ def world(tmp_path_factory) -> dict:
         root,
         [
             "task=text2image_eval",
+            "method=carrier",  # the checkpoint loaded above (load_fingerprint_model(): assets/embedded)
             f"text2image.pipeline_path={pipeline}",
             "user_id=bob",
             f"text2image.coco_root={coco}",

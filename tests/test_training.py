@@ -101,7 +101,7 @@ def test_plain_step_has_no_worst_case_term():
 
 
 def test_short_training_run_learns_a_readable_fingerprint(tiny_cfg):
-    metrics = run(tiny_cfg(["fingerprint_bits=16", "method.steps=40"]))
+    metrics = run(tiny_cfg(["method=carrier", "fingerprint_bits=16", "method.steps=40"]))  # a 40-step pnm reads ~0.6
     assert metrics["bit_acc"] > 0.8, metrics  # chance is 0.5
     assert metrics["psnr"] > 20
     assert metrics["steps"] == 40
@@ -126,8 +126,8 @@ def test_training_resumes_from_last_ckpt(tiny_cfg):
 
 def test_gradient_training_alone_lifts_bit_accuracy(tiny_cfg):
     # no closed-form start: the readers learn from the loss alone
-    before = run(tiny_cfg(["fingerprint_bits=8", "method.steps=1", "method.detector_fit_samples=0"]))
-    after = run(tiny_cfg(["fingerprint_bits=8", "method.steps=120", "method.detector_fit_samples=0",
+    before = run(tiny_cfg(["method=carrier", "fingerprint_bits=8", "method.steps=1", "method.detector_fit_samples=0"]))
+    after = run(tiny_cfg(["method=carrier", "fingerprint_bits=8", "method.steps=120", "method.detector_fit_samples=0",
                           "resume=false", "method.train.lr=3e-3"]))
     assert after["bit_acc"] > max(0.65, before["bit_acc"] + 0.1), (before["bit_acc"], after["bit_acc"])
 

@@ -1,17 +1,30 @@
-"""Screening codes at issue time (``distributor.min_probe_bit_acc``, opt-in).
+"""Screening codes at issue time: the floors a pnm checkpoint records, and the drawer that keeps them.
 
 How well a pnm copy reads depends mostly on its user's code (0.86-0.97 bit accuracy over 64 codes
 of the shipped checkpoint), and the copies that read worst are where clean attribution fails.
 A copy's read of 64 probe images predicts its read of other images (correlation 0.98), so the
 distributor can decode the probe with a candidate code's decoder before issuing it and draw again
-while it reads below a threshold: no retraining, a few decoder passes per draw. Measured with
+while it reads below a floor: no retraining, a few decoder passes per draw. Measured with
 ``experiments/code_screening.py`` (``experiments/results/code_screening.md``): keeping the best 75%
 of draws (probe bit accuracy >= 0.922) attributes 0.992 of clean images instead of 0.975, and a
 registry of screened codes keeps attribution's false-accusation rates on unmarked images (none
 accused among 10^4 at fpr 1e-6; pair p-values nominal down to 1e-5).
+
+The copy's image quality is screened the same way: the PSNR of the candidate's probe images
+against the base decoder's. A code sets most of that too (29.3-30.5 dB over 32 codes of the
+shipped checkpoint) and the probe predicts it, so a distributor can promise every user a copy
+within a quality floor. With both floors, 32 stock-loaded copies attribute 0.992-0.993 of clean
+held-out images at 30.23-30.24 dB mean (``experiments/results/default_condition.md``).
+
+The floors are fitted once per checkpoint (:func:`fit_floors`: the bit floor keeps the best
+``keep`` of random codes' probe reads, the PSNR floor is the method's quality target), recorded
+in its ``fingerprint.json`` as ``issue_screen``, and used by ``task=issue`` unless the
+distributor's settings say otherwise (:func:`screen_floors`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,51 +33,115 @@ from fingerprint_lm.distributor.copies import decoder_from_tensors
 from fingerprint_lm.distributor.generation import decode_with, held_out_images
 from fingerprint_lm.errors import RegistryError, check_float, check_int
 from fingerprint_lm.methods.base import personal_tensors
+from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import FingerprintModel
 from fingerprint_lm.pixels import from_uint8, to_uint8
 
 PROBE_SEED = 101  # the probe's procedural images: the seed experiments/code_screening.py measured with
+FIT_SEED = 7  # the candidate codes fit_floors reads: code_screening.py's first seed (floor 0.922 there too)
 
 
 @torch.no_grad()
 def read_logits(model: FingerprintModel, decoder, images: torch.Tensor) -> np.ndarray:
     """The reader's logits (float64) on ``images`` encoded by ``model``'s VAE, decoded by
     ``decoder`` and saved as 8-bit pixels, as a user's images would be."""
-    pixels = from_uint8(to_uint8(decode_with(model.vae, decoder, images)))
-    return batched.extract(model.extractor, pixels, "cpu").double().numpy()
+    return logits_of(model, decode_with(model.vae, decoder, images))
+
+
+def logits_of(model: FingerprintModel, decoded: torch.Tensor) -> np.ndarray:
+    """The reader's logits (float64) on decoder outputs saved as 8-bit pixels."""
+    return batched.extract(model.extractor, from_uint8(to_uint8(decoded)), "cpu").double().numpy()
+
+
+class ProbeReader:
+    """Reads a code's decoder on ``probe_images`` fixed images: the share of the code's bits it
+    reads back (8-bit pixels, as a user's images would be) and the mean PSNR of its outputs
+    against the base decoder's. ACT changes nothing a decoder outputs, so the code's plain PNM
+    decoder stands in for the user's copy."""
+
+    def __init__(self, model: FingerprintModel, probe_images: int = 64) -> None:
+        self.model = model
+        self.images = held_out_images(int(model.meta.get("resolution", 32)), check_int("probe_images", probe_images),
+                                      PROBE_SEED)
+        with torch.no_grad():
+            self.base = decode_with(model.vae, model.unmarked_vae, self.images)
+
+    @torch.no_grad()
+    def __call__(self, code: np.ndarray) -> tuple[float, float]:
+        decoder = decoder_from_tensors(self.model.vae.config, *personal_tensors(self.model, code))
+        decoded = decode_with(self.model.vae, decoder, self.images)
+        accuracy = float(((logits_of(self.model, decoded) > 0) == np.asarray(code, dtype=bool)).mean())
+        return accuracy, float(psnr(decoded, self.base).mean())
+
+
+def fit_floors(model: FingerprintModel, keep: float = 0.75, min_psnr: float = 30.0, candidates: int = 64,
+               probe_images: int = 64, seed: int = FIT_SEED) -> dict[str, Any]:
+    """The ``issue_screen`` record of a checkpoint: ``candidates`` random codes are read on the
+    probe, the bit floor keeps the best ``keep`` of them (its ``1 - keep`` quantile), the PSNR floor
+    is ``min_psnr``; ``pass_rate`` is the share of candidates that clear both (the mean draws per
+    issued copy is about its inverse)."""
+    check_float("keep", keep, above=0.0, maximum=1.0)
+    check_float("min_psnr", min_psnr, above=0.0)
+    reader, rng = ProbeReader(model, probe_images), np.random.default_rng(seed)
+    reads = np.array([reader(rng.integers(0, 2, model.fingerprint_bits, dtype=np.uint8))
+                      for _ in range(check_int("candidates", candidates))])
+    floor = float(np.quantile(reads[:, 0], 1.0 - keep))
+    return {"min_probe_bit_acc": round(floor, 6), "min_probe_psnr": float(min_psnr), "keep": float(keep),
+            "candidates": int(candidates), "probe_images": int(probe_images), "seed": int(seed),
+            "pass_rate": float(((reads[:, 0] >= floor) & (reads[:, 1] >= min_psnr)).mean())}
+
+
+def screen_floors(recorded: dict[str, Any] | None, screen_codes: bool, min_bit_acc: float | None,
+                  min_psnr: float | None) -> tuple[float | None, float | None]:
+    """The floors ``task=issue`` keeps: none when ``screen_codes`` is false, else each distributor
+    setting that is set, and the checkpoint's ``recorded`` floor (``issue_screen``) where it is not."""
+    if not screen_codes:
+        return None, None
+    recorded = recorded or {}
+    return (recorded.get("min_probe_bit_acc") if min_bit_acc is None else min_bit_acc,
+            recorded.get("min_probe_psnr") if min_psnr is None else min_psnr)
 
 
 class CodeScreen:
     """A code drawer for :func:`~fingerprint_lm.distributor.copies.issue_copy`: draws codes with
     ``registry.new_code`` until one's decoder reads at least ``min_bit_acc`` of its bits on the
-    probe images (saved as 8-bit pixels, as a user's images would be), at most ``max_draws`` times.
-    After a draw, ``probe_bit_acc`` and ``draws`` say how the issued code read and what it took."""
+    probe images and, when ``min_psnr`` is set, decodes them at least that close to the base
+    decoder (mean PSNR, dB), at most ``max_draws`` times. Either floor may be None (not screened),
+    not both. After a draw, ``probe_bit_acc``, ``probe_psnr`` and ``draws`` say how the issued
+    code read and what it took."""
 
-    def __init__(self, model: FingerprintModel, registry, min_bit_acc: float, probe_images: int = 64,
-                 max_draws: int = 200) -> None:
-        self.model, self.registry = model, registry
-        self.min_bit_acc = check_float("distributor.min_probe_bit_acc", min_bit_acc, above=0.0, maximum=1.0)
+    def __init__(self, model: FingerprintModel, registry, min_bit_acc: float | None, probe_images: int = 64,
+                 max_draws: int = 200, min_psnr: float | None = None) -> None:
+        if min_bit_acc is None and min_psnr is None:
+            raise ValueError("CodeScreen needs min_bit_acc or min_psnr")
+        self.registry = registry
+        self.min_bit_acc = (None if min_bit_acc is None else
+                            check_float("distributor.min_probe_bit_acc", min_bit_acc, above=0.0, maximum=1.0))
+        self.min_psnr = None if min_psnr is None else check_float("distributor.min_probe_psnr", min_psnr, above=0.0)
         self.max_draws = check_int("max_draws", max_draws)
-        self.images = held_out_images(int(model.meta.get("resolution", 32)), check_int("probe_images", probe_images),
-                                      PROBE_SEED)
+        self.read = ProbeReader(model, probe_images)
+        self.images = self.read.images
         self.probe_bit_acc: float | None = None
+        self.probe_psnr: float | None = None
         self.draws = 0
 
-    def read(self, code: np.ndarray) -> float:
-        """The share of ``code``'s bits its decoder's probe images read back (ACT changes nothing
-        a decoder outputs, so the code's plain PNM decoder stands in for the user's copy)."""
-        decoder = decoder_from_tensors(self.model.vae.config, *personal_tensors(self.model, code))
-        return float(((read_logits(self.model, decoder, self.images) > 0) == np.asarray(code, dtype=bool)).mean())
+    def passes(self, accuracy: float, quality: float) -> bool:
+        return ((self.min_bit_acc is None or accuracy >= self.min_bit_acc)
+                and (self.min_psnr is None or quality >= self.min_psnr))
 
     def __call__(self, rng: np.random.Generator) -> np.ndarray:
-        best = 0.0
+        best_acc, best_psnr = 0.0, 0.0
         for draws in range(1, self.max_draws + 1):
             code = self.registry.new_code(rng)
-            accuracy = self.read(code)
-            if accuracy >= self.min_bit_acc:
-                self.probe_bit_acc, self.draws = accuracy, draws
+            accuracy, quality = self.read(code)
+            if self.passes(accuracy, quality):
+                self.probe_bit_acc, self.probe_psnr, self.draws = accuracy, quality, draws
                 return code
-            best = max(best, accuracy)
-        raise RegistryError(f"no code among {self.max_draws} draws read >= {self.min_bit_acc} of its bits on the "
-                            f"probe images (best {best:.3f}): lower distributor.min_probe_bit_acc")
+            best_acc, best_psnr = max(best_acc, accuracy), max(best_psnr, quality)
+        floors = " and ".join(f for f in (
+            None if self.min_bit_acc is None else f"read >= {self.min_bit_acc} of its bits (best {best_acc:.3f})",
+            None if self.min_psnr is None else f"decoded >= {self.min_psnr} dB (best {best_psnr:.2f})") if f)
+        raise RegistryError(f"no code among {self.max_draws} draws {floors} on the probe images: lower "
+                            "distributor.min_probe_bit_acc or distributor.min_probe_psnr, or set "
+                            "distributor.screen_codes=false")

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fingerprint_lm.errors import ConfigError, check_int, check_keys, keyword_names, settings_from
+from fingerprint_lm.errors import ConfigError, check_float, check_int, check_keys, keyword_names, settings_from
 from fingerprint_lm.lit.training_settings import TrainingSettings
 from fingerprint_lm.models.act import ACT_TYPES, apply_act, draw_act
 from fingerprint_lm.models.augment import AugmentConfig
@@ -39,6 +39,10 @@ class FingerprintMethod:
             does, in the same run: :meth:`second_cycle_method`); None: one cycle.
         shipped_second_cycle: the second cycle its shipped checkpoint was trained with (None: one);
             ``+experiment=train`` and the collusion sweep set ``second_cycle`` to it.
+        issue_screen: ``{keep, min_psnr[, candidates, probe_images]}``: after training, the
+            training task fits the floors ``task=issue`` screens codes with
+            (``distributor/screening.py: fit_floors``) and records them in the checkpoint; None:
+            its copies are issued unscreened.
     """
 
     name: str
@@ -52,6 +56,7 @@ class FingerprintMethod:
     shipped_steps: int | None = None
     second_cycle: dict[str, Any] | None = None
     shipped_second_cycle: dict[str, Any] | None = None
+    issue_screen: dict[str, Any] | None = None
 
     # False: nothing is shared across users to train (stable_signature trains each copy instead);
     # the training stage then runs only the method's hooks.
@@ -70,6 +75,20 @@ class FingerprintMethod:
             settings_from(TrainingSettings, self.train, "method.train")
         for where in ("second_cycle", "shipped_second_cycle"):
             self._check_cycle(where, getattr(self, where))
+        self._check_issue_screen()
+
+    def _check_issue_screen(self) -> None:
+        screen = self.issue_screen
+        if screen is None:
+            return
+        if not isinstance(screen, dict):
+            raise ConfigError(f"method.issue_screen must be a mapping {{keep, min_psnr}} or null, got {screen!r}")
+        check_keys("method.issue_screen", screen, ("keep", "min_psnr", "candidates", "probe_images"))
+        check_float("method.issue_screen.keep", screen.get("keep"), above=0.0, maximum=1.0)
+        check_float("method.issue_screen.min_psnr", screen.get("min_psnr"), above=0.0)
+        for key in ("candidates", "probe_images"):
+            if key in screen:
+                check_int(f"method.issue_screen.{key}", screen[key])
 
     def _check_cycle(self, where: str, cycle: dict[str, Any] | None) -> None:
         if cycle is None:

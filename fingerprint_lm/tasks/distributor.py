@@ -26,7 +26,7 @@ from fingerprint_lm.distributor.copies import (
     verify_copy,
 )
 from fingerprint_lm.distributor.generation import decode_with, held_out_images, save_pngs
-from fingerprint_lm.distributor.screening import CodeScreen
+from fingerprint_lm.distributor.screening import CodeScreen, screen_floors
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.models.checkpoint import (
     checkpoint_code_length,
@@ -69,7 +69,9 @@ def task_issue(cfg: DictConfig, context: TaskContext) -> dict:
     model = load_fingerprint_model(checkpoint_dir(cfg))
     with open_registry(settings.registry, model.fingerprint_bits, settings.min_distance, create=True,
                        method=model.method) as reg:
-        screen = None if settings.min_probe_bit_acc is None else CodeScreen(model, reg, settings.min_probe_bit_acc)
+        floors = screen_floors(model.meta.get("issue_screen"), settings.screen_codes, settings.min_probe_bit_acc,
+                               settings.min_probe_psnr)
+        screen = CodeScreen(model, reg, floors[0], min_psnr=floors[1]) if floors != (None, None) else None
         result = issue_copy(
             model,
             reg,
@@ -83,7 +85,9 @@ def task_issue(cfg: DictConfig, context: TaskContext) -> dict:
             draw_code=screen,
         )
         if screen is not None:
-            result.update({"probe_bit_acc": screen.probe_bit_acc, "code_draws": screen.draws})
+            result.update({"probe_bit_acc": screen.probe_bit_acc, "probe_psnr": screen.probe_psnr,
+                           "code_draws": screen.draws, "screen": {"min_probe_bit_acc": floors[0],
+                                                                  "min_probe_psnr": floors[1]}})
         result["n_users"] = len(reg)
     result["registry"] = str(settings.registry)
     return result
@@ -161,6 +165,10 @@ def print_summary(task: str, result: dict, json_path: Path | None = None) -> Non
     if task == "issue":
         console.print(f"issued [bold]{result['user_id']}[/] (ACT {result['act_type']}): {result['copy']}")
         console.print(f"sha256 {result['copy_sha256'][:16]}..., {result['n_users']} users registered")
+        if "code_draws" in result:
+            console.print(f"code screened: probe bit_acc {result['probe_bit_acc']:.3f}, {result['probe_psnr']:.2f} dB "
+                          f"(floors {result['screen']['min_probe_bit_acc']}, {result['screen']['min_probe_psnr']} dB), "
+                          f"{result['code_draws']} draw(s)")
     elif task == "users":
         table = Table("user", "created", "ACT", "copy sha256", title=f"{result['n_users']} users")
         for row in result["users"][:_MAX_ROWS]:

@@ -15,6 +15,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fingerprint_lm.distributor.screening import fit_floors
 from fingerprint_lm.errors import CheckpointError, ConfigError, check_int
 from fingerprint_lm.lit import stages
 from fingerprint_lm.methods import FingerprintMethod
@@ -172,6 +173,9 @@ def train(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
     metrics: dict[str, Any] = {"fingerprint_bits": int(cfg.fingerprint_bits), **eval_metrics, **train_facts,
                                **vae_facts}
     record_training_config(model, cfg, metrics)
+    screen = method_from_config(cfg).issue_screen
+    if screen is not None:  # the floors task=issue screens this checkpoint's codes with (distributor/screening.py)
+        model.meta["issue_screen"] = metrics["issue_screen"] = fit_floors(model, **screen)
     metrics["checkpoint"] = str(save_fingerprint_model(model, output_dir / "fingerprint_model"))
     if cfg.export_checkpoint:
         save_fingerprint_model(model, cfg.paths.export_dir)
