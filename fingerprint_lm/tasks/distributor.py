@@ -166,9 +166,8 @@ def print_summary(task: str, result: dict, json_path: Path | None = None) -> Non
         console.print(f"issued [bold]{result['user_id']}[/] (ACT {result['act_type']}): {result['copy']}")
         console.print(f"sha256 {result['copy_sha256'][:16]}..., {result['n_users']} users registered")
         if "code_draws" in result:
-            console.print(f"code screened: probe bit_acc {result['probe_bit_acc']:.3f}, {result['probe_psnr']:.2f} dB "
-                          f"(floors {result['screen']['min_probe_bit_acc']}, {result['screen']['min_probe_psnr']} dB), "
-                          f"{result['code_draws']} draw(s)")
+            console.print(f"code screened in {result['code_draws']} draw(s): probe bit_acc "
+                          f"{result['probe_bit_acc']:.3f}, {result['probe_psnr']:.2f} dB")
     elif task == "users":
         table = Table("user", "created", "ACT", "copy sha256", title=f"{result['n_users']} users")
         for row in result["users"][:_MAX_ROWS]:
