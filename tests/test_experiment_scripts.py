@@ -136,6 +136,7 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("default_condition.py", ["--min-probe-psnr", "0"]),
     ("screened_marked_null.py", ["--registry", "0"]),
     ("screened_marked_null.py", ["--fpr", "2"]),
+    ("screened_code_bias.py", ["--codes", "0"]),
 ])
 def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):
     """A bad count, step or weight, or a checkpoint without a reference VAE (carrier), is one
