@@ -68,14 +68,14 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
             registry.register_new(f"innocent{i}", rng)
         floors = screen_floors(model.meta.get("issue_screen"), args.screen == "checkpoint", args.min_probe_bit_acc,
                                args.min_probe_psnr)
-        args.floors = list(floors)
         screen = (CodeScreen(model, registry, floors[0], max_draws=1000, min_psnr=floors[1])
                   if floors != (None, None) else None)
         for u in range(args.users):
             issued = issue_copy(model, registry, f"user{u}", workdir / "copies", secret=SECRET, act_type="all",
                                 rng=rng, draw_code=screen)
             copy = AutoencoderKL.from_pretrained(issued["copy"]).eval()  # what a diffusers user does
-            marked = from_uint8(to_uint8(decode_with(model.vae, copy, images)))
+            decoded = decode_with(model.vae, copy, images)
+            marked = from_uint8(to_uint8(decoded))
             code = registry.get(f"user{u}")["code"]
             rows = _attributed(model, registry.index(), marked, args.fpr)
             users.append({
@@ -84,14 +84,14 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
                 "probe_bit_acc": screen.probe_bit_acc if screen else None,
                 "probe_psnr": screen.probe_psnr if screen else None,
                 "bit_acc": float(((model.extractor(marked) > 0).numpy() == np.asarray(code, dtype=bool)).mean()),
-                "psnr": float(psnr(decode_with(model.vae, copy, images), base).mean()),
+                "psnr": float(psnr(decoded, base).mean()),
                 "attributed": float(np.mean([r["accused"] and r["user_id"] == f"user{u}" for r in rows])),
                 "wrong": int(sum(r["accused"] and r["user_id"] != f"user{u}" for r in rows)),
             })
         unmarked = sum(r["accused"] for r in _attributed(model, registry.index(), from_uint8(to_uint8(base)), args.fpr))
     attributed = np.array([u["attributed"] for u in users])
     quality = np.array([u["psnr"] for u in users])
-    return {"date": time.strftime("%Y-%m-%d"), **vars(args), "per_user": users,
+    return {"date": time.strftime("%Y-%m-%d"), **vars(args), "floors": list(floors), "per_user": users,
             "attributed": float(attributed.mean()), "worst_user_attributed": float(attributed.min()),
             "wrong_accusations": int(sum(u["wrong"] for u in users)), "unmarked_accused": int(unmarked),
             "mean_psnr": float(quality.mean()), "min_psnr": float(quality.min()),

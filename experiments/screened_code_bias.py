@@ -13,7 +13,7 @@ import argparse
 
 import numpy as np
 
-from fingerprint_lm.distributor.screening import ProbeReader
+from fingerprint_lm.distributor.screening import CodeScreen
 from fingerprint_lm.errors import check_int, exit_on_user_error
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 
@@ -27,10 +27,11 @@ def main() -> None:
     check_int("--codes", args.codes)
     check_int("--probe", args.probe)
     model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
-    reader, floors = ProbeReader(model, args.probe), model.meta["issue_screen"]
+    floors = model.meta["issue_screen"]
+    screen = CodeScreen(model, None, floors["min_probe_bit_acc"], probe_images=args.probe,
+                        min_psnr=floors["min_probe_psnr"])  # its floors and probe; the codes are drawn here
     codes = np.random.default_rng(args.seed).integers(0, 2, (args.codes, model.fingerprint_bits), dtype=np.uint8)
-    reads = np.array([reader(code) for code in codes])
-    passed = (reads[:, 0] >= floors["min_probe_bit_acc"]) & (reads[:, 1] >= floors["min_probe_psnr"])
+    passed = np.array([screen.passes(*screen.read(code)) for code in codes])
     if not passed.any():
         print("no code passed the floors")
         return

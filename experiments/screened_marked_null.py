@@ -33,7 +33,7 @@ import torch
 
 from fingerprint_lm.distributor.copies import decoder_from_tensors
 from fingerprint_lm.distributor.generation import held_out_images
-from fingerprint_lm.distributor.screening import ProbeReader, read_logits
+from fingerprint_lm.distributor.screening import CodeScreen, read_logits
 from fingerprint_lm.errors import check_int, check_probability, exit_on_user_error
 from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
@@ -45,17 +45,25 @@ EVAL_SEED = 5  # the held-out images the other pnm probes read
 LEVELS = (1e-3, 1e-4, 1e-5, 1e-6)
 
 
-def screened_codes(model, reader: ProbeReader, n: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """``n`` codes drawn as task=issue draws them (the checkpoint's floors), and the draws it took."""
-    floors = model.meta["issue_screen"]
-    kept, draws = [], 0
-    while len(kept) < n:
-        code = rng.integers(0, 2, model.fingerprint_bits, dtype=np.uint8)
-        draws += 1
-        accuracy, quality = reader(code)
-        if accuracy >= floors["min_probe_bit_acc"] and quality >= floors["min_probe_psnr"]:
-            kept.append(code)
-    return np.stack(kept), draws
+class _FairCodes:
+    """What :class:`CodeScreen` draws candidates from here: fair codes, without a registry's
+    minimum-distance check (the codes this script measured were drawn so)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def new_code(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.integers(0, 2, self.k, dtype=np.uint8)
+
+
+def screened_codes(screen: CodeScreen, n: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """``n`` codes drawn as task=issue draws them (``screen``: the checkpoint's floors), and the
+    draws it took."""
+    codes, draws = [], 0
+    for _ in range(n):
+        codes.append(screen(rng))
+        draws += screen.draws
+    return np.stack(codes), draws
 
 
 def null_rates(logits: np.ndarray, codes: np.ndarray, fpr: float) -> dict:
@@ -75,10 +83,12 @@ def null_rates(logits: np.ndarray, codes: np.ndarray, fpr: float) -> dict:
 @torch.no_grad()
 def measure(args: argparse.Namespace) -> dict:
     model = load_fingerprint_model(shipped_checkpoint(args.checkpoint))
-    reader = ProbeReader(model)
+    floors = model.meta["issue_screen"]
+    screen = CodeScreen(model, _FairCodes(model.fingerprint_bits), floors["min_probe_bit_acc"], max_draws=10**6,
+                        min_psnr=floors["min_probe_psnr"])
     rng = np.random.default_rng(args.seed)
-    registry, registry_draws = screened_codes(model, reader, args.registry, rng)
-    others, other_draws = screened_codes(model, reader, args.users, rng)
+    registry, registry_draws = screened_codes(screen, args.registry, rng)
+    others, other_draws = screened_codes(screen, args.users, rng)
     images = held_out_images(int(model.meta.get("resolution", 32)), args.images, EVAL_SEED)
     logits = []
     for code in others:
