@@ -102,7 +102,11 @@ def test_task_issue_screens_codes_with_the_checkpoints_floors_and_reports_it(tmp
     assert result["code_draws"] >= 1 and "code screened" in done.stdout
     assert sorted(p.name for p in (tmp_path / "copies" / "alice").iterdir()) == [
         "config.json", "diffusion_pytorch_model.safetensors"]
+    with Registry(tmp_path / "registry" / "registry.sqlite", pnm_model.fingerprint_bits) as registry:
+        assert registry.screen_pass_rate() == pytest.approx(1 / result["code_draws"])  # for attribution's bound
     unscreened = run_console(["task=issue", "user_id=bob", "distributor.screen_codes=false"], cwd=tmp_path, env=env)
     assert unscreened.returncode == 0, unscreened.stderr
+    with Registry(tmp_path / "registry" / "registry.sqlite", pnm_model.fingerprint_bits) as registry:
+        assert registry.screen_pass_rate() == pytest.approx(1 / result["code_draws"])  # bob's draw is not counted
     bob = [json.loads(p.read_text()) for p in tmp_path.glob("outputs/runs/*/issue.json")]
     assert [r for r in bob if r["user_id"] == "bob"][0].keys().isdisjoint({"code_draws", "screen"})

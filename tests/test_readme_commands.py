@@ -145,8 +145,12 @@ def _check_generate(workdir: Path, command: str, new: set[Path]) -> None:
 
 def _check_attribute(workdir: Path, command: str, new: set[Path]) -> None:
     # "per image: bits, user_id, matching_bits, p_value, accused"
-    images = _task_json(workdir, "attribute", new)["images"]
+    result = _task_json(workdir, "attribute", new)
+    images = result["images"]
     assert len(images) == 16
+    # alice's code was screened: the registry's pass rate divides the p-values (1 when it passed at once)
+    assert 0.0 < result["screen_pass_rate"] <= 1.0
+    assert result["uniform_code_fpr"] == pytest.approx(result["fpr"] * result["screen_pass_rate"])
     assert all({"bits", "user_id", "matching_bits", "p_value", "accused"} <= set(i) for i in images)
     assert sum(i["user_id"] == "alice" for i in images) >= 15  # the shipped model reads alice's copy
 

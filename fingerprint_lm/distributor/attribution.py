@@ -15,6 +15,16 @@ Tracing (a suspect set of images: one merged model's, or images colluders pooled
 every user named by an image on its own is accused, and every registered code is scored against
 the mean soft evidence of all images, users above the Hoeffding + Bonferroni threshold accused too;
 the false-accusation budget is split between the two (:mod:`fingerprint_lm.registry.tracing`).
+
+Screened codes (``task=issue`` keeps a code only when its copy reads well on a probe,
+:mod:`fingerprint_lm.distributor.screening`) are not uniform: they are uniform codes *given that
+they pass*, so an innocent's screened code is at most ``1 / r`` times as likely as a uniform one to
+score as high, for the screen's pass rate ``r``. Attribution and tracing of a registry holding
+screened codes therefore test at ``fpr x r`` (``uniform_code_fpr``) and report p-values divided by
+``r``, which keeps the stated ``fpr`` for every innocent; ``r`` is the registry's own count of
+codes kept over codes drawn (:meth:`~fingerprint_lm.registry.store.Registry.screen_pass_rate`).
+Without the correction a screened registry's pair p-values ran 1.4-2.6x above nominal on other
+users' marked images (``experiments/results/screened_marked_null.md``).
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import numpy as np
 import torch
 
 from fingerprint_lm.data.coco import load_rgb, to_tensor
-from fingerprint_lm.errors import ConfigError, DataError, check_probability
+from fingerprint_lm.errors import ConfigError, DataError, check_float, check_probability
 from fingerprint_lm.metrics.bits import match_threshold
 from fingerprint_lm.models.extractor import soft_null, soft_weights
 from fingerprint_lm.registry.index import CodeIndex
@@ -144,6 +154,22 @@ def _index(registry: Registry | CodeIndex) -> CodeIndex:
     return registry.index() if isinstance(registry, Registry) else registry
 
 
+def _pass_rate(registry: Registry | CodeIndex, given: float | None) -> float:
+    """The screen's pass rate the bound divides by: ``given``, else a Registry's own count, else 1
+    (uniform codes)."""
+    if given is None:
+        given = registry.screen_pass_rate() if isinstance(registry, Registry) else None
+    return 1.0 if given is None else check_float("screen_pass_rate", given, above=0.0, maximum=1.0)
+
+
+def _stated(result: dict, fpr: float, rate: float, p_key: str, rows_key: str) -> dict:
+    """A result computed at ``fpr x rate`` restated at ``fpr``: each row's ``p_key`` divided by
+    ``rate`` (capped at 1), ``screen_pass_rate`` and ``uniform_code_fpr`` added."""
+    if rate < 1.0:
+        result[rows_key] = [{**row, p_key: min(1.0, row[p_key] / rate)} for row in result[rows_key]]
+    return {**result, "fpr": float(fpr), "screen_pass_rate": rate, "uniform_code_fpr": float(fpr) * rate}
+
+
 def _check(extractor: torch.nn.Module | None, index: CodeIndex, fpr: float) -> None:
     check_probability("fpr", fpr)
     if extractor is not None and getattr(extractor, "fingerprint_bits", index.k) != index.k:
@@ -159,9 +185,15 @@ def attribute_images(
     fpr: float = 1e-6,
     decoding: str = "soft",
     read_mirrored: bool = False,
+    screen_pass_rate: float | None = None,
 ) -> dict:
     """Name the user behind each image (independently): :func:`attribute_logits` of the
     extractor's logits, read one image at a time (images may differ in size).
+
+    ``screen_pass_rate``: the pass rate of the screen the registered codes were kept by (None: a
+    :class:`Registry`'s own count, 1 for a :class:`CodeIndex`); the test runs at ``fpr`` times it
+    and every ``p_value`` is divided by it (module docstring), stated as ``screen_pass_rate`` and
+    ``uniform_code_fpr``.
 
     ``read_mirrored``: read each image as found and mirrored left-right, each read at ``fpr / 2``,
     and keep per image the read with the smaller p-value, reported doubled (a union bound: each
@@ -169,17 +201,18 @@ def attribute_images(
     mirror erases what pnm's reader reads (0 of 2048 mirrored images attributed), and this rule
     attributes mirrored images as well as unmirrored ones, at a little power on the unmirrored
     (0.992 of either against 0.995 read once: ``experiments/results/view_averaging.md``)."""
-    index = _index(registry)
+    index, rate = _index(registry), _pass_rate(registry, screen_pass_rate)
     _check(extractor, index, fpr)
+    budget = fpr * rate  # what a uniform code may reach (module docstring)
     names, tensors = [name for name, _ in images], [image for _, image in images]
     views = (tensors, [image.flip(-1) for image in tensors]) if read_mirrored else (tensors,)
     null = code_null(extractor, decoding)
     reads = []
     for view in views:
         logits = extract_logits(extractor, view)
-        reads.append(attribute_logits(logits, index, names, fpr / len(views), decoding,
+        reads.append(attribute_logits(logits, index, names, budget / len(views), decoding,
                                       whitened_weights(extractor, logits, decoding), null))
-    return either_orientation(*reads, fpr) if read_mirrored else reads[0]
+    return _stated(either_orientation(*reads, budget) if read_mirrored else reads[0], fpr, rate, "p_value", "images")
 
 
 ORIENTATIONS = ("as found", "mirrored")
@@ -257,14 +290,18 @@ def trace_images(
     top: int = 10,
     scoring: str = "evidence",
     decoding: str = "soft",
+    screen_pass_rate: float | None = None,
 ) -> dict:
     """Rank registered users as the source (or colluders) of a suspect set of images:
-    :func:`trace_logits` of the extractor's logits, read one image at a time."""
-    index = _index(registry)
+    :func:`trace_logits` of the extractor's logits, read one image at a time. ``screen_pass_rate``:
+    as for :func:`attribute_images` (the thresholds and the per-image and pooled fprs are those of
+    ``uniform_code_fpr``; each ``p_value_bound`` is divided by the rate)."""
+    index, rate = _index(registry), _pass_rate(registry, screen_pass_rate)
     _check(extractor, index, fpr)
     logits = extract_logits(extractor, [image for _, image in images])
-    return trace_logits(logits, index, [name for name, _ in images], fpr, top, scoring, decoding,
-                        whitened_weights(extractor, logits, decoding), code_null(extractor, decoding))
+    traced = trace_logits(logits, index, [name for name, _ in images], fpr * rate, top, scoring, decoding,
+                          whitened_weights(extractor, logits, decoding), code_null(extractor, decoding))
+    return _stated(traced, fpr, rate, "p_value_bound", "suspects")
 
 
 TRACING_SCORES = ("evidence", "tardos")

@@ -12,8 +12,8 @@ A ``method=pnm`` copy is the two stock files and nothing else: ``AutoencoderKL.f
 is the user's fingerprinted decoder. (How a code becomes these tensors:
 :func:`fingerprint_lm.methods.base.personal_tensors`.)
 
-Limitation of ``method=carrier``. The affine sites (``norm2`` of ResnetBlocks) are plain GroupNorm weight/bias values,
-so stock ``AutoencoderKL.from_pretrained`` reproduces them exactly. The spatial site's bias map is a
+Limitation of ``method=carrier``. Its affine sites (``norm2`` of ResnetBlocks) are plain GroupNorm
+weight/bias values, which a stock load reproduces exactly. The spatial site's bias map is a
 tile-periodic ``[C, T, T]`` map added after ``conv_norm_out``: no stock diffusers parameter can
 hold it. It ships as a separate file, and :func:`load_copy` (stock load + one module swap keeping
 the parameter names) rebuilds the full fingerprinted decoder. A stock load gives the decoder
@@ -250,15 +250,15 @@ def issue_copy(
         scale_range: log-uniform range of ACT's group scales.
         act_scope: where ACT acts (:data:`~fingerprint_lm.models.act.ACT_SCOPES`).
         rng: draws the code (default: fresh OS entropy; codes must not be predictable).
-        draw_code: ``rng -> code`` (default ``registry.new_code``; screening: ``screening.CodeScreen``).
+        draw_code: ``rng -> code`` (default ``registry.new_code``; screening: ``screening.CodeScreen``, whose
+            ``draws`` the registry counts: attribution's bound divides by the screen's pass rate).
 
     Every check runs before anything is written; if registration fails (e.g. another process
     registered the same id meanwhile) the copy folder is removed again, so the registry and the
     copies folder never disagree. Issuing holds a per-user lock (``issue_locks/<user>`` beside the
     registry file), so what a killed issue left (a temporary folder, or a written but unregistered
     copy that was never handed out) is recognised on the next attempt and removed before the copy
-    is made again. Returns ``user_id``, ``copy``, ``copy_sha256``, ``act_type``,
-    ``code_length``, ``has_bias_map``.
+    is made again. Returns ``user_id``, ``copy``, ``copy_sha256``, ``act_type``, ``code_length``, ``has_bias_map``.
     """
     check_user_id(user_id)
     k = model.fingerprint_bits
@@ -283,7 +283,8 @@ def issue_copy(
         state, bias_map, site = personal_tensors(model, code, act_type, seed, scale_range, act_scope)
         sha = write_copy(target, model.vae.config, state, bias_map, site)
         try:
-            registry.register(user_id, code, copy_sha256=sha, act_type=act_type)
+            registry.register(user_id, code, copy_sha256=sha, act_type=act_type,
+                              screened_draws=getattr(draw_code, "draws", None))  # a screen's, for the bound
         except BaseException:
             shutil.rmtree(target, ignore_errors=True)
             raise
@@ -304,8 +305,7 @@ def verify_copy(path: str | Path, registry: Registry, user_id: str) -> dict:
     truncated or altered copy. Returns ``user_id``, ``copy``, ``copy_sha256``, ``act_type``, ``ok``.
     """
     row = registry.get(user_id)
-    expected = row["copy_sha256"]
-    if not expected:
+    if not (expected := row["copy_sha256"]):
         raise RegistryError(f"user {user_id!r} has no copy hash in the registry")
     actual = check_copy_hash(path, expected, f"the registered hash of {user_id!r}")
     return {"user_id": user_id, "copy": str(path), "copy_sha256": actual, "act_type": row["act_type"], "ok": True}

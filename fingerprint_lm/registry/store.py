@@ -3,7 +3,8 @@ search over them is :class:`~fingerprint_lm.registry.index.CodeIndex`).
 
 Schema::
 
-    meta(key TEXT PRIMARY KEY, value TEXT)          -- code_length, min_distance, schema_version
+    meta(key TEXT PRIMARY KEY, value TEXT)          -- code_length, min_distance, schema_version,
+                                                    -- method; screened_users, screened_draws
     users(user_id TEXT PRIMARY KEY, code BLOB UNIQUE, created TEXT, copy_sha256 TEXT, act_type TEXT)
 
 ``code`` is the packed code (:func:`~fingerprint_lm.registry.codes.pack_bits`, little-endian
@@ -289,23 +290,51 @@ class Registry:
         )
 
     def register(
-        self, user_id: str, code, copy_sha256: str | None = None, act_type: str | None = None
+        self, user_id: str, code, copy_sha256: str | None = None, act_type: str | None = None,
+        screened_draws: int | None = None,
     ) -> None:
         """Register one user with a 0/1 code ``[k]``. A duplicate id, a duplicate code or a code
-        closer than ``min_distance`` to a registered one raises RegistryError; nothing is written."""
-        self.register_many([(user_id, code, copy_sha256, act_type)])
+        closer than ``min_distance`` to a registered one raises RegistryError; nothing is written.
+        ``screened_draws``: the code was screened and took that many draws (:meth:`register_many`)."""
+        self.register_many([(user_id, code, copy_sha256, act_type)], screened_draws)
 
-    def register_many(self, rows: Iterable) -> int:
+    def register_many(self, rows: Iterable, screened_draws: int | None = None) -> int:
         """Register many users in one transaction: all rows or none. ``rows``: tuples
         ``(user_id, code[, copy_sha256[, act_type]])`` or mappings with those keys. Returns the
-        number of rows written."""
+        number of rows written. ``screened_draws``: every row's code was kept by a screen (a draw
+        passes or is drawn again) that drew this many codes for them in all; counted in the same
+        transaction, for :meth:`screen_pass_rate`."""
         meta, packed = self._prepare(rows)
         if not meta:
             return 0
-        with self._write():
+        if screened_draws is not None and (isinstance(screened_draws, bool) or int(screened_draws) < len(meta)):
+            raise RegistryError(f"screened_draws must be an int >= the rows registered ({len(meta)}), "
+                                f"got {screened_draws!r}")
+        with self._write() as conn:
             self._check_new(meta, packed)
             self._insert(meta, packed)
+            if screened_draws is not None:
+                counts = self._screen_counts()
+                conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                 [("screened_users", str(counts[0] + len(meta))),
+                                  ("screened_draws", str(counts[1] + int(screened_draws)))])
         return len(meta)
+
+    def _screen_counts(self) -> tuple[int, int]:
+        meta = dict(self._conn.execute(
+            "SELECT key, value FROM meta WHERE key IN ('screened_users', 'screened_draws')").fetchall())
+        return int(meta.get("screened_users", 0)), int(meta.get("screened_draws", 0))
+
+    def screen_pass_rate(self) -> float | None:
+        """The share of drawn codes that passed the screen, over every screened registration
+        (registered users / codes drawn for them); None when no code was screened.
+
+        Attribution's exact bound treats an innocent's code as uniform. A screened code is uniform
+        *given that it passes*, so for any set ``A`` of codes ``P[screened code in A] <= P[uniform
+        code in A] / pass rate``: dividing the p-values by this rate (testing at ``fpr x rate``)
+        keeps the bound for a registry of screened codes (``distributor/attribution.py``)."""
+        users, draws = self._screen_counts()
+        return users / draws if users else None
 
     def new_code(self, rng: np.random.Generator) -> np.ndarray:
         """A random code at distance >= ``max(1, min_distance)`` from every registered code.

@@ -111,24 +111,25 @@ def task_users(cfg: DictConfig, context: TaskContext) -> dict:
 
 
 def _read_suspects(cfg: DictConfig, task: str, score) -> dict:
-    """``score(extractor, index, images, settings)`` on the ``images=`` of ``task`` against the
-    registry (attribute and trace read the same inputs and differ only in how they score them)."""
+    """``score(extractor, registry, images, settings)`` on the ``images=`` of ``task`` against the
+    registry (attribute and trace read the same inputs and differ only in how they score them; the
+    registry, not only its codes, as its screened codes' pass rate enters the bound)."""
     settings = read_settings(cfg, "distributor")
     model = load_fingerprint_model(checkpoint_dir(cfg))
     with open_registry(settings.registry, model.fingerprint_bits, method=model.method) as reg:
         paths = _required(cfg, "images", task, "PATH (an image file or a folder)")
         images, skipped = read_suspect_images(paths, min_size=int(model.extractor.min_image_size))
-        return {**score(model.extractor, reg.index(), images, settings), "skipped": skipped}
+        return {**score(model.extractor, reg, images, settings), "skipped": skipped}
 
 
 def task_attribute(cfg: DictConfig, context: TaskContext) -> dict:
-    return _read_suspects(cfg, "attribute", lambda extractor, index, images, settings: attribute_images(
-        extractor, index, images, fpr=settings.fpr, decoding=settings.decoding, read_mirrored=settings.read_mirrored))
+    return _read_suspects(cfg, "attribute", lambda extractor, reg, images, settings: attribute_images(
+        extractor, reg, images, fpr=settings.fpr, decoding=settings.decoding, read_mirrored=settings.read_mirrored))
 
 
 def task_trace(cfg: DictConfig, context: TaskContext) -> dict:
-    return _read_suspects(cfg, "trace", lambda extractor, index, images, settings: trace_images(
-        extractor, index, images, fpr=settings.fpr, top=settings.top, scoring=settings.tracing,
+    return _read_suspects(cfg, "trace", lambda extractor, reg, images, settings: trace_images(
+        extractor, reg, images, fpr=settings.fpr, top=settings.top, scoring=settings.tracing,
         decoding=settings.decoding))
 
 
@@ -158,6 +159,11 @@ def task_verify(cfg: DictConfig, context: TaskContext) -> dict:
 _MAX_ROWS = 20
 
 
+def _screened(result: dict) -> str:
+    rate = result.get("screen_pass_rate", 1.0)
+    return f"; screened codes, pass rate {rate:.3f}: tested at fpr {result['uniform_code_fpr']:.3g}" if rate < 1 else ""
+
+
 def print_summary(task: str, result: dict, json_path: Path | None = None) -> None:
     """A short human summary of a task's result (the JSON file has everything)."""
     console = Console(highlight=False)
@@ -180,7 +186,7 @@ def print_summary(task: str, result: dict, json_path: Path | None = None) -> Non
             needed = f"{result['decoding'].replace('_', ' ')} decoding, p-value <= fpr"
         if result.get("read_mirrored"):
             needed += "; each image read as found and mirrored, at fpr/2 each"
-        title = f"{accused}/{len(result['images'])} attributed (fpr {result['fpr']:g}: {needed})"
+        title = f"{accused}/{len(result['images'])} attributed (fpr {result['fpr']:g}: {needed}){_screened(result)}"
         table = Table("image", "user", "matching bits", "p-value", title=title)
         for row in result["images"][:_MAX_ROWS]:
             user = row["user_id"] or f"- (nearest {row['nearest_user_id']})"
@@ -190,7 +196,8 @@ def print_summary(task: str, result: dict, json_path: Path | None = None) -> Non
                           f"{row['p_value']:.2e}")
     elif task == "trace":
         rule = ("an image names them or pooled score" if result["scoring"] == "evidence" else "Tardos score")
-        title = f"{result['n_images']} images, fpr {result['fpr']:g}: accused if {rule} >= {result['threshold']:.2f}"
+        title = (f"{result['n_images']} images, fpr {result['fpr']:g}: accused if {rule} >= "
+                 f"{result['threshold']:.2f}{_screened(result)}")
         table = Table("user", "images", "pooled score", "p-value bound", "evidence", "accused", title=title)
         for row in result["suspects"][:_MAX_ROWS]:
             table.add_row(row["user_id"], str(row.get("n_images", "-")), f"{row['score']:.2f}",
