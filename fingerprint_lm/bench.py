@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fingerprint_lm.distributor.bench import bench_distributor
+from fingerprint_lm.distributor.bench import bench_distributor, screened_pnm_issue
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
 from fingerprint_lm.methods import personal_tensors
 from fingerprint_lm.models.checkpoint import (
@@ -128,7 +128,8 @@ def bench_issue_methods(repeats: int = 20, slow_repeats: int = 2) -> dict[str, f
             return personal_tensors(model, rng.integers(0, 2, 48, dtype=np.uint8), "all", int(rng.integers(2**31)))
 
         out[f"issue_copy_{name}_s"] = _mean_seconds(issue, n, warmup=1 if n == slow_repeats else 2)
-    for name in ("pnm", "wouaf"):
+    out.update(screened_pnm_issue(repeats))
+    for name in ("pnm", "pnm_screened", "wouaf"):
         out[f"issue_ratio_stable_signature_over_{name}"] = (out["issue_copy_stable_signature_s"]
                                                             / out[f"issue_copy_{name}_s"])
     return out
@@ -139,7 +140,9 @@ def _sd_method_model(method: str, vae, bits: int, resolution: int, copy_finetune
     from hydra.utils import instantiate  # hydra only for this section: the others never compose configs
     from omegaconf import OmegaConf
 
-    model = instantiate(OmegaConf.load(ROOT / "conf" / "method" / f"{method}.yaml")).build_model(vae, bits)
+    # _convert_: plain dicts and lists, as the training task builds methods (a method checks its mappings)
+    method_config = OmegaConf.load(ROOT / "conf" / "method" / f"{method}.yaml")
+    model = instantiate(method_config, _convert_="all").build_model(vae, bits)
     model.meta["resolution"] = resolution
     if copy_finetune is not None:
         model.meta["copy_finetune"] = {**model.meta.get("copy_finetune", {}), **copy_finetune}
@@ -305,8 +308,10 @@ def _in_fresh_process(fn: Callable[..., dict], *args, threads: int | None = None
 SECTIONS: dict[str, tuple[Callable[..., dict], str]] = {
     "training": (bench_training, "training step, batch 32, 32 px, 48 bits: plain and worst-case (K=1) variants"),
     "inference": (bench_inference, "throughput, batch 64, 32 px"),
-    "issue": (bench_issue_methods, "issuing one copy per method (code -> copy tensors, ACT all)"),
-    "distributor": (bench_distributor, "issuing one copy of the shipped carrier checkpoint, step by step"),
+    "issue": (bench_issue_methods, "issuing one copy per method (code -> copy tensors, ACT all; pnm also with its "
+              "code screened, as task=issue issues it)"),
+    "distributor": (bench_distributor, "issuing one copy of the default method's shipped checkpoint (pnm), step by "
+                    "step"),
     "registry": (bench_registry, "identification among 10^6 registered 48-bit codes; registration"),
     "startup": (bench_startup, "start-up of the CLI"),
     "issue_sd": (bench_issue_sd, "issuing one copy on an SD-sized decoder (83.7M parameters, random weights), 256 px, "
