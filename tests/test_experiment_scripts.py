@@ -137,6 +137,11 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("screened_marked_null.py", ["--registry", "0"]),
     ("screened_marked_null.py", ["--fpr", "2"]),
     ("screened_code_bias.py", ["--codes", "0"]),
+    ("copy_gain.py", ["--codes", "0"]),
+    ("copy_gain.py", ["--gains", "1", "-0.5"]),
+    ("screen_policy.py", ["--codes", "2"]),
+    ("screen_policy.py", ["--min-psnr", "30", "0"]),
+    ("screen_policy.py", ["--registry", "1"]),
 ])
 def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):
     """A bad count, step or weight, or a checkpoint without a reference VAE (carrier), is one

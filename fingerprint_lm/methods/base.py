@@ -162,8 +162,13 @@ def personal_tensors(
     act_seed: int | None = None,
     scale_range: tuple[float, float] = (0.25, 4.0),
     act_scope: str = "stream",
+    modulation_gain: float = 1.0,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, str | None]:
     """The tensors of one user's copy: ``(vae_state_dict, bias_map, bias_map_site)``.
+
+    ``modulation_gain`` multiplies every modulation value of the code (each is a change from the
+    base decoder: 0 is the base, 1 what training made): a per-copy strength, e.g. to give every
+    copy the same PSNR (``distributor/screening.py``).
 
     Affine sites: ``weight = gamma_0 * (1 + scale)``, ``bias = beta_0 + shift`` (float64, one
     rounding), the function :class:`~fingerprint_lm.models.modulated.ModulatedGroupNorm` computes;
@@ -184,6 +189,9 @@ def personal_tensors(
         modulation = {}
     else:
         modulation = model.pnm.modulation(code)  # checks the code length against the model
+        if modulation_gain != 1.0:
+            modulation = {site: {name: value * float(modulation_gain) for name, value in values.items()}
+                          for site, values in modulation.items()}
         base = model.vae.state_dict()
         state = dict(base)
     for site, values in modulation.items():
