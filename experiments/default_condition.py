@@ -13,7 +13,9 @@ from a copy's tensors; this one goes the whole way a distributor and a user go:
   ``--images`` held-out images (the seed the other probes read, not the screening probe's), saved
   as 8-bit pixels;
 - every image attributed with ``distributor.attribution.attribute_images`` (soft decoding, fpr
-  1e-6 over the registry); PSNR of each copy's outputs against the base decoder's;
+  1e-6 over the registry) once every copy is issued, the registry's screened codes' pass rate
+  dividing the p-values as ``task=attribute`` divides them; PSNR of each copy's outputs against
+  the base decoder's;
 - the base decoder's (unmarked) outputs attributed too: how many are accused.
 
     python experiments/default_condition.py --users 32                  # as task=issue issues
@@ -50,9 +52,9 @@ EVAL_SEED = 5  # the held-out images the other pnm probes read (the screening pr
 SECRET = b"default-condition-probe"
 
 
-def _attributed(model, index, images: torch.Tensor, fpr: float) -> list[dict]:
+def _attributed(model, registry, images: torch.Tensor, fpr: float) -> dict:
     named = [(f"image{i}", image) for i, image in enumerate(images)]
-    return attribute_images(model.extractor, index, named, fpr=fpr, decoding="soft")["images"]
+    return attribute_images(model.extractor, registry, named, fpr=fpr, decoding="soft")
 
 
 @torch.no_grad()
@@ -61,7 +63,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
     images = held_out_images(int(model.meta.get("resolution", 32)), args.images, seed=EVAL_SEED)
     base = decode_with(model.vae, model.unmarked_vae, images)
     rng = np.random.default_rng(args.seed)
-    users = []
+    users, marked_images = [], []
     with open_registry(workdir / "registry.sqlite", model.fingerprint_bits, 8, create=True,
                        method=model.method) as registry:
         for i in range(args.registry - args.users):
@@ -75,9 +77,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
                                 rng=rng, draw_code=screen)
             copy = AutoencoderKL.from_pretrained(issued["copy"]).eval()  # what a diffusers user does
             decoded = decode_with(model.vae, copy, images)
-            marked = from_uint8(to_uint8(decoded))
+            marked_images.append(marked := from_uint8(to_uint8(decoded)))
             code = registry.get(f"user{u}")["code"]
-            rows = _attributed(model, registry.index(), marked, args.fpr)
             users.append({
                 "user": f"user{u}",
                 "draws": screen.draws if screen else 1,
@@ -85,10 +86,13 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
                 "probe_psnr": screen.probe_psnr if screen else None,
                 "bit_acc": float(((model.extractor(marked) > 0).numpy() == np.asarray(code, dtype=bool)).mean()),
                 "psnr": float(psnr(decoded, base).mean()),
-                "attributed": float(np.mean([r["accused"] and r["user_id"] == f"user{u}" for r in rows])),
-                "wrong": int(sum(r["accused"] and r["user_id"] != f"user{u}" for r in rows)),
             })
-        unmarked = sum(r["accused"] for r in _attributed(model, registry.index(), from_uint8(to_uint8(base)), args.fpr))
+        for user, marked in zip(users, marked_images, strict=True):  # at the registry's final pass rate
+            rows = _attributed(model, registry, marked, args.fpr)["images"]
+            user["attributed"] = float(np.mean([r["accused"] and r["user_id"] == user["user"] for r in rows]))
+            user["wrong"] = int(sum(r["accused"] and r["user_id"] != user["user"] for r in rows))
+        unmarked_read = _attributed(model, registry, from_uint8(to_uint8(base)), args.fpr)
+        unmarked = sum(r["accused"] for r in unmarked_read["images"])
     attributed = np.array([u["attributed"] for u in users])
     quality = np.array([u["psnr"] for u in users])
     return {"date": time.strftime("%Y-%m-%d"), **vars(args), "floors": list(floors), "per_user": users,
@@ -97,6 +101,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
             "mean_psnr": float(quality.mean()), "min_psnr": float(quality.min()),
             "users_at_30db": float((quality >= 30).mean()),
             "mean_draws": float(np.mean([u["draws"] for u in users])),
+            "screen_pass_rate": unmarked_read["screen_pass_rate"],
             "bit_acc": float(np.mean([u["bit_acc"] for u in users]))}
 
 
@@ -138,7 +143,8 @@ def main() -> None:
           f"{row['worst_user_attributed']:.3f}), wrong {row['wrong_accusations']}, unmarked accused "
           f"{row['unmarked_accused']}/{args.images}; PSNR mean {row['mean_psnr']:.2f} dB (min {row['min_psnr']:.2f}, "
           f"{row['users_at_30db']:.0%} of copies >= 30 dB); bit_acc {row['bit_acc']:.3f}; "
-          f"draws per copy {row['mean_draws']:.2f}; {row['seconds']:.0f} s")
+          f"draws per copy {row['mean_draws']:.2f} (p-values divided by the pass rate "
+          f"{row['screen_pass_rate']:.3f}); {row['seconds']:.0f} s")
     RESULTS.parent.mkdir(exist_ok=True)
     with RESULTS.open("a") as handle:
         handle.write(json.dumps(row) + "\n")

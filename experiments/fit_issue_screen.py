@@ -42,7 +42,8 @@ def main() -> None:
     floors = fit_floors(model, **settings)
     model.meta["issue_screen"] = floors
     model.meta.setdefault("made_by", []).append(
-        f"issue_screen: python experiments/fit_issue_screen.py {args.checkpoint} (what training now fits)")
+        f"issue_screen: python experiments/fit_issue_screen.py {args.checkpoint}{' --refit' if args.refit else ''} "
+        f"(what training now fits; pnm.yaml's keep {settings['keep']}, min_psnr {settings['min_psnr']})")
     rewrite_private_state(model, args.checkpoint)
     print(f"{args.checkpoint}: issue_screen {floors} ({time.time() - started:.0f} s)")
 

@@ -42,7 +42,7 @@ from fingerprint_lm.registry.soft import quantized_weights, soft_tail
 
 RESULTS = Path(__file__).resolve().parent / "results" / "screen_policy.jsonl"
 EVAL_SEED = 5  # the held-out images the other pnm probes read (the probe's seed is the screen's own)
-KEEPS = (1.0, 0.9, 0.75, 0.6, 0.5)
+KEEPS = (1.0, 0.9, 0.75, 0.6, 0.5, 0.4, 0.3)
 
 
 @torch.no_grad()
