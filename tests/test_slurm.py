@@ -169,7 +169,8 @@ def test_submitit_local_sweep_is_requeued_into_the_same_dir_and_resumes(tmp_path
     command = [
         sys.executable, "-m", "fingerprint_lm", "-m", "hydra/launcher=submitit_local", *DEBUG_TINY,
         f"paths.root_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache", "fingerprint_bits=8",
-        "method.steps=20", "method.detector_fit_samples=128", "seed=0,1",
+        # carrier: 20 steps of it read above chance (the check below); 20 of pnm, the default, do not
+        "method=carrier", "method.steps=20", "method.detector_fit_samples=128", "seed=0,1",
         ATTEMPTS, "+callbacks.attempts.preempt_at=13",
     ]
     out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
