@@ -2,7 +2,7 @@
 
 Screening keeps a code only when its copy reads and looks well on a probe; attribution's bound then
 divides every p-value by the screen's pass rate (``distributor/attribution.py``), about 0.43 with
-both floors of the shipped checkpoint, and many rejections are the PSNR floor's. If a copy's
+the floors shipped until 2026-12-06 afternoon, and many rejections were the PSNR floor's. If a copy's
 PSNR fell smoothly as its modulation grew, scaling each copy's modulation (``personal_tensors(...,
 modulation_gain=g)`` multiplies every modulation value by ``g``) would hold every copy to the
 quality floor without rejecting a code. This reads ``--codes`` random codes' copies of the shipped

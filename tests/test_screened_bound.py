@@ -49,7 +49,7 @@ def test_the_registry_counts_screened_draws_with_the_row_it_registers(tmp_path):
         assert registry.screen_pass_rate() == pytest.approx(2 / 4)
         with pytest.raises(RegistryError, match="same code"):  # refused: nothing counted either
             registry.register("c", code_b, screened_draws=5)
-        for bad in (0, True):
+        for bad in (0, True, 2.5, "3"):
             with pytest.raises(RegistryError, match="screened_draws"):
                 registry.register("d", rng.integers(0, 2, K, dtype=np.uint8), screened_draws=bad)
         assert registry.screen_pass_rate() == pytest.approx(2 / 4) and len(registry) == 3

@@ -21,8 +21,10 @@ Screened codes (``task=issue`` keeps a code only when its copy reads well on a p
 they pass*, so an innocent's screened code is at most ``1 / r`` times as likely as a uniform one to
 score as high, for the screen's pass rate ``r``. Attribution and tracing of a registry holding
 screened codes therefore test at ``fpr x r`` (``uniform_code_fpr``) and report p-values divided by
-``r``, which keeps the stated ``fpr`` for every innocent; ``r`` is the registry's own count of
-codes kept over codes drawn (:meth:`~fingerprint_lm.registry.store.Registry.screen_pass_rate`).
+``r``, which keeps the stated ``fpr`` (Bonferroni over the registry); ``r`` is the registry's own
+count of codes kept over codes drawn (:meth:`~fingerprint_lm.registry.store.Registry.screen_pass_rate`),
+an estimate. Callers that pass a bare :class:`CodeIndex` pass ``screen_pass_rate`` themselves
+(``Registry.identify`` and ``registry/tracing.py`` work on codes alone and apply no rate).
 Without the correction a screened registry's pair p-values ran 1.4-2.6x above nominal on other
 users' marked images (``experiments/results/screened_marked_null.md``).
 """

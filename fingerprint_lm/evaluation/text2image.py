@@ -156,12 +156,14 @@ class _Collected:
     match_threshold: int | None = None
 
 
-def _score_batch(batch, decoded: dict[str, np.ndarray], extractor, index, code, fpr: float,
-                 images_dir: Path, seed: int, decoding: str = "soft") -> tuple[list[dict[str, Any]], int | None]:
+def _score_batch(batch, decoded: dict[str, np.ndarray], owner: CopyOwner, images_dir: Path,
+                 seed: int) -> tuple[list[dict[str, Any]], int | None]:
     """Save one batch's PNGs and read them: one row per image (copy, and the control if decoded)."""
+    extractor, index, code, fpr = owner.extractor, owner.index, owner.code, owner.fpr
     tensors = {name: from_uint8(pixels) for name, pixels in decoded.items()}
     names = [f"{i:05d}.png" for i, _ in batch]
-    verdicts = {name: attribute_images(extractor, index, list(zip(names, tensors[name])), fpr=fpr, decoding=decoding)
+    verdicts = {name: attribute_images(extractor, index, list(zip(names, tensors[name])), fpr=fpr,
+                                       decoding=owner.decoding, screen_pass_rate=owner.screen_pass_rate)
                 for name in decoded}
     quality = psnr(tensors["copy"], tensors["base"]).tolist() if "base" in decoded else None
     rows = []
@@ -219,7 +221,7 @@ def _summary(collected: _Collected, user_id: str, seconds: float, has_base: bool
 class CopyOwner:
     """Whose copy is evaluated, and how the distributor reads its images: the extractor (CPU) and
     the registry's ``CodeIndex``, attribution at ``fpr`` with ``decoding`` (``soft`` | ``hard``;
-    distributor/attribution.py)."""
+    distributor/attribution.py) and, for a registry of screened codes, its ``screen_pass_rate``."""
 
     user_id: str
     code: np.ndarray
@@ -227,6 +229,7 @@ class CopyOwner:
     index: Any
     fpr: float = 1e-6
     decoding: str = "soft"
+    screen_pass_rate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -285,8 +288,7 @@ def evaluate_text2image(pipe, copy_vae, base_vae, owner: CopyOwner, prompts: Seq
             decoded = {"copy": decode_to_pixels(copy_vae, latents)}
             if base_vae is not None:
                 decoded["base"] = decode_to_pixels(base_vae, latents)
-            rows, collected.match_threshold = _score_batch(batch, decoded, owner.extractor, owner.index, owner.code,
-                                                           owner.fpr, images_dir, g.seed, owner.decoding)
+            rows, collected.match_threshold = _score_batch(batch, decoded, owner, images_dir, g.seed)
             collected.rows.extend(rows)
             for name, pixels in decoded.items():
                 collected.grid[name].extend(pixels[: g.grid_images - len(collected.grid[name])])

@@ -166,9 +166,10 @@ def personal_tensors(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, str | None]:
     """The tensors of one user's copy: ``(vae_state_dict, bias_map, bias_map_site)``.
 
-    ``modulation_gain`` multiplies every modulation value of the code (each is a change from the
-    base decoder: 0 is the base, 1 what training made): a per-copy strength, e.g. to give every
-    copy the same PSNR (``distributor/screening.py``).
+    ``modulation_gain`` multiplies every modulation value of the code (each a change from the
+    shared decoder; 1 is what training made; ignored by methods that train each copy): an
+    experiment's knob. It cannot set a pnm copy's PSNR: every code's PSNR peaks at gain 1
+    (``experiments/copy_gain.py``).
 
     Affine sites: ``weight = gamma_0 * (1 + scale)``, ``bias = beta_0 + shift`` (float64, one
     rounding), the function :class:`~fingerprint_lm.models.modulated.ModulatedGroupNorm` computes;

@@ -307,7 +307,8 @@ class Registry:
         meta, packed = self._prepare(rows)
         if not meta:
             return 0
-        if screened_draws is not None and (isinstance(screened_draws, bool) or int(screened_draws) < len(meta)):
+        if screened_draws is not None and (not isinstance(screened_draws, int | np.integer)
+                                           or isinstance(screened_draws, bool) or screened_draws < len(meta)):
             raise RegistryError(f"screened_draws must be an int >= the rows registered ({len(meta)}), "
                                 f"got {screened_draws!r}")
         with self._write() as conn:
@@ -332,7 +333,10 @@ class Registry:
         Attribution's exact bound treats an innocent's code as uniform. A screened code is uniform
         *given that it passes*, so for any set ``A`` of codes ``P[screened code in A] <= P[uniform
         code in A] / pass rate``: dividing the p-values by this rate (testing at ``fpr x rate``)
-        keeps the bound for a registry of screened codes (``distributor/attribution.py``)."""
+        keeps the bound for a registry of screened codes (``distributor/attribution.py``). Pooled
+        over registrations, it bounds the registry-wide (Bonferroni-sum) rate when screens differ.
+        An estimate: a registry of few screened users may read it above the screen's true rate
+        (the checkpoint's fit, ``issue_screen.pass_rate``, is a second estimate to compare)."""
         users, draws = self._screen_counts()
         return users / draws if users else None
 

@@ -78,17 +78,18 @@ def check_settings(cfg: DictConfig) -> Settings:
 
 
 def _copy_and_code(cfg: DictConfig, s: Settings):
-    """The checkpoint, the registry's code index and row of the user, and their verified copy."""
+    """The checkpoint, the registry's code index, its screened codes' pass rate (None: none
+    screened) and the user's row, and their verified copy."""
     settings = s.config
     model = load_fingerprint_model(checkpoint_dir(cfg))
     with open_registry(s.distributor.registry, model.fingerprint_bits, method=model.method) as registry:
         row = registry.get(s.user_id)  # RegistryError for an unknown user
-        index = registry.index()
+        index, rate = registry.index(), registry.screen_pass_rate()
     copy_path = Path(str(settings.copy_path)) if settings.copy_path else Path(s.distributor.copies_dir) / s.user_id
     expected = row["copy_sha256"] if settings.verify_copy else None
     if settings.verify_copy and not expected:
         raise CheckpointError(f"the registry holds no copy hash for {s.user_id!r}; set text2image.verify_copy=false")
-    return model, index, row, copy_path, load_copy(copy_path, expected_sha256=expected).to(s.device)
+    return model, (index, rate), row, copy_path, load_copy(copy_path, expected_sha256=expected).to(s.device)
 
 
 def _prompts(s: Settings) -> tuple[CocoCaptions, list[tuple[int, str]]]:
@@ -116,7 +117,7 @@ def _resolution(s: Settings, pipe, model) -> int:
 def run_text2image_eval(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
     s = check_settings(cfg)
     settings = s.config
-    model, index, row, copy_path, copy_vae = _copy_and_code(cfg, s)
+    model, (index, rate), row, copy_path, copy_vae = _copy_and_code(cfg, s)
     coco, prompts = _prompts(s)
     requested_fid = settings.fid  # auto | clean | proxy | off (YAML's `off`, read as false, normalised)
     fid_mode, fid_reason = choose_fid_mode(requested_fid, len(prompts), settings.fid_min_images,
@@ -135,7 +136,7 @@ def run_text2image_eval(cfg: DictConfig, context: TaskContext) -> dict[str, Any]
     # Written beside the target and swapped in at the end: a crash never mixes old and new images.
     with atomic_directory(output_dir / "images") as images_tmp:
         owner = CopyOwner(user_id=s.user_id, code=row["code"], extractor=model.extractor.float().cpu().eval(),
-                          index=index, fpr=s.fpr, decoding=s.distributor.decoding)
+                          index=index, fpr=s.fpr, decoding=s.distributor.decoding, screen_pass_rate=rate)
         generation = Generation(resolution=resolution, num_inference_steps=settings.num_inference_steps,
                                 guidance_scale=settings.guidance_scale, seed=settings.seed,
                                 batch_size=settings.batch_size, grid_images=settings.grid_images,
