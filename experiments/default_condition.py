@@ -13,8 +13,9 @@ from a copy's tensors; this one goes the whole way a distributor and a user go:
   ``--images`` held-out images (the seed the other probes read, not the screening probe's), saved
   as 8-bit pixels;
 - every image attributed with ``distributor.attribution.attribute_images`` (soft decoding, fpr
-  1e-6 over the registry) once every copy is issued, the registry's screened codes' pass rate
-  dividing the p-values as ``task=attribute`` divides them; PSNR of each copy's outputs against
+  1e-6 over the registry) once every copy is issued, the screened codes' pass rate dividing the
+  p-values as ``task=attribute`` divides them (the registry's count, or the checkpoint's fitted
+  rate where smaller: ``screening.bound_pass_rate``); PSNR of each copy's outputs against
   the base decoder's;
 - the base decoder's (unmarked) outputs attributed too: how many are accused.
 
@@ -40,7 +41,7 @@ from diffusers.utils import logging as diffusers_logging
 from fingerprint_lm.distributor.attribution import attribute_images
 from fingerprint_lm.distributor.copies import issue_copy
 from fingerprint_lm.distributor.generation import decode_with, held_out_images
-from fingerprint_lm.distributor.screening import CodeScreen, screen_floors
+from fingerprint_lm.distributor.screening import CodeScreen, bound_pass_rate, screen_floors
 from fingerprint_lm.errors import check_float, check_int, check_probability, exit_on_user_error
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
@@ -53,8 +54,10 @@ SECRET = b"default-condition-probe"
 
 
 def _attributed(model, registry, images: torch.Tensor, fpr: float) -> dict:
+    """As task=attribute reads them: the registry's codes at the pass rate the task divides by."""
     named = [(f"image{i}", image) for i, image in enumerate(images)]
-    return attribute_images(model.extractor, registry, named, fpr=fpr, decoding="soft")
+    rate = bound_pass_rate(registry.screen_pass_rate(), model.meta.get("issue_screen"))
+    return attribute_images(model.extractor, registry.index(), named, fpr=fpr, decoding="soft", screen_pass_rate=rate)
 
 
 @torch.no_grad()

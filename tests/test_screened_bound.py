@@ -109,3 +109,13 @@ def test_tracing_of_a_screened_registry_states_bounds_divided_by_the_pass_rate(t
     assert corrected["suspects"][0]["p_value_bound"] < 1.0  # a bound the check below can double
     for suspect in corrected["suspects"]:
         assert suspect["p_value_bound"] == pytest.approx(min(1.0, by_user[suspect["user_id"]] * 2))
+
+
+def test_the_task_divides_by_the_registrys_count_or_the_fitted_rate_whichever_is_smaller():
+    from fingerprint_lm.distributor.screening import bound_pass_rate
+
+    fitted = {"pass_rate": 0.375, "min_probe_bit_acc": 0.93}
+    assert bound_pass_rate(None, fitted) is None  # nothing screened: uniform codes, no correction
+    assert bound_pass_rate(1.0, fitted) == 0.375  # one user whose first draw passed does not read 1
+    assert bound_pass_rate(0.3, fitted) == 0.3  # a registry that counts it lower is believed
+    assert bound_pass_rate(0.5, None) == 0.5 and bound_pass_rate(0.5, {"keep": 0.5}) == 0.5

@@ -93,6 +93,17 @@ def fit_floors(model: FingerprintModel, keep: float = 0.75, min_psnr: float = 30
             "pass_rate": float(((reads[:, 0] >= floor) & (reads[:, 1] >= min_psnr)).mean())}
 
 
+def bound_pass_rate(registry_rate: float | None, recorded: dict[str, Any] | None) -> float | None:
+    """The screen's pass rate that attribution divides p-values by: the registry's own count
+    (``Registry.screen_pass_rate``), or the checkpoint's fitted ``pass_rate`` (its ``issue_screen``
+    record) where that is smaller, since a registry of few screened users may count it high (one
+    user whose first draw passed counts 1). None when the registry screened no code."""
+    if registry_rate is None:
+        return None
+    fitted = (recorded or {}).get("pass_rate")
+    return registry_rate if fitted is None else min(registry_rate, float(fitted))
+
+
 def screen_floors(recorded: dict[str, Any] | None, screen_codes: bool, min_bit_acc: float | None,
                   min_psnr: float | None) -> tuple[float | None, float | None]:
     """The floors ``task=issue`` keeps: none when ``screen_codes`` is false, else each distributor

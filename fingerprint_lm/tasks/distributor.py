@@ -26,7 +26,7 @@ from fingerprint_lm.distributor.copies import (
     verify_copy,
 )
 from fingerprint_lm.distributor.generation import decode_with, held_out_images, save_pngs
-from fingerprint_lm.distributor.screening import CodeScreen, screen_floors
+from fingerprint_lm.distributor.screening import CodeScreen, bound_pass_rate, screen_floors
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.models.checkpoint import (
     checkpoint_code_length,
@@ -111,26 +111,28 @@ def task_users(cfg: DictConfig, context: TaskContext) -> dict:
 
 
 def _read_suspects(cfg: DictConfig, task: str, score) -> dict:
-    """``score(extractor, registry, images, settings)`` on the ``images=`` of ``task`` against the
-    registry (attribute and trace read the same inputs and differ only in how they score them; the
-    registry, not only its codes, as its screened codes' pass rate enters the bound)."""
+    """``score(extractor, index, images, settings, rate)`` on the ``images=`` of ``task`` against the
+    registry (attribute and trace read the same inputs and differ only in how they score them;
+    ``rate``: the screened codes' pass rate the bound divides by, ``screening.bound_pass_rate``)."""
     settings = read_settings(cfg, "distributor")
     model = load_fingerprint_model(checkpoint_dir(cfg))
     with open_registry(settings.registry, model.fingerprint_bits, method=model.method) as reg:
         paths = _required(cfg, "images", task, "PATH (an image file or a folder)")
         images, skipped = read_suspect_images(paths, min_size=int(model.extractor.min_image_size))
-        return {**score(model.extractor, reg, images, settings), "skipped": skipped}
+        rate = bound_pass_rate(reg.screen_pass_rate(), model.meta.get("issue_screen"))
+        return {**score(model.extractor, reg.index(), images, settings, rate), "skipped": skipped}
 
 
 def task_attribute(cfg: DictConfig, context: TaskContext) -> dict:
-    return _read_suspects(cfg, "attribute", lambda extractor, reg, images, settings: attribute_images(
-        extractor, reg, images, fpr=settings.fpr, decoding=settings.decoding, read_mirrored=settings.read_mirrored))
+    return _read_suspects(cfg, "attribute", lambda extractor, index, images, settings, rate: attribute_images(
+        extractor, index, images, fpr=settings.fpr, decoding=settings.decoding, read_mirrored=settings.read_mirrored,
+        screen_pass_rate=rate))
 
 
 def task_trace(cfg: DictConfig, context: TaskContext) -> dict:
-    return _read_suspects(cfg, "trace", lambda extractor, reg, images, settings: trace_images(
-        extractor, reg, images, fpr=settings.fpr, top=settings.top, scoring=settings.tracing,
-        decoding=settings.decoding))
+    return _read_suspects(cfg, "trace", lambda extractor, index, images, settings, rate: trace_images(
+        extractor, index, images, fpr=settings.fpr, top=settings.top, scoring=settings.tracing,
+        decoding=settings.decoding, screen_pass_rate=rate))
 
 
 def task_generate(cfg: DictConfig, context: TaskContext) -> dict:

@@ -18,6 +18,7 @@ from fingerprint_lm.config_schema import DistributorConfig, Text2ImageConfig, re
 from fingerprint_lm.data.coco import CocoCaptions
 from fingerprint_lm.devices import resolve_device
 from fingerprint_lm.distributor.copies import check_user_id, load_copy
+from fingerprint_lm.distributor.screening import bound_pass_rate
 from fingerprint_lm.errors import CheckpointError, ConfigError
 from fingerprint_lm.evaluation.sd_pipeline import (
     check_copy_fits,
@@ -78,13 +79,13 @@ def check_settings(cfg: DictConfig) -> Settings:
 
 
 def _copy_and_code(cfg: DictConfig, s: Settings):
-    """The checkpoint, the registry's code index, its screened codes' pass rate (None: none
-    screened) and the user's row, and their verified copy."""
+    """The checkpoint, the registry's code index, its screened codes' pass rate
+    (``screening.bound_pass_rate``; None: none screened) and the user's row, and their verified copy."""
     settings = s.config
     model = load_fingerprint_model(checkpoint_dir(cfg))
     with open_registry(s.distributor.registry, model.fingerprint_bits, method=model.method) as registry:
         row = registry.get(s.user_id)  # RegistryError for an unknown user
-        index, rate = registry.index(), registry.screen_pass_rate()
+        index, rate = registry.index(), bound_pass_rate(registry.screen_pass_rate(), model.meta.get("issue_screen"))
     copy_path = Path(str(settings.copy_path)) if settings.copy_path else Path(s.distributor.copies_dir) / s.user_id
     expected = row["copy_sha256"] if settings.verify_copy else None
     if settings.verify_copy and not expected:
