@@ -12,6 +12,7 @@ import torch
 
 from fingerprint_lm.distributor.attribution import attribute_images, trace_images
 from fingerprint_lm.errors import ConfigError, RegistryError
+from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.store import Registry
 
 K = 48
@@ -36,6 +37,10 @@ def _registry(path, rng, screened_draws: int | None) -> tuple[Registry, np.ndarr
     for i, code in enumerate(codes):
         registry.register(f"u{i}", code, screened_draws=screened_draws)
     return registry, codes
+
+
+def uniform_codes_index(codes: np.ndarray) -> CodeIndex:
+    return CodeIndex.from_bits([f"u{i}" for i in range(len(codes))], codes)
 
 
 def test_the_registry_counts_screened_draws_with_the_row_it_registers(tmp_path):
@@ -81,17 +86,11 @@ def test_attribution_of_a_screened_registry_divides_p_values_by_the_pass_rate(tm
     assert plain["images"][borderline]["accused"] and not corrected["images"][borderline]["accused"]
     assert sum(r["accused"] for r in corrected["images"]) < sum(r["accused"] for r in plain["images"])
     # the rate may be given for a bare index too, and a bad one is refused
-    index_read = attribute_images(reader, uniform_index := uniform_codes_index(codes), images, fpr=fpr,
-                                  screen_pass_rate=0.25)
+    uniform_index = uniform_codes_index(codes)
+    index_read = attribute_images(reader, uniform_index, images, fpr=fpr, screen_pass_rate=0.25)
     assert [r["p_value"] for r in index_read["images"]] == [r["p_value"] for r in corrected["images"]]
     with pytest.raises(ConfigError, match="screen_pass_rate"):
         attribute_images(reader, uniform_index, images, fpr=fpr, screen_pass_rate=0.0)
-
-
-def uniform_codes_index(codes: np.ndarray):
-    from fingerprint_lm.registry.index import CodeIndex
-
-    return CodeIndex.from_bits([f"u{i}" for i in range(len(codes))], codes)
 
 
 def test_tracing_of_a_screened_registry_states_bounds_divided_by_the_pass_rate(tmp_path):

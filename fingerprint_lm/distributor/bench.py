@@ -90,15 +90,20 @@ def bench_distributor(repeats: int = 20, act_type: str = "all") -> dict:
                 issue_copy(model, registry, f"user{i}", Path(tmp) / "copies", secret, act_type, rng=rng)
                 times.append(time.perf_counter() - start)
             out["issue_total_ms"] = 1e3 * statistics.median(times)
-            if floors := model.meta.get("issue_screen"):
-                out.update(_screened_issues(model, registry, floors, Path(tmp) / "copies", secret, act_type, rng,
-                                            repeats))
+            if model.meta.get("issue_screen"):
+                out.update(_screened_issues(model, registry, Path(tmp) / "copies", secret, act_type, rng, repeats))
     return out
 
 
-def _screened_issues(model, registry, floors: dict, copies: Path, secret: bytes, act_type: str,
+def _recorded_screen(model: FingerprintModel, registry: Registry) -> CodeScreen:
+    """The screen ``task=issue`` draws ``model``'s codes with by default: its recorded floors."""
+    floors = model.meta["issue_screen"]
+    return CodeScreen(model, registry, floors["min_probe_bit_acc"], min_psnr=floors["min_probe_psnr"])
+
+
+def _screened_issues(model, registry, copies: Path, secret: bytes, act_type: str,
                      rng: np.random.Generator, repeats: int) -> dict:
-    screen = CodeScreen(model, registry, floors["min_probe_bit_acc"], min_psnr=floors["min_probe_psnr"])
+    screen = _recorded_screen(model, registry)
     times, draws = [], []
     for i in range(repeats):
         start = time.perf_counter()
@@ -110,29 +115,25 @@ def _screened_issues(model, registry, floors: dict, copies: Path, secret: bytes,
 
 
 def screened_pnm_issue(repeats: int) -> dict[str, float]:
-    """A pnm copy as ``task=issue`` makes it by default: codes drawn until one clears the shipped
-    checkpoint's recorded floors on the probe (``distributor/screening.py``; the probe reader built
-    once, as a distributor issuing many copies builds it), then the copy's tensors."""
+    """A pnm copy as ``task=issue`` makes it by default: codes drawn (from an empty registry) until
+    one clears the shipped checkpoint's recorded floors on the probe (``distributor/screening.py``;
+    the probe reader built once, as a distributor issuing many copies builds it), then the copy's
+    tensors; nothing is written or registered."""
     model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
-    floors = model.meta["issue_screen"]
     rng, draws = np.random.default_rng(1), []
+    with tempfile.TemporaryDirectory() as tmp, Registry(Path(tmp) / "registry.sqlite", model.fingerprint_bits) as reg:
+        screen = _recorded_screen(model, reg)
 
-    class FairCodes:  # candidates as a registry draws them, without its distance check
-        def new_code(self, generator):
-            return generator.integers(0, 2, model.fingerprint_bits, dtype=np.uint8)
+        def issue():
+            code = screen(rng)
+            draws.append(screen.draws)
+            return personal_tensors(model, code, "all", int(rng.integers(2**31)))
 
-    screen = CodeScreen(model, FairCodes(), floors["min_probe_bit_acc"], min_psnr=floors["min_probe_psnr"])
-
-    def issue():
-        code = screen(rng)
-        draws.append(screen.draws)
-        return personal_tensors(model, code, "all", int(rng.integers(2**31)))
-
-    issue()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        issue()
-    seconds = (time.perf_counter() - start) / repeats  # a mean: the draws per copy vary, and cost adds up
+        issue()  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            issue()
+        seconds = (time.perf_counter() - start) / repeats  # a mean: the draws per copy vary, and cost adds up
     return {"issue_copy_pnm_screened_s": seconds, "pnm_screen_draws_mean": float(np.mean(draws[-repeats:]))}
 
 
