@@ -10,6 +10,13 @@ The shipped pnm checkpoint got its floors this way:
     python experiments/fit_issue_screen.py fingerprint_lm/assets/embedded_pnm
 
 A checkpoint that already records floors is refused (``--refit`` replaces them).
+
+``--rate-only`` keeps the recorded floors and measures only their pass rate, on ``--rate-candidates``
+random codes other than those the floor was fitted on (what ``fit_floors`` records since 2026-12-06
+evening; before, the rate was the fitted codes' own share, ``keep`` by construction). The shipped
+checkpoint's rate was measured this way:
+
+    python experiments/fit_issue_screen.py fingerprint_lm/assets/embedded_pnm --rate-only --rate-candidates 512
 """
 
 from __future__ import annotations
@@ -20,8 +27,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from fingerprint_lm.distributor.screening import fit_floors
-from fingerprint_lm.errors import ConfigError, exit_on_user_error
+from fingerprint_lm.distributor.screening import ProbeReader, estimate_pass_rate, fit_floors
+from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, rewrite_private_state
 
 PNM_YAML = Path(__file__).resolve().parents[1] / "conf" / "method" / "pnm.yaml"
@@ -31,21 +38,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--refit", action="store_true", help="replace the floors the checkpoint records")
+    parser.add_argument("--rate-only", action="store_true", help="keep the recorded floors; measure their pass rate")
+    parser.add_argument("--rate-candidates", type=int, default=None,
+                        help="codes the pass rate is measured on (default: pnm.yaml's, else fit_floors')")
     args = parser.parse_args()
     model = load_fingerprint_model(args.checkpoint)
     if model.method != "pnm":
         raise ConfigError(f"{args.checkpoint} is a method={model.method} checkpoint; the floors are pnm's")
-    if model.meta.get("issue_screen") is not None and not args.refit:
+    if model.meta.get("issue_screen") is not None and not (args.refit or args.rate_only):
         raise ConfigError(f"{args.checkpoint} already records issue_screen {model.meta['issue_screen']} (--refit)")
     settings = OmegaConf.to_container(OmegaConf.load(PNM_YAML).issue_screen)
+    if args.rate_candidates is not None:
+        settings["rate_candidates"] = check_int("--rate-candidates", args.rate_candidates)
     started = time.time()
-    floors = fit_floors(model, **settings)
+    if args.rate_only:
+        floors = rate_only(model, args.checkpoint, settings.get("rate_candidates", 128))
+    else:
+        floors = fit_floors(model, **settings)
     model.meta["issue_screen"] = floors
+    flags = "".join(f" {flag}" for flag, on in (("--refit", args.refit), ("--rate-only", args.rate_only)) if on)
+    flags += "" if args.rate_candidates is None else f" --rate-candidates {args.rate_candidates}"
     model.meta.setdefault("made_by", []).append(
-        f"issue_screen: python experiments/fit_issue_screen.py {args.checkpoint}{' --refit' if args.refit else ''} "
+        f"issue_screen: python experiments/fit_issue_screen.py {args.checkpoint}{flags} "
         f"(what training now fits; pnm.yaml's keep {settings['keep']}, min_psnr {settings['min_psnr']})")
     rewrite_private_state(model, args.checkpoint)
     print(f"{args.checkpoint}: issue_screen {floors} ({time.time() - started:.0f} s)")
+
+
+def rate_only(model, checkpoint: Path, codes: int) -> dict:
+    """The recorded floors with their pass rate measured anew on ``codes`` codes the floor was not
+    fitted on (seed: the fit's + 1, as ``fit_floors`` draws them)."""
+    recorded = model.meta.get("issue_screen")
+    if not recorded or recorded.get("min_probe_bit_acc") is None:
+        raise ConfigError(f"{checkpoint} records no floors to measure (fit them first, without --rate-only)")
+    reader = ProbeReader(model, int(recorded.get("probe_images", 64)))
+    rate = estimate_pass_rate(reader, recorded["min_probe_bit_acc"], recorded["min_probe_psnr"], codes,
+                              int(recorded.get("seed", 7)) + 1)
+    print(f"pass rate {recorded.get('pass_rate')} (fitted codes' own share) -> {rate['pass_rate']} "
+          f"+- {rate['pass_rate_stderr']} on {codes} other codes")
+    return {**recorded, **rate}
 
 
 if __name__ == "__main__":

@@ -116,6 +116,7 @@ class SweepConfig:
     tracing_fpr: float = 1e-3
     decoding: str = "soft"
     finetune_lr: float = 1e-4
+    screen_codes: bool = True
     fid_proxy_steps: int = 1000
     grid: SweepGrid = field(default_factory=SweepGrid)
 

@@ -12,7 +12,7 @@ import torch
 
 from fingerprint_lm.distributor.copies import issue_copy
 from fingerprint_lm.distributor.generation import decode_with
-from fingerprint_lm.distributor.screening import CodeScreen, fit_floors, screen_floors
+from fingerprint_lm.distributor.screening import CodeScreen, ProbeReader, fit_floors, screen_floors
 from fingerprint_lm.errors import RegistryError
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
@@ -72,9 +72,16 @@ def test_the_psnr_floor_holds_for_the_stock_loaded_copy(tmp_path, pnm_model):
 
 
 def test_fitted_floors_keep_the_asked_share_of_random_codes(pnm_model):
-    floors = fit_floors(pnm_model, keep=0.5, min_psnr=1.0, candidates=8, probe_images=8)
+    floors = fit_floors(pnm_model, keep=0.5, min_psnr=1.0, candidates=8, probe_images=8, rate_candidates=16)
     assert floors["candidates"] == 8 and floors["min_probe_psnr"] == 1.0
-    assert floors["pass_rate"] == 0.5  # the median of 8 distinct reads; every copy is above 1 dB
+    fitted = np.random.default_rng(floors["seed"])  # the floor: the median of the 8 fitted codes' reads
+    reader = ProbeReader(pnm_model, 8)
+    reads = [reader(fitted.integers(0, 2, pnm_model.fingerprint_bits, dtype=np.uint8))[0] for _ in range(8)]
+    assert floors["min_probe_bit_acc"] == round(float(np.median(reads)), 6)
+    other = np.random.default_rng(floors["pass_rate_seed"])  # the rate: 16 other codes (every copy is above 1 dB)
+    reads = [reader(other.integers(0, 2, pnm_model.fingerprint_bits, dtype=np.uint8))[0] for _ in range(16)]
+    assert floors["pass_rate_seed"] != floors["seed"] and floors["pass_rate_codes"] == 16
+    assert floors["pass_rate"] == np.mean(np.array(reads) >= floors["min_probe_bit_acc"])
     recorded = pnm_model.meta["issue_screen"]  # the shipped checkpoint's, fitted with pnm.yaml's settings
     assert recorded["keep"] == 0.5 and recorded["min_probe_psnr"] == 29.9  # pnm.yaml's since the pass-rate bound
     assert 0.9 < recorded["min_probe_bit_acc"] < 0.95

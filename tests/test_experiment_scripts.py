@@ -149,13 +149,14 @@ def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypa
     assert_refused_leaving_results(script, args, monkeypatch, capsys)
 
 
-@pytest.mark.parametrize("script, checkpoint, refusal", [
-    ("fit_soft_whitening.py", "embedded_pnm", "carrier"),  # only the carrier reader has a soft whitening
-    ("fit_issue_screen.py", "embedded_pnm", "already records issue_screen"),  # fitted once
-    ("fit_issue_screen.py", "embedded", "the floors are pnm's"),
+@pytest.mark.parametrize("script, checkpoint, extra, refusal", [
+    ("fit_soft_whitening.py", "embedded_pnm", [], "carrier"),  # only the carrier reader has a soft whitening
+    ("fit_issue_screen.py", "embedded_pnm", [], "already records issue_screen"),  # fitted once
+    ("fit_issue_screen.py", "embedded", [], "the floors are pnm's"),
+    ("fit_issue_screen.py", "embedded_pnm", ["--rate-only", "--rate-candidates", "0"], "--rate-candidates"),
 ])
 def test_a_post_training_fit_refuses_a_checkpoint_it_does_not_apply_to_and_leaves_it(
-        tmp_path, script, checkpoint, refusal, monkeypatch, capsys):
+        tmp_path, script, checkpoint, extra, refusal, monkeypatch, capsys):
     """One error line, exit 2, and the checkpoint's files as they were."""
     import shutil
 
@@ -164,7 +165,7 @@ def test_a_post_training_fit_refuses_a_checkpoint_it_does_not_apply_to_and_leave
     target = tmp_path / checkpoint
     shutil.copytree(shipped_checkpoint(checkpoint), target)
     before = {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()}
-    code, stderr = run_script(script, [str(target)], monkeypatch, capsys)
+    code, stderr = run_script(script, [str(target), *extra], monkeypatch, capsys)
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and refusal in errors[0], stderr
     assert {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()} == before

@@ -14,6 +14,7 @@ from fingerprint_lm.distributor.attribution import attribute_images, trace_image
 from fingerprint_lm.errors import ConfigError, RegistryError
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.store import Registry
+from fingerprint_lm.report.tables import comparison_lines
 
 K = 48
 
@@ -118,3 +119,49 @@ def test_the_task_divides_by_the_registrys_count_or_the_fitted_rate_whichever_is
     assert bound_pass_rate(1.0, fitted) == 0.375  # one user whose first draw passed does not read 1
     assert bound_pass_rate(0.3, fitted) == 0.3  # a registry that counts it lower is believed
     assert bound_pass_rate(0.5, None) == 0.5 and bound_pass_rate(0.5, {"keep": 0.5}) == 0.5
+
+
+def test_the_sweep_screens_the_colluders_codes_and_tests_at_fpr_times_the_pass_rate(monkeypatch):
+    """The collusion sweep issues a pnm checkpoint's colluders the codes task=issue would (each
+    clears the recorded floors on the probe) and attributes and traces them as the distributor
+    tests a screened registry; innocents and unscreened draws stay the uniform codes."""
+    from types import SimpleNamespace
+
+    from fingerprint_lm.distributor.screening import ProbeReader, screened_codes
+    from fingerprint_lm.evaluation import collusion
+    from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
+
+    model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
+    floors = model.meta["issue_screen"]
+    point = collusion.Point("none", "average", None, 2)
+    unscreened_settings = collusion.PointSettings(n_images=4, n_innocents=6, screen_codes=False)
+    plain = collusion.draw_users(model, point, unscreened_settings, 3)
+    screened = collusion.draw_users(model, point, collusion.PointSettings(n_images=4, n_innocents=6), 3)
+    assert plain.screen_pass_rate is None and screened.screen_pass_rate == floors["pass_rate"]
+    np.testing.assert_array_equal(screened.codes[2:], plain.codes[2:])
+    assert not np.array_equal(screened.codes[:2], plain.codes[:2])
+    read = ProbeReader(model, floors["probe_images"])
+    for code in screened.codes[:2]:
+        accuracy, quality = read(code)
+        assert accuracy >= floors["min_probe_bit_acc"] and quality >= floors["min_probe_psnr"]
+    assert screened_codes(SimpleNamespace(meta={}), 2, 3) is None  # a checkpoint without floors: uniform codes
+
+    tested = []
+    for name in ("attribute_logits", "trace_logits"):
+        original = getattr(collusion, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            tested.append((_name, kwargs["fpr"]))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(collusion, name, spy)
+    for screen_codes, rate in ((True, floors["pass_rate"]), (False, 1.0)):
+        tested.clear()
+        settings = collusion.PointSettings(n_images=4, n_innocents=6, screen_codes=screen_codes)
+        result = collusion.evaluate_point(model, point, settings, 3)
+        assert result.screen_pass_rate == (floors["pass_rate"] if screen_codes else None)
+        assert sorted(tested) == sorted([("attribute_logits", 1e-6 * rate), ("trace_logits", 1e-3 * rate),
+                                         ("trace_logits", 1e-3 * rate)])
+        method_row = next(line for line in comparison_lines([{**result.as_dict(), "case": "average_c2"}])
+                          if line.startswith("| pnm 48-bit"))
+        assert (f"screened codes (pass rate {floors['pass_rate']:.3f})" in method_row) == screen_codes

@@ -17,6 +17,9 @@ Four kinds, each with the built-in attacks' signature and returning new tensors:
 - ``attacks.image_merge.<name>``: ``fn(outputs, generator=None)`` on the c colluders' images of
   the same content (one ``[n, 3, H, W]`` batch each), returning one such batch; cases
   ``<name>_c<N>``, like ``image_mix`` and ``image_blend``.
+
+The collusion sweep checks what a plug-in returns (:func:`checked_state_output`,
+:func:`check_image_merge_output`) before it rebuilds a decoder or scores images from it.
 """
 
 from __future__ import annotations
@@ -59,3 +62,26 @@ def median_merge(
         return ordered[middle] if len(stack) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
     return elementwise_merge(state_dicts, median)
+
+
+def checked_state_output(name: str, out, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A plug-in's state dict, refused (one ConfigError) unless it has the copy's keys and shapes:
+    the decoder is rebuilt from it, and a stray or missing key would end in a traceback there."""
+    if not isinstance(out, dict):
+        raise ConfigError(f"attack plug-in {name!r} returned {type(out).__name__}, not a state dict")
+    if out.keys() != reference.keys():
+        missing, extra = sorted(reference.keys() - out.keys()), sorted(out.keys() - reference.keys())
+        raise ConfigError(f"attack plug-in {name!r} changed the state dict's keys (missing {missing[:3]}, "
+                          f"extra {extra[:3]}); return every key it was given")
+    for key, value in reference.items():
+        if not isinstance(out[key], torch.Tensor) or out[key].shape != value.shape:
+            raise ConfigError(f"attack plug-in {name!r} returned {key} with another shape than {tuple(value.shape)}")
+    return dict(out)
+
+
+def check_image_merge_output(name: str, outputs, like: torch.Tensor) -> None:
+    """An image-collusion plug-in's result, refused (one ConfigError) unless it is one batch shaped
+    like each colluder's."""
+    if not isinstance(outputs, torch.Tensor) or outputs.shape != like.shape:
+        raise ConfigError(f"image collusion plug-in {name!r} must return one batch of shape "
+                          f"{tuple(like.shape)}, got {getattr(outputs, 'shape', type(outputs).__name__)}")

@@ -25,6 +25,8 @@ distributor's settings say otherwise (:func:`screen_floors`).
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,12 +34,13 @@ import torch
 
 from fingerprint_lm.distributor.copies import decoder_from_tensors
 from fingerprint_lm.distributor.generation import decode_with, held_out_images
-from fingerprint_lm.errors import RegistryError, check_float, check_int
+from fingerprint_lm.errors import ConfigError, RegistryError, check_float, check_int
 from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import FingerprintModel
 from fingerprint_lm.pixels import from_uint8, to_uint8
+from fingerprint_lm.storage import config_hash
 
 PROBE_SEED = 101  # the probe's procedural images: the seed experiments/code_screening.py measured with
 FIT_SEED = 7  # the candidate codes fit_floors reads: code_screening.py's first seed (floor 0.922 there too)
@@ -77,20 +80,33 @@ class ProbeReader:
 
 
 def fit_floors(model: FingerprintModel, keep: float = 0.75, min_psnr: float = 30.0, candidates: int = 64,
-               probe_images: int = 64, seed: int = FIT_SEED) -> dict[str, Any]:
+               probe_images: int = 64, seed: int = FIT_SEED, rate_candidates: int = 128) -> dict[str, Any]:
     """The ``issue_screen`` record of a checkpoint: ``candidates`` random codes are read on the
     probe, the bit floor keeps the best ``keep`` of them (its ``1 - keep`` quantile), the PSNR floor
-    is ``min_psnr``; ``pass_rate`` is the share of candidates that clear both (the mean draws per
-    issued copy is about its inverse)."""
+    is ``min_psnr``; ``pass_rate`` (:func:`estimate_pass_rate`) is measured on ``rate_candidates``
+    other codes, since the floor is a quantile of the first ones' reads and their own share would be
+    ``keep`` by construction (the mean draws per issued copy is about its inverse)."""
     check_float("keep", keep, above=0.0, maximum=1.0)
     check_float("min_psnr", min_psnr, above=0.0)
     reader, rng = ProbeReader(model, probe_images), np.random.default_rng(seed)
     reads = np.array([reader(rng.integers(0, 2, model.fingerprint_bits, dtype=np.uint8))
                       for _ in range(check_int("candidates", candidates))])
-    floor = float(np.quantile(reads[:, 0], 1.0 - keep))
-    return {"min_probe_bit_acc": round(floor, 6), "min_probe_psnr": float(min_psnr), "keep": float(keep),
+    floor = round(float(np.quantile(reads[:, 0], 1.0 - keep)), 6)
+    return {"min_probe_bit_acc": floor, "min_probe_psnr": float(min_psnr), "keep": float(keep),
             "candidates": int(candidates), "probe_images": int(probe_images), "seed": int(seed),
-            "pass_rate": float(((reads[:, 0] >= floor) & (reads[:, 1] >= min_psnr)).mean())}
+            **estimate_pass_rate(reader, floor, min_psnr, rate_candidates, seed + 1)}
+
+
+def estimate_pass_rate(reader: ProbeReader, min_bit_acc: float, min_psnr: float, codes: int,
+                       seed: int) -> dict[str, Any]:
+    """The share of ``codes`` random codes (``default_rng(seed)``) whose probe read clears both floors:
+    ``pass_rate``, with the codes and seed it was measured on and its binomial standard error."""
+    rng = np.random.default_rng(seed)
+    passed = [reader(code) for code in (rng.integers(0, 2, reader.model.fingerprint_bits, dtype=np.uint8)
+                                        for _ in range(check_int("rate_candidates", codes)))]
+    rate = float(np.mean([accuracy >= min_bit_acc and quality >= min_psnr for accuracy, quality in passed]))
+    return {"pass_rate": rate, "pass_rate_codes": int(codes), "pass_rate_seed": int(seed),
+            "pass_rate_stderr": round(float(np.sqrt(rate * (1.0 - rate) / codes)), 4)}
 
 
 def bound_pass_rate(registry_rate: float | None, recorded: dict[str, Any] | None) -> float | None:
@@ -157,3 +173,51 @@ class CodeScreen:
         raise RegistryError(f"no code among {self.max_draws} draws {floors} on the probe images: lower "
                             "distributor.min_probe_bit_acc or distributor.min_probe_psnr, or set "
                             "distributor.screen_codes=false")
+
+
+class UniformCodes:
+    """Uniform ``bits``-bit codes for :class:`CodeScreen`, where no registry draws them (the
+    collusion sweep's users: no distance check against other codes)."""
+
+    def __init__(self, bits: int) -> None:
+        self.bits = check_int("bits", bits)
+
+    def new_code(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.integers(0, 2, self.bits, dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class ScreenedCode:
+    """One user's screened code, the draws it took and the wall time of the screen."""
+
+    code: np.ndarray
+    draws: int
+    seconds: float
+
+
+# The collusion sweep asks for the same users at every point of a process: (checkpoint record, seed, user).
+_SCREENED: dict[tuple[str, int, int], ScreenedCode] = {}
+
+
+def screened_codes(model: FingerprintModel, users: int, seed: int) -> tuple[list[ScreenedCode], float] | None:
+    """The codes ``task=issue`` would give ``users`` users of ``model`` (its recorded floors; user
+    ``i`` draws from ``default_rng([seed, 2, i])``), with the screen's fitted pass rate that
+    attribution divides p-values by; None when the checkpoint records no floor (no screen). Memoised
+    per process, with the wall time each screen took when it ran."""
+    recorded = model.meta.get("issue_screen")
+    min_bit_acc, min_psnr = screen_floors(recorded, True, None, None)
+    if min_bit_acc is None and min_psnr is None:
+        return None
+    key, screen, codes = config_hash(model.meta), None, []
+    for user in range(check_int("users", users)):
+        if (key, int(seed), user) not in _SCREENED:
+            screen = screen or CodeScreen(model, UniformCodes(model.fingerprint_bits), min_bit_acc,
+                                          int(recorded.get("probe_images", 64)), min_psnr=min_psnr)
+            start = time.perf_counter()
+            code = screen(np.random.default_rng([int(seed), 2, user]))
+            _SCREENED[key, int(seed), user] = ScreenedCode(code, screen.draws, time.perf_counter() - start)
+        codes.append(_SCREENED[key, int(seed), user])
+    if recorded.get("pass_rate") is None:
+        raise ConfigError("the checkpoint's issue_screen records floors but no pass_rate: refit it with "
+                          "experiments/fit_issue_screen.py <checkpoint> --refit")
+    return codes, float(recorded["pass_rate"])

@@ -1,6 +1,7 @@
 """Scoring one point of the collusion grid: (ACT type x attack x colluders) on a trained model.
 
-A point issues ``colluders`` fresh users (random codes, one ACT seed each) beside random innocents,
+A point issues ``colluders`` fresh users (one ACT seed each; codes screened as ``task=issue``
+screens them when the checkpoint records floors, else uniform) beside uniform random innocents,
 builds their copies with :func:`~fingerprint_lm.methods.base.personal_tensors`, applies the point's
 attack and decodes held-out images with the result. The attack is one of
 
@@ -8,9 +9,8 @@ attack and decodes held-out images with the result. The attack is one of
 - a merge of the ``c`` copies (:data:`~fingerprint_lm.attacks.collusion.MERGES`: ``average``,
   ``aligned_average`` (the adaptive colluder), ``max_abs``, ...): state dicts and bias maps merged
   together (stream ACT permutes the bias map's channels with the last segment);
-- image collusion of the ``c`` copies (:data:`~fingerprint_lm.attacks.collusion.IMAGE_MERGES`):
-  ``image_mix`` (each image from one colluder's copy) or ``image_blend`` (the pixelwise mean of
-  the colluders' images of the same content);
+- image collusion (:data:`~fingerprint_lm.attacks.collusion.IMAGE_MERGES`): ``image_mix`` (each
+  image from one colluder's copy) or ``image_blend`` (the pixelwise mean of their images of the same content);
 - an image attack (:data:`~fingerprint_lm.attacks.image.IMAGE_ATTACKS`) on the copy's outputs;
 - a model attack on the (first) copy's tensors, bias map included (the user holds both files):
   ``weight_noise`` (relative std), ``prune`` (fraction), ``quantize_int8|fp16|bf16``,
@@ -21,7 +21,8 @@ attack and decodes held-out images with the result. The attack is one of
 
 The steps are separate functions (:func:`draw_users`, :func:`attacked_images`, :func:`score`) so an
 analysis script can take the images a point scores (:class:`PointImages`) without re-running it.
-Attribution and tracing are the distributor's own (:mod:`fingerprint_lm.distributor.attribution`).
+Attribution and tracing are the distributor's own (:mod:`fingerprint_lm.distributor.attribution`),
+at ``fpr`` times the screen's pass rate for screened codes, as the distributor tests them.
 Hydra's basic sweeper takes the cartesian product of its lists, so attack, strength and colluder
 count travel as one case string (:func:`~fingerprint_lm.attacks.cases.parse_case`): ``none_c1``, ``average_c3``,
 ``jpeg_q50``...
@@ -40,9 +41,11 @@ from fingerprint_lm.attacks import model as model_attacks
 from fingerprint_lm.attacks.cases import BUILTIN_ATTACKS, attack_kind, check_point, parse_case
 from fingerprint_lm.attacks.collusion import IMAGE_MERGES, MERGES, merge_copies
 from fingerprint_lm.attacks.image import IMAGE_ATTACKS
+from fingerprint_lm.attacks.plugins import check_image_merge_output, checked_state_output
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.distributor.attribution import attribute_logits, code_null, trace_logits, whitened_weights
 from fingerprint_lm.distributor.copies import decoder_from_tensors
+from fingerprint_lm.distributor.screening import screened_codes
 from fingerprint_lm.errors import ConfigError, check_choice, check_int, check_probability
 from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.metrics.fid import frechet_distance_proxy
@@ -91,6 +94,7 @@ class PointSettings:
     scale_range: tuple[float, float] = (0.25, 4.0)
     act_scope: str = "stream"
     finetune_lr: float = 1e-4
+    screen_codes: bool = True  # colluders' codes screened by the checkpoint's issue_screen floors, if any
     device: str | torch.device = "cpu"  # where decoders and the extractor run; metrics on the CPU
 
     def __post_init__(self) -> None:
@@ -109,7 +113,8 @@ class Users:
     user_ids: list[str]
     index: CodeIndex
     copies: list[tuple[dict[str, torch.Tensor], torch.Tensor | None, str | None]]  # (state, bias map, site)
-    issue_seconds: float = 0.0  # wall time per copy made (a per-copy training run included)
+    issue_seconds: float = 0.0  # wall time per copy made (a per-copy training run or code screen included)
+    screen_pass_rate: float | None = None  # the colluders' codes were screened with this pass rate
 
     @property
     def colluder_ids(self) -> set[str]:
@@ -156,6 +161,7 @@ class PointResult:
     fid_proxy: float | None = None
     fid_proxy_base: float | None = None
     issue_seconds: float = 0.0  # per copy; a memoised per-copy training (stable_signature) is nearly free
+    screen_pass_rate: float | None = None  # the colluders' codes screened (attribution at fpr x rate); None: uniform
     seconds: float = 0.0
     images: PointImages | None = field(default=None, repr=False)
     users: Users | None = field(default=None, repr=False)  # who the point drew: codes and registry
@@ -173,10 +179,14 @@ def _user_seed(seed: int, index: int) -> int:
 
 
 def draw_users(model: FingerprintModel, point: Point, settings: PointSettings, seed: int) -> Users:
-    """Random codes for the colluders and the innocents (``seed``) and the colluders' copies."""
+    """Random codes for the colluders (screened, :func:`screened_codes`) and the innocents
+    (``seed``) and the colluders' copies."""
     k = model.fingerprint_bits
     rng = np.random.default_rng([int(seed), 0])
     codes = rng.integers(0, 2, size=(point.colluders + settings.n_innocents, k), dtype=np.uint8)
+    screened = screened_codes(model, point.colluders, seed) if settings.screen_codes else None
+    if screened is not None:
+        codes[: point.colluders] = [user.code for user in screened[0]]
     user_ids = [f"colluder{i}" for i in range(point.colluders)] + [f"innocent{i}" for i in range(settings.n_innocents)]
     start = time.perf_counter()
     copies = [
@@ -186,8 +196,9 @@ def draw_users(model: FingerprintModel, point: Point, settings: PointSettings, s
         )
         for i in range(point.colluders)
     ]
-    seconds = (time.perf_counter() - start) / point.colluders
-    return Users(codes, user_ids, CodeIndex.from_bits(user_ids, codes), copies, seconds)
+    seconds = (time.perf_counter() - start + sum(user.seconds for user in (screened or [[]])[0])) / point.colluders
+    return Users(codes, user_ids, CodeIndex.from_bits(user_ids, codes), copies, seconds,
+                 None if screened is None else screened[1])
 
 
 def held_out_images(resolution: int, n_images: int, images: torch.Tensor | None = None) -> torch.Tensor:
@@ -205,36 +216,13 @@ def held_out_images(resolution: int, n_images: int, images: torch.Tensor | None 
     return real
 
 
-def _checked_plugin_output(name: str, out, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A plug-in's state dict, refused (one ConfigError) unless it has the copy's keys and shapes:
-    the decoder is rebuilt from it, and a stray or missing key would end in a traceback there."""
-    if not isinstance(out, dict):
-        raise ConfigError(f"attack plug-in {name!r} returned {type(out).__name__}, not a state dict")
-    if out.keys() != reference.keys():
-        missing, extra = sorted(reference.keys() - out.keys()), sorted(out.keys() - reference.keys())
-        raise ConfigError(f"attack plug-in {name!r} changed the state dict's keys (missing {missing[:3]}, "
-                          f"extra {extra[:3]}); return every key it was given")
-    for key, value in reference.items():
-        if not isinstance(out[key], torch.Tensor) or out[key].shape != value.shape:
-            raise ConfigError(f"attack plug-in {name!r} returned {key} with another shape than {tuple(value.shape)}")
-    return dict(out)
-
-
-def _check_image_merge_output(name: str, outputs, like: torch.Tensor) -> None:
-    """An image-collusion plug-in's result, refused (one ConfigError) unless it is one batch shaped
-    like each colluder's."""
-    if not isinstance(outputs, torch.Tensor) or outputs.shape != like.shape:
-        raise ConfigError(f"image collusion plug-in {name!r} must return one batch of shape "
-                          f"{tuple(like.shape)}, got {getattr(outputs, 'shape', type(outputs).__name__)}")
-
-
 def _model_attack(attack: str, strength, state, bias_map, site, generator):
     """A state-dict attack on the copy's tensors and its bias map together (the user holds both)."""
     key = f"{site}.bias_map"
     tensors = {**state, key: bias_map} if bias_map is not None else dict(state)
     out = model_attacks.STATE_ATTACKS[attack](tensors, None if strength is None else float(strength), generator)
     if attack not in BUILTIN_ATTACKS:
-        out = _checked_plugin_output(attack, out, tensors)
+        out = checked_state_output(attack, out, tensors)
     return out, (out.pop(key) if bias_map is not None else None)
 
 
@@ -251,7 +239,7 @@ def attacked_decoder(model: FingerprintModel, users: Users, point: Point, genera
         copies = [{**s, key: b} if b is not None else s for s, b, _ in users.copies]
         merged = merge_copies(point.attack, copies, generator, num_groups=int(config.norm_num_groups))
         if point.attack not in BUILTIN_ATTACKS:
-            merged = _checked_plugin_output(point.attack, merged, copies[0])
+            merged = checked_state_output(point.attack, merged, copies[0])
         bias_map = merged.pop(key, None)
         state = merged
     elif point.attack in model_attacks.STATE_ATTACKS:  # noise, pruning, quantization, plug-ins
@@ -291,7 +279,7 @@ def attacked_images(model: FingerprintModel, users: Users, point: Point, real: t
                   for copy in users.copies]
         outputs = IMAGE_MERGES[point.attack](copies, generator)
         if point.attack not in BUILTIN_ATTACKS:
-            _check_image_merge_output(point.attack, outputs, copies[0])
+            check_image_merge_output(point.attack, outputs, copies[0])
     else:
         outputs = batched.decode(attacked_decoder(model, users, point, generator, settings, tune_images),
                                  latents, device)
@@ -324,7 +312,8 @@ def score(model: FingerprintModel, users: Users, point: Point, images: PointImag
     names = [f"image{i}" for i in range(len(logits))]
     weights = whitened_weights(model.extractor, logits, settings.decoding)  # None unless decoding=soft_whitened
     null = code_null(model.extractor, settings.decoding)  # None unless decoding=soft_code_null
-    attributed = attribute_logits(logits, users.index, names, fpr=settings.fpr, decoding=settings.decoding,
+    rate = users.screen_pass_rate or 1.0  # the distributor's test of a screened registry (distributor/attribution.py)
+    attributed = attribute_logits(logits, users.index, names, fpr=settings.fpr * rate, decoding=settings.decoding,
                                   weights=weights, null=null)["images"]
     caught, innocents = _traced(logits, weights, null, users, names, settings, point.colluders, "evidence")
     tardos_caught, tardos_innocents = _traced(logits, weights, null, users, names, settings, point.colluders, "tardos")
@@ -362,6 +351,7 @@ def score(model: FingerprintModel, users: Users, point: Point, images: PointImag
         fid_proxy=fid_proxy,
         fid_proxy_base=fid_proxy_base,
         issue_seconds=users.issue_seconds,
+        screen_pass_rate=users.screen_pass_rate,
         images=images,
         users=users,
     )
@@ -370,7 +360,8 @@ def score(model: FingerprintModel, users: Users, point: Point, images: PointImag
 def _traced(logits: np.ndarray, weights: np.ndarray | None, null, users: Users, names: list[str],
             settings: PointSettings, top: int, scoring: str) -> tuple[int, int]:
     """(colluders, innocents) the distributor's tracing accuses with ``scoring``."""
-    suspects = trace_logits(logits, users.index, names, fpr=settings.tracing_fpr, top=top, scoring=scoring,
+    suspects = trace_logits(logits, users.index, names, fpr=settings.tracing_fpr * (users.screen_pass_rate or 1.0),
+                            top=top, scoring=scoring,
                             decoding=settings.decoding, weights=weights, null=null)["suspects"]
     accused = [s["user_id"] for s in suspects if s["accused"]]
     colluders = users.colluder_ids

@@ -39,7 +39,7 @@ class FingerprintMethod:
             does, in the same run: :meth:`second_cycle_method`); None: one cycle.
         shipped_second_cycle: the second cycle its shipped checkpoint was trained with (None: one);
             ``+experiment=train`` and the collusion sweep set ``second_cycle`` to it.
-        issue_screen: ``{keep, min_psnr[, candidates, probe_images]}``: after training, the
+        issue_screen: ``{keep, min_psnr[, candidates, probe_images, rate_candidates]}``: after training, the
             training task fits the floors ``task=issue`` screens codes with
             (``distributor/screening.py: fit_floors``) and records them in the checkpoint; None:
             its copies are issued unscreened.
@@ -83,10 +83,10 @@ class FingerprintMethod:
             return
         if not isinstance(screen, dict):
             raise ConfigError(f"method.issue_screen must be a mapping {{keep, min_psnr}} or null, got {screen!r}")
-        check_keys("method.issue_screen", screen, ("keep", "min_psnr", "candidates", "probe_images"))
+        check_keys("method.issue_screen", screen, ("keep", "min_psnr", "candidates", "probe_images", "rate_candidates"))
         check_float("method.issue_screen.keep", screen.get("keep"), above=0.0, maximum=1.0)
         check_float("method.issue_screen.min_psnr", screen.get("min_psnr"), above=0.0)
-        for key in ("candidates", "probe_images"):
+        for key in ("candidates", "probe_images", "rate_candidates"):
             if key in screen:
                 check_int(f"method.issue_screen.{key}", screen[key])
 

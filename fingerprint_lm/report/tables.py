@@ -168,7 +168,7 @@ def comparison_lines(rows: list[dict]) -> list[str]:
     and PSNR; mean and worst bit accuracy over image attacks and over model attacks; 2-party
     averaging's PSNR and fid_proxy without ACT and with ACT all; the adaptive colluder; colluders
     caught over every collusion case; the slowest issue of one copy seen in the sweep (a method
-    that trains each copy pays it once per new code)."""
+    that trains each copy pays it once per new code, a screened one its screen's draws)."""
     groups = _groups(rows)
     if not groups:
         return []
@@ -187,8 +187,9 @@ def comparison_lines(rows: list[dict]) -> list[str]:
         plain, act_all = _find(rows, group, "none", "average", 2), _find(rows, group, "all", "average", 2)
         adaptive = _find(rows, group, "all", "aligned_average", 2)
         colluding = [r for r in mine if (r.get("colluders") or 0) >= 2 and r.get("act") == "all"]
+        rate = next((r["screen_pass_rate"] for r in mine if r.get("screen_pass_rate")), None)
         cells = [
-            f"{group[0]} {group[1]}-bit",
+            f"{group[0]} {group[1]}-bit" + (f", screened codes (pass rate {rate:.3f})" if rate else ""),
             _cell(clean.get("bit_acc") if clean else None, 3),
             _cell(clean.get("psnr") if clean else None, 2),
             _spread(single, "image"),

@@ -186,6 +186,7 @@ def point_settings(cfg: DictConfig) -> PointSettings:
         scale_range=(act.scale_min, act.scale_max),
         act_scope=act.scope,
         finetune_lr=settings.finetune_lr,
+        screen_codes=settings.screen_codes,
         device=resolve_device(settings.device, "sweep.device"),
     )
 
