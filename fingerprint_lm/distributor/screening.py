@@ -13,8 +13,8 @@ attribution divides p-values by the screen's pass rate, which the registry count
 The copy's image quality is screened the same way: the PSNR of the candidate's probe images
 against the base decoder's. A code sets most of that too (29.3-30.5 dB over 32 codes of the
 shipped checkpoint) and the probe predicts it, so a distributor can promise every user a copy
-within a quality floor. With both floors (29.9 dB), 32 stock-loaded copies attribute 0.991-0.992
-of clean held-out images at 30.2 dB mean under the corrected bound
+within a quality floor. With both floors (29.9 dB), 32 stock-loaded copies attribute 0.989-0.991
+of clean held-out images (three registries) at 30.2 dB mean under the corrected bound
 (``experiments/results/default_condition.md``).
 
 The floors are fitted once per checkpoint (:func:`fit_floors`: the bit floor keeps the best

@@ -43,6 +43,7 @@ COLUMNS: tuple[str, ...] = (
     "act_scope",
     "model_source",
     "issue_seconds",  # wall time to make one user's copy (stable_signature: its per-copy training run)
+    "screen_pass_rate",  # the colluders' codes were screened (pnm); attribution at fpr x this rate
 )
 # The readable table: fewer columns.
 MARKDOWN_COLUMNS: tuple[str, ...] = (

@@ -1,0 +1,137 @@
+"""Which probe statistic should the code screen keep codes by? (issue 11)
+
+``task=issue`` keeps a code when its copy's 64 probe images read at least a bit floor (their mean
+bit accuracy) and decode at least 29.9 dB (``distributor/screening.py``). Attribution fails on a
+copy's weakest images, not on its mean, so a statistic of the probe's weak tail may pick better
+codes at the same pass rate. This reads ``--codes`` random codes' copies of the shipped checkpoint
+once, on the probe images and on ``--images`` held-out images (8-bit pixels), and for each
+statistic and each share kept (the PSNR floor always at ``--min-psnr``) scores the kept codes'
+held-out attribution as ``screen_policy.py`` does (soft decoding, fpr 1e-6 times the pass rate,
+Bonferroni over ``--registry`` users). The statistics, per code over its probe images, with
+``s = -log10`` of the true code's soft p-value (``registry/soft.py: soft_tail``, one code):
+
+- ``bit_acc``: the mean bit accuracy (the shipped screen);
+- ``mean_s``: the mean of ``s``;
+- ``q10_s`` / ``q05_s``: the 10th / 5th percentile of ``s`` (the weak images);
+- ``min_s``: the weakest probe image's ``s``.
+
+    python experiments/screen_statistic.py --codes 320 --seed 43
+
+Prints a markdown table; the run is appended to ``results/screen_statistic.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fingerprint_lm.distributor.copies import decoder_from_tensors
+from fingerprint_lm.distributor.generation import decode_with, held_out_images
+from fingerprint_lm.distributor.screening import ProbeReader, logits_of
+from fingerprint_lm.errors import check_float, check_int, exit_on_user_error
+from fingerprint_lm.methods.base import personal_tensors
+from fingerprint_lm.metrics.quality import psnr
+from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
+from fingerprint_lm.registry.soft import quantized_weights, soft_tail
+
+RESULTS = Path(__file__).resolve().parent / "results" / "screen_statistic.jsonl"
+EVAL_SEED = 5  # the held-out images the other pnm probes read (the probe's seed is the screen's own)
+KEEPS = (0.6, 0.5, 0.4)
+STATISTICS = {
+    "bit_acc": lambda reads: reads["probe_acc"],
+    "mean_s": lambda reads: reads["probe_s"].mean(axis=1),
+    "q10_s": lambda reads: np.quantile(reads["probe_s"], 0.10, axis=1),
+    "q05_s": lambda reads: np.quantile(reads["probe_s"], 0.05, axis=1),
+    "min_s": lambda reads: reads["probe_s"].min(axis=1),
+}
+
+
+def strength(logits: np.ndarray, code: np.ndarray) -> np.ndarray:
+    """``-log10`` of the true code's one-code soft p-value on each image (no Bonferroni)."""
+    weights = quantized_weights(logits)
+    return -np.log10(np.maximum(soft_tail(weights, weights @ code.astype(np.int64)), 1e-300))
+
+
+@torch.no_grad()
+def read_codes(args: argparse.Namespace) -> dict[str, np.ndarray]:
+    """Per code: the probe's bit accuracy, PSNR and per-image strength; on the held-out images
+    whether each is attributed (the true code's Bonferroni p-value and whether it outscores every
+    innocent) and the held-out PSNR."""
+    model = load_fingerprint_model(shipped_checkpoint(args.checkpoint))
+    reader = ProbeReader(model)
+    images = held_out_images(int(model.meta.get("resolution", 32)), args.images, EVAL_SEED)
+    base = decode_with(model.vae, model.unmarked_vae, images)
+    rng = np.random.default_rng(args.seed)
+    codes = rng.integers(0, 2, (args.codes, model.fingerprint_bits), dtype=np.uint8)
+    innocents = rng.integers(0, 2, (args.registry - 1, model.fingerprint_bits), dtype=np.uint8)
+    out = {key: [] for key in ("probe_acc", "probe_psnr", "probe_s", "p_true", "top", "psnr")}
+    for code in codes:
+        decoder = decoder_from_tensors(model.vae.config, *personal_tensors(model, code))
+        probe = decode_with(model.vae, decoder, reader.images)
+        probe_logits = logits_of(model, probe)
+        out["probe_acc"].append(float(((probe_logits > 0) == code.astype(bool)).mean()))
+        out["probe_psnr"].append(float(psnr(probe, reader.base).mean()))
+        out["probe_s"].append(strength(probe_logits, code))
+        decoded = decode_with(model.vae, decoder, images)
+        weights = quantized_weights(logits_of(model, decoded))
+        own = weights @ code.astype(np.int64)
+        out["p_true"].append(soft_tail(weights, own) * args.registry)
+        out["top"].append(own > (weights @ innocents.T.astype(np.int64)).max(axis=1))
+        out["psnr"].append(float(psnr(decoded, base).mean()))
+    return {key: np.array(value) for key, value in out.items()}
+
+
+def score(reads: dict[str, np.ndarray], statistic: str, keep: float, min_psnr: float, fpr: float) -> dict:
+    """The codes kept by ``statistic``'s ``1 - keep`` quantile and the PSNR floor, and how their
+    held-out images attribute at ``fpr x`` the pass rate."""
+    values = STATISTICS[statistic](reads)
+    floor = float(np.quantile(values, 1.0 - keep))
+    kept = (values >= floor) & (reads["probe_psnr"] >= min_psnr)
+    rate = float(kept.mean())
+    hits = reads["top"][kept] & (reads["p_true"][kept] <= fpr * rate)
+    return {"statistic": statistic, "keep": keep, "floor": floor, "min_psnr": min_psnr, "pass_rate": rate,
+            "attributed": float(hits.mean()), "worst_code": float(hits.mean(axis=1).min()),
+            "mean_psnr": float(reads["psnr"][kept].mean()),
+            "copies_at_30db": float((reads["psnr"][kept] >= 30.0).mean())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default="embedded_pnm")
+    parser.add_argument("--codes", type=int, default=192)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--registry", type=int, default=1000)
+    parser.add_argument("--min-psnr", type=float, default=29.9)
+    parser.add_argument("--fpr", type=float, default=1e-6)
+    parser.add_argument("--seed", type=int, default=43)
+    args = parser.parse_args()
+    check_int("--codes", args.codes, 4)
+    check_int("--images", args.images)
+    check_int("--registry", args.registry, 2)
+    check_float("--fpr", args.fpr, above=0.0, maximum=1.0)
+    check_float("--min-psnr", args.min_psnr, above=0.0)
+    started = time.time()
+    reads = read_codes(args)
+    rows = [score(reads, statistic, keep, args.min_psnr, args.fpr) for keep in KEEPS for statistic in STATISTICS]
+    seconds = round(time.time() - started, 1)
+    print(f"{args.codes} random codes of {args.checkpoint}, {args.images} held-out images each (8-bit), registry "
+          f"{args.registry}, fpr {args.fpr:g} x pass rate, probe PSNR >= {args.min_psnr} dB\n")
+    print("| statistic | keeps | pass rate | attributed (p / rate) | worst code | PSNR mean | copies >= 30 dB |\n"
+          "|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['statistic']} | {r['keep']:.0%} | {r['pass_rate']:.3f} | {r['attributed']:.4f} | "
+              f"{r['worst_code']:.3f} | {r['mean_psnr']:.2f} | {r['copies_at_30db']:.0%} |")
+    print(f"\n{seconds:.0f} s")
+    RESULTS.parent.mkdir(exist_ok=True)
+    with RESULTS.open("a") as handle:
+        handle.write(json.dumps({"date": time.strftime("%Y-%m-%d"), **vars(args), "seconds": seconds,
+                                 "rows": rows}) + "\n")
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
