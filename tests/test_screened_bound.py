@@ -165,3 +165,20 @@ def test_the_sweep_screens_the_colluders_codes_and_tests_at_fpr_times_the_pass_r
         method_row = next(line for line in comparison_lines([{**result.as_dict(), "case": "average_c2"}])
                           if line.startswith("| pnm 48-bit"))
         assert (f"screened codes (pass rate {floors['pass_rate']:.3f})" in method_row) == screen_codes
+
+
+def test_the_sweep_refuses_floors_no_code_clears_and_floors_without_a_pass_rate():
+    """One ConfigError that names the sweep's way out, instead of the distributor's settings."""
+    import copy
+
+    from fingerprint_lm.distributor.screening import screened_codes
+    from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
+
+    model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
+    model.meta = copy.deepcopy(model.meta)
+    model.meta["issue_screen"]["min_probe_bit_acc"] = 1.0
+    with pytest.raises(ConfigError, match="no code among 2 draws.*sweep.screen_codes=false"):
+        screened_codes(model, 1, 3, max_draws=2)
+    del model.meta["issue_screen"]["pass_rate"]
+    with pytest.raises(ConfigError, match="records floors but no pass_rate"):
+        screened_codes(model, 1, 3)

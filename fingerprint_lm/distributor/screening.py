@@ -199,25 +199,31 @@ class ScreenedCode:
 _SCREENED: dict[tuple[str, int, int], ScreenedCode] = {}
 
 
-def screened_codes(model: FingerprintModel, users: int, seed: int) -> tuple[list[ScreenedCode], float] | None:
+def screened_codes(model: FingerprintModel, users: int, seed: int,
+                   max_draws: int = 200) -> tuple[list[ScreenedCode], float] | None:
     """The codes ``task=issue`` would give ``users`` users of ``model`` (its recorded floors; user
-    ``i`` draws from ``default_rng([seed, 2, i])``), with the screen's fitted pass rate that
-    attribution divides p-values by; None when the checkpoint records no floor (no screen). Memoised
-    per process, with the wall time each screen took when it ran."""
+    ``i`` draws from ``default_rng([seed, 2, i])``, at most ``max_draws`` times), with the screen's
+    pass rate that attribution divides p-values by; None when the checkpoint records no floor (no
+    screen). Memoised per process, with the wall time each screen took when it ran."""
     recorded = model.meta.get("issue_screen")
     min_bit_acc, min_psnr = screen_floors(recorded, True, None, None)
     if min_bit_acc is None and min_psnr is None:
         return None
+    if recorded.get("pass_rate") is None:
+        raise ConfigError("the checkpoint's issue_screen records floors but no pass_rate: refit it with "
+                          "experiments/fit_issue_screen.py <checkpoint> --refit")
     key, screen, codes = config_hash(model.meta), None, []
     for user in range(check_int("users", users)):
         if (key, int(seed), user) not in _SCREENED:
             screen = screen or CodeScreen(model, UniformCodes(model.fingerprint_bits), min_bit_acc,
-                                          int(recorded.get("probe_images", 64)), min_psnr=min_psnr)
+                                          int(recorded.get("probe_images", 64)), max_draws, min_psnr)
             start = time.perf_counter()
-            code = screen(np.random.default_rng([int(seed), 2, user]))
+            try:
+                code = screen(np.random.default_rng([int(seed), 2, user]))
+            except RegistryError as error:
+                raise ConfigError(f"no code among {max_draws} draws clears the floors the checkpoint records "
+                                  f"(bit accuracy {min_bit_acc}, {min_psnr} dB on the probe): "
+                                  "sweep.screen_codes=false evaluates codes as drawn") from error
             _SCREENED[key, int(seed), user] = ScreenedCode(code, screen.draws, time.perf_counter() - start)
         codes.append(_SCREENED[key, int(seed), user])
-    if recorded.get("pass_rate") is None:
-        raise ConfigError("the checkpoint's issue_screen records floors but no pass_rate: refit it with "
-                          "experiments/fit_issue_screen.py <checkpoint> --refit")
     return codes, float(recorded["pass_rate"])
