@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--rate-candidates", type=int, default=None,
                         help="codes the pass rate is measured on (default: pnm.yaml's, else fit_floors')")
     args = parser.parse_args()
+    if args.refit and args.rate_only:
+        raise ConfigError("--refit fits new floors, --rate-only keeps the recorded ones: give one of them")
     model = load_fingerprint_model(args.checkpoint)
     if model.method != "pnm":
         raise ConfigError(f"{args.checkpoint} is a method={model.method} checkpoint; the floors are pnm's")
@@ -58,9 +60,10 @@ def main() -> None:
     model.meta["issue_screen"] = floors
     flags = "".join(f" {flag}" for flag, on in (("--refit", args.refit), ("--rate-only", args.rate_only)) if on)
     flags += "" if args.rate_candidates is None else f" --rate-candidates {args.rate_candidates}"
+    what = (f"the recorded floors' pass rate on {floors['pass_rate_codes']} other codes" if args.rate_only else
+            f"what training now fits; pnm.yaml's keep {settings['keep']}, min_psnr {settings['min_psnr']}")
     model.meta.setdefault("made_by", []).append(
-        f"issue_screen: python experiments/fit_issue_screen.py {args.checkpoint}{flags} "
-        f"(what training now fits; pnm.yaml's keep {settings['keep']}, min_psnr {settings['min_psnr']})")
+        f"issue_screen: python experiments/fit_issue_screen.py {args.checkpoint}{flags} ({what})")
     rewrite_private_state(model, args.checkpoint)
     print(f"{args.checkpoint}: issue_screen {floors} ({time.time() - started:.0f} s)")
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fingerprint_lm.distributor.bench import bench_distributor, screened_pnm_issue
+from fingerprint_lm.distributor.bench import bench_distributor, probe_read_cost, screened_pnm_issue
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
 from fingerprint_lm.methods import personal_tensors
 from fingerprint_lm.models.checkpoint import (
@@ -154,7 +154,9 @@ def issue_cost_sd(resolution: int = 256, batch_size: int = 4, steps: tuple[int, 
     """Issuing one copy on an SD-sized decoder (``SD_VAE_CONFIG``, 83.7M parameters): pnm timed
     ``repeats`` times (median), stable_signature's per-copy fine-tune timed at two step counts after
     an untimed warm-up. Its 100-step recipe would take about an hour here, so that figure is an
-    estimate, ``fixed + 100 * per_step``, from the two measured runs (named as one wherever shown)."""
+    estimate, ``fixed + 100 * per_step``, from the two measured runs (named as one wherever shown).
+    So is a screened pnm copy's: one draw's probe read timed at two probe sizes, scaled to the
+    shipped checkpoint's probe and draws (``1 / pass_rate``) and added to the unscreened issue."""
     steps_a, steps_b = steps
     torch.manual_seed(0)
     vae = build_vae(SD_VAE_CONFIG).eval()
@@ -170,6 +172,10 @@ def issue_cost_sd(resolution: int = 256, batch_size: int = 4, steps: tuple[int, 
         start = time.perf_counter()
         issue(pnm)
         pnm_times.append(time.perf_counter() - start)
+
+    screen = load_fingerprint_model(shipped_checkpoint("embedded_pnm")).meta["issue_screen"]  # its probe, its rate
+    probe = probe_read_cost(pnm)
+    draw_s = probe["probe_fixed_s"] + screen["probe_images"] * probe["probe_per_image_s"]
 
     def signature(n_steps: int):  # pool: the images the steps draw from
         recipe = {"steps": n_steps, "batch_size": batch_size, "pool": batch_size * steps_b}
@@ -193,7 +199,9 @@ def issue_cost_sd(resolution: int = 256, batch_size: int = 4, steps: tuple[int, 
         "stable_signature_steps_timed": [steps_a, steps_b],
         "stable_signature_s_timed": [timed[steps_a], timed[steps_b]],
         "stable_signature_per_step_s": per_step, "stable_signature_fixed_s": fixed,
-        "stable_signature_100_steps_estimate_s": estimate, "ratio_estimate": estimate / pnm_s,
+        "stable_signature_100_steps_estimate_s": estimate, "ratio_estimate": estimate / pnm_s, **probe,
+        "screened_issue_estimate_s": pnm_s + draw_s / screen["pass_rate"],
+        "screened_ratio_estimate": estimate / (pnm_s + draw_s / screen["pass_rate"]),
     }
 
 
@@ -209,6 +217,9 @@ def bench_issue_sd() -> dict[str, float]:
         "sd_stable_signature_fixed_s": row["stable_signature_fixed_s"],
         "sd_stable_signature_100_steps_estimate_s": row["stable_signature_100_steps_estimate_s"],
         "sd_issue_ratio_stable_signature_over_pnm_estimate": row["ratio_estimate"],
+        "sd_probe_per_image_s": row["probe_per_image_s"], "sd_probe_fixed_s": row["probe_fixed_s"],
+        "sd_issue_copy_pnm_screened_estimate_s": row["screened_issue_estimate_s"],
+        "sd_issue_ratio_stable_signature_over_pnm_screened_estimate": row["screened_ratio_estimate"],
     }
 
 
@@ -316,7 +327,8 @@ SECTIONS: dict[str, tuple[Callable[..., dict], str]] = {
     "startup": (bench_startup, "start-up of the CLI"),
     "issue_sd": (bench_issue_sd, "issuing one copy on an SD-sized decoder (83.7M parameters, random weights), 256 px, "
                  "batch 4: pnm measured; stable_signature's 100-step fine-tune **estimated** as fixed + 100 x per "
-                 "step from timed 1- and 3-step runs (a full run is about an hour here)"),
+                 "step from timed 1- and 3-step runs (a full run is about an hour here); a screened pnm copy "
+                 "**estimated** from probe reads of 2 and 6 images, at the shipped checkpoint's 64 and pass rate"),
 }
 
 

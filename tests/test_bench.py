@@ -3,9 +3,12 @@ the SD-sized issue measurement on a small image side."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from fingerprint_lm import bench
+from fingerprint_lm.models.checkpoint import shipped_checkpoint
 
 
 def test_the_page_names_its_command_every_section_and_what_was_not_run():
@@ -33,3 +36,8 @@ def test_issue_cost_sd_measures_both_methods_on_the_sd_sized_decoder():
     assert row["stable_signature_100_steps_estimate_s"] == pytest.approx(
         row["stable_signature_fixed_s"] + 100 * row["stable_signature_per_step_s"])
     assert row["ratio_estimate"] == pytest.approx(row["stable_signature_100_steps_estimate_s"] / row["pnm_issue_s"])
+    # a screened copy: the shipped checkpoint's draws (1 / pass rate) of a 64-image probe read, estimated
+    screen = json.loads((shipped_checkpoint("embedded_pnm") / "fingerprint.json").read_text())["issue_screen"]
+    draw = row["probe_fixed_s"] + screen["probe_images"] * row["probe_per_image_s"]
+    assert row["screened_issue_estimate_s"] == pytest.approx(row["pnm_issue_s"] + draw / screen["pass_rate"])
+    assert row["screened_ratio_estimate"] < row["ratio_estimate"]

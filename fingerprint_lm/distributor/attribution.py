@@ -23,7 +23,9 @@ score as high, for the screen's pass rate ``r``. Attribution and tracing of a re
 screened codes therefore test at ``fpr x r`` (``uniform_code_fpr``) and report p-values divided by
 ``r``, which keeps the stated ``fpr`` (Bonferroni over the registry); ``r`` is the registry's own
 count of codes kept over codes drawn (:meth:`~fingerprint_lm.registry.store.Registry.screen_pass_rate`),
-an estimate. Callers that pass a bare :class:`CodeIndex` pass ``screen_pass_rate`` themselves
+an estimate, unless the caller passes one (the tasks pass the smaller of that count and the
+checkpoint's measured rate: ``screening.bound_pass_rate``). Callers that pass a bare
+:class:`CodeIndex` pass ``screen_pass_rate`` themselves
 (``Registry.identify`` and ``registry/tracing.py`` work on codes alone and apply no rate).
 Without the correction a screened registry's pair p-values ran 1.4-2.6x above nominal on other
 users' marked images (``experiments/results/screened_marked_null.md``).

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fingerprint_lm.distributor.copies import issue_copy, personal_tensors, write_copy
-from fingerprint_lm.distributor.screening import CodeScreen
+from fingerprint_lm.distributor.screening import CodeScreen, ProbeReader
 from fingerprint_lm.errors import CheckpointError
 from fingerprint_lm.models.act import derive_act_seed
 from fingerprint_lm.models.checkpoint import (
@@ -141,3 +141,23 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     for key, value in bench_distributor().items():
         print(f"{key:24s} {value:.3f}" if isinstance(value, float) else f"{key:24s} {value}")
+
+
+def probe_read_cost(model: FingerprintModel, sizes: tuple[int, int] = (2, 6), seed: int = 0) -> dict:
+    """What one screening draw costs on ``model``: a fresh code's probe read (its decoder built,
+    the probe decoded and read; :class:`~fingerprint_lm.distributor.screening.ProbeReader`) timed
+    at two probe sizes after an untimed warm-up, split into ``probe_fixed_s`` and
+    ``probe_per_image_s``. For decoders where 64 probe images take minutes (the SD-sized one)."""
+    rng = np.random.default_rng(seed)
+    timed = {}
+    for size in sizes:
+        reader = ProbeReader(model, size)
+        if not timed:
+            reader(rng.integers(0, 2, model.fingerprint_bits, dtype=np.uint8))  # first-call costs, untimed
+        start = time.perf_counter()
+        reader(rng.integers(0, 2, model.fingerprint_bits, dtype=np.uint8))
+        timed[size] = time.perf_counter() - start
+    (small, large) = sizes
+    per_image = (timed[large] - timed[small]) / (large - small)
+    return {"probe_sizes_timed": list(sizes), "probe_read_s_timed": [timed[small], timed[large]],
+            "probe_per_image_s": per_image, "probe_fixed_s": timed[small] - small * per_image}

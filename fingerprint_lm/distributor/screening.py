@@ -6,8 +6,9 @@ A copy's read of 64 probe images predicts its read of other images (correlation 
 distributor can decode the probe with a candidate code's decoder before issuing it and draw again
 while it reads below a floor: no retraining, a few decoder passes per draw
 (``experiments/code_screening.py``). A screened code is uniform only given that it passes, so
-attribution divides p-values by the screen's pass rate, which the registry counts
-(``distributor/attribution.py``); the floors were chosen under that corrected bound
+attribution divides p-values by the screen's pass rate: the smaller of the registry's count and
+the checkpoint's rate, measured on codes the floor was not fitted on (``distributor/attribution.py``,
+:func:`bound_pass_rate`); the floors were chosen under that corrected bound
 (``experiments/results/screen_policy.md``: the better half of probe reads).
 
 The copy's image quality is screened the same way: the PSNR of the candidate's probe images
@@ -25,6 +26,7 @@ distributor's settings say otherwise (:func:`screen_floors`).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -97,10 +99,12 @@ def fit_floors(model: FingerprintModel, keep: float = 0.75, min_psnr: float = 30
             **estimate_pass_rate(reader, floor, min_psnr, rate_candidates, seed + 1)}
 
 
-def estimate_pass_rate(reader: ProbeReader, min_bit_acc: float, min_psnr: float, codes: int,
+def estimate_pass_rate(reader: ProbeReader, min_bit_acc: float | None, min_psnr: float | None, codes: int,
                        seed: int) -> dict[str, Any]:
-    """The share of ``codes`` random codes (``default_rng(seed)``) whose probe read clears both floors:
-    ``pass_rate``, with the codes and seed it was measured on and its binomial standard error."""
+    """The share of ``codes`` random codes (``default_rng(seed)``) whose probe read clears both floors
+    (None: not screened on that one): ``pass_rate``, with the codes and seed it was measured on and
+    its binomial standard error."""
+    min_bit_acc, min_psnr = min_bit_acc or 0.0, min_psnr or 0.0
     rng = np.random.default_rng(seed)
     passed = [reader(code) for code in (rng.integers(0, 2, reader.model.fingerprint_bits, dtype=np.uint8)
                                         for _ in range(check_int("rate_candidates", codes)))]
@@ -195,15 +199,26 @@ class ScreenedCode:
     seconds: float
 
 
-# The collusion sweep asks for the same users at every point of a process: (checkpoint record, seed, user).
+# The collusion sweep asks for the same users at every point of a process: (model, seed, user).
 _SCREENED: dict[tuple[str, int, int], ScreenedCode] = {}
+
+
+def _model_key(model: FingerprintModel) -> str:
+    """The checkpoint's record and every weight a probe read depends on (its decoders, mapping
+    network and reader): two models share screened codes only if they would screen alike."""
+    digest = hashlib.sha256(config_hash(model.meta).encode())
+    for module in (model.vae, model.unmarked_vae, model.pnm, model.extractor):
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def screened_codes(model: FingerprintModel, users: int, seed: int,
                    max_draws: int = 200) -> tuple[list[ScreenedCode], float] | None:
-    """The codes ``task=issue`` would give ``users`` users of ``model`` (its recorded floors; user
-    ``i`` draws from ``default_rng([seed, 2, i])``, at most ``max_draws`` times), with the screen's
-    pass rate that attribution divides p-values by; None when the checkpoint records no floor (no
+    """Codes for ``users`` users of ``model`` drawn and screened as ``task=issue`` screens them (its
+    recorded floors; uniform draws, no distance check; user ``i`` draws from ``default_rng([seed, 2,
+    i])``, at most ``max_draws`` times), with the checkpoint's pass rate that attribution divides
+    p-values by; None when the checkpoint records no floor (no
     screen). Memoised per process, with the wall time each screen took when it ran."""
     recorded = model.meta.get("issue_screen")
     min_bit_acc, min_psnr = screen_floors(recorded, True, None, None)
@@ -212,7 +227,7 @@ def screened_codes(model: FingerprintModel, users: int, seed: int,
     if recorded.get("pass_rate") is None:
         raise ConfigError("the checkpoint's issue_screen records floors but no pass_rate: refit it with "
                           "experiments/fit_issue_screen.py <checkpoint> --refit")
-    key, screen, codes = config_hash(model.meta), None, []
+    key, screen, codes = _model_key(model), None, []
     for user in range(check_int("users", users)):
         if (key, int(seed), user) not in _SCREENED:
             screen = screen or CodeScreen(model, UniformCodes(model.fingerprint_bits), min_bit_acc,

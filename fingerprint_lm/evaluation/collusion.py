@@ -1,7 +1,7 @@
 """Scoring one point of the collusion grid: (ACT type x attack x colluders) on a trained model.
 
-A point issues ``colluders`` fresh users (one ACT seed each; codes screened as ``task=issue``
-screens them when the checkpoint records floors, else uniform) beside uniform random innocents,
+A point issues ``colluders`` fresh users (one ACT seed each; codes drawn and screened as
+``task=issue`` screens them when the checkpoint records floors, else uniform) beside uniform innocents,
 builds their copies with :func:`~fingerprint_lm.methods.base.personal_tensors`, applies the point's
 attack and decodes held-out images with the result. The attack is one of
 
@@ -22,7 +22,8 @@ attack and decodes held-out images with the result. The attack is one of
 The steps are separate functions (:func:`draw_users`, :func:`attacked_images`, :func:`score`) so an
 analysis script can take the images a point scores (:class:`PointImages`) without re-running it.
 Attribution and tracing are the distributor's own (:mod:`fingerprint_lm.distributor.attribution`),
-at ``fpr`` times the screen's pass rate for screened codes, as the distributor tests them.
+at ``fpr`` times the screen's pass rate for screened codes, as the distributor tests them (the
+checkpoint's rate: the sweep has no registry count to take the smaller of).
 Hydra's basic sweeper takes the cartesian product of its lists, so attack, strength and colluder
 count travel as one case string (:func:`~fingerprint_lm.attacks.cases.parse_case`): ``none_c1``, ``average_c3``,
 ``jpeg_q50``...
@@ -113,7 +114,7 @@ class Users:
     user_ids: list[str]
     index: CodeIndex
     copies: list[tuple[dict[str, torch.Tensor], torch.Tensor | None, str | None]]  # (state, bias map, site)
-    issue_seconds: float = 0.0  # wall time per copy made (a per-copy training run or code screen included)
+    issue_seconds: float = 0.0  # wall time per copy made (a per-copy training run, or the code screen as it first ran)
     screen_pass_rate: float | None = None  # the colluders' codes were screened with this pass rate
 
     @property
@@ -150,7 +151,7 @@ class PointResult:
     bit_acc_min: float
     bit_acc_max: float
     attribution_acc: float
-    tpr_at_fpr: float  # per-image detection of the first colluder's code (one code, no correction)
+    tpr_at_fpr: float  # per-image detection of the first colluder's code (one code; fpr x the screen's pass rate)
     false_positives: float  # the same test on the base decoder's outputs
     tracing_caught: int
     tracing_innocents_accused: int
@@ -339,9 +340,10 @@ def score(model: FingerprintModel, users: Users, point: Point, images: PointImag
         bit_acc_min=float(np.min(per_colluder)),
         bit_acc_max=float(np.max(per_colluder)),
         attribution_acc=float(np.mean([r["accused"] and r["user_id"] in colluders for r in attributed])),
-        tpr_at_fpr=float(np.mean(code_p_values(logits, users.codes[0], settings.decoding, null) <= settings.fpr)),
+        tpr_at_fpr=float(np.mean(code_p_values(logits, users.codes[0], settings.decoding, null)
+                                 <= settings.fpr * rate)),
         false_positives=float(np.mean(code_p_values(base_logits, users.codes[0], settings.decoding, null)
-                                      <= settings.fpr)),
+                                      <= settings.fpr * rate)),
         tracing_caught=caught,
         tracing_innocents_accused=innocents,
         tardos_caught=tardos_caught,
