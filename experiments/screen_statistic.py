@@ -15,6 +15,10 @@ Bonferroni over ``--registry`` users). The statistics, per code over its probe i
 - ``q10_s`` / ``q05_s``: the 10th / 5th percentile of ``s`` (the weak images);
 - ``min_s``: the weakest probe image's ``s``.
 
+A second table asks how small the probe may be (a screen's cost is its probe's decodes, and at
+Stable Diffusion's size 64 images a draw dominate the cost of a copy): the shipped statistic and
+PSNR floor on the first ``n`` probe images only, for each ``n`` of ``--probe-sizes``.
+
     python experiments/screen_statistic.py --codes 320 --seed 43
 
 Prints a markdown table; the run is appended to ``results/screen_statistic.jsonl``.
@@ -33,7 +37,7 @@ import torch
 from fingerprint_lm.distributor.copies import decoder_from_tensors
 from fingerprint_lm.distributor.generation import decode_with, held_out_images
 from fingerprint_lm.distributor.screening import ProbeReader, logits_of
-from fingerprint_lm.errors import check_float, check_int, exit_on_user_error
+from fingerprint_lm.errors import ConfigError, check_float, check_int, exit_on_user_error
 from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
@@ -69,7 +73,8 @@ def read_codes(args: argparse.Namespace) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(args.seed)
     codes = rng.integers(0, 2, (args.codes, model.fingerprint_bits), dtype=np.uint8)
     innocents = rng.integers(0, 2, (args.registry - 1, model.fingerprint_bits), dtype=np.uint8)
-    out = {key: [] for key in ("probe_acc", "probe_psnr", "probe_s", "p_true", "top", "psnr")}
+    out = {key: [] for key in ("probe_acc", "probe_psnr", "probe_s", "probe_acc_image", "probe_psnr_image",
+                               "p_true", "top", "psnr")}
     for code in codes:
         decoder = decoder_from_tensors(model.vae.config, *personal_tensors(model, code))
         probe = decode_with(model.vae, decoder, reader.images)
@@ -77,6 +82,8 @@ def read_codes(args: argparse.Namespace) -> dict[str, np.ndarray]:
         out["probe_acc"].append(float(((probe_logits > 0) == code.astype(bool)).mean()))
         out["probe_psnr"].append(float(psnr(probe, reader.base).mean()))
         out["probe_s"].append(strength(probe_logits, code))
+        out["probe_acc_image"].append(((probe_logits > 0) == code.astype(bool)).mean(axis=1))
+        out["probe_psnr_image"].append(psnr(probe, reader.base).numpy())
         decoded = decode_with(model.vae, decoder, images)
         weights = quantized_weights(logits_of(model, decoded))
         own = weights @ code.astype(np.int64)
@@ -100,6 +107,14 @@ def score(reads: dict[str, np.ndarray], statistic: str, keep: float, min_psnr: f
             "copies_at_30db": float((reads["psnr"][kept] >= 30.0).mean())}
 
 
+def score_probe_size(reads: dict[str, np.ndarray], images: int, keep: float, min_psnr: float,
+                     fpr: float) -> dict:
+    """The shipped screen (mean bit accuracy, mean PSNR) read on the first ``images`` probe images."""
+    small = {**reads, "probe_acc": reads["probe_acc_image"][:, :images].mean(axis=1),
+             "probe_psnr": reads["probe_psnr_image"][:, :images].mean(axis=1)}
+    return {**score(small, "bit_acc", keep, min_psnr, fpr), "probe_images": images}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="embedded_pnm")
@@ -109,15 +124,20 @@ def main() -> None:
     parser.add_argument("--min-psnr", type=float, default=29.9)
     parser.add_argument("--fpr", type=float, default=1e-6)
     parser.add_argument("--seed", type=int, default=43)
+    parser.add_argument("--probe-sizes", type=int, nargs="*", default=[8, 16, 32, 64])
     args = parser.parse_args()
     check_int("--codes", args.codes, 4)
     check_int("--images", args.images)
     check_int("--registry", args.registry, 2)
     check_float("--fpr", args.fpr, above=0.0, maximum=1.0)
     check_float("--min-psnr", args.min_psnr, above=0.0)
+    for size in args.probe_sizes:
+        if check_int("--probe-sizes", size) > 64:
+            raise ConfigError(f"--probe-sizes: the probe has 64 images, got {size}")
     started = time.time()
     reads = read_codes(args)
     rows = [score(reads, statistic, keep, args.min_psnr, args.fpr) for keep in KEEPS for statistic in STATISTICS]
+    sizes = [score_probe_size(reads, n, keep, args.min_psnr, args.fpr) for keep in KEEPS for n in args.probe_sizes]
     seconds = round(time.time() - started, 1)
     print(f"{args.codes} random codes of {args.checkpoint}, {args.images} held-out images each (8-bit), registry "
           f"{args.registry}, fpr {args.fpr:g} x pass rate, probe PSNR >= {args.min_psnr} dB\n")
@@ -126,11 +146,16 @@ def main() -> None:
     for r in rows:
         print(f"| {r['statistic']} | {r['keep']:.0%} | {r['pass_rate']:.3f} | {r['attributed']:.4f} | "
               f"{r['worst_code']:.3f} | {r['mean_psnr']:.2f} | {r['copies_at_30db']:.0%} |")
+    print("\n| probe images | keeps | pass rate | attributed (p / rate) | worst code | PSNR mean | copies >= 30 dB |\n"
+          "|---|---|---|---|---|---|---|")
+    for r in sizes:
+        print(f"| {r['probe_images']} | {r['keep']:.0%} | {r['pass_rate']:.3f} | {r['attributed']:.4f} | "
+              f"{r['worst_code']:.3f} | {r['mean_psnr']:.2f} | {r['copies_at_30db']:.0%} |")
     print(f"\n{seconds:.0f} s")
     RESULTS.parent.mkdir(exist_ok=True)
     with RESULTS.open("a") as handle:
         handle.write(json.dumps({"date": time.strftime("%Y-%m-%d"), **vars(args), "seconds": seconds,
-                                 "rows": rows}) + "\n")
+                                 "rows": rows, "probe_sizes": sizes}) + "\n")
 
 
 if __name__ == "__main__":

@@ -144,6 +144,7 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("screen_policy.py", ["--registry", "1"]),
     ("screen_statistic.py", ["--codes", "2"]),
     ("screen_statistic.py", ["--min-psnr", "0"]),
+    ("screen_statistic.py", ["--probe-sizes", "16", "65"]),
 ])
 def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):
     """A bad count, step or weight, or a checkpoint without a reference VAE (carrier), is one
