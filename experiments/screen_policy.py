@@ -26,7 +26,10 @@ import argparse
 import itertools
 import json
 import time
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +40,7 @@ from fingerprint_lm.distributor.screening import ProbeReader, logits_of
 from fingerprint_lm.errors import check_float, check_int, exit_on_user_error
 from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.metrics.quality import psnr
-from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
+from fingerprint_lm.models.checkpoint import FingerprintModel, load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.registry.soft import quantized_weights, soft_tail
 
 RESULTS = Path(__file__).resolve().parent / "results" / "screen_policy.jsonl"
@@ -45,30 +48,57 @@ EVAL_SEED = 5  # the held-out images the other pnm probes read (the probe's seed
 KEEPS = (1.0, 0.9, 0.75, 0.6, 0.5, 0.4, 0.3)
 
 
+@dataclass
+class Setting:
+    """What every read of a run shares: the model, its probe reader, the held-out images and the
+    base decoder's outputs of them, the candidate codes and the innocents' codes."""
+
+    model: FingerprintModel
+    reader: ProbeReader
+    images: torch.Tensor
+    base: torch.Tensor
+    codes: np.ndarray
+    innocents: np.ndarray
+
+
 @torch.no_grad()
-def read_codes(args: argparse.Namespace) -> dict[str, np.ndarray]:
-    """Per code: its probe read and PSNR, and on the held-out images the true code's Bonferroni
-    p-value and whether it outscores every innocent, per image; the held-out bit accuracy and PSNR."""
+def setting(args: argparse.Namespace) -> Setting:
+    """``--codes`` candidate codes and ``--registry - 1`` innocents (``--seed``), ``--images``
+    held-out images (``EVAL_SEED``) and their base outputs, for ``--checkpoint``."""
     model = load_fingerprint_model(shipped_checkpoint(args.checkpoint))
-    reader = ProbeReader(model)
     images = held_out_images(int(model.meta.get("resolution", 32)), args.images, EVAL_SEED)
-    base = decode_with(model.vae, model.unmarked_vae, images)
     rng = np.random.default_rng(args.seed)
     codes = rng.integers(0, 2, (args.codes, model.fingerprint_bits), dtype=np.uint8)
     innocents = rng.integers(0, 2, (args.registry - 1, model.fingerprint_bits), dtype=np.uint8)
-    out = {key: [] for key in ("probe_acc", "probe_psnr", "p_true", "top", "bit_acc", "psnr")}
-    for code in codes:
-        probe_acc, probe_psnr = reader(code)
-        decoded = decode_with(model.vae, decoder_from_tensors(model.vae.config, *personal_tensors(model, code)), images)
-        logits = logits_of(model, decoded)
-        weights = quantized_weights(logits)
-        own = weights @ code.astype(np.int64)
-        out["probe_acc"].append(probe_acc)
-        out["probe_psnr"].append(probe_psnr)
-        out["p_true"].append(soft_tail(weights, own) * args.registry)
-        out["top"].append(own > (weights @ innocents.T.astype(np.int64)).max(axis=1))
-        out["bit_acc"].append(float(((logits > 0) == code.astype(bool)).mean()))
-        out["psnr"].append(float(psnr(decoded, base).mean()))
+    return Setting(model, ProbeReader(model), images, decode_with(model.vae, model.unmarked_vae, images), codes,
+                   innocents)
+
+
+@torch.no_grad()
+def held_out_reads(run: Setting, decoder, code: np.ndarray) -> dict[str, Any]:
+    """``decoder``'s held-out images read for ``code``: per image the true code's Bonferroni soft
+    p-value (``p_true``) and whether it outscores every innocent (``top``); the bit accuracy and
+    the mean PSNR against the base decoder."""
+    decoded = decode_with(run.model.vae, decoder, run.images)
+    logits = logits_of(run.model, decoded)
+    weights = quantized_weights(logits)
+    own = weights @ code.astype(np.int64)
+    return {"p_true": soft_tail(weights, own) * (len(run.innocents) + 1),
+            "top": own > (weights @ run.innocents.T.astype(np.int64)).max(axis=1),
+            "bit_acc": float(((logits > 0) == code.astype(bool)).mean()),
+            "psnr": float(psnr(decoded, run.base).mean())}
+
+
+def read_codes(args: argparse.Namespace) -> dict[str, np.ndarray]:
+    """Per code: its probe read and PSNR, and :func:`held_out_reads`."""
+    run = setting(args)
+    out = defaultdict(list)
+    for code in run.codes:
+        probe_acc, probe_psnr = run.reader(code)
+        decoder = decoder_from_tensors(run.model.vae.config, *personal_tensors(run.model, code))
+        reads = {"probe_acc": probe_acc, "probe_psnr": probe_psnr, **held_out_reads(run, decoder, code)}
+        for key, value in reads.items():
+            out[key].append(value)
     return {key: np.array(value) for key, value in out.items()}
 
 

@@ -29,22 +29,23 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from screen_policy import held_out_reads, setting
+from screen_policy import score as policy_score
 
 from fingerprint_lm.distributor.copies import decoder_from_tensors
-from fingerprint_lm.distributor.generation import decode_with, held_out_images
-from fingerprint_lm.distributor.screening import ProbeReader, logits_of
+from fingerprint_lm.distributor.generation import decode_with
+from fingerprint_lm.distributor.screening import logits_of
 from fingerprint_lm.errors import ConfigError, check_float, check_int, exit_on_user_error
 from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.metrics.quality import psnr
-from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.registry.soft import quantized_weights, soft_tail
 
 RESULTS = Path(__file__).resolve().parent / "results" / "screen_statistic.jsonl"
-EVAL_SEED = 5  # the held-out images the other pnm probes read (the probe's seed is the screen's own)
 KEEPS = (0.6, 0.5, 0.4)
 STATISTICS = {
     "bit_acc": lambda reads: reads["probe_acc"],
@@ -63,48 +64,28 @@ def strength(logits: np.ndarray, code: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def read_codes(args: argparse.Namespace) -> dict[str, np.ndarray]:
-    """Per code: the probe's bit accuracy, PSNR and per-image strength; on the held-out images
-    whether each is attributed (the true code's Bonferroni p-value and whether it outscores every
-    innocent) and the held-out PSNR."""
-    model = load_fingerprint_model(shipped_checkpoint(args.checkpoint))
-    reader = ProbeReader(model)
-    images = held_out_images(int(model.meta.get("resolution", 32)), args.images, EVAL_SEED)
-    base = decode_with(model.vae, model.unmarked_vae, images)
-    rng = np.random.default_rng(args.seed)
-    codes = rng.integers(0, 2, (args.codes, model.fingerprint_bits), dtype=np.uint8)
-    innocents = rng.integers(0, 2, (args.registry - 1, model.fingerprint_bits), dtype=np.uint8)
-    out = {key: [] for key in ("probe_acc", "probe_psnr", "probe_s", "probe_acc_image", "probe_psnr_image",
-                               "p_true", "top", "psnr")}
-    for code in codes:
-        decoder = decoder_from_tensors(model.vae.config, *personal_tensors(model, code))
-        probe = decode_with(model.vae, decoder, reader.images)
-        probe_logits = logits_of(model, probe)
-        out["probe_acc"].append(float(((probe_logits > 0) == code.astype(bool)).mean()))
-        out["probe_psnr"].append(float(psnr(probe, reader.base).mean()))
-        out["probe_s"].append(strength(probe_logits, code))
-        out["probe_acc_image"].append(((probe_logits > 0) == code.astype(bool)).mean(axis=1))
-        out["probe_psnr_image"].append(psnr(probe, reader.base).numpy())
-        decoded = decode_with(model.vae, decoder, images)
-        weights = quantized_weights(logits_of(model, decoded))
-        own = weights @ code.astype(np.int64)
-        out["p_true"].append(soft_tail(weights, own) * args.registry)
-        out["top"].append(own > (weights @ innocents.T.astype(np.int64)).max(axis=1))
-        out["psnr"].append(float(psnr(decoded, base).mean()))
+    """Per code: the probe's bit accuracy and PSNR, over all of it and per image, and its per-image
+    strength; on the held-out images ``screen_policy.held_out_reads``."""
+    run = setting(args)
+    out = defaultdict(list)
+    for code in run.codes:
+        decoder = decoder_from_tensors(run.model.vae.config, *personal_tensors(run.model, code))
+        probe = decode_with(run.model.vae, decoder, run.reader.images)
+        probe_logits = logits_of(run.model, probe)
+        per_image_acc = ((probe_logits > 0) == code.astype(bool)).mean(axis=1)
+        per_image_psnr = psnr(probe, run.reader.base).numpy()
+        reads = {"probe_acc": float(per_image_acc.mean()), "probe_psnr": float(per_image_psnr.mean()),
+                 "probe_s": strength(probe_logits, code), "probe_acc_image": per_image_acc,
+                 "probe_psnr_image": per_image_psnr, **held_out_reads(run, decoder, code)}
+        for key, value in reads.items():
+            out[key].append(value)
     return {key: np.array(value) for key, value in out.items()}
 
 
 def score(reads: dict[str, np.ndarray], statistic: str, keep: float, min_psnr: float, fpr: float) -> dict:
-    """The codes kept by ``statistic``'s ``1 - keep`` quantile and the PSNR floor, and how their
-    held-out images attribute at ``fpr x`` the pass rate."""
-    values = STATISTICS[statistic](reads)
-    floor = float(np.quantile(values, 1.0 - keep))
-    kept = (values >= floor) & (reads["probe_psnr"] >= min_psnr)
-    rate = float(kept.mean())
-    hits = reads["top"][kept] & (reads["p_true"][kept] <= fpr * rate)
-    return {"statistic": statistic, "keep": keep, "floor": floor, "min_psnr": min_psnr, "pass_rate": rate,
-            "attributed": float(hits.mean()), "worst_code": float(hits.mean(axis=1).min()),
-            "mean_psnr": float(reads["psnr"][kept].mean()),
-            "copies_at_30db": float((reads["psnr"][kept] >= 30.0).mean())}
+    """``screen_policy.score`` with ``statistic`` in place of the probe's mean bit accuracy."""
+    return {"statistic": statistic, **policy_score({**reads, "probe_acc": STATISTICS[statistic](reads)}, keep,
+                                                    min_psnr, fpr)}
 
 
 def score_probe_size(reads: dict[str, np.ndarray], images: int, keep: float, min_psnr: float,
