@@ -33,7 +33,7 @@ import torch
 
 from fingerprint_lm.distributor.copies import decoder_from_tensors
 from fingerprint_lm.distributor.generation import held_out_images
-from fingerprint_lm.distributor.screening import CodeScreen, read_logits
+from fingerprint_lm.distributor.screening import CodeScreen, UniformCodes, read_logits
 from fingerprint_lm.errors import check_int, check_probability, exit_on_user_error
 from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
@@ -43,17 +43,6 @@ from fingerprint_lm.registry.soft import quantized_weights, soft_identify, soft_
 RESULTS = Path(__file__).resolve().parent / "results" / "screened_marked_null.jsonl"
 EVAL_SEED = 5  # the held-out images the other pnm probes read
 LEVELS = (1e-3, 1e-4, 1e-5, 1e-6)
-
-
-class _FairCodes:
-    """What :class:`CodeScreen` draws candidates from here: fair codes, without a registry's
-    minimum-distance check (the codes this script measured were drawn so)."""
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-
-    def new_code(self, rng: np.random.Generator) -> np.ndarray:
-        return rng.integers(0, 2, self.k, dtype=np.uint8)
 
 
 def screened_codes(screen: CodeScreen, n: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
@@ -94,7 +83,7 @@ def null_rates(logits: np.ndarray, codes: np.ndarray, fpr: float, pass_rate: flo
 def measure(args: argparse.Namespace) -> dict:
     model = load_fingerprint_model(shipped_checkpoint(args.checkpoint))
     floors = model.meta["issue_screen"]
-    screen = CodeScreen(model, _FairCodes(model.fingerprint_bits), floors["min_probe_bit_acc"], max_draws=10**6,
+    screen = CodeScreen(model, UniformCodes(model.fingerprint_bits), floors["min_probe_bit_acc"], max_draws=10**6,
                         min_psnr=floors["min_probe_psnr"])
     rng = np.random.default_rng(args.seed)
     registry, registry_draws = screened_codes(screen, args.registry, rng)

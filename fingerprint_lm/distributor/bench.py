@@ -137,12 +137,6 @@ def screened_pnm_issue(repeats: int) -> dict[str, float]:
     return {"issue_copy_pnm_screened_s": seconds, "pnm_screen_draws_mean": float(np.mean(draws[-repeats:]))}
 
 
-if __name__ == "__main__":
-    torch.set_num_threads(1)
-    for key, value in bench_distributor().items():
-        print(f"{key:24s} {value:.3f}" if isinstance(value, float) else f"{key:24s} {value}")
-
-
 def probe_read_cost(model: FingerprintModel, sizes: tuple[int, int] = (2, 6), seed: int = 0) -> dict:
     """What one screening draw costs on ``model``: a fresh code's probe read (its decoder built,
     the probe decoded and read; :class:`~fingerprint_lm.distributor.screening.ProbeReader`) timed
@@ -161,3 +155,9 @@ def probe_read_cost(model: FingerprintModel, sizes: tuple[int, int] = (2, 6), se
     per_image = (timed[large] - timed[small]) / (large - small)
     return {"probe_sizes_timed": list(sizes), "probe_read_s_timed": [timed[small], timed[large]],
             "probe_per_image_s": per_image, "probe_fixed_s": timed[small] - small * per_image}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    for key, value in bench_distributor().items():
+        print(f"{key:24s} {value:.3f}" if isinstance(value, float) else f"{key:24s} {value}")

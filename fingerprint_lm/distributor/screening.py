@@ -104,13 +104,17 @@ def estimate_pass_rate(reader: ProbeReader, min_bit_acc: float | None, min_psnr:
     """The share of ``codes`` random codes (``default_rng(seed)``) whose probe read clears both floors
     (None: not screened on that one): ``pass_rate``, with the codes and seed it was measured on and
     its binomial standard error."""
-    min_bit_acc, min_psnr = min_bit_acc or 0.0, min_psnr or 0.0
     rng = np.random.default_rng(seed)
-    passed = [reader(code) for code in (rng.integers(0, 2, reader.model.fingerprint_bits, dtype=np.uint8)
-                                        for _ in range(check_int("rate_candidates", codes)))]
-    rate = float(np.mean([accuracy >= min_bit_acc and quality >= min_psnr for accuracy, quality in passed]))
+    reads = [reader(code) for code in (rng.integers(0, 2, reader.model.fingerprint_bits, dtype=np.uint8)
+                                       for _ in range(check_int("rate_candidates", codes)))]
+    rate = float(np.mean([clears(accuracy, quality, min_bit_acc, min_psnr) for accuracy, quality in reads]))
     return {"pass_rate": rate, "pass_rate_codes": int(codes), "pass_rate_seed": int(seed),
             "pass_rate_stderr": round(float(np.sqrt(rate * (1.0 - rate) / codes)), 4)}
+
+
+def clears(accuracy: float, quality: float, min_bit_acc: float | None, min_psnr: float | None) -> bool:
+    """Whether a probe read (bit accuracy, mean PSNR) clears both floors (None: not screened on it)."""
+    return (min_bit_acc is None or accuracy >= min_bit_acc) and (min_psnr is None or quality >= min_psnr)
 
 
 def bound_pass_rate(registry_rate: float | None, recorded: dict[str, Any] | None) -> float | None:
@@ -159,8 +163,7 @@ class CodeScreen:
         self.draws = 0
 
     def passes(self, accuracy: float, quality: float) -> bool:
-        return ((self.min_bit_acc is None or accuracy >= self.min_bit_acc)
-                and (self.min_psnr is None or quality >= self.min_psnr))
+        return clears(accuracy, quality, self.min_bit_acc, self.min_psnr)
 
     def __call__(self, rng: np.random.Generator) -> np.ndarray:
         best_acc, best_psnr = 0.0, 0.0
@@ -218,8 +221,8 @@ def screened_codes(model: FingerprintModel, users: int, seed: int,
     """Codes for ``users`` users of ``model`` drawn and screened as ``task=issue`` screens them (its
     recorded floors; uniform draws, no distance check; user ``i`` draws from ``default_rng([seed, 2,
     i])``, at most ``max_draws`` times), with the checkpoint's pass rate that attribution divides
-    p-values by; None when the checkpoint records no floor (no
-    screen). Memoised per process, with the wall time each screen took when it ran."""
+    p-values by; None when the checkpoint records no floor (no screen). Memoised per process, with
+    the wall time each screen took when it ran."""
     recorded = model.meta.get("issue_screen")
     min_bit_acc, min_psnr = screen_floors(recorded, True, None, None)
     if min_bit_acc is None and min_psnr is None:

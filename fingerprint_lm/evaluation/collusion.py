@@ -185,9 +185,9 @@ def draw_users(model: FingerprintModel, point: Point, settings: PointSettings, s
     k = model.fingerprint_bits
     rng = np.random.default_rng([int(seed), 0])
     codes = rng.integers(0, 2, size=(point.colluders + settings.n_innocents, k), dtype=np.uint8)
-    screened = screened_codes(model, point.colluders, seed) if settings.screen_codes else None
-    if screened is not None:
-        codes[: point.colluders] = [user.code for user in screened[0]]
+    screened, rate = (screened_codes(model, point.colluders, seed) if settings.screen_codes else None) or ([], None)
+    if screened:
+        codes[: point.colluders] = [user.code for user in screened]
     user_ids = [f"colluder{i}" for i in range(point.colluders)] + [f"innocent{i}" for i in range(settings.n_innocents)]
     start = time.perf_counter()
     copies = [
@@ -197,9 +197,8 @@ def draw_users(model: FingerprintModel, point: Point, settings: PointSettings, s
         )
         for i in range(point.colluders)
     ]
-    seconds = (time.perf_counter() - start + sum(user.seconds for user in (screened or [[]])[0])) / point.colluders
-    return Users(codes, user_ids, CodeIndex.from_bits(user_ids, codes), copies, seconds,
-                 None if screened is None else screened[1])
+    seconds = (time.perf_counter() - start + sum(user.seconds for user in screened)) / point.colluders
+    return Users(codes, user_ids, CodeIndex.from_bits(user_ids, codes), copies, seconds, rate)
 
 
 def held_out_images(resolution: int, n_images: int, images: torch.Tensor | None = None) -> torch.Tensor:
