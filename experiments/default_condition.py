@@ -53,11 +53,11 @@ EVAL_SEED = 5  # the held-out images the other pnm probes read (the screening pr
 SECRET = b"default-condition-probe"
 
 
-def _attributed(model, registry, images: torch.Tensor, fpr: float) -> dict:
-    """As task=attribute reads them: the registry's codes at the pass rate the task divides by."""
+def _attributed(model, index, rate: float | None, images: torch.Tensor, fpr: float) -> dict:
+    """As task=attribute reads them: the registry's codes (``index``) at the pass rate the task
+    divides by (``rate``: ``screening.bound_pass_rate``)."""
     named = [(f"image{i}", image) for i, image in enumerate(images)]
-    rate = bound_pass_rate(registry.screen_pass_rate(), model.meta.get("issue_screen"))
-    return attribute_images(model.extractor, registry.index(), named, fpr=fpr, decoding="soft", screen_pass_rate=rate)
+    return attribute_images(model.extractor, index, named, fpr=fpr, decoding="soft", screen_pass_rate=rate)
 
 
 @torch.no_grad()
@@ -90,11 +90,12 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
                 "bit_acc": float(((model.extractor(marked) > 0).numpy() == np.asarray(code, dtype=bool)).mean()),
                 "psnr": float(psnr(decoded, base).mean()),
             })
+        index, rate = registry.index(), bound_pass_rate(registry.screen_pass_rate(), model.meta.get("issue_screen"))
         for user, marked in zip(users, marked_images, strict=True):  # at the registry's final pass rate
-            rows = _attributed(model, registry, marked, args.fpr)["images"]
+            rows = _attributed(model, index, rate, marked, args.fpr)["images"]
             user["attributed"] = float(np.mean([r["accused"] and r["user_id"] == user["user"] for r in rows]))
             user["wrong"] = int(sum(r["accused"] and r["user_id"] != user["user"] for r in rows))
-        unmarked_read = _attributed(model, registry, from_uint8(to_uint8(base)), args.fpr)
+        unmarked_read = _attributed(model, index, rate, from_uint8(to_uint8(base)), args.fpr)
         unmarked = sum(r["accused"] for r in unmarked_read["images"])
     attributed = np.array([u["attributed"] for u in users])
     quality = np.array([u["psnr"] for u in users])
