@@ -105,10 +105,15 @@ def read_codes(args: argparse.Namespace) -> dict[str, np.ndarray]:
 def score(reads: dict[str, np.ndarray], keep: float, min_psnr: float | None, fpr: float) -> dict:
     floor = float(np.quantile(reads["probe_acc"], 1.0 - keep)) if keep < 1 else 0.0
     kept = (reads["probe_acc"] >= floor) & (reads["probe_psnr"] >= (min_psnr or 0.0))
+    return {"keep": keep, "bit_floor": floor, "min_psnr": min_psnr, **score_kept(reads, kept, fpr)}
+
+
+def score_kept(reads: dict[str, np.ndarray], kept: np.ndarray, fpr: float) -> dict:
+    """How the ``kept`` codes' copies read held out, attribution at ``fpr`` times their share."""
     rate = float(kept.mean())
     hits = reads["top"][kept] & (reads["p_true"][kept] <= fpr * rate)
     quality = reads["psnr"][kept]
-    return {"keep": keep, "bit_floor": floor, "min_psnr": min_psnr, "codes_kept": int(kept.sum()), "pass_rate": rate,
+    return {"codes_kept": int(kept.sum()), "pass_rate": rate,
             "attributed": float(hits.mean()), "attributed_uncorrected": float(
                 (reads["top"][kept] & (reads["p_true"][kept] <= fpr)).mean()),
             "worst_code": float(hits.mean(axis=1).min()), "bit_acc": float(reads["bit_acc"][kept].mean()),

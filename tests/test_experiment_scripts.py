@@ -145,6 +145,9 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("screen_statistic.py", ["--codes", "2"]),
     ("screen_statistic.py", ["--min-psnr", "0"]),
     ("screen_statistic.py", ["--probe-sizes", "16", "65"]),
+    ("code_predictor.py", ["--train-codes", "5"]),
+    ("code_predictor.py", ["--prefilter", "0.5", "1.5"]),
+    ("code_predictor.py", ["--registry", "1"]),
 ])
 def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):
     """A bad count, step or weight, or a checkpoint without a reference VAE (carrier), is one

@@ -64,19 +64,21 @@ class ProbeReader:
     """Reads a code's decoder on ``probe_images`` fixed images: the share of the code's bits it
     reads back (8-bit pixels, as a user's images would be) and the mean PSNR of its outputs
     against the base decoder's. ACT changes nothing a decoder outputs, so the code's plain PNM
-    decoder stands in for the user's copy."""
+    decoder stands in for the user's copy. Every copy shares the encoder, so the probe is encoded
+    once: a draw costs one decoder pass and one read."""
 
     def __init__(self, model: FingerprintModel, probe_images: int = 64) -> None:
         self.model = model
         self.images = held_out_images(int(model.meta.get("resolution", 32)), check_int("probe_images", probe_images),
                                       PROBE_SEED)
         with torch.no_grad():
-            self.base = decode_with(model.vae, model.unmarked_vae, self.images)
+            self.latents = batched.encode(model.vae, self.images)
+            self.base = batched.decode(model.unmarked_vae, self.latents)
 
     @torch.no_grad()
     def __call__(self, code: np.ndarray) -> tuple[float, float]:
         decoder = decoder_from_tensors(self.model.vae.config, *personal_tensors(self.model, code))
-        decoded = decode_with(self.model.vae, decoder, self.images)
+        decoded = batched.decode(decoder, self.latents)
         accuracy = float(((logits_of(self.model, decoded) > 0) == np.asarray(code, dtype=bool)).mean())
         return accuracy, float(psnr(decoded, self.base).mean())
 
