@@ -8,7 +8,8 @@ from a copy's tensors; this one goes the whole way a distributor and a user go:
 - ``--users`` copies issued with ``distributor.copies.issue_copy`` (ACT all, a secret), written
   to disk, with codes screened as ``task=issue`` screens them (``distributor/screening.py``): the
   floors the checkpoint records, each overridable (``--min-probe-bit-acc``, ``--min-probe-psnr``),
-  or none (``--screen none``);
+  or the checkpoint's read predictor (``--screen predicted``: ``distributor.screen_by=predicted``,
+  ``distributor/read_predictor.py``), or none (``--screen none``);
 - each copy loaded with a plain ``diffusers.AutoencoderKL.from_pretrained(copy_dir)``, decoding
   ``--images`` held-out images (the seed the other probes read, not the screening probe's), saved
   as 8-bit pixels;
@@ -20,6 +21,7 @@ from a copy's tensors; this one goes the whole way a distributor and a user go:
 - the base decoder's (unmarked) outputs attributed too: how many are accused.
 
     python experiments/default_condition.py --users 32                  # as task=issue issues
+    python experiments/default_condition.py --users 32 --screen predicted
     python experiments/default_condition.py --users 32 --screen none
 
 Prints a table per user and the totals; the row is appended to ``results/default_condition.jsonl``.
@@ -41,6 +43,7 @@ from diffusers.utils import logging as diffusers_logging
 from fingerprint_lm.distributor.attribution import attribute_images
 from fingerprint_lm.distributor.copies import issue_copy
 from fingerprint_lm.distributor.generation import decode_with, held_out_images
+from fingerprint_lm.distributor.read_predictor import PredictedScreen, recorded_predictor
 from fingerprint_lm.distributor.screening import CodeScreen, bound_pass_rate, screen_floors
 from fingerprint_lm.errors import check_float, check_int, check_probability, exit_on_user_error
 from fingerprint_lm.metrics.quality import psnr
@@ -75,6 +78,9 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
                                args.min_probe_psnr)
         screen = (CodeScreen(model, registry, floors[0], max_draws=1000, min_psnr=floors[1])
                   if floors != (None, None) else None)
+        if args.screen == "predicted":
+            screen = PredictedScreen(*recorded_predictor(model), registry)
+            floors = (screen.record["min_predicted_bit_acc"], screen.record["min_predicted_psnr"])
         for u in range(args.users):
             issued = issue_copy(model, registry, f"user{u}", workdir / "copies", secret=SECRET, act_type="all",
                                 rng=rng, draw_code=screen)
@@ -85,8 +91,9 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
             users.append({
                 "user": f"user{u}",
                 "draws": screen.draws if screen else 1,
-                "probe_bit_acc": screen.probe_bit_acc if screen else None,
-                "probe_psnr": screen.probe_psnr if screen else None,
+                "probe_bit_acc": getattr(screen, "probe_bit_acc", None),
+                "probe_psnr": getattr(screen, "probe_psnr", None),
+                "predicted_bit_acc": getattr(screen, "predicted_bit_acc", None),
                 "bit_acc": float(((model.extractor(marked) > 0).numpy() == np.asarray(code, dtype=bool)).mean()),
                 "psnr": float(psnr(decoded, base).mean()),
             })
@@ -116,8 +123,9 @@ def main() -> None:
     parser.add_argument("--registry", type=int, default=1000)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--fpr", type=float, default=1e-6)
-    parser.add_argument("--screen", choices=("checkpoint", "none"), default="checkpoint",
-                        help="checkpoint: the floors it records, as task=issue uses them; none: unscreened codes")
+    parser.add_argument("--screen", choices=("checkpoint", "predicted", "none"), default="checkpoint",
+                        help="checkpoint: the floors it records, as task=issue uses them; predicted: its read "
+                             "predictor (distributor.screen_by=predicted); none: unscreened codes")
     parser.add_argument("--min-probe-bit-acc", type=float, default=None, help="overrides the recorded bit floor")
     parser.add_argument("--min-probe-psnr", type=float, default=None, help="overrides the recorded PSNR floor")
     parser.add_argument("--seed", type=int, default=11)

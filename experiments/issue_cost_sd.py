@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 import fingerprint_lm  # noqa: F401  (registers the config resolvers and schemas)
-from fingerprint_lm.bench import issue_cost_sd
+from fingerprint_lm.bench_sd import issue_cost_sd
 from fingerprint_lm.errors import exit_on_user_error
 
 RESULTS = Path(__file__).resolve().parent / "results" / "issue_cost_sd.jsonl"

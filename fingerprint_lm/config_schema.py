@@ -36,6 +36,7 @@ ACT_SCOPES: tuple[str, ...] = ("interior", "stream", "both")
 # (pnm's: without its per-bit calibration);
 # ``soft_code_null``: the soft test, and each accused code's score against its own law over unmarked images.
 DECODINGS: tuple[str, ...] = ("soft", "soft_whitened", "soft_code_null", "hard")
+SCREENS = ("probe", "predicted")  # task=issue: decode the probe for each draw, or predict its read (read_predictor.py)
 
 
 @dataclass
@@ -73,11 +74,13 @@ class DistributorConfig:
     read_mirrored: bool = False
     code_seed: int | None = None
     screen_codes: bool = True
+    screen_by: str = "probe"
     min_probe_bit_acc: float | None = None
     min_probe_psnr: float | None = None
 
     def __post_init__(self) -> None:
         check_probability("distributor.fpr", self.fpr)
+        check_choice("distributor.screen_by", self.screen_by, SCREENS)
         if self.min_probe_bit_acc is not None:
             check_float("distributor.min_probe_bit_acc", self.min_probe_bit_acc, above=0.0, maximum=1.0)
         if self.min_probe_psnr is not None:

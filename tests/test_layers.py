@@ -16,7 +16,7 @@ FLOORS = {
     "models": 1, "data": 1,
     "methods": 2, "attacks": 2, "metrics": 2, "registry": 2, "lit": 2,
     "distributor": 3, "evaluation": 3, "report": 3,
-    "tasks": 4, "bench": 4, "sweep_guard": 4,
+    "tasks": 4, "bench": 4, "bench_sd": 4, "sweep_guard": 4,
     "__main__": 5, "__init__": 5,
 }
 

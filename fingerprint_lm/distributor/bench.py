@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from fingerprint_lm.distributor.copies import issue_copy, personal_tensors, write_copy
-from fingerprint_lm.distributor.screening import CodeScreen, ProbeReader
+from fingerprint_lm.distributor.read_predictor import PredictedScreen, recorded_predictor
+from fingerprint_lm.distributor.screening import CodeScreen, ProbeReader, UniformCodes
 from fingerprint_lm.errors import CheckpointError
 from fingerprint_lm.models.act import derive_act_seed
 from fingerprint_lm.models.checkpoint import (
@@ -114,15 +115,17 @@ def _screened_issues(model, registry, copies: Path, secret: bytes, act_type: str
     return {"issue_screened_total_ms": 1e3 * statistics.fmean(times), "screen_draws_mean": float(np.mean(draws))}
 
 
-def screened_pnm_issue(repeats: int) -> dict[str, float]:
-    """A pnm copy as ``task=issue`` makes it by default: codes drawn (from an empty registry) until
-    one clears the shipped checkpoint's recorded floors on the probe (``distributor/screening.py``;
-    the probe reader built once, as a distributor issuing many copies builds it), then the copy's
-    tensors; nothing is written or registered."""
+def screened_pnm_issue(repeats: int, screen_by: str = "probe") -> dict[str, float]:
+    """A pnm copy as ``task=issue`` makes it: codes drawn (from an empty registry) until one clears
+    the shipped checkpoint's recorded floors on the probe (``distributor/screening.py``; the probe
+    reader built once, as a distributor issuing many copies builds it), or, ``screen_by="predicted"``,
+    until its read predictor keeps one (``distributor/read_predictor.py``: nothing decoded), then the
+    copy's tensors; nothing is written or registered."""
     model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
     rng, draws = np.random.default_rng(1), []
     with tempfile.TemporaryDirectory() as tmp, Registry(Path(tmp) / "registry.sqlite", model.fingerprint_bits) as reg:
-        screen = _recorded_screen(model, reg)
+        screen = (PredictedScreen(*recorded_predictor(model), reg) if screen_by == "predicted"
+                  else _recorded_screen(model, reg))
 
         def issue():
             code = screen(rng)
@@ -134,7 +137,21 @@ def screened_pnm_issue(repeats: int) -> dict[str, float]:
         for _ in range(repeats):
             issue()
         seconds = (time.perf_counter() - start) / repeats  # a mean: the draws per copy vary, and cost adds up
-    return {"issue_copy_pnm_screened_s": seconds, "pnm_screen_draws_mean": float(np.mean(draws[-repeats:]))}
+    name = "screened" if screen_by == "probe" else screen_by
+    return {f"issue_copy_pnm_{name}_s": seconds, f"pnm_{name}_draws_mean": float(np.mean(draws[-repeats:]))}
+
+
+def predicted_screen_cost(repeats: int = 200) -> dict[str, float]:
+    """Seconds a predicted screen takes to keep one code of the shipped checkpoint (draws included;
+    the same at any decoder size: it reads only the code) and the probe reads its fit took."""
+    model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
+    predictor, record = recorded_predictor(model)
+    screen, rng = PredictedScreen(predictor, record, UniformCodes(model.fingerprint_bits)), np.random.default_rng(2)
+    screen(rng)  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        screen(rng)
+    return {"predicted_screen_s": (time.perf_counter() - start) / repeats, "predictor_fit_codes": record["fit_codes"]}
 
 
 def probe_read_cost(model: FingerprintModel, sizes: tuple[int, int] = (2, 6), seed: int = 0) -> dict:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,8 @@ class FingerprintModel:
     extractor: Any  # models.extractor.build_extractor: tiled, pooled or band_energy
     meta: dict[str, Any]
     reference_vae: Any = None
+    # the distributor's fit of a code's probe read (distributor/read_predictor.py), {} when none
+    issue_predictor: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def unmarked_vae(self) -> Any:
@@ -96,13 +98,15 @@ def build_fingerprint_model(vae, fingerprint_bits: int, pnm_kwargs: dict, extrac
 
 
 def private_state_dict(model: FingerprintModel) -> dict[str, torch.Tensor]:
-    """PNM parameters (decoder weights excluded: they live in ``base_vae/``) and the extractor."""
+    """PNM parameters (decoder weights excluded: they live in ``base_vae/``), the extractor and
+    the distributor's read predictor, when fitted."""
     state = {
         f"pnm.{k}": v
         for k, v in model.pnm.state_dict().items()
         if not k.startswith(("decoder.", "post_quant_conv."))
     }
     state.update({f"extractor.{k}": v for k, v in model.extractor.state_dict().items()})
+    state.update({f"issue_predictor.{k}": v for k, v in model.issue_predictor.items()})
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
@@ -165,6 +169,8 @@ def load_fingerprint_model(directory: str | Path | None = None, map_location: st
         raise CheckpointError(f"cannot read {directory / 'fingerprint.safetensors'}: {exc}") from exc
     pnm_state = {k[4:]: v for k, v in state.items() if k.startswith("pnm.")}
     extractor_state = {k[10:]: v for k, v in state.items() if k.startswith("extractor.")}
+    model.issue_predictor = {k[len("issue_predictor."):]: v for k, v in state.items()
+                             if k.startswith("issue_predictor.")}
     try:
         missing, unexpected = model.pnm.load_state_dict(pnm_state, strict=False)
         missing = [k for k in missing if not k.startswith(("decoder.", "post_quant_conv."))]

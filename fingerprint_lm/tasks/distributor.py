@@ -26,6 +26,7 @@ from fingerprint_lm.distributor.copies import (
     verify_copy,
 )
 from fingerprint_lm.distributor.generation import decode_with, held_out_images, save_pngs
+from fingerprint_lm.distributor.read_predictor import PredictedScreen, recorded_predictor
 from fingerprint_lm.distributor.screening import CodeScreen, bound_pass_rate, screen_floors
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.models.checkpoint import (
@@ -71,7 +72,11 @@ def task_issue(cfg: DictConfig, context: TaskContext) -> dict:
                        method=model.method) as reg:
         floors = screen_floors(model.meta.get("issue_screen"), settings.screen_codes, settings.min_probe_bit_acc,
                                settings.min_probe_psnr)
-        screen = CodeScreen(model, reg, floors[0], min_psnr=floors[1]) if floors != (None, None) else None
+        predicted = settings.screen_codes and settings.screen_by == "predicted"
+        if predicted:
+            screen = PredictedScreen(*recorded_predictor(model), reg)
+        else:
+            screen = CodeScreen(model, reg, floors[0], min_psnr=floors[1]) if floors != (None, None) else None
         result = issue_copy(
             model,
             reg,
@@ -84,7 +89,11 @@ def task_issue(cfg: DictConfig, context: TaskContext) -> dict:
             rng=code_rng(settings.code_seed, user_id),
             draw_code=screen,
         )
-        if screen is not None:
+        if predicted:
+            result.update({"predicted_bit_acc": screen.predicted_bit_acc, "predicted_psnr": screen.predicted_psnr,
+                           "code_draws": screen.draws, "screen": {
+                               key: screen.record[key] for key in ("min_predicted_bit_acc", "min_predicted_psnr")}})
+        elif screen is not None:
             result.update({"probe_bit_acc": screen.probe_bit_acc, "probe_psnr": screen.probe_psnr,
                            "code_draws": screen.draws, "screen": {"min_probe_bit_acc": floors[0],
                                                                   "min_probe_psnr": floors[1]}})
@@ -173,7 +182,10 @@ def print_summary(task: str, result: dict, json_path: Path | None = None) -> Non
     if task == "issue":
         console.print(f"issued [bold]{result['user_id']}[/] (ACT {result['act_type']}): {result['copy']}")
         console.print(f"sha256 {result['copy_sha256'][:16]}..., {result['n_users']} users registered")
-        if "code_draws" in result:
+        if "predicted_bit_acc" in result:
+            console.print(f"code screened in {result['code_draws']} draw(s): predicted probe bit_acc "
+                          f"{result['predicted_bit_acc']:.3f}, {result['predicted_psnr']:.2f} dB")
+        elif "code_draws" in result:
             console.print(f"code screened in {result['code_draws']} draw(s): probe bit_acc "
                           f"{result['probe_bit_acc']:.3f}, {result['probe_psnr']:.2f} dB")
     elif task == "users":

@@ -1,0 +1,108 @@
+"""The predicted code screen (distributor/read_predictor.py): a ridge regression on a code's signs and
+their pairwise products recovers a read that is a quadratic function of the code, its thresholds pass
+the probe floors' share of fresh codes, the codes it keeps read better than uniform ones, the fit
+travels inside the checkpoint's safetensors, and task=issue screens with it when told to."""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from fingerprint_lm.distributor.read_predictor import (
+    PredictedScreen,
+    ReadPredictor,
+    fit_read_predictor,
+    pair_features,
+    recorded_predictor,
+)
+from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
+from fingerprint_lm.registry.store import Registry
+from tests.console import run_console
+
+BITS = 12
+
+
+class QuadraticReader:
+    """A stand-in for ProbeReader whose 'probe read' is a fixed quadratic function of the code's
+    signs plus read noise: bit accuracy around 0.93, PSNR around 30 dB."""
+
+    def __init__(self, seed: int = 0, noise: float = 0.002) -> None:
+        rng = np.random.default_rng(seed)
+        self.model = SimpleNamespace(fingerprint_bits=BITS)
+        self.pairs = rng.normal(0, 0.004, (BITS, BITS))
+        self.quality = rng.normal(0, 0.2, BITS)
+        self.rng, self.noise = np.random.default_rng(seed + 1), noise
+
+    def truth(self, code: np.ndarray) -> tuple[float, float]:
+        signs = 2.0 * code - 1.0
+        return 0.93 + float(signs @ np.triu(self.pairs, 1) @ signs), 30.0 + float(self.quality @ signs) / 4
+
+    def __call__(self, code: np.ndarray) -> tuple[float, float]:
+        accuracy, quality = self.truth(code)
+        return accuracy + self.rng.normal(0, self.noise), quality + self.rng.normal(0, 0.05)
+
+
+def test_pair_features_are_the_signs_then_every_product_of_two():
+    features = pair_features(np.array([[1, 0, 1]], dtype=np.uint8))
+    assert features.tolist() == [[1.0, -1.0, 1.0, -1.0, 1.0, -1.0]]  # s0 s1 s2, s0s1 s0s2 s1s2
+
+
+def test_the_fit_recovers_a_quadratic_read_and_its_screen_passes_the_probes_share():
+    reader = QuadraticReader()
+    floors = {"min_probe_bit_acc": 0.935, "min_probe_psnr": 29.9}
+    predictor, record = fit_read_predictor(reader, floors, codes=600, seed=3)
+    fresh = np.random.default_rng(99).integers(0, 2, (400, BITS), dtype=np.uint8)
+    truth = np.array([reader.truth(code) for code in fresh])
+    predicted = predictor(fresh)
+    assert np.corrcoef(predicted[:, 0], truth[:, 0])[0, 1] > 0.95
+    assert np.corrcoef(predicted[:, 1], truth[:, 1])[0, 1] > 0.95
+    assert record["cv_r2_bit_acc"] > 0.8
+    assert record["pass_rate"] == pytest.approx(record["probe_pass_rate_on_fit_codes"], abs=0.06)
+    assert record["pass_rate_codes"] == 100_000 and record["min_predicted_psnr"] == 29.9
+    with Registry(":memory:", BITS, min_distance=0) as registry:
+        screen = PredictedScreen(predictor, record, registry)
+        kept = np.array([screen(np.random.default_rng([5, i])) for i in range(60)])
+    kept_truth = np.array([reader.truth(code) for code in kept])
+    assert kept_truth[:, 0].mean() > truth[:, 0].mean() + 0.003  # a screen that keeps better codes
+    assert screen.predicted_bit_acc >= record["min_predicted_bit_acc"] and screen.draws >= 1
+
+
+def test_a_predictor_round_trips_through_the_checkpoint(tmp_path):
+    from fingerprint_lm.models.checkpoint import save_fingerprint_model
+
+    model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
+    predictor = ReadPredictor(np.arange(2 * 1176, dtype=np.float64).reshape(1176, 2), np.array([0.5, 30.0]))
+    model.issue_predictor = predictor.state_dict()
+    model.meta["issue_screen"] = {**model.meta["issue_screen"], "predictor": {"min_predicted_bit_acc": 0.9}}
+    save_fingerprint_model(model, tmp_path / "ckpt")
+    loaded, record = recorded_predictor(load_fingerprint_model(tmp_path / "ckpt"))
+    assert np.array_equal(loaded.weight, predictor.weight) and np.array_equal(loaded.offset, predictor.offset)
+    assert record == {"min_predicted_bit_acc": 0.9}
+    del model.meta["issue_screen"]["predictor"]
+    with pytest.raises(ConfigError, match="--predictor"):
+        recorded_predictor(model)
+
+
+def test_task_issue_screens_by_the_recorded_predictor_when_told(tmp_path):
+    """The shipped pnm checkpoint records a predictor; task=issue uses it with screen_by=predicted."""
+    model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
+    record = model.meta["issue_screen"]["predictor"]
+    env = {**os.environ, "FINGERPRINT_LM_SECRET": "test-secret"}
+    done = run_console(["task=issue", "user_id=alice", "distributor.screen_by=predicted"], cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    (issued,) = tmp_path.glob("outputs/runs/*/issue.json")
+    result = json.loads(issued.read_text())
+    assert result["screen"] == {k: record[k] for k in ("min_predicted_bit_acc", "min_predicted_psnr")}
+    assert result["predicted_bit_acc"] >= record["min_predicted_bit_acc"] and "predicted probe" in done.stdout
+    with Registry(tmp_path / "registry" / "registry.sqlite", model.fingerprint_bits) as registry:
+        code = np.asarray(registry.get("alice")["code"], dtype=np.uint8)
+        assert registry.screen_pass_rate() == pytest.approx(1 / result["code_draws"])
+    predictor, _ = recorded_predictor(model)
+    assert predictor(code[None])[0, 0] == pytest.approx(result["predicted_bit_acc"])
+    refused = run_console(["task=issue", "user_id=bob", "distributor.screen_by=decoded"], cwd=tmp_path, env=env)
+    assert refused.returncode != 0 and "error: distributor.screen_by" in refused.stderr
