@@ -41,3 +41,6 @@ def test_issue_cost_sd_measures_both_methods_on_the_sd_sized_decoder():
     draw = row["probe_fixed_s"] + screen["probe_images"] * row["probe_per_image_s"]
     assert row["screened_issue_estimate_s"] == pytest.approx(row["pnm_issue_s"] + draw / screen["pass_rate"])
     assert row["screened_ratio_estimate"] < row["ratio_estimate"]
+    # a predicted screen reads the code only: the unscreened issue plus a predicted draw, and a fit once
+    assert row["pnm_issue_s"] < row["predicted_issue_s"] < row["screened_issue_estimate_s"]
+    assert row["predictor_fit_estimate_s"] == pytest.approx(screen["predictor"]["fit_codes"] * draw)

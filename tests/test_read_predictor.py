@@ -106,3 +106,13 @@ def test_task_issue_screens_by_the_recorded_predictor_when_told(tmp_path):
     assert predictor(code[None])[0, 0] == pytest.approx(result["predicted_bit_acc"])
     refused = run_console(["task=issue", "user_id=bob", "distributor.screen_by=decoded"], cwd=tmp_path, env=env)
     assert refused.returncode != 0 and "error: distributor.screen_by" in refused.stderr
+
+
+def test_task_issue_refuses_a_predicted_screen_the_checkpoint_cannot_give_and_writes_nothing(tmp_path):
+    """method=carrier's checkpoint records no predictor: one error line naming the fit, no registry."""
+    env = {**os.environ, "FINGERPRINT_LM_SECRET": "test-secret"}
+    done = run_console(["task=issue", "user_id=bob", "method=carrier", "distributor.screen_by=predicted"],
+                       cwd=tmp_path, env=env)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1 and "--predictor" in errors[0], done.stderr
+    assert not (tmp_path / "registry").exists() and not (tmp_path / "copies").exists()

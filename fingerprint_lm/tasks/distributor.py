@@ -68,13 +68,14 @@ def task_issue(cfg: DictConfig, context: TaskContext) -> dict:
     # The secret first: a missing secret must fail before anything is loaded or written.
     secret = read_secret(settings.secret_env, settings.secret_file) if act_type != "none" else None
     model = load_fingerprint_model(checkpoint_dir(cfg))
+    predicted = settings.screen_codes and settings.screen_by == "predicted"
+    predictor = recorded_predictor(model) if predicted else None  # none recorded: refused before the registry
     with open_registry(settings.registry, model.fingerprint_bits, settings.min_distance, create=True,
                        method=model.method) as reg:
         floors = screen_floors(model.meta.get("issue_screen"), settings.screen_codes, settings.min_probe_bit_acc,
                                settings.min_probe_psnr)
-        predicted = settings.screen_codes and settings.screen_by == "predicted"
-        if predicted:
-            screen = PredictedScreen(*recorded_predictor(model), reg)
+        if predictor is not None:
+            screen = PredictedScreen(*predictor, reg)
         else:
             screen = CodeScreen(model, reg, floors[0], min_psnr=floors[1]) if floors != (None, None) else None
         result = issue_copy(
