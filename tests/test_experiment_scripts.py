@@ -148,6 +148,9 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("code_predictor.py", ["--train-codes", "5"]),
     ("code_predictor.py", ["--prefilter", "0.5", "1.5"]),
     ("code_predictor.py", ["--registry", "1"]),
+    ("predicted_screen_policy.py", ["--codes", "2"]),
+    ("predicted_screen_policy.py", ["--rates", "0.3", "0"]),
+    ("predicted_screen_policy.py", ["--min-psnr", "-1"]),
 ])
 def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):
     """A bad count, step or weight, or a checkpoint without a reference VAE (carrier), is one

@@ -1,0 +1,110 @@
+"""How strict should the predicted screen be, now that a draw costs nothing? (issues 11 and 14)
+
+The probe screen's floors were chosen where a stricter bit floor stopped paying for the smaller
+pass rate that attribution's bound divides p-values by (``screen_policy.py``), with every draw
+costing a decoder pass. The read predictor (``distributor/read_predictor.py``) makes a draw free,
+so only the bound limits how strict it can be. This reads ``--codes`` random codes' copies of the
+checkpoint (probe and ``--images`` held-out images, 8-bit pixels; ``screen_policy.read_codes``)
+once, predicts each code's read with the checkpoint's recorded predictor, and scores predicted
+screens at several pass rates (``--rates``: the bit threshold that passes that share of 10^5
+fresh codes among those whose predicted PSNR clears the floor) and predicted PSNR floors
+(``--min-psnr``), each with attribution among ``--registry`` users at fpr x its pass rate, as
+``screen_policy.score_kept`` scores them. The probe screen at the recorded floors is the first row.
+
+    python experiments/predicted_screen_policy.py --codes 2000
+
+Prints a markdown table; the run is appended to ``results/predicted_screen_policy.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fingerprint_lm.distributor.read_predictor import fresh_predictions, recorded_predictor
+from fingerprint_lm.errors import check_float, check_int, exit_on_user_error
+
+RESULTS = Path(__file__).resolve().parent / "results" / "predicted_screen_policy.jsonl"
+
+
+def thresholds(fresh: np.ndarray, rate: float, min_psnr: float) -> float:
+    """The predicted bit-accuracy threshold that keeps ``rate`` of fresh codes with ``min_psnr``."""
+    quality_ok = fresh[:, 1] >= min_psnr
+    share = min(rate / max(quality_ok.mean(), 1e-9), 1.0)
+    return float(np.quantile(fresh[quality_ok, 0], 1.0 - share)) if quality_ok.any() else np.inf
+
+
+def test_reads(args: argparse.Namespace) -> dict[str, np.ndarray]:
+    """``screen_policy.read_codes`` for this run, from ``--cache`` when it holds the same settings."""
+    from screen_policy import read_codes  # experiments/ is on the path when run as a script
+
+    key = json.dumps({k: getattr(args, k) for k in ("checkpoint", "codes", "images", "registry", "seed")})
+    if args.cache and Path(args.cache).is_file():
+        stored = np.load(args.cache)
+        if str(stored["key"]) == key:
+            return {k: stored[k] for k in stored.files if k != "key"}
+    reads = read_codes(args)
+    if args.cache:
+        np.savez(args.cache, key=key, **reads)
+    return reads
+
+
+def main() -> None:
+    from screen_policy import score_kept, setting  # experiments/ is on the path when run as a script
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default="embedded_pnm")
+    parser.add_argument("--codes", type=int, default=2000)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--registry", type=int, default=1000)
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.36, 0.25, 0.15, 0.1, 0.05])
+    parser.add_argument("--min-psnr", type=float, nargs="+", default=[29.9, 30.0, 30.1])
+    parser.add_argument("--fpr", type=float, default=1e-6)
+    parser.add_argument("--seed", type=int, default=71)
+    parser.add_argument("--cache", default=None, help="an .npz file for the reads, reused when its settings match")
+    args = parser.parse_args()
+    check_int("--codes", args.codes, 4)
+    check_int("--images", args.images)
+    check_int("--registry", args.registry, 2)
+    check_float("--fpr", args.fpr, above=0.0, maximum=1.0)
+    for value in args.rates:
+        check_float("--rates", value, above=0.0, maximum=1.0)
+    for value in args.min_psnr:
+        check_float("--min-psnr", value, above=0.0)
+    started = time.time()
+    context = setting(args)
+    predictor, record = recorded_predictor(context.model)
+    floors = context.model.meta["issue_screen"]
+    reads = test_reads(args)
+    predicted, fresh = predictor(context.codes), fresh_predictions(predictor, args.seed + 1)
+    probe_kept = (reads["probe_acc"] >= floors["min_probe_bit_acc"]) & (reads["probe_psnr"] >= floors["min_probe_psnr"])
+    rows = [{"screen": "probe (recorded floors)", **score_kept(reads, probe_kept, args.fpr)}]
+    for min_psnr in args.min_psnr:
+        for rate in args.rates:
+            threshold = thresholds(fresh, rate, min_psnr)
+            kept = (predicted[:, 0] >= threshold) & (predicted[:, 1] >= min_psnr)
+            if kept.any():
+                rows.append({"screen": f"predicted, {rate:.0%} of fresh codes, {min_psnr} dB", "threshold": threshold,
+                             **score_kept(reads, kept, args.fpr)})
+    seconds = round(time.time() - started, 1)
+    print(f"{args.codes} random codes of {args.checkpoint} (recorded predictor: {record['fit_codes']} fit codes), "
+          f"{args.images} held-out images each (8-bit), registry {args.registry}, fpr {args.fpr:g} x pass rate\n")
+    print("| screen | codes kept | pass rate here | attributed (p / rate) | worst code | bit_acc | PSNR mean | "
+          "worst copy | copies >= 30 dB |\n|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['screen']} | {r['codes_kept']} | {r['pass_rate']:.3f} | {r['attributed']:.4f} | "
+              f"{r['worst_code']:.3f} | {r['bit_acc']:.4f} | {r['mean_psnr']:.2f} | {r['min_psnr_copy']:.2f} | "
+              f"{r['copies_at_30db']:.0%} |")
+    print(f"\n{seconds:.0f} s")
+    RESULTS.parent.mkdir(exist_ok=True)
+    with RESULTS.open("a") as handle:
+        handle.write(json.dumps({"date": time.strftime("%Y-%m-%d"), **vars(args), "seconds": seconds,
+                                 "rows": rows}) + "\n")
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
