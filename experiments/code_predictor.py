@@ -40,11 +40,12 @@ import scipy.stats
 import torch
 
 from fingerprint_lm.distributor.copies import decoder_from_tensors
-from fingerprint_lm.distributor.generation import decode_with
+from fingerprint_lm.distributor.read_predictor import bit_threshold, cross_validated_alpha, pair_features, ridge
 from fingerprint_lm.distributor.screening import logits_of
 from fingerprint_lm.errors import check_float, check_int, exit_on_user_error
 from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.metrics.quality import psnr
+from fingerprint_lm.models import batched
 
 RESULTS = Path(__file__).resolve().parent / "results" / "code_predictor.jsonl"
 ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
@@ -52,11 +53,7 @@ FEATURES = ("code", "code+pairs", "modulation", "logit model")
 
 
 def code_features(codes: np.ndarray, pairs: bool) -> np.ndarray:
-    signs = 2.0 * codes.astype(np.float64) - 1.0
-    if not pairs:
-        return signs
-    upper = np.triu_indices(signs.shape[1], 1)
-    return np.concatenate([signs, (signs[:, :, None] * signs[:, None, :])[:, upper[0], upper[1]]], axis=1)
+    return pair_features(codes) if pairs else 2.0 * codes.astype(np.float64) - 1.0
 
 
 @torch.no_grad()
@@ -72,28 +69,18 @@ def features(model, codes: np.ndarray, kind: str) -> np.ndarray:
 
 
 class Ridge:
-    """Ridge regression on standardised features, its penalty chosen by 5-fold cross-validation
-    (``y`` one target per code, or several sharing the penalty)."""
+    """Ridge regression on standardised features (the mapping network's values differ in scale),
+    its penalty chosen by 5-fold cross-validation over :data:`ALPHAS` (``y`` one target per code, or
+    several sharing the penalty); ``distributor/read_predictor.py``'s fit on scaled inputs."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray, seed: int) -> None:
         self.mean, self.std = x.mean(axis=0), x.std(axis=0) + 1e-12
-        z, folds = (x - self.mean) / self.std, np.random.default_rng(seed).permutation(len(y)) % 5
-        errors = [np.mean([np.mean((self._fit(z[folds != k], y[folds != k], a)(z[folds == k]) - y[folds == k]) ** 2)
-                           for k in range(5)]) for a in ALPHAS]
-        self.alpha = ALPHAS[int(np.argmin(errors))]
-        self._predict = self._fit(z, y, self.alpha)
-
-    @staticmethod
-    def _fit(z: np.ndarray, y: np.ndarray, alpha: float):
-        offset = y.mean(axis=0)
-        if z.shape[1] <= z.shape[0]:
-            w = np.linalg.solve(z.T @ z + alpha * len(y) * np.eye(z.shape[1]), z.T @ (y - offset))
-        else:  # the dual form: fewer codes than features
-            w = z.T @ np.linalg.solve(z @ z.T + alpha * len(y) * np.eye(len(y)), y - offset)
-        return lambda q: q @ w + offset
+        z = (x - self.mean) / self.std
+        self.alpha, _ = cross_validated_alpha(z, y, seed, ALPHAS)
+        self.weight, self.offset = ridge(z, y, self.alpha)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self._predict((x - self.mean) / self.std)
+        return (x - self.mean) / self.std @ self.weight + self.offset
 
 
 @torch.no_grad()
@@ -102,8 +89,8 @@ def probe_reads(reader, codes: np.ndarray) -> dict[str, np.ndarray]:
     standard deviation over the probe images of each bit's logit."""
     model, out = reader.model, {"acc": [], "psnr": [], "logit_mean": [], "logit_std": []}
     for code in codes:
-        decoded = decode_with(model.vae, decoder_from_tensors(model.vae.config, *personal_tensors(model, code)),
-                              reader.images)
+        decoded = batched.decode(decoder_from_tensors(model.vae.config, *personal_tensors(model, code)),
+                                 reader.latents)
         logits = logits_of(model, decoded)
         for key, value in (("acc", ((logits > 0) == code.astype(bool)).mean()),
                            ("psnr", psnr(decoded, reader.base).mean().item()),
@@ -132,9 +119,7 @@ class LogitModel:
 def predicted_screen(train_pred: np.ndarray, test_pred: np.ndarray, min_psnr: float, rate: float) -> np.ndarray:
     """Keep test codes whose predicted PSNR clears ``min_psnr`` and predicted bit accuracy clears the
     threshold that passes ``rate`` of the training codes (columns: accuracy, PSNR)."""
-    quality_ok = train_pred[:, 1] >= min_psnr
-    share = max(min(rate / max(quality_ok.mean(), 1e-9), 1.0), 1e-9)
-    threshold = np.quantile(train_pred[quality_ok, 0], 1.0 - share) if quality_ok.any() else np.inf
+    threshold = bit_threshold(train_pred, rate, min_psnr)
     return (test_pred[:, 0] >= threshold) & (test_pred[:, 1] >= min_psnr)
 
 
@@ -156,8 +141,9 @@ def cached_reads(args: argparse.Namespace, context) -> tuple[np.ndarray, dict, d
                                                            dtype=np.uint8)
     train_reads, test_reads = probe_reads(context.reader, train), read_codes(args)
     if args.cache:
-        np.savez(args.cache, key=key, train_codes=train, **{f"train/{k}": v for k, v in train_reads.items()},
-                 **{f"test/{k}": v for k, v in test_reads.items()})
+        with open(args.cache, "wb") as handle:  # np.savez(path) would add ".npz" to a path without it
+            np.savez(handle, key=key, train_codes=train, **{f"train/{k}": v for k, v in train_reads.items()},
+                     **{f"test/{k}": v for k, v in test_reads.items()})
     return train, train_reads, test_reads
 
 

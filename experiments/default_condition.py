@@ -45,7 +45,7 @@ from fingerprint_lm.distributor.copies import issue_copy
 from fingerprint_lm.distributor.generation import decode_with, held_out_images
 from fingerprint_lm.distributor.read_predictor import PredictedScreen, recorded_predictor
 from fingerprint_lm.distributor.screening import CodeScreen, bound_pass_rate, screen_floors
-from fingerprint_lm.errors import check_float, check_int, check_probability, exit_on_user_error
+from fingerprint_lm.errors import ConfigError, check_float, check_int, check_probability, exit_on_user_error
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.pixels import from_uint8, to_uint8
@@ -134,6 +134,9 @@ def main() -> None:
     check_int("--registry", args.registry, args.users)
     check_int("--images", args.images)
     check_probability("--fpr", args.fpr)
+    if args.screen == "predicted" and (args.min_probe_bit_acc is not None or args.min_probe_psnr is not None):
+        raise ConfigError("--min-probe-bit-acc / --min-probe-psnr set the probe screen's floors; --screen predicted "
+                          "keeps the predictor's thresholds")
     if args.min_probe_bit_acc is not None:
         check_float("--min-probe-bit-acc", args.min_probe_bit_acc, above=0.0, maximum=1.0)
     if args.min_probe_psnr is not None:

@@ -71,6 +71,7 @@ def main() -> None:
         floors = with_predictor(model, args.checkpoint, args.predictor_codes)
     else:
         floors = fit_floors(model, **settings)
+        model.issue_predictor = {}  # fitted to the floors replaced: refit it with --predictor
     model.meta["issue_screen"] = floors
     flags = "".join(f" {flag}" for flag, on in (("--refit", args.refit), ("--rate-only", args.rate_only),
                                                 ("--predictor", args.predictor)) if on)

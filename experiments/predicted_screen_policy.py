@@ -25,17 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fingerprint_lm.distributor.read_predictor import fresh_predictions, recorded_predictor
+from fingerprint_lm.distributor.read_predictor import bit_threshold, fresh_predictions, recorded_predictor
 from fingerprint_lm.errors import check_float, check_int, exit_on_user_error
 
 RESULTS = Path(__file__).resolve().parent / "results" / "predicted_screen_policy.jsonl"
-
-
-def thresholds(fresh: np.ndarray, rate: float, min_psnr: float) -> float:
-    """The predicted bit-accuracy threshold that keeps ``rate`` of fresh codes with ``min_psnr``."""
-    quality_ok = fresh[:, 1] >= min_psnr
-    share = min(rate / max(quality_ok.mean(), 1e-9), 1.0)
-    return float(np.quantile(fresh[quality_ok, 0], 1.0 - share)) if quality_ok.any() else np.inf
 
 
 def test_reads(args: argparse.Namespace) -> dict[str, np.ndarray]:
@@ -49,7 +42,8 @@ def test_reads(args: argparse.Namespace) -> dict[str, np.ndarray]:
             return {k: stored[k] for k in stored.files if k != "key"}
     reads = read_codes(args)
     if args.cache:
-        np.savez(args.cache, key=key, **reads)
+        with open(args.cache, "wb") as handle:  # np.savez(path) would add ".npz" to a path without it
+            np.savez(handle, key=key, **reads)
     return reads
 
 
@@ -85,7 +79,7 @@ def main() -> None:
     rows = [{"screen": "probe (recorded floors)", **score_kept(reads, probe_kept, args.fpr)}]
     for min_psnr in args.min_psnr:
         for rate in args.rates:
-            threshold = thresholds(fresh, rate, min_psnr)
+            threshold = bit_threshold(fresh, rate, min_psnr)
             kept = (predicted[:, 0] >= threshold) & (predicted[:, 1] >= min_psnr)
             if kept.any():
                 rows.append({"screen": f"predicted, {rate:.0%} of fresh codes, {min_psnr} dB", "threshold": threshold,

@@ -253,7 +253,7 @@ SECTIONS: dict[str, tuple[Callable[..., dict], str]] = {
     "training": (bench_training, "training step, batch 32, 32 px, 48 bits: plain and worst-case (K=1) variants"),
     "inference": (bench_inference, "throughput, batch 64, 32 px"),
     "issue": (bench_issue_methods, "issuing one copy per method (code -> copy tensors, ACT all; pnm also with its "
-              "code screened, as task=issue issues it)"),
+              "code screened, as task=issue issues it, and screened by its read predictor)"),
     "distributor": (bench_distributor, "issuing one copy of the default method's shipped checkpoint (pnm), step by "
                     "step"),
     "registry": (bench_registry, "identification among 10^6 registered 48-bit codes; registration"),
@@ -261,7 +261,8 @@ SECTIONS: dict[str, tuple[Callable[..., dict], str]] = {
     "issue_sd": (bench_issue_sd, "issuing one copy on an SD-sized decoder (83.7M parameters, random weights), 256 px, "
                  "batch 4: pnm measured; stable_signature's 100-step fine-tune **estimated** as fixed + 100 x per "
                  "step from timed 1- and 3-step runs (a full run is about an hour here); a screened pnm copy "
-                 "**estimated** from probe reads of 2 and 6 images, at the shipped checkpoint's 64 and pass rate"),
+                 "**estimated** from probe reads of 2 and 6 images, at the shipped checkpoint's 64 and pass rate; "
+                 "screened by the read predictor: measured, its one-off fit estimated"),
 }
 
 

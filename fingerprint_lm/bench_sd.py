@@ -44,7 +44,10 @@ def issue_cost_sd(resolution: int = 256, batch_size: int = 4, steps: tuple[int, 
     an untimed warm-up. Its 100-step recipe would take about an hour here, so that figure is an
     estimate, ``fixed + 100 * per_step``, from the two measured runs (named as one wherever shown).
     So is a screened pnm copy's: one draw's probe read timed at two probe sizes, scaled to the
-    shipped checkpoint's probe and draws (``1 / pass_rate``) and added to the unscreened issue."""
+    shipped checkpoint's probe and draws (``1 / pass_rate``) and added to the unscreened issue. A
+    copy screened by the read predictor adds the predicted screen's time (it reads the code only,
+    so it is timed on the shipped checkpoint); the predictor's fit, once per checkpoint, is
+    estimated as its fit codes times one probe read here."""
     steps_a, steps_b = steps
     torch.manual_seed(0)
     vae = build_vae(SD_VAE_CONFIG).eval()

@@ -36,7 +36,8 @@ ACT_SCOPES: tuple[str, ...] = ("interior", "stream", "both")
 # (pnm's: without its per-bit calibration);
 # ``soft_code_null``: the soft test, and each accused code's score against its own law over unmarked images.
 DECODINGS: tuple[str, ...] = ("soft", "soft_whitened", "soft_code_null", "hard")
-SCREENS = ("probe", "predicted")  # task=issue: decode the probe for each draw, or predict its read (read_predictor.py)
+# task=issue: decode the probe for each draw, or predict its read (distributor/read_predictor.py)
+SCREENS: tuple[str, ...] = ("probe", "predicted")
 
 
 @dataclass

@@ -134,6 +134,7 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("default_condition.py", ["--users", "8", "--registry", "4"]),
     ("default_condition.py", ["--min-probe-bit-acc", "1.5"]),
     ("default_condition.py", ["--min-probe-psnr", "0"]),
+    ("default_condition.py", ["--screen", "predicted", "--min-probe-psnr", "30"]),
     ("screened_marked_null.py", ["--registry", "0"]),
     ("screened_marked_null.py", ["--fpr", "2"]),
     ("screened_code_bias.py", ["--codes", "0"]),

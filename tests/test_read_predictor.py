@@ -19,7 +19,8 @@ from fingerprint_lm.distributor.read_predictor import (
     pair_features,
     recorded_predictor,
 )
-from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.distributor.screening import bound_pass_rate
+from fingerprint_lm.errors import CheckpointError, ConfigError
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.registry.store import Registry
 from tests.console import run_console
@@ -83,9 +84,27 @@ def test_a_predictor_round_trips_through_the_checkpoint(tmp_path):
     loaded, record = recorded_predictor(load_fingerprint_model(tmp_path / "ckpt"))
     assert np.array_equal(loaded.weight, predictor.weight) and np.array_equal(loaded.offset, predictor.offset)
     assert record == {"min_predicted_bit_acc": 0.9}
+    state = predictor.state_dict()
+    model.issue_predictor = {"weight": state["weight"][:-1], "offset": state["offset"]}
+    with pytest.raises(CheckpointError, match="does not fit its 48-bit codes"):
+        recorded_predictor(model)  # a predictor for other codes: refused, not a matmul traceback at the first draw
     del model.meta["issue_screen"]["predictor"]
     with pytest.raises(ConfigError, match="--predictor"):
         recorded_predictor(model)
+
+
+def test_a_fit_no_code_passes_is_refused_not_recorded():
+    with pytest.raises(ConfigError, match="clears the floors"):
+        fit_read_predictor(QuadraticReader(), {"min_probe_bit_acc": 0.999, "min_probe_psnr": 29.9}, codes=50)
+
+
+def test_the_bound_divides_by_the_smallest_rate_any_screen_of_the_checkpoint_passes():
+    """The registry does not record which screen kept a code: the bound takes the least rate."""
+    recorded = {"pass_rate": 0.32, "predictor": {"pass_rate": 0.1}}
+    assert bound_pass_rate(0.5, recorded) == 0.1
+    assert bound_pass_rate(0.05, recorded) == 0.05
+    assert bound_pass_rate(0.5, {"pass_rate": 0.32}) == 0.32
+    assert bound_pass_rate(None, recorded) is None
 
 
 def test_task_issue_screens_by_the_recorded_predictor_when_told(tmp_path):
@@ -106,6 +125,11 @@ def test_task_issue_screens_by_the_recorded_predictor_when_told(tmp_path):
     assert predictor(code[None])[0, 0] == pytest.approx(result["predicted_bit_acc"])
     refused = run_console(["task=issue", "user_id=bob", "distributor.screen_by=decoded"], cwd=tmp_path, env=env)
     assert refused.returncode != 0 and "error: distributor.screen_by" in refused.stderr
+    mixed = run_console(["task=issue", "user_id=bob", "distributor.screen_by=predicted",
+                         "distributor.min_probe_psnr=30"], cwd=tmp_path, env=env)
+    assert mixed.returncode == 2 and "keeps the predictor's thresholds" in mixed.stderr
+    with Registry(tmp_path / "registry" / "registry.sqlite", model.fingerprint_bits) as registry:
+        assert registry.list_users() == ["alice"]  # neither refusal registered bob
 
 
 def test_task_issue_refuses_a_predicted_screen_the_checkpoint_cannot_give_and_writes_nothing(tmp_path):

@@ -4,12 +4,13 @@ How well a pnm copy reads depends mostly on its user's code (0.86-0.97 bit accur
 of the shipped checkpoint), and the copies that read worst are where clean attribution fails.
 A copy's read of 64 probe images predicts its read of other images (correlation 0.98), so the
 distributor can decode the probe with a candidate code's decoder before issuing it and draw again
-while it reads below a floor: no retraining, a few decoder passes per draw
+while it reads below a floor: no retraining, one decoder pass per draw (the probe is encoded once)
 (``experiments/code_screening.py``). A screened code is uniform only given that it passes, so
-attribution divides p-values by the screen's pass rate: the smaller of the registry's count and
-the checkpoint's rate, measured on codes the floor was not fitted on (``distributor/attribution.py``,
-:func:`bound_pass_rate`); the floors were chosen under that corrected bound
-(``experiments/results/screen_policy.md``: the better half of probe reads).
+attribution divides p-values by the screen's pass rate: the smallest of the registry's count and
+the checkpoint's rates (the probe screen's, measured on codes the floor was not fitted on, and its
+read predictor's; ``distributor/attribution.py``, :func:`bound_pass_rate`); the floors were
+chosen under that corrected bound (``experiments/results/screen_policy.md``: the better half of
+probe reads).
 
 The copy's image quality is screened the same way: the PSNR of the candidate's probe images
 against the base decoder's. A code sets most of that too (29.3-30.5 dB over 32 codes of the
@@ -121,13 +122,17 @@ def clears(accuracy: float, quality: float, min_bit_acc: float | None, min_psnr:
 
 def bound_pass_rate(registry_rate: float | None, recorded: dict[str, Any] | None) -> float | None:
     """The screen's pass rate that attribution divides p-values by: the registry's own count
-    (``Registry.screen_pass_rate``), or the checkpoint's fitted ``pass_rate`` (its ``issue_screen``
-    record) where that is smaller, since a registry of few screened users may count it high (one
-    user whose first draw passed counts 1). None when the registry screened no code."""
+    (``Registry.screen_pass_rate``), or the checkpoint's fitted rates (its ``issue_screen`` record:
+    the probe screen's ``pass_rate`` and its read predictor's, ``predictor.pass_rate``) where one is
+    smaller, since a registry of few screened users may count it high (one user whose first draw
+    passed counts 1) and the registry does not record which screen kept each code. None when the
+    registry screened no code."""
     if registry_rate is None:
         return None
-    fitted = (recorded or {}).get("pass_rate")
-    return registry_rate if fitted is None else min(registry_rate, float(fitted))
+    recorded = recorded or {}
+    fitted = [float(rate) for rate in (recorded.get("pass_rate"), (recorded.get("predictor") or {}).get("pass_rate"))
+              if rate is not None]
+    return min([registry_rate, *fitted])
 
 
 def screen_floors(recorded: dict[str, Any] | None, screen_codes: bool, min_bit_acc: float | None,

@@ -69,6 +69,9 @@ def task_issue(cfg: DictConfig, context: TaskContext) -> dict:
     secret = read_secret(settings.secret_env, settings.secret_file) if act_type != "none" else None
     model = load_fingerprint_model(checkpoint_dir(cfg))
     predicted = settings.screen_codes and settings.screen_by == "predicted"
+    if predicted and (settings.min_probe_bit_acc is not None or settings.min_probe_psnr is not None):
+        raise ConfigError("distributor.min_probe_bit_acc / min_probe_psnr set the probe screen's floors; "
+                          "distributor.screen_by=predicted keeps the predictor's thresholds")
     predictor = recorded_predictor(model) if predicted else None  # none recorded: refused before the registry
     with open_registry(settings.registry, model.fingerprint_bits, settings.min_distance, create=True,
                        method=model.method) as reg:
