@@ -41,8 +41,8 @@ import torch
 
 from fingerprint_lm.distributor.copies import decoder_from_tensors
 from fingerprint_lm.distributor.read_predictor import bit_threshold, cross_validated_alpha, pair_features, ridge
-from fingerprint_lm.distributor.screening import logits_of
-from fingerprint_lm.errors import check_float, check_int, exit_on_user_error
+from fingerprint_lm.distributor.screening import ProbeReader, logits_of
+from fingerprint_lm.errors import ConfigError, check_float, check_int, exit_on_user_error
 from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models import batched
@@ -123,27 +123,47 @@ def predicted_screen(train_pred: np.ndarray, test_pred: np.ndarray, min_psnr: fl
     return (test_pred[:, 0] >= threshold) & (test_pred[:, 1] >= min_psnr)
 
 
+def _load(path: Path, key: str) -> dict[str, np.ndarray] | None:
+    if not path.is_file():
+        return None
+    stored = np.load(path)
+    return {k: stored[k] for k in stored.files if k != "key"} if str(stored["key"]) == key else None
+
+
+def _save(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:  # np.savez(path) would add ".npz" to a path without it
+        np.savez(handle, key=key, **arrays)
+
+
 def cached_reads(args: argparse.Namespace, context) -> tuple[np.ndarray, dict, dict]:
-    """The training codes and their probe reads, and the test codes' reads (``screen_policy.read_codes``),
-    from ``--cache`` when it holds this run's settings and at least as many training codes, else
-    read (and written there)."""
+    """The training codes and their probe reads (on the first ``--fit-probe-images`` probe images),
+    and the test codes' reads (``screen_policy.read_codes``), each from the ``--cache`` folder when
+    it holds them for this run's settings (the training reads: at least as many codes), else read
+    (and written there)."""
     from screen_policy import read_codes  # experiments/ is on the path when run as a script
 
-    key = json.dumps({k: getattr(args, k) for k in ("checkpoint", "codes", "images", "registry", "seed")})
-    if args.cache and Path(args.cache).is_file():
-        stored = np.load(args.cache)
-        if str(stored["key"]) == key and len(stored["train_codes"]) >= args.train_codes:
-            n = args.train_codes  # the first n of a larger draw are the draw of n
-            split = {name: {k.split("/", 1)[1]: stored[k] for k in stored.files if k.startswith(name + "/")}
-                     for name in ("train", "test")}
-            return stored["train_codes"][:n], {k: v[:n] for k, v in split["train"].items()}, split["test"]
-    train = np.random.default_rng([args.seed, 9]).integers(0, 2, (args.train_codes, context.model.fingerprint_bits),
-                                                           dtype=np.uint8)
-    train_reads, test_reads = probe_reads(context.reader, train), read_codes(args)
-    if args.cache:
-        with open(args.cache, "wb") as handle:  # np.savez(path) would add ".npz" to a path without it
-            np.savez(handle, key=key, train_codes=train, **{f"train/{k}": v for k, v in train_reads.items()},
-                     **{f"test/{k}": v for k, v in test_reads.items()})
+    folder = Path(args.cache) if args.cache else None
+    test_key = json.dumps({k: getattr(args, k) for k in ("checkpoint", "codes", "images", "registry", "seed")})
+    train_key = json.dumps({k: getattr(args, k) for k in ("checkpoint", "seed", "fit_probe_images")})
+    train_path = folder / f"train_{args.fit_probe_images}_images.npz" if folder else None
+    stored = _load(train_path, train_key) if folder else None
+    if stored is not None and len(stored["codes"]) >= args.train_codes:
+        train_reads = {k: v[:args.train_codes] for k, v in stored.items()}  # the first n of a larger draw: a draw of n
+    else:
+        codes = np.random.default_rng([args.seed, 9]).integers(
+            0, 2, (args.train_codes, context.model.fingerprint_bits), dtype=np.uint8)
+        reader = (context.reader if args.fit_probe_images == len(context.reader.images)
+                  else ProbeReader(context.model, args.fit_probe_images))
+        train_reads = {"codes": codes, **probe_reads(reader, codes)}
+        if folder:
+            _save(train_path, train_key, train_reads)
+    test_reads = _load(folder / "test.npz", test_key) if folder else None
+    if test_reads is None:
+        test_reads = read_codes(args)
+        if folder:
+            _save(folder / "test.npz", test_key, test_reads)
+    train = train_reads.pop("codes")
     return train, train_reads, test_reads
 
 
@@ -203,9 +223,13 @@ def main() -> None:
     parser.add_argument("--prefilter", type=float, nargs="*", default=[0.6, 0.8])
     parser.add_argument("--fpr", type=float, default=1e-6)
     parser.add_argument("--seed", type=int, default=61)
-    parser.add_argument("--cache", default=None, help="an .npz file for the reads, reused when its settings match")
+    parser.add_argument("--fit-probe-images", type=int, default=64,
+                        help="probe images the training codes are read on (the test codes: always the screen's 64)")
+    parser.add_argument("--cache", default=None, help="a folder for the reads, reused when their settings match")
     args = parser.parse_args()
     check_int("--train-codes", args.train_codes, 10)
+    if check_int("--fit-probe-images", args.fit_probe_images) > 64:
+        raise ConfigError(f"--fit-probe-images must be <= 64 (the screen's probe), got {args.fit_probe_images}")
     check_int("--codes", args.codes, 4)
     check_int("--images", args.images)
     check_int("--registry", args.registry, 2)

@@ -149,6 +149,7 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("code_predictor.py", ["--train-codes", "5"]),
     ("code_predictor.py", ["--prefilter", "0.5", "1.5"]),
     ("code_predictor.py", ["--registry", "1"]),
+    ("code_predictor.py", ["--fit-probe-images", "65"]),
     ("predicted_screen_policy.py", ["--codes", "2"]),
     ("predicted_screen_policy.py", ["--rates", "0.3", "0"]),
     ("predicted_screen_policy.py", ["--min-psnr", "-1"]),
