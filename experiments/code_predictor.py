@@ -38,14 +38,20 @@ from pathlib import Path
 import numpy as np
 import scipy.stats
 import torch
+from screen_policy import (
+    cached_read_codes,
+    check_setting_arguments,
+    load_cached,
+    save_cached,
+    score_kept,
+    setting,
+    setting_arguments,
+)
 
-from fingerprint_lm.distributor.copies import decoder_from_tensors
 from fingerprint_lm.distributor.read_predictor import bit_threshold, cross_validated_alpha, pair_features, ridge
 from fingerprint_lm.distributor.screening import ProbeReader, logits_of
 from fingerprint_lm.errors import ConfigError, check_float, check_int, exit_on_user_error
-from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.metrics.quality import psnr
-from fingerprint_lm.models import batched
 
 RESULTS = Path(__file__).resolve().parent / "results" / "code_predictor.jsonl"
 ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
@@ -87,11 +93,10 @@ class Ridge:
 def probe_reads(reader, codes: np.ndarray) -> dict[str, np.ndarray]:
     """Per code, as ``ProbeReader`` reads it: bit accuracy and PSNR on the probe, and the mean and
     standard deviation over the probe images of each bit's logit."""
-    model, out = reader.model, {"acc": [], "psnr": [], "logit_mean": [], "logit_std": []}
+    out = {"acc": [], "psnr": [], "logit_mean": [], "logit_std": []}
     for code in codes:
-        decoded = batched.decode(decoder_from_tensors(model.vae.config, *personal_tensors(model, code)),
-                                 reader.latents)
-        logits = logits_of(model, decoded)
+        decoded = reader.decode(code)
+        logits = logits_of(reader.model, decoded)
         for key, value in (("acc", ((logits > 0) == code.astype(bool)).mean()),
                            ("psnr", psnr(decoded, reader.base).mean().item()),
                            ("logit_mean", logits.mean(axis=0)), ("logit_std", logits.std(axis=0))):
@@ -123,31 +128,15 @@ def predicted_screen(train_pred: np.ndarray, test_pred: np.ndarray, min_psnr: fl
     return (test_pred[:, 0] >= threshold) & (test_pred[:, 1] >= min_psnr)
 
 
-def _load(path: Path, key: str) -> dict[str, np.ndarray] | None:
-    if not path.is_file():
-        return None
-    stored = np.load(path)
-    return {k: stored[k] for k in stored.files if k != "key"} if str(stored["key"]) == key else None
-
-
-def _save(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as handle:  # np.savez(path) would add ".npz" to a path without it
-        np.savez(handle, key=key, **arrays)
-
-
 def cached_reads(args: argparse.Namespace, context) -> tuple[np.ndarray, dict, dict]:
     """The training codes and their probe reads (on the first ``--fit-probe-images`` probe images),
     and the test codes' reads (``screen_policy.read_codes``), each from the ``--cache`` folder when
     it holds them for this run's settings (the training reads: at least as many codes), else read
     (and written there)."""
-    from screen_policy import read_codes  # experiments/ is on the path when run as a script
-
     folder = Path(args.cache) if args.cache else None
-    test_key = json.dumps({k: getattr(args, k) for k in ("checkpoint", "codes", "images", "registry", "seed")})
     train_key = json.dumps({k: getattr(args, k) for k in ("checkpoint", "seed", "fit_probe_images")})
     train_path = folder / f"train_{args.fit_probe_images}_images.npz" if folder else None
-    stored = _load(train_path, train_key) if folder else None
+    stored = load_cached(train_path, train_key) if folder else None
     if stored is not None and len(stored["codes"]) >= args.train_codes:
         train_reads = {k: v[:args.train_codes] for k, v in stored.items()}  # the first n of a larger draw: a draw of n
     else:
@@ -157,12 +146,8 @@ def cached_reads(args: argparse.Namespace, context) -> tuple[np.ndarray, dict, d
                   else ProbeReader(context.model, args.fit_probe_images))
         train_reads = {"codes": codes, **probe_reads(reader, codes)}
         if folder:
-            _save(train_path, train_key, train_reads)
-    test_reads = _load(folder / "test.npz", test_key) if folder else None
-    if test_reads is None:
-        test_reads = read_codes(args)
-        if folder:
-            _save(folder / "test.npz", test_key, test_reads)
+            save_cached(train_path, train_key, train_reads)
+    test_reads = cached_read_codes(context, args, folder / "test.npz" if folder else None)
     train = train_reads.pop("codes")
     return train, train_reads, test_reads
 
@@ -187,8 +172,6 @@ def fitted_predictions(model, kind: str, train: np.ndarray, train_reads: dict, t
 
 
 def run(args: argparse.Namespace) -> dict:
-    from screen_policy import score_kept, setting  # experiments/ is on the path when run as a script
-
     started = time.time()
     context = setting(args)
     model, floors = context.model, context.model.meta.get("issue_screen") or {}
@@ -215,14 +198,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default="embedded_pnm")
+    setting_arguments(parser, codes=400, images=64, seed=61)
     parser.add_argument("--train-codes", type=int, default=1500)
-    parser.add_argument("--codes", type=int, default=400)
-    parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--registry", type=int, default=1000)
     parser.add_argument("--prefilter", type=float, nargs="*", default=[0.6, 0.8])
-    parser.add_argument("--fpr", type=float, default=1e-6)
-    parser.add_argument("--seed", type=int, default=61)
     parser.add_argument("--fit-probe-images", type=int, default=64,
                         help="probe images the training codes are read on (the test codes: always the screen's 64)")
     parser.add_argument("--cache", default=None, help="a folder for the reads, reused when their settings match")
@@ -230,10 +208,7 @@ def main() -> None:
     check_int("--train-codes", args.train_codes, 10)
     if check_int("--fit-probe-images", args.fit_probe_images) > 64:
         raise ConfigError(f"--fit-probe-images must be <= 64 (the screen's probe), got {args.fit_probe_images}")
-    check_int("--codes", args.codes, 4)
-    check_int("--images", args.images)
-    check_int("--registry", args.registry, 2)
-    check_float("--fpr", args.fpr, above=0.0, maximum=1.0)
+    check_setting_arguments(args)
     for value in args.prefilter:
         check_float("--prefilter", value, above=0.0, maximum=1.0)
     result = run(args)

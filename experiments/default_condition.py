@@ -74,13 +74,14 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
                        method=model.method) as registry:
         for i in range(args.registry - args.users):
             registry.register_new(f"innocent{i}", rng)
-        floors = screen_floors(model.meta.get("issue_screen"), args.screen == "checkpoint", args.min_probe_bit_acc,
-                               args.min_probe_psnr)
-        screen = (CodeScreen(model, registry, floors[0], max_draws=1000, min_psnr=floors[1])
-                  if floors != (None, None) else None)
         if args.screen == "predicted":
             screen = PredictedScreen(*recorded_predictor(model), registry)
             floors = (screen.record["min_predicted_bit_acc"], screen.record["min_predicted_psnr"])
+        else:
+            floors = screen_floors(model.meta.get("issue_screen"), args.screen == "checkpoint",
+                                   args.min_probe_bit_acc, args.min_probe_psnr)
+            screen = (CodeScreen(model, registry, floors[0], max_draws=1000, min_psnr=floors[1])
+                      if floors != (None, None) else None)
         for u in range(args.users):
             issued = issue_copy(model, registry, f"user{u}", workdir / "copies", secret=SECRET, act_type="all",
                                 rng=rng, draw_code=screen)

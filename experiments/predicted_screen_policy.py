@@ -23,48 +23,22 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
+from screen_policy import cached_read_codes, check_setting_arguments, score_kept, setting, setting_arguments
 
 from fingerprint_lm.distributor.read_predictor import bit_threshold, fresh_predictions, recorded_predictor
-from fingerprint_lm.errors import check_float, check_int, exit_on_user_error
+from fingerprint_lm.errors import check_float, exit_on_user_error
 
 RESULTS = Path(__file__).resolve().parent / "results" / "predicted_screen_policy.jsonl"
 
 
-def test_reads(args: argparse.Namespace) -> dict[str, np.ndarray]:
-    """``screen_policy.read_codes`` for this run, from ``--cache`` when it holds the same settings."""
-    from screen_policy import read_codes  # experiments/ is on the path when run as a script
-
-    key = json.dumps({k: getattr(args, k) for k in ("checkpoint", "codes", "images", "registry", "seed")})
-    if args.cache and Path(args.cache).is_file():
-        stored = np.load(args.cache)
-        if str(stored["key"]) == key:
-            return {k: stored[k] for k in stored.files if k != "key"}
-    reads = read_codes(args)
-    if args.cache:
-        with open(args.cache, "wb") as handle:  # np.savez(path) would add ".npz" to a path without it
-            np.savez(handle, key=key, **reads)
-    return reads
-
-
 def main() -> None:
-    from screen_policy import score_kept, setting  # experiments/ is on the path when run as a script
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default="embedded_pnm")
-    parser.add_argument("--codes", type=int, default=2000)
-    parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--registry", type=int, default=1000)
+    setting_arguments(parser, codes=2000, images=64, seed=71)
     parser.add_argument("--rates", type=float, nargs="+", default=[0.36, 0.25, 0.15, 0.1, 0.05])
     parser.add_argument("--min-psnr", type=float, nargs="+", default=[29.9, 30.0, 30.1])
-    parser.add_argument("--fpr", type=float, default=1e-6)
-    parser.add_argument("--seed", type=int, default=71)
     parser.add_argument("--cache", default=None, help="an .npz file for the reads, reused when its settings match")
     args = parser.parse_args()
-    check_int("--codes", args.codes, 4)
-    check_int("--images", args.images)
-    check_int("--registry", args.registry, 2)
-    check_float("--fpr", args.fpr, above=0.0, maximum=1.0)
+    check_setting_arguments(args)
     for value in args.rates:
         check_float("--rates", value, above=0.0, maximum=1.0)
     for value in args.min_psnr:
@@ -73,7 +47,7 @@ def main() -> None:
     context = setting(args)
     predictor, record = recorded_predictor(context.model)
     floors = context.model.meta["issue_screen"]
-    reads = test_reads(args)
+    reads = cached_read_codes(context, args, Path(args.cache) if args.cache else None)
     predicted, fresh = predictor(context.codes), fresh_predictions(predictor, args.seed + 1)
     probe_kept = (reads["probe_acc"] >= floors["min_probe_bit_acc"]) & (reads["probe_psnr"] >= floors["min_probe_psnr"])
     rows = [{"screen": "probe (recorded floors)", **score_kept(reads, probe_kept, args.fpr)}]

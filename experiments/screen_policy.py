@@ -89,9 +89,26 @@ def held_out_reads(run: Setting, decoder, code: np.ndarray) -> dict[str, Any]:
             "psnr": float(psnr(decoded, run.base).mean())}
 
 
-def read_codes(args: argparse.Namespace) -> dict[str, np.ndarray]:
-    """Per code: its probe read and PSNR, and :func:`held_out_reads`."""
-    run = setting(args)
+def setting_arguments(parser: argparse.ArgumentParser, codes: int, images: int, seed: int) -> None:
+    """The arguments :func:`setting` reads (``--checkpoint --codes --images --registry --fpr --seed``),
+    with these defaults; :func:`check_setting_arguments` checks them."""
+    parser.add_argument("--checkpoint", default="embedded_pnm")
+    parser.add_argument("--codes", type=int, default=codes)
+    parser.add_argument("--images", type=int, default=images)
+    parser.add_argument("--registry", type=int, default=1000)
+    parser.add_argument("--fpr", type=float, default=1e-6)
+    parser.add_argument("--seed", type=int, default=seed)
+
+
+def check_setting_arguments(args: argparse.Namespace) -> None:
+    check_int("--codes", args.codes, 4)
+    check_int("--images", args.images)
+    check_int("--registry", args.registry, 2)
+    check_float("--fpr", args.fpr, above=0.0, maximum=1.0)
+
+
+def read_codes(run: Setting) -> dict[str, np.ndarray]:
+    """Per code of ``run``: its probe read and PSNR, and :func:`held_out_reads`."""
     out = defaultdict(list)
     for code in run.codes:
         probe_acc, probe_psnr = run.reader(code)
@@ -100,6 +117,32 @@ def read_codes(args: argparse.Namespace) -> dict[str, np.ndarray]:
         for key, value in reads.items():
             out[key].append(value)
     return {key: np.array(value) for key, value in out.items()}
+
+
+def cached_read_codes(run: Setting, args: argparse.Namespace, path: Path | None) -> dict[str, np.ndarray]:
+    """:func:`read_codes`, from the ``.npz`` file ``path`` when it holds them for ``args``'s
+    setting, else read (and written there; None: not cached)."""
+    key = json.dumps({k: getattr(args, k) for k in ("checkpoint", "codes", "images", "registry", "seed")})
+    reads = load_cached(path, key) if path else None
+    if reads is None:
+        reads = read_codes(run)
+        if path:
+            save_cached(path, key, reads)
+    return reads
+
+
+def load_cached(path: Path, key: str) -> dict[str, np.ndarray] | None:
+    """The arrays :func:`save_cached` wrote to ``path`` under ``key``; None when absent or another key's."""
+    if not path.is_file():
+        return None
+    stored = np.load(path)
+    return {k: stored[k] for k in stored.files if k != "key"} if str(stored["key"]) == key else None
+
+
+def save_cached(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:  # np.savez(path) would add ".npz" to a path without it
+        np.savez(handle, key=key, **arrays)
 
 
 def score(reads: dict[str, np.ndarray], keep: float, min_psnr: float | None, fpr: float) -> dict:
@@ -123,22 +166,14 @@ def score_kept(reads: dict[str, np.ndarray], kept: np.ndarray, fpr: float) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default="embedded_pnm")
-    parser.add_argument("--codes", type=int, default=192)
-    parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--registry", type=int, default=1000)
+    setting_arguments(parser, codes=192, images=256, seed=41)
     parser.add_argument("--min-psnr", type=float, nargs="*", default=[29.7, 29.8, 29.9, 30.0])
-    parser.add_argument("--fpr", type=float, default=1e-6)
-    parser.add_argument("--seed", type=int, default=41)
     args = parser.parse_args()
-    check_int("--codes", args.codes, 4)
-    check_int("--images", args.images)
-    check_int("--registry", args.registry, 2)
-    check_float("--fpr", args.fpr, above=0.0, maximum=1.0)
+    check_setting_arguments(args)
     for value in args.min_psnr:
         check_float("--min-psnr", value, above=0.0)
     started = time.time()
-    reads = read_codes(args)
+    reads = read_codes(setting(args))
     rows = [score(reads, keep, min_psnr, args.fpr)
             for keep, min_psnr in itertools.product(KEEPS, [None, *args.min_psnr])]
     seconds = round(time.time() - started, 1)

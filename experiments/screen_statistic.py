@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from screen_policy import held_out_reads, setting
+from screen_policy import check_setting_arguments, held_out_reads, setting, setting_arguments
 from screen_policy import score as policy_score
 
 from fingerprint_lm.distributor.copies import decoder_from_tensors
@@ -98,19 +98,11 @@ def score_probe_size(reads: dict[str, np.ndarray], images: int, keep: float, min
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default="embedded_pnm")
-    parser.add_argument("--codes", type=int, default=192)
-    parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--registry", type=int, default=1000)
+    setting_arguments(parser, codes=192, images=256, seed=43)
     parser.add_argument("--min-psnr", type=float, default=29.9)
-    parser.add_argument("--fpr", type=float, default=1e-6)
-    parser.add_argument("--seed", type=int, default=43)
     parser.add_argument("--probe-sizes", type=int, nargs="*", default=[8, 16, 32, 64])
     args = parser.parse_args()
-    check_int("--codes", args.codes, 4)
-    check_int("--images", args.images)
-    check_int("--registry", args.registry, 2)
-    check_float("--fpr", args.fpr, above=0.0, maximum=1.0)
+    check_setting_arguments(args)
     check_float("--min-psnr", args.min_psnr, above=0.0)
     for size in args.probe_sizes:
         if check_int("--probe-sizes", size) > 64:

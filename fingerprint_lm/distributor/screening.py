@@ -77,9 +77,13 @@ class ProbeReader:
             self.base = batched.decode(model.unmarked_vae, self.latents)
 
     @torch.no_grad()
-    def __call__(self, code: np.ndarray) -> tuple[float, float]:
+    def decode(self, code: np.ndarray) -> torch.Tensor:
+        """The probe images as ``code``'s decoder outputs them."""
         decoder = decoder_from_tensors(self.model.vae.config, *personal_tensors(self.model, code))
-        decoded = batched.decode(decoder, self.latents)
+        return batched.decode(decoder, self.latents)
+
+    def __call__(self, code: np.ndarray) -> tuple[float, float]:
+        decoded = self.decode(code)
         accuracy = float(((logits_of(self.model, decoded) > 0) == np.asarray(code, dtype=bool)).mean())
         return accuracy, float(psnr(decoded, self.base).mean())
 
