@@ -34,7 +34,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from fingerprint_lm.distributor.read_predictor import fit_read_predictor
+from fingerprint_lm.distributor.read_predictor import with_read_predictor
 from fingerprint_lm.distributor.screening import ProbeReader, estimate_pass_rate, fit_floors
 from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, rewrite_private_state
@@ -105,10 +105,9 @@ def with_predictor(model, checkpoint: Path, codes: int) -> dict:
     recorded = model.meta.get("issue_screen")
     if not recorded or recorded.get("min_probe_bit_acc") is None:
         raise ConfigError(f"{checkpoint} records no floors for a predictor to follow (fit them first)")
-    predictor, record = fit_read_predictor(ProbeReader(model, int(recorded.get("probe_images", 64))), recorded, codes)
-    model.issue_predictor = predictor.state_dict()
-    print(f"read predictor: {record}")
-    return {**recorded, "predictor": record}
+    floors = with_read_predictor(model, recorded, codes)
+    print(f"read predictor: {floors['predictor']}")
+    return floors
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ import torch
 
 from fingerprint_lm.distributor.copies import decoder_from_tensors
 from fingerprint_lm.distributor.generation import held_out_images
-from fingerprint_lm.distributor.screening import CodeScreen, UniformCodes, read_logits
+from fingerprint_lm.distributor.issue_screens import UniformCodes
+from fingerprint_lm.distributor.screening import CodeScreen, read_logits
 from fingerprint_lm.errors import check_int, check_probability, exit_on_user_error
 from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint

@@ -36,8 +36,10 @@ ACT_SCOPES: tuple[str, ...] = ("interior", "stream", "both")
 # (pnm's: without its per-bit calibration);
 # ``soft_code_null``: the soft test, and each accused code's score against its own law over unmarked images.
 DECODINGS: tuple[str, ...] = ("soft", "soft_whitened", "soft_code_null", "hard")
-# task=issue: decode the probe for each draw, or predict its read (distributor/read_predictor.py)
-SCREENS: tuple[str, ...] = ("probe", "predicted")
+# task=issue and the sweep: decode the probe for each draw, or predict its read
+# (distributor/read_predictor.py); auto: the predictor where the checkpoint records one
+# (distributor/issue_screens.py: choose_screen)
+SCREENS: tuple[str, ...] = ("auto", "probe", "predicted")
 
 
 @dataclass
@@ -75,7 +77,7 @@ class DistributorConfig:
     read_mirrored: bool = False
     code_seed: int | None = None
     screen_codes: bool = True
-    screen_by: str = "probe"
+    screen_by: str = "auto"
     min_probe_bit_acc: float | None = None
     min_probe_psnr: float | None = None
 
@@ -121,6 +123,7 @@ class SweepConfig:
     decoding: str = "soft"
     finetune_lr: float = 1e-4
     screen_codes: bool = True
+    screen_by: str = "auto"
     fid_proxy_steps: int = 1000
     grid: SweepGrid = field(default_factory=SweepGrid)
 
@@ -128,6 +131,7 @@ class SweepConfig:
         # n_images, n_innocents, fpr and tracing_fpr: checked by the evaluation library's
         # PointSettings, which the task builds from them at once (it guards callers without a config)
         check_choice("sweep.images", self.images, ("procedural", "data"))
+        check_choice("sweep.screen_by", self.screen_by, SCREENS)
         check_choice("sweep.decoding", self.decoding, DECODINGS)
         check_float("sweep.finetune_lr", self.finetune_lr, above=0.0)
         check_int("sweep.fid_proxy_steps", self.fid_proxy_steps, 0)

@@ -103,9 +103,11 @@ def test_task_issue_screens_codes_with_the_checkpoints_floors_and_reports_it(tmp
     assert done.returncode == 0, done.stderr
     (issued,) = tmp_path.glob("outputs/runs/*/issue.json")
     result = json.loads(issued.read_text())
-    floors = pnm_model.meta["issue_screen"]
-    assert result["screen"] == {k: floors[k] for k in ("min_probe_bit_acc", "min_probe_psnr")}
-    assert result["probe_bit_acc"] >= floors["min_probe_bit_acc"] and result["probe_psnr"] >= floors["min_probe_psnr"]
+    predictor = pnm_model.meta["issue_screen"]["predictor"]  # screen_by=auto: the checkpoint's read predictor
+    assert result["screen_by"] == "predicted"
+    assert result["screen"] == {k: predictor[k] for k in ("min_predicted_bit_acc", "min_predicted_psnr")}
+    assert (result["predicted_bit_acc"] >= predictor["min_predicted_bit_acc"]
+            and result["predicted_psnr"] >= predictor["min_predicted_psnr"])
     assert result["code_draws"] >= 1 and "code screened" in done.stdout
     assert sorted(p.name for p in (tmp_path / "copies" / "alice").iterdir()) == [
         "config.json", "diffusion_pytorch_model.safetensors"]

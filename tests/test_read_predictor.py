@@ -140,3 +140,64 @@ def test_task_issue_refuses_a_predicted_screen_the_checkpoint_cannot_give_and_wr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and len(errors) == 1 and "--predictor" in errors[0], done.stderr
     assert not (tmp_path / "registry").exists() and not (tmp_path / "copies").exists()
+
+
+def _issued(tmp_path, user_id: str) -> dict:
+    for path in tmp_path.glob("outputs/runs/*/issue.json"):
+        result = json.loads(path.read_text())
+        if result["user_id"] == user_id:
+            return result
+    raise AssertionError(f"no issue.json for {user_id}")
+
+
+def test_task_issue_screens_by_the_recorded_predictor_by_default_and_on_the_probe_when_told(tmp_path):
+    """screen_by=auto (the default): the predictor of a checkpoint that records one; the probe when
+    asked for or when a probe floor is set; no screen on a checkpoint that records neither."""
+    env = {**os.environ, "FINGERPRINT_LM_SECRET": "test-secret"}
+    floors = load_fingerprint_model(shipped_checkpoint("embedded_pnm")).meta["issue_screen"]
+    for user_id, overrides, screen_by in (("alice", [], "predicted"), ("bob", ["distributor.screen_by=probe"], "probe"),
+                                          ("carol", ["distributor.min_probe_psnr=29.95"], "probe")):
+        done = run_console(["task=issue", f"user_id={user_id}", *overrides], cwd=tmp_path, env=env)
+        assert done.returncode == 0, done.stderr
+        result = _issued(tmp_path, user_id)
+        assert result["screen_by"] == screen_by
+    assert _issued(tmp_path, "alice")["predicted_bit_acc"] >= floors["predictor"]["min_predicted_bit_acc"]
+    assert _issued(tmp_path, "bob")["probe_bit_acc"] >= floors["min_probe_bit_acc"]
+    assert _issued(tmp_path, "carol")["screen"] == {"min_probe_bit_acc": floors["min_probe_bit_acc"],
+                                                     "min_probe_psnr": 29.95}
+    carrier = tmp_path / "carrier"
+    carrier.mkdir()
+    done = run_console(["task=issue", "user_id=dave", "method=carrier"], cwd=carrier, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "screen_by" not in _issued(carrier, "dave") and "code_draws" not in _issued(carrier, "dave")
+
+
+def test_training_fits_the_read_predictor_after_the_floors(tmp_path):
+    """What the training task does after fitting a checkpoint's floors (eval.issue_predictor_codes):
+    the predictor's weights on the model and its record under the floors, which task=issue then screens with."""
+    from fingerprint_lm.distributor.issue_screens import choose_screen
+    from fingerprint_lm.distributor.read_predictor import check_predictor_codes, with_read_predictor
+
+    model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
+    floors = {k: v for k, v in model.meta["issue_screen"].items() if k != "predictor"}
+    model.issue_predictor, model.meta = {}, {**model.meta, "issue_screen": floors}
+    assert choose_screen(model) == "probe"  # no predictor recorded: auto falls back to the probe
+    fitted = with_read_predictor(model, floors, 40)
+    assert {k: fitted[k] for k in floors} == floors and fitted["predictor"]["fit_codes"] == 40
+    model.meta["issue_screen"] = fitted
+    predictor, record = recorded_predictor(model)
+    assert record == fitted["predictor"] and predictor.weight.shape == (48 + 48 * 47 // 2, 2)
+    assert choose_screen(model) == "predicted"
+    assert check_predictor_codes("n", 0) == 0 and check_predictor_codes("n", 10) == 10
+    for bad in (-1, 3):
+        with pytest.raises(ConfigError, match="n"):
+            check_predictor_codes("n", bad)
+    with pytest.raises(ConfigError, match="fit them first"):
+        with_read_predictor(model, {"min_probe_psnr": 29.9}, 40)
+
+
+def test_training_refuses_a_bad_predictor_fit_size_before_it_trains(tmp_path):
+    done = run_console(["eval.issue_predictor_codes=3", "logger=none"], cwd=tmp_path)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1 and "eval.issue_predictor_codes" in errors[0], done.stderr
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("fingerprint.json"))

@@ -130,7 +130,8 @@ def _check_issue(workdir: Path, command: str, new: set[Path]) -> None:
         "config.json", "diffusion_pytorch_model.safetensors"]
     assert (workdir / "registry" / "registry.sqlite").is_file()
     issued = _task_json(workdir, "issue", new)
-    assert issued["user_id"] == "alice" and issued["code_draws"] >= 1 and issued["probe_psnr"] >= 29.9
+    assert issued["user_id"] == "alice" and issued["code_draws"] >= 1 and issued["screen_by"] == "predicted"
+    assert issued["predicted_psnr"] >= 29.9 and issued["predicted_bit_acc"] >= issued["screen"]["min_predicted_bit_acc"]
 
 
 def _check_users(workdir: Path, command: str, new: set[Path]) -> None:

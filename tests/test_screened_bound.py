@@ -127,7 +127,9 @@ def test_the_sweep_screens_the_colluders_codes_and_tests_at_fpr_times_the_pass_r
     tests a screened registry; innocents and unscreened draws stay the uniform codes."""
     from types import SimpleNamespace
 
-    from fingerprint_lm.distributor.screening import ProbeReader, screened_codes
+    from fingerprint_lm.distributor.issue_screens import screened_codes
+    from fingerprint_lm.distributor.read_predictor import predicted_keeps_reads, recorded_predictor
+    from fingerprint_lm.distributor.screening import ProbeReader
     from fingerprint_lm.evaluation import collusion
     from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 
@@ -140,11 +142,17 @@ def test_the_sweep_screens_the_colluders_codes_and_tests_at_fpr_times_the_pass_r
     assert plain.screen_pass_rate is None and screened.screen_pass_rate == floors["pass_rate"]
     np.testing.assert_array_equal(screened.codes[2:], plain.codes[2:])
     assert not np.array_equal(screened.codes[:2], plain.codes[:2])
+    predictor, record = recorded_predictor(model)  # screen_by=auto: the checkpoint records a predictor
+    assert predicted_keeps_reads(predictor(screened.codes[:2]), record).all()
+    probed = collusion.draw_users(model, point, collusion.PointSettings(n_images=4, n_innocents=6,
+                                                                       screen_by="probe"), 3)
+    assert probed.screen_pass_rate == floors["pass_rate"]  # the two screens may keep the same codes
     read = ProbeReader(model, floors["probe_images"])
-    for code in screened.codes[:2]:
+    for code in probed.codes[:2]:
         accuracy, quality = read(code)
         assert accuracy >= floors["min_probe_bit_acc"] and quality >= floors["min_probe_psnr"]
-    assert screened_codes(SimpleNamespace(meta={}), 2, 3) is None  # a checkpoint without floors: uniform codes
+    no_screen = SimpleNamespace(meta={}, issue_predictor={})
+    assert screened_codes(no_screen, 2, 3) is None  # a checkpoint without floors: uniform codes
 
     tested = []
     for name in ("attribute_logits", "trace_logits"):
@@ -171,14 +179,17 @@ def test_the_sweep_refuses_floors_no_code_clears_and_floors_without_a_pass_rate(
     """One ConfigError that names the sweep's way out, instead of the distributor's settings."""
     import copy
 
-    from fingerprint_lm.distributor.screening import screened_codes
+    from fingerprint_lm.distributor.issue_screens import screened_codes
     from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 
     model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
     model.meta = copy.deepcopy(model.meta)
     model.meta["issue_screen"]["min_probe_bit_acc"] = 1.0
-    with pytest.raises(ConfigError, match="no code among 2 draws.*sweep.screen_codes=false"):
-        screened_codes(model, 1, 3, max_draws=2)
+    with pytest.raises(ConfigError, match="no code among 2 draws clears the probe screen.*sweep.screen_codes=false"):
+        screened_codes(model, 1, 3, "probe", max_draws=2)
+    model.meta["issue_screen"]["predictor"]["min_predicted_psnr"] = 1000.0
+    with pytest.raises(ConfigError, match="no code among 2 draws clears the predicted screen.*sweep.screen_codes"):
+        screened_codes(model, 1, 3, max_draws=2)  # auto: the recorded predictor
     del model.meta["issue_screen"]["pass_rate"]
     with pytest.raises(ConfigError, match="records floors but no pass_rate"):
-        screened_codes(model, 1, 3)
+        screened_codes(model, 1, 3, "probe")

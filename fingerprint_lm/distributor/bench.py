@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from fingerprint_lm.distributor.copies import issue_copy, personal_tensors, write_copy
+from fingerprint_lm.distributor.issue_screens import UniformCodes
 from fingerprint_lm.distributor.read_predictor import PredictedScreen, recorded_predictor
-from fingerprint_lm.distributor.screening import CodeScreen, ProbeReader, UniformCodes
+from fingerprint_lm.distributor.screening import CodeScreen, ProbeReader
 from fingerprint_lm.errors import CheckpointError
 from fingerprint_lm.models.act import derive_act_seed
 from fingerprint_lm.models.checkpoint import (

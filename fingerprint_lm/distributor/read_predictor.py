@@ -121,6 +121,23 @@ def fit_read_predictor(reader: ProbeReader, floors: dict[str, Any], codes: int =
     return predictor, record
 
 
+def with_read_predictor(model, floors: dict[str, Any], codes: int, seed: int = 9) -> dict[str, Any]:
+    """``floors`` (a checkpoint's ``issue_screen`` record) with a read predictor fitted to them on
+    ``codes`` random codes' probe reads (:func:`fit_read_predictor`) as its ``predictor`` entry; the
+    predictor's weights are set on ``model`` (``issue_predictor``, saved in ``fingerprint.safetensors``)."""
+    if floors.get("min_probe_bit_acc") is None:
+        raise ConfigError("a read predictor follows the probe screen's floors, and none are recorded: fit them first")
+    reader = ProbeReader(model, int(floors.get("probe_images", 64)))
+    predictor, record = fit_read_predictor(reader, floors, codes, seed)
+    model.issue_predictor = predictor.state_dict()
+    return {**floors, "predictor": record}
+
+
+def check_predictor_codes(name: str, codes: int) -> int:
+    """0 (no predictor) or enough codes for the cross-validation's folds."""
+    return 0 if check_int(name, codes, 0) == 0 else check_int(name, codes, 2 * FOLDS)
+
+
 def bit_threshold(predicted: np.ndarray, rate: float, min_psnr: float | None) -> float:
     """The predicted bit accuracy that keeps ``rate`` of the codes whose ``predicted`` reads
     (``[n, 2]``: bit accuracy, PSNR) clear ``min_psnr``; ``inf`` when none clears it."""
@@ -164,7 +181,8 @@ def recorded_predictor(model) -> tuple[ReadPredictor, dict[str, Any]]:
     """The read predictor a checkpoint records (its weights and ``issue_screen.predictor``)."""
     record = (model.meta.get("issue_screen") or {}).get("predictor")
     if record is None or not model.issue_predictor:
-        raise ConfigError("distributor.screen_by=predicted: the checkpoint records no read predictor (fit one with "
+        raise ConfigError("distributor.screen_by=predicted: the checkpoint records no read predictor (training fits "
+                          "one when eval.issue_predictor_codes > 0; for a trained checkpoint: "
                           "python experiments/fit_issue_screen.py <checkpoint> --predictor)")
     bits = model.fingerprint_bits
     features = bits + bits * (bits - 1) // 2

@@ -22,14 +22,12 @@ of clean held-out images (three registries) at 30.2 dB mean under the corrected 
 The floors are fitted once per checkpoint (:func:`fit_floors`: the bit floor keeps the best
 ``keep`` of random codes' probe reads, the PSNR floor is the method's quality target), recorded
 in its ``fingerprint.json`` as ``issue_screen``, and used by ``task=issue`` unless the
-distributor's settings say otherwise (:func:`screen_floors`).
+distributor's settings say otherwise (:func:`screen_floors`) or the checkpoint's read predictor
+screens in its place (``distributor/issue_screens.py``: which screen ``task=issue`` and the sweep use).
 """
 
 from __future__ import annotations
 
-import hashlib
-import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,13 +35,12 @@ import torch
 
 from fingerprint_lm.distributor.copies import decoder_from_tensors
 from fingerprint_lm.distributor.generation import decode_with, held_out_images
-from fingerprint_lm.errors import ConfigError, RegistryError, check_float, check_int
+from fingerprint_lm.errors import RegistryError, check_float, check_int
 from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import FingerprintModel
 from fingerprint_lm.pixels import from_uint8, to_uint8
-from fingerprint_lm.storage import config_hash
 
 PROBE_SEED = 101  # the probe's procedural images: the seed experiments/code_screening.py measured with
 FIT_SEED = 7  # the candidate codes fit_floors reads: code_screening.py's first seed (floor 0.922 there too)
@@ -191,68 +188,3 @@ class CodeScreen:
         raise RegistryError(f"no code among {self.max_draws} draws {floors} on the probe images: lower "
                             "distributor.min_probe_bit_acc or distributor.min_probe_psnr, or set "
                             "distributor.screen_codes=false")
-
-
-class UniformCodes:
-    """Uniform ``bits``-bit codes for :class:`CodeScreen`, where no registry draws them (the
-    collusion sweep's users: no distance check against other codes)."""
-
-    def __init__(self, bits: int) -> None:
-        self.bits = check_int("bits", bits)
-
-    def new_code(self, rng: np.random.Generator) -> np.ndarray:
-        return rng.integers(0, 2, self.bits, dtype=np.uint8)
-
-
-@dataclass(frozen=True)
-class ScreenedCode:
-    """One user's screened code, the draws it took and the wall time of the screen."""
-
-    code: np.ndarray
-    draws: int
-    seconds: float
-
-
-# The collusion sweep asks for the same users at every point of a process: (model, seed, user).
-_SCREENED: dict[tuple[str, int, int], ScreenedCode] = {}
-
-
-def _model_key(model: FingerprintModel) -> str:
-    """The checkpoint's record and every weight a probe read depends on (its decoders, mapping
-    network and reader): two models share screened codes only if they would screen alike."""
-    digest = hashlib.sha256(config_hash(model.meta).encode())
-    for module in (model.vae, model.unmarked_vae, model.pnm, model.extractor):
-        for name, tensor in module.state_dict().items():
-            digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def screened_codes(model: FingerprintModel, users: int, seed: int,
-                   max_draws: int = 200) -> tuple[list[ScreenedCode], float] | None:
-    """Codes for ``users`` users of ``model`` drawn and screened as ``task=issue`` screens them (its
-    recorded floors; uniform draws, no distance check; user ``i`` draws from ``default_rng([seed, 2,
-    i])``, at most ``max_draws`` times), with the checkpoint's pass rate that attribution divides
-    p-values by; None when the checkpoint records no floor (no screen). Memoised per process, with
-    the wall time each screen took when it ran."""
-    recorded = model.meta.get("issue_screen")
-    min_bit_acc, min_psnr = screen_floors(recorded, True, None, None)
-    if min_bit_acc is None and min_psnr is None:
-        return None
-    if recorded.get("pass_rate") is None:
-        raise ConfigError("the checkpoint's issue_screen records floors but no pass_rate: refit it with "
-                          "experiments/fit_issue_screen.py <checkpoint> --refit")
-    key, screen, codes = _model_key(model), None, []
-    for user in range(check_int("users", users)):
-        if (key, int(seed), user) not in _SCREENED:
-            screen = screen or CodeScreen(model, UniformCodes(model.fingerprint_bits), min_bit_acc,
-                                          int(recorded.get("probe_images", 64)), max_draws, min_psnr)
-            start = time.perf_counter()
-            try:
-                code = screen(np.random.default_rng([int(seed), 2, user]))
-            except RegistryError as error:
-                raise ConfigError(f"no code among {max_draws} draws clears the floors the checkpoint records "
-                                  f"(bit accuracy {min_bit_acc}, {min_psnr} dB on the probe): "
-                                  "sweep.screen_codes=false evaluates codes as drawn") from error
-            _SCREENED[key, int(seed), user] = ScreenedCode(code, screen.draws, time.perf_counter() - start)
-        codes.append(_SCREENED[key, int(seed), user])
-    return codes, float(recorded["pass_rate"])

@@ -43,10 +43,11 @@ from fingerprint_lm.attacks.cases import BUILTIN_ATTACKS, attack_kind, check_poi
 from fingerprint_lm.attacks.collusion import IMAGE_MERGES, MERGES, merge_copies
 from fingerprint_lm.attacks.image import IMAGE_ATTACKS
 from fingerprint_lm.attacks.plugins import check_image_merge_output, checked_state_output
+from fingerprint_lm.config_schema import SCREENS
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.distributor.attribution import attribute_logits, code_null, trace_logits, whitened_weights
 from fingerprint_lm.distributor.copies import decoder_from_tensors
-from fingerprint_lm.distributor.screening import screened_codes
+from fingerprint_lm.distributor.issue_screens import screened_codes
 from fingerprint_lm.errors import ConfigError, check_choice, check_int, check_probability
 from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.metrics.fid import frechet_distance_proxy
@@ -95,7 +96,8 @@ class PointSettings:
     scale_range: tuple[float, float] = (0.25, 4.0)
     act_scope: str = "stream"
     finetune_lr: float = 1e-4
-    screen_codes: bool = True  # colluders' codes screened by the checkpoint's issue_screen floors, if any
+    screen_codes: bool = True  # colluders' codes screened as task=issue screens them, if the checkpoint has a screen
+    screen_by: str = "auto"  # which screen (distributor/issue_screens.py: choose_screen)
     device: str | torch.device = "cpu"  # where decoders and the extractor run; metrics on the CPU
 
     def __post_init__(self) -> None:
@@ -104,6 +106,7 @@ class PointSettings:
         check_probability("fpr", self.fpr)
         check_probability("tracing_fpr", self.tracing_fpr)
         check_choice("decoding", self.decoding, DECODINGS)
+        check_choice("screen_by", self.screen_by, SCREENS)
 
 
 @dataclass
@@ -185,7 +188,8 @@ def draw_users(model: FingerprintModel, point: Point, settings: PointSettings, s
     k = model.fingerprint_bits
     rng = np.random.default_rng([int(seed), 0])
     codes = rng.integers(0, 2, size=(point.colluders + settings.n_innocents, k), dtype=np.uint8)
-    screened, rate = (screened_codes(model, point.colluders, seed) if settings.screen_codes else None) or ([], None)
+    screened, rate = (screened_codes(model, point.colluders, seed, settings.screen_by) if settings.screen_codes
+                       else None) or ([], None)
     if screened:
         codes[: point.colluders] = [user.code for user in screened]
     user_ids = [f"colluder{i}" for i in range(point.colluders)] + [f"innocent{i}" for i in range(settings.n_innocents)]

@@ -26,8 +26,8 @@ from fingerprint_lm.distributor.copies import (
     verify_copy,
 )
 from fingerprint_lm.distributor.generation import decode_with, held_out_images, save_pngs
-from fingerprint_lm.distributor.read_predictor import PredictedScreen, recorded_predictor
-from fingerprint_lm.distributor.screening import CodeScreen, bound_pass_rate, screen_floors
+from fingerprint_lm.distributor.issue_screens import choose_screen, make_screen, screen_report
+from fingerprint_lm.distributor.screening import bound_pass_rate
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.models.checkpoint import (
     checkpoint_code_length,
@@ -68,19 +68,12 @@ def task_issue(cfg: DictConfig, context: TaskContext) -> dict:
     # The secret first: a missing secret must fail before anything is loaded or written.
     secret = read_secret(settings.secret_env, settings.secret_file) if act_type != "none" else None
     model = load_fingerprint_model(checkpoint_dir(cfg))
-    predicted = settings.screen_codes and settings.screen_by == "predicted"
-    if predicted and (settings.min_probe_bit_acc is not None or settings.min_probe_psnr is not None):
-        raise ConfigError("distributor.min_probe_bit_acc / min_probe_psnr set the probe screen's floors; "
-                          "distributor.screen_by=predicted keeps the predictor's thresholds")
-    predictor = recorded_predictor(model) if predicted else None  # none recorded: refused before the registry
+    overridden = settings.min_probe_bit_acc is not None or settings.min_probe_psnr is not None
+    # which screen, refused (no predictor, or one beside probe floors) before the registry is opened
+    kind = choose_screen(model, settings.screen_by, settings.screen_codes, overridden)
     with open_registry(settings.registry, model.fingerprint_bits, settings.min_distance, create=True,
                        method=model.method) as reg:
-        floors = screen_floors(model.meta.get("issue_screen"), settings.screen_codes, settings.min_probe_bit_acc,
-                               settings.min_probe_psnr)
-        if predictor is not None:
-            screen = PredictedScreen(*predictor, reg)
-        else:
-            screen = CodeScreen(model, reg, floors[0], min_psnr=floors[1]) if floors != (None, None) else None
+        screen = make_screen(kind, model, reg, settings.min_probe_bit_acc, settings.min_probe_psnr)
         result = issue_copy(
             model,
             reg,
@@ -93,14 +86,8 @@ def task_issue(cfg: DictConfig, context: TaskContext) -> dict:
             rng=code_rng(settings.code_seed, user_id),
             draw_code=screen,
         )
-        if predicted:
-            result.update({"predicted_bit_acc": screen.predicted_bit_acc, "predicted_psnr": screen.predicted_psnr,
-                           "code_draws": screen.draws, "screen": {
-                               key: screen.record[key] for key in ("min_predicted_bit_acc", "min_predicted_psnr")}})
-        elif screen is not None:
-            result.update({"probe_bit_acc": screen.probe_bit_acc, "probe_psnr": screen.probe_psnr,
-                           "code_draws": screen.draws, "screen": {"min_probe_bit_acc": floors[0],
-                                                                  "min_probe_psnr": floors[1]}})
+        if screen is not None:
+            result.update(screen_report(screen))
         result["n_users"] = len(reg)
     result["registry"] = str(settings.registry)
     return result

@@ -187,6 +187,7 @@ def point_settings(cfg: DictConfig) -> PointSettings:
         act_scope=act.scope,
         finetune_lr=settings.finetune_lr,
         screen_codes=settings.screen_codes,
+        screen_by=settings.screen_by,
         device=resolve_device(settings.device, "sweep.device"),
     )
 

@@ -15,6 +15,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fingerprint_lm.distributor.read_predictor import check_predictor_codes, with_read_predictor
 from fingerprint_lm.distributor.screening import fit_floors
 from fingerprint_lm.errors import CheckpointError, ConfigError, check_int
 from fingerprint_lm.lit import stages
@@ -142,6 +143,12 @@ def _check(cfg: DictConfig) -> None:
     method_from_config(cfg)
     model_spec(cfg)
     init_checkpoint(cfg)
+    _predictor_codes(cfg)
+
+
+def _predictor_codes(cfg: DictConfig) -> int:
+    """How many codes' probe reads the read predictor is fitted on after training (0: none)."""
+    return check_predictor_codes("eval.issue_predictor_codes", cfg.eval.get("issue_predictor_codes", 0))
 
 
 def train(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
@@ -175,7 +182,10 @@ def train(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
     record_training_config(model, cfg, metrics)
     screen = method_from_config(cfg).issue_screen
     if screen is not None:  # the floors task=issue screens this checkpoint's codes with (distributor/screening.py)
-        model.meta["issue_screen"] = metrics["issue_screen"] = fit_floors(model, **screen)
+        floors = fit_floors(model, **screen)
+        if _predictor_codes(cfg):  # and the read predictor its default screen uses (distributor/issue_screens.py)
+            floors = with_read_predictor(model, floors, _predictor_codes(cfg))
+        model.meta["issue_screen"] = metrics["issue_screen"] = floors
     metrics["checkpoint"] = str(save_fingerprint_model(model, output_dir / "fingerprint_model"))
     if cfg.export_checkpoint:
         save_fingerprint_model(model, cfg.paths.export_dir)
