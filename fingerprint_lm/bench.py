@@ -253,7 +253,7 @@ SECTIONS: dict[str, tuple[Callable[..., dict], str]] = {
     "training": (bench_training, "training step, batch 32, 32 px, 48 bits: plain and worst-case (K=1) variants"),
     "inference": (bench_inference, "throughput, batch 64, 32 px"),
     "issue": (bench_issue_methods, "issuing one copy per method (code -> copy tensors, ACT all; pnm also with its "
-              "code screened, as task=issue issues it, and screened by its read predictor)"),
+              "code screened on the probe, and by its read predictor, as task=issue screens it by default)"),
     "distributor": (bench_distributor, "issuing one copy of the default method's shipped checkpoint (pnm), step by "
                     "step"),
     "registry": (bench_registry, "identification among 10^6 registered 48-bit codes; registration"),

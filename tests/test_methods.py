@@ -194,13 +194,14 @@ def test_short_pnm_training_reads_above_chance_through_a_stock_loaded_copy(tmp_p
     reads clearly above chance (256 images x 16 bits: chance is 0.5 +- 0.008). Measured on
     2026-12-06 for three codes: 0.90-0.94 after 400 steps (this code: 0.90), 0.75-0.94 after 300."""
     from fingerprint_lm.distributor.generation import decode_with, held_out_images
+    from fingerprint_lm.distributor.issue_screens import choose_screen
     from fingerprint_lm.models.checkpoint import load_fingerprint_model
     from fingerprint_lm.tasks import run
 
     metrics = run(compose_config(tmp_path, ["method=pnm", "fingerprint_bits=16", "method.steps=400",
                                             "method.train.psnr_target=20",
                                             "method.issue_screen={keep: 0.5, min_psnr: 15, candidates: 8, "
-                                            "rate_candidates: 16}"]))
+                                            "rate_candidates: 16}", "eval.issue_predictor_codes=40"]))
     model = load_fingerprint_model(metrics["checkpoint"])
     assert model.method == "pnm"
     # ... and by fitting the floors task=issue screens codes with (debug=tiny leaves them out; set here)
@@ -208,6 +209,9 @@ def test_short_pnm_training_reads_above_chance_through_a_stock_loaded_copy(tmp_p
     assert screen == metrics["issue_screen"] and screen["candidates"] == 8 and screen["min_probe_psnr"] == 15
     assert 0.6 < screen["min_probe_bit_acc"] < 1 and screen["pass_rate_codes"] == 16
     assert screen["pass_rate"] > 0  # measured on 16 other codes: some of them clear a floor at the fit codes' median
+    # ... and the read predictor after the floors (eval.issue_predictor_codes), which task=issue then screens with
+    assert screen["predictor"]["fit_codes"] == 40 and screen["predictor"]["min_predicted_psnr"] == 15
+    assert set(model.issue_predictor) == {"weight", "offset"} and choose_screen(model) == "predicted"
     # training ends by calibrating the reader per bit (method.bit_calibration_images), and the checkpoint records it
     assert not torch.all(model.extractor.bit_scale == 1)
     assert model.meta["bit_calibration"]["bit_slope_max"] == metrics["bit_slope_max"]

@@ -3,7 +3,8 @@
 Run ``python -m fingerprint_lm.distributor.bench``. Target: < 50 ms to compute one copy (the user's
 PNM coefficients, ACT, bias map; the base weights already in memory). Writing the files, hashing
 them and registering the user are reported separately, and so is a whole issue with the code
-screened as ``task=issue`` screens it by default (``distributor/screening.py``). The default
+screened as ``task=issue`` screens it by default (``distributor/issue_screens.py``: the checkpoint's read
+predictor where it records one, else the probe; :func:`screened_pnm_issue` times each screen). The default
 method's shipped checkpoint (``embedded_pnm``) is used when it exists; otherwise a tiny-default VAE
 with a 48-bit PNM of random (untrained) heads and no screening.
 """
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from fingerprint_lm.distributor.copies import issue_copy, personal_tensors, write_copy
-from fingerprint_lm.distributor.issue_screens import UniformCodes
+from fingerprint_lm.distributor.issue_screens import UniformCodes, choose_screen, make_screen
 from fingerprint_lm.distributor.read_predictor import PredictedScreen, recorded_predictor
 from fingerprint_lm.distributor.screening import CodeScreen, ProbeReader
 from fingerprint_lm.errors import CheckpointError
@@ -53,8 +54,10 @@ def bench_distributor(repeats: int = 20, act_type: str = "all") -> dict:
     Keys: ``issue_compute_ms`` (code -> copy tensors: mapping network, affine coefficients, ACT,
     bias map), ``issue_write_ms`` (safetensors files + hash, atomic), ``issue_total_ms`` (one
     :func:`issue_copy`: code drawn, computed, written, registered into a fresh registry),
-    ``issue_screened_total_ms`` (mean) and ``screen_draws_mean`` (the same with the code screened on
-    the checkpoint's recorded floors, the probe reader built once), ``copy_mib`` and ``model``.
+    ``issue_<screen>_screened_total_ms`` (mean) and ``<screen>_screen_draws_mean`` (the same with the
+    code screened as ``task=issue`` screens it by default, ``distributor/issue_screens.py``: by the
+    checkpoint's read predictor where it records one, else on the probe, the reader built once),
+    ``copy_mib`` and ``model``.
     """
     model, source = _default_model()
     k = model.fingerprint_bits
@@ -92,20 +95,21 @@ def bench_distributor(repeats: int = 20, act_type: str = "all") -> dict:
                 issue_copy(model, registry, f"user{i}", Path(tmp) / "copies", secret, act_type, rng=rng)
                 times.append(time.perf_counter() - start)
             out["issue_total_ms"] = 1e3 * statistics.median(times)
-            if model.meta.get("issue_screen"):
-                out.update(_screened_issues(model, registry, Path(tmp) / "copies", secret, act_type, rng, repeats))
+            kind = choose_screen(model)  # task=issue's default screen (screen_by=auto)
+            if kind is not None:
+                out.update(_screened_issues(make_screen(kind, model, registry), kind, model, registry,
+                                            Path(tmp) / "copies", secret, act_type, rng, repeats))
     return out
 
 
 def _recorded_screen(model: FingerprintModel, registry: Registry) -> CodeScreen:
-    """The screen ``task=issue`` draws ``model``'s codes with by default: its recorded floors."""
+    """The probe screen of ``model``'s recorded floors (``distributor.screen_by=probe``)."""
     floors = model.meta["issue_screen"]
     return CodeScreen(model, registry, floors["min_probe_bit_acc"], min_psnr=floors["min_probe_psnr"])
 
 
-def _screened_issues(model, registry, copies: Path, secret: bytes, act_type: str,
+def _screened_issues(screen, kind: str, model, registry, copies: Path, secret: bytes, act_type: str,
                      rng: np.random.Generator, repeats: int) -> dict:
-    screen = _recorded_screen(model, registry)
     times, draws = [], []
     for i in range(repeats):
         start = time.perf_counter()
@@ -113,7 +117,8 @@ def _screened_issues(model, registry, copies: Path, secret: bytes, act_type: str
         times.append(time.perf_counter() - start)
         draws.append(screen.draws)
     # a mean, not a median: the draws per copy vary, and a distributor pays their sum
-    return {"issue_screened_total_ms": 1e3 * statistics.fmean(times), "screen_draws_mean": float(np.mean(draws))}
+    return {f"issue_{kind}_screened_total_ms": 1e3 * statistics.fmean(times),
+            f"{kind}_screen_draws_mean": float(np.mean(draws))}
 
 
 def screened_pnm_issue(repeats: int, screen_by: str = "probe") -> dict[str, float]:

@@ -7,8 +7,8 @@ code and decodes nothing. ``screen_by=auto``, the default, takes the predicted s
 checkpoint records a read predictor and no probe floor is overridden, and the probe screen
 otherwise (a checkpoint trained with ``method.issue_screen.predictor_codes: 0``, as
 ``+experiment=smoke`` trains). Why the predictor wins where there is one: its copies attribute as
-the probe screen's do, within noise (0.9920 against 0.9907 over three registries of 32 copies,
-``experiments/results/default_condition.md``), and at SD's decoder size a probe-screened copy
+the probe screen's do, within noise (0.9909 against 0.9899 on average over five registries of 32
+copies, ``experiments/results/default_condition.md``), and at SD's decoder size a probe-screened copy
 costs about 750 s of CPU against 0.26 s (``BENCHMARKS.md``). What it gives up: the probe screen
 checks each copy's PSNR, the predictor predicts it (copies down to 29.6 dB pass against 29.9).
 

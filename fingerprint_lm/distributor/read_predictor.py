@@ -8,9 +8,10 @@ its code's signs: a bit reads right when its logit's sign is the bit's, and the 
 ridge regression on the signs and their pairwise products, fitted once per checkpoint on a few
 thousand codes' probe reads, predicts them well (the shipped checkpoint's fit: cross-validated
 R^2 0.78 for bit accuracy, 0.74 for PSNR), and a screen on its predictions attributes as the probe
-screen does within noise (``experiments/results/default_condition.md``: 0.9904-0.9930 against
-0.9894-0.9913; ``predicted_screen_policy.md``: 0.9864 against 0.9872 over 2000 codes). At issue
-time it costs a matrix product per draw.
+screen does within noise (``experiments/results/default_condition.md``: 0.9909 against 0.9899 on
+average over five registries; ``predicted_screen_policy.md``: 0.9864 against 0.9872 over 2000
+codes). At issue time it costs a matrix product per draw; ``screen_by=auto``, the default, takes it
+wherever a checkpoint records one (``distributor/issue_screens.py``).
 
 A predicted screen keeps a code when its predicted PSNR clears the probe's PSNR floor and its
 predicted bit accuracy clears the threshold that passes as many of the fit's codes as the probe
