@@ -6,10 +6,11 @@ from a copy's tensors; this one goes the whole way a distributor and a user go:
 
 - a registry file with ``--registry`` users (innocents first, registered without copies);
 - ``--users`` copies issued with ``distributor.copies.issue_copy`` (ACT all, a secret), written
-  to disk, with codes screened as ``task=issue`` screens them (``distributor/screening.py``): the
-  floors the checkpoint records, each overridable (``--min-probe-bit-acc``, ``--min-probe-psnr``),
-  or the checkpoint's read predictor (``--screen predicted``: ``distributor.screen_by=predicted``,
-  ``distributor/read_predictor.py``), or none (``--screen none``);
+  to disk, with codes screened on the probe (``distributor/screening.py``): the floors the
+  checkpoint records, each overridable (``--min-probe-bit-acc``, ``--min-probe-psnr``; as
+  ``distributor.screen_by=probe``), or by the checkpoint's read predictor (``--screen predicted``,
+  ``distributor/read_predictor.py``: as ``task=issue`` screens by default since 2026-12-06 late
+  evening), or none (``--screen none``);
 - each copy loaded with a plain ``diffusers.AutoencoderKL.from_pretrained(copy_dir)``, decoding
   ``--images`` held-out images (the seed the other probes read, not the screening probe's), saved
   as 8-bit pixels;
@@ -20,8 +21,8 @@ from a copy's tensors; this one goes the whole way a distributor and a user go:
   the base decoder's;
 - the base decoder's (unmarked) outputs attributed too: how many are accused.
 
-    python experiments/default_condition.py --users 32                  # as task=issue issues
-    python experiments/default_condition.py --users 32 --screen predicted
+    python experiments/default_condition.py --users 32 --screen predicted  # as task=issue issues
+    python experiments/default_condition.py --users 32                     # distributor.screen_by=probe
     python experiments/default_condition.py --users 32 --screen none
 
 Prints a table per user and the totals; the row is appended to ``results/default_condition.jsonl``.
@@ -125,8 +126,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--fpr", type=float, default=1e-6)
     parser.add_argument("--screen", choices=("checkpoint", "predicted", "none"), default="checkpoint",
-                        help="checkpoint: the floors it records, as task=issue uses them; predicted: its read "
-                             "predictor (distributor.screen_by=predicted); none: unscreened codes")
+                        help="checkpoint: the probe floors it records (distributor.screen_by=probe); predicted: its "
+                             "read predictor, as task=issue screens by default; none: unscreened codes")
     parser.add_argument("--min-probe-bit-acc", type=float, default=None, help="overrides the recorded bit floor")
     parser.add_argument("--min-probe-psnr", type=float, default=None, help="overrides the recorded PSNR floor")
     parser.add_argument("--seed", type=int, default=11)

@@ -91,7 +91,7 @@ def test_fitted_floors_keep_the_asked_share_of_random_codes(pnm_model):
     assert screen_floors(None, True, None, None) == (None, None)
 
 
-def test_task_issue_screens_codes_with_the_checkpoints_floors_and_reports_it(tmp_path, pnm_model):
+def test_task_issue_screens_codes_with_the_checkpoints_read_predictor_and_reports_it(tmp_path, pnm_model):
     """The distributor's command as the README shows it (pnm, the default), then with screening off."""
     import json
     import os

@@ -190,8 +190,8 @@ def test_training_fits_the_read_predictor_after_the_floors(tmp_path):
     assert choose_screen(model) == "predicted"
     assert check_predictor_codes("n", 0) == 0 and check_predictor_codes("n", 10) == 10
     for bad in (-1, 3):
-        with pytest.raises(ConfigError, match="n"):
-            check_predictor_codes("n", bad)
+        with pytest.raises(ConfigError, match="predictor codes"):
+            check_predictor_codes("predictor codes", bad)
     with pytest.raises(ConfigError, match="fit them first"):
         with_read_predictor(model, {"min_probe_psnr": 29.9}, 40)
 
@@ -201,3 +201,16 @@ def test_training_refuses_a_bad_predictor_fit_size_before_it_trains(tmp_path):
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and len(errors) == 1 and "eval.issue_predictor_codes" in errors[0], done.stderr
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("fingerprint.json"))
+
+
+def test_a_training_run_whose_predictor_fit_fails_keeps_its_floors_and_saves(caplog):
+    """A fit that finds nothing to predict (no code clears the floors) is a warning at the end of
+    training, not the loss of the trained model: the floors alone are recorded."""
+    from fingerprint_lm.tasks.train import _with_predictor
+
+    model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
+    floors = {**{k: v for k, v in model.meta["issue_screen"].items() if k != "predictor"}, "min_probe_bit_acc": 1.0}
+    model.issue_predictor, metrics = {}, {}
+    assert _with_predictor(model, floors, 10, metrics) == floors
+    assert "clears the floors" in metrics["issue_predictor_error"] and model.issue_predictor == {}
+    assert "no read predictor recorded" in caplog.text

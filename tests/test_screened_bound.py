@@ -147,12 +147,19 @@ def test_the_sweep_screens_the_colluders_codes_and_tests_at_fpr_times_the_pass_r
     probed = collusion.draw_users(model, point, collusion.PointSettings(n_images=4, n_innocents=6,
                                                                        screen_by="probe"), 3)
     assert probed.screen_pass_rate == floors["pass_rate"]  # the two screens may keep the same codes
+    from fingerprint_lm.distributor.issue_screens import _SCREENED
+
+    assert {memo[1] for memo in _SCREENED} >= {"predicted", "probe"}  # each screen drew its own codes
     read = ProbeReader(model, floors["probe_images"])
     for code in probed.codes[:2]:
         accuracy, quality = read(code)
         assert accuracy >= floors["min_probe_bit_acc"] and quality >= floors["min_probe_psnr"]
     no_screen = SimpleNamespace(meta={}, issue_predictor={})
-    assert screened_codes(no_screen, 2, 3) is None  # a checkpoint without floors: uniform codes
+    for screen_by in ("auto", "probe", "predicted"):  # a checkpoint that records no screen: uniform codes
+        assert screened_codes(no_screen, 2, 3, screen_by) is None
+    carrier = load_fingerprint_model(shipped_checkpoint("embedded"))
+    predicted_settings = collusion.PointSettings(n_images=4, n_innocents=6, screen_by="predicted")
+    assert collusion.draw_users(carrier, point, predicted_settings, 3).screen_pass_rate is None
 
     tested = []
     for name in ("attribute_logits", "trace_logits"):

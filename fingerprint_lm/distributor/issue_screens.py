@@ -5,8 +5,8 @@ Two screens keep a code. The probe screen (:mod:`~fingerprint_lm.distributor.scr
 predicted screen (:mod:`~fingerprint_lm.distributor.read_predictor`) predicts that read from the
 code and decodes nothing. ``screen_by=auto``, the default, takes the predicted screen where the
 checkpoint records a read predictor and no probe floor is overridden, and the probe screen
-otherwise (a checkpoint trained with ``method.issue_screen.predictor_codes: 0``, as
-``+experiment=smoke`` trains). Why the predictor wins where there is one: its copies attribute as
+otherwise (a checkpoint trained with ``eval.issue_predictor_codes: 0``, as ``+experiment=smoke``
+trains). Why the predictor wins where there is one: its copies attribute as
 the probe screen's do, within noise (0.9909 against 0.9899 on average over five registries of 32
 copies, ``experiments/results/default_condition.md``), and at SD's decoder size a probe-screened copy
 costs about 750 s of CPU against 0.26 s (``BENCHMARKS.md``). What it gives up: the probe screen
@@ -67,8 +67,9 @@ def make_screen(kind: str | None, model: FingerprintModel, registry, min_bit_acc
     draws = {} if max_draws is None else {"max_draws": max_draws}
     if kind == "predicted":
         return PredictedScreen(*recorded_predictor(model), registry, **draws)
-    floors = screen_floors(model.meta.get("issue_screen"), True, min_bit_acc, min_psnr)
-    return CodeScreen(model, registry, floors[0], min_psnr=floors[1], **draws)
+    recorded = model.meta.get("issue_screen") or {}
+    floors = screen_floors(recorded, True, min_bit_acc, min_psnr)
+    return CodeScreen(model, registry, floors[0], int(recorded.get("probe_images", 64)), min_psnr=floors[1], **draws)
 
 
 def screen_report(screen) -> dict[str, Any]:
@@ -103,8 +104,9 @@ class ScreenedCode:
     seconds: float
 
 
-# The collusion sweep asks for the same users at every point of a process: (model, screen, seed, user).
-_SCREENED: dict[tuple[str, str, int, int], ScreenedCode] = {}
+# The collusion sweep asks for the same users at every point of a process:
+# (model, screen, max_draws, seed, user).
+_SCREENED: dict[tuple[str, str, int | None, int, int], ScreenedCode] = {}
 
 
 def _model_key(model: FingerprintModel) -> str:
@@ -124,9 +126,12 @@ def screened_codes(model: FingerprintModel, users: int, seed: int, screen_by: st
     """Codes for ``users`` users of ``model`` drawn and screened as ``task=issue`` screens them
     (:func:`choose_screen`; uniform draws, no distance check; user ``i`` draws from
     ``default_rng([seed, 2, i])``, at most ``max_draws`` times, each screen's default if None), with
-    the pass rate attribution divides p-values by (:func:`bound_pass_rate`, as ``task=attribute``
-    takes it); None when the checkpoint has no screen. Memoised per process, with the wall time each
-    screen took when it ran."""
+    the pass rate attribution divides p-values by (:func:`bound_pass_rate` of the checkpoint's rates:
+    ``task=attribute`` also takes the registry's own count where smaller); None when the checkpoint
+    records no screen (carrier, wouaf, stable_signature, the sweep's own models), whichever
+    ``screen_by``. Memoised per process, with the wall time each screen took when it ran."""
+    if not model.meta.get("issue_screen"):
+        return None
     kind = choose_screen(model, screen_by)
     if kind is None:
         return None
@@ -136,7 +141,8 @@ def screened_codes(model: FingerprintModel, users: int, seed: int, screen_by: st
                           "experiments/fit_issue_screen.py <checkpoint> --refit")
     key, screen, codes = _model_key(model), None, []
     for user in range(check_int("users", users)):
-        if (key, kind, int(seed), user) not in _SCREENED:
+        memo = (key, kind, max_draws, int(seed), user)
+        if memo not in _SCREENED:
             screen = screen or make_screen(kind, model, UniformCodes(model.fingerprint_bits), max_draws=max_draws)
             start = time.perf_counter()
             try:
@@ -144,6 +150,6 @@ def screened_codes(model: FingerprintModel, users: int, seed: int, screen_by: st
             except RegistryError as error:
                 raise ConfigError(f"no code among {screen.max_draws} draws clears the {kind} screen the checkpoint "
                                   "records: sweep.screen_codes=false evaluates codes as drawn") from error
-            _SCREENED[key, kind, int(seed), user] = ScreenedCode(code, screen.draws, time.perf_counter() - start)
-        codes.append(_SCREENED[key, kind, int(seed), user])
+            _SCREENED[memo] = ScreenedCode(code, screen.draws, time.perf_counter() - start)
+        codes.append(_SCREENED[memo])
     return codes, float(bound_pass_rate(1.0, recorded))

@@ -182,8 +182,8 @@ def recorded_predictor(model) -> tuple[ReadPredictor, dict[str, Any]]:
     """The read predictor a checkpoint records (its weights and ``issue_screen.predictor``)."""
     record = (model.meta.get("issue_screen") or {}).get("predictor")
     if record is None or not model.issue_predictor:
-        raise ConfigError("distributor.screen_by=predicted: the checkpoint records no read predictor (training fits "
-                          "one when eval.issue_predictor_codes > 0; for a trained checkpoint: "
+        raise ConfigError("screen_by=predicted (distributor. or sweep.): the checkpoint records no read predictor "
+                          "(training fits one when eval.issue_predictor_codes > 0; for a trained checkpoint: "
                           "python experiments/fit_issue_screen.py <checkpoint> --predictor)")
     bits = model.fingerprint_bits
     features = bits + bits * (bits - 1) // 2

@@ -1,7 +1,8 @@
 """Scoring one point of the collusion grid: (ACT type x attack x colluders) on a trained model.
 
 A point issues ``colluders`` fresh users (one ACT seed each; codes drawn and screened as
-``task=issue`` screens them when the checkpoint records floors, else uniform) beside uniform innocents,
+``task=issue`` screens them when the checkpoint records a screen, by its read predictor or on the
+probe: ``distributor/issue_screens.py``; else uniform) beside uniform innocents,
 builds their copies with :func:`~fingerprint_lm.methods.base.personal_tensors`, applies the point's
 attack and decodes held-out images with the result. The attack is one of
 

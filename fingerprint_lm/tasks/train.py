@@ -148,6 +148,7 @@ def _check(cfg: DictConfig) -> None:
 
 def _predictor_codes(cfg: DictConfig) -> int:
     """How many codes' probe reads the read predictor is fitted on after training (0: none)."""
+    # 0 where a config has no such key (one composed before it existed, or built by hand in a test)
     return check_predictor_codes("eval.issue_predictor_codes", cfg.eval.get("issue_predictor_codes", 0))
 
 
@@ -184,7 +185,7 @@ def train(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
     if screen is not None:  # the floors task=issue screens this checkpoint's codes with (distributor/screening.py)
         floors = fit_floors(model, **screen)
         if _predictor_codes(cfg):  # and the read predictor its default screen uses (distributor/issue_screens.py)
-            floors = with_read_predictor(model, floors, _predictor_codes(cfg))
+            floors = _with_predictor(model, floors, _predictor_codes(cfg), metrics)
         model.meta["issue_screen"] = metrics["issue_screen"] = floors
     metrics["checkpoint"] = str(save_fingerprint_model(model, output_dir / "fingerprint_model"))
     if cfg.export_checkpoint:
@@ -193,6 +194,18 @@ def train(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
     for logger in context.loggers:
         logger.log_metrics({f"eval/{k}": v for k, v in flatten(metrics).items() if isinstance(v, float | int)})
     return metrics
+
+
+def _with_predictor(model, floors: dict[str, Any], codes: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The floors with a read predictor fitted to them; a fit that finds nothing to predict (no code
+    clears the floors) is a warning, not the end of a training run: the checkpoint is saved with the
+    floors alone, and task=issue screens it on the probe."""
+    try:
+        return with_read_predictor(model, floors, codes)
+    except ConfigError as error:
+        log.warning("no read predictor recorded: %s", error)
+        metrics["issue_predictor_error"] = str(error)
+        return floors
 
 
 def _summary(metrics: dict[str, Any], json_path: Path | None) -> None:
