@@ -44,8 +44,8 @@ from diffusers.utils import logging as diffusers_logging
 from fingerprint_lm.distributor.attribution import attribute_images
 from fingerprint_lm.distributor.copies import issue_copy
 from fingerprint_lm.distributor.generation import decode_with, held_out_images
-from fingerprint_lm.distributor.read_predictor import PredictedScreen, recorded_predictor
-from fingerprint_lm.distributor.screening import CodeScreen, bound_pass_rate, screen_floors
+from fingerprint_lm.distributor.issue_screens import choose_screen, make_screen, screen_report
+from fingerprint_lm.distributor.screening import bound_pass_rate
 from fingerprint_lm.errors import ConfigError, check_float, check_int, check_probability, exit_on_user_error
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
@@ -75,14 +75,12 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
                        method=model.method) as registry:
         for i in range(args.registry - args.users):
             registry.register_new(f"innocent{i}", rng)
-        if args.screen == "predicted":
-            screen = PredictedScreen(*recorded_predictor(model), registry)
-            floors = (screen.record["min_predicted_bit_acc"], screen.record["min_predicted_psnr"])
-        else:
-            floors = screen_floors(model.meta.get("issue_screen"), args.screen == "checkpoint",
-                                   args.min_probe_bit_acc, args.min_probe_psnr)
-            screen = (CodeScreen(model, registry, floors[0], max_draws=1000, min_psnr=floors[1])
-                      if floors != (None, None) else None)
+        # the screen task=issue builds for the same settings (distributor/issue_screens.py)
+        overridden = args.min_probe_bit_acc is not None or args.min_probe_psnr is not None
+        kind = choose_screen(model, "predicted" if args.screen == "predicted" else "probe", args.screen != "none",
+                             overridden)
+        screen = make_screen(kind, model, registry, args.min_probe_bit_acc, args.min_probe_psnr, max_draws=1000)
+        floors = tuple(screen_report(screen)["screen"].values()) if screen else (None, None)
         for u in range(args.users):
             issued = issue_copy(model, registry, f"user{u}", workdir / "copies", secret=SECRET, act_type="all",
                                 rng=rng, draw_code=screen)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from fingerprint_lm.distributor.read_predictor import with_read_predictor
+from fingerprint_lm.distributor.read_predictor import FOLDS, with_read_predictor
 from fingerprint_lm.distributor.screening import ProbeReader, estimate_pass_rate, fit_floors
 from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, rewrite_private_state
@@ -55,7 +55,7 @@ def main() -> None:
     if sum((args.refit, args.rate_only, args.predictor)) > 1:
         raise ConfigError("--refit fits new floors, --rate-only and --predictor keep the recorded ones: "
                           "give one of them")
-    check_int("--predictor-codes", args.predictor_codes, 10)
+    check_int("--predictor-codes", args.predictor_codes, 2 * FOLDS)
     model = load_fingerprint_model(args.checkpoint)
     if model.method != "pnm":
         raise ConfigError(f"{args.checkpoint} is a method={model.method} checkpoint; the floors are pnm's")

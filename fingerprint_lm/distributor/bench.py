@@ -21,8 +21,7 @@ import torch
 
 from fingerprint_lm.distributor.copies import issue_copy, personal_tensors, write_copy
 from fingerprint_lm.distributor.issue_screens import UniformCodes, choose_screen, make_screen
-from fingerprint_lm.distributor.read_predictor import PredictedScreen, recorded_predictor
-from fingerprint_lm.distributor.screening import CodeScreen, ProbeReader
+from fingerprint_lm.distributor.screening import ProbeReader
 from fingerprint_lm.errors import CheckpointError
 from fingerprint_lm.models.act import derive_act_seed
 from fingerprint_lm.models.checkpoint import (
@@ -102,12 +101,6 @@ def bench_distributor(repeats: int = 20, act_type: str = "all") -> dict:
     return out
 
 
-def _recorded_screen(model: FingerprintModel, registry: Registry) -> CodeScreen:
-    """The probe screen of ``model``'s recorded floors (``distributor.screen_by=probe``)."""
-    floors = model.meta["issue_screen"]
-    return CodeScreen(model, registry, floors["min_probe_bit_acc"], min_psnr=floors["min_probe_psnr"])
-
-
 def _screened_issues(screen, kind: str, model, registry, copies: Path, secret: bytes, act_type: str,
                      rng: np.random.Generator, repeats: int) -> dict:
     times, draws = [], []
@@ -130,8 +123,7 @@ def screened_pnm_issue(repeats: int, screen_by: str = "probe") -> dict[str, floa
     model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
     rng, draws = np.random.default_rng(1), []
     with tempfile.TemporaryDirectory() as tmp, Registry(Path(tmp) / "registry.sqlite", model.fingerprint_bits) as reg:
-        screen = (PredictedScreen(*recorded_predictor(model), reg) if screen_by == "predicted"
-                  else _recorded_screen(model, reg))
+        screen = make_screen(screen_by, model, reg)  # the screen task=issue builds for that screen_by
 
         def issue():
             code = screen(rng)
@@ -151,13 +143,13 @@ def predicted_screen_cost(repeats: int = 200) -> dict[str, float]:
     """Seconds a predicted screen takes to keep one code of the shipped checkpoint (draws included;
     the same at any decoder size: it reads only the code) and the probe reads its fit took."""
     model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
-    predictor, record = recorded_predictor(model)
-    screen, rng = PredictedScreen(predictor, record, UniformCodes(model.fingerprint_bits)), np.random.default_rng(2)
+    screen, rng = make_screen("predicted", model, UniformCodes(model.fingerprint_bits)), np.random.default_rng(2)
     screen(rng)  # warm-up
     start = time.perf_counter()
     for _ in range(repeats):
         screen(rng)
-    return {"predicted_screen_s": (time.perf_counter() - start) / repeats, "predictor_fit_codes": record["fit_codes"]}
+    return {"predicted_screen_s": (time.perf_counter() - start) / repeats,
+            "predictor_fit_codes": screen.record["fit_codes"]}
 
 
 def probe_read_cost(model: FingerprintModel, sizes: tuple[int, int] = (2, 6), seed: int = 0) -> dict:

@@ -184,8 +184,8 @@ def train(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
     screen = method_from_config(cfg).issue_screen
     if screen is not None:  # the floors task=issue screens this checkpoint's codes with (distributor/screening.py)
         floors = fit_floors(model, **screen)
-        if _predictor_codes(cfg):  # and the read predictor its default screen uses (distributor/issue_screens.py)
-            floors = _with_predictor(model, floors, _predictor_codes(cfg), metrics)
+        if predictor_codes := _predictor_codes(cfg):  # and the read predictor its default screen uses
+            floors = _with_predictor(model, floors, predictor_codes, metrics)  # (distributor/issue_screens.py)
         model.meta["issue_screen"] = metrics["issue_screen"] = floors
     metrics["checkpoint"] = str(save_fingerprint_model(model, output_dir / "fingerprint_model"))
     if cfg.export_checkpoint:
