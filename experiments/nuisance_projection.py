@@ -81,13 +81,47 @@ class ProjectedReader:
         return (raw @ self.projection - self.centre) @ self.matrix.T * self.scale
 
 
-def parse_arguments() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def copies_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments of a reader probe on the shipped copies: ``--users`` copies read on ``--images``
+    held-out images among ``--registry`` users, each reader calibrated on ``--calibration-users``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--registry", type=int, default=1000)
     parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--fit-images", type=int, default=256, help="unmarked images the nuisance is fitted on")
     parser.add_argument("--calibration-users", type=int, default=4)
+    return parser
+
+
+def probe_copies(model, args: argparse.Namespace, images: torch.Tensor, calibration_seed: int):
+    """``args.users`` copies' outputs of ``images`` (the evaluated ones) and ``args.calibration_users``
+    more copies' outputs of other held-out images (``calibration_seed``: the calibration never sees
+    the evaluated images), all among ``args.registry`` registered codes. Returns the codes, their
+    index, the evaluated outputs (a list per user), each evaluated output's user, the calibration
+    outputs (one tensor) and their codes."""
+    users = args.users + args.calibration_users
+    codes, index, outputs = issue_copies(model, users, args.registry, images, EVAL_SEED)
+    truth = np.repeat(np.arange(args.users), len(images))
+    other = held_out_images(images.shape[-1], len(images), seed=calibration_seed)
+    _, _, calibration = issue_copies(model, users, args.registry, other, EVAL_SEED)
+    calibration_codes = np.repeat(codes[args.users:users], len(images), axis=0)
+    return codes, index, outputs[:args.users], truth, torch.cat(calibration[args.users:]), calibration_codes
+
+
+def score_reader(label: str, read, control: np.ndarray, marked: dict, codes: np.ndarray, truth: np.ndarray,
+                 index) -> dict:
+    """A table row: unmarked ``control`` reads accused, then per case of ``marked`` (raw reads of the
+    copies of ``truth``'s users) bit accuracy, attribution rate and wrong accusations at fpr 1e-6."""
+    row = {"d": label, "accused": sum(r["accused"] for r in soft_identify(read(control), index, fpr=1e-6))}
+    for case in CASES:
+        logits = read(marked[case])
+        rate, wrong = _count(soft_identify(logits, index, fpr=1e-6), truth, index)
+        row[case] = (float(((logits > 0) == codes[truth]).mean()), rate, wrong)
+    return row
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = copies_parser(__doc__.splitlines()[0])
+    parser.add_argument("--fit-images", type=int, default=256, help="unmarked images the nuisance is fitted on")
     parser.add_argument("--dims", type=int, nargs="+", default=[0, 1, 2, 4, 8])
     parser.add_argument("--fit-attacks", default=FIT_ATTACKS, help="comma-separated attack cases")
     args = parser.parse_args()
@@ -114,14 +148,8 @@ def main() -> None:
     reader, resolution = model.extractor, int(model.meta.get("resolution", 32))
     base = lambda images: decode_with(model.vae, model.unmarked_vae, images)  # noqa: E731
     images = held_out_images(resolution, args.images, seed=EVAL_SEED)
-    users = args.users + args.calibration_users
-    codes, index, outputs = issue_copies(model, users, args.registry, images, EVAL_SEED)
-    truth = np.repeat(np.arange(args.users), args.images)
-    # the calibration users' images: other images, so the calibration never sees the evaluated ones
-    _, _, calibration = issue_copies(model, users, args.registry,
-                                     held_out_images(resolution, args.images, seed=WHITEN_SEED + 1), EVAL_SEED)
-    calibration_raw = raw_reads(reader, torch.cat(calibration[args.users:]))
-    calibration_codes = np.repeat(codes[args.users:users], args.images, axis=0)
+    codes, index, outputs, truth, calibration, calibration_codes = probe_copies(model, args, images, WHITEN_SEED + 1)
+    calibration_raw = raw_reads(reader, calibration)
     unmarked_raw = raw_reads(reader, base(held_out_images(resolution, args.fit_images, seed=WHITEN_SEED)))
     basis = nuisance_basis(reader, base(held_out_images(resolution, args.fit_images, seed=FIT_SEED)),
                            args.fit_attacks, FIT_SEED)
@@ -137,12 +165,7 @@ def main() -> None:
         else:
             read = ProjectedReader(basis[:, :d], unmarked_raw)
             read.calibrate(calibration_raw, calibration_codes)
-        row = {"d": label, "accused": sum(r["accused"] for r in soft_identify(read(control), index, fpr=1e-6))}
-        for case in CASES:
-            logits = read(marked[case])
-            rate, wrong = _count(soft_identify(logits, index, fpr=1e-6), truth, index)
-            row[case] = (float(((logits > 0) == codes[truth]).mean()), rate, wrong)
-        rows.append(row)
+        rows.append(score_reader(label, read, control, marked, codes, truth, index))
         print(f"d={label} done ({time.time() - started:.0f} s)", flush=True)
     _print_tables(args, rows)
     print(f"\n{time.time() - started:.0f} s")
@@ -156,11 +179,17 @@ def _shipped_read(reader):
 
 
 def _print_tables(args: argparse.Namespace, rows: list[dict]) -> None:
-    print(f"\npnm (shipped), {args.users} copies x {args.images} held-out images, {args.registry} registered, "
-          f"fpr 1e-6, soft decoding; nuisance fitted on {args.fit_images} unmarked images under "
-          f"{', '.join(args.fit_attacks)}\n")
+    print_tables(f"pnm (shipped), {args.users} copies x {args.images} held-out images, {args.registry} registered, "
+                 f"fpr 1e-6, soft decoding; nuisance fitted on {args.fit_images} unmarked images under "
+                 f"{', '.join(args.fit_attacks)}", "d", rows)
+
+
+def print_tables(title: str, label: str, rows: list[dict]) -> None:
+    """Bit accuracy, then attribution rate (wrong accusations), per case of ``CASES``: a row per
+    reader, named by its ``label`` entry (rows as :func:`main` builds them)."""
+    print(f"\n{title}\n")
     for what, position in (("bit accuracy", 0), ("attribution (wrong accusations)", 1)):
-        print(f"{what}\n\n| d | unmarked accused | " + " | ".join(CASES) + " |")
+        print(f"{what}\n\n| {label} | unmarked accused | " + " | ".join(CASES) + " |")
         print("|---" * (len(CASES) + 2) + "|")
         for row in rows:
             cells = [f"{row[c][0]:.3f}" if position == 0 else f"{row[c][1]:.3f} ({row[c][2]})" for c in CASES]

@@ -156,6 +156,10 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("predicted_screen_policy.py", ["--codes", "2"]),
     ("predicted_screen_policy.py", ["--rates", "0.3", "0"]),
     ("predicted_screen_policy.py", ["--min-psnr", "-1"]),
+    ("ratio_reader.py", ["--users", "0"]),
+    ("ratio_reader.py", ["--train-images", "100"]),
+    ("ratio_reader.py", ["--null-images", "8"]),
+    ("ratio_reader.py", ["--users", "8", "--registry", "4"]),
 ])
 def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):
     """A bad count, step or weight, or a checkpoint without a reference VAE (carrier), is one

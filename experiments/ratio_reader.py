@@ -1,0 +1,176 @@
+"""Probe (issue 11): does dividing each image's own content out of pnm's band energies, with a
+readout learned under a whiteness constraint, read the shipped copies' marks better, with no
+retraining?
+
+pnm's reader (``models/pooled_extractor.py: BandEnergyExtractor``) takes the log energy of each
+image in 48 secret bands and whitens it on unmarked images (ZCA); the whitening is its whole
+readout. The mark is mostly a gain on the content's own texture in those bands, so the content's
+energy is the noise the bits are read against. The distributor holds the base VAE: re-encoding a
+found image and decoding it with the base gives the same content without the user's gain, and the
+difference of the two log energies (the *ratio* read) leaves the gain. Attacks that act on the
+whole image (blur, JPEG, brightness) act on the re-encoded image too, so part of their effect
+divides out as well.
+
+The readout: the raw reads (``image``: the 48 log energies; ``image+ratio``: those and the 48
+ratios) are ZCA-whitened on unmarked images, then mapped to 48 logits by a matrix with
+orthonormal rows trained with BCE on marked images of random codes. Any such matrix keeps the
+logits white on unmarked images (zero median per bit after a re-centring, identity covariance),
+which is what the attribution's null needs; the shipped reader is the ``image`` case with the
+identity. A third set of reads, the bands of the residual (image minus re-encoded image), is the
+content removed by subtraction instead of division. Each bit's slope is then calibrated on other
+users' copies, as training calibrates the shipped reader. Copies and decoder are the shipped
+ones: only the distributor's private reader changes, so copies already issued would read with it.
+
+It issues ``--users`` copies (ACT all), decodes ``--images`` held-out images with each, applies
+every attack of the robustness suite (8-bit pixels after the attack), and reports bit accuracy
+and soft attribution among ``--registry`` users at fpr 1e-6; the base decoder's outputs of
+``--null-images`` held-out images (unmarked; the evaluated ones first) must stay unaccused.
+
+    python experiments/ratio_reader.py --users 8 --images 256
+
+Prints markdown tables; ``results/ratio_reader.md`` keeps the run's tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from nuisance_projection import CASES, _shipped_read, copies_parser, print_tables, probe_copies, score_reader
+from soft_attribution import attacked
+from torch import nn
+from torch.nn.utils.parametrizations import orthogonal
+
+from fingerprint_lm.distributor.generation import decode_with, held_out_images, training_images
+from fingerprint_lm.errors import check_int, exit_on_user_error
+from fingerprint_lm.models import batched
+from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
+from fingerprint_lm.models.pooled_extractor import bit_slopes, whitening_map
+from fingerprint_lm.pixels import from_uint8, to_uint8
+
+# held-out images (evaluated), whitening (unmarked), the readout's training images (marked with
+# random codes), the calibration users' images: four disjoint sets
+EVAL_SEED, WHITEN_SEED, TRAIN_SEED, CALIBRATION_SEED = 5, 77, 91, 78
+
+
+@torch.no_grad()
+def reads(model, images: torch.Tensor, batch: int = 256) -> np.ndarray:
+    """``[n, 3k]``: the shipped reader's raw log band energies of ``images`` (saved as 8-bit
+    pixels); the same minus those of the images re-encoded and decoded by the base VAE (the ratio);
+    and those of the residual, the images minus their re-encoded version."""
+    images = from_uint8(to_uint8(images))
+    reencoded = decode_with(model.unmarked_vae, model.unmarked_vae, images)
+    h, w = reencoded.shape[-2:]  # a side that is no multiple of the VAE's downscale factor comes back shorter
+    raw = [torch.cat([model.extractor.raw_logits(a) for a in x.split(batch)])
+           for x in (images, reencoded, images[..., :h, :w] - reencoded)]
+    return torch.cat([raw[0], raw[0] - raw[1], raw[2]], 1).double().numpy()
+
+
+class OrthogonalReadout:
+    """ZCA on unmarked reads, then ``k`` orthonormal rows trained by BCE on marked reads, re-centred
+    at the unmarked median, each bit's slope calibrated on marked reads of known codes."""
+
+    def __init__(self, unmarked: np.ndarray, marked: np.ndarray, codes: np.ndarray, steps: int, seed: int) -> None:
+        centre, matrix = whitening_map(torch.from_numpy(unmarked), "median")
+        self.centre, self.matrix = centre.numpy(), matrix.numpy()
+        torch.manual_seed(seed)
+        rows = orthogonal(nn.Linear(unmarked.shape[1], codes.shape[1], bias=False))
+        gain = nn.Parameter(torch.tensor(3.0))
+        optimizer = torch.optim.Adam([*rows.parameters(), gain], lr=1e-2)
+        white = torch.from_numpy(self._white(marked)).float()
+        target = torch.from_numpy(codes).float()
+        for _ in range(steps):  # full batch: a few thousand reads of 96 numbers
+            loss = F.binary_cross_entropy_with_logits(gain * rows(white), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        self.rows = rows.weight.detach().double().numpy()
+        self.offset = np.median(self._white(unmarked) @ self.rows.T, axis=0)
+        self.scale = np.ones(codes.shape[1])
+
+    def _white(self, raw: np.ndarray) -> np.ndarray:
+        return (raw - self.centre) @ self.matrix.T
+
+    def calibrate(self, marked: np.ndarray, codes: np.ndarray) -> None:
+        self.scale = bit_slopes(torch.from_numpy(self(marked)), torch.from_numpy(codes)).numpy()
+
+    def __call__(self, raw: np.ndarray) -> np.ndarray:
+        return 3.0 * (self._white(raw) @ self.rows.T - self.offset) * self.scale
+
+
+@torch.no_grad()
+def marked_training_reads(model, n: int, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reads of ``n`` training-stream images, each decoded with its own random code (the PNM
+    decoder: a stock copy's output within 1e-5), and the codes."""
+    images = training_images(resolution, n, seed=TRAIN_SEED)
+    codes = torch.randint(0, 2, (n, model.fingerprint_bits), generator=torch.Generator().manual_seed(TRAIN_SEED))
+    latents = batched.encode(model.vae, images)
+    marked = torch.cat([model.pnm(z, c) for z, c in zip(latents.split(256), codes.split(256), strict=True)])
+    return reads(model, marked), codes.numpy().astype(np.uint8)
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = copies_parser(__doc__.splitlines()[0])
+    parser.add_argument("--train-images", type=int, default=8192, help="marked images the readout is trained on")
+    parser.add_argument("--unmarked", type=int, default=2048, help="unmarked images the reads are whitened on")
+    parser.add_argument("--steps", type=int, default=1500, help="full-batch steps of the readout")
+    parser.add_argument("--null-images", type=int, default=4096,
+                        help="unmarked images read for false accusations (the evaluated images' base decodes first)")
+    args = parser.parse_args()
+    check_int("--users", args.users)
+    check_int("--calibration-users", args.calibration_users)
+    check_int("--registry", args.registry, args.users + args.calibration_users)
+    check_int("--images", args.images)
+    check_int("--train-images", args.train_images, 256)
+    check_int("--unmarked", args.unmarked, 256)
+    check_int("--steps", args.steps)
+    check_int("--null-images", args.null_images, args.images)
+    return args
+
+
+def main() -> None:
+    args = parse_arguments()
+    started = time.time()
+    model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
+    resolution = int(model.meta.get("resolution", 32))
+    k = model.fingerprint_bits
+    base = lambda images: decode_with(model.vae, model.unmarked_vae, images)  # noqa: E731
+    images = held_out_images(resolution, args.images, seed=EVAL_SEED)
+    codes, index, outputs, truth, calibration, calibration_codes = probe_copies(model, args, images, CALIBRATION_SEED)
+    calibration_reads = reads(model, calibration)
+    unmarked = reads(model, base(held_out_images(resolution, args.unmarked, seed=WHITEN_SEED)))
+    train_reads, train_codes = marked_training_reads(model, args.train_images, resolution)
+    print(f"reads for fitting ({time.time() - started:.0f} s)", flush=True)
+    marked = {case: reads(model, torch.cat([attacked(out, case, EVAL_SEED + u)
+                                            for u, out in enumerate(outputs[:args.users])]))
+              for case in CASES}
+    control = reads(model, base(held_out_images(resolution, args.null_images, seed=EVAL_SEED)))
+    print(f"reads of {len(CASES)} cases ({time.time() - started:.0f} s)", flush=True)
+    shipped = _shipped_read(model.extractor)
+    variants = {"shipped": (lambda raw: shipped(raw[:, :k])),
+                "image, learned readout": _readout(unmarked, train_reads, train_codes, calibration_reads,
+                                                   calibration_codes, args.steps, slice(0, k)),
+                "image+ratio, learned readout": _readout(unmarked, train_reads, train_codes, calibration_reads,
+                                                         calibration_codes, args.steps, slice(0, 2 * k)),
+                "residual, learned readout": _readout(unmarked, train_reads, train_codes, calibration_reads,
+                                                      calibration_codes, args.steps, slice(2 * k, 3 * k))}
+    rows = [score_reader(label, read, control, marked, codes, truth, index) for label, read in variants.items()]
+    print_tables(f"pnm (shipped), {args.users} copies x {args.images} held-out images, {args.registry} registered, "
+                 f"fpr 1e-6, soft decoding; readouts trained on {args.train_images} marked training images "
+                 f"({args.steps} steps), whitened on {args.unmarked} unmarked images; unmarked accused: of the base "
+                 f"decoder's outputs of {args.null_images} held-out images", "reader", rows)
+    print(f"\n{time.time() - started:.0f} s")
+
+
+def _readout(unmarked, train_reads, train_codes, calibration_reads, calibration_codes, steps, columns):
+    """An :class:`OrthogonalReadout` on the read ``columns``, calibrated; as a function of full reads."""
+    readout = OrthogonalReadout(unmarked[:, columns], train_reads[:, columns], train_codes, steps, seed=0)
+    readout.calibrate(calibration_reads[:, columns], calibration_codes)
+    return lambda raw: readout(raw[:, columns])
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
