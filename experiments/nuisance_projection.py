@@ -112,7 +112,7 @@ def score_reader(label: str, read, control: np.ndarray, marked: dict, codes: np.
     """A table row: unmarked ``control`` reads accused, then per case of ``marked`` (raw reads of the
     copies of ``truth``'s users) bit accuracy, attribution rate and wrong accusations at fpr 1e-6."""
     row = {"d": label, "accused": sum(r["accused"] for r in soft_identify(read(control), index, fpr=1e-6))}
-    for case in CASES:
+    for case in marked:
         logits = read(marked[case])
         rate, wrong = _count(soft_identify(logits, index, fpr=1e-6), truth, index)
         row[case] = (float(((logits > 0) == codes[truth]).mean()), rate, wrong)
@@ -184,15 +184,15 @@ def _print_tables(args: argparse.Namespace, rows: list[dict]) -> None:
                  f"{', '.join(args.fit_attacks)}", "d", rows)
 
 
-def print_tables(title: str, label: str, rows: list[dict]) -> None:
-    """Bit accuracy, then attribution rate (wrong accusations), per case of ``CASES``: a row per
-    reader, named by its ``label`` entry (rows as :func:`main` builds them)."""
+def print_tables(title: str, label: str, rows: list[dict], cases: tuple[str, ...] = CASES) -> None:
+    """Bit accuracy, then attribution rate (wrong accusations), per case of ``cases``: a row per
+    reader, named by its ``label`` entry (rows as :func:`score_reader` builds them)."""
     print(f"\n{title}\n")
     for what, position in (("bit accuracy", 0), ("attribution (wrong accusations)", 1)):
-        print(f"{what}\n\n| {label} | unmarked accused | " + " | ".join(CASES) + " |")
-        print("|---" * (len(CASES) + 2) + "|")
+        print(f"{what}\n\n| {label} | unmarked accused | " + " | ".join(cases) + " |")
+        print("|---" * (len(cases) + 2) + "|")
         for row in rows:
-            cells = [f"{row[c][0]:.3f}" if position == 0 else f"{row[c][1]:.3f} ({row[c][2]})" for c in CASES]
+            cells = [f"{row[c][0]:.3f}" if position == 0 else f"{row[c][1]:.3f} ({row[c][2]})" for c in cases]
             print(f"| {row['d']} | {row['accused']} | " + " | ".join(cells) + " |")
         print()
 

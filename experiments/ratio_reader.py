@@ -22,7 +22,8 @@ users' copies, as training calibrates the shipped reader. Copies and decoder are
 ones: only the distributor's private reader changes, so copies already issued would read with it.
 
 It issues ``--users`` copies (ACT all), decodes ``--images`` held-out images with each, applies
-every attack of the robustness suite (8-bit pixels after the attack), and reports bit accuracy
+every attack of the robustness suite (8-bit pixels after the attack) and, to the copies' weights,
+the sweep's weight noise, pruning and int8 quantisation, and reports bit accuracy
 and soft attribution among ``--registry`` users at fpr 1e-6; the base decoder's outputs of
 ``--null-images`` held-out images (unmarked; the evaluated ones first) must stay unaccused.
 
@@ -44,8 +45,12 @@ from soft_attribution import attacked
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
+from fingerprint_lm.attacks.cases import parse_case
+from fingerprint_lm.attacks.model import STATE_ATTACKS
+from fingerprint_lm.distributor.copies import decoder_from_tensors
 from fingerprint_lm.distributor.generation import decode_with, held_out_images, training_images
 from fingerprint_lm.errors import check_int, exit_on_user_error
+from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.models.pooled_extractor import bit_slopes, whitening_map
@@ -54,6 +59,8 @@ from fingerprint_lm.pixels import from_uint8, to_uint8
 # held-out images (evaluated), whitening (unmarked), the readout's training images (marked with
 # random codes), the calibration users' images: four disjoint sets
 EVAL_SEED, WHITEN_SEED, TRAIN_SEED, CALIBRATION_SEED = 5, 77, 91, 78
+# the sweep's model attacks at their strengths (a fine-tune, which needs the training loop, is left out)
+MODEL_CASES = ("weight_noise_0.05", "prune_0.3", "quantize_int8")
 
 
 @torch.no_grad()
@@ -102,6 +109,21 @@ class OrthogonalReadout:
 
 
 @torch.no_grad()
+def model_attacked_outputs(model, args: argparse.Namespace, images: torch.Tensor, case: str) -> list[torch.Tensor]:
+    """The evaluated users' copies, issued as :func:`probe_copies` issues them (same codes, same
+    ACT seeds), their weights attacked by ``case`` (a model attack), decoding ``images``."""
+    attack, strength, _ = parse_case(case)
+    rng = np.random.default_rng(EVAL_SEED)  # soft_attribution.issue_copies' draws, in its order
+    codes = rng.integers(0, 2, (args.registry, model.fingerprint_bits), dtype=np.uint8)
+    outputs = []
+    for user in range(args.users):
+        state, bias_map, site = personal_tensors(model, codes[user], "all", int(rng.integers(2**31)))
+        state = STATE_ATTACKS[attack](state, strength, torch.Generator().manual_seed(EVAL_SEED + user))
+        outputs.append(decode_with(model.vae, decoder_from_tensors(model.vae.config, state, bias_map, site), images))
+    return outputs
+
+
+@torch.no_grad()
 def marked_training_reads(model, n: int, resolution: int) -> tuple[np.ndarray, np.ndarray]:
     """Reads of ``n`` training-stream images, each decoded with its own random code (the PNM
     decoder: a stock copy's output within 1e-5), and the codes."""
@@ -147,8 +169,10 @@ def main() -> None:
     marked = {case: reads(model, torch.cat([attacked(out, case, EVAL_SEED + u)
                                             for u, out in enumerate(outputs[:args.users])]))
               for case in CASES}
+    marked.update({case: reads(model, torch.cat(model_attacked_outputs(model, args, images, case)))
+                   for case in MODEL_CASES})
     control = reads(model, base(held_out_images(resolution, args.null_images, seed=EVAL_SEED)))
-    print(f"reads of {len(CASES)} cases ({time.time() - started:.0f} s)", flush=True)
+    print(f"reads of {len(CASES) + len(MODEL_CASES)} cases ({time.time() - started:.0f} s)", flush=True)
     shipped = _shipped_read(model.extractor)
     variants = {"shipped": (lambda raw: shipped(raw[:, :k])),
                 "image, learned readout": _readout(unmarked, train_reads, train_codes, calibration_reads,
@@ -161,7 +185,7 @@ def main() -> None:
     print_tables(f"pnm (shipped), {args.users} copies x {args.images} held-out images, {args.registry} registered, "
                  f"fpr 1e-6, soft decoding; readouts trained on {args.train_images} marked training images "
                  f"({args.steps} steps), whitened on {args.unmarked} unmarked images; unmarked accused: of the base "
-                 f"decoder's outputs of {args.null_images} held-out images", "reader", rows)
+                 f"decoder's outputs of {args.null_images} held-out images", "reader", rows, (*CASES, *MODEL_CASES))
     print(f"\n{time.time() - started:.0f} s")
 
 
