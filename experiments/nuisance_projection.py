@@ -161,7 +161,7 @@ def main() -> None:
     variants = [("0, shipped", None)] + [(str(d), d) for d in args.dims]
     for label, d in variants:
         if d is None:
-            read = _shipped_read(reader)
+            read = shipped_read(reader)
         else:
             read = ProjectedReader(basis[:, :d], unmarked_raw)
             read.calibrate(calibration_raw, calibration_codes)
@@ -171,7 +171,7 @@ def main() -> None:
     print(f"\n{time.time() - started:.0f} s")
 
 
-def _shipped_read(reader):
+def shipped_read(reader):
     """The shipped reader's logits from raw reads (its whitening and per-bit calibration)."""
     centre, matrix = reader.whiten_mean.double().numpy(), reader.whiten_matrix.double().numpy()
     scale = reader.bit_scale.double().numpy()

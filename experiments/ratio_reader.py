@@ -7,7 +7,8 @@ image in 48 secret bands and whitens it on unmarked images (ZCA); the whitening 
 readout. The mark is mostly a gain on the content's own texture in those bands, so the content's
 energy is the noise the bits are read against. The distributor holds the base VAE: re-encoding a
 found image and decoding it with the base gives the same content without the user's gain, and the
-difference of the two log energies (the *ratio* read) leaves the gain. Attacks that act on the
+difference of the two log energies (the *ratio* read) leaves the gain (with the trained shared
+decoder's drift from the base, the same for every user). Attacks that act on the
 whole image (blur, JPEG, brightness) act on the re-encoded image too, so part of their effect
 divides out as well.
 
@@ -40,7 +41,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from nuisance_projection import CASES, _shipped_read, copies_parser, print_tables, probe_copies, score_reader
+from nuisance_projection import CASES, copies_parser, print_tables, probe_copies, score_reader, shipped_read
 from soft_attribution import attacked
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
@@ -105,6 +106,7 @@ class OrthogonalReadout:
         self.scale = bit_slopes(torch.from_numpy(self(marked)), torch.from_numpy(codes)).numpy()
 
     def __call__(self, raw: np.ndarray) -> np.ndarray:
+        # the shipped reader's gain; the per-bit calibration refits each logit's slope whatever it is
         return 3.0 * (self._white(raw) @ self.rows.T - self.offset) * self.scale
 
 
@@ -136,7 +138,8 @@ def marked_training_reads(model, n: int, resolution: int) -> tuple[np.ndarray, n
 
 def parse_arguments() -> argparse.Namespace:
     parser = copies_parser(__doc__.splitlines()[0])
-    parser.add_argument("--train-images", type=int, default=8192, help="marked images the readout is trained on")
+    parser.add_argument("--train-images", type=int, default=8192,
+                        help="marked images the readout is trained on (at least 256: more than its 96 inputs)")
     parser.add_argument("--unmarked", type=int, default=2048, help="unmarked images the reads are whitened on")
     parser.add_argument("--steps", type=int, default=1500, help="full-batch steps of the readout")
     parser.add_argument("--null-images", type=int, default=4096,
@@ -173,7 +176,7 @@ def main() -> None:
                    for case in MODEL_CASES})
     control = reads(model, base(held_out_images(resolution, args.null_images, seed=EVAL_SEED)))
     print(f"reads of {len(CASES) + len(MODEL_CASES)} cases ({time.time() - started:.0f} s)", flush=True)
-    shipped = _shipped_read(model.extractor)
+    shipped = shipped_read(model.extractor)
     variants = {"shipped": (lambda raw: shipped(raw[:, :k])),
                 "image, learned readout": _readout(unmarked, train_reads, train_codes, calibration_reads,
                                                    calibration_codes, args.steps, slice(0, k)),

@@ -159,7 +159,10 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("ratio_reader.py", ["--users", "0"]),
     ("ratio_reader.py", ["--train-images", "100"]),
     ("ratio_reader.py", ["--null-images", "8"]),
-    ("ratio_reader.py", ["--users", "8", "--registry", "4"]),
+    ("ratio_reader.py", ["--users", "8", "--registry", "10"]),  # 8 + 4 calibration users need 12
+    ("ratio_reader.py", ["--calibration-users", "0"]),
+    ("ratio_reader.py", ["--unmarked", "100"]),
+    ("ratio_reader.py", ["--steps", "0"]),
 ])
 def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):
     """A bad count, step or weight, or a checkpoint without a reference VAE (carrier), is one
