@@ -99,12 +99,13 @@ def probe_copies(model, args: argparse.Namespace, images: torch.Tensor, calibrat
     index, the evaluated outputs (a list per user), each evaluated output's user, the calibration
     outputs (one tensor) and their codes."""
     users = args.users + args.calibration_users
-    codes, index, outputs = issue_copies(model, users, args.registry, images, EVAL_SEED)
+    # the same seed: each user's code and ACT seed are the same in both calls
+    codes, index, outputs = issue_copies(model, args.users, args.registry, images, EVAL_SEED)
     truth = np.repeat(np.arange(args.users), len(images))
     other = held_out_images(images.shape[-1], len(images), seed=calibration_seed)
     _, _, calibration = issue_copies(model, users, args.registry, other, EVAL_SEED)
     calibration_codes = np.repeat(codes[args.users:users], len(images), axis=0)
-    return codes, index, outputs[:args.users], truth, torch.cat(calibration[args.users:]), calibration_codes
+    return codes, index, outputs, truth, torch.cat(calibration[args.users:]), calibration_codes
 
 
 def score_reader(label: str, read, control: np.ndarray, marked: dict, codes: np.ndarray, truth: np.ndarray,
@@ -154,7 +155,7 @@ def main() -> None:
     basis = nuisance_basis(reader, base(held_out_images(resolution, args.fit_images, seed=FIT_SEED)),
                            args.fit_attacks, FIT_SEED)
     marked = {case: raw_reads(reader, torch.cat([attacked(out, case, EVAL_SEED + u)
-                                                 for u, out in enumerate(outputs[:args.users])]))
+                                                 for u, out in enumerate(outputs)]))
               for case in CASES}
     control = raw_reads(reader, base(images))
     rows = []

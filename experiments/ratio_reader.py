@@ -42,16 +42,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from nuisance_projection import CASES, copies_parser, print_tables, probe_copies, score_reader, shipped_read
-from soft_attribution import attacked
+from soft_attribution import attacked, issue_copies
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
 from fingerprint_lm.attacks.cases import parse_case
 from fingerprint_lm.attacks.model import STATE_ATTACKS
-from fingerprint_lm.distributor.copies import decoder_from_tensors
 from fingerprint_lm.distributor.generation import decode_with, held_out_images, training_images
 from fingerprint_lm.errors import check_int, exit_on_user_error
-from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.models.pooled_extractor import bit_slopes, whitening_map
@@ -110,19 +108,15 @@ class OrthogonalReadout:
         return 3.0 * (self._white(raw) @ self.rows.T - self.offset) * self.scale
 
 
-@torch.no_grad()
 def model_attacked_outputs(model, args: argparse.Namespace, images: torch.Tensor, case: str) -> list[torch.Tensor]:
-    """The evaluated users' copies, issued as :func:`probe_copies` issues them (same codes, same
-    ACT seeds), their weights attacked by ``case`` (a model attack), decoding ``images``."""
+    """The evaluated users' copies (the codes and ACT seeds :func:`probe_copies` issues them with),
+    their weights attacked by ``case`` (a model attack), decoding ``images``."""
     attack, strength, _ = parse_case(case)
-    rng = np.random.default_rng(EVAL_SEED)  # soft_attribution.issue_copies' draws, in its order
-    codes = rng.integers(0, 2, (args.registry, model.fingerprint_bits), dtype=np.uint8)
-    outputs = []
-    for user in range(args.users):
-        state, bias_map, site = personal_tensors(model, codes[user], "all", int(rng.integers(2**31)))
-        state = STATE_ATTACKS[attack](state, strength, torch.Generator().manual_seed(EVAL_SEED + user))
-        outputs.append(decode_with(model.vae, decoder_from_tensors(model.vae.config, state, bias_map, site), images))
-    return outputs
+
+    def attacked_state(state: dict, user: int) -> dict:
+        return STATE_ATTACKS[attack](state, strength, torch.Generator().manual_seed(EVAL_SEED + user))
+
+    return issue_copies(model, args.users, args.registry, images, EVAL_SEED, attacked_state)[2]
 
 
 @torch.no_grad()
@@ -170,7 +164,7 @@ def main() -> None:
     train_reads, train_codes = marked_training_reads(model, args.train_images, resolution)
     print(f"reads for fitting ({time.time() - started:.0f} s)", flush=True)
     marked = {case: reads(model, torch.cat([attacked(out, case, EVAL_SEED + u)
-                                            for u, out in enumerate(outputs[:args.users])]))
+                                            for u, out in enumerate(outputs)]))
               for case in CASES}
     marked.update({case: reads(model, torch.cat(model_attacked_outputs(model, args, images, case)))
                    for case in MODEL_CASES})

@@ -81,17 +81,20 @@ def innocent_calibration(logits: np.ndarray, codes: np.ndarray, truth: np.ndarra
 
 
 @torch.no_grad()
-def issue_copies(model, users: int, registry: int, images: torch.Tensor,
-                 seed: int) -> tuple[np.ndarray, CodeIndex, list]:
+def issue_copies(model, users: int, registry: int, images: torch.Tensor, seed: int,
+                 attack=None) -> tuple[np.ndarray, CodeIndex, list]:
     """``registry`` random codes (seeded), their index, and ``images`` decoded by copies (ACT all)
-    issued to the first ``users`` of them."""
+    issued to the first ``users`` of them; ``attack(state, user)``, if given, changes each copy's
+    weights first (a model attack). User ``i``'s code and ACT seed do not depend on ``users``."""
     rng = np.random.default_rng(seed)
     codes = rng.integers(0, 2, (registry, model.fingerprint_bits), dtype=np.uint8)
     index = CodeIndex.from_bits([f"user{i}" for i in range(registry)], codes)
     outputs = []
     for user in range(users):
-        state = personal_tensors(model, codes[user], "all", int(rng.integers(2**31)))
-        outputs.append(decode_with(model.vae, decoder_from_tensors(model.vae.config, *state), images))
+        state, bias_map, site = personal_tensors(model, codes[user], "all", int(rng.integers(2**31)))
+        if attack is not None:
+            state = attack(state, user)
+        outputs.append(decode_with(model.vae, decoder_from_tensors(model.vae.config, state, bias_map, site), images))
     return codes, index, outputs
 
 
