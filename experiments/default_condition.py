@@ -61,7 +61,7 @@ def _attributed(model, index, rate: float | None, images: torch.Tensor, fpr: flo
     """As task=attribute reads them: the registry's codes (``index``) at the pass rate the task
     divides by (``rate``: ``screening.bound_pass_rate``)."""
     named = [(f"image{i}", image) for i, image in enumerate(images)]
-    return attribute_images(model.extractor, index, named, fpr=fpr, decoding="soft", screen_pass_rate=rate)
+    return attribute_images(model.reader, index, named, fpr=fpr, decoding="soft", screen_pass_rate=rate)
 
 
 @torch.no_grad()
@@ -94,7 +94,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
                 "probe_bit_acc": getattr(screen, "probe_bit_acc", None),
                 "probe_psnr": getattr(screen, "probe_psnr", None),
                 "predicted_bit_acc": getattr(screen, "predicted_bit_acc", None),
-                "bit_acc": float(((model.extractor(marked) > 0).numpy() == np.asarray(code, dtype=bool)).mean()),
+                "bit_acc": float(((model.reader(marked) > 0).numpy() == np.asarray(code, dtype=bool)).mean()),
                 "psnr": float(psnr(decoded, base).mean()),
             })
         index, rate = registry.index(), bound_pass_rate(registry.screen_pass_rate(), model.meta.get("issue_screen"))

@@ -2,14 +2,14 @@
 1000 registered users, fpr 1e-6: nobody accused).
 
 For each shipped checkpoint: ``--images`` held-out procedural images decoded by the *base* decoder
-(unmarked; the checkpoint's ``reference_vae``, the base as it was, when training moved the shared decoder),
-read by the method's extractor, and identified against ``--users`` random registered
-codes (the distributor's attribution: hard decoding, nearest code, binomial p-value; and soft
-decoding, the default since 2026-12-04, logit-weighted score with its exact p-value; Bonferroni
-over the registry either way). Printed: users accused by each, the images soft decoding would
-accuse at fpr 1e-3 (at most about images x 1e-3 if the p-values are calibrated), the share of
-1-bits (balanced is 0.5), and the best-match bit counts against what independent fair bits
-predict (the maximum over the registry of Binomial(k, 1/2)).
+(unmarked; the checkpoint's ``reference_vae``, the base as it was, when training moved the shared
+decoder), read by the method's reader (pnm: its content reader, since 2026-12-07), and identified
+against ``--users`` random registered codes (the distributor's attribution: hard decoding, nearest
+code, binomial p-value; and soft decoding, the default since 2026-12-04, logit-weighted score
+with its exact p-value; Bonferroni over the registry either way). Printed: users accused by
+each, the images soft decoding would accuse at fpr 1e-3 (at most about images x 1e-3 if the
+p-values are calibrated), the share of 1-bits (balanced is 0.5), and the best-match bit counts
+against what independent fair bits predict (the maximum over the registry of Binomial(k, 1/2)).
 
     python experiments/unmarked_attribution.py --images 10000 --users 1000
 
@@ -54,7 +54,7 @@ def run(checkpoint: str, n_images: int, n_users: int, fpr: float, seed: int) -> 
     for first in range(0, n_images, 256):
         batch = torch.stack([images.sample(i)["image"] for i in range(first, min(first + 256, n_images))])
         unmarked = model.unmarked_vae.decode(model.vae.encode(batch).latent_dist.mode()).sample
-        logits.append(model.extractor(unmarked).double().numpy())
+        logits.append(model.reader(unmarked).double().numpy())
     logits = np.concatenate(logits)
     hard = (logits > 0).astype(np.uint8)
     results = index.identify_many(hard, fpr=fpr)

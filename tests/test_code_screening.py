@@ -37,7 +37,7 @@ def test_a_screened_copy_reads_the_probe_at_least_at_the_threshold(tmp_path, pnm
     stock = AutoencoderKL.from_pretrained(issued["copy"]).eval()
     with torch.no_grad():
         pixels = from_uint8(to_uint8(decode_with(pnm_model.vae, stock, screen.images)))
-        logits = batched.extract(pnm_model.extractor, pixels, "cpu").numpy()
+        logits = batched.extract(pnm_model.reader, pixels, "cpu").numpy()
     # ACT keeps the decoder's function (within 1e-5), so the copy reads the probe as the screen did
     assert abs(float(((logits > 0) == code).mean()) - screen.probe_bit_acc) <= 0.005
 
@@ -84,7 +84,7 @@ def test_fitted_floors_keep_the_asked_share_of_random_codes(pnm_model):
     assert floors["pass_rate"] == np.mean(np.array(reads) >= floors["min_probe_bit_acc"])
     recorded = pnm_model.meta["issue_screen"]  # the shipped checkpoint's, fitted with pnm.yaml's settings
     assert recorded["keep"] == 0.5 and recorded["min_probe_psnr"] == 29.9  # pnm.yaml's since the pass-rate bound
-    assert 0.9 < recorded["min_probe_bit_acc"] < 0.95
+    assert 0.95 < recorded["min_probe_bit_acc"] < 0.97  # read by the content reader (the band reader: 0.936)
     assert screen_floors(recorded, True, None, None) == (recorded["min_probe_bit_acc"], 29.9)
     assert screen_floors(recorded, True, 0.5, None) == (0.5, 29.9)
     assert screen_floors(recorded, False, 0.5, 31.0) == (None, None)

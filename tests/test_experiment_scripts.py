@@ -179,6 +179,9 @@ def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypa
     ("fit_issue_screen.py", "embedded_pnm", ["--predictor", "--rate-only"], "give one of them"),
     ("fit_issue_screen.py", "embedded_pnm", ["--predictor", "--predictor-codes", "3"], "--predictor-codes"),
     ("fit_issue_screen.py", "embedded", ["--predictor"], "the floors are pnm's"),
+    ("fit_content_reader.py", "embedded_pnm", [], "has a content reader already"),  # fitted once
+    ("fit_content_reader.py", "embedded", [], "the content reader is pnm's"),
+    ("fit_content_reader.py", "embedded_pnm", ["--refit", "--seed", "-1"], "--seed"),
 ])
 def test_a_post_training_fit_refuses_a_checkpoint_it_does_not_apply_to_and_leaves_it(
         tmp_path, script, checkpoint, extra, refusal, monkeypatch, capsys):

@@ -64,7 +64,8 @@ def test_method_group_instantiates_every_method(tmp_path, tiny_default_cfg):
     assert pnm.pnm["spatial_site"] is None and pnm.extractor["kind"] == "band_energy"
     assert pnm.record()["method"] == "pnm"
     # the learned reader is one setting away; its own settings, not the band reader's, are used
-    pooled = method_from_config(compose_config(tmp_path, ["method=pnm", "method.extractor.kind=pooled"]))
+    pooled = method_from_config(compose_config(tmp_path, ["method=pnm", "method.extractor.kind=pooled",
+                                                             "method.content_reader=null"]))
     vae = build_vae(OmegaConf.to_container(tiny_default_cfg.model.vae_config))
     assert isinstance(pooled.build_model(vae, 16).extractor, PooledExtractor)
     with pytest.raises(ConfigError, match="method.extractor.pooled"):
@@ -201,7 +202,9 @@ def test_short_pnm_training_reads_above_chance_through_a_stock_loaded_copy(tmp_p
     metrics = run(compose_config(tmp_path, ["method=pnm", "fingerprint_bits=16", "method.steps=400",
                                             "method.train.psnr_target=20",
                                             "method.issue_screen={keep: 0.5, min_psnr: 15, candidates: 8, "
-                                            "rate_candidates: 16}", "eval.issue_predictor_codes=40"]))
+                                            "rate_candidates: 16}", "eval.issue_predictor_codes=40",
+                                            "method.content_reader={unmarked_images: 256, train_images: 512, "
+                                            "steps: 300, calibration_images: 256, seed: 1}"]))
     model = load_fingerprint_model(metrics["checkpoint"])
     assert model.method == "pnm"
     # ... and by fitting the floors task=issue screens codes with (debug=tiny leaves them out; set here)
@@ -223,6 +226,11 @@ def test_short_pnm_training_reads_above_chance_through_a_stock_loaded_copy(tmp_p
     with torch.no_grad():
         bit_acc = ((model.extractor(decode_with(model.vae, stock, images)) > 0).long() == code).float().mean().item()
     assert bit_acc >= 0.6, bit_acc
+    # ... and by fitting the distributor's content reader (debug=tiny leaves it out; set here), which reads them too
+    assert model.reader is model.content_reader and model.meta["content_reader"] == metrics["content_reader"]
+    with torch.no_grad():
+        content = ((model.reader(decode_with(model.vae, stock, images)) > 0).long() == code).float().mean().item()
+    assert content >= 0.6, content
 
 
 def test_a_registry_refuses_another_methods_users(tmp_path, monkeypatch):

@@ -113,8 +113,11 @@ def _model_key(model: FingerprintModel) -> str:
     """The checkpoint's record and every weight a screen depends on (its decoders, mapping network,
     reader and read predictor): two models share screened codes only if they would screen alike."""
     digest = hashlib.sha256(config_hash(model.meta).encode())
-    for module in (model.vae, model.unmarked_vae, model.pnm, model.extractor):
-        for name, tensor in module.state_dict().items():
+    states = [module.state_dict() for module in (model.vae, model.unmarked_vae, model.pnm, model.extractor)]
+    if model.content_reader is not None:  # its own tensors: its base VAE is unmarked_vae, above
+        states.append(model.content_reader.own_state())
+    for state in states:
+        for name, tensor in state.items():
             digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
     for name, tensor in sorted((model.issue_predictor or {}).items()):
         digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())

@@ -55,7 +55,7 @@ def read_logits(model: FingerprintModel, decoder, images: torch.Tensor) -> np.nd
 
 def logits_of(model: FingerprintModel, decoded: torch.Tensor) -> np.ndarray:
     """The reader's logits (float64) on decoder outputs saved as 8-bit pixels."""
-    return batched.extract(model.extractor, from_uint8(to_uint8(decoded)), "cpu").double().numpy()
+    return batched.extract(model.reader, from_uint8(to_uint8(decoded)), "cpu").double().numpy()
 
 
 class ProbeReader:

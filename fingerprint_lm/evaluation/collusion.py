@@ -311,21 +311,21 @@ def score(model: FingerprintModel, users: Users, point: Point, images: PointImag
           settings: PointSettings, fid_net=None) -> PointResult:
     """Bits, attribution and tracing (the distributor's), detection and quality of ``images``."""
     k = model.fingerprint_bits
-    logits = batched.extract(model.extractor, images.outputs, settings.device).double().numpy()
+    logits = batched.extract(model.reader, images.outputs, settings.device).double().numpy()
     hard = (logits > 0).astype(np.uint8)
     per_colluder = [(hard == users.codes[i][None]).mean() for i in range(point.colluders)]
     names = [f"image{i}" for i in range(len(logits))]
-    weights = whitened_weights(model.extractor, logits, settings.decoding)  # None unless decoding=soft_whitened
-    null = code_null(model.extractor, settings.decoding)  # None unless decoding=soft_code_null
+    weights = whitened_weights(model.reader, logits, settings.decoding)  # None unless decoding=soft_whitened
+    null = code_null(model.reader, settings.decoding)  # None unless decoding=soft_code_null
     rate = users.screen_pass_rate or 1.0  # the distributor's test of a screened registry (distributor/attribution.py)
     attributed = attribute_logits(logits, users.index, names, fpr=settings.fpr * rate, decoding=settings.decoding,
                                   weights=weights, null=null)["images"]
     caught, innocents = _traced(logits, weights, null, users, names, settings, point.colluders, "evidence")
     tardos_caught, tardos_innocents = _traced(logits, weights, null, users, names, settings, point.colluders, "tardos")
     colluders = users.colluder_ids
-    base_logits = batched.extract(model.extractor, images.base_outputs, settings.device).double().numpy()
+    base_logits = batched.extract(model.reader, images.base_outputs, settings.device).double().numpy()
     if weights is not None:  # the one-code test reads what attribution reads
-        logits, base_logits = weights, whitened_weights(model.extractor, base_logits, settings.decoding)
+        logits, base_logits = weights, whitened_weights(model.reader, base_logits, settings.decoding)
     fid_proxy = fid_proxy_base = None
     if fid_net is not None and images.outputs.shape[-2:] == images.real.shape[-2:]:  # no proxy across sizes
         fid_proxy = frechet_distance_proxy(images.outputs, images.real, fid_net)

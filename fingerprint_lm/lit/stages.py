@@ -229,15 +229,15 @@ def evaluate_fingerprint(
         else:  # a stock decode wants latents in the VAE's dtype (bf16 weights); PersonalizedDecoder casts
             base = model.reference_vae.decode(latents.to(model.reference_vae.dtype)).sample.float()
         out = _decode_users(model, latents, bits)
-        correct += ((model.extractor(out) > 0).long() == bits).float().sum().item()
+        correct += ((model.reader(out) > 0).long() == bits).float().sum().item()
         psnrs.append(psnr(out, base))
         ssims.append(ssim(out, base) * len(images))
         for name, probe in probes.items():
-            probe_correct[name] += ((model.extractor(probe(out, attack_generator)) > 0).long()
+            probe_correct[name] += ((model.reader(probe(out, attack_generator)) > 0).long()
                                     == bits).float().sum().item()
         if model.pnm.spatial_site_name is not None:
             no_carrier = model.pnm(latents, bits, carriers=False)
-            no_carrier_correct += ((model.extractor(no_carrier) > 0).long() == bits).float().sum().item()
+            no_carrier_correct += ((model.reader(no_carrier) > 0).long() == bits).float().sum().item()
         total += len(images)
     n_bits = total * model.fingerprint_bits
     metrics = {

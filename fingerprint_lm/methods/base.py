@@ -11,6 +11,7 @@ import torch
 
 from fingerprint_lm.errors import ConfigError, check_float, check_int, check_keys, keyword_names, settings_from
 from fingerprint_lm.lit.training_settings import TrainingSettings
+from fingerprint_lm.methods.content_reader import check_content_reader_settings
 from fingerprint_lm.models.act import ACT_TYPES, apply_act, draw_act
 from fingerprint_lm.models.augment import AugmentConfig
 from fingerprint_lm.models.checkpoint import FingerprintModel, build_fingerprint_model
@@ -43,6 +44,10 @@ class FingerprintMethod:
             training task fits the floors ``task=issue`` screens codes with
             (``distributor/screening.py: fit_floors``) and records them in the checkpoint; None:
             its copies are issued unscreened.
+        content_reader: ``{train_images, unmarked_images, calibration_images, steps, seed}``: last
+            of all, the distributor's content-dividing reader is fitted to the trained model
+            (``methods/content_reader.py``; it reads a band-energy reader's filters); None: none,
+            found images are read with the extractor.
     """
 
     name: str
@@ -57,6 +62,7 @@ class FingerprintMethod:
     second_cycle: dict[str, Any] | None = None
     shipped_second_cycle: dict[str, Any] | None = None
     issue_screen: dict[str, Any] | None = None
+    content_reader: dict[str, Any] | None = None
 
     # False: nothing is shared across users to train (stable_signature trains each copy instead);
     # the training stage then runs only the method's hooks.
@@ -76,6 +82,18 @@ class FingerprintMethod:
         for where in ("second_cycle", "shipped_second_cycle"):
             self._check_cycle(where, getattr(self, where))
         self._check_issue_screen()
+        self._check_content_reader()
+
+    def _check_content_reader(self) -> None:
+        if self.content_reader is None:
+            return
+        if not isinstance(self.content_reader, dict):
+            raise ConfigError(f"method.content_reader must be a mapping {{train_images, ...}} or null, "
+                              f"got {self.content_reader!r}")
+        self.content_reader = check_content_reader_settings(self.content_reader)
+        if self.extractor.get("kind") != "band_energy":
+            raise ConfigError("method.content_reader reads the band reader's filters: it needs "
+                              "method.extractor.kind=band_energy (or method.content_reader=null)")
 
     def _check_issue_screen(self) -> None:
         screen = self.issue_screen

@@ -3,7 +3,8 @@
 Layout of a checkpoint directory::
 
     base_vae/                     diffusers AutoencoderKL folder (config.json + safetensors)
-    fingerprint.safetensors       PNM (mapping, heads, carriers) and extractor tensors
+    fingerprint.safetensors       PNM (mapping, heads, carriers) and extractor tensors; the content
+                                  reader's, where one was fitted (models/content_reader.py)
     fingerprint.json              how to rebuild the modules (bits, sites, tile, widths) + provenance
     reference_vae/                (methods that train the shared decoder) the decoder as it was
     SHA256SUMS                    every file's SHA-256 (``sha256sum -c`` format), checked on load:
@@ -26,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fingerprint_lm.errors import CheckpointError
+from fingerprint_lm.models.content_reader import content_reader_from
 from fingerprint_lm.models.extractor import build_extractor
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.vae import load_vae
@@ -73,6 +75,14 @@ class FingerprintModel:
     reference_vae: Any = None
     # the distributor's fit of a code's probe read (distributor/read_predictor.py), {} when none
     issue_predictor: dict[str, torch.Tensor] = field(default_factory=dict)
+    # pnm's content-dividing reader (models/content_reader.py), fitted after training; None when none
+    content_reader: Any = None
+
+    @property
+    def reader(self) -> Any:
+        """What the distributor reads found images with: the content reader where one was fitted,
+        else the extractor (which training reads with, and keeps reading with)."""
+        return self.extractor if self.content_reader is None else self.content_reader
 
     @property
     def unmarked_vae(self) -> Any:
@@ -107,6 +117,8 @@ def private_state_dict(model: FingerprintModel) -> dict[str, torch.Tensor]:
     }
     state.update({f"extractor.{k}": v for k, v in model.extractor.state_dict().items()})
     state.update({f"issue_predictor.{k}": v for k, v in model.issue_predictor.items()})
+    if model.content_reader is not None:  # without its base VAE, which the checkpoint keeps already
+        state.update({f"content_reader.{k}": v for k, v in model.content_reader.own_state().items()})
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
@@ -181,6 +193,14 @@ def load_fingerprint_model(directory: str | Path | None = None, map_location: st
         raise CheckpointError(f"checkpoint {directory} does not match its config: {str(exc).splitlines()[0]}") from exc
     if (directory / "reference_vae").is_dir():
         model.reference_vae = load_vae(directory / "reference_vae").eval()
+    content_state = {k[len("content_reader."):]: v for k, v in state.items() if k.startswith("content_reader.")}
+    if content_state:
+        try:
+            model.content_reader = content_reader_from(model.extractor, model.unmarked_vae)
+            model.content_reader.load_own_state(content_state)
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint {directory}: {str(exc).splitlines()[0]}") from exc
+        model.content_reader.eval()
     model.vae.eval()
     # A loaded model is used, not trained: a reader with learned filters must not collect
     # gradients when a copy is fine-tuned against it (stable_signature).

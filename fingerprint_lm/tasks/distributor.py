@@ -118,9 +118,9 @@ def _read_suspects(cfg: DictConfig, task: str, score) -> dict:
     model = load_fingerprint_model(checkpoint_dir(cfg))
     with open_registry(settings.registry, model.fingerprint_bits, method=model.method) as reg:
         paths = _required(cfg, "images", task, "PATH (an image file or a folder)")
-        images, skipped = read_suspect_images(paths, min_size=int(model.extractor.min_image_size))
+        images, skipped = read_suspect_images(paths, min_size=int(model.reader.min_image_size))
         rate = bound_pass_rate(reg.screen_pass_rate(), model.meta.get("issue_screen"))
-        return {**score(model.extractor, reg.index(), images, settings, rate), "skipped": skipped}
+        return {**score(model.reader, reg.index(), images, settings, rate), "skipped": skipped}
 
 
 def task_attribute(cfg: DictConfig, context: TaskContext) -> dict:

@@ -42,7 +42,7 @@ from fingerprint_lm.models.checkpoint import (
 from fingerprint_lm.models.vae import load_vae
 from fingerprint_lm.report.tables import write_summary
 from fingerprint_lm.storage import config_hash
-from fingerprint_lm.tasks.train import method_from_config, train_from_config
+from fingerprint_lm.tasks.train import content_reader_from_config, method_from_config, train_from_config
 from fingerprint_lm.tasks.training_record import matches_shipped, record_training_config, training_record
 from fingerprint_lm.tasks.wrapper import Task, TaskContext
 
@@ -149,8 +149,11 @@ def train_sweep_model(cfg: DictConfig, target: Path, base_vae_dir: Path) -> None
     datamodule = instantiate(cfg.data)
     model, _, facts = train_from_config(cfg, load_vae(base_vae_dir), datamodule, make_trainer,
                                         seed=int(cfg.sweep.train_seed))
+    content_reader = content_reader_from_config(cfg, model, datamodule)  # as the training task fits it
     quality = stages.evaluate_fingerprint(model, datamodule.test_dataloader(), int(cfg.eval.max_images))
     record_training_config(model, cfg, {**facts, **quality})  # facts: steps, and pnm's calibration slopes
+    if content_reader:
+        model.meta["content_reader"] = content_reader
     model.meta["metrics"]["train_seconds"] = facts["train_seconds"]
     model.meta["trained_by"] = "collusion sweep (fingerprint_lm.tasks.sweep_point.train_sweep_model)"
     save_fingerprint_model(model, target)

@@ -109,7 +109,7 @@ def _resolution(s: Settings, pipe, model) -> int:
         resolution = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     if resolution % 8:
         raise ConfigError(f"text2image.resolution must be a multiple of 8 (StableDiffusionPipeline), got {resolution}")
-    smallest = int(model.extractor.min_image_size)
+    smallest = int(model.reader.min_image_size)
     if resolution < smallest:
         raise ConfigError(f"text2image.resolution={resolution} is smaller than the extractor reads ({smallest} px)")
     return resolution
@@ -136,7 +136,7 @@ def run_text2image_eval(cfg: DictConfig, context: TaskContext) -> dict[str, Any]
     torch.manual_seed(settings.seed)  # nothing should draw from the global generator; this pins it if a scheduler does
     # Written beside the target and swapped in at the end: a crash never mixes old and new images.
     with atomic_directory(output_dir / "images") as images_tmp:
-        owner = CopyOwner(user_id=s.user_id, code=row["code"], extractor=model.extractor.float().cpu().eval(),
+        owner = CopyOwner(user_id=s.user_id, code=row["code"], extractor=model.reader.float().cpu().eval(),
                           index=index, fpr=s.fpr, decoding=s.distributor.decoding, screen_pass_rate=rate)
         generation = Generation(resolution=resolution, num_inference_steps=settings.num_inference_steps,
                                 guidance_scale=settings.guidance_scale, seed=settings.seed,

@@ -20,6 +20,7 @@ from fingerprint_lm.distributor.screening import fit_floors
 from fingerprint_lm.errors import CheckpointError, ConfigError, check_int
 from fingerprint_lm.lit import stages
 from fingerprint_lm.methods import FingerprintMethod
+from fingerprint_lm.methods.content_reader import fit_content_reader
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, save_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.models.vae import BaseVAESpec
 from fingerprint_lm.report.plots import write_training_curve
@@ -177,10 +178,13 @@ def train(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
         # writes the outputs (with ddp_spawn this is the main process, after fit returned).
         return {"fingerprint_bits": int(cfg.fingerprint_bits), **train_facts, **vae_facts}
     write_training_curve(module.history, output_dir / "training_curve.csv", output_dir / "training_curve.png")
+    content_reader = content_reader_from_config(cfg, model, datamodule)  # evaluated with it, as the distributor reads
     eval_metrics = stages.evaluate_fingerprint(model, datamodule.test_dataloader(), cfg.eval.max_images)
     metrics: dict[str, Any] = {"fingerprint_bits": int(cfg.fingerprint_bits), **eval_metrics, **train_facts,
                                **vae_facts}
     record_training_config(model, cfg, metrics)
+    if content_reader:
+        model.meta["content_reader"] = metrics["content_reader"] = content_reader
     screen = method_from_config(cfg).issue_screen
     if screen is not None:  # the floors task=issue screens this checkpoint's codes with (distributor/screening.py)
         floors = fit_floors(model, **screen)
@@ -194,6 +198,15 @@ def train(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
     for logger in context.loggers:
         logger.log_metrics({f"eval/{k}": v for k, v in flatten(metrics).items() if isinstance(v, float | int)})
     return metrics
+
+
+def content_reader_from_config(cfg: DictConfig, model, datamodule) -> dict[str, float] | None:
+    """Fit pnm's content reader (``method.content_reader``) on the training stream; its figures."""
+    settings = getattr(method_from_config(cfg), "content_reader", None)
+    if not settings:
+        return None
+    log.info("fitting the content reader (%s)", settings)
+    return fit_content_reader(model, (batch["image"] for batch in datamodule.train_dataloader()), **settings)
 
 
 def _with_predictor(model, floors: dict[str, Any], codes: int, metrics: dict[str, Any]) -> dict[str, Any]:

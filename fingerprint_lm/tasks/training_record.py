@@ -16,9 +16,9 @@ from fingerprint_lm.models.checkpoint import recorded_method
 def training_recipe(cfg: DictConfig) -> dict[str, Any]:
     """The method's training settings that shape the trained model but are not needed to rebuild
     it: ``train`` (losses, learning rates, the worst-case term), ``augment``,
-    ``detector_fit_samples`` and (pnm) ``bit_calibration_images``. Recorded so that the sweep does
-    not take a shipped checkpoint trained with another recipe (say ``method.train.wc_rho=0.002``)
-    for the one it was asked for."""
+    ``detector_fit_samples`` and (pnm) ``bit_calibration_images`` and ``content_reader``. Recorded
+    so that the sweep does not take a shipped checkpoint trained with another recipe (say
+    ``method.train.wc_rho=0.002``) for the one it was asked for."""
     method = cfg.method
     recipe = {
         "train": OmegaConf.to_container(method.get("train", {}), resolve=True),
@@ -30,6 +30,8 @@ def training_recipe(cfg: DictConfig) -> dict[str, Any]:
         recipe["bit_calibration_images"] = method.bit_calibration_images
     if method.get("second_cycle") is not None:  # only when set: one-cycle records stay as they were shipped
         recipe["second_cycle"] = OmegaConf.to_container(method.second_cycle, resolve=True)
+    if method.get("content_reader") is not None:  # likewise: records without one stay as they were shipped
+        recipe["content_reader"] = OmegaConf.to_container(method.content_reader, resolve=True)
     if cfg.get("init_from") is not None:  # a fine-tune of another checkpoint is not a fresh training
         recipe["init_from"] = str(cfg.init_from)
     return recipe

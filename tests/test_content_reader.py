@@ -1,0 +1,132 @@
+"""pnm's content-dividing reader (models/content_reader.py, methods/content_reader.py): what it reads
+before and after its fit, that its readout keeps unmarked logits white, and that a checkpoint keeps
+it without a second copy of its base VAE."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fingerprint_lm.errors import ConfigError, DataError
+from fingerprint_lm.methods.content_reader import _segments, fit_content_reader
+from fingerprint_lm.models.checkpoint import (
+    build_fingerprint_model,
+    load_fingerprint_model,
+    save_fingerprint_model,
+    shipped_checkpoint,
+)
+from fingerprint_lm.models.content_reader import ContentRatioReader, content_reader_from, fit_readout
+from fingerprint_lm.models.extractor import soft_null
+from fingerprint_lm.models.vae import build_vae
+from tests.test_pooled_extractor import images
+
+TINY_VAE = {"block_out_channels": [8, 16], "down_block_types": ["DownEncoderBlock2D"] * 2,
+            "up_block_types": ["UpDecoderBlock2D"] * 2, "norm_num_groups": 4}
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """An untrained stock-weight model on a 2-level VAE: 8-bit codes, a band reader."""
+    torch.manual_seed(0)
+    vae = build_vae(TINY_VAE).eval()
+    extractor = {"kind": "band_energy", "band_energy": {"seed": 5}}
+    return build_fingerprint_model(vae, 8, {"spatial_site": None, "mapping_hidden": 16,
+                                            "affine_sites": ["up_blocks.*.resnets.*.norm1"]}, extractor,
+                                   {"method": "pnm"})
+
+
+def test_an_unfitted_content_reader_reads_what_the_band_reader_reads_raw(tiny_model):
+    band = tiny_model.extractor
+    reader = content_reader_from(band, tiny_model.vae)
+    x = images(6)
+    with torch.no_grad():
+        assert torch.allclose(reader.raw_logits(x), band.raw_logits(x), atol=1e-6)
+        reads = reader.reads(x)
+        # the second half is the ratio to the image as the base VAE re-makes it: not the image's own energies
+        remade = band.raw_logits(reader.remade(x))
+        assert torch.allclose(reads[:, 8:], reads[:, :8] - remade, atol=1e-5)
+        assert (reads[:, 8:] - reads[:, :8]).abs().max() > 0.1
+
+
+def test_the_readout_learns_bits_carried_by_the_ratio_and_keeps_unmarked_logits_white():
+    """Reads whose image half is content noise and whose ratio half carries each bit as a +-0.5
+    shift (plus its own noise): the orthonormal readout finds the bits, and the unmarked reads it
+    maps stay white (zero median, identity covariance after the reader's own whitening)."""
+    k, generator = 8, torch.Generator().manual_seed(0)
+    reader = ContentRatioReader(k)
+
+    def draw(n, codes=None):
+        content = 2.0 * torch.randn(n, k, generator=generator)
+        ratio = 0.3 * content + torch.randn(n, k, generator=generator)
+        if codes is not None:
+            ratio = ratio + (codes.float() - 0.5) * 1.5
+        return torch.cat([content, ratio], 1)
+
+    codes = torch.randint(0, 2, (4096, k), generator=generator)
+    train_acc = fit_readout(reader, draw(4096), draw(4096, codes), codes, steps=300)
+    assert train_acc > 0.75, train_acc
+    held_codes = torch.randint(0, 2, (2048, k), generator=generator)
+    logits = reader.logits_from_reads(draw(2048, held_codes))
+    assert ((logits > 0).long() == held_codes).float().mean() > 0.75
+    unmarked = reader.logits_from_reads(draw(8192)) / reader.gain
+    assert unmarked.median(0).values.abs().max() < 0.06
+    covariance = torch.from_numpy(np.cov(unmarked.T.double().numpy()))
+    assert torch.allclose(covariance, torch.eye(k, dtype=torch.float64), atol=0.1), covariance
+    assert soft_null(reader) is not None  # attribution's soft null holds for it as for the band reader
+
+
+def test_a_content_reader_without_its_base_vae_or_with_bad_reads_is_refused(tiny_model):
+    reader = ContentRatioReader(8)
+    with pytest.raises(ConfigError, match="no base VAE attached"):
+        reader(images(2))
+    with pytest.raises(DataError, match="at least 7 px"):
+        content_reader_from(tiny_model.extractor, tiny_model.vae)(torch.zeros(1, 3, 6, 6))
+    with torch.no_grad():  # ... and reads any image the band reader reads, whatever the VAE's downscale factor
+        assert content_reader_from(tiny_model.extractor, tiny_model.vae)(images(2, 11)).shape == (2, 8)
+    with pytest.raises(DataError, match=r"\[n, 16\] reads"):
+        fit_readout(reader, torch.zeros(40, 8), torch.zeros(40, 8), torch.zeros(40, 8))
+    with pytest.raises(ConfigError, match="band-energy reader's filters"):
+        content_reader_from(torch.nn.Linear(2, 2), tiny_model.vae)
+
+
+def test_the_fit_takes_consecutive_disjoint_runs_of_the_stream_and_says_when_it_runs_out():
+    stream = [torch.arange(5), torch.arange(5, 12)]
+    runs = [(name, part.tolist()) for name, part in _segments(stream, {"a": 3, "b": 6, "c": 2})]
+    assert runs == [("a", [0, 1, 2]), ("b", [3, 4]), ("b", [5, 6, 7, 8]), ("c", [9, 10])]
+    with pytest.raises(DataError, match="ran out of training images"):
+        list(_segments(stream, {"a": 10, "b": 5}))
+
+
+def test_a_fitted_content_reader_round_trips_through_a_checkpoint_without_its_vae(tiny_model, tmp_path):
+    model = build_fingerprint_model(tiny_model.vae, 8, {"spatial_site": None, "mapping_hidden": 16,
+                                                        "affine_sites": ["up_blocks.*.resnets.*.norm1"]},
+                                    {"kind": "band_energy", "band_energy": {"seed": 5}}, {"method": "pnm"})
+    model.meta.update({"fingerprint_bits": 8, "pnm": {"spatial_site": None, "mapping_hidden": 16,
+                                                      "affine_sites": ["up_blocks.*.resnets.*.norm1"]},
+                       "extractor": {"kind": "band_energy", "band_energy": {"seed": 5}}})
+    torch.manual_seed(1)
+    figures = fit_content_reader(model, images(200, 16, seed=9).split(64), train_images=80, unmarked_images=40,
+                                 calibration_images=40, steps=20, seed=3)
+    assert set(figures) >= {"readout_bit_acc", "calibration_bit_acc", "bit_slope_median"}
+    assert model.reader is model.content_reader and model.content_reader.reference is model.unmarked_vae
+    save_fingerprint_model(model, tmp_path / "ckpt")
+    from safetensors.torch import load_file
+
+    keys = set(load_file(tmp_path / "ckpt" / "fingerprint.safetensors"))
+    assert "content_reader.readout" in keys and not any(k.startswith("content_reader.reference.") for k in keys)
+    loaded = load_fingerprint_model(tmp_path / "ckpt")
+    x = images(4)
+    with torch.no_grad():
+        assert torch.allclose(loaded.reader(x), model.reader(x), atol=1e-5)
+        assert not torch.allclose(loaded.reader(x), loaded.extractor(x), atol=1e-2)
+
+
+def test_the_shipped_pnm_checkpoint_reads_with_its_content_reader():
+    """Fitted by experiments/fit_content_reader.py, recorded in the checkpoint and in its recipe (so
+    the collusion sweep still takes it for conf/method/pnm.yaml's)."""
+    model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
+    assert model.content_reader is not None and model.reader is model.content_reader
+    assert model.content_reader.reference is model.reference_vae
+    assert model.meta["recipe"]["content_reader"]["train_images"] == 8192
+    assert model.meta["content_reader"]["calibration_bit_acc"] > 0.9
