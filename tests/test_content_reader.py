@@ -130,3 +130,23 @@ def test_the_shipped_pnm_checkpoint_reads_with_its_content_reader():
     assert model.content_reader.reference is model.reference_vae
     assert model.meta["recipe"]["content_reader"]["train_images"] == 8192
     assert model.meta["content_reader"]["calibration_bit_acc"] > 0.9
+
+
+def test_a_repeated_read_is_remembered_until_the_reader_or_the_images_change(tiny_model):
+    """The sweep reads the same base-decoder outputs at every point of a model; batched.extract_repeated
+    remembers them, keyed on every tensor of the reader (its base VAE's too) and on the images."""
+    from fingerprint_lm.models import batched
+
+    reader = content_reader_from(tiny_model.extractor, build_vae(TINY_VAE).eval())
+    reader.readout.copy_(torch.cat([torch.eye(8), torch.eye(8)], 1) / 2**0.5)  # reads the ratio too
+    x = images(5)
+    first = batched.extract_repeated(reader, x)
+    assert torch.equal(first, batched.extract(reader, x))
+    calls = []
+    reader.register_forward_hook(lambda *args: calls.append(1))
+    assert torch.equal(batched.extract_repeated(reader, x), first) and not calls  # remembered
+    with torch.no_grad():
+        reader.reference.decoder.conv_out.bias.add_(0.1)  # the attached VAE changed: read anew
+    changed = batched.extract_repeated(reader, x)
+    assert calls and not torch.equal(changed, first)
+    assert not torch.equal(batched.extract_repeated(reader, x.flip(-1)), changed)

@@ -323,7 +323,7 @@ def score(model: FingerprintModel, users: Users, point: Point, images: PointImag
     caught, innocents = _traced(logits, weights, null, users, names, settings, point.colluders, "evidence")
     tardos_caught, tardos_innocents = _traced(logits, weights, null, users, names, settings, point.colluders, "tardos")
     colluders = users.colluder_ids
-    base_logits = batched.extract(model.reader, images.base_outputs, settings.device).double().numpy()
+    base_logits = batched.extract_repeated(model.reader, images.base_outputs, settings.device).double().numpy()
     if weights is not None:  # the one-code test reads what attribution reads
         logits, base_logits = weights, whitened_weights(model.reader, base_logits, settings.decoding)
     fid_proxy = fid_proxy_base = None
