@@ -191,9 +191,9 @@ def test_init_from_continues_the_shipped_pnm_model_and_records_it(tmp_path):
              "method.content_reader={unmarked_images: 256, train_images: 512, steps: 200, calibration_images: 256, "
              "seed: 91}", "+method.issue_screen.candidates=16", "+method.issue_screen.rate_candidates=16"]
     metrics = run(compose_config(tmp_path, quick, tiny=False))
-    # the shipped model: 0.938 at 29.9 dB with the band reader on the training run's images, 0.97 with its content reader
+    # the shipped model: 0.938 at 29.9 dB with the band reader (the training run's images), 0.97 with its content reader
     assert metrics["bit_acc"] > 0.85 and metrics["psnr"] > 29.0, metrics
-    assert metrics["content_reader"]["calibration_bit_acc"] > 0.85, metrics["content_reader"]  # refitted on the fine-tune
+    assert metrics["content_reader"]["calibration_bit_acc"] > 0.85, metrics["content_reader"]  # refitted on the tune
     assert metrics["init_from"].endswith("embedded_pnm")
     recorded = json.loads((tmp_path / "run" / "fingerprint_model" / "fingerprint.json").read_text())
     assert recorded["recipe"]["init_from"] == "shipped"
