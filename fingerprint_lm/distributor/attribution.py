@@ -33,6 +33,7 @@ users' marked images (``experiments/results/screened_marked_null.md``).
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -117,7 +118,6 @@ def _read_one(file: Path, min_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def extract_logits(extractor: torch.nn.Module, images: Sequence[torch.Tensor], batch_size: int = 64) -> np.ndarray:
     """Extractor logits ``float64 [n, k]``; images may differ in size: runs of same-sized images are
     read ``batch_size`` at a time (the content reader re-encodes each image with a VAE: one at a
@@ -125,13 +125,9 @@ def extract_logits(extractor: torch.nn.Module, images: Sequence[torch.Tensor], b
     if len(images) == 0:
         raise DataError("no images to read a fingerprint from")
     extractor.eval()
-    rows, start = [], 0
-    while start < len(images):
-        end = start + 1
-        while end < len(images) and end - start < batch_size and images[end].shape == images[start].shape:
-            end += 1
-        rows.append(extractor(torch.stack(list(images[start:end])).float()).double())
-        start = end
+    rows = []
+    for _, run in itertools.groupby(images, key=lambda image: tuple(image.shape)):
+        rows += [extractor(batch).double() for batch in torch.stack(list(run)).float().split(batch_size)]
     return torch.cat(rows).numpy()
 
 

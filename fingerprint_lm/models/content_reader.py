@@ -93,13 +93,16 @@ class ContentRatioReader(WhitenedReader):
     def whitened_reads(self, reads: torch.Tensor) -> torch.Tensor:
         return (reads - self.feature_centre) @ self.feature_matrix.T
 
+    def raw_from_reads(self, reads: torch.Tensor) -> torch.Tensor:
+        """The readout's raw logits of images whose :meth:`reads` are ``reads`` (fits keep the reads)."""
+        return self.whitened_reads(reads) @ self.readout.T
+
     def raw_logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.whitened_reads(self.reads(images)) @ self.readout.T
+        return self.raw_from_reads(self.reads(images))
 
     def logits_from_reads(self, reads: torch.Tensor) -> torch.Tensor:
-        """What :meth:`forward` gives for images whose :meth:`reads` are ``reads`` (fits keep the reads)."""
-        raw = self.whitened_reads(reads) @ self.readout.T
-        return self.gain * (raw - self.whiten_mean) @ self.whiten_matrix.T * self.bit_scale
+        """What :meth:`forward` gives for images whose :meth:`reads` are ``reads``."""
+        return self.logits_from_raw(self.raw_from_reads(reads))
 
 
 def content_reader_from(band_reader: WhitenedReader, reference: nn.Module) -> ContentRatioReader:
@@ -146,6 +149,5 @@ def fit_readout(reader: ContentRatioReader, unmarked: torch.Tensor, marked: torc
             loss.backward()
             optimizer.step()
     reader.readout.copy_(rows.weight.detach().to(reader.readout))
-    raw = reader.whitened_reads(unmarked.to(reader.feature_centre)) @ reader.readout.T
-    reader.fit_whitening_raw(raw.float().cpu())
+    reader.fit_whitening_raw(reader.raw_from_reads(unmarked.to(reader.feature_centre)).float().cpu())
     return float(((white @ rows.weight.detach().T > 0).float() == target).float().mean())

@@ -126,8 +126,12 @@ class WhitenedReader(nn.Module):
         raise NotImplementedError
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_raw(self.raw_logits(images))
+
+    def logits_from_raw(self, raw: torch.Tensor) -> torch.Tensor:
+        """The logits of images whose raw logits are ``raw`` (fits that keep the raw logits use it)."""
         # (gain * x) @ W' first, as before bit_scale existed: an uncalibrated reader's logits keep their bits
-        return self.gain * (self.raw_logits(images) - self.whiten_mean) @ self.whiten_matrix.T * self.bit_scale
+        return self.gain * (raw - self.whiten_mean) @ self.whiten_matrix.T * self.bit_scale
 
     @torch.no_grad()
     def fit_whitening(self, unmarked: torch.Tensor, batch_size: int = 256, eps: float = 1e-6) -> None:

@@ -151,9 +151,8 @@ def train_sweep_model(cfg: DictConfig, target: Path, base_vae_dir: Path) -> None
                                         seed=int(cfg.sweep.train_seed))
     content_reader = content_reader_from_config(cfg, model, datamodule)  # as the training task fits it
     quality = stages.evaluate_fingerprint(model, datamodule.test_dataloader(), int(cfg.eval.max_images))
-    record_training_config(model, cfg, {**facts, **quality})  # facts: steps, and pnm's calibration slopes
-    if content_reader:
-        model.meta["content_reader"] = content_reader
+    # facts: steps, and pnm's calibration slopes
+    record_training_config(model, cfg, {**facts, **quality, **content_reader})
     model.meta["metrics"]["train_seconds"] = facts["train_seconds"]
     model.meta["trained_by"] = "collusion sweep (fingerprint_lm.tasks.sweep_point.train_sweep_model)"
     save_fingerprint_model(model, target)

@@ -181,10 +181,8 @@ def train(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
     content_reader = content_reader_from_config(cfg, model, datamodule)  # evaluated with it, as the distributor reads
     eval_metrics = stages.evaluate_fingerprint(model, datamodule.test_dataloader(), cfg.eval.max_images)
     metrics: dict[str, Any] = {"fingerprint_bits": int(cfg.fingerprint_bits), **eval_metrics, **train_facts,
-                               **vae_facts}
+                               **vae_facts, **content_reader}
     record_training_config(model, cfg, metrics)
-    if content_reader:
-        model.meta["content_reader"] = metrics["content_reader"] = content_reader
     screen = method_from_config(cfg).issue_screen
     if screen is not None:  # the floors task=issue screens this checkpoint's codes with (distributor/screening.py)
         floors = fit_floors(model, **screen)
@@ -200,13 +198,16 @@ def train(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
     return metrics
 
 
-def content_reader_from_config(cfg: DictConfig, model, datamodule) -> dict[str, float] | None:
-    """Fit pnm's content reader (``method.content_reader``) on the training stream; its figures."""
+def content_reader_from_config(cfg: DictConfig, model, datamodule) -> dict[str, dict[str, float]]:
+    """Fit pnm's content reader (``method.content_reader``) on the training stream:
+    ``{"content_reader": its figures}`` for the run's metrics (which the checkpoint records), or
+    ``{}`` when the method fits none."""
     settings = getattr(method_from_config(cfg), "content_reader", None)
     if not settings:
-        return None
+        return {}
     log.info("fitting the content reader (%s)", settings)
-    return fit_content_reader(model, (batch["image"] for batch in datamodule.train_dataloader()), **settings)
+    images = (batch["image"] for batch in datamodule.train_dataloader())
+    return {"content_reader": fit_content_reader(model, images, **settings)}
 
 
 def _with_predictor(model, floors: dict[str, Any], codes: int, metrics: dict[str, Any]) -> dict[str, Any]:

@@ -49,6 +49,8 @@ def record_training_config(model, cfg: DictConfig, metrics: dict[str, Any]) -> N
             "metrics": {k: v for k, v in metrics.items() if k in ("bit_acc", "psnr", "ssim", "steps")},
         }
     )
+    if "content_reader" in metrics:  # pnm's content reader's fit (methods/content_reader.py), as fit_content_reader.py
+        model.meta["content_reader"] = metrics["content_reader"]
     calibration = {k: v for k, v in metrics.items() if k.startswith("bit_slope_")}
     if calibration:  # pnm's per-bit calibration (methods/pnm.py: calibrate_bits), as fit_bit_slopes.py records it
         model.meta["bit_calibration"] = calibration
