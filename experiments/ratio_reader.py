@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,10 +47,10 @@ from soft_attribution import attacked, issue_copies
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from fingerprint_lm.attacks.cases import parse_case
+from fingerprint_lm.attacks.cases import ROBUSTNESS_SUITE, parse_case
 from fingerprint_lm.attacks.model import STATE_ATTACKS
 from fingerprint_lm.distributor.generation import decode_with, held_out_images, training_images
-from fingerprint_lm.errors import check_int, exit_on_user_error
+from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.models.pooled_extractor import bit_slopes, whitening_map
@@ -79,7 +80,8 @@ class OrthogonalReadout:
     """ZCA on unmarked reads, then ``k`` orthonormal rows trained by BCE on marked reads, re-centred
     at the unmarked median, each bit's slope calibrated on marked reads of known codes."""
 
-    def __init__(self, unmarked: np.ndarray, marked: np.ndarray, codes: np.ndarray, steps: int, seed: int) -> None:
+    def __init__(self, unmarked: np.ndarray, marked: np.ndarray, codes: np.ndarray, steps: int, seed: int,
+                 weights: np.ndarray | None = None) -> None:
         centre, matrix = whitening_map(torch.from_numpy(unmarked), "median")
         self.centre, self.matrix = centre.numpy(), matrix.numpy()
         torch.manual_seed(seed)
@@ -88,8 +90,9 @@ class OrthogonalReadout:
         optimizer = torch.optim.Adam([*rows.parameters(), gain], lr=1e-2)
         white = torch.from_numpy(self._white(marked)).float()
         target = torch.from_numpy(codes).float()
+        weight = None if weights is None else torch.from_numpy(weights).float()[:, None] / float(weights.mean())
         for _ in range(steps):  # full batch: a few thousand reads of 96 numbers
-            loss = F.binary_cross_entropy_with_logits(gain * rows(white), target)
+            loss = F.binary_cross_entropy_with_logits(gain * rows(white), target, weight=weight)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -130,12 +133,34 @@ def marked_training_reads(model, n: int, resolution: int) -> tuple[np.ndarray, n
     return reads(model, marked), codes.numpy().astype(np.uint8)
 
 
+@torch.no_grad()
+def attacked_training_reads(model, n: int, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """The marked training images of :func:`marked_training_reads` (same images, same codes), the
+    ``i``-th of ``len(ROBUSTNESS_SUITE)`` consecutive runs under that suite's ``i``-th attack (its
+    own seeds, not the evaluated ones), read the same way."""
+    images = training_images(resolution, n, seed=TRAIN_SEED)
+    codes = torch.randint(0, 2, (n, model.fingerprint_bits), generator=torch.Generator().manual_seed(TRAIN_SEED))
+    latents = batched.encode(model.vae, images)
+    marked = torch.cat([model.pnm(z, c) for z, c in zip(latents.split(256), codes.split(256), strict=True)])
+    runs = marked.tensor_split(len(ROBUSTNESS_SUITE))
+    read = [reads(model, attacked(part, case, TRAIN_SEED + 1000 + i))
+            for i, (case, part) in enumerate(zip(ROBUSTNESS_SUITE, runs, strict=True))]
+    return np.concatenate(read), codes.numpy().astype(np.uint8)
+
+
 def parse_arguments() -> argparse.Namespace:
     parser = copies_parser(__doc__.splitlines()[0])
     parser.add_argument("--train-images", type=int, default=8192,
                         help="marked images the readout is trained on (at least 256: more than its 96 inputs)")
     parser.add_argument("--unmarked", type=int, default=2048, help="unmarked images the reads are whitened on")
     parser.add_argument("--steps", type=int, default=1500, help="full-batch steps of the readout")
+    parser.add_argument("--attack-weights", default="",
+                        help="comma-separated weights w > 0: for each, an image+ratio readout trained on the marked "
+                             "images clean and each under one attack of the robustness suite (other seeds than the "
+                             "evaluated ones), the attacked reads' loss weighted w against the clean reads' 1")
+    parser.add_argument("--content-readers", nargs="*", type=Path, default=[],
+                        help="pnm checkpoints (of the shipped decoder) whose fitted content readers are scored as "
+                             "rows too, on the same reads")
     parser.add_argument("--null-images", type=int, default=4096,
                         help="unmarked images read for false accusations (the evaluated images' base decodes first)")
     args = parser.parse_args()
@@ -147,6 +172,15 @@ def parse_arguments() -> argparse.Namespace:
     check_int("--unmarked", args.unmarked, 256)
     check_int("--steps", args.steps)
     check_int("--null-images", args.null_images, args.images)
+    try:
+        args.attack_weights = [float(w) for w in args.attack_weights.split(",")] if args.attack_weights else []
+    except ValueError:
+        raise ConfigError(f"--attack-weights takes comma-separated numbers, got {args.attack_weights!r}") from None
+    if any(not w > 0 for w in args.attack_weights):
+        raise ConfigError(f"--attack-weights must all be > 0, got {args.attack_weights}")
+    for checkpoint in args.content_readers:
+        if not (checkpoint / "fingerprint.json").is_file():
+            raise ConfigError(f"--content-readers: {checkpoint} is no fingerprint checkpoint (no fingerprint.json)")
     return args
 
 
@@ -178,6 +212,17 @@ def main() -> None:
                                                          calibration_codes, args.steps, slice(0, 2 * k)),
                 "residual, learned readout": _readout(unmarked, train_reads, train_codes, calibration_reads,
                                                       calibration_codes, args.steps, slice(2 * k, 3 * k))}
+    if args.attack_weights:
+        attacked_reads, _ = attacked_training_reads(model, args.train_images, resolution)
+        print(f"attacked training reads ({time.time() - started:.0f} s)", flush=True)
+        both = np.concatenate([train_reads, attacked_reads])
+        for w in args.attack_weights:
+            weights = np.concatenate([np.ones(len(train_reads)), np.full(len(attacked_reads), w)])
+            variants[f"image+ratio, readout trained under attacks (weight {w:g})"] = _readout(
+                unmarked, both, np.concatenate([train_codes, train_codes]), calibration_reads, calibration_codes,
+                args.steps, slice(0, 2 * k), weights)
+    for checkpoint in args.content_readers:
+        variants[f"content reader of {checkpoint}"] = _checkpoint_reader(model, checkpoint, images[:8])
     rows = [score_reader(label, read, control, marked, codes, truth, index) for label, read in variants.items()]
     print_tables(f"pnm (shipped), {args.users} copies x {args.images} held-out images, {args.registry} registered, "
                  f"fpr 1e-6, soft decoding; readouts trained on {args.train_images} marked training images "
@@ -186,9 +231,26 @@ def main() -> None:
     print(f"\n{time.time() - started:.0f} s")
 
 
-def _readout(unmarked, train_reads, train_codes, calibration_reads, calibration_codes, steps, columns):
-    """An :class:`OrthogonalReadout` on the read ``columns``, calibrated; as a function of full reads."""
-    readout = OrthogonalReadout(unmarked[:, columns], train_reads[:, columns], train_codes, steps, seed=0)
+def _checkpoint_reader(model, checkpoint: Path, sample: torch.Tensor):
+    """``checkpoint``'s content reader as a function of full reads (its first ``2k`` columns are
+    its own reads: checked on ``sample``'s base decodes)."""
+    reader = load_fingerprint_model(checkpoint).content_reader
+    if reader is None:
+        raise ConfigError(f"{checkpoint} has no content reader")
+    k = model.fingerprint_bits
+    decoded = decode_with(model.vae, model.unmarked_vae, sample)
+    with torch.no_grad():
+        own = reader.reads(from_uint8(to_uint8(decoded))).double().numpy()
+    gap = float(np.abs(own - reads(model, decoded)[:, :2 * k]).max())
+    if gap > 1e-3:
+        raise RuntimeError(f"{checkpoint}'s content reader reads other numbers than this probe (max gap {gap:.2g})")
+    return lambda raw: reader.logits_from_reads(torch.from_numpy(raw[:, :2 * k]).float()).double().numpy()
+
+
+def _readout(unmarked, train_reads, train_codes, calibration_reads, calibration_codes, steps, columns, weights=None):
+    """An :class:`OrthogonalReadout` on the read ``columns`` (each training read's loss weighted by
+    ``weights``, if given), calibrated; as a function of full reads."""
+    readout = OrthogonalReadout(unmarked[:, columns], train_reads[:, columns], train_codes, steps, 0, weights)
     readout.calibrate(calibration_reads[:, columns], calibration_codes)
     return lambda raw: readout(raw[:, columns])
 
