@@ -101,7 +101,21 @@ def bench_inference(batch_size: int = 64, bits: int = 48, repeats: int = 10) -> 
         "extractor_images_per_s": batch_size / _mean_seconds(lambda: extractor(images), repeats),
         "pnm_decoder_images_per_s": batch_size / _mean_seconds(lambda: pnm(latents, codes), repeats),
         "base_decoder_images_per_s": batch_size / _mean_seconds(lambda: pnm(latents, None), repeats),
+        **_shipped_reader_throughput(images, repeats),
     }
+
+
+def _shipped_reader_throughput(images: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Images a second read by the shipped pnm checkpoint's readers: the band reader training uses,
+    and the content reader attribution and tracing use (each image also encoded and decoded by the
+    base VAE, so it costs about a base VAE round trip)."""
+    model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
+    model.extractor.eval()
+    readers = {"pnm_band_reader": model.extractor}
+    if model.content_reader is not None:
+        readers["pnm_content_reader"] = model.content_reader.eval()
+    return {f"{name}_images_per_s": len(images) / _mean_seconds(lambda r=reader: r(images), repeats)
+            for name, reader in readers.items()}
 
 
 def _method_models() -> dict[str, object]:

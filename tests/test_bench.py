@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from fingerprint_lm import bench
 from fingerprint_lm.models.checkpoint import shipped_checkpoint
@@ -44,3 +45,10 @@ def test_issue_cost_sd_measures_both_methods_on_the_sd_sized_decoder():
     # a predicted screen reads the code only: the unscreened issue plus a predicted draw, and a fit once
     assert row["pnm_issue_s"] < row["predicted_issue_s"] < row["screened_issue_estimate_s"]
     assert row["predictor_fit_estimate_s"] == pytest.approx(screen["predictor"]["fit_codes"] * draw)
+
+
+def test_the_inference_section_times_both_shipped_pnm_readers():
+    """The content reader (a base VAE round trip an image) is timed beside the band reader it wraps."""
+    figures = bench._shipped_reader_throughput(torch.rand(4, 3, 32, 32) * 2 - 1, repeats=1)
+    assert set(figures) == {"pnm_band_reader_images_per_s", "pnm_content_reader_images_per_s"}
+    assert figures["pnm_content_reader_images_per_s"] < figures["pnm_band_reader_images_per_s"]

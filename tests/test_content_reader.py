@@ -76,6 +76,28 @@ def test_the_readout_learns_bits_carried_by_the_ratio_and_keeps_unmarked_logits_
     assert soft_null(reader) is not None  # attribution's soft null holds for it as for the band reader
 
 
+def test_the_readout_weighs_each_marked_read_by_its_weight():
+    """Half the marked reads carry the opposite codes: weighted 0 they teach nothing and the readout
+    learns the bits from the other half; weighted like the rest they cancel it to chance."""
+    k, generator = 8, torch.Generator().manual_seed(1)
+
+    def draw(n, codes=None):
+        reads = torch.randn(n, 2 * k, generator=generator)
+        return reads if codes is None else reads + torch.cat([torch.zeros(n, k), (codes.float() - 0.5) * 2], 1)
+
+    codes = torch.randint(0, 2, (2048, k), generator=generator)
+    marked = torch.cat([draw(2048, codes), draw(2048, 1 - codes)])
+    held_codes = torch.randint(0, 2, (1024, k), generator=generator)
+    held = draw(1024, held_codes)
+    accuracy = {}
+    for name, weights in {"ignored": torch.cat([torch.ones(2048), torch.zeros(2048)]),
+                          "equal": torch.ones(4096)}.items():
+        reader = ContentRatioReader(k)
+        fit_readout(reader, draw(2048), marked, torch.cat([codes, codes]), steps=200, weights=weights)
+        accuracy[name] = float(((reader.logits_from_reads(held) > 0).long() == held_codes).float().mean())
+    assert accuracy["ignored"] > 0.75 and abs(accuracy["equal"] - 0.5) < 0.1, accuracy
+
+
 def test_a_content_reader_without_its_base_vae_or_with_bad_reads_is_refused(tiny_model):
     reader = ContentRatioReader(8)
     with pytest.raises(ConfigError, match="no base VAE attached"):
@@ -86,6 +108,9 @@ def test_a_content_reader_without_its_base_vae_or_with_bad_reads_is_refused(tiny
         assert content_reader_from(tiny_model.extractor, tiny_model.vae)(images(2, 11)).shape == (2, 8)
     with pytest.raises(DataError, match=r"\[n, 16\] reads"):
         fit_readout(reader, torch.zeros(40, 8), torch.zeros(40, 8), torch.zeros(40, 8))
+    with pytest.raises(DataError, match=r"\[40\] weights >= 0, not all 0"):
+        fit_readout(ContentRatioReader(4), torch.randn(40, 8), torch.randn(40, 8), torch.zeros(40, 4, dtype=torch.long),
+                    weights=torch.zeros(40))
     with pytest.raises(ConfigError, match="band-energy reader's filters"):
         content_reader_from(torch.nn.Linear(2, 2), tiny_model.vae)
 
@@ -107,8 +132,9 @@ def test_a_fitted_content_reader_round_trips_through_a_checkpoint_without_its_va
                        "extractor": {"kind": "band_energy", "band_energy": {"seed": 5}}})
     torch.manual_seed(1)
     figures = fit_content_reader(model, images(200, 16, seed=9).split(64), train_images=80, unmarked_images=40,
-                                 calibration_images=40, steps=20, seed=3)
-    assert set(figures) >= {"readout_bit_acc", "calibration_bit_acc", "bit_slope_median"}
+                                 calibration_images=40, steps=20, seed=3, attack_weight=0.5)
+    # the readout trained on the training images clean and under the robustness suite's attacks too
+    assert set(figures) >= {"readout_bit_acc", "attacked_readout_bit_acc", "calibration_bit_acc", "bit_slope_median"}
     assert model.reader is model.content_reader and model.content_reader.reference is model.unmarked_vae
     save_fingerprint_model(model, tmp_path / "ckpt")
     from safetensors.torch import load_file

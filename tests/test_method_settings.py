@@ -51,6 +51,7 @@ BAD_SETTINGS = [  # (override, words the error must hold)
     ("+method.content_reader.images=5", "method.content_reader: unknown key(s) images (known: train_images,"),
     ("method.content_reader.steps=0", "method.content_reader.steps must be a positive integer, got 0"),
     ("method.content_reader.seed=-1", "method.content_reader.seed must be an integer >= 0, got -1"),
+    ("method.content_reader.attack_weight=-1", "method.content_reader.attack_weight must be a finite number >= 0"),
     ("method.extractor.kind=pooled", "method.content_reader reads the band reader's filters"),
 ]
 

@@ -204,7 +204,7 @@ def test_short_pnm_training_reads_above_chance_through_a_stock_loaded_copy(tmp_p
                                             "method.issue_screen={keep: 0.5, min_psnr: 15, candidates: 8, "
                                             "rate_candidates: 16}", "eval.issue_predictor_codes=40",
                                             "method.content_reader={unmarked_images: 256, train_images: 512, "
-                                            "steps: 300, calibration_images: 256, seed: 1}"]))
+                                            "steps: 300, calibration_images: 256, seed: 1, attack_weight: 0.25}"]))
     model = load_fingerprint_model(metrics["checkpoint"])
     assert model.method == "pnm"
     # ... and by fitting the floors task=issue screens codes with (debug=tiny leaves them out; set here)

@@ -298,6 +298,26 @@ def test_sweep_trains_a_model_per_length_once_and_uses_the_shipped_one_where_it_
     assert shipped["model_source"] == "shipped" and shipped["bit_acc"] > 0.95
 
 
+def test_a_pnm_model_the_sweep_trains_reads_with_its_content_reader(tmp_path):
+    """A length the shipped checkpoint lacks trains pnm on the shipped base VAE, fits its content
+    reader last (here on few images, its readout under the attacks too) and caches it with it: the
+    sweep's points then read found images with it, as the distributor does."""
+    overrides = ["+experiment=collusion_sweep", "method=pnm", "act=none", "fingerprint_bits=16", "method.steps=8",
+                 "method.second_cycle=null", "method.issue_screen=null", "method.detector_fit_samples=128",
+                 "method.bit_calibration_images=64", "eval.max_images=32", "data.batch_size=16",
+                 "method.content_reader={unmarked_images: 64, train_images: 64, calibration_images: 64, steps: 20, "
+                 "seed: 1, attack_weight: 0.25}", "sweep.case=none_c1", "sweep.n_images=8", "sweep.n_innocents=20",
+                 "sweep.fid_proxy_steps=0", "trainer.enable_progress_bar=false"]
+    cfg = compose_config(tmp_path / "job", overrides, tiny=False)
+    cfg.paths.cache_dir = str(tmp_path / "cache")
+    metrics = run(cfg)
+    assert metrics["model_source"] == "trained"
+    model = load_fingerprint_model(metrics["point"]["checkpoint"])
+    assert model.reader is model.content_reader is not None
+    assert model.meta["recipe"]["content_reader"]["attack_weight"] == 0.25
+    assert set(model.meta["content_reader"]) >= {"calibration_bit_acc", "attacked_readout_bit_acc"}
+
+
 @pytest.mark.parametrize("method", ["carrier", "pnm", "wouaf"])
 def test_shipped_checkpoints_match_their_method_config_and_no_other_recipe(tmp_path, method):
     """The sweep takes a method's shipped checkpoint only for the training config it records: the

@@ -13,23 +13,30 @@ from typing import Any
 
 import torch
 
-from fingerprint_lm.errors import ConfigError, DataError, check_int
+from fingerprint_lm.attacks.cases import ROBUSTNESS_SUITE, image_case
+from fingerprint_lm.errors import ConfigError, DataError, check_float, check_int
 from fingerprint_lm.models.batched import evaluating
 from fingerprint_lm.models.content_reader import content_reader_from, fit_readout
 from fingerprint_lm.models.vae import encode_latents
 from fingerprint_lm.pixels import from_uint8, to_uint8
 
-CONTENT_READER_KEYS = ("train_images", "unmarked_images", "calibration_images", "steps", "seed")
+CONTENT_READER_KEYS = ("train_images", "unmarked_images", "calibration_images", "steps", "seed", "attack_weight")
+# what the readout is also trained under (attack_weight > 0): the robustness suite the sweep and the
+# training probes score, each attack on its share of every training batch, with seeds of its own
+TRAINING_ATTACKS = ROBUSTNESS_SUITE
 
 
-def check_content_reader_settings(settings: dict[str, Any], fingerprint_bits: int | None = None) -> dict[str, int]:
-    """``method.content_reader`` as checked integers: unknown keys and bad values are refused by name."""
+def check_content_reader_settings(settings: dict[str, Any], fingerprint_bits: int | None = None) -> dict[str, Any]:
+    """``method.content_reader`` checked (integers, ``attack_weight`` a number >= 0): unknown keys
+    and bad values are refused by name."""
     unknown = sorted(set(settings) - set(CONTENT_READER_KEYS))
     if unknown:
         raise ConfigError(f"method.content_reader: unknown key(s) {', '.join(unknown)} "
                         f"(known: {', '.join(CONTENT_READER_KEYS)})")
-    checked = {key: check_int(f"method.content_reader.{key}", settings[key], 0 if key == "seed" else 1)
-               for key in CONTENT_READER_KEYS if key in settings}
+    checked: dict[str, Any] = {key: check_int(f"method.content_reader.{key}", settings[key], 0 if key == "seed" else 1)
+                               for key in CONTENT_READER_KEYS if key in settings and key != "attack_weight"}
+    if "attack_weight" in settings:
+        checked["attack_weight"] = check_float("method.content_reader.attack_weight", settings["attack_weight"], 0)
     if fingerprint_bits is not None:  # whitening 2k reads needs more than 2k images of each kind
         for key in ("train_images", "unmarked_images"):
             if key in checked and checked[key] <= 2 * fingerprint_bits:
@@ -59,22 +66,27 @@ def _segments(chunks: Iterable[torch.Tensor], sizes: dict[str, int]) -> Iterator
 @torch.no_grad()
 def fit_content_reader(model, image_chunks: Iterable[torch.Tensor], train_images: int = 8192,
                        unmarked_images: int = 2048, calibration_images: int = 4096, steps: int = 1500,
-                       seed: int = 91) -> dict[str, float]:
+                       seed: int = 91, attack_weight: float = 0.0) -> dict[str, float]:
     """Fit ``model``'s (a :class:`~fingerprint_lm.models.checkpoint.FingerprintModel` with a band
     reader) content reader and set it as ``model.content_reader``. From consecutive images of
     ``image_chunks``: the base decoder's outputs of ``unmarked_images`` whiten the reads; the PNM
     decoder's outputs of ``train_images``, each under its own random code, train the readout; those
     of ``calibration_images`` more fit each bit's slope. Every output is read as 8-bit pixels, as
-    found images are. Returns the fit's figures (the calibration images' bit accuracy is held out
-    from the readout's training)."""
+    found images are. ``attack_weight > 0`` trains the readout on the training images a second
+    time, each under one attack of :data:`TRAINING_ATTACKS`, their loss weighted ``attack_weight``
+    against the clean reads' 1 (the codes drawn are the same either way). Returns the fit's figures
+    (the calibration images' bit accuracy is held out from the readout's training)."""
     check_int("method.content_reader.steps", steps)
+    check_float("method.content_reader.attack_weight", attack_weight, 0)
     reader = content_reader_from(model.extractor, model.unmarked_vae)
     device = reader.band_weight.device
     k = model.fingerprint_bits
     sizes = {"unmarked": unmarked_images, "train": train_images, "calibration": calibration_images}
-    reads: dict[str, list[torch.Tensor]] = {name: [] for name in sizes}
+    reads: dict[str, list[torch.Tensor]] = {name: [] for name in [*sizes, "attacked"]}
     codes: dict[str, list[torch.Tensor]] = {name: [] for name in sizes}
     generator = torch.Generator().manual_seed(seed)
+    attacks = [image_case(case) for case in TRAINING_ATTACKS] if attack_weight > 0 else []
+    attack_generator = torch.Generator().manual_seed(seed + 1)  # apart: the codes drawn stay the same
     with evaluating(model.vae, model.unmarked_vae, model.pnm, reader), torch.autocast(device.type, enabled=False):
         for name, images in _segments(image_chunks, sizes):
             latents = encode_latents(model.vae, images.to(device))
@@ -84,14 +96,39 @@ def fit_content_reader(model, image_chunks: Iterable[torch.Tensor], train_images
                 code = torch.randint(0, 2, (len(images), k), generator=generator)
                 outputs = model.pnm(latents, code.to(device))
                 codes[name].append(code)
-            reads[name].append(reader.reads(from_uint8(to_uint8(outputs.float())).to(device)).cpu())
+            found = from_uint8(to_uint8(outputs.float())).cpu()
+            reads[name].append(reader.reads(found.to(device)).cpu())
+            if name == "train" and attacks:
+                reads["attacked"].append(_attacked_reads(reader, found, attacks, attack_generator))
     train_reads, train_codes = torch.cat(reads["train"]), torch.cat(codes["train"])
-    readout_bit_acc = fit_readout(reader, torch.cat(reads["unmarked"]), train_reads, train_codes, steps, seed)
-    calibration_reads, calibration_codes = torch.cat(reads["calibration"]), torch.cat(codes["calibration"])
-    logits = reader.logits_from_reads(calibration_reads.to(device)).cpu()
+    marked, marked_codes, weights = train_reads, train_codes, None
+    if attacks:
+        marked, marked_codes = torch.cat([train_reads, *reads["attacked"]]), train_codes.repeat(2, 1)
+        weights = torch.cat([torch.ones(len(train_reads)), torch.full((len(train_reads),), attack_weight)])
+    fit_readout(reader, torch.cat(reads["unmarked"]), marked, marked_codes, steps, seed, weights)
+    calibration_codes = torch.cat(codes["calibration"])
+    logits = reader.logits_from_reads(torch.cat(reads["calibration"]).to(device)).cpu()
     slopes = reader.calibrate_bit_slopes(logits, calibration_codes)
     model.content_reader = reader.eval()
-    return {"readout_bit_acc": readout_bit_acc,
-            "calibration_bit_acc": float(((logits > 0).long() == calibration_codes).float().mean()),
-            "bit_slope_min": float(slopes.min()), "bit_slope_median": float(slopes.median()),
-            "bit_slope_max": float(slopes.max())}
+    figures = {"readout_bit_acc": _bit_acc(reader, train_reads, train_codes),
+               "calibration_bit_acc": float(((logits > 0).long() == calibration_codes).float().mean()),
+               "bit_slope_min": float(slopes.min()), "bit_slope_median": float(slopes.median()),
+               "bit_slope_max": float(slopes.max())}
+    if attacks:
+        figures["attacked_readout_bit_acc"] = _bit_acc(reader, marked[len(train_reads):], train_codes)
+    return figures
+
+
+def _attacked_reads(reader, found: torch.Tensor, attacks: list, generator: torch.Generator) -> torch.Tensor:
+    """Reads of ``found`` images (CPU) cut into ``len(attacks)`` consecutive runs, the ``i``-th under
+    ``attacks[i]`` and saved as 8-bit pixels again: one read per image, in order."""
+    device = reader.band_weight.device
+    runs = zip(attacks, found.tensor_split(len(attacks)), strict=True)
+    return torch.cat([reader.reads(from_uint8(to_uint8(attack(part, generator))).to(device)).cpu()
+                      for attack, part in runs if len(part)])
+
+
+def _bit_acc(reader, reads: torch.Tensor, codes: torch.Tensor) -> float:
+    """The fitted reader's bit accuracy on ``reads`` of images of ``codes``."""
+    logits = reader.logits_from_reads(reads.to(reader.band_weight.device)).cpu()
+    return float(((logits > 0).long() == codes).float().mean())

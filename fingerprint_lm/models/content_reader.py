@@ -119,23 +119,28 @@ def content_reader_from(band_reader: WhitenedReader, reference: nn.Module) -> Co
 
 @torch.no_grad()
 def fit_readout(reader: ContentRatioReader, unmarked: torch.Tensor, marked: torch.Tensor, codes: torch.Tensor,
-                steps: int = 1500, seed: int = 0) -> float:
+                steps: int = 1500, seed: int = 0, weights: torch.Tensor | None = None) -> float:
     """Fit ``reader``'s read whitening on the ``unmarked`` reads ``[n, 2k]``, train its readout's
     orthonormal rows by full-batch BCE on the ``marked`` reads ``[m, 2k]`` of ``codes`` ``[m, k]``
     (Adam, lr 1e-2, a learned logit scale from 3), then whiten its logits on the unmarked reads
-    (median centre: fair bits). The per-bit calibration is the caller's. Returns the readout's bit
-    accuracy on the marked reads."""
+    (median centre: fair bits). ``weights`` ``[m]``, if given, weigh each marked read's loss
+    (attacked reads beside clean ones). The per-bit calibration is the caller's. Returns the
+    readout's bit accuracy on the marked reads."""
     k = reader.fingerprint_bits
     if unmarked.ndim != 2 or unmarked.shape[1] != 2 * k or marked.shape[1:] != unmarked.shape[1:]:
         raise DataError(f"the content reader fits [n, {2 * k}] reads, got {tuple(unmarked.shape)} "
                         f"and {tuple(marked.shape)}")
     if codes.shape != (len(marked), k):
         raise DataError(f"{len(marked)} marked reads need [{len(marked)}, {k}] codes, got {tuple(codes.shape)}")
+    if weights is not None and (weights.shape != (len(marked),) or not bool((weights >= 0).all())
+                                or not bool(weights.sum() > 0)):
+        raise DataError(f"{len(marked)} marked reads need [{len(marked)}] weights >= 0, not all 0")
     centre, matrix = whitening_map(unmarked.double(), "median")
     reader.feature_centre.copy_(centre.to(reader.feature_centre))
     reader.feature_matrix.copy_(matrix.to(reader.feature_matrix))
     white = reader.whitened_reads(marked.to(reader.feature_centre)).float().cpu()
     target = codes.float().cpu()
+    row_weight = None if weights is None else (weights.float().cpu() / weights.float().mean())[:, None]
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # the rows' initial draw; the caller's random stream is given back below
     rows = orthogonal(nn.Linear(2 * k, k, bias=False))
@@ -144,7 +149,7 @@ def fit_readout(reader: ContentRatioReader, unmarked: torch.Tensor, marked: torc
     optimizer = torch.optim.Adam([*rows.parameters(), scale], lr=1e-2)
     with torch.enable_grad():
         for _ in range(steps):  # full batch: a few thousand reads of 2k numbers
-            loss = F.binary_cross_entropy_with_logits(scale * rows(white), target)
+            loss = F.binary_cross_entropy_with_logits(scale * rows(white), target, weight=row_weight)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
