@@ -36,6 +36,7 @@ Prints markdown tables; ``results/ratio_reader.md`` keeps the run's tables.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -176,8 +177,8 @@ def parse_arguments() -> argparse.Namespace:
         args.attack_weights = [float(w) for w in args.attack_weights.split(",")] if args.attack_weights else []
     except ValueError:
         raise ConfigError(f"--attack-weights takes comma-separated numbers, got {args.attack_weights!r}") from None
-    if any(not w > 0 for w in args.attack_weights):
-        raise ConfigError(f"--attack-weights must all be > 0, got {args.attack_weights}")
+    if any(not (w > 0 and math.isfinite(w)) for w in args.attack_weights):
+        raise ConfigError(f"--attack-weights must all be finite numbers > 0, got {args.attack_weights}")
     for checkpoint in args.content_readers:
         if not (checkpoint / "fingerprint.json").is_file():
             raise ConfigError(f"--content-readers: {checkpoint} is no fingerprint checkpoint (no fingerprint.json)")

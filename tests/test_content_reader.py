@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fingerprint_lm.errors import ConfigError, DataError
-from fingerprint_lm.methods.content_reader import _segments, fit_content_reader
+from fingerprint_lm.methods.content_reader import _attacked_reads, _segments, fit_content_reader
 from fingerprint_lm.models.checkpoint import (
     build_fingerprint_model,
     load_fingerprint_model,
@@ -96,6 +96,23 @@ def test_the_readout_weighs_each_marked_read_by_its_weight():
         fit_readout(reader, draw(2048), marked, torch.cat([codes, codes]), steps=200, weights=weights)
         accuracy[name] = float(((reader.logits_from_reads(held) > 0).long() == held_codes).float().mean())
     assert accuracy["ignored"] > 0.75 and abs(accuracy["equal"] - 0.5) < 0.1, accuracy
+
+
+def test_each_training_image_gets_the_next_attack_in_turn_whatever_the_batch():
+    """The i-th training image is read under the (i mod n)-th attack, the stream's running index
+    carried across batches: a batch smaller than the suite still reaches every attack in turn, and
+    the reads come back in the images' order."""
+    class Reader:  # reads an image's first two pixel values
+        fingerprint_bits, band_weight = 1, torch.zeros(1)
+
+        def reads(self, images):
+            return images.flatten(1)[:, :2]
+
+    attacks = [lambda images, generator, v=v: torch.full_like(images, v / 10) for v in range(3)]
+    found = torch.zeros(5, 3, 4, 4)
+    out = _attacked_reads(Reader(), found, attacks, 4, torch.Generator())
+    # images 4..8 of the stream: attacks 1, 2, 0, 1, 2
+    assert torch.allclose(out[:, 0], torch.tensor([0.1, 0.2, 0.0, 0.1, 0.2]), atol=0.01), out
 
 
 def test_a_content_reader_without_its_base_vae_or_with_bad_reads_is_refused(tiny_model):

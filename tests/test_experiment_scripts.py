@@ -165,6 +165,7 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("ratio_reader.py", ["--steps", "0"]),
     ("ratio_reader.py", ["--attack-weights", "1,x"]),
     ("ratio_reader.py", ["--attack-weights", "0.5,0"]),
+    ("ratio_reader.py", ["--attack-weights", "inf"]),
     ("ratio_reader.py", ["--content-readers", "no_such_checkpoint"]),
 ])
 def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):

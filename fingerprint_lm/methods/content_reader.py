@@ -22,8 +22,8 @@ from fingerprint_lm.pixels import from_uint8, to_uint8
 
 CONTENT_READER_KEYS = ("train_images", "unmarked_images", "calibration_images", "steps", "seed", "attack_weight")
 # what the readout is also trained under (attack_weight > 0): the robustness suite the sweep and the
-# training probes score, each attack on its share of every training batch, with seeds of its own
-TRAINING_ATTACKS = ROBUSTNESS_SUITE
+# training probes score, the i-th training image under the (i mod 11)-th attack, with seeds of its own
+READOUT_ATTACKS = ROBUSTNESS_SUITE
 
 
 def check_content_reader_settings(settings: dict[str, Any], fingerprint_bits: int | None = None) -> dict[str, Any]:
@@ -73,9 +73,11 @@ def fit_content_reader(model, image_chunks: Iterable[torch.Tensor], train_images
     decoder's outputs of ``train_images``, each under its own random code, train the readout; those
     of ``calibration_images`` more fit each bit's slope. Every output is read as 8-bit pixels, as
     found images are. ``attack_weight > 0`` trains the readout on the training images a second
-    time, each under one attack of :data:`TRAINING_ATTACKS`, their loss weighted ``attack_weight``
-    against the clean reads' 1 (the codes drawn are the same either way). Returns the fit's figures
-    (the calibration images' bit accuracy is held out from the readout's training)."""
+    time, the ``i``-th under the ``(i mod 11)``-th attack of :data:`READOUT_ATTACKS` (every attack
+    as often, whatever the batch size), their loss weighted ``attack_weight`` against the clean
+    reads' 1 (the codes drawn are the same either way). Returns the fit's figures: the fitted
+    reader's bit accuracy (centred and calibrated, as it reads) on its clean training reads, on
+    the attacked ones, and on the calibration images, which the readout never trained on."""
     check_int("method.content_reader.steps", steps)
     check_float("method.content_reader.attack_weight", attack_weight, 0)
     reader = content_reader_from(model.extractor, model.unmarked_vae)
@@ -85,7 +87,7 @@ def fit_content_reader(model, image_chunks: Iterable[torch.Tensor], train_images
     reads: dict[str, list[torch.Tensor]] = {name: [] for name in [*sizes, "attacked"]}
     codes: dict[str, list[torch.Tensor]] = {name: [] for name in sizes}
     generator = torch.Generator().manual_seed(seed)
-    attacks = [image_case(case) for case in TRAINING_ATTACKS] if attack_weight > 0 else []
+    attacks = [image_case(case) for case in READOUT_ATTACKS] if attack_weight > 0 else []
     attack_generator = torch.Generator().manual_seed(seed + 1)  # apart: the codes drawn stay the same
     with evaluating(model.vae, model.unmarked_vae, model.pnm, reader), torch.autocast(device.type, enabled=False):
         for name, images in _segments(image_chunks, sizes):
@@ -99,7 +101,8 @@ def fit_content_reader(model, image_chunks: Iterable[torch.Tensor], train_images
             found = from_uint8(to_uint8(outputs.float())).cpu()
             reads[name].append(reader.reads(found.to(device)).cpu())
             if name == "train" and attacks:
-                reads["attacked"].append(_attacked_reads(reader, found, attacks, attack_generator))
+                first = sum(len(r) for r in reads["attacked"])  # the training images' running index
+                reads["attacked"].append(_attacked_reads(reader, found, attacks, first, attack_generator))
     train_reads, train_codes = torch.cat(reads["train"]), torch.cat(codes["train"])
     marked, marked_codes, weights = train_reads, train_codes, None
     if attacks:
@@ -119,13 +122,19 @@ def fit_content_reader(model, image_chunks: Iterable[torch.Tensor], train_images
     return figures
 
 
-def _attacked_reads(reader, found: torch.Tensor, attacks: list, generator: torch.Generator) -> torch.Tensor:
-    """Reads of ``found`` images (CPU) cut into ``len(attacks)`` consecutive runs, the ``i``-th under
-    ``attacks[i]`` and saved as 8-bit pixels again: one read per image, in order."""
-    device = reader.band_weight.device
-    runs = zip(attacks, found.tensor_split(len(attacks)), strict=True)
-    return torch.cat([reader.reads(from_uint8(to_uint8(attack(part, generator))).to(device)).cpu()
-                      for attack, part in runs if len(part)])
+def _attacked_reads(reader, found: torch.Tensor, attacks: list, first: int,
+                    generator: torch.Generator) -> torch.Tensor:
+    """Reads of ``found`` images (CPU), the ``j``-th under ``attacks[(first + j) mod len(attacks)]``
+    and saved as 8-bit pixels again: one read per image, in order (each attack's images are read
+    together, as an attack may change their size)."""
+    which = (first + torch.arange(len(found))) % len(attacks)
+    out = torch.empty(len(found), 2 * reader.fingerprint_bits)
+    for index, attack in enumerate(attacks):
+        rows = (which == index).nonzero().squeeze(1)
+        if len(rows):
+            attacked = from_uint8(to_uint8(attack(found[rows], generator)))
+            out[rows] = reader.reads(attacked.to(reader.band_weight.device)).float().cpu()
+    return out
 
 
 def _bit_acc(reader, reads: torch.Tensor, codes: torch.Tensor) -> float:
