@@ -14,7 +14,7 @@ from fingerprint_lm.lit.training_settings import TrainingSettings
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor
 from fingerprint_lm.models.vae import build_vae
-from fingerprint_lm.tasks.train import method_from_config
+from fingerprint_lm.tasks.train import method_from_config, train_from_config
 from tests.conftest import compose_config
 
 BAD_SETTINGS = [  # (override, words the error must hold)
@@ -84,3 +84,13 @@ def test_the_module_names_a_misspelt_keyword_in_one_config_error():
         FingerprintModule(vae, pnm, BandEnergyExtractor(8), wc_rhoo=0.1)
     module = FingerprintModule(vae, pnm, BandEnergyExtractor(8), wc_rho=0.02, wc_ascent="lagged")
     assert (module.wc_rho, module.wc_ascent, module.lr) == (0.02, "lagged", TrainingSettings().lr)
+
+
+def test_a_readout_trained_under_attacks_on_images_too_small_for_them_is_refused_before_training(tmp_path):
+    """shift_8 leaves side - 8 px and the reader needs 7: a 12 px run is refused before it trains,
+    not after (the content reader is fitted last); the 16 px debug run and the shipped 32 px pass."""
+    reader = ("method.content_reader={unmarked_images: 64, train_images: 64, calibration_images: 64, steps: 2, "
+              "seed: 1, attack_weight: 0.25}")
+    cfg = compose_config(tmp_path, ["method=pnm", reader, "data.resolution=12"])
+    with pytest.raises(ConfigError, match="needs images of at least 15 px; data.resolution is 12"):
+        train_from_config(cfg, None, None, None)

@@ -45,6 +45,15 @@ def check_content_reader_settings(settings: dict[str, Any], fingerprint_bits: in
     return checked
 
 
+def check_readout_attack_resolution(settings: dict[str, Any] | None, resolution: int) -> None:
+    """Refuse, before training, a readout trained under attacks on images too small for them: the
+    suite's ``shift_8`` leaves ``side - 8`` px and the reader reads images of 7 px or more."""
+    if settings and settings.get("attack_weight", 0) > 0 and resolution < 15:
+        raise ConfigError(f"method.content_reader.attack_weight > 0 trains the readout under shift_8, which needs "
+                          f"images of at least 15 px; data.resolution is {resolution} "
+                          f"(set method.content_reader.attack_weight=0)")
+
+
 def _segments(chunks: Iterable[torch.Tensor], sizes: dict[str, int]) -> Iterator[tuple[str, torch.Tensor]]:
     """Consecutive, disjoint runs of ``sizes[name]`` images from a stream of image batches, cut at
     the batch boundaries they fall on: ``(name, part of a batch)``."""

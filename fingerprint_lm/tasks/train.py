@@ -20,7 +20,7 @@ from fingerprint_lm.distributor.screening import fit_floors
 from fingerprint_lm.errors import CheckpointError, ConfigError, check_int
 from fingerprint_lm.lit import stages
 from fingerprint_lm.methods import FingerprintMethod
-from fingerprint_lm.methods.content_reader import fit_content_reader
+from fingerprint_lm.methods.content_reader import check_readout_attack_resolution, fit_content_reader
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, save_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.models.vae import BaseVAESpec
 from fingerprint_lm.report.plots import write_training_curve
@@ -74,6 +74,7 @@ def train_from_config(cfg: DictConfig, vae, datamodule, make_trainer, ckpt_path:
     a run that finds it there (a rerun after a kill) skips the first cycle and restarts the second."""
     spec = model_spec(cfg)
     method = method_from_config(cfg)
+    check_readout_attack_resolution(getattr(method, "content_reader", None), int(cfg.data.resolution))
     seed = cfg.seed if seed is None else seed
 
     def run(method, vae, ckpt_path, init_model, make_trainer=make_trainer):
