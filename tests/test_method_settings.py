@@ -11,6 +11,7 @@ import pytest
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
 from fingerprint_lm.lit.training_settings import TrainingSettings
+from fingerprint_lm.methods.content_reader import check_readout_attack_resolution
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor
 from fingerprint_lm.models.vae import build_vae
@@ -88,9 +89,17 @@ def test_the_module_names_a_misspelt_keyword_in_one_config_error():
 
 def test_a_readout_trained_under_attacks_on_images_too_small_for_them_is_refused_before_training(tmp_path):
     """shift_8 leaves side - 8 px and the reader needs 7: a 12 px run is refused before it trains,
-    not after (the content reader is fitted last); the 16 px debug run and the shipped 32 px pass."""
+    not after (the content reader is fitted last); the 16 px debug run and the shipped 32 px pass;
+    a wider filter needs wider images."""
     reader = ("method.content_reader={unmarked_images: 64, train_images: 64, calibration_images: 64, steps: 2, "
               "seed: 1, attack_weight: 0.25}")
     cfg = compose_config(tmp_path, ["method=pnm", reader, "data.resolution=12"])
     with pytest.raises(ConfigError, match="needs images of at least 15 px; data.resolution is 12"):
         train_from_config(cfg, None, None, None)
+    method = method_from_config(cfg)
+    for resolution in (15, 16, 32):
+        check_readout_attack_resolution(method, resolution)
+    wider = method_from_config(compose_config(tmp_path, ["method=pnm", reader,
+                                                         "method.extractor.band_energy.filter_size=9"]))
+    with pytest.raises(ConfigError, match="needs images of at least 17 px; data.resolution is 16"):
+        check_readout_attack_resolution(wider, 16)

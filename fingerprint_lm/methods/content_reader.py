@@ -8,6 +8,8 @@ same fit with ``python experiments/fit_content_reader.py <checkpoint>``."""
 
 from __future__ import annotations
 
+import inspect
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -17,6 +19,7 @@ from fingerprint_lm.attacks.cases import ROBUSTNESS_SUITE, image_case
 from fingerprint_lm.errors import ConfigError, DataError, check_float, check_int
 from fingerprint_lm.models.batched import evaluating
 from fingerprint_lm.models.content_reader import content_reader_from, fit_readout
+from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor
 from fingerprint_lm.models.vae import encode_latents
 from fingerprint_lm.pixels import from_uint8, to_uint8
 
@@ -45,13 +48,33 @@ def check_content_reader_settings(settings: dict[str, Any], fingerprint_bits: in
     return checked
 
 
-def check_readout_attack_resolution(settings: dict[str, Any] | None, resolution: int) -> None:
-    """Refuse, before training, a readout trained under attacks on images too small for them: the
-    suite's ``shift_8`` leaves ``side - 8`` px and the reader reads images of 7 px or more."""
-    if settings and settings.get("attack_weight", 0) > 0 and resolution < 15:
-        raise ConfigError(f"method.content_reader.attack_weight > 0 trains the readout under shift_8, which needs "
-                          f"images of at least 15 px; data.resolution is {resolution} "
-                          f"(set method.content_reader.attack_weight=0)")
+_DEFAULT_FILTER_SIZE = inspect.signature(BandEnergyExtractor).parameters["filter_size"].default
+
+
+def check_readout_attack_resolution(method, resolution: int) -> None:
+    """Refuse, before training, a readout to be trained under :data:`READOUT_ATTACKS` on images too
+    small for them: some attack (``shift_8``: ``side - 8`` px) would leave fewer pixels than the
+    band reader's filter reads, and the fit, which runs after training, would fail there."""
+    settings = getattr(method, "content_reader", None)
+    if not settings or settings.get("attack_weight", 0) <= 0:
+        return
+    filter_size = int((method.extractor.get("band_energy") or {}).get("filter_size", _DEFAULT_FILTER_SIZE))
+    if _side_left(resolution) < filter_size:
+        needed = next(side for side in itertools.count(filter_size) if _side_left(side) >= filter_size)
+        raise ConfigError(f"method.content_reader.attack_weight > 0 trains the readout under the robustness "
+                          f"suite's attacks, which needs images of at least {needed} px; data.resolution is "
+                          f"{resolution} (set method.content_reader.attack_weight=0)")
+
+
+def _side_left(side: int) -> int:
+    """The smallest image side :data:`READOUT_ATTACKS` leave of a ``side`` x ``side`` image (0 where
+    an attack refuses it: a shift of at least the side)."""
+    probe = torch.zeros(1, 3, side, side)
+    try:
+        return min(min(image_case(case)(probe, torch.Generator().manual_seed(0)).shape[-2:])
+                   for case in READOUT_ATTACKS)
+    except ConfigError:
+        return 0
 
 
 def _segments(chunks: Iterable[torch.Tensor], sizes: dict[str, int]) -> Iterator[tuple[str, torch.Tensor]]:

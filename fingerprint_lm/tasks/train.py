@@ -74,7 +74,7 @@ def train_from_config(cfg: DictConfig, vae, datamodule, make_trainer, ckpt_path:
     a run that finds it there (a rerun after a kill) skips the first cycle and restarts the second."""
     spec = model_spec(cfg)
     method = method_from_config(cfg)
-    check_readout_attack_resolution(getattr(method, "content_reader", None), int(cfg.data.resolution))
+    check_readout_attack_resolution(method, int(cfg.data.resolution))
     seed = cfg.seed if seed is None else seed
 
     def run(method, vae, ckpt_path, init_model, make_trainer=make_trainer):
