@@ -124,29 +124,23 @@ def model_attacked_outputs(model, args: argparse.Namespace, images: torch.Tensor
 
 
 @torch.no_grad()
-def marked_training_reads(model, n: int, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    """Reads of ``n`` training-stream images, each decoded with its own random code (the PNM
-    decoder: a stock copy's output within 1e-5), and the codes."""
+def marked_training_outputs(model, n: int, resolution: int) -> tuple[torch.Tensor, np.ndarray]:
+    """``n`` training-stream images, each decoded with its own random code (the PNM decoder: a
+    stock copy's output within 1e-5), and the codes."""
     images = training_images(resolution, n, seed=TRAIN_SEED)
     codes = torch.randint(0, 2, (n, model.fingerprint_bits), generator=torch.Generator().manual_seed(TRAIN_SEED))
     latents = batched.encode(model.vae, images)
     marked = torch.cat([model.pnm(z, c) for z, c in zip(latents.split(256), codes.split(256), strict=True)])
-    return reads(model, marked), codes.numpy().astype(np.uint8)
+    return marked, codes.numpy().astype(np.uint8)
 
 
 @torch.no_grad()
-def attacked_training_reads(model, n: int, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    """The marked training images of :func:`marked_training_reads` (same images, same codes), the
-    ``i``-th of ``len(ROBUSTNESS_SUITE)`` consecutive runs under that suite's ``i``-th attack (its
-    own seeds, not the evaluated ones), read the same way."""
-    images = training_images(resolution, n, seed=TRAIN_SEED)
-    codes = torch.randint(0, 2, (n, model.fingerprint_bits), generator=torch.Generator().manual_seed(TRAIN_SEED))
-    latents = batched.encode(model.vae, images)
-    marked = torch.cat([model.pnm(z, c) for z, c in zip(latents.split(256), codes.split(256), strict=True)])
+def attacked_reads(model, marked: torch.Tensor) -> np.ndarray:
+    """Reads of the ``marked`` training outputs, the ``i``-th of ``len(ROBUSTNESS_SUITE)`` consecutive
+    runs under that suite's ``i``-th attack (its own seeds, not the evaluated ones)."""
     runs = marked.tensor_split(len(ROBUSTNESS_SUITE))
-    read = [reads(model, attacked(part, case, TRAIN_SEED + 1000 + i))
-            for i, (case, part) in enumerate(zip(ROBUSTNESS_SUITE, runs, strict=True))]
-    return np.concatenate(read), codes.numpy().astype(np.uint8)
+    return np.concatenate([reads(model, attacked(part, case, TRAIN_SEED + 1000 + i))
+                           for i, (case, part) in enumerate(zip(ROBUSTNESS_SUITE, runs, strict=True))])
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -196,7 +190,8 @@ def main() -> None:
     codes, index, outputs, truth, calibration, calibration_codes = probe_copies(model, args, images, CALIBRATION_SEED)
     calibration_reads = reads(model, calibration)
     unmarked = reads(model, base(held_out_images(resolution, args.unmarked, seed=WHITEN_SEED)))
-    train_reads, train_codes = marked_training_reads(model, args.train_images, resolution)
+    train_outputs, train_codes = marked_training_outputs(model, args.train_images, resolution)
+    train_reads = reads(model, train_outputs)
     print(f"reads for fitting ({time.time() - started:.0f} s)", flush=True)
     marked = {case: reads(model, torch.cat([attacked(out, case, EVAL_SEED + u)
                                             for u, out in enumerate(outputs)]))
@@ -214,11 +209,11 @@ def main() -> None:
                 "residual, learned readout": _readout(unmarked, train_reads, train_codes, calibration_reads,
                                                       calibration_codes, args.steps, slice(2 * k, 3 * k))}
     if args.attack_weights:
-        attacked_reads, _ = attacked_training_reads(model, args.train_images, resolution)
+        train_attacked = attacked_reads(model, train_outputs)
         print(f"attacked training reads ({time.time() - started:.0f} s)", flush=True)
-        both = np.concatenate([train_reads, attacked_reads])
+        both = np.concatenate([train_reads, train_attacked])
         for w in args.attack_weights:
-            weights = np.concatenate([np.ones(len(train_reads)), np.full(len(attacked_reads), w)])
+            weights = np.concatenate([np.ones(len(train_reads)), np.full(len(train_attacked), w)])
             variants[f"image+ratio, readout trained under attacks (weight {w:g})"] = _readout(
                 unmarked, both, np.concatenate([train_codes, train_codes]), calibration_reads, calibration_codes,
                 args.steps, slice(0, 2 * k), weights)
