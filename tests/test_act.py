@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from fingerprint_lm.errors import ConfigError
-from fingerprint_lm.models.act import ACT_TYPES, apply_act, derive_act_seed, draw_act, find_act_sites
+from fingerprint_lm.models.act import ACT_TYPES, STREAM_PREFIX, apply_act, derive_act_seed, draw_act, find_act_sites
 from fingerprint_lm.models.act_alignment import align_to_reference, aligned_average, average_state_dicts
+from fingerprint_lm.models.residual_stream import find_stream_segments
 from fingerprint_lm.models.vae import TINY_VAE_CONFIG, build_vae
 
 SMALL_VAE_CONFIG = {
@@ -161,7 +162,9 @@ def test_unknown_act_type_and_bad_groups(tiny_sd):
 def test_derive_act_seed():
     seed = derive_act_seed(b"distributor-secret", "alice")
     assert seed == derive_act_seed(b"distributor-secret", "alice")
-    assert 0 <= seed < 2**63
+    # HMAC-SHA256(secret, user_id), first 8 bytes >> 1 (the docstring). The seed is not stored: a changed
+    # derivation would give every issued user a seed other than the one their copy was made with
+    assert seed == 7437405532800818107
     assert seed != derive_act_seed(b"distributor-secret", "bob")
     assert seed != derive_act_seed(b"another-secret", "alice")
     with pytest.raises(ConfigError):
@@ -292,9 +295,6 @@ def test_average_state_dicts_weights():
 def test_stream_act_preserves_the_decoder(scope, act_type):
     """Stream ACT rewrites every writer, reader and norm of each residual-stream segment (and the bias
     map at conv_norm_out): exact at eps 0; the stock eps leaves the scale's eps term (measured 1e-4)."""
-    from fingerprint_lm.models.act import STREAM_PREFIX
-    from fingerprint_lm.models.residual_stream import find_stream_segments
-
     config = TINY_VAE_CONFIG
     groups = config["norm_num_groups"]
     base = base_state_dict(config, torch.float64)
@@ -342,8 +342,6 @@ def test_stream_scale_is_not_absorbed_by_averaging():
 
 
 def test_stream_act_refuses_unknown_decoder_layers(tiny_sd):
-    from fingerprint_lm.models.residual_stream import find_stream_segments
-
     odd = {**tiny_sd, "decoder.extra_proj.weight": torch.zeros(4, 4)}
     with pytest.raises(ConfigError, match="extra_proj"):
         find_stream_segments(odd)

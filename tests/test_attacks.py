@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fingerprint_lm.attacks.cases import parse_case
 from fingerprint_lm.attacks.image import (
     DEFAULT_STRENGTHS,
     IDENTITY_STRENGTH,
@@ -178,8 +179,6 @@ def test_crop_and_shift_cut_pixels_without_resizing(images):
 
 
 def test_mirror_is_a_left_right_flip_and_a_case_without_strength(images):
-    from fingerprint_lm.attacks.cases import parse_case
-
     out = IMAGE_ATTACKS["mirror"](images, None)
     assert torch.equal(out[..., 0], images[..., -1]) and torch.equal(IMAGE_ATTACKS["mirror"](out, None), images)
     assert parse_case("mirror_c1") == ("mirror", None, 1) and parse_case("mirror") == ("mirror", None, 1)

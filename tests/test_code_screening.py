@@ -6,18 +6,24 @@ task=issue takes the checkpoint's recorded floors unless told otherwise."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKL
 
 from fingerprint_lm.distributor.copies import issue_copy
 from fingerprint_lm.distributor.generation import decode_with
 from fingerprint_lm.distributor.screening import CodeScreen, ProbeReader, fit_floors, screen_floors
 from fingerprint_lm.errors import RegistryError
+from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.pixels import from_uint8, to_uint8
 from fingerprint_lm.registry.store import Registry
+from tests.console import run_console
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +32,6 @@ def pnm_model():
 
 
 def test_a_screened_copy_reads_the_probe_at_least_at_the_threshold(tmp_path, pnm_model):
-    from diffusers import AutoencoderKL
-
     with Registry(tmp_path / "registry.sqlite", pnm_model.fingerprint_bits) as registry:
         screen = CodeScreen(pnm_model, registry, 0.93, probe_images=32)
         issued = issue_copy(pnm_model, registry, "alice", tmp_path / "copies", secret=b"s", act_type="all",
@@ -57,10 +61,6 @@ def test_an_unreachable_threshold_is_one_error_and_nothing_is_issued(tmp_path, p
 
 
 def test_the_psnr_floor_holds_for_the_stock_loaded_copy(tmp_path, pnm_model):
-    from diffusers import AutoencoderKL
-
-    from fingerprint_lm.metrics.quality import psnr
-
     with Registry(tmp_path / "registry.sqlite", pnm_model.fingerprint_bits) as registry:
         screen = CodeScreen(pnm_model, registry, None, probe_images=16, min_psnr=30.2)
         issued = issue_copy(pnm_model, registry, "alice", tmp_path / "copies", secret=b"s", act_type="all",
@@ -93,11 +93,6 @@ def test_fitted_floors_keep_the_asked_share_of_random_codes(pnm_model):
 
 def test_task_issue_screens_codes_with_the_checkpoints_read_predictor_and_reports_it(tmp_path, pnm_model):
     """The distributor's command as the README shows it (pnm, the default), then with screening off."""
-    import json
-    import os
-
-    from tests.console import run_console
-
     env = {**os.environ, "FINGERPRINT_LM_SECRET": "test-secret"}
     done = run_console(["task=issue", "user_id=alice"], cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr

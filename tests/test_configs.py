@@ -6,10 +6,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from fingerprint_lm.attacks.cases import ROBUSTNESS_SUITE, parse_case
+from fingerprint_lm.attacks.image import IMAGE_ATTACKS
 from fingerprint_lm.config_schema import DATA_SCHEMAS, SCHEMAS, read_settings
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.tasks import TASKS
@@ -61,9 +65,6 @@ def test_loggers_instantiate(tmp_path, logger):
 def test_paths_and_run_dirs_resolve_without_hydra_config(tmp_path, monkeypatch):
     """Hydra's sweepers resolve hydra.sweep.dir before any job has a HydraConfig: nothing it reads
     may need one (the README's sweep command once failed for every new user on exactly this)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-
     monkeypatch.chdir(tmp_path)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["+experiment=collusion_sweep"], return_hydra_config=True)
@@ -114,9 +115,6 @@ def test_hydra_errors_are_one_error_line_with_exit_code_2(tmp_path, override, ex
 def test_training_probes_and_the_sweep_use_one_set_of_attack_names(default_cfg):
     """Every training run's robustness probes are image cases of the sweep's default grid, so a
     ``robust/<case>`` figure and the sweep's row of that case mean the same attack."""
-    from fingerprint_lm.attacks.cases import ROBUSTNESS_SUITE, parse_case
-    from fingerprint_lm.attacks.image import IMAGE_ATTACKS
-
     sweep_cases = str(default_cfg.sweep.grid.case).split(",")
     image_cases = [case for case in sweep_cases if parse_case(case)[0] in IMAGE_ATTACKS]
     assert image_cases == list(ROBUSTNESS_SUITE)

@@ -7,9 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fingerprint_lm.errors import ConfigError, DataError
 from fingerprint_lm.methods.content_reader import _attacked_reads, _segments, fit_content_reader
+from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import (
     build_fingerprint_model,
     load_fingerprint_model,
@@ -154,8 +156,6 @@ def test_a_fitted_content_reader_round_trips_through_a_checkpoint_without_its_va
     assert set(figures) >= {"readout_bit_acc", "attacked_readout_bit_acc", "calibration_bit_acc", "bit_slope_median"}
     assert model.reader is model.content_reader and model.content_reader.reference is model.unmarked_vae
     save_fingerprint_model(model, tmp_path / "ckpt")
-    from safetensors.torch import load_file
-
     keys = set(load_file(tmp_path / "ckpt" / "fingerprint.safetensors"))
     assert "content_reader.readout" in keys and not any(k.startswith("content_reader.reference.") for k in keys)
     loaded = load_fingerprint_model(tmp_path / "ckpt")
@@ -178,8 +178,6 @@ def test_the_shipped_pnm_checkpoint_reads_with_its_content_reader():
 def test_a_repeated_read_is_remembered_until_the_reader_or_the_images_change(tiny_model):
     """The sweep reads the same base-decoder outputs at every point of a model; batched.extract_repeated
     remembers them, keyed on every tensor of the reader (its base VAE's too) and on the images."""
-    from fingerprint_lm.models import batched
-
     reader = content_reader_from(tiny_model.extractor, build_vae(TINY_VAE).eval())
     reader.readout.copy_(torch.cat([torch.eye(8), torch.eye(8)], 1) / 2**0.5)  # reads the ratio too
     x = images(5)

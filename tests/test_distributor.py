@@ -20,6 +20,7 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors import safe_open
 
+from fingerprint_lm.distributor.attribution import attribute_images
 from fingerprint_lm.distributor.copies import (
     BIAS_MAP_NAME,
     WEIGHTS_NAME,
@@ -32,6 +33,7 @@ from fingerprint_lm.distributor.copies import (
 from fingerprint_lm.distributor.generation import held_out_images
 from fingerprint_lm.models.act import derive_act_seed
 from fingerprint_lm.models.checkpoint import load_fingerprint_model
+from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.store import Registry
 from fingerprint_lm.tasks import TASKS
 from tests.conftest import SECRET, TINY_BITS, TRACE_FPR, USERS, compose_config, task
@@ -226,9 +228,6 @@ def test_read_mirrored_attributes_mirrored_images_at_the_same_false_accusation_b
     """distributor.read_mirrored: each image is read as found and mirrored at fpr/2; the kept read's
     p-value is doubled, so a mirrored image is attributed, its row says so, and unmarked images
     (both reads noise) are accused no more than before."""
-    from fingerprint_lm.distributor.attribution import attribute_images
-    from fingerprint_lm.registry.index import CodeIndex
-
     codes = np.random.default_rng(0).integers(0, 2, (200, 48), dtype=np.uint8)
     index = CodeIndex.from_bits([f"u{i}" for i in range(200)], codes)
     reader = _OneWayReader(codes[7])

@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import runpy
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
+from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from tests.conftest import ROOT
 
 
@@ -167,6 +171,9 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("ratio_reader.py", ["--attack-weights", "0.5,0"]),
     ("ratio_reader.py", ["--attack-weights", "inf"]),
     ("ratio_reader.py", ["--content-readers", "no_such_checkpoint"]),
+    ("content_reader_training.py", ["--steps", "0"]),
+    ("content_reader_training.py", ["--arms", "band,pooled"]),
+    ("content_reader_training.py", ["--images", "0"]),
 ])
 def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):
     """A bad count, step or weight, or a checkpoint without a reference VAE (carrier), is one
@@ -190,10 +197,6 @@ def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypa
 def test_a_post_training_fit_refuses_a_checkpoint_it_does_not_apply_to_and_leaves_it(
         tmp_path, script, checkpoint, extra, refusal, monkeypatch, capsys):
     """One error line, exit 2, and the checkpoint's files as they were."""
-    import shutil
-
-    from fingerprint_lm.models.checkpoint import shipped_checkpoint
-
     target = tmp_path / checkpoint
     shutil.copytree(shipped_checkpoint(checkpoint), target)
     before = {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()}
@@ -208,13 +211,6 @@ def test_fit_bit_slopes_calibrates_a_pnm_checkpoint_once(tmp_path, checkpoint, r
     """The shipped pnm checkpoint is calibrated: a second fit (which would scale its logits again)
     and a carrier checkpoint are one error line, exit 2, unchanged. The same checkpoint with its
     reader's scale reset is calibrated again: a new reader, checksums that verify."""
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
-
     target = tmp_path / checkpoint
     shutil.copytree(shipped_checkpoint(checkpoint), target)
     before = {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()}
@@ -250,9 +246,8 @@ def test_compiled_issue_probe_equals_the_shipped_issuance(checkpoint, monkeypatc
     """The probe's compiled copy is the shipped path's copy to float32 rounding (a few ulp), for
     every ACT type and scope, the carrier's bias map included: what it times is the same work."""
     monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    # an experiments/ script: importable only once the line above put experiments/ on sys.path
     from compiled_issue_probe import _max_relative_difference
-
-    from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 
     model = load_fingerprint_model(shipped_checkpoint(checkpoint))
     for act_type in ("none", "permute", "sign", "scale", "all"):
@@ -266,8 +261,6 @@ def test_ship_second_cycle_refuses_what_is_not_a_second_cycle_of_the_shipped_mod
         tmp_path, run_model, refusal, monkeypatch, capsys):
     """A folder without a checkpoint, or any run once the shipped pnm checkpoint is itself a
     second cycle, is one error line, exit 2, and nothing written."""
-    from fingerprint_lm.models.checkpoint import shipped_checkpoint
-
     folder = tmp_path / "missing" if run_model == "missing" else shipped_checkpoint("embedded_pnm")
     args = [str(folder), "--out", str(tmp_path / "out")]
     code, stderr = run_script("ship_second_cycle.py", args, monkeypatch, capsys)

@@ -9,6 +9,7 @@ import torch
 
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
+from fingerprint_lm.methods.pnm import PNMMethod
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor
 from fingerprint_lm.models.vae import build_vae
@@ -88,8 +89,6 @@ def test_a_frozen_warmdown_reader_is_rewhitened_once_and_then_stays_fixed():
                                                            (0.0, "frozen", False)])
 def test_pnm_holds_the_unmarked_outputs_only_for_a_reader_that_freezes(fraction, reader, holds):
     """prepare_training decodes the whitening outputs when the warm-down will re-whiten on them."""
-    from fingerprint_lm.methods.pnm import PNMMethod
-
     method = PNMMethod(name="pnm", steps=1, extractor={"kind": "band_energy"}, detector_fit_samples=16)
     module = band_reader_module(fraction, reader)
     method.prepare_training(module, [{"image": unmarked(16)}])

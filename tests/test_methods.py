@@ -9,12 +9,17 @@ from diffusers import AutoencoderKL
 from omegaconf import OmegaConf
 
 from fingerprint_lm.distributor.copies import CONFIG_NAME, WEIGHTS_NAME, load_copy, write_copy
-from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.distributor.generation import decode_with, held_out_images
+from fingerprint_lm.distributor.issue_screens import choose_screen
+from fingerprint_lm.errors import ConfigError, RegistryError
 from fingerprint_lm.methods import CarrierMethod, PNMMethod, personal_tensors
 from fingerprint_lm.models.act import ACT_TYPES
+from fingerprint_lm.models.checkpoint import load_fingerprint_model
 from fingerprint_lm.models.extractor import build_extractor
 from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor, PooledExtractor
 from fingerprint_lm.models.vae import build_vae
+from fingerprint_lm.report.tables import summary_csv, summary_markdown
+from fingerprint_lm.tasks import run
 from fingerprint_lm.tasks.train import method_from_config
 from tests.conftest import ROOT, compose_config
 from tests.console import run_console
@@ -165,8 +170,6 @@ def test_bad_method_values_are_one_error_line(tmp_path, tiny_default_cfg):
 
 
 def test_sweep_summary_puts_methods_side_by_side():
-    from fingerprint_lm.report.tables import summary_csv, summary_markdown
-
     def row(method, attack, bit_acc, colluders=1, act="all", strength=None):
         case = attack if colluders == 1 else f"{attack}_c{colluders}"
         return {"method": method, "fingerprint_bits": 48, "act": act, "attack": attack, "colluders": colluders,
@@ -194,11 +197,6 @@ def test_short_pnm_training_reads_above_chance_through_a_stock_loaded_copy(tmp_p
     from it, loaded with AutoencoderKL.from_pretrained, marks fresh images that the extractor
     reads clearly above chance (256 images x 16 bits: chance is 0.5 +- 0.008). Measured on
     2026-12-06 for three codes: 0.90-0.94 after 400 steps (this code: 0.90), 0.75-0.94 after 300."""
-    from fingerprint_lm.distributor.generation import decode_with, held_out_images
-    from fingerprint_lm.distributor.issue_screens import choose_screen
-    from fingerprint_lm.models.checkpoint import load_fingerprint_model
-    from fingerprint_lm.tasks import run
-
     metrics = run(compose_config(tmp_path, ["method=pnm", "fingerprint_bits=16", "method.steps=400",
                                             "method.train.psnr_target=20",
                                             "method.issue_screen={keep: 0.5, min_psnr: 15, candidates: 8, "
@@ -236,9 +234,6 @@ def test_short_pnm_training_reads_above_chance_through_a_stock_loaded_copy(tmp_p
 def test_a_registry_refuses_another_methods_users(tmp_path, monkeypatch):
     """task=issue with method=pnm records the method in a new registry; a carrier task on it is
     refused (its extractor reads nothing of pnm copies) instead of silently accusing nobody."""
-    from fingerprint_lm.errors import RegistryError
-    from fingerprint_lm.tasks import run
-
     monkeypatch.setenv("FINGERPRINT_LM_SECRET", "test-secret")
     issued = run(compose_config(tmp_path, ["task=issue", "user_id=bob", "method=pnm"]))
     assert sorted(p.name for p in (tmp_path / "copies" / "bob").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]

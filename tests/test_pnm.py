@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.models.checkpoint import build_fingerprint_model
 from fingerprint_lm.models.extractor import FingerprintExtractor, fold_tiles
 from fingerprint_lm.models.pnm import PersonalizedDecoder, hadamard_carriers
 from fingerprint_lm.models.vae import build_vae
@@ -92,8 +93,6 @@ def test_closed_form_reader_reads_a_fixed_carrier_pattern():
 
 
 def test_pnm_decoder_at_zero_modulation_is_vae_decode(vae):
-    from fingerprint_lm.models.checkpoint import build_fingerprint_model
-
     latents = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         expected = vae.decode(latents).sample

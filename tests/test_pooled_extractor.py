@@ -10,7 +10,13 @@ from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import ConfigError, DataError
 from fingerprint_lm.models.batched import evaluating
 from fingerprint_lm.models.extractor import soft_null
-from fingerprint_lm.models.pooled_extractor import MIN_SIZE, BandEnergyExtractor, PooledExtractor, bit_slopes
+from fingerprint_lm.models.pooled_extractor import (
+    MIN_SIZE,
+    BandEnergyExtractor,
+    PooledExtractor,
+    WhitenedReader,
+    bit_slopes,
+)
 
 
 def images(count: int, resolution: int = 32, seed: int = 4) -> torch.Tensor:
@@ -73,8 +79,6 @@ def test_whitening_gives_median_zero_decorrelated_unit_variance_logits_on_unmark
 def test_whitening_balances_skewed_logits():
     """Log-energies are skewed: with mean centring 0.569 of the bits of unmarked images were 1
     (experiments/unmarked_attribution.py); median centring makes every bit a fair coin."""
-    from fingerprint_lm.models.pooled_extractor import WhitenedReader
-
     class Skewed(WhitenedReader):
         def raw_logits(self, images):
             return images.flatten(1)[:, :4].exp()  # log-normal: mean well above the median

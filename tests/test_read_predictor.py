@@ -12,17 +12,21 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from fingerprint_lm.distributor.issue_screens import choose_screen
 from fingerprint_lm.distributor.read_predictor import (
     PredictedScreen,
     ReadPredictor,
+    check_predictor_codes,
     fit_read_predictor,
     pair_features,
     recorded_predictor,
+    with_read_predictor,
 )
 from fingerprint_lm.distributor.screening import bound_pass_rate
 from fingerprint_lm.errors import CheckpointError, ConfigError
-from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
+from fingerprint_lm.models.checkpoint import load_fingerprint_model, save_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.registry.store import Registry
+from fingerprint_lm.tasks.train import _with_predictor
 from tests.console import run_console
 
 BITS = 12
@@ -74,8 +78,6 @@ def test_the_fit_recovers_a_quadratic_read_and_its_screen_passes_the_probes_shar
 
 
 def test_a_predictor_round_trips_through_the_checkpoint(tmp_path):
-    from fingerprint_lm.models.checkpoint import save_fingerprint_model
-
     model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
     predictor = ReadPredictor(np.arange(2 * 1176, dtype=np.float64).reshape(1176, 2), np.array([0.5, 30.0]))
     model.issue_predictor = predictor.state_dict()
@@ -175,9 +177,6 @@ def test_task_issue_screens_by_the_recorded_predictor_by_default_and_on_the_prob
 def test_training_fits_the_read_predictor_after_the_floors(tmp_path):
     """What the training task does after fitting a checkpoint's floors (eval.issue_predictor_codes):
     the predictor's weights on the model and its record under the floors, which task=issue then screens with."""
-    from fingerprint_lm.distributor.issue_screens import choose_screen
-    from fingerprint_lm.distributor.read_predictor import check_predictor_codes, with_read_predictor
-
     model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
     floors = {k: v for k, v in model.meta["issue_screen"].items() if k != "predictor"}
     model.issue_predictor, model.meta = {}, {**model.meta, "issue_screen": floors}
@@ -206,8 +205,6 @@ def test_training_refuses_a_bad_predictor_fit_size_before_it_trains(tmp_path):
 def test_a_training_run_whose_predictor_fit_fails_keeps_its_floors_and_saves(caplog):
     """A fit that finds nothing to predict (no code clears the floors) is a warning at the end of
     training, not the loss of the trained model: the floors alone are recorded."""
-    from fingerprint_lm.tasks.train import _with_predictor
-
     model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
     floors = {**{k: v for k, v in model.meta["issue_screen"].items() if k != "predictor"}, "min_probe_bit_acc": 1.0}
     model.issue_predictor, metrics = {}, {}

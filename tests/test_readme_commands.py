@@ -27,6 +27,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fingerprint_lm.attacks.cases import BUILTIN_ATTACKS
+from fingerprint_lm.models.checkpoint import shipped_checkpoint
 from tests.conftest import ROOT
 
 README = ROOT / "README.md"
@@ -149,8 +150,12 @@ def _check_attribute(workdir: Path, command: str, new: set[Path]) -> None:
     result = _task_json(workdir, "attribute", new)
     images = result["images"]
     assert len(images) == 16
-    # alice's code was screened: the registry's pass rate divides the p-values (1 when it passed at once)
-    assert 0.0 < result["screen_pass_rate"] <= 1.0
+    # alice's code was screened: the p-values are divided by the smaller of the registry's pass rate (1 / the
+    # draws her code took) and the shipped checkpoint's fitted rates (distributor/screening.py: bound_pass_rate)
+    draws = json.loads(_newest("outputs/runs/*/issue.json", workdir).read_text())["code_draws"]
+    fitted = json.loads((shipped_checkpoint("embedded_pnm") / "fingerprint.json").read_text())["issue_screen"]
+    expected = min(1 / draws, fitted["pass_rate"], fitted["predictor"]["pass_rate"])
+    assert result["screen_pass_rate"] == pytest.approx(expected)
     assert result["uniform_code_fpr"] == pytest.approx(result["fpr"] * result["screen_pass_rate"])
     assert all({"bits", "user_id", "matching_bits", "p_value", "accused"} <= set(i) for i in images)
     assert sum(i["user_id"] == "alice" for i in images) >= 15  # the shipped model reads alice's copy

@@ -49,6 +49,7 @@ def train_config(steps: int, output_dir: str) -> dict:
 @pytest.fixture(scope="module")
 def wandb_run_dir(tmp_path_factory) -> Path:
     """One offline run written by the real wandb library (its transaction log only)."""
+    # defers the heavy import of wandb (seconds; nothing else here loads it): only its tests pay for it
     import wandb
 
     root = tmp_path_factory.mktemp("wandb_runs")
@@ -293,6 +294,7 @@ class FakeApi:
 
 
 def test_report_from_the_wandb_api_with_a_fake_client(tmp_path, monkeypatch):
+    # defers the heavy import of wandb (seconds; nothing else here loads it): only its tests pay for it
     import wandb
 
     monkeypatch.setenv("WANDB_API_KEY", "not-a-real-key")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+import fingerprint_lm.methods.pnm as pnm_method
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
 from fingerprint_lm.models.augment import AugmentConfig
@@ -70,8 +71,6 @@ def test_training_refreshes_the_whitening_every_nth_step(monkeypatch):
 def test_after_fit_whitens_on_the_outputs_training_rewhitened_on(monkeypatch):
     """With ``rewhiten_every`` on, after_fit re-fits on the held unmarked outputs instead of
     decoding the loader's images again, and then lets them go; without them it decodes."""
-    import fingerprint_lm.methods.pnm as pnm_method
-
     method = pnm_method.PNMMethod(name="pnm", steps=1, extractor={"kind": "band_energy"}, detector_fit_samples=16)
     module = module_with_learned_reader(rewhiten_every=5)
     loader = [{"image": unmarked(16)}]

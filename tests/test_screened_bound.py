@@ -6,12 +6,20 @@ registry would accuse by a margin smaller than the rate is not accused."""
 
 from __future__ import annotations
 
+import copy
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from fingerprint_lm.distributor.attribution import attribute_images, trace_images
+from fingerprint_lm.distributor.issue_screens import _SCREENED, screened_codes
+from fingerprint_lm.distributor.read_predictor import predicted_keeps_reads, recorded_predictor
+from fingerprint_lm.distributor.screening import ProbeReader, bound_pass_rate
 from fingerprint_lm.errors import ConfigError, RegistryError
+from fingerprint_lm.evaluation import collusion
+from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.store import Registry
 from fingerprint_lm.report.tables import comparison_lines
@@ -112,8 +120,6 @@ def test_tracing_of_a_screened_registry_states_bounds_divided_by_the_pass_rate(t
 
 
 def test_the_task_divides_by_the_registrys_count_or_the_fitted_rate_whichever_is_smaller():
-    from fingerprint_lm.distributor.screening import bound_pass_rate
-
     fitted = {"pass_rate": 0.375, "min_probe_bit_acc": 0.93}
     assert bound_pass_rate(None, fitted) is None  # nothing screened: uniform codes, no correction
     assert bound_pass_rate(1.0, fitted) == 0.375  # one user whose first draw passed does not read 1
@@ -125,14 +131,6 @@ def test_the_sweep_screens_the_colluders_codes_and_tests_at_fpr_times_the_pass_r
     """The collusion sweep issues a pnm checkpoint's colluders the codes task=issue would (each
     clears the recorded floors on the probe) and attributes and traces them as the distributor
     tests a screened registry; innocents and unscreened draws stay the uniform codes."""
-    from types import SimpleNamespace
-
-    from fingerprint_lm.distributor.issue_screens import screened_codes
-    from fingerprint_lm.distributor.read_predictor import predicted_keeps_reads, recorded_predictor
-    from fingerprint_lm.distributor.screening import ProbeReader
-    from fingerprint_lm.evaluation import collusion
-    from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
-
     model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
     floors = model.meta["issue_screen"]
     point = collusion.Point("none", "average", None, 2)
@@ -147,8 +145,6 @@ def test_the_sweep_screens_the_colluders_codes_and_tests_at_fpr_times_the_pass_r
     probed = collusion.draw_users(model, point, collusion.PointSettings(n_images=4, n_innocents=6,
                                                                        screen_by="probe"), 3)
     assert probed.screen_pass_rate == floors["pass_rate"]  # the two screens may keep the same codes
-    from fingerprint_lm.distributor.issue_screens import _SCREENED
-
     assert {memo[1] for memo in _SCREENED} >= {"predicted", "probe"}  # each screen drew its own codes
     read = ProbeReader(model, floors["probe_images"])
     for code in probed.codes[:2]:
@@ -184,11 +180,6 @@ def test_the_sweep_screens_the_colluders_codes_and_tests_at_fpr_times_the_pass_r
 
 def test_the_sweep_refuses_floors_no_code_clears_and_floors_without_a_pass_rate():
     """One ConfigError that names the sweep's way out, instead of the distributor's settings."""
-    import copy
-
-    from fingerprint_lm.distributor.issue_screens import screened_codes
-    from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
-
     model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
     model.meta = copy.deepcopy(model.meta)
     model.meta["issue_screen"]["min_probe_bit_acc"] = 1.0

@@ -18,12 +18,14 @@ from diffusers import AutoencoderKL
 from lightning.pytorch.utilities.testing import _runif_reasons
 from torch.utils.data import DataLoader
 
+from fingerprint_lm.distributor.copies import write_copy
 from fingerprint_lm.errors import CheckpointError, ConfigError
 from fingerprint_lm.lit.base_vae import BaseVAEModule
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
 from fingerprint_lm.lit.worst_case import worst_case_perturbation
+from fingerprint_lm.methods import personal_tensors
 from fingerprint_lm.models.augment import AugmentConfig
-from fingerprint_lm.models.checkpoint import build_fingerprint_model
+from fingerprint_lm.models.checkpoint import build_fingerprint_model, load_fingerprint_model
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.vae import SD_VAE_CONFIG, encoder_parameters, load_vae
 from fingerprint_lm.tasks import run
@@ -339,10 +341,6 @@ def test_method_pnm_runs_on_an_sd_vae_folder_and_its_copy_is_stock(tmp_path, sd_
     """model=sd_vae with method=pnm: every ResnetBlock norm and conv_norm_out of the SD-layout
     decoder carries the code (gradient checkpointing on, as model=sd_vae sets it); the copy
     from_pretrained-loads as the PNM decoder."""
-    from fingerprint_lm.distributor.copies import write_copy
-    from fingerprint_lm.methods import personal_tensors
-    from fingerprint_lm.models.checkpoint import load_fingerprint_model
-
     cfg = compose_config(tmp_path, [
         *NON_MODEL_TINY, "model=sd_vae", f"model.path={sd_folder}", "model.calibration_batch_size=16",
         "method=pnm", "fingerprint_bits=8", "method.steps=4", "method.detector_fit_samples=64",

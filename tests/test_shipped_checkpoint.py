@@ -1,16 +1,23 @@
 """The embedded checkpoint shipped in the package, evaluated on freshly generated images."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKL
 
 from fingerprint_lm.data.synthetic import ProceduralImages
+from fingerprint_lm.distributor.copies import issue_copy
+from fingerprint_lm.distributor.generation import decode_with, held_out_images
 from fingerprint_lm.errors import CheckpointError
 from fingerprint_lm.lit.stages import evaluate_fingerprint
+from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT, load_fingerprint_model, shipped_checkpoint
+from fingerprint_lm.pixels import from_uint8, to_uint8
+from fingerprint_lm.registry.store import Registry
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +45,6 @@ def test_shipped_checkpoint_reads_fresh_fingerprints_on_fresh_images(shipped):
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
-    import shutil
-
     copy = tmp_path / "ckpt"
     shutil.copytree(SHIPPED_CHECKPOINT, copy)
     weights = copy / "fingerprint.safetensors"
@@ -54,8 +59,6 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
 def test_an_altered_checkpoint_is_refused_by_its_checksums(tmp_path, damage):
     """One flipped byte anywhere (a weight, the record) or a missing file: refused before loading.
     An edited fingerprint.json could otherwise rebuild other modules around the same tensors."""
-    import shutil
-
     copy = tmp_path / "ckpt"
     shutil.copytree(SHIPPED_CHECKPOINT, copy)
     if damage == "removed":
@@ -78,8 +81,6 @@ def test_an_altered_checkpoint_is_refused_by_its_checksums(tmp_path, damage):
 
 
 def test_a_checkpoint_without_checksums_still_loads(tmp_path):
-    import shutil
-
     copy = tmp_path / "ckpt"
     shutil.copytree(SHIPPED_CHECKPOINT, copy)
     (copy / "SHA256SUMS").unlink()
@@ -110,14 +111,6 @@ def test_shipped_pnm_checkpoint_re_evaluated_through_stock_loaded_copies(tmp_pat
     training) reads the same images better: +0.02 measured (experiments/results/ratio_reader.md), at
     least +0.01 here.
     (The issue's target, 0.99, is not met: README, "Results".)"""
-    from diffusers import AutoencoderKL
-
-    from fingerprint_lm.distributor.copies import issue_copy
-    from fingerprint_lm.distributor.generation import decode_with, held_out_images
-    from fingerprint_lm.metrics.quality import psnr
-    from fingerprint_lm.pixels import from_uint8, to_uint8
-    from fingerprint_lm.registry.store import Registry
-
     model = load_fingerprint_model(PNM_CHECKPOINT)
     assert model.method == "pnm" and model.pnm.spatial_site_name is None
     images = held_out_images(32, 256, seed=31)  # a seed the training run never used

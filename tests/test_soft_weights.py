@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fingerprint_lm.distributor.attribution import attribute_logits, trace_logits
+from fingerprint_lm.errors import DataError
 from fingerprint_lm.models.extractor import FingerprintExtractor, soft_weights
 from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor
 from fingerprint_lm.registry.index import CodeIndex
@@ -46,8 +47,6 @@ def test_soft_whitening_travels_in_the_state_dict_and_old_state_dicts_load_as_id
 
 
 def test_too_few_unmarked_images_is_a_data_error():
-    from fingerprint_lm.errors import DataError
-
     with pytest.raises(DataError, match="more than 12 unmarked images"):
         FingerprintExtractor(12, tile_size=8, cnn_channels=()).fit_soft_whitening(correlated_logits(12))
 

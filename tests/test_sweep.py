@@ -8,6 +8,7 @@ un-attacked, so the tests check ordering and consistency rather than exact figur
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from fingerprint_lm.devices import resolve_device
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.evaluation.collusion import Point, PointSettings, evaluate_point, parse_case
 from fingerprint_lm.metrics.fid import train_proxy_feature_net
-from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
+from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT, load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.report.tables import COLUMNS, SUMMARY_FILES, write_summary
 from fingerprint_lm.tasks import run
+from fingerprint_lm.tasks.sweep_point import sweep_model_cache_dir, training_config
 from fingerprint_lm.tasks.train import method_from_config
 from fingerprint_lm.tasks.training_record import matches_shipped, training_recipe, training_record
 from tests.conftest import ROOT, TINY_BITS, compose_config
@@ -217,6 +220,7 @@ def test_multirun_writes_summary_and_skips_on_rerun(tmp_path, sweep_checkpoint):
 
 
 def test_wandb_logs_one_offline_run_per_point_and_finishes(tmp_path, sweep_checkpoint, monkeypatch):
+    # defers the heavy import of wandb (seconds; nothing else here loads it): only its tests pay for it
     import wandb
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -341,11 +345,6 @@ def test_shipped_checkpoints_match_their_method_config_and_no_other_recipe(tmp_p
 def test_sweep_model_cache_key_follows_the_base_vae_weights(tmp_path):
     """A per-length model cached on one base VAE is not reused after the base VAE is re-pretrained
     (same config.json, new weights); the same bytes give the same key."""
-    import shutil
-
-    from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT
-    from fingerprint_lm.tasks.sweep_point import sweep_model_cache_dir, training_config
-
     cfg = compose_config(tmp_path / "job", ["+experiment=collusion_sweep", "fingerprint_bits=32"], tiny=False)
     base = tmp_path / "base_vae"
     shutil.copytree(SHIPPED_CHECKPOINT / "base_vae", base)
@@ -366,8 +365,6 @@ def test_sweep_model_cache_key_follows_the_base_vae_weights(tmp_path):
 
 def test_point_on_given_images_and_device_checks(tiny_model):
     """sweep.images=data hands evaluate_point real test images (COCO at scale); shape is checked."""
-    from fingerprint_lm.devices import resolve_device
-
     resolution = int(tiny_model.meta["resolution"])
     images = torch.rand(6, 3, resolution, resolution) * 2 - 1
     m = point(tiny_model, None, n_images=6, n_innocents=10, images=images)

@@ -27,11 +27,12 @@ from PIL import Image
 from fingerprint_lm.data.coco import CocoCaptions, write_tiny_coco
 from fingerprint_lm.distributor.copies import issue_copy, load_copy
 from fingerprint_lm.errors import CheckpointError, ConfigError, RegistryError
+from fingerprint_lm.evaluation import text2image
 from fingerprint_lm.evaluation.sd_pipeline import check_copy_fits, generate_latents, load_text2image_pipeline
 from fingerprint_lm.evaluation.text2image import GRID_NAME, METRICS_NAME, choose_fid_mode, resolve_dtype
 from fingerprint_lm.models.checkpoint import load_fingerprint_model
 from fingerprint_lm.registry.store import Registry
-from fingerprint_lm.tasks import run
+from fingerprint_lm.tasks import run, text2image_eval
 from tests.conftest import ROOT, compose_config
 from tests.console import run_console
 from tests.tiny_sd import build_tiny_pipeline
@@ -107,8 +108,6 @@ def test_config_defaults(tmp_path):
 @pytest.fixture(scope="module")
 def proxy_run(world) -> tuple[dict, Path]:
     """bob's copy evaluated with fid_proxy: the metrics and the output folder."""
-    from fingerprint_lm.tasks import text2image_eval
-
     # the real fid_proxy net and training, on 256 procedural images instead of 4096 (drawing those
     # alone takes seconds here); the task imports it at module level, so it is patched there
     train = text2image_eval.train_proxy_feature_net
@@ -199,9 +198,6 @@ def test_same_seed_same_images_and_every_copy_gets_the_same_latents(world):
 def test_clean_fid_compares_the_generated_and_the_coco_folders(world, monkeypatch):
     """The wiring of the clean-fid path (clean-fid itself is not installed here: a recording
     stand-in replaces it and returns 1.0, then 2.0)."""
-    from fingerprint_lm.evaluation import text2image
-    from fingerprint_lm.tasks import text2image_eval
-
     calls = []
 
     def recording_clean_fid(dir_a, dir_b, device=None, **_):

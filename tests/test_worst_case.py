@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fingerprint_lm.lit.fingerprinting as training
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
 from fingerprint_lm.lit.training_settings import WC_ASCENTS
@@ -79,8 +80,6 @@ def test_wc_start_holds_the_term_back_until_its_step(monkeypatch):
 
 
 def test_wc_rho_ramp_grows_the_radius_linearly_to_wc_rho(monkeypatch):
-    import fingerprint_lm.lit.fingerprinting as training
-
     module = _module(wc_steps=1, wc_rho=0.01, wc_rho_ramp=4)
     step = {"value": 0}
     monkeypatch.setattr(FingerprintModule, "global_step", property(lambda self: step["value"]))

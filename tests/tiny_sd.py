@@ -35,6 +35,8 @@ def write_tiny_tokenizer(folder: Path) -> Path:
 def build_tiny_pipeline(folder: Path) -> Path:
     """Save a StableDiffusionPipeline with a tiny UNet and CLIP text model and the embedded
     checkpoint's base VAE (4 latent channels, factor 4: 32 px images from 8x8 latents)."""
+    # deferred: diffusers' pipeline classes and transformers' CLIP models load lazily and slowly (seconds), and
+    # this module is imported at collection; only the text-to-image tests build a pipeline
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
