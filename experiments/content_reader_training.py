@@ -38,7 +38,6 @@ from pathlib import Path
 import lightning as L
 import torch
 from omegaconf import OmegaConf
-from torch import nn
 from torch.utils.data import DataLoader
 
 from fingerprint_lm.attacks.cases import ROBUSTNESS_SUITE, image_case
@@ -52,6 +51,7 @@ from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models.augment import AugmentConfig
 from fingerprint_lm.models.batched import evaluating
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, save_fingerprint_model, shipped_checkpoint
+from fingerprint_lm.models.content_reader import LossReader
 from fingerprint_lm.models.vae import encode_latents
 from fingerprint_lm.pixels import from_uint8, to_uint8
 
@@ -59,19 +59,6 @@ PNM_YAML = Path(__file__).resolve().parents[1] / "conf" / "method" / "pnm.yaml"
 RESULTS = Path(__file__).resolve().parent / "results" / "content_reader_training.jsonl"
 ARMS = ("shipped", "band", "content")
 SCORED = ("clean", *ROBUSTNESS_SUITE)
-
-
-class ReadThrough(nn.Module):
-    """The training loss's reader: ``reader``'s logits, with none of its tensors (nor its attached
-    base VAE) registered here, so that no optimizer reaches them."""
-
-    def __init__(self, reader: nn.Module):
-        super().__init__()
-        self._reader = (reader,)
-        self.fingerprint_bits = reader.fingerprint_bits
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self._reader[0](images)
 
 
 def train_arm(model, arm: str, steps: int, seed: int, recipe) -> float:
@@ -84,7 +71,7 @@ def train_arm(model, arm: str, steps: int, seed: int, recipe) -> float:
         extractor = model.extractor
     else:
         model.content_reader.eval()
-        extractor = ReadThrough(model.content_reader)
+        extractor = LossReader(model.content_reader)
     module = FingerprintModule(model.vae, model.pnm, extractor, augment=AugmentConfig(**recipe.augment),
                                reference_vae=model.reference_vae, **settings)
     started = time.perf_counter()

@@ -38,10 +38,16 @@ BAD_SETTINGS = [  # (override, words the error must hold)
     ("method.augment.jpeg_quality=[90,50]", "method.augment.jpeg_quality[1] must be a finite number >= 90"),
     ("method.augment.noise_std=[0.1]", "method.augment.noise_std must be [low, high]"),
     ("+method.augment.p_rotate=0.5", "method.augment has no setting 'p_rotate'"),
-    ("method.second_cycle=5", "method.second_cycle must be a mapping {steps: N, train: {...}} or null, got 5"),
-    ("+method.second_cycle.stepz=3", "method.second_cycle has no setting 'stepz' (known: steps, train)"),
+    ("method.second_cycle=5", "method.second_cycle must be a mapping {steps: N, train: {...}} (or a list of them) "
+                              "or null, got 5"),
+    ("+method.second_cycle.stepz=3", "method.second_cycle has no setting 'stepz' (known: steps, train, read_with)"),
     ("method.second_cycle={steps:0}", "method.second_cycle.steps must be a positive integer, got 0"),
     ("method.second_cycle={steps:5,train:{lr:-1}}", "method.second_cycle.train.lr must be a finite number > 0"),
+    ("method.second_cycle={steps:5,read_with:band}",
+     "method.second_cycle.read_with must be one of extractor, content_reader, got 'band'"),
+    ("method.second_cycle=[]", "method.second_cycle is an empty list: null for no second cycle"),
+    ("method.second_cycle=[{steps:5},{steps:0}]", "method.second_cycle[1].steps must be a positive integer, got 0"),
+    ("method.second_cycle=[{steps:5},7]", "method.second_cycle[1] must be a mapping"),
     ("+method.shipped_second_cycle.train.lrr=1", "method.shipped_second_cycle.train has no setting 'lrr'"),
     ("method.issue_screen=5", "method.issue_screen must be a mapping {keep, min_psnr} or null, got 5"),
     ("+method.issue_screen.kep=0.5", "method.issue_screen has no setting 'kep'"),
@@ -62,6 +68,12 @@ def test_a_bad_method_setting_is_refused_when_the_method_is_built(tmp_path, over
     with pytest.raises(ConfigError) as caught:
         method_from_config(compose_config(tmp_path, ["method=pnm", override], tiny=False))
     assert words in str(caught.value)
+
+
+def test_a_cycle_read_by_the_content_reader_needs_one(tmp_path):
+    overrides = ["method=pnm", "method.content_reader=null", "method.second_cycle={steps:5,read_with:content_reader}"]
+    with pytest.raises(ConfigError, match="read_with=content_reader needs method.content_reader"):
+        method_from_config(compose_config(tmp_path, overrides, tiny=False))
 
 
 def test_the_carrier_readers_settings_are_checked_too(tmp_path):

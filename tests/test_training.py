@@ -12,8 +12,10 @@ from fingerprint_lm.lit.fingerprinting import FingerprintModule
 from fingerprint_lm.lit.worst_case import worst_case_perturbation
 from fingerprint_lm.models.augment import AugmentConfig
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
+from fingerprint_lm.models.content_reader import LossReader
 from fingerprint_lm.models.extractor import FingerprintExtractor
 from fingerprint_lm.models.pnm import PersonalizedDecoder
+from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor
 from fingerprint_lm.models.vae import build_vae, load_vae
 from fingerprint_lm.tasks import run
 from tests.conftest import ROOT, compose_config
@@ -224,6 +226,41 @@ def test_a_second_cycle_trains_on_from_the_first_in_the_same_run(tiny_cfg, tmp_p
         rerun = run(tiny_cfg(overrides))
     assert "the first cycle's model is at" in caplog.text
     assert (rerun["steps"], rerun["second_cycle_steps"]) == (10, 6)
+
+
+def test_a_later_cycle_can_read_with_the_content_reader(tiny_cfg, tmp_path, caplog):
+    """method.second_cycle as a list: the cycles run in order; one with read_with=content_reader has
+    the content reader fitted first and its loss read by it, which trains the decoder but leaves the
+    reader's base VAE (the fidelity reference, saved as reference_vae/) as it was."""
+    cycles = "[{steps:4,train:{lr:1e-4}},{steps:3,read_with:content_reader}]"
+    reader = ("method.content_reader={unmarked_images: 64, train_images: 64, calibration_images: 64, steps: 20, "
+              "seed: 1, attack_weight: 0.25}")
+    overrides = ["method=pnm", "fingerprint_bits=8", "method.steps=10", f"method.second_cycle={cycles}", reader,
+                 "method.bit_calibration_images=64"]
+    with caplog.at_level("INFO", logger="fingerprint_lm.tasks.train"):
+        metrics = run(tiny_cfg(overrides))
+    assert (metrics["steps"], metrics["second_cycle_steps"]) == (10, 7)
+    assert "3 steps from the 14-step model, the loss read by its content_reader" in caplog.text
+    assert "4 steps from the 10-step model, the loss read by its extractor" in caplog.text
+    curve = (tmp_path / "run" / "training_curve.csv").read_text().splitlines()
+    assert curve[-1].split(",")[0] == "17", curve[-3:]
+    model = load_fingerprint_model(tmp_path / "run" / "fingerprint_model")
+    assert model.meta["recipe"]["second_cycle"] == [{"steps": 4, "train": {"lr": 1e-4}},
+                                                    {"steps": 3, "read_with": "content_reader"}]
+    base = load_vae(metrics["base_vae"])
+    assert all(torch.equal(value, base.state_dict()[key]) for key, value in model.reference_vae.state_dict().items())
+    trained, before = model.vae.decoder.state_dict(), base.decoder.state_dict()
+    assert any(not torch.equal(trained[key], before[key]) for key in before)  # the shared decoder trained
+
+
+def test_the_loss_reader_holds_no_tensor_of_the_reader_it_reads():
+    reader = BandEnergyExtractor(8)
+    through = LossReader(reader)
+    assert list(through.parameters()) == [] and list(through.buffers()) == []
+    images = torch.rand(2, 3, 16, 16, requires_grad=True)
+    through(images).sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    assert torch.equal(through(images), reader(images))
 
 
 def test_the_shipped_recipe_trains_two_cycles_and_a_debug_run_one(tmp_path):

@@ -25,6 +25,7 @@ from fingerprint_lm.methods.base import COPY_TRAINERS
 from fingerprint_lm.metrics.quality import psnr, ssim
 from fingerprint_lm.models import augment as aug
 from fingerprint_lm.models.checkpoint import FingerprintModel
+from fingerprint_lm.models.content_reader import LossReader
 from fingerprint_lm.models.vae import (
     BaseVAESpec,
     build_vae,
@@ -109,6 +110,7 @@ def train_fingerprint(
     gradient_checkpointing: bool = False,
     calibration_batch_size: int = 256,
     init_model: FingerprintModel | None = None,
+    read_with: str = "extractor",
 ) -> tuple[FingerprintModel, FingerprintModule, dict]:
     """Build ``method``'s PNM and extractor around ``vae``, run its pre-training hook (the carrier
     method's closed-form reader start), train with the worst-case objective, run its post-training
@@ -121,7 +123,11 @@ def train_fingerprint(
     ``init_model``: a trained model of the same method and code length to continue from instead of
     a fresh one (a fine-tune, e.g. under augmentations): its shared decoder (``vae`` is ignored),
     PNM and reader train on, fidelity stays measured against its ``reference_vae``, and its reader,
-    already whitened, skips the pre-training hook."""
+    already whitened, skips the pre-training hook.
+
+    ``read_with="content_reader"``: the fingerprint loss reads ``init_model``'s content reader
+    instead of its extractor (a later cycle, ``FingerprintMethod.later_cycles``); the reader is
+    fixed, its re-made images carry no gradient, and the post-training hook acts on the extractor."""
     check_int("fingerprint length", fingerprint_bits)
     check_resolution(datamodule.resolution, downscale_factor(vae))
     L.seed_everything(seed, workers=True, verbose=False)
@@ -134,7 +140,8 @@ def train_fingerprint(
     else:
         model = continued_model(init_model, method, fingerprint_bits)
     model.pnm.gradient_checkpointing = gradient_checkpointing
-    module = FingerprintModule(model.vae, model.pnm, model.extractor, augment=aug.AugmentConfig(**method.augment),
+    module = FingerprintModule(model.vae, model.pnm, _loss_reader(model, read_with),
+                               augment=aug.AugmentConfig(**method.augment),
                                calibration_batch_size=calibration_batch_size,
                                reference_vae=None if init_model is None else model.reference_vae, **method.train)
     trainer = make_trainer()
@@ -151,6 +158,7 @@ def train_fingerprint(
     fit_seconds = time.perf_counter() - start
     if method.trains_shared_modules:  # stable_signature trains each copy instead
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    module.extractor = model.extractor  # the hook whitens and calibrates the extractor, whichever the loss read
     module.to(trainer.strategy.root_device)  # the hook decodes images too: on the training device
     facts.update(method.after_fit(module, datamodule.train_dataloader()))
     module.cpu()  # evaluation and checkpoint writing below run on the CPU copy
@@ -163,6 +171,18 @@ def train_fingerprint(
     steps = int(trainer.global_step) or (module.history[-1]["step"] if module.history else 0)
     facts.update({"train_seconds": seconds, "detector_fit_seconds": fit_seconds, "steps": steps})
     return model, module, facts
+
+
+def _loss_reader(model: FingerprintModel, read_with: str) -> torch.nn.Module:
+    """What the training loss reads: the model's extractor, or its fitted content reader, fixed."""
+    if read_with == "extractor":
+        return model.extractor
+    if read_with != "content_reader":
+        raise ConfigError(f"a cycle's loss reads the extractor or the content_reader, not {read_with!r}")
+    if model.content_reader is None:
+        raise ConfigError("read_with=content_reader: the model has no content reader fitted yet")
+    model.content_reader.eval().requires_grad_(False)
+    return LossReader(model.content_reader)
 
 
 def continued_model(init_model: FingerprintModel, method: FingerprintMethod, fingerprint_bits: int) -> FingerprintModel:

@@ -17,6 +17,9 @@ from fingerprint_lm.models.augment import AugmentConfig
 from fingerprint_lm.models.checkpoint import FingerprintModel, build_fingerprint_model
 from fingerprint_lm.models.pnm import PersonalizedDecoder, check_decoder_settings
 
+# what a later training cycle's fingerprint loss may read (FingerprintMethod.second_cycle's read_with)
+CYCLE_READERS = ("extractor", "content_reader")
+
 
 @dataclass
 class FingerprintMethod:
@@ -35,9 +38,12 @@ class FingerprintMethod:
         checkpoint_name: the folder under ``fingerprint_lm/assets/`` its shipped checkpoint lives in.
         shipped_steps: the steps its shipped checkpoint was trained with (``+experiment=train``
             and the collusion sweep train that many, so that the sweep can use the shipped one).
-        second_cycle: ``{steps, train}``: after the ``steps``, the trained model trains on for a
-            second cycle of the rates, ``train`` overriding keys of ``train`` (what ``init_from``
-            does, in the same run: :meth:`second_cycle_method`); None: one cycle.
+        second_cycle: ``{steps, train[, read_with]}``: after the ``steps``, the trained model trains
+            on for a second cycle of the rates, ``train`` overriding keys of ``train`` (what
+            ``init_from`` does, in the same run: :meth:`later_cycles`); a list of such mappings: one
+            cycle after another; None: one cycle. ``read_with``: the reader the cycle's fingerprint
+            loss reads, ``extractor`` (the default: the reader training shapes) or ``content_reader``
+            (pnm's content reader, fitted to the model before the cycle and kept fixed through it).
         shipped_second_cycle: the second cycle its shipped checkpoint was trained with (None: one);
             ``+experiment=train`` and the collusion sweep set ``second_cycle`` to it.
         issue_screen: ``{keep, min_psnr[, candidates, probe_images, rate_candidates]}``: after training, the
@@ -59,8 +65,8 @@ class FingerprintMethod:
     detector_fit_samples: int = 0
     checkpoint_name: str = "embedded"
     shipped_steps: int | None = None
-    second_cycle: dict[str, Any] | None = None
-    shipped_second_cycle: dict[str, Any] | None = None
+    second_cycle: dict[str, Any] | list[dict[str, Any]] | None = None
+    shipped_second_cycle: dict[str, Any] | list[dict[str, Any]] | None = None
     issue_screen: dict[str, Any] | None = None
     content_reader: dict[str, Any] | None = None
 
@@ -108,24 +114,36 @@ class FingerprintMethod:
             if key in screen:
                 check_int(f"method.issue_screen.{key}", screen[key])
 
-    def _check_cycle(self, where: str, cycle: dict[str, Any] | None) -> None:
+    def _check_cycle(self, where: str, cycle: dict[str, Any] | list | None) -> None:
         if cycle is None:
             return
         if not self.trains_shared_modules:
             raise ConfigError(f"method.{where}: {self.name} trains nothing shared, so it has no second cycle")
-        if not isinstance(cycle, dict):
-            raise ConfigError(f"method.{where} must be a mapping {{steps: N, train: {{...}}}} or null, got {cycle!r}")
-        check_keys(f"method.{where}", cycle, ("steps", "train"))
-        check_int(f"method.{where}.steps", cycle.get("steps"), 1)
-        settings_from(TrainingSettings, {**self.train, **(cycle.get("train") or {})}, f"method.{where}.train")
+        if isinstance(cycle, list) and not cycle:
+            raise ConfigError(f"method.{where} is an empty list: null for no second cycle")
+        for number, one in enumerate(cycle if isinstance(cycle, list) else [cycle]):
+            name = f"method.{where}[{number}]" if isinstance(cycle, list) else f"method.{where}"
+            if not isinstance(one, dict):
+                raise ConfigError(f"{name} must be a mapping {{steps: N, train: {{...}}}} (or a list of them) "
+                                  f"or null, got {one!r}")
+            check_keys(name, one, ("steps", "train", "read_with"))
+            check_int(f"{name}.steps", one.get("steps"), 1)
+            settings_from(TrainingSettings, {**self.train, **(one.get("train") or {})}, f"{name}.train")
+            read_with = one.get("read_with", "extractor")
+            if read_with not in CYCLE_READERS:
+                raise ConfigError(f"{name}.read_with must be one of {', '.join(CYCLE_READERS)}, got {read_with!r}")
+            if read_with == "content_reader" and self.content_reader is None:
+                raise ConfigError(f"{name}.read_with=content_reader needs method.content_reader (pnm's settings)")
 
-    def second_cycle_method(self) -> FingerprintMethod | None:
-        """The method a second cycle trains with: ``second_cycle.steps`` steps, its ``train`` keys
-        over this method's; None without a second cycle."""
+    def later_cycles(self) -> list[tuple[FingerprintMethod, str]]:
+        """The cycles after the first (``second_cycle``), in order: for each, the method it trains
+        with (its ``steps``, its ``train`` keys over this method's) and the reader its loss reads
+        (``read_with``); empty without a second cycle."""
         if self.second_cycle is None:
-            return None
-        train = {**self.train, **(self.second_cycle.get("train") or {})}
-        return replace(self, steps=int(self.second_cycle["steps"]), train=train, second_cycle=None)
+            return []
+        cycles = self.second_cycle if isinstance(self.second_cycle, list) else [self.second_cycle]
+        return [(replace(self, steps=int(cycle["steps"]), train={**self.train, **(cycle.get("train") or {})},
+                         second_cycle=None), cycle.get("read_with", "extractor")) for cycle in cycles]
 
     # -- what a checkpoint records --------------------------------------------------------------
     def record(self) -> dict[str, Any]:

@@ -156,3 +156,24 @@ def fit_readout(reader: ContentRatioReader, unmarked: torch.Tensor, marked: torc
     reader.readout.copy_(rows.weight.detach().to(reader.readout))
     reader.fit_whitening_raw(reader.raw_from_reads(unmarked.to(reader.feature_centre)).float().cpu())
     return float(((white @ rows.weight.detach().T > 0).float() == target).float().mean())
+
+
+class LossReader(nn.Module):
+    """A reader a training loss reads through (a later cycle's ``read_with: content_reader``):
+    ``reader``'s logits, with none of its tensors, nor the base VAE attached to it, registered here,
+    so that no optimizer, ``requires_grad_`` or weight perturbation of the training module reaches
+    them; it follows the images to their device."""
+
+    def __init__(self, reader: nn.Module):
+        super().__init__()
+        self._reader = (reader,)  # a tuple: not a submodule
+        self.fingerprint_bits = reader.fingerprint_bits
+
+    @property
+    def reader(self) -> nn.Module:
+        return self._reader[0]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if next(self.reader.buffers()).device != images.device:
+            self.reader.to(images.device)
+        return self.reader(images)

@@ -69,45 +69,56 @@ def train_from_config(cfg: DictConfig, vae, datamodule, make_trainer, ckpt_path:
     settings of ``model.*`` from ``cfg`` (the training run and the sweep's per-length models);
     ``init_model``: a trained model to continue from (``init_from``).
 
-    With ``method.second_cycle`` the trained model then trains on for that cycle, as ``init_from``
-    would continue it. ``first_cycle_dir``: where the first cycle's model is kept (rank 0 writes it);
-    a run that finds it there (a rerun after a kill) skips the first cycle and restarts the second."""
+    With ``method.second_cycle`` the trained model then trains on for that cycle (or each of a list
+    of cycles, in order), as ``init_from`` would continue it; a cycle whose loss reads the content
+    reader fits that reader to the model first. ``first_cycle_dir``: where the first cycle's model is
+    kept (rank 0 writes it); a run that finds it there (a rerun after a kill) skips the first cycle
+    and restarts the later ones."""
     spec = model_spec(cfg)
     method = method_from_config(cfg)
     check_readout_attack_resolution(method, int(cfg.data.resolution))
     seed = cfg.seed if seed is None else seed
 
-    def run(method, vae, ckpt_path, init_model, make_trainer=make_trainer):
+    def run(method, vae, ckpt_path, init_model, make_trainer=make_trainer, read_with="extractor"):
         return stages.train_fingerprint(
             vae, check_int("fingerprint_bits", cfg.fingerprint_bits), datamodule, make_trainer, method=method,
             ckpt_path=ckpt_path, seed=seed, gradient_checkpointing=spec.gradient_checkpointing,
-            calibration_batch_size=spec.calibration_batch_size, init_model=init_model)
+            calibration_batch_size=spec.calibration_batch_size, init_model=init_model, read_with=read_with)
 
-    second = method.second_cycle_method()
-    if second is None:
+    cycles = method.later_cycles()
+    if not cycles:
         return run(method, vae, ckpt_path, init_model)
     history: list[dict] = []
     if first_cycle_dir is not None and (first_cycle_dir / "fingerprint.json").is_file():
         log.info("second cycle: the first cycle's model is at %s; training the second from it", first_cycle_dir)
-        model, first_seconds = load_fingerprint_model(first_cycle_dir), 0.0
+        model, seconds = load_fingerprint_model(first_cycle_dir), 0.0
     else:
         model, module, facts = run(method, vae, ckpt_path, init_model)
-        history, first_seconds = module.history, facts["train_seconds"]
+        history, seconds = module.history, facts["train_seconds"]
         if first_cycle_dir is not None and is_global_zero():  # recorded as the one-cycle run it was, not evaluated
             record_training_config(model, cfg, facts)
             model.meta["recipe"].pop("second_cycle")
             save_fingerprint_model(model, first_cycle_dir)
-    log.info("second cycle: %d steps from the %d-step model", second.steps, method.steps)
-    # the trainer config's max_steps is method.steps (conf/trainer/): the second cycle's is its own
-    model, module, facts = run(second, model.vae, None, model,
-                               lambda **overrides: make_trainer(**{"max_steps": second.steps, **overrides}))
-    # one curve over both cycles; the record's steps are the first cycle's (the sweep matches
-    # method.steps) and the second cycle's length is recorded beside them
-    elapsed = history[-1]["elapsed_s"] if history else 0.0
-    module.history = history + [{**row, "step": row["step"] + method.steps, "elapsed_s": row["elapsed_s"] + elapsed}
-                                for row in module.history]
-    facts.update({"steps": method.steps, "second_cycle_steps": facts["steps"],
-                  "train_seconds": first_seconds + facts["train_seconds"]})
+    steps_before = method.steps
+    for cycle, read_with in cycles:
+        if read_with == "content_reader":  # the reader the cycle's loss reads, fitted to the model as it is now
+            content_reader_from_config(cfg, model, datamodule)
+        log.info("next cycle: %d steps from the %d-step model, the loss read by its %s", cycle.steps, steps_before,
+                 read_with)
+        # the trainer config's max_steps is method.steps (conf/trainer/): each later cycle's is its own
+        model, module, facts = run(cycle, model.vae, None, model, read_with=read_with,
+                                   make_trainer=lambda steps=cycle.steps, **overrides: make_trainer(
+                                       **{"max_steps": steps, **overrides}))
+        # one curve over every cycle
+        elapsed = history[-1]["elapsed_s"] if history else 0.0
+        history += [{**row, "step": row["step"] + steps_before, "elapsed_s": row["elapsed_s"] + elapsed}
+                    for row in module.history]
+        steps_before += cycle.steps
+        seconds += facts["train_seconds"]
+    module.history = history
+    # the record's steps are the first cycle's (the sweep matches method.steps); the later cycles'
+    # total is recorded beside them
+    facts.update({"steps": method.steps, "second_cycle_steps": steps_before - method.steps, "train_seconds": seconds})
     return model, module, facts
 
 
