@@ -17,7 +17,7 @@ install:  ## make .venv, install torch (CPU, pinned) first, then the package wit
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[dev,cluster]"
 
-test:  ## fast tests (about 7 minutes on 2 CPU cores; must stay under 10)
+test:  ## fast tests (8-9.5 minutes on 2 CPU cores; must stay under 10)
 	$(PY) -m pytest -q -m "not slow" tests
 
 test-full:  ## all tests, slow ones included
