@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -61,7 +61,7 @@ def run_task(task: Task, cfg: DictConfig) -> dict[str, Any]:
     context = TaskContext(Path(cfg.paths.output_dir))
     os.environ.setdefault("WANDB_SILENT", "true")
     try:
-        torch.manual_seed(int(cfg.seed))
+        L.seed_everything(int(cfg.seed), verbose=False)  # torch, numpy and random, as the template's task_wrapper
         register_attacks(cfg)
         result = task.body(cfg, context)
         if not is_global_zero():
