@@ -6,7 +6,7 @@ secret bands, whitened); the distributor then reads found images with the conten
 (``models/content_reader.py``: the same bands, and their ratio to the image as the base VAE re-makes
 it, through a readout fitted after training). The decoder never learned to write for that readout.
 This continues the shipped pnm checkpoint for ``--steps`` steps of its second-cycle recipe
-(``conf/method/pnm.yaml``: ``train`` with ``shipped_second_cycle.train`` over it, worst-case term
+(``conf/method/pnm.yaml``: ``train`` with the first ``shipped_second_cycle``'s over it, worst-case term
 included) with the fingerprint loss read by
 
 - ``band``: the band reader, as the recipe does (the control: one more cycle of the same);
@@ -64,7 +64,9 @@ SCORED = ("clean", *ROBUSTNESS_SUITE)
 def train_arm(model, arm: str, steps: int, seed: int, recipe) -> float:
     """Continue ``model`` for ``steps`` steps of the second-cycle recipe, the loss read by the
     ``arm``'s reader; returns the wall time."""
-    settings = {**OmegaConf.to_container(recipe.train), **OmegaConf.to_container(recipe.shipped_second_cycle.train)}
+    cycles = OmegaConf.to_container(recipe.shipped_second_cycle)  # the band-read second cycle's rates: the first
+    second = cycles[0] if isinstance(cycles, list) else cycles
+    settings = {**OmegaConf.to_container(recipe.train), **second["train"]}
     model.pnm.train()
     if arm == "band":
         model.extractor.train().requires_grad_(True)

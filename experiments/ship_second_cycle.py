@@ -80,6 +80,7 @@ def main() -> None:
         raise ConfigError(f"{args.run_model}: no fingerprint checkpoint there (fingerprint.json missing)")
     shipped = shipped_checkpoint("embedded_pnm")
     cycle = OmegaConf.to_container(OmegaConf.load(PNM_YAML).shipped_second_cycle, resolve=True)
+    cycle = cycle[0] if isinstance(cycle, list) else cycle  # the second cycle; later ones: ship_content_cycle.py
     meta = shipped_meta(args.run_model, shipped, cycle)
     model = load_fingerprint_model(args.run_model)
     model.meta = meta

@@ -267,3 +267,17 @@ def test_ship_second_cycle_refuses_what_is_not_a_second_cycle_of_the_shipped_mod
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and refusal in errors[0], stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("run_model, refusal", [("missing", "no fingerprint checkpoint there"),
+                                                ("shipped", "is not the first and second cycle of pnm.yaml's recipe")])
+def test_ship_content_cycle_refuses_what_is_not_a_content_cycle_of_the_shipped_model(
+        tmp_path, run_model, refusal, monkeypatch, capsys):
+    """A folder without a checkpoint, or any run once the shipped pnm checkpoint has its content-read
+    cycle already, is one error line, exit 2, and nothing written."""
+    folder = tmp_path / "missing" if run_model == "missing" else shipped_checkpoint("embedded_pnm")
+    args = [str(folder), "--out", str(tmp_path / "out")]
+    code, stderr = run_script("ship_content_cycle.py", args, monkeypatch, capsys)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and refusal in errors[0], stderr
+    assert not (tmp_path / "out").exists()

@@ -103,13 +103,14 @@ def test_shipped_pnm_checkpoint_is_safetensors_only_and_records_its_method():
 def test_shipped_pnm_checkpoint_re_evaluated_through_stock_loaded_copies(tmp_path):
     """Issue 8 copies (ACT all), load each with AutoencoderKL.from_pretrained, decode fresh images,
     save them as 8-bit pixels, read them. One user's accuracy depends on their code (0.89-0.97
-    over 32 users: experiments/per_user_spread.py), so the users' mean is what reproduces the
-    recorded bit accuracy (0.938 on 512 images with a fresh random code per image): within 0.03.
-    Every user reads clearly above chance (>= 0.6: chance is 0.5 +- 0.005 over 256 x 48 bits), and
-    the users' mean PSNR against the decoder as it was (reference_vae/) is >= 29.5 dB (one user's
-    PSNR depends on the code too). The distributor's content reader (``model.reader``, fitted after
-    training) reads the same images better: +0.02 measured (experiments/results/ratio_reader.md), at
-    least +0.01 here.
+    over 32 users: experiments/per_user_spread.py), so the users' mean, read by the distributor's
+    content reader (``model.reader``, fitted after training), is what reproduces the recorded bit
+    accuracy (0.9705 on 512 images with a fresh random code per image, read by that reader as
+    training evaluates): within 0.03. Every user reads clearly above chance with the band reader the
+    decoder trained with (>= 0.6: chance is 0.5 +- 0.005 over 256 x 48 bits), and the content reader
+    reads the same images better (+0.02 measured before the decoder also trained against it,
+    experiments/results/ratio_reader.md; at least +0.01 here). The users' mean PSNR against the
+    decoder as it was (reference_vae/) is >= 29.5 dB (one user's PSNR depends on the code too).
     (The issue's target, 0.99, is not met: README, "Results".)"""
     model = load_fingerprint_model(PNM_CHECKPOINT)
     assert model.method == "pnm" and model.pnm.spatial_site_name is None
@@ -132,7 +133,7 @@ def test_shipped_pnm_checkpoint_re_evaluated_through_stock_loaded_copies(tmp_pat
             psnrs.append(psnr(marked, base).mean().item())
     recorded = json.loads((PNM_CHECKPOINT / "fingerprint.json").read_text())["metrics"]
     assert min(accuracies) >= 0.6, accuracies
-    assert abs(np.mean(accuracies) - recorded["bit_acc"]) < 0.03, (accuracies, recorded)
+    assert abs(np.mean(content_accuracies) - recorded["bit_acc"]) < 0.03, (content_accuracies, recorded)
     assert np.mean(psnrs) >= 29.5, psnrs
     assert model.reader is model.content_reader
     assert np.mean(content_accuracies) >= np.mean(accuracies) + 0.01, (content_accuracies, accuracies)

@@ -132,7 +132,8 @@ class FingerprintMethod:
             read_with = one.get("read_with", "extractor")
             if read_with not in CYCLE_READERS:
                 raise ConfigError(f"{name}.read_with must be one of {', '.join(CYCLE_READERS)}, got {read_with!r}")
-            if read_with == "content_reader" and self.content_reader is None:
+            # only where the cycle runs: a debug run drops the content reader and keeps the shipped record
+            if read_with == "content_reader" and self.content_reader is None and where == "second_cycle":
                 raise ConfigError(f"{name}.read_with=content_reader needs method.content_reader (pnm's settings)")
 
     def later_cycles(self) -> list[tuple[FingerprintMethod, str]]:
