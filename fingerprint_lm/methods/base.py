@@ -85,8 +85,10 @@ class FingerprintMethod:
         settings_from(AugmentConfig, self.augment, "method.augment")
         if self.trains_shared_modules:
             settings_from(TrainingSettings, self.train, "method.train")
-        for where in ("second_cycle", "shipped_second_cycle"):
-            self._check_cycle(where, getattr(self, where))
+        # shipped_second_cycle is what the shipped checkpoint was trained with: it runs only when a
+        # recipe copies it into second_cycle (a debug run drops the content reader and keeps it)
+        for where, runs in (("second_cycle", True), ("shipped_second_cycle", False)):
+            self._check_cycle(where, getattr(self, where), runs)
         self._check_issue_screen()
         self._check_content_reader()
 
@@ -114,7 +116,7 @@ class FingerprintMethod:
             if key in screen:
                 check_int(f"method.issue_screen.{key}", screen[key])
 
-    def _check_cycle(self, where: str, cycle: dict[str, Any] | list | None) -> None:
+    def _check_cycle(self, where: str, cycle: dict[str, Any] | list | None, runs: bool) -> None:
         if cycle is None:
             return
         if not self.trains_shared_modules:
@@ -132,8 +134,7 @@ class FingerprintMethod:
             read_with = one.get("read_with", "extractor")
             if read_with not in CYCLE_READERS:
                 raise ConfigError(f"{name}.read_with must be one of {', '.join(CYCLE_READERS)}, got {read_with!r}")
-            # only where the cycle runs: a debug run drops the content reader and keeps the shipped record
-            if read_with == "content_reader" and self.content_reader is None and where == "second_cycle":
+            if runs and read_with == "content_reader" and self.content_reader is None:
                 raise ConfigError(f"{name}.read_with=content_reader needs method.content_reader (pnm's settings)")
 
     def later_cycles(self) -> list[tuple[FingerprintMethod, str]]:
