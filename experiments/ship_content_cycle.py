@@ -28,28 +28,24 @@ reader before, so fit it again (``fit_issue_screen.py <out>``, then ``--rate-onl
 from __future__ import annotations
 
 import argparse
-import hashlib
 import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from ship_second_cycle import PNM_YAML, REFERENCE_WEIGHTS
 
 from fingerprint_lm.distributor.generation import held_out_images
 from fingerprint_lm.errors import ConfigError, exit_on_user_error
 from fingerprint_lm.lit.stages import evaluate_fingerprint
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, save_fingerprint_model, shipped_checkpoint
+from fingerprint_lm.storage import file_sha256
 
-PNM_YAML = Path(__file__).resolve().parents[1] / "conf" / "method" / "pnm.yaml"
 HELD_OUT_IMAGES = 512  # conf/config.yaml: eval.max_images, what training evaluates on
 
 
-def _digest(folder: Path) -> str:
-    return hashlib.sha256((folder / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
-
-
-def check_content_cycle(run_dir: Path, shipped_dir: Path, cycles: list) -> None:
-    """ConfigError unless ``run_dir`` is the shipped model continued by the last of ``cycles``."""
-    run, shipped = load_fingerprint_model(run_dir).meta, load_fingerprint_model(shipped_dir).meta
+def check_content_cycle(run: dict, shipped: dict, run_dir: Path, shipped_dir: Path, cycles: list) -> None:
+    """ConfigError unless ``run_dir`` (its record ``run``) is the shipped model (``shipped``)
+    continued by the last of ``cycles``."""
     if not isinstance(cycles, list) or len(cycles) != 2 or cycles[1].get("read_with") != "content_reader":
         raise ConfigError("pnm.yaml's shipped_second_cycle is not [a band-read cycle, a content-read cycle]")
     if shipped["recipe"].get("second_cycle") != cycles[0]:
@@ -63,7 +59,7 @@ def check_content_cycle(run_dir: Path, shipped_dir: Path, cycles: list) -> None:
                           "--arms content (its last made_by line)")
     if cycles[1].get("train") != cycles[0].get("train"):  # the script trains the second cycle's rates
         raise ConfigError("pnm.yaml's content-read cycle has other rates than the script trained with")
-    if _digest(run_dir / "reference_vae") != _digest(shipped_dir / "reference_vae"):
+    if file_sha256(run_dir / REFERENCE_WEIGHTS) != file_sha256(shipped_dir / REFERENCE_WEIGHTS):
         raise ConfigError(f"{run_dir}: its reference decoder is not the shipped checkpoint's")
 
 
@@ -76,9 +72,9 @@ def main() -> None:
         raise ConfigError(f"{args.run_model}: no fingerprint checkpoint there (fingerprint.json missing)")
     shipped = shipped_checkpoint("embedded_pnm")
     cycles = OmegaConf.to_container(OmegaConf.load(PNM_YAML).shipped_second_cycle, resolve=True)
-    check_content_cycle(args.run_model, shipped, cycles)
     model = load_fingerprint_model(args.run_model)
-    first = load_fingerprint_model(shipped).meta
+    first = load_fingerprint_model(shipped).meta  # loaded, so its checksums are checked too
+    check_content_cycle(model.meta, first, args.run_model, shipped, cycles)
     batches = [{"image": chunk} for chunk in held_out_images(int(model.meta["resolution"]), HELD_OUT_IMAGES).split(64)]
     figures = evaluate_fingerprint(model, batches, HELD_OUT_IMAGES)
     model.meta["recipe"] = {**first["recipe"], "second_cycle": cycles}

@@ -23,19 +23,16 @@ the two commands, atomically::
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from fingerprint_lm.errors import ConfigError, exit_on_user_error
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, save_fingerprint_model, shipped_checkpoint
+from fingerprint_lm.storage import file_sha256
 
 PNM_YAML = Path(__file__).resolve().parents[1] / "conf" / "method" / "pnm.yaml"
-
-
-def _digest(folder: Path) -> str:
-    return hashlib.sha256((folder / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+REFERENCE_WEIGHTS = "reference_vae/diffusion_pytorch_model.safetensors"  # the base decoder as it was
 
 
 def shipped_meta(run_dir: Path, shipped_dir: Path, cycle: dict) -> dict:
@@ -56,7 +53,7 @@ def shipped_meta(run_dir: Path, shipped_dir: Path, cycle: dict) -> dict:
     wanted = {**first["recipe"]["train"], **cycle["train"]}
     if run["recipe"]["train"] != wanted or run["metrics"]["steps"] != cycle["steps"]:
         raise ConfigError(f"{run_dir}: not pnm.yaml's shipped_second_cycle ({cycle}) over the shipped rates")
-    if _digest(run_dir / "reference_vae") != _digest(shipped_dir / "reference_vae"):
+    if file_sha256(run_dir / REFERENCE_WEIGHTS) != file_sha256(shipped_dir / REFERENCE_WEIGHTS):
         raise ConfigError(f"{run_dir}: its reference decoder is not the shipped checkpoint's")
     meta = dict(run)
     meta["recipe"] = {**first["recipe"], "second_cycle": cycle}
