@@ -255,29 +255,19 @@ def test_compiled_issue_probe_equals_the_shipped_issuance(checkpoint, monkeypatc
             assert _max_relative_difference(model, act_type, scope) < 1e-6, (act_type, scope)
 
 
-@pytest.mark.parametrize("run_model, refusal", [("missing", "no fingerprint checkpoint there"),
-                                                ("shipped", "already records a second cycle")])
-def test_ship_second_cycle_refuses_what_is_not_a_second_cycle_of_the_shipped_model(
-        tmp_path, run_model, refusal, monkeypatch, capsys):
-    """A folder without a checkpoint, or any run once the shipped pnm checkpoint is itself a
-    second cycle, is one error line, exit 2, and nothing written."""
+@pytest.mark.parametrize("script, run_model, refusal", [
+    ("ship_second_cycle.py", "missing", "no fingerprint checkpoint there"),
+    ("ship_second_cycle.py", "shipped", "already records a second cycle"),
+    ("ship_content_cycle.py", "missing", "no fingerprint checkpoint there"),
+    ("ship_content_cycle.py", "shipped", "is not the first and second cycle of pnm.yaml's recipe"),
+])
+def test_a_ship_script_refuses_what_is_not_its_cycle_of_the_shipped_model(
+        tmp_path, script, run_model, refusal, monkeypatch, capsys):
+    """A folder without a checkpoint, or any run once the shipped pnm checkpoint is itself the
+    cycle the script ships (or a later one), is one error line, exit 2, and nothing written."""
     folder = tmp_path / "missing" if run_model == "missing" else shipped_checkpoint("embedded_pnm")
     args = [str(folder), "--out", str(tmp_path / "out")]
-    code, stderr = run_script("ship_second_cycle.py", args, monkeypatch, capsys)
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1 and refusal in errors[0], stderr
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("run_model, refusal", [("missing", "no fingerprint checkpoint there"),
-                                                ("shipped", "is not the first and second cycle of pnm.yaml's recipe")])
-def test_ship_content_cycle_refuses_what_is_not_a_content_cycle_of_the_shipped_model(
-        tmp_path, run_model, refusal, monkeypatch, capsys):
-    """A folder without a checkpoint, or any run once the shipped pnm checkpoint has its content-read
-    cycle already, is one error line, exit 2, and nothing written."""
-    folder = tmp_path / "missing" if run_model == "missing" else shipped_checkpoint("embedded_pnm")
-    args = [str(folder), "--out", str(tmp_path / "out")]
-    code, stderr = run_script("ship_content_cycle.py", args, monkeypatch, capsys)
+    code, stderr = run_script(script, args, monkeypatch, capsys)
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and refusal in errors[0], stderr
     assert not (tmp_path / "out").exists()
