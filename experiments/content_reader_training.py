@@ -54,8 +54,8 @@ from fingerprint_lm.models.checkpoint import load_fingerprint_model, save_finger
 from fingerprint_lm.models.content_reader import LossReader
 from fingerprint_lm.models.vae import encode_latents
 from fingerprint_lm.pixels import from_uint8, to_uint8
+from fingerprint_lm.tasks.compose import method_config
 
-PNM_YAML = Path(__file__).resolve().parents[1] / "conf" / "method" / "pnm.yaml"
 RESULTS = Path(__file__).resolve().parent / "results" / "content_reader_training.jsonl"
 ARMS = ("shipped", "band", "content")
 SCORED = ("clean", *ROBUSTNESS_SUITE)
@@ -149,7 +149,7 @@ def main() -> None:
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not arms or any(a not in ARMS for a in arms):
         raise ConfigError(f"--arms takes a comma-separated list of {', '.join(ARMS)}, got {args.arms!r}")
-    recipe = OmegaConf.load(PNM_YAML)
+    recipe = method_config("pnm")
     held_out = torch.stack([ProceduralImages(32, seed=777_000 + args.seed, length=args.images).sample(i)["image"]
                             for i in range(args.images)])
     rows = [run_arm(arm, args, recipe, held_out) for arm in arms]

@@ -32,9 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from fingerprint_lm.data.datamodule import TEST_SEED_OFFSET
@@ -45,6 +43,7 @@ from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.soft import soft_identify
+from fingerprint_lm.tasks.compose import compose_config
 from fingerprint_lm.tasks.train import model_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,12 +54,8 @@ FPRS = (1e-6, 1e-3)
 
 def second_generator(steps: int, cache_dir: Path):
     """A tiny VAE pretrained from seed 1 for ``steps`` steps (the shipped one: seed 0, 4000)."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["seed=1", f"model.pretrain.steps={steps}", "logger=none",
-                                           f"paths.cache_dir={cache_dir}"], return_hydra_config=True)
-    OmegaConf.update(cfg, "paths.root_dir", str(ROOT))
-    OmegaConf.update(cfg, "paths.output_dir", str(cache_dir / "second_generator_run"))
-    cfg.hydra.runtime.cwd = str(ROOT)
+    cfg = compose_config(["seed=1", f"model.pretrain.steps={steps}", "logger=none", f"paths.cache_dir={cache_dir}"],
+                         cache_dir / "second_generator_run")
     torch.manual_seed(1)
     vae, _ = stages.prepare_base_vae(model_spec(cfg), cache_dir, instantiate(cfg.data),
                                      lambda **kw: instantiate(cfg.trainer, **{"logger": False, **kw}))

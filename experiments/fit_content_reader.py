@@ -27,8 +27,7 @@ from fingerprint_lm.distributor.generation import training_images
 from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
 from fingerprint_lm.methods.content_reader import check_content_reader_settings, fit_content_reader
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, rewrite_private_state
-
-PNM_YAML = Path(__file__).resolve().parents[1] / "conf" / "method" / "pnm.yaml"
+from fingerprint_lm.tasks.compose import method_config
 
 
 def main() -> None:
@@ -43,7 +42,7 @@ def main() -> None:
         raise ConfigError(f"{args.checkpoint} is a method={model.method} checkpoint; the content reader is pnm's")
     if model.content_reader is not None and not args.refit:
         raise ConfigError(f"{args.checkpoint} has a content reader already (--refit replaces it)")
-    settings = OmegaConf.to_container(OmegaConf.load(PNM_YAML).content_reader)
+    settings = OmegaConf.to_container(method_config("pnm").content_reader)
     settings = check_content_reader_settings(settings, model.fingerprint_bits)
     started = time.time()
     total = settings["unmarked_images"] + settings["train_images"] + settings["calibration_images"]

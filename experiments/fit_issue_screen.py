@@ -38,8 +38,7 @@ from fingerprint_lm.distributor.read_predictor import FOLDS, with_read_predictor
 from fingerprint_lm.distributor.screening import ProbeReader, estimate_pass_rate, fit_floors
 from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, rewrite_private_state
-
-PNM_YAML = Path(__file__).resolve().parents[1] / "conf" / "method" / "pnm.yaml"
+from fingerprint_lm.tasks.compose import method_config
 
 
 def main() -> None:
@@ -61,7 +60,7 @@ def main() -> None:
         raise ConfigError(f"{args.checkpoint} is a method={model.method} checkpoint; the floors are pnm's")
     if model.meta.get("issue_screen") is not None and not (args.refit or args.rate_only or args.predictor):
         raise ConfigError(f"{args.checkpoint} already records issue_screen {model.meta['issue_screen']} (--refit)")
-    settings = OmegaConf.to_container(OmegaConf.load(PNM_YAML).issue_screen)
+    settings = OmegaConf.to_container(method_config("pnm").issue_screen)
     if args.rate_candidates is not None:
         settings["rate_candidates"] = check_int("--rate-candidates", args.rate_candidates)
     started = time.time()

@@ -36,14 +36,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from fingerprint_lm.errors import ConfigError, exit_on_user_error
+from fingerprint_lm.tasks.compose import method_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results" / "pnm_conv_sites.jsonl"
 # method=wouaf's own sites, read from its config so the two cannot drift apart
-WOUAF_CONVS = "[" + ",".join(OmegaConf.load(ROOT / "conf" / "method" / "wouaf.yaml").pnm.conv_sites) + "]"
+WOUAF_CONVS = "[" + ",".join(method_config("wouaf").pnm.conv_sites) + "]"
 # The recipe the arms were measured against: conf/method/pnm.yaml before it took the combined arm
 # (2026-12-04), stated here so that every arm still runs what the table reports.
 PREVIOUS = ["method.pnm.conv_sites=[]", "method.pnm.modulation_bound=0.5", "method.train.decoder_lr=5e-4"]

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from fingerprint_lm.lit import stages
+from fingerprint_lm.tasks.compose import compose_config
 from fingerprint_lm.tasks.train import method_from_config, model_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,14 +41,8 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def compose_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        # the carrier recipes it searched (the default method until 2026-12-06)
-        cfg = compose("config", overrides=["+experiment=train", "method=carrier", *overrides],
-                      return_hydra_config=True)
-    OmegaConf.update(cfg, "paths.root_dir", str(ROOT))
-    OmegaConf.update(cfg, "paths.output_dir", str(ROOT / "outputs" / "recipe_search"))
-    cfg.hydra.runtime.cwd = str(ROOT)
-    return cfg
+    # the carrier recipes it searched (the default method until 2026-12-06)
+    return compose_config(["+experiment=train", "method=carrier", *overrides], ROOT / "outputs" / "recipe_search")
 
 
 def main() -> None:

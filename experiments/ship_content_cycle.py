@@ -32,15 +32,14 @@ import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from ship_second_cycle import PNM_YAML, REFERENCE_WEIGHTS
+from ship_second_cycle import REFERENCE_WEIGHTS
 
 from fingerprint_lm.distributor.generation import held_out_images
 from fingerprint_lm.errors import ConfigError, exit_on_user_error
 from fingerprint_lm.lit.stages import evaluate_fingerprint
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, save_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.storage import file_sha256
-
-HELD_OUT_IMAGES = 512  # conf/config.yaml: eval.max_images, what training evaluates on
+from fingerprint_lm.tasks.compose import compose_config
 
 
 def check_content_cycle(run: dict, shipped: dict, run_dir: Path, shipped_dir: Path, cycles: list) -> None:
@@ -71,12 +70,14 @@ def main() -> None:
     if not (args.run_model / "fingerprint.json").is_file():
         raise ConfigError(f"{args.run_model}: no fingerprint checkpoint there (fingerprint.json missing)")
     shipped = shipped_checkpoint("embedded_pnm")
-    cycles = OmegaConf.to_container(OmegaConf.load(PNM_YAML).shipped_second_cycle, resolve=True)
+    config = compose_config(["+experiment=train"])  # as make checkpoint trains and evaluates
+    cycles = OmegaConf.to_container(config.method.shipped_second_cycle, resolve=True)
+    held_out = int(config.eval.max_images)  # what training evaluates on
     model = load_fingerprint_model(args.run_model)
     first = load_fingerprint_model(shipped).meta  # loaded, so its checksums are checked too
     check_content_cycle(model.meta, first, args.run_model, shipped, cycles)
-    batches = [{"image": chunk} for chunk in held_out_images(int(model.meta["resolution"]), HELD_OUT_IMAGES).split(64)]
-    figures = evaluate_fingerprint(model, batches, HELD_OUT_IMAGES)
+    batches = [{"image": chunk} for chunk in held_out_images(int(model.meta["resolution"]), held_out).split(64)]
+    figures = evaluate_fingerprint(model, batches, held_out)
     model.meta["recipe"] = {**first["recipe"], "second_cycle": cycles}
     model.meta["metrics"] = {**{k: figures[k] for k in ("bit_acc", "psnr", "ssim")}, "steps": first["metrics"]["steps"]}
     model.meta.pop("issue_screen", None)
@@ -84,7 +85,7 @@ def main() -> None:
                              f"then: python experiments/ship_content_cycle.py {args.run_model}"]
     out = save_fingerprint_model(model, args.out or shipped)
     print(f"wrote {out}: bit_acc {figures['bit_acc']:.4f}, PSNR {figures['psnr']:.2f} dB "
-          f"({HELD_OUT_IMAGES} held-out images); fit its code screen next (fit_issue_screen.py)")
+          f"({held_out} held-out images); fit its code screen next (fit_issue_screen.py)")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ from omegaconf import OmegaConf
 from fingerprint_lm.errors import ConfigError, exit_on_user_error
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, save_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.storage import file_sha256
+from fingerprint_lm.tasks.compose import method_config
 
-PNM_YAML = Path(__file__).resolve().parents[1] / "conf" / "method" / "pnm.yaml"
 REFERENCE_WEIGHTS = "reference_vae/diffusion_pytorch_model.safetensors"  # the base decoder as it was
 
 
@@ -76,7 +76,7 @@ def main() -> None:
     if not (args.run_model / "fingerprint.json").is_file():
         raise ConfigError(f"{args.run_model}: no fingerprint checkpoint there (fingerprint.json missing)")
     shipped = shipped_checkpoint("embedded_pnm")
-    cycle = OmegaConf.to_container(OmegaConf.load(PNM_YAML).shipped_second_cycle, resolve=True)
+    cycle = OmegaConf.to_container(method_config("pnm").shipped_second_cycle, resolve=True)
     cycle = cycle[0] if isinstance(cycle, list) else cycle  # the second cycle; later ones: ship_content_cycle.py
     meta = shipped_meta(args.run_model, shipped, cycle)
     model = load_fingerprint_model(args.run_model)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,18 +18,17 @@ from fingerprint_lm.methods import personal_tensors
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.models.vae import SD_VAE_CONFIG, build_vae
 
-ROOT = Path(__file__).resolve().parents[1]
 SIGNATURE_RECIPE_STEPS = 100  # conf/method/stable_signature.yaml, and Stable Signature's own recipe
 
 
 def _sd_method_model(method: str, vae, bits: int, resolution: int, copy_finetune: dict | None = None):
     """A ``method`` model from its ``conf/method/*.yaml`` on an SD-sized VAE (random weights)."""
     from hydra.utils import instantiate  # hydra only for this section: the others never compose configs
-    from omegaconf import OmegaConf
+
+    from fingerprint_lm.tasks.compose import method_config  # hydra's compose API, as above
 
     # _convert_: plain dicts and lists, as the training task builds methods (a method checks its mappings)
-    method_config = OmegaConf.load(ROOT / "conf" / "method" / f"{method}.yaml")
-    model = instantiate(method_config, _convert_="all").build_model(vae, bits)
+    model = instantiate(method_config(method), _convert_="all").build_model(vae, bits)
     model.meta["resolution"] = resolution
     if copy_finetune is not None:
         model.meta["copy_finetune"] = {**model.meta.get("copy_finetune", {}), **copy_finetune}

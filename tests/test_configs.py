@@ -17,6 +17,7 @@ from fingerprint_lm.attacks.image import IMAGE_ATTACKS
 from fingerprint_lm.config_schema import DATA_SCHEMAS, SCHEMAS, read_settings
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.tasks import TASKS
+from fingerprint_lm.tasks import compose as scripts_compose
 from tests.conftest import CONF, ROOT, compose_config
 from tests.console import run_console
 
@@ -74,6 +75,25 @@ def test_paths_and_run_dirs_resolve_without_hydra_config(tmp_path, monkeypatch):
     for key in ("root_dir", "data_dir", "log_dir", "cache_dir", "export_dir"):
         assert Path(str(cfg.paths[key])).is_absolute(), key
     assert Path(str(cfg.paths.export_dir)) == ROOT / "fingerprint_lm" / "assets" / "embedded_pnm"  # the default method
+
+
+@pytest.mark.parametrize("method", sorted(path.stem for path in (CONF / "method").glob("*.yaml")))
+def test_scripts_read_each_method_as_a_run_composes_it(tmp_path, method):
+    """experiments/ and bench_sd take a method's settings through tasks/compose.py, not by loading
+    its YAML: what they read is the run's composed ``method`` node, overrides included."""
+    composed = compose_config(tmp_path, [f"method={method}", "fingerprint_bits=32"], tiny=False).method
+    read = scripts_compose.method_config(method, ["fingerprint_bits=32"])
+    assert OmegaConf.to_container(read, resolve=True) == OmegaConf.to_container(composed, resolve=True)
+    assert read.name == method
+
+
+def test_a_script_composed_run_resolves_its_paths_at_the_output_dir_it_names(tmp_path):
+    cfg = scripts_compose.compose_config(["+experiment=train", "seed=3"], tmp_path / "out")
+    OmegaConf.resolve(cfg.paths)
+    assert Path(cfg.paths.output_dir) == tmp_path / "out" and cfg.seed == 3
+    assert Path(cfg.paths.root_dir) == ROOT and cfg.hydra.runtime.cwd == str(ROOT)
+    with pytest.raises(Exception, match="method=nonesuch|nonesuch"):
+        scripts_compose.method_config("nonesuch")
 
 
 def test_debug_overlays_shrink_an_experiment_and_the_command_line_still_wins(tmp_path):
