@@ -64,7 +64,7 @@ def model_spec(cfg: DictConfig) -> BaseVAESpec:
 
 
 def train_from_config(cfg: DictConfig, vae, datamodule, make_trainer, ckpt_path: str | None = None, seed=None,
-                      init_model=None, first_cycle_dir: Path | None = None):
+                      init_model=None, first_cycle_dir: Path | None = None, method: FingerprintMethod | None = None):
     """:func:`stages.train_fingerprint` with ``fingerprint_bits``, the ``method`` and the decoder
     settings of ``model.*`` from ``cfg`` (the training run and the sweep's per-length models);
     ``init_model``: a trained model to continue from (``init_from``).
@@ -73,9 +73,9 @@ def train_from_config(cfg: DictConfig, vae, datamodule, make_trainer, ckpt_path:
     of cycles, in order), as ``init_from`` would continue it; a cycle whose loss reads the content
     reader fits that reader to the model first. ``first_cycle_dir``: where the first cycle's model is
     kept (rank 0 writes it); a run that finds it there (a rerun after a kill) skips the first cycle
-    and restarts the later ones."""
+    and restarts the later ones. ``method``: ``cfg.method`` as the caller already built it."""
     spec = model_spec(cfg)
-    method = method_from_config(cfg)
+    method = method_from_config(cfg) if method is None else method
     check_readout_attack_resolution(method, int(cfg.data.resolution))
     seed = cfg.seed if seed is None else seed
 
@@ -102,7 +102,7 @@ def train_from_config(cfg: DictConfig, vae, datamodule, make_trainer, ckpt_path:
     steps_before = method.steps
     for cycle, read_with in cycles:
         if read_with == "content_reader":  # the reader the cycle's loss reads, fitted to the model as it is now
-            content_reader_from_config(cfg, model, datamodule)
+            fit_method_content_reader(method, model, datamodule)
         log.info("next cycle: %d steps from the %d-step model, the loss read by its %s", cycle.steps, steps_before,
                  read_with)
         # the trainer config's max_steps is method.steps (conf/trainer/): each later cycle's is its own
@@ -182,20 +182,21 @@ def train(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
     ckpt_path = resume_checkpoint(output_dir / "checkpoints" / "last.ckpt") if cfg.resume else None
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
+    method = method_from_config(cfg)
     model, module, train_facts = train_from_config(cfg, vae, datamodule, make_trainer, ckpt_path=ckpt_path,
-                                                   init_model=init_model,
+                                                   init_model=init_model, method=method,
                                                    first_cycle_dir=output_dir / "first_cycle_model")
     if not is_global_zero():
         # strategy=ddp and SLURM run this whole task on every rank: rank 0 alone evaluates and
         # writes the outputs (with ddp_spawn this is the main process, after fit returned).
         return {"fingerprint_bits": int(cfg.fingerprint_bits), **train_facts, **vae_facts}
     write_training_curve(module.history, output_dir / "training_curve.csv", output_dir / "training_curve.png")
-    content_reader = content_reader_from_config(cfg, model, datamodule)  # evaluated with it, as the distributor reads
+    content_reader = fit_method_content_reader(method, model, datamodule)  # evaluated with it, as the distributor reads
     eval_metrics = stages.evaluate_fingerprint(model, datamodule.test_dataloader(), cfg.eval.max_images)
     metrics: dict[str, Any] = {"fingerprint_bits": int(cfg.fingerprint_bits), **eval_metrics, **train_facts,
                                **vae_facts, **content_reader}
     record_training_config(model, cfg, metrics)
-    screen = method_from_config(cfg).issue_screen
+    screen = method.issue_screen
     if screen is not None:  # the floors task=issue screens this checkpoint's codes with (distributor/screening.py)
         floors = fit_floors(model, **screen)
         if predictor_codes := _predictor_codes(cfg):  # and the read predictor its default screen uses
@@ -210,11 +211,11 @@ def train(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
     return metrics
 
 
-def content_reader_from_config(cfg: DictConfig, model, datamodule) -> dict[str, dict[str, float]]:
+def fit_method_content_reader(method: FingerprintMethod, model, datamodule) -> dict[str, dict[str, float]]:
     """Fit pnm's content reader (``method.content_reader``) on the training stream:
     ``{"content_reader": its figures}`` for the run's metrics (which the checkpoint records), or
     ``{}`` when the method fits none."""
-    settings = getattr(method_from_config(cfg), "content_reader", None)
+    settings = getattr(method, "content_reader", None)
     if not settings:
         return {}
     log.info("fitting the content reader (%s)", settings)
