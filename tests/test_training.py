@@ -108,8 +108,9 @@ def test_short_training_run_learns_a_readable_fingerprint(tiny_cfg):
     assert metrics["psnr"] > 20
     assert metrics["steps"] == 40
     written = json.loads(open(metrics["checkpoint"].replace("fingerprint_model", "metrics.json")).read())
-    for key in ("bit_acc", "psnr", "ssim", "fingerprint_bits", "train_seconds", "steps"):
+    for key in ("bit_acc", "psnr", "ssim", "fingerprint_bits", "train_seconds", "steps", "task_seconds"):
         assert key in written
+    assert written["task_seconds"] > written["train_seconds"]  # the task's wall time holds the training's
     assert written["fingerprint_bits"] == 16
     # the carrier's last hook whitened the reader's soft-decision weights on unmarked outputs
     assert written["soft_whitened"] is True

@@ -1,9 +1,10 @@
 """What every task does at its start and end (lightning-hydra-template's ``task_wrapper``).
 
 A :class:`Task` names the function that does the work and where its JSON result goes;
-:func:`run_task` seeds, times, turns Hydra's multi-line instantiation errors into one line, writes
-the JSON atomically (on the process that writes outputs), prints the task's summary for people
-and closes the W&B run in ``finally``, so a failed task never leaves one open for the next.
+:func:`run_task` seeds, times (``task_seconds`` in the JSON), turns Hydra's multi-line
+instantiation errors into one line, writes the JSON atomically (on the process that writes
+outputs), prints the task's summary for people and closes the W&B run in ``finally``, so a failed
+task never leaves one open for the next.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def run_task(task: Task, cfg: DictConfig) -> dict[str, Any]:
             return result  # DDP: rank 0 alone writes a run's outputs
         json_path = task.json_path(cfg) if task.json_path else None
         if json_path is not None and not context.reused:
+            # the task's wall time, start to result, beside its figures: runs compare on it too
+            result = {**result, "task_seconds": round(time.perf_counter() - start, 3)}
             json_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(json_path, json.dumps(result, indent=2, sort_keys=task.sort_keys))
         if task.summarize is not None:
