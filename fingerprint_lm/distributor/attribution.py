@@ -44,6 +44,7 @@ import torch
 from fingerprint_lm.data.coco import load_rgb, to_tensor
 from fingerprint_lm.errors import ConfigError, DataError, check_float, check_probability
 from fingerprint_lm.metrics.bits import match_threshold
+from fingerprint_lm.models.batched import in_batches
 from fingerprint_lm.models.extractor import soft_null, soft_weights
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.soft import CodeNull, identify_logits
@@ -125,10 +126,9 @@ def extract_logits(extractor: torch.nn.Module, images: Sequence[torch.Tensor], b
     if len(images) == 0:
         raise DataError("no images to read a fingerprint from")
     extractor.eval()
-    rows = []
-    for _, run in itertools.groupby(images, key=lambda image: tuple(image.shape)):
-        rows += [extractor(batch).double() for batch in torch.stack(list(run)).float().split(batch_size)]
-    return torch.cat(rows).numpy()
+    read = [in_batches(extractor, lambda m, x: m(x), torch.stack(list(run)).float(), batch_size=batch_size)
+            for _, run in itertools.groupby(images, key=lambda image: tuple(image.shape))]
+    return torch.cat(read).double().numpy()
 
 
 def whitened_weights(extractor: torch.nn.Module, logits: np.ndarray, decoding: str) -> np.ndarray | None:
