@@ -171,6 +171,8 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("ratio_reader.py", ["--attack-weights", "0.5,0"]),
     ("ratio_reader.py", ["--attack-weights", "inf"]),
     ("ratio_reader.py", ["--content-readers", "no_such_checkpoint"]),
+    ("read_threshold_probe.py", ["--images", "0"]),
+    ("read_threshold_probe.py", ["--calibration", "-4"]),
     ("content_reader_training.py", ["--steps", "0"]),
     ("content_reader_training.py", ["--arms", "band,pooled"]),
     ("content_reader_training.py", ["--images", "0"]),
