@@ -133,6 +133,7 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("pnm_augment_finetune.py", ["--init-from", "/nonexistent/fingerprint_model"]),
     ("jpeg_chroma_probe.py", ["--users", "0"]),
     ("luma_reader_probe.py", ["--steps", "0"]),
+    ("band_frequency_probe.py", ["--steps", "0"]),
     ("code_screening.py", ["--candidates", "2"]),
     ("code_screening.py", ["--keep", "1.5"]),
     ("code_screening.py", ["--probe", "0"]),
