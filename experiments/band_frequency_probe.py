@@ -1,11 +1,12 @@
-"""Probe (issue 11): do lower secret bands make pnm's mark survive JPEG and blur?
+"""Probe (issue 11): do lower secret bands make pnm's mark survive JPEG and blur; do higher ones read better?
 
 The shipped band reader's secret bands lie at 0.12-0.35 cycles per pixel
 (``method.extractor.band_energy.frequency``). Blur at sigma 1 keeps exp(-2 pi^2 f^2) of a band's
 amplitude (0.17 at 0.30, 0.64 at 0.15) and JPEG's 4:2:0 chroma subsampling removes chroma above
 0.25 (``results/jpeg_chroma_probe.md``), and the attacked reads lose their class separation, not
 their threshold (``results/read_threshold_probe.md``). Lower bands sit where content has more
-energy, so the clean read may pay. This trains pnm from scratch with the shipped first-cycle recipe
+energy, so the clean read may pay; higher ones (``high``: up to 0.45, near Nyquist) where it has
+less. This trains pnm from scratch with the shipped first-cycle recipe
 for ``--steps``, once per arm, each as
 
     python -m fingerprint_lm method=pnm method.steps=STEPS logger=none method.issue_screen=null \\
@@ -34,7 +35,8 @@ from fingerprint_lm.report.text_tables import markdown_lines
 RESULTS = Path(__file__).resolve().parent / "results" / "band_frequency_probe.jsonl"
 CHECKOUT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "fingerprint_lm"
 COMMON = ["logger=none", "method.issue_screen=null", "eval.issue_predictor_codes=0"]
-ARMS = {"shipped": [], "low": ["method.extractor.band_energy.frequency=[0.07,0.22]"]}
+ARMS = {"shipped": [], "low": ["method.extractor.band_energy.frequency=[0.07,0.22]"],
+        "high": ["method.extractor.band_energy.frequency=[0.2,0.45]"]}
 COLUMNS = ("bit_acc", "psnr", "shift_8", "jpeg_q90", "jpeg_q50", "gaussian_blur_s1", "gaussian_noise_0.05",
            "brightness_1.5", "combined")
 
