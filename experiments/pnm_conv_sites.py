@@ -37,18 +37,18 @@ import time
 from pathlib import Path
 
 from fingerprint_lm.errors import ConfigError, exit_on_user_error
-from fingerprint_lm.tasks.compose import method_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results" / "pnm_conv_sites.jsonl"
-# method=wouaf's own sites, read from its config so the two cannot drift apart
-WOUAF_CONVS = "[" + ",".join(method_config("wouaf").pnm.conv_sites) + "]"
+# method=wouaf's own sites, read from its composed config when an arm runs (wouaf_sites), so the
+# two cannot drift apart
+WOUAF_CONVS = "method.pnm.conv_sites=<method=wouaf's conv_sites>"
 # The recipe the arms were measured against: conf/method/pnm.yaml before it took the combined arm
 # (2026-12-04), stated here so that every arm still runs what the table reports.
 PREVIOUS = ["method.pnm.conv_sites=[]", "method.pnm.modulation_bound=0.5", "method.train.decoder_lr=5e-4"]
 ARMS = {
     "groupnorm": [*PREVIOUS],
-    "groupnorm+conv": [*PREVIOUS, f"method.pnm.conv_sites={WOUAF_CONVS}"],
+    "groupnorm+conv": [*PREVIOUS, WOUAF_CONVS],
     "groupnorm+conv_out": [*PREVIOUS, "method.pnm.conv_sites=[conv_out]"],
     # the same sites at twice the learning rates (mapping network and reader; shared decoder)
     "groupnorm_lr_x2": [*PREVIOUS, "method.train.lr=2e-3", "method.train.decoder_lr=1e-3"],
@@ -57,15 +57,24 @@ ARMS = {
     # the previous checkpoint's mapping network sat near its bound: 18% of its values above 0.9 b
     "groupnorm_bound_1.0": [*PREVIOUS, "method.pnm.modulation_bound=1.0"],
     # the three small gains together: do they add? (what conf/method/pnm.yaml now ships)
-    "groupnorm+conv_decoder_lr_x2_bound_1.0": [*PREVIOUS, f"method.pnm.conv_sites={WOUAF_CONVS}",
+    "groupnorm+conv_decoder_lr_x2_bound_1.0": [*PREVIOUS, WOUAF_CONVS,
                                                "method.train.decoder_lr=1e-3", "method.pnm.modulation_bound=1.0"],
 }
 PROBES = ("shift_8", "crop_0.5", "jpeg_q50", "gaussian_blur_s1", "brightness_1.5")
 
 
+def wouaf_sites() -> str:
+    # imported here: the task package's import (diffusers, seconds) waits until an arm runs, after
+    # the argument checks
+    from fingerprint_lm.tasks.compose import method_config
+
+    return "method.pnm.conv_sites=[" + ",".join(method_config("wouaf").pnm.conv_sites) + "]"
+
+
 def run_arm(name: str, steps: int, out: Path, seed: int | None, export: bool = False) -> dict:
+    overrides = [wouaf_sites() if override == WOUAF_CONVS else override for override in ARMS[name]]
     command = [sys.executable, "-m", "fingerprint_lm", "+experiment=train", "method=pnm", f"method.steps={steps}",
-               "logger=none", f"hydra.run.dir={out}", *ARMS[name], *([f"seed={seed}"] if seed is not None else []),
+               "logger=none", f"hydra.run.dir={out}", *overrides, *([f"seed={seed}"] if seed is not None else []),
                # --keep: the trained copy is exported beside the run, never over the shipped assets
                *(["export_checkpoint=true", f"paths.export_dir={out / 'checkpoint'}"] if export else [])]
     print("$", " ".join(command), flush=True)
@@ -75,7 +84,7 @@ def run_arm(name: str, steps: int, out: Path, seed: int | None, export: bool = F
     return {"arm": name, "steps": steps, "seed": seed, "wall_seconds": round(time.perf_counter() - start, 1),
             "train_seconds": round(metrics["train_seconds"], 1), "bit_acc": metrics["bit_acc"],
             "psnr": metrics["psnr"], "ssim": metrics["ssim"],
-            "robustness": {p: metrics["robustness"].get(p) for p in PROBES}, "overrides": ARMS[name]}
+            "robustness": {p: metrics["robustness"].get(p) for p in PROBES}, "overrides": overrides}
 
 
 def main() -> None:
