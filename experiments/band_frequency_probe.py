@@ -21,19 +21,18 @@ distributor reads). Rows go to ``results/band_frequency_probe.jsonl``; the table
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 from pathlib import Path
 
+from luma_reader_probe import probe_arguments
 from pnm_augment_finetune import row_figures, train_in_fresh_folder
 
-from fingerprint_lm.errors import check_int, exit_on_user_error
+from fingerprint_lm.errors import exit_on_user_error
 from fingerprint_lm.report.text_tables import markdown_lines
 
 RESULTS = Path(__file__).resolve().parent / "results" / "band_frequency_probe.jsonl"
-CHECKOUT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "fingerprint_lm"
 COMMON = ["logger=none", "method.issue_screen=null", "eval.issue_predictor_codes=0"]
 ARMS = {"shipped": [], "low": ["method.extractor.band_energy.frequency=[0.07,0.22]"],
         "high": ["method.extractor.band_energy.frequency=[0.2,0.45]"]}
@@ -50,13 +49,7 @@ def run_arm(name: str, steps: int, workdir: Path, cache: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--workdir", type=Path, default=Path("band_frequency_probe"))
-    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("FINGERPRINT_LM_CACHE", CHECKOUT_CACHE)))
-    args = parser.parse_args()
-    check_int("--steps", args.steps)
+    args = probe_arguments(__doc__.splitlines()[0], list(ARMS), "band_frequency_probe")
     rows = []
     for name in args.arms:
         rows.append(run_arm(name, args.steps, args.workdir, args.cache))

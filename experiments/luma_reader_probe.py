@@ -45,14 +45,21 @@ def run_arm(name: str, steps: int, workdir: Path, cache: Path) -> dict:
             "colour_probe": colours}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def probe_arguments(description: str, arms: list[str], workdir: str) -> argparse.Namespace:
+    """The command line of a probe that trains pnm from scratch once per arm (this one,
+    band_frequency_probe.py): ``--steps``, ``--arms``, ``--workdir``, ``--cache``; steps checked."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--workdir", type=Path, default=Path("luma_reader_probe"))
+    parser.add_argument("--arms", nargs="+", default=arms, choices=arms)
+    parser.add_argument("--workdir", type=Path, default=Path(workdir))
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("FINGERPRINT_LM_CACHE", CHECKOUT_CACHE)))
     args = parser.parse_args()
     check_int("--steps", args.steps)
+    return args
+
+
+def main() -> None:
+    args = probe_arguments(__doc__.splitlines()[0], list(ARMS), "luma_reader_probe")
     lines = ["| arm | steps | s | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 3) + "|"]
     probes = []
     for name in args.arms:

@@ -27,12 +27,11 @@ reader before, so fit it again (``fit_issue_screen.py <out>``, then ``--rate-onl
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from ship_second_cycle import REFERENCE_WEIGHTS
+from ship_second_cycle import REFERENCE_WEIGHTS, ship_arguments
 
 from fingerprint_lm.distributor.generation import held_out_images
 from fingerprint_lm.errors import ConfigError, exit_on_user_error
@@ -63,12 +62,7 @@ def check_content_cycle(run: dict, shipped: dict, run_dir: Path, shipped_dir: Pa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_model", type=Path, help="content_reader_training.py's <keep>/content")
-    parser.add_argument("--out", type=Path, default=None, help="default: the shipped embedded_pnm folder")
-    args = parser.parse_args()
-    if not (args.run_model / "fingerprint.json").is_file():
-        raise ConfigError(f"{args.run_model}: no fingerprint checkpoint there (fingerprint.json missing)")
+    args = ship_arguments(__doc__, "content_reader_training.py's <keep>/content")
     shipped = shipped_checkpoint("embedded_pnm")
     config = compose_config(["+experiment=train"])  # as make checkpoint trains and evaluates
     cycles = OmegaConf.to_container(config.method.shipped_second_cycle, resolve=True)

@@ -68,13 +68,20 @@ def shipped_meta(run_dir: Path, shipped_dir: Path, cycle: dict) -> dict:
     return meta
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_model", type=Path, help="the second cycle's <run>/fingerprint_model")
+def ship_arguments(doc: str, run_model_help: str) -> argparse.Namespace:
+    """The command line of this script and ship_content_cycle.py: the run's saved model (refused
+    when no checkpoint is there) and ``--out``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_model", type=Path, help=run_model_help)
     parser.add_argument("--out", type=Path, default=None, help="default: the shipped embedded_pnm folder")
     args = parser.parse_args()
     if not (args.run_model / "fingerprint.json").is_file():
         raise ConfigError(f"{args.run_model}: no fingerprint checkpoint there (fingerprint.json missing)")
+    return args
+
+
+def main() -> None:
+    args = ship_arguments(__doc__, "the second cycle's <run>/fingerprint_model")
     shipped = shipped_checkpoint("embedded_pnm")
     cycle = OmegaConf.to_container(method_config("pnm").shipped_second_cycle, resolve=True)
     cycle = cycle[0] if isinstance(cycle, list) else cycle  # the second cycle; later ones: ship_content_cycle.py
