@@ -36,6 +36,7 @@ from soft_attribution import _count, attacked, issue_copies
 from fingerprint_lm.attacks.cases import ROBUSTNESS_SUITE
 from fingerprint_lm.distributor.generation import decode_with, held_out_images
 from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
+from fingerprint_lm.models.batched import in_batches
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.models.pooled_extractor import bit_slopes, whitening_map
 from fingerprint_lm.pixels import from_uint8, to_uint8
@@ -52,7 +53,7 @@ FIT_ATTACKS = "gaussian_noise_0.05,brightness_1.5,contrast_1.5,gaussian_blur_s1,
 def raw_reads(extractor, images: torch.Tensor, batch: int = 256) -> np.ndarray:
     """The reader's raw log band energies (before whitening) of ``images`` saved as 8-bit pixels."""
     images = from_uint8(to_uint8(images))
-    return torch.cat([extractor.raw_logits(chunk) for chunk in images.split(batch)]).double().numpy()
+    return in_batches(extractor, lambda m, x: m.raw_logits(x), images, batch_size=batch).double().numpy()
 
 
 def nuisance_basis(extractor, unmarked: torch.Tensor, attacks: list[str], seed: int) -> np.ndarray:

@@ -72,7 +72,7 @@ def reads(model, images: torch.Tensor, batch: int = 256) -> np.ndarray:
     images = from_uint8(to_uint8(images))
     reencoded = decode_with(model.unmarked_vae, model.unmarked_vae, images)
     h, w = reencoded.shape[-2:]  # a side that is no multiple of the VAE's downscale factor comes back shorter
-    raw = [torch.cat([model.extractor.raw_logits(a) for a in x.split(batch)])
+    raw = [batched.in_batches(model.extractor, lambda m, a: m.raw_logits(a), x, batch_size=batch)
            for x in (images, reencoded, images[..., :h, :w] - reencoded)]
     return torch.cat([raw[0], raw[0] - raw[1], raw[2]], 1).double().numpy()
 
