@@ -101,7 +101,7 @@ def test_debug_overlays_shrink_an_experiment_and_the_command_line_still_wins(tmp
     tiny = compose_config(tmp_path, ["+experiment=collusion_sweep", "debug=tiny"], tiny=False)
     fast = compose_config(tmp_path, ["+experiment=collusion_sweep", "debug=fast"], tiny=False)
     # the default method (pnm) at its shipped steps; the grid's method axis sets each point's
-    assert len(str(sweep.sweep.grid.case).split(",")) == 28 and sweep.method.steps == sweep.method.shipped_steps
+    assert len(str(sweep.sweep.grid.case).split(",")) == 29 and sweep.method.steps == sweep.method.shipped_steps
     assert (tiny.sweep.grid.fingerprint_bits, tiny.sweep.grid.act) == ("48", "all")
     assert len(str(tiny.sweep.grid.case).split(",")) == 2 and tiny.method.steps == 20
     assert len(str(fast.sweep.grid.act).split(",")) * len(str(fast.sweep.grid.case).split(",")) == 6

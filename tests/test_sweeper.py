@@ -65,8 +65,8 @@ def test_the_sweepers_grid_axes_are_the_collusion_recipes_swept_keys():
     assert set(cfg.hydra.sweeper.params) == set(GRID_AXES)
 
 
-def test_the_default_grid_is_476_points_with_stable_signature_at_act_none_and_all():
-    """4 methods x 5 ACT types x 28 cases, less stable_signature's permute, scale and sign points."""
+def test_the_default_grid_is_493_points_with_stable_signature_at_act_none_and_all():
+    """4 methods x 5 ACT types x 29 cases, less stable_signature's permute, scale and sign points."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["+experiment=collusion_sweep"])
     grid = cfg.sweep.grid
@@ -75,7 +75,7 @@ def test_the_default_grid_is_476_points_with_stable_signature_at_act_none_and_al
                               ("sweep.case", "case"))]
     rules = [parse_skip_rule(rule) for rule in grid.skip]
     jobs = [job for job in itertools.product(*axes) if not skipped(job, rules)]
-    assert len(jobs) == 476
+    assert len(jobs) == 493
     assert {job[2] for job in jobs if job[0] == "method=stable_signature"} == {"act=none", "act=all"}
 
 

@@ -61,10 +61,11 @@ BUILTIN_FUNCTIONS: dict[str, Callable] = {name: fn for table in ATTACK_TABLES.va
 BUILTIN_ATTACKS: frozenset[str] = frozenset(attack_names())
 
 # The image attacks every trained model is probed with (``metrics.json``: ``robust/<case>``); the
-# collusion sweep's default grid scores the same cases on issued copies (tests/test_configs.py).
+# collusion sweep's default grid scores the same cases on issued copies (tests/test_configs.py): every
+# image attack of issue 11's target table.
 ROBUSTNESS_SUITE: tuple[str, ...] = (
     "jpeg_q90", "jpeg_q50", "crop_resize_0.5", "crop_0.5", "shift_1", "shift_8", "rotation_10",
-    "gaussian_blur_s1", "gaussian_noise_0.05", "brightness_1.5", "combined",
+    "gaussian_blur_s1", "gaussian_noise_0.05", "brightness_1.5", "contrast_1.5", "combined",
 )
 
 _STRENGTH = re.compile(r"^[a-z]?(\d+(?:\.\d+)?)$")
