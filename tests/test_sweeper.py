@@ -65,8 +65,9 @@ def test_the_sweepers_grid_axes_are_the_collusion_recipes_swept_keys():
     assert set(cfg.hydra.sweeper.params) == set(GRID_AXES)
 
 
-def test_the_default_grid_is_493_points_with_stable_signature_at_act_none_and_all():
-    """4 methods x 5 ACT types x 29 cases, less stable_signature's permute, scale and sign points."""
+def test_the_default_grid_is_367_points_with_stable_signature_at_act_none_and_all():
+    """4 methods x 5 ACT types x 29 cases, less stable_signature's permute, scale and sign points and
+    the image-level single-copy cases at those types (none_c1 and the model attacks stay at every type)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["+experiment=collusion_sweep"])
     grid = cfg.sweep.grid
@@ -75,8 +76,12 @@ def test_the_default_grid_is_493_points_with_stable_signature_at_act_none_and_al
                               ("sweep.case", "case"))]
     rules = [parse_skip_rule(rule) for rule in grid.skip]
     jobs = [job for job in itertools.product(*axes) if not skipped(job, rules)]
-    assert len(jobs) == 493
+    assert len(jobs) == 367
     assert {job[2] for job in jobs if job[0] == "method=stable_signature"} == {"act=none", "act=all"}
+    pnm = {(job[2], job[3]) for job in jobs if job[0] == "method=pnm"}
+    for act in ("none", "permute", "scale", "sign", "all"):  # the function check and the model attacks at every type
+        assert {(f"act={act}", f"sweep.case={case}") for case in ("none_c1", "prune_0.3", "finetune_50")} <= pnm
+    assert ("act=permute", "sweep.case=jpeg_q50") not in pnm and ("act=all", "sweep.case=jpeg_q50") in pnm
 
 
 def test_hydra_finds_the_sweeper_and_the_config_selects_it():
