@@ -114,6 +114,7 @@ def test_training_resumes_from_the_step_of_last_ckpt(tmp_path):
                                             ATTEMPTS]))
     assert (run_dir / "attempts.txt").read_text().split() == ["0", "10"]
     assert metrics["steps"] == 20
+    assert metrics["base_vae_cached"] is True  # the base VAE was reused from the cache, not pretrained again
     after = _curve(run_dir)
     assert [int(row["step"]) for row in after] == list(range(1, 21))
     assert after[:10] == before  # the first ten rows came back from the checkpoint, not a re-run
