@@ -23,7 +23,7 @@ test:  ## fast tests (8-9.5 minutes on 2 CPU cores; must stay under 10)
 test-full:  ## all tests, slow ones included
 	$(PY) -m pytest -q tests
 
-bench:  ## speed and memory figures, the SD-sized issue ratio and the default sweep cold and warm included (~45-50 min): writes BENCHMARKS.md
+bench:  ## speed and memory figures, the SD-sized issue ratio and the default sweep cold and warm included (~40-50 min): writes BENCHMARKS.md
 	$(PY) -m fingerprint_lm.bench --sweep --write BENCHMARKS.md
 
 METHOD ?= pnm
