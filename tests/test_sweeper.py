@@ -11,6 +11,7 @@ from hydra.core.plugins import Plugins
 from hydra.errors import ConfigCompositionException
 from hydra.plugins.sweeper import Sweeper
 
+from fingerprint_lm.attacks.cases import attack_kind, parse_case
 from hydra_plugins.fingerprint_lm_sweeper import (
     GRID_AXES,
     AxisCheckedSweeper,
@@ -82,6 +83,11 @@ def test_the_default_grid_is_367_points_with_stable_signature_at_act_none_and_al
     for act in ("none", "permute", "scale", "sign", "all"):  # the function check and the model attacks at every type
         assert {(f"act={act}", f"sweep.case={case}") for case in ("none_c1", "prune_0.3", "finetune_50")} <= pnm
     assert ("act=permute", "sweep.case=jpeg_q50") not in pnm and ("act=all", "sweep.case=jpeg_q50") in pnm
+    # the skipped cases are written out in the YAML (the sweeper imports nothing of the project): they must be
+    # exactly the grid's single-copy cases that act on images, so a new image attack cannot drift out of the rule
+    image_level = {case for case in str(grid.case).split(",")
+                   if parse_case(case)[2] == 1 and attack_kind(parse_case(case)[0]) in ("image", "output")}
+    assert rules[1]["sweep.case"] == image_level and rules[1]["act"] == {"permute", "scale", "sign"}
 
 
 def test_hydra_finds_the_sweeper_and_the_config_selects_it():
