@@ -73,16 +73,41 @@ def manual_stepping(module: FingerprintModule) -> FingerprintModule:
     return module
 
 
+def _interleaved_mean_seconds(steps: dict[str, Callable[[], object]], repeats: int, block: int = 2,
+                              warmup: int = 2) -> dict[str, float]:
+    """Mean seconds per call of each function, timed in alternating blocks of ``block`` calls.
+
+    Timing one variant after another lets the machine's speed drift between them (on a shared
+    2-core machine the plain step, the ratios' denominator, read 0.128 s in one run and 0.154 s in
+    the next); round-robin blocks spread any drift over every variant alike. A block of 2 keeps a
+    step that alternates cheap and dear (every 2nd) counted on both."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    totals = dict.fromkeys(steps, 0.0)
+    rounds = max(1, repeats // block)
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            for _ in range(block):
+                fn()
+            totals[name] += time.perf_counter() - start
+    return {name: total / (rounds * block) for name, total in totals.items()}
+
+
 def bench_training(batch_size: int = 32, bits: int = 48, repeats: int = 20) -> dict[str, float]:
-    """Seconds per training step: plain (K=0) and each worst-case variant; ratios to plain."""
+    """Seconds per training step: plain (K=0) and each worst-case variant, timed interleaved;
+    ratios to plain."""
     images = torch.rand(batch_size, 3, 32, 32) * 2 - 1
-    out: dict[str, float] = {}
+    steps: dict[str, Callable[[], object]] = {}
     for name, options in {"K0_plain": {"wc_steps": 0}, **WORST_CASE_VARIANTS}.items():
         torch.manual_seed(0)
         vae = build_vae()
         module = manual_stepping(FingerprintModule(vae, PersonalizedDecoder(vae.decoder, bits),
                                                    FingerprintExtractor(bits), **options))
-        out[f"train_step_{name}_s"] = _mean_seconds(lambda m=module: m.training_step({"image": images}, 0), repeats)
+        steps[name] = lambda m=module: m.training_step({"image": images}, 0)
+    seconds = _interleaved_mean_seconds(steps, repeats)
+    out = {f"train_step_{name}_s": value for name, value in seconds.items()}
     for name in WORST_CASE_VARIANTS:
         out[f"worst_case_ratio_{name}"] = out[f"train_step_{name}_s"] / out["train_step_K0_plain_s"]
     return out
@@ -292,7 +317,9 @@ def markdown(results: dict[str, dict], command: str, seconds: float, threads: in
         f"{platform.processor() or platform.machine()}, "
         f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}. "
         "Each section ran in a fresh process: `peak_rss_mb` is that process's peak resident memory. "
-        "Seconds are means over repeats; compare ratios across machines, not seconds.", "",
+        "Seconds are means over repeats (the training section's variants timed in alternating blocks, "
+        "so the machine's drift hits the plain step and each worst-case step alike); "
+        "compare ratios across machines, not seconds.", "",
     ]
     for name, figures in results.items():
         title = SECTIONS[name][1] if name in SECTIONS else {

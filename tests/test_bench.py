@@ -26,6 +26,17 @@ def test_the_page_names_its_command_every_section_and_what_was_not_run():
     assert "| sd_issue_ratio_stable_signature_over_pnm_estimate | 1.988e+04 |" in page
 
 
+def test_training_variants_are_timed_in_alternating_blocks_so_drift_hits_each_alike():
+    """The worst-case ratios divide by the plain step: timed one after another, a machine that slows
+    between them moves the ratio; round-robin blocks of 2 calls spread the drift over all."""
+    calls: list[str] = []
+    steps = {name: (lambda n=name: calls.append(n)) for name in ("plain", "lagged", "every2")}
+    seconds = bench._interleaved_mean_seconds(steps, repeats=6, block=2, warmup=1)
+    assert set(seconds) == set(steps)
+    timed = calls[3:]  # after one warm-up call each
+    assert timed == ["plain", "plain", "lagged", "lagged", "every2", "every2"] * 3
+
+
 @pytest.mark.slow  # an SD-sized decoder and its fine-tune: ~8 s and a few GB
 def test_issue_cost_sd_measures_both_methods_on_the_sd_sized_decoder():
     """The issue_sd section's function at a tiny image side (the decoder is SD's size: ~10 s)."""
