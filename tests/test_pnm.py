@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from fingerprint_lm.errors import ConfigError
+from fingerprint_lm.lit.fingerprinting import FingerprintModule
+from fingerprint_lm.methods.carrier import fit_detector
 from fingerprint_lm.models.checkpoint import build_fingerprint_model
 from fingerprint_lm.models.extractor import FingerprintExtractor, fold_tiles
 from fingerprint_lm.models.pnm import PersonalizedDecoder, hadamard_carriers
@@ -90,6 +92,16 @@ def test_closed_form_reader_reads_a_fixed_carrier_pattern():
     acc = ((extractor(images[1536:]) > 0).long() == bits[1536:]).float().mean()
     assert acc > 0.97
     assert fold_tiles(torch.randn(2, 3, 40, 40), 16).shape == (2, 3, 16, 16)
+
+
+def test_the_carrier_readers_closed_form_fit_runs_on_the_device_its_module_lives_on():
+    """Training runs method=carrier's pre-fit hook on the training device; a tensor the fit made on
+    the CPU (its ridge term once was) stops it there. The meta device stands in for a GPU: a CPU
+    tensor meeting a meta one raises as it would meeting a CUDA one."""
+    vae = build_vae()
+    module = FingerprintModule(vae, PersonalizedDecoder(vae.decoder, 8), FingerprintExtractor(8)).to("meta")
+    fit_detector(module, torch.empty(64, 3, 32, 32, device="meta"))
+    assert module.extractor.linear.weight.device.type == "meta"
 
 
 def test_pnm_decoder_at_zero_modulation_is_vae_decode(vae):

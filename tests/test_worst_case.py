@@ -55,6 +55,8 @@ def test_every_ascent_variant_undoes_its_perturbation_and_trains_the_pnm(ascent)
     assert (direction is not None) == (ascent == "lagged")
     if direction is not None:
         assert sum(float(g.abs().sum()) for g in direction if g is not None) > 0
+    module.on_train_end()  # the direction is no part of the state: fit() would leave it on the training device
+    assert getattr(module, "_lagged_direction", None) is None
 
 
 def test_wc_every_adds_the_term_on_every_nth_step_only():

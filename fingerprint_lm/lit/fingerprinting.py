@@ -143,6 +143,11 @@ class FingerprintModule(L.LightningModule):
         self._train_start = time.perf_counter()
         freeze_encoder(self.vae)  # the Trainer put every submodule in train mode
 
+    def on_train_end(self) -> None:
+        # the lagged ascent's last direction is no part of the state (fit() moves the module back to
+        # the CPU, not this list): device memory the size of the decoder, let go once training ends
+        self._lagged_direction = None
+
     def on_train_epoch_start(self) -> None:
         freeze_encoder(self.vae)
 

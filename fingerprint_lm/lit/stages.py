@@ -158,6 +158,8 @@ def train_fingerprint(
     fit_seconds = time.perf_counter() - start
     if method.trains_shared_modules:  # stable_signature trains each copy instead
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if read_with == "content_reader":  # the loss reader took the reader, and the base VAE attached to it (the
+        model.content_reader.cpu()     # fidelity reference), to the training device; fit() brings back the module only
     module.extractor = model.extractor  # the hook whitens and calibrates the extractor, whichever the loss read
     module.to(trainer.strategy.root_device)  # the hook decodes images too: on the training device
     facts.update(method.after_fit(module, datamodule.train_dataloader()))

@@ -117,7 +117,7 @@ class FingerprintExtractor(nn.Module):
         mean = x.mean(0, keepdim=True)
         xc = x - mean
         gram = xc.T @ xc / len(x)
-        gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+        gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         weight = torch.linalg.solve(gram, xc.T @ y / len(x))  # [D, k]
         self.linear.weight.copy_(weight.T.to(self.linear.weight.dtype))
         self.linear.bias.copy_((-(mean @ weight)).squeeze(0).to(self.linear.bias.dtype))
