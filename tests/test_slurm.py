@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from fingerprint_lm import storage as cache
 from fingerprint_lm.errors import CheckpointError
 from fingerprint_lm.lit import stages
+from fingerprint_lm.models.checkpoint import shipped_checkpoint
 from fingerprint_lm.tasks import run
 from fingerprint_lm.tasks.train import model_spec
 from tests.conftest import CONF, DEBUG_TINY, ROOT, compose_config
@@ -101,6 +102,40 @@ def test_slurm_sweep_submits_one_task_per_gpu(tmp_path):
                  "--mail-type=END", f"--output={sweep_dir}/.submitit/%A_%a/"):
         assert f"#SBATCH {line}" in script, (line, script)
     assert "srun" in script and "submitit.core._submit" in script
+
+
+SWEEP_SCRIPT = ROOT / "experiments" / "slurm" / "sd2_coco_collusion_sweep.sh"
+
+
+@pytest.mark.slow  # two sweeps composed and pickled for submitit: ~25 s
+def test_the_slurm_recipes_sweep_submits_its_models_method_alone(tmp_path):
+    """experiments/slurm/sd2_coco_collusion_sweep.sh, steps 2 and 3, up to a stand-in sbatch: a given
+    checkpoint serves one method, so the grid holds that method's points only (pnm: 5 ACT types x 29
+    cases, less the 42 image-level single-copy points sweep.grid.skip leaves out at permute, scale
+    and sign = 103), and step 2 submits the one point that warms the caches. (The recipe once swept
+    method=carrier over a pnm model and the grid's four methods: every point would have failed.)"""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(  # keeps each script it is handed, numbered, and refuses the job
+        f'#!/bin/sh\nn=$(ls {tmp_path} | grep -c submitted)\ncp "$1" {tmp_path}/submitted_$n.sh\n'
+        'echo "no cluster here" >&2\nexit 1\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    for tool in ("sbatch", "srun", "python"):
+        (bin_dir / tool).chmod(0o755)
+    model = shipped_checkpoint("embedded_pnm")
+    env = {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}", "PARTITION": "gpu", "MODEL": str(model),
+           "COCO": str(tmp_path / "coco"), "OUT": str(tmp_path / "out"),
+           "FINGERPRINT_LM_CACHE": str(tmp_path / "cache")}
+    steps = 'sweep sweep.grid.act=none sweep.grid.case=none_c1; sweep'  # main()'s steps 2 and 3
+    out = subprocess.run(["bash", "-c", f'source "{SWEEP_SCRIPT}"; set +e; {steps}'], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300, env=env)
+    assert "no cluster here" in out.stderr, out.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("submitted_*")) == ["submitted_0.sh", "submitted_1.sh"], out.stderr
+    warm, grid = ((tmp_path / f"submitted_{i}.sh").read_text() for i in (0, 1))
+    assert "--array" not in warm and "#SBATCH --gpus-per-node=1" in warm, warm  # one job, no array
+    assert "#SBATCH --array=0-102%" in grid, grid
+    assert "--partition=gpu" in grid and f"{tmp_path}/out/sd2_coco_collusion/.submitit/" in grid
 
 
 def test_training_resumes_from_the_step_of_last_ckpt(tmp_path):
