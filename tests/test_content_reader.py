@@ -4,6 +4,8 @@ it without a second copy of its base VAE."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -163,6 +165,24 @@ def test_a_fitted_content_reader_round_trips_through_a_checkpoint_without_its_va
     with torch.no_grad():
         assert torch.allclose(loaded.reader(x), model.reader(x), atol=1e-5)
         assert not torch.allclose(loaded.reader(x), loaded.extractor(x), atol=1e-2)
+
+
+def test_a_vae_held_in_bfloat16_is_fed_its_own_dtype(tiny_model):
+    """model.dtype=bfloat16 holds the VAE in bfloat16; images and latents arrive as float32. The
+    batched helpers and the content reader's fit (which decodes the unmarked images with the base
+    VAE) cast them to the VAE's dtype and hand float32 back: a float32 input once stopped the fit,
+    the last step of a training run, with a dtype error."""
+    vae = copy.deepcopy(tiny_model.vae).to(torch.bfloat16)
+    x = images(4)
+    latents = batched.encode(vae, x)
+    assert latents.dtype == torch.float32 and batched.decode(vae, latents).dtype == torch.float32
+    spec = {"spatial_site": None, "mapping_hidden": 16, "affine_sites": ["up_blocks.*.resnets.*.norm1"]}
+    extractor = {"kind": "band_energy", "band_energy": {"seed": 5}}
+    model = build_fingerprint_model(vae, 8, spec, extractor, {"method": "pnm"})
+    model.meta.update({"fingerprint_bits": 8, "pnm": spec, "extractor": extractor})
+    figures = fit_content_reader(model, images(200, 16, seed=9).split(64), train_images=80, unmarked_images=40,
+                                 calibration_images=40, steps=5, seed=3, attack_weight=0.5)
+    assert figures["calibration_bit_acc"] > 0.3  # read (an untrained mark: about chance), not crashed
 
 
 def test_the_shipped_pnm_checkpoint_reads_with_its_content_reader():

@@ -20,7 +20,7 @@ from fingerprint_lm.errors import ConfigError, DataError, check_float, check_int
 from fingerprint_lm.models.batched import evaluating
 from fingerprint_lm.models.content_reader import content_reader_from, fit_readout
 from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor
-from fingerprint_lm.models.vae import encode_latents
+from fingerprint_lm.models.vae import decode_latents, encode_latents
 from fingerprint_lm.pixels import from_uint8, to_uint8
 
 CONTENT_READER_KEYS = ("train_images", "unmarked_images", "calibration_images", "steps", "seed", "attack_weight")
@@ -127,7 +127,7 @@ def fit_content_reader(model, image_chunks: Iterable[torch.Tensor], train_images
         for name, images in _segments(image_chunks, sizes):
             latents = encode_latents(model.vae, images.to(device))
             if name == "unmarked":
-                outputs = model.unmarked_vae.decode(latents).sample
+                outputs = decode_latents(model.unmarked_vae, latents)
             else:
                 code = torch.randint(0, 2, (len(images), k), generator=generator)
                 outputs = model.pnm(latents, code.to(device))

@@ -52,12 +52,13 @@ def in_batches(
 
 def encode(vae, images: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 64) -> torch.Tensor:
     """The posterior modes (latents) of ``images`` under ``vae``'s encoder."""
-    return in_batches(vae, lambda m, x: m.encode(x).latent_dist.mode(), images, device, batch_size)
+    # inputs in the VAE's own dtype (model.dtype may hold it in bfloat16); outputs come back float32
+    return in_batches(vae, lambda m, x: m.encode(x.to(m.dtype)).latent_dist.mode(), images, device, batch_size)
 
 
 def decode(vae, latents: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 64) -> torch.Tensor:
     """Images decoded from ``latents`` by ``vae``'s decoder."""
-    return in_batches(vae, lambda m, z: m.decode(z).sample, latents, device, batch_size)
+    return in_batches(vae, lambda m, z: m.decode(z.to(m.dtype)).sample, latents, device, batch_size)
 
 
 def extract(extractor, images: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 64) -> torch.Tensor:

@@ -136,3 +136,8 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     """The posterior mode of ``images`` as float32 latents, whatever dtype the VAE is held in."""
     images = images.to(vae.encoder.conv_in.weight.dtype)
     return vae.encode(images).latent_dist.mode().float()
+
+
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """``vae``'s images of ``latents`` as float32, whatever dtype the VAE is held in (``model.dtype``)."""
+    return vae.decode(latents.to(vae.decoder.conv_in.weight.dtype)).sample.float()
