@@ -91,6 +91,20 @@ def test_fitted_floors_keep_the_asked_share_of_random_codes(pnm_model):
     assert screen_floors(None, True, None, None) == (None, None)
 
 
+def test_the_probe_reads_run_on_the_device_asked_for(pnm_model, monkeypatch):
+    """Training fits the floors and the read predictor on the GPU where there is one (3000 codes'
+    probe reads are days of a CPU at SD's size): every decode and read of the probe goes to the
+    device given. Here `cpu:0` stands in for a GPU, as a device distinct from the default `cpu`."""
+    seen, in_batches = [], batched.in_batches
+    monkeypatch.setattr(batched, "in_batches", lambda m, fn, x, device="cpu", batch_size=64:
+                        seen.append(device) or in_batches(m, fn, x, device, batch_size))
+    device = torch.device("cpu", 0)
+    floors = fit_floors(pnm_model, keep=0.5, min_psnr=1.0, candidates=2, probe_images=4, rate_candidates=2,
+                        device=device)
+    assert len(seen) == 2 + 2 * (2 + 2) and set(seen) == {device}  # the probe's encode and base decode, then
+    assert floors["candidates"] == 2                                 # a decode and a read per code
+
+
 def test_task_issue_screens_codes_with_the_checkpoints_read_predictor_and_reports_it(tmp_path, pnm_model):
     """The distributor's command as the README shows it (pnm, the default), then with screening off."""
     env = {**os.environ, "FINGERPRINT_LM_SECRET": "test-secret"}

@@ -122,13 +122,15 @@ def fit_read_predictor(reader: ProbeReader, floors: dict[str, Any], codes: int =
     return predictor, record
 
 
-def with_read_predictor(model, floors: dict[str, Any], codes: int, seed: int = 9) -> dict[str, Any]:
+def with_read_predictor(model, floors: dict[str, Any], codes: int, seed: int = 9,
+                        device: str | torch.device = "cpu") -> dict[str, Any]:
     """``floors`` (a checkpoint's ``issue_screen`` record) with a read predictor fitted to them on
     ``codes`` random codes' probe reads (:func:`fit_read_predictor`) as its ``predictor`` entry; the
-    predictor's weights are set on ``model`` (``issue_predictor``, saved in ``fingerprint.safetensors``)."""
+    predictor's weights are set on ``model`` (``issue_predictor``, saved in ``fingerprint.safetensors``).
+    The probe reads (the fit's cost: ``codes`` decodes of the probe images) run on ``device``."""
     if floors.get("min_probe_bit_acc") is None:
         raise ConfigError("a read predictor follows the probe screen's floors, and none are recorded: fit them first")
-    reader = ProbeReader(model, int(floors.get("probe_images", 64)))
+    reader = ProbeReader(model, int(floors.get("probe_images", 64)), device)
     predictor, record = fit_read_predictor(reader, floors, codes, seed)
     model.issue_predictor = predictor.state_dict()
     return {**floors, "predictor": record}

@@ -53,9 +53,9 @@ def read_logits(model: FingerprintModel, decoder, images: torch.Tensor) -> np.nd
     return logits_of(model, decode_with(model.vae, decoder, images))
 
 
-def logits_of(model: FingerprintModel, decoded: torch.Tensor) -> np.ndarray:
-    """The reader's logits (float64) on decoder outputs saved as 8-bit pixels."""
-    return batched.extract(model.reader, from_uint8(to_uint8(decoded)), "cpu").double().numpy()
+def logits_of(model: FingerprintModel, decoded: torch.Tensor, device: str | torch.device = "cpu") -> np.ndarray:
+    """The reader's logits (float64) on decoder outputs saved as 8-bit pixels, read on ``device``."""
+    return batched.extract(model.reader, from_uint8(to_uint8(decoded)), device).double().numpy()
 
 
 class ProbeReader:
@@ -63,38 +63,41 @@ class ProbeReader:
     reads back (8-bit pixels, as a user's images would be) and the mean PSNR of its outputs
     against the base decoder's. ACT changes nothing a decoder outputs, so the code's plain PNM
     decoder stands in for the user's copy. Every copy shares the encoder, so the probe is encoded
-    once: a draw costs one decoder pass and one read."""
+    once: a draw costs one decoder pass and one read. The decoders and the reader run on ``device``
+    (the model stays where it is; results come back to the CPU)."""
 
-    def __init__(self, model: FingerprintModel, probe_images: int = 64) -> None:
-        self.model = model
+    def __init__(self, model: FingerprintModel, probe_images: int = 64, device: str | torch.device = "cpu") -> None:
+        self.model, self.device = model, device
         self.images = held_out_images(int(model.meta.get("resolution", 32)), check_int("probe_images", probe_images),
                                       PROBE_SEED)
         with torch.no_grad():
-            self.latents = batched.encode(model.vae, self.images)
-            self.base = batched.decode(model.unmarked_vae, self.latents)
+            self.latents = batched.encode(model.vae, self.images, device)
+            self.base = batched.decode(model.unmarked_vae, self.latents, device)
 
     @torch.no_grad()
     def decode(self, code: np.ndarray) -> torch.Tensor:
         """The probe images as ``code``'s decoder outputs them."""
         decoder = decoder_from_tensors(self.model.vae.config, *personal_tensors(self.model, code))
-        return batched.decode(decoder, self.latents)
+        return batched.decode(decoder, self.latents, self.device)
 
     def __call__(self, code: np.ndarray) -> tuple[float, float]:
         decoded = self.decode(code)
-        accuracy = float(((logits_of(self.model, decoded) > 0) == np.asarray(code, dtype=bool)).mean())
+        accuracy = float(((logits_of(self.model, decoded, self.device) > 0) == np.asarray(code, dtype=bool)).mean())
         return accuracy, float(psnr(decoded, self.base).mean())
 
 
 def fit_floors(model: FingerprintModel, keep: float = 0.75, min_psnr: float = 30.0, candidates: int = 64,
-               probe_images: int = 64, seed: int = FIT_SEED, rate_candidates: int = 128) -> dict[str, Any]:
+               probe_images: int = 64, seed: int = FIT_SEED, rate_candidates: int = 128,
+               device: str | torch.device = "cpu") -> dict[str, Any]:
     """The ``issue_screen`` record of a checkpoint: ``candidates`` random codes are read on the
     probe, the bit floor keeps the best ``keep`` of them (its ``1 - keep`` quantile), the PSNR floor
     is ``min_psnr``; ``pass_rate`` (:func:`estimate_pass_rate`) is measured on ``rate_candidates``
     other codes, since the floor is a quantile of the first ones' reads and their own share would be
-    ``keep`` by construction (the mean draws per issued copy is about its inverse)."""
+    ``keep`` by construction (the mean draws per issued copy is about its inverse). The probe reads
+    run on ``device``."""
     check_float("keep", keep, above=0.0, maximum=1.0)
     check_float("min_psnr", min_psnr, above=0.0)
-    reader, rng = ProbeReader(model, probe_images), np.random.default_rng(seed)
+    reader, rng = ProbeReader(model, probe_images, device), np.random.default_rng(seed)
     reads = np.array([reader(rng.integers(0, 2, model.fingerprint_bits, dtype=np.uint8))
                       for _ in range(check_int("candidates", candidates))])
     floor = round(float(np.quantile(reads[:, 0], 1.0 - keep)), 6)

@@ -99,6 +99,13 @@ class FingerprintModel:
     def fingerprint_bits(self) -> int:
         return self.pnm.fingerprint_bits
 
+    def to(self, device: str | torch.device) -> FingerprintModel:
+        """Every module of the model on ``device`` (a content reader's attached base VAE with it)."""
+        for module in (self.vae, self.pnm, self.extractor, self.reference_vae, self.content_reader):
+            if module is not None:
+                module.to(device)
+        return self
+
 
 def build_fingerprint_model(vae, fingerprint_bits: int, pnm_kwargs: dict, extractor_kwargs: dict, meta=None):
     post_quant_conv = vae.post_quant_conv if getattr(vae.config, "use_post_quant_conv", True) else None

@@ -11,10 +11,12 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fingerprint_lm.devices import resolve_device
 from fingerprint_lm.distributor.read_predictor import check_predictor_codes, with_read_predictor
 from fingerprint_lm.distributor.screening import fit_floors
 from fingerprint_lm.errors import CheckpointError, ConfigError, check_int
@@ -198,7 +200,7 @@ def train(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
     record_training_config(model, cfg, metrics)
     screen = method.issue_screen
     if screen is not None:  # the floors task=issue screens this checkpoint's codes with (distributor/screening.py)
-        floors = fit_floors(model, **screen)
+        floors = fit_floors(model, **screen, device=after_fit_device())
         if predictor_codes := _predictor_codes(cfg):  # and the read predictor its default screen uses
             floors = _with_predictor(model, floors, predictor_codes, metrics)  # (distributor/issue_screens.py)
         model.meta["issue_screen"] = metrics["issue_screen"] = floors
@@ -220,7 +222,18 @@ def fit_method_content_reader(method: FingerprintMethod, model, datamodule) -> d
         return {}
     log.info("fitting the content reader (%s)", settings)
     images = (batch["image"] for batch in datamodule.train_dataloader())
-    return {"content_reader": fit_content_reader(model, images, **settings)}
+    model.to(after_fit_device())
+    try:
+        return {"content_reader": fit_content_reader(model, images, **settings)}
+    finally:
+        model.to("cpu")  # the evaluation and the checkpoint's writing run on the CPU copy
+
+
+def after_fit_device() -> torch.device:
+    """Where rank 0's work after fit() decodes and reads: the content reader's fit (about 14k images
+    with pnm.yaml's settings) and the screen's probe reads (the read predictor's 3000 codes x 64
+    images), the GPU where there is one. At SD's size each is days of a CPU."""
+    return resolve_device("auto")
 
 
 def _with_predictor(model, floors: dict[str, Any], codes: int, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -228,7 +241,7 @@ def _with_predictor(model, floors: dict[str, Any], codes: int, metrics: dict[str
     clears the floors) is a warning, not the end of a training run: the checkpoint is saved with the
     floors alone, and task=issue screens it on the probe."""
     try:
-        return with_read_predictor(model, floors, codes)
+        return with_read_predictor(model, floors, codes, device=after_fit_device())
     except ConfigError as error:
         log.warning("no read predictor recorded: %s", error)
         metrics["issue_predictor_error"] = str(error)
