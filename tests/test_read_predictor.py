@@ -208,6 +208,6 @@ def test_a_training_run_whose_predictor_fit_fails_keeps_its_floors_and_saves(cap
     model = load_fingerprint_model(shipped_checkpoint("embedded_pnm"))
     floors = {**{k: v for k, v in model.meta["issue_screen"].items() if k != "predictor"}, "min_probe_bit_acc": 1.0}
     model.issue_predictor, metrics = {}, {}
-    assert _with_predictor(model, floors, 10, metrics) == floors
+    assert _with_predictor(model, floors, 10, metrics, "cpu") == floors
     assert "clears the floors" in metrics["issue_predictor_error"] and model.issue_predictor == {}
     assert "no read predictor recorded" in caplog.text

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from fingerprint_lm.errors import CheckpointError, ConfigError, DataError
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
@@ -18,6 +19,7 @@ from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor
 from fingerprint_lm.models.vae import build_vae, load_vae
 from fingerprint_lm.tasks import run
+from fingerprint_lm.tasks.train import after_fit_device
 from tests.conftest import ROOT, compose_config
 from tests.console import run_console
 
@@ -25,6 +27,21 @@ SMALL_VAE = dict(
     block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
     up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=4, latent_channels=4, layers_per_block=1,
 )
+
+
+def test_the_work_around_fit_runs_on_this_ranks_gpu_unless_the_trainer_is_told_cpu(default_cfg, monkeypatch):
+    """The content reader's fit and the screen's probe reads (days of a CPU at SD's size) go to this
+    rank's GPU (LOCAL_RANK: under DDP each rank fits the reader a later cycle reads) when the trainer
+    may use one (trainer=gpu, auto, ddp), and stay on the CPU under trainer=cpu (the default), GPU or
+    not. A 2-GPU machine is simulated; no tensor is made on it."""
+    gpu_cfg = OmegaConf.merge(default_cfg, {"trainer": {"accelerator": "gpu"}})
+    assert default_cfg.trainer.accelerator == "cpu"
+    assert after_fit_device(gpu_cfg) == torch.device("cpu")  # no GPU here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert after_fit_device(gpu_cfg) == torch.device("cuda", 1)
+    assert after_fit_device(default_cfg) == torch.device("cpu")
 
 
 def test_worst_case_perturbation_has_the_specified_radius_and_direction():

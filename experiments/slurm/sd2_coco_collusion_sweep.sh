@@ -25,7 +25,7 @@ set -euo pipefail
 export FINGERPRINT_LM_CACHE="${FINGERPRINT_LM_CACHE:-$OUT/cache}"   # shared by every job
 export WANDB_MODE="${WANDB_MODE:-offline}"                          # online: WANDB_MODE=online + wandb login
 
-account=()
+account=()  # expanded as ${account[@]+...}: bash before 4.4 calls an empty array unbound under set -u
 if [[ -n "$ACCOUNT" ]]; then account=("hydra.launcher.account=$ACCOUNT"); fi
 
 # 1. Train the PNM + extractor on SD2's VAE and COCO: one job, GPUS x NODES ranks (DDP).
@@ -35,7 +35,7 @@ train() {
         trainer=ddp "trainer.devices=$GPUS" "trainer.num_nodes=$NODES" \
         "fingerprint_bits=$BITS" "method.steps=$STEPS" logger=wandb \
         "hydra.sweep.dir=$OUT/sd2_coco_train" \
-        "hydra.launcher.partition=$PARTITION" "${account[@]}" \
+        "hydra.launcher.partition=$PARTITION" ${account[@]+"${account[@]}"} \
         hydra.launcher.timeout_min=720 hydra.launcher.cpus_per_task=8 hydra.launcher.mem_gb=128
 }
 
@@ -46,7 +46,7 @@ sweep() {
         "sweep.grid.method=$METHOD" "sweep.grid.fingerprint_bits=$BITS" "sweep.checkpoint=$MODEL" \
         trainer=gpu sweep.images=data data=coco "data.coco_root=$COCO" data.coco_split=val2017 data.resolution=256 \
         "hydra.sweep.dir=$OUT/sd2_coco_collusion" \
-        "hydra.launcher.partition=$PARTITION" "${account[@]}" \
+        "hydra.launcher.partition=$PARTITION" ${account[@]+"${account[@]}"} \
         hydra.launcher.timeout_min=480 hydra.launcher.cpus_per_task=16 hydra.launcher.mem_gb=64 "$@"
 }
 

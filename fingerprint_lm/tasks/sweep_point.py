@@ -42,7 +42,12 @@ from fingerprint_lm.models.checkpoint import (
 from fingerprint_lm.models.vae import load_vae
 from fingerprint_lm.report.tables import write_summary
 from fingerprint_lm.storage import config_hash
-from fingerprint_lm.tasks.train import fit_method_content_reader, method_from_config, train_from_config
+from fingerprint_lm.tasks.train import (
+    after_fit_device,
+    fit_method_content_reader,
+    method_from_config,
+    train_from_config,
+)
 from fingerprint_lm.tasks.training_record import matches_shipped, record_training_config, training_record
 from fingerprint_lm.tasks.wrapper import Task, TaskContext
 
@@ -150,7 +155,7 @@ def train_sweep_model(cfg: DictConfig, target: Path, base_vae_dir: Path) -> None
     method = method_from_config(cfg)
     model, _, facts = train_from_config(cfg, load_vae(base_vae_dir), datamodule, make_trainer,
                                         seed=int(cfg.sweep.train_seed), method=method)
-    content_reader = fit_method_content_reader(method, model, datamodule)  # as the training task fits it
+    content_reader = fit_method_content_reader(method, model, datamodule, after_fit_device(cfg))  # as training does
     quality = stages.evaluate_fingerprint(model, datamodule.test_dataloader(), int(cfg.eval.max_images))
     # facts: steps, and pnm's calibration slopes
     record_training_config(model, cfg, {**facts, **quality, **content_reader})

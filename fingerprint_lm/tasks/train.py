@@ -7,6 +7,7 @@ Also the config readers the collusion sweep's per-length training shares: :func:
 from __future__ import annotations
 
 import logging
+import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,6 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fingerprint_lm.devices import resolve_device
 from fingerprint_lm.distributor.read_predictor import check_predictor_codes, with_read_predictor
 from fingerprint_lm.distributor.screening import fit_floors
 from fingerprint_lm.errors import CheckpointError, ConfigError, check_int
@@ -104,7 +104,7 @@ def train_from_config(cfg: DictConfig, vae, datamodule, make_trainer, ckpt_path:
     steps_before = method.steps
     for cycle, read_with in cycles:
         if read_with == "content_reader":  # the reader the cycle's loss reads, fitted to the model as it is now
-            fit_method_content_reader(method, model, datamodule)
+            fit_method_content_reader(method, model, datamodule, after_fit_device(cfg))
         log.info("next cycle: %d steps from the %d-step model, the loss read by its %s", cycle.steps, steps_before,
                  read_with)
         # the trainer config's max_steps is method.steps (conf/trainer/): each later cycle's is its own
@@ -193,16 +193,18 @@ def train(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
         # writes the outputs (with ddp_spawn this is the main process, after fit returned).
         return {"fingerprint_bits": int(cfg.fingerprint_bits), **train_facts, **vae_facts}
     write_training_curve(module.history, output_dir / "training_curve.csv", output_dir / "training_curve.png")
-    content_reader = fit_method_content_reader(method, model, datamodule)  # evaluated with it, as the distributor reads
+    device = after_fit_device(cfg)
+    content_reader = fit_method_content_reader(method, model, datamodule, device)  # evaluated with it, as the
+    # distributor reads
     eval_metrics = stages.evaluate_fingerprint(model, datamodule.test_dataloader(), cfg.eval.max_images)
     metrics: dict[str, Any] = {"fingerprint_bits": int(cfg.fingerprint_bits), **eval_metrics, **train_facts,
                                **vae_facts, **content_reader}
     record_training_config(model, cfg, metrics)
     screen = method.issue_screen
     if screen is not None:  # the floors task=issue screens this checkpoint's codes with (distributor/screening.py)
-        floors = fit_floors(model, **screen, device=after_fit_device())
+        floors = fit_floors(model, **screen, device=device)
         if predictor_codes := _predictor_codes(cfg):  # and the read predictor its default screen uses
-            floors = _with_predictor(model, floors, predictor_codes, metrics)  # (distributor/issue_screens.py)
+            floors = _with_predictor(model, floors, predictor_codes, metrics, device)  # (distributor/issue_screens.py)
         model.meta["issue_screen"] = metrics["issue_screen"] = floors
     metrics["checkpoint"] = str(save_fingerprint_model(model, output_dir / "fingerprint_model"))
     if cfg.export_checkpoint:
@@ -213,35 +215,44 @@ def train(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
     return metrics
 
 
-def fit_method_content_reader(method: FingerprintMethod, model, datamodule) -> dict[str, dict[str, float]]:
+def fit_method_content_reader(method: FingerprintMethod, model, datamodule,
+                              device: str | torch.device = "cpu") -> dict[str, dict[str, float]]:
     """Fit pnm's content reader (``method.content_reader``) on the training stream:
     ``{"content_reader": its figures}`` for the run's metrics (which the checkpoint records), or
-    ``{}`` when the method fits none."""
+    ``{}`` when the method fits none. It decodes and reads on ``device`` (:func:`after_fit_device`); the
+    model comes back where it was."""
     settings = getattr(method, "content_reader", None)
     if not settings:
         return {}
     log.info("fitting the content reader (%s)", settings)
     images = (batch["image"] for batch in datamodule.train_dataloader())
-    model.to(after_fit_device())
+    home = next(model.vae.parameters()).device
+    model.to(device)
     try:
         return {"content_reader": fit_content_reader(model, images, **settings)}
     finally:
-        model.to("cpu")  # the evaluation and the checkpoint's writing run on the CPU copy
+        model.to(home)  # the evaluation and the checkpoint's writing run on the CPU copy
 
 
-def after_fit_device() -> torch.device:
-    """Where rank 0's work after fit() decodes and reads: the content reader's fit (about 14k images
-    with pnm.yaml's settings) and the screen's probe reads (the read predictor's 3000 codes x 64
-    images), the GPU where there is one. At SD's size each is days of a CPU."""
-    return resolve_device("auto")
+def after_fit_device(cfg: DictConfig) -> torch.device:
+    """Where the work around fit() decodes and reads: the content reader's fit (about 14k images with
+    pnm.yaml's settings) and the screen's probe reads (the read predictor's 3000 codes x 64 images),
+    each days of a CPU at SD's size. The CPU when the trainer is told to run there
+    (``trainer.accelerator=cpu``) or there is no GPU, else this rank's GPU (``LOCAL_RANK``, or SLURM's
+    ``SLURM_LOCALID``: under DDP every rank fits the reader a later cycle reads, each on its own)."""
+    if str(cfg.trainer.get("accelerator", "auto")) == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    return torch.device("cuda", rank % torch.cuda.device_count())
 
 
-def _with_predictor(model, floors: dict[str, Any], codes: int, metrics: dict[str, Any]) -> dict[str, Any]:
+def _with_predictor(model, floors: dict[str, Any], codes: int, metrics: dict[str, Any],
+                    device: str | torch.device) -> dict[str, Any]:
     """The floors with a read predictor fitted to them; a fit that finds nothing to predict (no code
     clears the floors) is a warning, not the end of a training run: the checkpoint is saved with the
     floors alone, and task=issue screens it on the probe."""
     try:
-        return with_read_predictor(model, floors, codes, device=after_fit_device())
+        return with_read_predictor(model, floors, codes, device=device)
     except ConfigError as error:
         log.warning("no read predictor recorded: %s", error)
         metrics["issue_predictor_error"] = str(error)
