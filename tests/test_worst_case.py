@@ -59,6 +59,20 @@ def test_every_ascent_variant_undoes_its_perturbation_and_trains_the_pnm(ascent)
     assert getattr(module, "_lagged_direction", None) is None
 
 
+def test_a_step_whose_loss_is_not_finite_is_one_error_naming_the_likely_cause():
+    """Training on NaN to the end of a run (metrics: psnr nan) was what model.dtype=float16 gave;
+    the step that meets a non-finite loss stops the run with a hint instead."""
+    module = _module(wc_steps=0)
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        module.log_rec_weight.fill_(float("nan"))
+    with pytest.raises(ConfigError, match="diverged at step 0: the loss is nan; lower the learning rates"):
+        module.training_step({"image": images}, 0)
+    module.pnm.decoder.half()
+    with pytest.raises(ConfigError, match="model.dtype=float16 weights do not train"):
+        module.training_step({"image": images}, 0)
+
+
 def test_wc_every_adds_the_term_on_every_nth_step_only():
     module = _module(wc_steps=1, wc_every=2)
     images = torch.rand(4, 3, 32, 32) * 2 - 1

@@ -188,6 +188,7 @@ class FingerprintModule(L.LightningModule):
             whiteness_term = whiteness.pool_penalty(self.extractor, self.whitening_outputs, self.whiteness_batch,
                                                     self.device)
             loss = loss + self.whiteness_weight * whiteness_term
+        self._check_finite(loss)
         if worst_case:
             bce_wc = self._backward_with_worst_case(loss, bce, latents, bits, carriers)
         else:
@@ -242,6 +243,17 @@ class FingerprintModule(L.LightningModule):
         if frozen and self.global_step == max_steps - steps and self.whitening_outputs is not None:
             self.refresh_whitening()
         return frozen
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """One error line instead of a run that trains on NaN to its end (the history reads the loss's
+        figures every step anyway, so the check adds no device sync). float16 weights are the usual
+        cause: Adam's update underflows and overflows in them."""
+        if torch.isfinite(loss):
+            return
+        dtype = next(self.pnm.decoder.parameters()).dtype
+        hint = ("model.dtype=float16 weights do not train: use float32 or bfloat16 (trainer.precision=bf16-mixed "
+                "for speed)" if dtype == torch.float16 else "lower the learning rates (method.train.lr, decoder_lr)")
+        raise ConfigError(f"training diverged at step {int(self.global_step)}: the loss is {loss.item()}; {hint}")
 
     def _wc_due(self) -> bool:
         """Whether this step carries the worst-case term (every ``wc_every``-th step)."""
