@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from fingerprint_lm.errors import CheckpointError, ConfigError
-from fingerprint_lm.models.vae import load_vae
+from fingerprint_lm.models.vae import decode_latents, load_vae
 from fingerprint_lm.pixels import to_uint8
 
 
@@ -148,8 +148,7 @@ def generate_latents(
 def decode_to_pixels(vae, latents: torch.Tensor) -> np.ndarray:
     """8-bit RGB ``uint8 [B, H, W, 3]`` of UNet latents: float32 decode of
     ``latents / scaling_factor`` (as StableDiffusionPipeline does), clipped to [-1, 1], rounded."""
-    parameter = next(vae.parameters())
-    scaled = latents.to(parameter.device, torch.float32) / float(vae.config.scaling_factor)
-    return to_uint8(vae.decode(scaled.to(parameter.dtype)).sample.float())
+    scaled = latents.to(next(vae.parameters()).device, torch.float32) / float(vae.config.scaling_factor)
+    return to_uint8(decode_latents(vae, scaled))
 
 

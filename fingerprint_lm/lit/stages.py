@@ -29,6 +29,7 @@ from fingerprint_lm.models.content_reader import LossReader
 from fingerprint_lm.models.vae import (
     BaseVAESpec,
     build_vae,
+    decode_latents,
     downscale_factor,
     encode_latents,
     load_vae,
@@ -249,7 +250,7 @@ def evaluate_fingerprint(
         if model.reference_vae is None:
             base = model.pnm(latents, None)
         else:  # a stock decode wants latents in the VAE's dtype (bf16 weights); PersonalizedDecoder casts
-            base = model.reference_vae.decode(latents.to(model.reference_vae.dtype)).sample.float()
+            base = decode_latents(model.reference_vae, latents)
         out = _decode_users(model, latents, bits)
         correct += ((model.reader(out) > 0).long() == bits).float().sum().item()
         psnrs.append(psnr(out, base))

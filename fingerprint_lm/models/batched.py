@@ -11,6 +11,8 @@ from contextlib import contextmanager
 
 import torch
 
+from fingerprint_lm.models.vae import decode_latents, encode_latents
+
 
 @contextmanager
 def evaluating(*modules: torch.nn.Module) -> Iterator[None]:
@@ -52,13 +54,12 @@ def in_batches(
 
 def encode(vae, images: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 64) -> torch.Tensor:
     """The posterior modes (latents) of ``images`` under ``vae``'s encoder."""
-    # inputs in the VAE's own dtype (model.dtype may hold it in bfloat16); outputs come back float32
-    return in_batches(vae, lambda m, x: m.encode(x.to(m.dtype)).latent_dist.mode(), images, device, batch_size)
+    return in_batches(vae, encode_latents, images, device, batch_size)  # in the VAE's own dtype, float32 back
 
 
 def decode(vae, latents: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 64) -> torch.Tensor:
     """Images decoded from ``latents`` by ``vae``'s decoder."""
-    return in_batches(vae, lambda m, z: m.decode(z.to(m.dtype)).sample, latents, device, batch_size)
+    return in_batches(vae, decode_latents, latents, device, batch_size)
 
 
 def extract(extractor, images: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 64) -> torch.Tensor:
