@@ -188,7 +188,6 @@ class FingerprintModule(L.LightningModule):
             whiteness_term = whiteness.pool_penalty(self.extractor, self.whitening_outputs, self.whiteness_batch,
                                                     self.device)
             loss = loss + self.whiteness_weight * whiteness_term
-        self._check_finite(loss)
         if worst_case:
             bce_wc = self._backward_with_worst_case(loss, bce, latents, bits, carriers)
         else:
@@ -197,6 +196,7 @@ class FingerprintModule(L.LightningModule):
         if reader_frozen:  # frozen by skipping its update, not requires_grad: plain DDP expects every gradient
             warmdown.drop_gradients(self.extractor)
         optimizer.step()
+        self._check_finite(loss)
 
         with torch.no_grad():
             batch_psnr = psnr(out.detach(), base).mean()
@@ -245,9 +245,9 @@ class FingerprintModule(L.LightningModule):
         return frozen
 
     def _check_finite(self, loss: torch.Tensor) -> None:
-        """One error line instead of a run that trains on NaN to its end (the history reads the loss's
-        figures every step anyway, so the check adds no device sync). float16 weights are the usual
-        cause: Adam's update underflows and overflows in them."""
+        """One error line instead of a run that trains on NaN to its end. Checked once the step is
+        queued, where the history's ``.item()`` reads wait for the device anyway, so the check stalls
+        nothing. float16 weights are the usual cause: Adam's update underflows and overflows in them."""
         if torch.isfinite(loss):
             return
         dtype = next(self.pnm.decoder.parameters()).dtype
