@@ -78,14 +78,24 @@ def test_slurm_launcher_config_follows_the_trainer():
     assert (single.nodes, single.tasks_per_node, single.gpus_per_node) == (1, 1, 1)
 
 
-def test_slurm_sweep_submits_one_task_per_gpu(tmp_path):
-    # `sbatch` is a stand-in that keeps the script and refuses the job, so the launch stops there.
+def _stand_in_cluster(tmp_path: Path) -> Path:
+    """A folder of stand-ins to put first on PATH: `sbatch` keeps each script it is handed
+    (``submitted_<n>.sh`` in ``tmp_path``, numbered) and refuses the job, so a launch stops there;
+    `srun` exists (submitit checks); `python` is this interpreter (for scripts that call `python`)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/submitted.sh\necho "no cluster here" >&2\nexit 1\n')
-    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit checks that srun exists
-    for tool in ("sbatch", "srun"):
+    (bin_dir / "sbatch").write_text(
+        f'#!/bin/sh\nn=$(ls {tmp_path} | grep -c submitted)\ncp "$1" {tmp_path}/submitted_$n.sh\n'
+        'echo "no cluster here" >&2\nexit 1\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    for tool in ("sbatch", "srun", "python"):
         (bin_dir / tool).chmod(0o755)
+    return bin_dir
+
+
+def test_slurm_sweep_submits_one_task_per_gpu(tmp_path):
+    bin_dir = _stand_in_cluster(tmp_path)
     sweep_dir = tmp_path / "sweep"
     command = [
         sys.executable, "-m", "fingerprint_lm", "-m", "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
@@ -96,7 +106,7 @@ def test_slurm_sweep_submits_one_task_per_gpu(tmp_path):
     out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300,
                          env={**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}"})
     assert out.returncode != 0 and "no cluster here" in out.stderr, out.stderr[-3000:]
-    script = (tmp_path / "submitted.sh").read_text()
+    script = (tmp_path / "submitted_0.sh").read_text()
     for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--mem=64GB",
                  "--time=240", "--partition=gpu", "--account=lab", "--signal=USR2@120", "--array=0-1%2",
                  "--mail-type=END", f"--output={sweep_dir}/.submitit/%A_%a/"):
@@ -114,15 +124,7 @@ def test_the_slurm_recipes_sweep_submits_its_models_method_alone(tmp_path):
     cases, less the 42 image-level single-copy points sweep.grid.skip leaves out at permute, scale
     and sign = 103), and step 2 submits the one point that warms the caches. (The recipe once swept
     method=carrier over a pnm model and the grid's four methods: every point would have failed.)"""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(  # keeps each script it is handed, numbered, and refuses the job
-        f'#!/bin/sh\nn=$(ls {tmp_path} | grep -c submitted)\ncp "$1" {tmp_path}/submitted_$n.sh\n'
-        'echo "no cluster here" >&2\nexit 1\n')
-    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
-    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
-    for tool in ("sbatch", "srun", "python"):
-        (bin_dir / tool).chmod(0o755)
+    bin_dir = _stand_in_cluster(tmp_path)
     model = shipped_checkpoint("embedded_pnm")
     env = {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}", "PARTITION": "gpu", "MODEL": str(model),
            "COCO": str(tmp_path / "coco"), "OUT": str(tmp_path / "out"),
