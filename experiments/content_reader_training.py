@@ -45,7 +45,7 @@ from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.distributor.generation import training_images
 from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
-from fingerprint_lm.methods.content_reader import check_content_reader_settings, fit_content_reader
+from fingerprint_lm.methods.content_reader import check_content_reader_settings, fit_content_reader, fit_settings
 from fingerprint_lm.methods.pnm import unmarked_outputs
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models.augment import AugmentConfig
@@ -120,7 +120,7 @@ def run_arm(arm: str, args, recipe, held_out: torch.Tensor) -> dict:
     train_seconds = 0.0 if arm == "shipped" else train_arm(model, arm, args.steps, args.seed, recipe)
     settings = check_content_reader_settings(OmegaConf.to_container(recipe.content_reader), model.fingerprint_bits)
     total = settings["unmarked_images"] + settings["train_images"] + settings["calibration_images"]
-    fit = fit_content_reader(model, training_images(32, total, 0).split(256), **settings)
+    fit = fit_content_reader(model, training_images(32, total, 0).split(256), **fit_settings(settings))
     row = {"arm": arm, "steps": 0 if arm == "shipped" else args.steps, "train_s": round(train_seconds),
            "fit_calibration_bit_acc": fit["calibration_bit_acc"], **score(model, held_out, args.seed + 7),
            "date": time.strftime("%Y-%m-%d %H:%M")}

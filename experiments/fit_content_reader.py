@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from fingerprint_lm.distributor.generation import training_images
 from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
-from fingerprint_lm.methods.content_reader import check_content_reader_settings, fit_content_reader
+from fingerprint_lm.methods.content_reader import check_content_reader_settings, fit_content_reader, fit_settings
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, rewrite_private_state
 from fingerprint_lm.tasks.compose import method_config
 
@@ -47,7 +47,7 @@ def main() -> None:
     started = time.time()
     total = settings["unmarked_images"] + settings["train_images"] + settings["calibration_images"]
     images = training_images(int(model.meta.get("resolution", 32)), total, args.seed)
-    figures = fit_content_reader(model, images.split(256), **settings)
+    figures = fit_content_reader(model, images.split(256), **fit_settings(settings))
     model.meta["content_reader"] = figures
     model.meta.setdefault("recipe", {})["content_reader"] = settings
     model.meta.setdefault("made_by", []).append(

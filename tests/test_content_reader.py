@@ -12,7 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 from fingerprint_lm.errors import ConfigError, DataError
-from fingerprint_lm.methods.content_reader import _attacked_reads, _segments, fit_content_reader
+from fingerprint_lm.methods.content_reader import (
+    _attacked_reads,
+    _segments,
+    check_content_reader_settings,
+    fit_content_reader,
+    fit_settings,
+)
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import (
     build_fingerprint_model,
@@ -20,8 +26,15 @@ from fingerprint_lm.models.checkpoint import (
     save_fingerprint_model,
     shipped_checkpoint,
 )
-from fingerprint_lm.models.content_reader import ContentRatioReader, content_reader_from, fit_readout
+from fingerprint_lm.models.content_reader import (
+    ContentRatioReader,
+    band_colour_covariance,
+    band_statistics,
+    content_reader_from,
+    fit_readout,
+)
 from fingerprint_lm.models.extractor import soft_null
+from fingerprint_lm.models.pooled_extractor import band_log_energy
 from fingerprint_lm.models.vae import build_vae
 from tests.test_pooled_extractor import images
 
@@ -107,7 +120,7 @@ def test_each_training_image_gets_the_next_attack_in_turn_whatever_the_batch():
     carried across batches: a batch smaller than the suite still reaches every attack in turn, and
     the reads come back in the images' order."""
     class Reader:  # reads an image's first two pixel values
-        fingerprint_bits, band_weight = 1, torch.zeros(1)
+        fingerprint_bits, read_width, band_weight = 1, 2, torch.zeros(1)
 
         def reads(self, images):
             return images.flatten(1)[:, :2]
@@ -144,7 +157,40 @@ def test_the_fit_takes_consecutive_disjoint_runs_of_the_stream_and_says_when_it_
         list(_segments(stream, {"a": 10, "b": 5}))
 
 
-def test_a_fitted_content_reader_round_trips_through_a_checkpoint_without_its_vae(tiny_model, tmp_path):
+def test_covariance_reads_hold_the_band_energy_and_follow_each_channel():
+    """The covariance statistics: row 0 is the band reader's log energy; scaling one colour channel by
+    2 adds log 4 to that channel's log variance, nothing to the others', and leaves every correlation."""
+    weight = torch.randn(16, 3, 5, 5, generator=torch.Generator().manual_seed(2))
+    x = images(3, 20)
+    stats = band_colour_covariance(x, weight)
+    assert stats.shape == (3, 7, 8)
+    assert torch.allclose(stats[:, 0], band_log_energy(x, weight), atol=1e-4)
+    scaled = band_colour_covariance(x * torch.tensor([2.0, 1.0, 1.0])[:, None, None], weight)
+    assert torch.allclose(scaled[:, 1] - stats[:, 1], torch.full_like(stats[:, 1], np.log(4.0)), atol=1e-4)
+    assert torch.allclose(scaled[:, 2:], stats[:, 2:], atol=1e-4)
+    assert not torch.allclose(scaled[:, 0], stats[:, 0], atol=1e-2)  # the summed energy moves with the channel
+    assert band_statistics(x, weight, "covariance").shape == (3, 56)
+
+
+def test_content_reader_statistics_are_checked_and_a_cycle_reads_its_own():
+    settings = {"train_images": 200, "unmarked_images": 200, "statistics": "covariance", "cycle_statistics": "energy"}
+    assert check_content_reader_settings(settings, 8) == settings
+    assert fit_settings(settings) == {"train_images": 200, "unmarked_images": 200, "statistics": "covariance"}
+    assert fit_settings(settings, for_cycle=True)["statistics"] == "energy"
+    assert fit_settings({"steps": 5}) == {"steps": 5, "statistics": "energy"}  # unset: the energies
+    with pytest.raises(ConfigError, match="statistics must be one of energy, covariance"):
+        check_content_reader_settings({"statistics": "kurtosis"})
+    # whitening 2 x 7 x 8 = 112 covariance reads needs more than 112 images of each kind
+    with pytest.raises(ConfigError, match="unmarked_images must exceed the 112 numbers"):
+        check_content_reader_settings({**settings, "unmarked_images": 100}, 8)
+    assert check_content_reader_settings({"unmarked_images": 100}, 8)  # 16 energy reads
+    with pytest.raises(ConfigError, match="statistics are one of"):
+        ContentRatioReader(8, statistics="phase")
+
+
+@pytest.mark.parametrize("statistics, sizes", [("energy", (80, 40, 40)), ("covariance", (160, 160, 40))])
+def test_a_fitted_content_reader_round_trips_through_a_checkpoint_without_its_vae(tiny_model, tmp_path,
+                                                                                  statistics, sizes):
     model = build_fingerprint_model(tiny_model.vae, 8, {"spatial_site": None, "mapping_hidden": 16,
                                                         "affine_sites": ["up_blocks.*.resnets.*.norm1"]},
                                     {"kind": "band_energy", "band_energy": {"seed": 5}}, {"method": "pnm"})
@@ -152,8 +198,12 @@ def test_a_fitted_content_reader_round_trips_through_a_checkpoint_without_its_va
                                                       "affine_sites": ["up_blocks.*.resnets.*.norm1"]},
                        "extractor": {"kind": "band_energy", "band_energy": {"seed": 5}}})
     torch.manual_seed(1)
-    figures = fit_content_reader(model, images(200, 16, seed=9).split(64), train_images=80, unmarked_images=40,
-                                 calibration_images=40, steps=20, seed=3, attack_weight=0.5)
+    train, unmarked, calibration = sizes
+    figures = fit_content_reader(model, images(400, 16, seed=9).split(64), train_images=train,
+                                 unmarked_images=unmarked, calibration_images=calibration, steps=20, seed=3,
+                                 attack_weight=0.5, statistics=statistics)
+    assert model.content_reader.statistics == statistics
+    assert model.content_reader.read_width == 2 * 8 * {"energy": 1, "covariance": 7}[statistics]
     # the readout trained on the training images clean and under the robustness suite's attacks too
     assert set(figures) >= {"readout_bit_acc", "attacked_readout_bit_acc", "calibration_bit_acc", "bit_slope_median"}
     assert model.reader is model.content_reader and model.content_reader.reference is model.unmarked_vae
@@ -165,6 +215,7 @@ def test_a_fitted_content_reader_round_trips_through_a_checkpoint_without_its_va
     with torch.no_grad():
         assert torch.allclose(loaded.reader(x), model.reader(x), atol=1e-5)
         assert not torch.allclose(loaded.reader(x), loaded.extractor(x), atol=1e-2)
+    assert loaded.content_reader.statistics == statistics  # told by how many reads it whitens
 
 
 def test_a_vae_held_in_bfloat16_is_fed_its_own_dtype(tiny_model):
@@ -193,6 +244,8 @@ def test_the_shipped_pnm_checkpoint_reads_with_its_content_reader():
     assert model.content_reader.reference is model.reference_vae
     assert model.meta["recipe"]["content_reader"]["train_images"] == 8192
     assert model.meta["content_reader"]["calibration_bit_acc"] > 0.9
+    # the colour covariance reads, refitted 2026-12-07 evening (experiments/results/colour_covariance_reader.md)
+    assert model.content_reader.statistics == model.meta["recipe"]["content_reader"]["statistics"] == "covariance"
 
 
 def test_a_repeated_read_is_remembered_until_the_reader_or_the_images_change(tiny_model):

@@ -177,6 +177,13 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("content_reader_training.py", ["--steps", "0"]),
     ("content_reader_training.py", ["--arms", "band,pooled"]),
     ("content_reader_training.py", ["--images", "0"]),
+    ("colour_covariance_reader.py", ["--users", "0"]),
+    ("colour_covariance_reader.py", ["--train-images", "100"]),
+    ("colour_covariance_reader.py", ["--unmarked", "100"]),
+    ("colour_covariance_reader.py", ["--steps", "0"]),
+    ("colour_covariance_reader.py", ["--attack-weight", "-1"]),
+    ("colour_covariance_reader.py", ["--attack-weight", "inf"]),
+    ("colour_covariance_reader.py", ["--users", "8", "--registry", "10"]),
 ])
 def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):
     """A bad count, step or weight, or a checkpoint without a reference VAE (carrier), is one

@@ -309,7 +309,8 @@ def test_a_pnm_model_the_sweep_trains_reads_with_its_content_reader(tmp_path):
     overrides = ["+experiment=collusion_sweep", "method=pnm", "act=none", "fingerprint_bits=16", "method.steps=8",
                  "method.second_cycle=null", "method.issue_screen=null", "method.detector_fit_samples=128",
                  "method.bit_calibration_images=64", "eval.max_images=32", "data.batch_size=16",
-                 "method.content_reader={unmarked_images: 64, train_images: 64, calibration_images: 64, steps: 20, "
+                 # pnm.yaml's covariance reads: 2 x 7 x 16 = 224 numbers whitened need more images than that
+                 "method.content_reader={unmarked_images: 240, train_images: 240, calibration_images: 64, steps: 20, "
                  "seed: 1, attack_weight: 0.25}", "sweep.case=none_c1", "sweep.n_images=8", "sweep.n_innocents=20",
                  "sweep.fid_proxy_steps=0", "trainer.enable_progress_bar=false"]
     cfg = compose_config(tmp_path / "job", overrides, tiny=False)
@@ -319,6 +320,7 @@ def test_a_pnm_model_the_sweep_trains_reads_with_its_content_reader(tmp_path):
     model = load_fingerprint_model(metrics["point"]["checkpoint"])
     assert model.reader is model.content_reader is not None
     assert model.meta["recipe"]["content_reader"]["attack_weight"] == 0.25
+    assert model.content_reader.statistics == "covariance" and model.content_reader.read_width == 224
     assert set(model.meta["content_reader"]) >= {"calibration_bit_acc", "attacked_readout_bit_acc"}
 
 

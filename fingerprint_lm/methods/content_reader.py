@@ -18,12 +18,14 @@ import torch
 from fingerprint_lm.attacks.cases import ROBUSTNESS_SUITE, image_case
 from fingerprint_lm.errors import ConfigError, DataError, check_float, check_int
 from fingerprint_lm.models.batched import evaluating
-from fingerprint_lm.models.content_reader import content_reader_from, fit_readout
+from fingerprint_lm.models.content_reader import READ_STATISTICS, content_reader_from, fit_readout
 from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor
 from fingerprint_lm.models.vae import decode_latents, encode_latents
 from fingerprint_lm.pixels import from_uint8, to_uint8
 
-CONTENT_READER_KEYS = ("train_images", "unmarked_images", "calibration_images", "steps", "seed", "attack_weight")
+CONTENT_READER_KEYS = ("train_images", "unmarked_images", "calibration_images", "steps", "seed", "attack_weight",
+                       "statistics", "cycle_statistics")
+STATISTICS_KEYS = ("statistics", "cycle_statistics")  # models/content_reader.py: READ_STATISTICS
 # what the readout is also trained under (attack_weight > 0): the robustness suite the sweep and the
 # training probes score but contrast 1.5 (added to the suite after the shipped reader was fitted; left
 # out so that a refit draws what the shipped one drew, and contrast stays an attack the reader never
@@ -32,22 +34,38 @@ READOUT_ATTACKS = tuple(case for case in ROBUSTNESS_SUITE if case != "contrast_1
 
 
 def check_content_reader_settings(settings: dict[str, Any], fingerprint_bits: int | None = None) -> dict[str, Any]:
-    """``method.content_reader`` checked (integers, ``attack_weight`` a number >= 0): unknown keys
-    and bad values are refused by name."""
+    """``method.content_reader`` checked (integers, ``attack_weight`` a number >= 0, the statistics
+    names of :data:`READ_STATISTICS`): unknown keys and bad values are refused by name."""
     unknown = sorted(set(settings) - set(CONTENT_READER_KEYS))
     if unknown:
         raise ConfigError(f"method.content_reader: unknown key(s) {', '.join(unknown)} "
                         f"(known: {', '.join(CONTENT_READER_KEYS)})")
+    numbers = [key for key in CONTENT_READER_KEYS if key in settings and key not in ("attack_weight", *STATISTICS_KEYS)]
     checked: dict[str, Any] = {key: check_int(f"method.content_reader.{key}", settings[key], 0 if key == "seed" else 1)
-                               for key in CONTENT_READER_KEYS if key in settings and key != "attack_weight"}
+                               for key in numbers}
     if "attack_weight" in settings:
         checked["attack_weight"] = check_float("method.content_reader.attack_weight", settings["attack_weight"], 0)
-    if fingerprint_bits is not None:  # whitening 2k reads needs more than 2k images of each kind
+    for key in STATISTICS_KEYS:
+        if key in settings:
+            if settings[key] not in READ_STATISTICS:
+                raise ConfigError(f"method.content_reader.{key} must be one of {', '.join(READ_STATISTICS)}, "
+                                  f"got {settings[key]!r}")
+            checked[key] = settings[key]
+    if fingerprint_bits is not None:  # whitening n reads needs more than n images of each kind
+        width = 2 * fingerprint_bits * max(READ_STATISTICS[checked.get(key, "energy")] for key in STATISTICS_KEYS)
         for key in ("train_images", "unmarked_images"):
-            if key in checked and checked[key] <= 2 * fingerprint_bits:
-                raise ConfigError(f"method.content_reader.{key} must exceed twice the fingerprint length "
-                                f"({2 * fingerprint_bits}), got {checked[key]}")
+            if key in checked and checked[key] <= width:
+                raise ConfigError(f"method.content_reader.{key} must exceed the {width} numbers the reader "
+                                  f"whitens ({2 * fingerprint_bits} a statistic), got {checked[key]}")
     return checked
+
+
+def fit_settings(settings: dict[str, Any], for_cycle: bool = False) -> dict[str, Any]:
+    """The arguments of :func:`fit_content_reader` from ``method.content_reader``: the reader a later
+    training cycle's loss reads (``for_cycle``) reads ``cycle_statistics``, the distributor's
+    ``statistics`` (each ``energy`` when unset)."""
+    chosen = settings.get("cycle_statistics" if for_cycle else "statistics", "energy")
+    return {**{k: v for k, v in settings.items() if k not in STATISTICS_KEYS}, "statistics": chosen}
 
 
 _DEFAULT_FILTER_SIZE = inspect.signature(BandEnergyExtractor).parameters["filter_size"].default
@@ -100,7 +118,7 @@ def _segments(chunks: Iterable[torch.Tensor], sizes: dict[str, int]) -> Iterator
 @torch.no_grad()
 def fit_content_reader(model, image_chunks: Iterable[torch.Tensor], train_images: int = 8192,
                        unmarked_images: int = 2048, calibration_images: int = 4096, steps: int = 1500,
-                       seed: int = 91, attack_weight: float = 0.0) -> dict[str, float]:
+                       seed: int = 91, attack_weight: float = 0.0, statistics: str = "energy") -> dict[str, float]:
     """Fit ``model``'s (a :class:`~fingerprint_lm.models.checkpoint.FingerprintModel` with a band
     reader) content reader and set it as ``model.content_reader``. From consecutive images of
     ``image_chunks``: the base decoder's outputs of ``unmarked_images`` whiten the reads; the PNM
@@ -114,7 +132,7 @@ def fit_content_reader(model, image_chunks: Iterable[torch.Tensor], train_images
     the attacked ones, and on the calibration images, which the readout never trained on."""
     check_int("method.content_reader.steps", steps)
     check_float("method.content_reader.attack_weight", attack_weight, 0)
-    reader = content_reader_from(model.extractor, model.unmarked_vae)
+    reader = content_reader_from(model.extractor, model.unmarked_vae, statistics)
     device = reader.band_weight.device
     k = model.fingerprint_bits
     sizes = {"unmarked": unmarked_images, "train": train_images, "calibration": calibration_images}
@@ -162,7 +180,7 @@ def _attacked_reads(reader, found: torch.Tensor, attacks: list, first: int,
     and saved as 8-bit pixels again: one read per image, in order (each attack's images are read
     together, as an attack may change their size)."""
     which = (first + torch.arange(len(found))) % len(attacks)
-    out = torch.empty(len(found), 2 * reader.fingerprint_bits)
+    out = torch.empty(len(found), reader.read_width)
     for index, attack in enumerate(attacks):
         rows = (which == index).nonzero().squeeze(1)
         if len(rows):

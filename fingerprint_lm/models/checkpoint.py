@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fingerprint_lm.errors import CheckpointError
-from fingerprint_lm.models.content_reader import content_reader_from
+from fingerprint_lm.models.content_reader import content_reader_from, statistics_of_width
 from fingerprint_lm.models.extractor import build_extractor
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.vae import load_vae
@@ -203,7 +203,10 @@ def load_fingerprint_model(directory: str | Path | None = None, map_location: st
     content_state = {k[len("content_reader."):]: v for k, v in state.items() if k.startswith("content_reader.")}
     if content_state:
         try:
-            model.content_reader = content_reader_from(model.extractor, model.unmarked_vae)
+            # what it reads follows from how many reads it whitens (energy: 2k; covariance: 14k)
+            width = content_state.get("feature_centre", torch.empty(2 * model.fingerprint_bits)).numel()
+            statistics = statistics_of_width(width, model.fingerprint_bits)
+            model.content_reader = content_reader_from(model.extractor, model.unmarked_vae, statistics)
             model.content_reader.load_own_state(content_state)
         except RuntimeError as exc:
             raise CheckpointError(f"checkpoint {directory}: {str(exc).splitlines()[0]}") from exc

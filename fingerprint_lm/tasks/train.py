@@ -22,7 +22,7 @@ from fingerprint_lm.distributor.screening import fit_floors
 from fingerprint_lm.errors import CheckpointError, ConfigError, check_int
 from fingerprint_lm.lit import stages
 from fingerprint_lm.methods import FingerprintMethod
-from fingerprint_lm.methods.content_reader import check_readout_attack_resolution, fit_content_reader
+from fingerprint_lm.methods.content_reader import check_readout_attack_resolution, fit_content_reader, fit_settings
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, save_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.models.vae import BaseVAESpec
 from fingerprint_lm.report.plots import write_training_curve
@@ -104,7 +104,7 @@ def train_from_config(cfg: DictConfig, vae, datamodule, make_trainer, ckpt_path:
     steps_before = method.steps
     for cycle, read_with in cycles:
         if read_with == "content_reader":  # the reader the cycle's loss reads, fitted to the model as it is now
-            fit_method_content_reader(method, model, datamodule, after_fit_device(cfg))
+            fit_method_content_reader(method, model, datamodule, after_fit_device(cfg), for_cycle=True)
         log.info("next cycle: %d steps from the %d-step model, the loss read by its %s", cycle.steps, steps_before,
                  read_with)
         # the trainer config's max_steps is method.steps (conf/trainer/): each later cycle's is its own
@@ -215,12 +215,13 @@ def train(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
     return metrics
 
 
-def fit_method_content_reader(method: FingerprintMethod, model, datamodule,
-                              device: str | torch.device = "cpu") -> dict[str, dict[str, float]]:
+def fit_method_content_reader(method: FingerprintMethod, model, datamodule, device: str | torch.device = "cpu",
+                              for_cycle: bool = False) -> dict[str, dict[str, float]]:
     """Fit pnm's content reader (``method.content_reader``) on the training stream:
     ``{"content_reader": its figures}`` for the run's metrics (which the checkpoint records), or
     ``{}`` when the method fits none. It decodes and reads on ``device`` (:func:`after_fit_device`); the
-    model comes back where it was."""
+    model comes back where it was. ``for_cycle``: the reader a later cycle's loss reads
+    (``cycle_statistics``; methods/content_reader.py: fit_settings)."""
     settings = getattr(method, "content_reader", None)
     if not settings:
         return {}
@@ -229,7 +230,7 @@ def fit_method_content_reader(method: FingerprintMethod, model, datamodule,
     home = next(model.vae.parameters()).device
     model.to(device)
     try:
-        return {"content_reader": fit_content_reader(model, images, **settings)}
+        return {"content_reader": fit_content_reader(model, images, **fit_settings(settings, for_cycle))}
     finally:
         model.to(home)  # the evaluation and the checkpoint's writing run on the CPU copy
 
