@@ -84,7 +84,8 @@ def test_fitted_floors_keep_the_asked_share_of_random_codes(pnm_model):
     assert floors["pass_rate"] == np.mean(np.array(reads) >= floors["min_probe_bit_acc"])
     recorded = pnm_model.meta["issue_screen"]  # the shipped checkpoint's, fitted with pnm.yaml's settings
     assert recorded["keep"] == 0.5 and recorded["min_probe_psnr"] == 29.9  # pnm.yaml's since the pass-rate bound
-    assert 0.95 < recorded["min_probe_bit_acc"] < 0.97  # read by the content reader (the band reader: 0.936)
+    # read by the content reader's colour covariance reads (its energy reads: 0.963; the band reader: 0.936)
+    assert 0.97 < recorded["min_probe_bit_acc"] < 0.99
     assert screen_floors(recorded, True, None, None) == (recorded["min_probe_bit_acc"], 29.9)
     assert screen_floors(recorded, True, 0.5, None) == (0.5, 29.9)
     assert screen_floors(recorded, False, 0.5, 31.0) == (None, None)

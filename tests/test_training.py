@@ -198,9 +198,11 @@ def test_init_from_continues_the_shipped_pnm_model_and_records_it(tmp_path):
     quick = ["method=pnm", "init_from=shipped", "method.steps=2", "method.train.lr=1e-6",
              "method.train.decoder_lr=1e-6", "method.detector_fit_samples=256", "method.bit_calibration_images=256",
              "eval.max_images=128", "eval.issue_predictor_codes=0", "logger=none",  # no read predictor fit (~15 min)
-             # the content reader and the screen's floors fitted anew on fewer images (pnm.yaml's take ~2.5 min)
+             # the content reader (its energy reads: 96 numbers whiten on fewer images than pnm.yaml's 672) and
+             # the screen's floors fitted anew on fewer images (pnm.yaml's take ~4 min)
              "method.content_reader={unmarked_images: 256, train_images: 512, steps: 200, calibration_images: 256, "
-             "seed: 91}", "+method.issue_screen.candidates=16", "+method.issue_screen.rate_candidates=16"]
+             "seed: 91, statistics: energy}", "+method.issue_screen.candidates=16",
+             "+method.issue_screen.rate_candidates=16"]
     metrics = run(compose_config(tmp_path, quick, tiny=False))
     # the shipped model: 0.938 at 29.9 dB with the band reader (the training run's images), 0.97 with its content reader
     assert metrics["bit_acc"] > 0.85 and metrics["psnr"] > 29.0, metrics
@@ -210,6 +212,9 @@ def test_init_from_continues_the_shipped_pnm_model_and_records_it(tmp_path):
     assert recorded["recipe"]["init_from"] == "shipped"
     with pytest.raises(ConfigError, match="fingerprint_bits differ"):
         run(compose_config(tmp_path, [*quick, "fingerprint_bits=32"], tiny=False))
+    # a model continued, not built, is checked before training too: 512 images cannot whiten 672 covariance reads
+    with pytest.raises(ConfigError, match="train_images must exceed the 672 numbers the reader whitens"):
+        run(compose_config(tmp_path, [*quick, "method.content_reader.statistics=covariance"], tiny=False))
     with pytest.raises(ConfigError, match="init_from=.*no fingerprint checkpoint there"):
         run(compose_config(tmp_path, ["method=pnm", f"init_from={tmp_path / 'nothing'}"]))
 

@@ -22,7 +22,12 @@ from fingerprint_lm.distributor.screening import fit_floors
 from fingerprint_lm.errors import CheckpointError, ConfigError, check_int
 from fingerprint_lm.lit import stages
 from fingerprint_lm.methods import FingerprintMethod
-from fingerprint_lm.methods.content_reader import check_readout_attack_resolution, fit_content_reader, fit_settings
+from fingerprint_lm.methods.content_reader import (
+    check_content_reader_settings,
+    check_readout_attack_resolution,
+    fit_content_reader,
+    fit_settings,
+)
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, save_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.models.vae import BaseVAESpec
 from fingerprint_lm.report.plots import write_training_curve
@@ -79,6 +84,8 @@ def train_from_config(cfg: DictConfig, vae, datamodule, make_trainer, ckpt_path:
     spec = model_spec(cfg)
     method = method_from_config(cfg) if method is None else method
     check_readout_attack_resolution(method, int(cfg.data.resolution))
+    if getattr(method, "content_reader", None):  # build_model checks it too, but init_from builds none
+        check_content_reader_settings(method.content_reader, check_int("fingerprint_bits", cfg.fingerprint_bits))
     seed = cfg.seed if seed is None else seed
 
     def run(method, vae, ckpt_path, init_model, make_trainer=make_trainer, read_with="extractor"):
