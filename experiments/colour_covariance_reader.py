@@ -122,6 +122,8 @@ def parse_arguments():
     parser.add_argument("--steps", type=int, default=1500, help="full-batch steps of each readout")
     parser.add_argument("--attack-weight", type=float, default=0.25,
                         help="loss weight of the training images' attacked reads (0: clean reads only)")
+    parser.add_argument("--readers", default=",".join(READERS),
+                        help=f"comma-separated readers to fit and score, of: {', '.join(READERS)}")
     args = parser.parse_args()
     check_int("--users", args.users)
     check_int("--calibration-users", args.calibration_users)
@@ -132,6 +134,10 @@ def parse_arguments():
     check_int("--steps", args.steps)
     if not 0 <= args.attack_weight < float("inf"):
         raise ConfigError(f"--attack-weight must be a finite number >= 0, got {args.attack_weight}")
+    args.readers = [name.strip() for name in args.readers.split(",") if name.strip()]
+    unknown = sorted(set(args.readers) - set(READERS))
+    if not args.readers or unknown:
+        raise ConfigError(f"--readers: names of {', '.join(READERS)}; got {unknown or 'none'}")
     return args
 
 
@@ -162,7 +168,8 @@ def main() -> None:
     control = reads(model, base(images))
     print(f"reads of {len(CASES) + len(MODEL_CASES)} cases ({time.time() - started:.0f} s)", flush=True)
     rows = []
-    for label, stats in READERS.items():
+    for label in args.readers:
+        stats = READERS[label]
         cols = columns(k, stats)
         readout = OrthogonalReadout(unmarked[:, cols], train_reads[:, cols], train_codes, args.steps, 0, train_weights)
         readout.calibrate(calibration_reads[:, cols], calibration_codes)

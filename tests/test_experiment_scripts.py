@@ -184,6 +184,7 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("colour_covariance_reader.py", ["--attack-weight", "-1"]),
     ("colour_covariance_reader.py", ["--attack-weight", "inf"]),
     ("colour_covariance_reader.py", ["--users", "8", "--registry", "10"]),
+    ("colour_covariance_reader.py", ["--readers", "energy,kurtosis"]),
 ])
 def test_issue_11_probes_refuse_bad_input_before_any_work(script, args, monkeypatch, capsys):
     """A bad count, step or weight, or a checkpoint without a reference VAE (carrier), is one
