@@ -39,7 +39,14 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from nuisance_projection import CASES, copies_parser, print_tables, probe_copies, score_reader
+from nuisance_projection import (
+    CASES,
+    check_copies_arguments,
+    copies_parser,
+    print_tables,
+    probe_copies,
+    score_reader,
+)
 from ratio_reader import (
     CALIBRATION_SEED,
     EVAL_SEED,
@@ -125,10 +132,7 @@ def parse_arguments():
     parser.add_argument("--readers", default=",".join(READERS),
                         help=f"comma-separated readers to fit and score, of: {', '.join(READERS)}")
     args = parser.parse_args()
-    check_int("--users", args.users)
-    check_int("--calibration-users", args.calibration_users)
-    check_int("--registry", args.registry, args.users + args.calibration_users)
-    check_int("--images", args.images)
+    check_copies_arguments(args)
     check_int("--train-images", args.train_images, 1024)
     check_int("--unmarked", args.unmarked, 1024)
     check_int("--steps", args.steps)

@@ -93,6 +93,15 @@ def copies_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def check_copies_arguments(args: argparse.Namespace) -> None:
+    """The :func:`copies_parser` arguments checked: positive counts, a registry that holds every
+    evaluated and calibration user."""
+    check_int("--users", args.users)
+    check_int("--calibration-users", args.calibration_users)
+    check_int("--registry", args.registry, args.users + args.calibration_users)
+    check_int("--images", args.images)
+
+
 def probe_copies(model, args: argparse.Namespace, images: torch.Tensor, calibration_seed: int):
     """``args.users`` copies' outputs of ``images`` (the evaluated ones) and ``args.calibration_users``
     more copies' outputs of other held-out images (``calibration_seed``: the calibration never sees
@@ -127,11 +136,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--dims", type=int, nargs="+", default=[0, 1, 2, 4, 8])
     parser.add_argument("--fit-attacks", default=FIT_ATTACKS, help="comma-separated attack cases")
     args = parser.parse_args()
-    check_int("--users", args.users)
-    check_int("--registry", args.registry, args.users + args.calibration_users)
-    check_int("--images", args.images)
+    check_copies_arguments(args)
     check_int("--fit-images", args.fit_images, 64)
-    check_int("--calibration-users", args.calibration_users)
     for d in args.dims:
         check_int("--dims", d, 0)
         if d > 24:

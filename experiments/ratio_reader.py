@@ -43,7 +43,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from nuisance_projection import CASES, copies_parser, print_tables, probe_copies, score_reader, shipped_read
+from nuisance_projection import (
+    CASES,
+    check_copies_arguments,
+    copies_parser,
+    print_tables,
+    probe_copies,
+    score_reader,
+    shipped_read,
+)
 from soft_attribution import attacked, issue_copies
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
@@ -159,10 +167,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--null-images", type=int, default=4096,
                         help="unmarked images read for false accusations (the evaluated images' base decodes first)")
     args = parser.parse_args()
-    check_int("--users", args.users)
-    check_int("--calibration-users", args.calibration_users)
-    check_int("--registry", args.registry, args.users + args.calibration_users)
-    check_int("--images", args.images)
+    check_copies_arguments(args)
     check_int("--train-images", args.train_images, 256)
     check_int("--unmarked", args.unmarked, 256)
     check_int("--steps", args.steps)

@@ -37,6 +37,7 @@ from torch.nn.utils.parametrizations import orthogonal
 
 from fingerprint_lm.errors import ConfigError, DataError, check_int
 from fingerprint_lm.models.pooled_extractor import WhitenedReader, band_log_energy, whitening_map
+from fingerprint_lm.models.vae import decode_latents, encode_latents
 
 # reads per band, of the image and of its ratio each: the band's log energy, and for ``covariance``
 # also the three channels' log variances and their three correlations
@@ -129,9 +130,8 @@ class ContentRatioReader(WhitenedReader):
         """``images`` encoded (posterior mode) and decoded by the attached base VAE."""
         if self.reference is None:
             raise ConfigError("the content reader has no base VAE attached (attach_reference)")
-        dtype = self.reference.decoder.conv_in.weight.dtype
-        latents = self.reference.encode(images.to(dtype)).latent_dist.mode()
-        return self.reference.decode(latents).sample.to(images.dtype)
+        latents = encode_latents(self.reference, images)  # each in the VAE's own dtype, float32 back
+        return decode_latents(self.reference, latents).to(images.dtype)
 
     def reads(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, read_width]``: the band statistics of ``images`` and those minus the re-made images'."""
