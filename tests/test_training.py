@@ -135,6 +135,8 @@ def test_short_training_run_learns_a_readable_fingerprint(tiny_cfg):
     assert not torch.equal(reader.soft_whitening, torch.eye(16))
 
 
+@pytest.mark.slow  # ~12 s: the carrier baseline's readers learning with no closed-form start; the default pnm's
+# learning from the loss is in make test (test_methods: a short training read through a stock-loaded copy)
 def test_gradient_training_alone_lifts_bit_accuracy(tiny_cfg):
     # no closed-form start: the readers learn from the loss alone
     before = run(tiny_cfg(["method=carrier", "fingerprint_bits=8", "method.steps=1", "method.detector_fit_samples=0"]))
