@@ -20,7 +20,6 @@ import torch
 
 from fingerprint_lm.errors import ConfigError, check_int, check_keys, keyword_names
 from fingerprint_lm.methods.base import FingerprintMethod, collect_images, image_batches
-from fingerprint_lm.methods.content_reader import check_content_reader_settings
 from fingerprint_lm.models.batched import evaluating
 from fingerprint_lm.models.extractor import EXTRACTOR_KINDS
 from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor, PooledExtractor, WhitenedReader
@@ -60,8 +59,6 @@ class PNMMethod(FingerprintMethod):
                 f"whitening {fingerprint_bits} logits needs method.detector_fit_samples > {fingerprint_bits}, "
                 f"got {self.detector_fit_samples}"
             )
-        if self.content_reader is not None:
-            check_content_reader_settings(self.content_reader, fingerprint_bits)
         return super().build_model(vae, fingerprint_bits)
 
     def before_fit(self, module, loader: Iterable) -> dict[str, Any]:

@@ -84,7 +84,7 @@ def train_from_config(cfg: DictConfig, vae, datamodule, make_trainer, ckpt_path:
     spec = model_spec(cfg)
     method = method_from_config(cfg) if method is None else method
     check_readout_attack_resolution(method, int(cfg.data.resolution))
-    if getattr(method, "content_reader", None):  # build_model checks it too, but init_from builds none
+    if method.content_reader is not None:  # fitted after training: checked before it, model built or continued
         check_content_reader_settings(method.content_reader, check_int("fingerprint_bits", cfg.fingerprint_bits))
     seed = cfg.seed if seed is None else seed
 
