@@ -35,7 +35,9 @@ import numpy as np
 import torch
 from torch._utils import _unflatten_dense_tensors  # DDP's bucket unflatten: views of one buffer, in C++
 
+from fingerprint_lm.bench import _method_models
 from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
+from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.models.act import STREAM_PREFIX, act_spaces, check_scale_range, draw_raw, log_uniform
 from fingerprint_lm.models.residual_stream import find_stream_segments
 
@@ -302,8 +304,6 @@ def copy_plan(model, act_type: str, scale_range: tuple[float, float], act_scope:
 
 # -- the measurement ------------------------------------------------------------------------------
 def _max_relative_difference(model, act_type: str, scope: str) -> float:
-    from fingerprint_lm.methods.base import personal_tensors
-
     code = np.random.default_rng(1).integers(0, 2, model.fingerprint_bits, dtype=np.uint8)
     plan = copy_plan(model, act_type, (0.25, 4.0), scope)
     if plan is None:
@@ -332,9 +332,6 @@ def _seconds(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    from fingerprint_lm.bench import _method_models
-    from fingerprint_lm.methods.base import personal_tensors
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=200, help="copies timed per path (> 0)")
     parser.add_argument("--signature-repeats", type=int, default=2,

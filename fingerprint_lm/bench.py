@@ -41,6 +41,7 @@ from fingerprint_lm.models.extractor import FingerprintExtractor
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.vae import SD_VAE_CONFIG, build_vae
 from fingerprint_lm.registry.bench import bench_registry
+from fingerprint_lm.storage import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_COMMAND = [sys.executable, "-m", "fingerprint_lm", "+experiment=collusion_sweep"]
@@ -359,9 +360,7 @@ def main() -> None:
         text = markdown(results, command.strip(), time.perf_counter() - start, args.threads or torch.get_num_threads())
         if not (args.sd or args.sd_only):
             text += "\nThe SD-sized step (`--sd`) and the clean-fid path were not run here (no GPU).\n"
-        tmp = args.write.with_name(f".{args.write.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(args.write)
+        atomic_write_text(args.write, text)
 
 
 def _print(section: str, results: dict) -> None:

@@ -61,6 +61,16 @@ def tiny_default_cfg(tmp_path_factory):
     return cfg
 
 
+@pytest.fixture(scope="session")
+def sweep_recipe_cfg():
+    """``+experiment=collusion_sweep`` composed as Hydra's sweeper sees it (with its ``hydra`` node: the
+    sweeper and its grid axes), read-only, for the tests that only read the recipe."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=collusion_sweep"], return_hydra_config=True)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
     return lambda overrides=(): compose_config(tmp_path, list(overrides))

@@ -23,6 +23,7 @@ from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.pixels import from_uint8, to_uint8
 from fingerprint_lm.registry.store import Registry
+from fingerprint_lm.tasks.compose import method_config
 from tests.console import run_console
 
 
@@ -83,9 +84,11 @@ def test_fitted_floors_keep_the_asked_share_of_random_codes(pnm_model):
     assert floors["pass_rate_seed"] != floors["seed"] and floors["pass_rate_codes"] == 16
     assert floors["pass_rate"] == np.mean(np.array(reads) >= floors["min_probe_bit_acc"])
     recorded = pnm_model.meta["issue_screen"]  # the shipped checkpoint's, fitted with pnm.yaml's settings
-    assert recorded["keep"] == 0.5 and recorded["min_probe_psnr"] == 29.9  # pnm.yaml's since the pass-rate bound
-    # read by the content reader's colour covariance reads (its energy reads: 0.963; the band reader: 0.936)
-    assert 0.97 < recorded["min_probe_bit_acc"] < 0.99
+    settings = method_config("pnm").issue_screen
+    assert (recorded["keep"], recorded["candidates"], recorded["pass_rate_codes"], recorded["min_probe_psnr"]) == (
+        settings.keep, settings.candidates, settings.rate_candidates, settings.min_psnr)
+    # the best 10% of reads by the content reader's colour covariance reads (the better half: 0.981)
+    assert 0.985 < recorded["min_probe_bit_acc"] < 0.995 and recorded["pass_rate"] < 0.15
     assert screen_floors(recorded, True, None, None) == (recorded["min_probe_bit_acc"], 29.9)
     assert screen_floors(recorded, True, 0.5, None) == (0.5, 29.9)
     assert screen_floors(recorded, False, 0.5, 31.0) == (None, None)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.plugins import Plugins
 from hydra.errors import ConfigCompositionException
 from hydra.plugins.sweeper import Sweeper
@@ -21,7 +20,6 @@ from hydra_plugins.fingerprint_lm_sweeper import (
     parse_skip_rule,
     skipped,
 )
-from tests.conftest import CONF
 from tests.console import run_console
 
 
@@ -60,18 +58,14 @@ def test_skip_rules_leave_out_only_the_points_every_term_matches():
     check_skip_keys(rules, {"seed"})  # another sweep (seed=0,1) keeps the default rule on the grid's axes
 
 
-def test_the_sweepers_grid_axes_are_the_collusion_recipes_swept_keys():
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["+experiment=collusion_sweep"], return_hydra_config=True)
-    assert set(cfg.hydra.sweeper.params) == set(GRID_AXES)
+def test_the_sweepers_grid_axes_are_the_collusion_recipes_swept_keys(sweep_recipe_cfg):
+    assert set(sweep_recipe_cfg.hydra.sweeper.params) == set(GRID_AXES)
 
 
-def test_the_default_grid_is_367_points_with_stable_signature_at_act_none_and_all():
+def test_the_default_grid_is_367_points_with_stable_signature_at_act_none_and_all(sweep_recipe_cfg):
     """4 methods x 5 ACT types x 29 cases, less stable_signature's permute, scale and sign points and
     the image-level single-copy cases at those types (none_c1 and the model attacks stay at every type)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["+experiment=collusion_sweep"])
-    grid = cfg.sweep.grid
+    grid = sweep_recipe_cfg.sweep.grid
     axes = [[f"{key}={value}" for value in str(grid[name]).split(",")]
             for key, name in (("method", "method"), ("fingerprint_bits", "fingerprint_bits"), ("act", "act"),
                               ("sweep.case", "case"))]
@@ -90,15 +84,13 @@ def test_the_default_grid_is_367_points_with_stable_signature_at_act_none_and_al
     assert rules[1]["sweep.case"] == image_level and rules[1]["act"] == {"permute", "scale", "sign"}
 
 
-def test_hydra_finds_the_sweeper_and_the_config_selects_it():
+def test_hydra_finds_the_sweeper_and_the_config_selects_it(sweep_recipe_cfg):
     """Hydra instantiates sweepers only from the hydra_plugins namespace, which must therefore be
     installed beside the package (pyproject's package list)."""
     name = f"{AxisCheckedSweeper.__module__}.{AxisCheckedSweeper.__name__}"
     # by name: Hydra's scan executes the module again, so its class is another object
     assert name in [f"{cls.__module__}.{cls.__name__}" for cls in Plugins.instance().discover(Sweeper)]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["+experiment=collusion_sweep"], return_hydra_config=True)
-    assert cfg.hydra.sweeper._target_ == name
+    assert sweep_recipe_cfg.hydra.sweeper._target_ == name
 
 
 def test_a_bad_swept_value_stops_the_sweep_before_its_first_point_leaving_nothing(tmp_path):
