@@ -54,7 +54,7 @@ BAD_SETTINGS = [  # (override, words the error must hold)
     ("+method.issue_screen.kep=0.5", "method.issue_screen has no setting 'kep'"),
     ("method.issue_screen.keep=0", "method.issue_screen.keep must be a finite number <= 1 and > 0, got 0"),
     ("method.issue_screen.min_psnr=null", "method.issue_screen.min_psnr must be a finite number > 0, got None"),
-    ("+method.issue_screen.candidates=0", "method.issue_screen.candidates must be a positive integer"),
+    ("method.issue_screen.candidates=0", "method.issue_screen.candidates must be a positive integer"),
     ("method.content_reader=5", "method.content_reader must be a mapping {train_images, ...} or null, got 5"),
     ("+method.content_reader.images=5", "method.content_reader: unknown key(s) images (known: train_images,"),
     ("method.content_reader.steps=0", "method.content_reader.steps must be a positive integer, got 0"),

@@ -203,8 +203,8 @@ def test_init_from_continues_the_shipped_pnm_model_and_records_it(tmp_path):
              # the content reader (its energy reads: 96 numbers whiten on fewer images than pnm.yaml's 672) and
              # the screen's floors fitted anew on fewer images (pnm.yaml's take ~4 min)
              "method.content_reader={unmarked_images: 256, train_images: 512, steps: 200, calibration_images: 256, "
-             "seed: 91, statistics: energy}", "+method.issue_screen.candidates=16",
-             "+method.issue_screen.rate_candidates=16"]
+             "seed: 91, statistics: energy}", "method.issue_screen.candidates=16",
+             "method.issue_screen.rate_candidates=16"]
     metrics = run(compose_config(tmp_path, quick, tiny=False))
     # the shipped model: 0.938 at 29.9 dB with the band reader (the training run's images), 0.97 with its content reader
     assert metrics["bit_acc"] > 0.85 and metrics["psnr"] > 29.0, metrics
