@@ -201,7 +201,7 @@ def test_init_from_continues_the_shipped_pnm_model_and_records_it(tmp_path):
              "method.train.decoder_lr=1e-6", "method.detector_fit_samples=256", "method.bit_calibration_images=256",
              "eval.max_images=128", "eval.issue_predictor_codes=0", "logger=none",  # no read predictor fit (~15 min)
              # the content reader (its energy reads: 96 numbers whiten on fewer images than pnm.yaml's 672) and
-             # the screen's floors fitted anew on fewer images (pnm.yaml's take ~4 min)
+             # the screen's floors fitted anew on fewer codes (pnm.yaml's 768 probe reads took 295 s)
              "method.content_reader={unmarked_images: 256, train_images: 512, steps: 200, calibration_images: 256, "
              "seed: 91, statistics: energy}", "method.issue_screen.candidates=16",
              "method.issue_screen.rate_candidates=16"]

@@ -9,7 +9,8 @@ otherwise (a checkpoint trained with ``eval.issue_predictor_codes: 0``, as ``+ex
 trains). Why the predictor wins where there is one: its copies attribute as
 the probe screen's do, within noise (0.9909 against 0.9899 on average over five registries of 32
 copies, ``experiments/results/default_condition.md``), and at SD's decoder size a probe-screened copy
-costs about 750 s of CPU against 0.26 s (``BENCHMARKS.md``). What it gives up: the probe screen
+costs about 2400 s of CPU against 0.29 s since the screen keeps the best 10% of codes (about 12 draws;
+an estimate, ``BENCHMARKS.md`` of 2026-12-08). What it gives up: the probe screen
 checks each copy's PSNR, the predictor predicts it (copies down to 29.6 dB pass against 29.9).
 
 The sweep draws its colluders' codes with the same rule (:func:`screened_codes`), so its figures

@@ -1,13 +1,15 @@
 """Screening codes without decoding: a code's probe read predicted from the code alone.
 
 The probe screen (:mod:`fingerprint_lm.distributor.screening`) decodes 64 probe images for each
-drawn code: cheap on the tiny VAE, about 743 s a copy at SD's size on a CPU (an estimate), most
-of what a stable_signature copy costs. How well a pnm copy reads is nearly a quadratic function of
+drawn code: cheap on the tiny VAE, about 2400 s a copy at SD's size on a CPU at the shipped
+screen's 12 draws (an estimate, ``BENCHMARKS.md`` of 2026-12-08), about
+half of what a stable_signature copy costs. How well a pnm copy reads is nearly a quadratic function of
 its code's signs: a bit reads right when its logit's sign is the bit's, and the margin
 ``s_j * l_j(s)`` of a logit roughly linear in the signs is a sum of products ``s_j * s_k``. A
 ridge regression on the signs and their pairwise products, fitted once per checkpoint on a few
-thousand codes' probe reads, predicts them well (the shipped checkpoint's fit: cross-validated
-R^2 0.78 for bit accuracy, 0.74 for PSNR), and a screen on its predictions attributes as the probe
+thousand codes' probe reads, predicts them well enough to screen on (the shipped checkpoint's
+fit, its reader refitted on 16384 images: cross-validated R^2 0.49 for bit accuracy, 0.75 for PSNR;
+0.78 and 0.74 in an earlier fit), and a screen on its predictions attributes as the probe
 screen does within noise (``experiments/results/default_condition.md``: 0.9909 against 0.9899 on
 average over five registries; ``predicted_screen_policy.md``: 0.9864 against 0.9872 over 2000
 codes). At issue time it costs a matrix product per draw; ``screen_by=auto``, the default, takes it
