@@ -44,7 +44,7 @@ from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_che
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.soft import soft_identify
 from fingerprint_lm.tasks.compose import compose_config
-from fingerprint_lm.tasks.train import model_spec
+from fingerprint_lm.tasks.train import model_spec, quiet_trainer_factory
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -57,8 +57,7 @@ def second_generator(steps: int, cache_dir: Path):
     cfg = compose_config(["seed=1", f"model.pretrain.steps={steps}", "logger=none", f"paths.cache_dir={cache_dir}"],
                          cache_dir / "second_generator_run")
     torch.manual_seed(1)
-    vae, _ = stages.prepare_base_vae(model_spec(cfg), cache_dir, instantiate(cfg.data),
-                                     lambda **kw: instantiate(cfg.trainer, **{"logger": False, **kw}))
+    vae, _ = stages.prepare_base_vae(model_spec(cfg), cache_dir, instantiate(cfg.data), quiet_trainer_factory(cfg))
     return vae.eval()
 
 

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 
 from fingerprint_lm.lit import stages
 from fingerprint_lm.tasks.compose import compose_config
-from fingerprint_lm.tasks.train import method_from_config, model_spec
+from fingerprint_lm.tasks.train import model_spec, quiet_trainer_factory, train_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, list[str]] = {
@@ -57,17 +57,10 @@ def main() -> None:
     for name in args.variants:
         cfg = compose_cfg([*VARIANTS[name], f"method.steps={args.steps}", "logger=none"])
         datamodule = instantiate(cfg.data)
-
-        def make_trainer(cfg=cfg, **overrides):
-            kwargs = dict(logger=False, callbacks=[], enable_checkpointing=False, enable_progress_bar=False,
-                          limit_val_batches=0)
-            kwargs.update(overrides)
-            return instantiate(cfg.trainer, **kwargs)
-
+        make_trainer = quiet_trainer_factory(cfg, enable_progress_bar=False, limit_val_batches=0)
         vae, _ = stages.prepare_base_vae(model_spec(cfg), cfg.paths.cache_dir, datamodule, make_trainer)
         start = time.perf_counter()
-        model, _, facts = stages.train_fingerprint(
-            vae, cfg.fingerprint_bits, datamodule, make_trainer, method_from_config(cfg), seed=cfg.seed)
+        model, _, facts = train_from_config(cfg, vae, datamodule, make_trainer)
         metrics = stages.evaluate_fingerprint(model, datamodule.test_dataloader(), args.eval_images)
         row = {"variant": name, "steps": facts["steps"], "seconds": round(time.perf_counter() - start, 1),
                "bit_acc": round(metrics["bit_acc"], 4), "psnr": round(metrics["psnr"], 2),

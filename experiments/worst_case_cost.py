@@ -26,10 +26,9 @@ from model_attack_table import score_model  # experiments/ is on sys.path when r
 from recipe_search import compose_cfg
 
 from fingerprint_lm.bench import manual_stepping
-from fingerprint_lm.lit import stages
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
 from fingerprint_lm.models.checkpoint import load_fingerprint_model
-from fingerprint_lm.tasks.train import method_from_config
+from fingerprint_lm.tasks.train import method_from_config, quiet_trainer_factory, train_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -64,17 +63,13 @@ def run_variant(name: str, steps: int, shipped) -> dict:
     cfg = compose_cfg([f"method.steps={steps}", "logger=none", *(f"method.train.{k}={v}" for k, v in options.items())])
     method = method_from_config(cfg)
     datamodule = instantiate(cfg.data)
-
-    def make_trainer(**overrides):
-        kwargs = dict(logger=False, callbacks=[], enable_checkpointing=False, enable_progress_bar=False,
-                      limit_val_batches=0)
-        return instantiate(cfg.trainer, **{**kwargs, **overrides})
+    make_trainer = quiet_trainer_factory(cfg, enable_progress_bar=False, limit_val_batches=0)
 
     vae = shipped.vae
     plain_step = step_seconds(vae, method, {"wc_steps": 0})
     variant_step = step_seconds(vae, method, options)
     start = time.perf_counter()
-    model, _, facts = stages.train_fingerprint(vae, 48, datamodule, make_trainer, method, seed=cfg.seed)
+    model, _, facts = train_from_config(cfg, vae, datamodule, make_trainer, method=method)
     train_seconds = time.perf_counter() - start
     row = {"variant": name, "steps": facts["steps"], "train_s": round(train_seconds, 1),
            "step_cost_ratio": round(variant_step / plain_step, 2)}

@@ -1,5 +1,6 @@
 """Structured configs: the types, ranges and choices of the settings groups the tasks read
-(``act``, ``distributor``, ``sweep``, ``text2image``, ``report``, ``data``), written once.
+(``act``, ``distributor``, ``sweep``, ``text2image``, ``report``, ``data``) and of the top-level keys
+(``seed``, ``fingerprint_bits``, ...: :class:`RunConfig`), written once.
 
 Two checks come from one dataclass per group:
 
@@ -40,6 +41,22 @@ DECODINGS: tuple[str, ...] = ("soft", "soft_whitened", "soft_code_null", "hard")
 # (distributor/read_predictor.py); auto: the predictor where the checkpoint records one
 # (distributor/issue_screens.py: choose_screen)
 SCREENS: tuple[str, ...] = ("auto", "probe", "predicted")
+
+
+@dataclass
+class RunConfig:
+    """The top-level keys of ``conf/config.yaml`` every task may read, checked once at a task's start
+    (``tasks/wrapper.py: run_task``); the code below it takes them as checked."""
+
+    seed: int = 0
+    fingerprint_bits: int = 48
+    resume: bool = True
+    init_from: str | None = None
+    export_checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        check_int("seed", self.seed, 0)
+        check_int("fingerprint_bits", self.fingerprint_bits)
 
 
 @dataclass
@@ -128,12 +145,10 @@ class SweepConfig:
     grid: SweepGrid = field(default_factory=SweepGrid)
 
     def __post_init__(self) -> None:
-        # n_images, n_innocents, fpr and tracing_fpr: checked by the evaluation library's
-        # PointSettings, which the task builds from them at once (it guards callers without a config)
+        # n_images, n_innocents, fpr, tracing_fpr, decoding, finetune_lr and screen_by: checked by the
+        # evaluation library's PointSettings alone, which the task builds from them at once (the
+        # library guards callers without a config; tasks/sweep_point.py: point_settings names them sweep.*)
         check_choice("sweep.images", self.images, ("procedural", "data"))
-        check_choice("sweep.screen_by", self.screen_by, SCREENS)
-        check_choice("sweep.decoding", self.decoding, DECODINGS)
-        check_float("sweep.finetune_lr", self.finetune_lr, above=0.0)
         check_int("sweep.fid_proxy_steps", self.fid_proxy_steps, 0)
 
 
@@ -307,14 +322,32 @@ def read_settings(cfg: DictConfig, group: str) -> Any:
     Works on a composed config (already typed) and on a plain one (tests, scripts): the values are
     merged into the schema first, so a wrong type is a :class:`ConfigError` either way.
     """
-    schema = SCHEMAS[group]
     try:
         values = OmegaConf.to_container(cfg[group], resolve=True)
-        merged = OmegaConf.merge(OmegaConf.structured(schema), values)
-        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{group}: {str(exc).splitlines()[0].strip()}") from None
+    return _checked(SCHEMAS[group], values, group)
+
+
+def read_run_settings(cfg: DictConfig) -> RunConfig:
+    """The top-level keys of :class:`RunConfig` (missing ones at their defaults), every range
+    checked; one ``error:`` line for ``fingerprint_bits=0`` or ``seed=abc``, whichever task runs."""
+    names = [name for name in RunConfig.__dataclass_fields__ if name in cfg]
+    try:
+        values = {name: cfg[name] for name in names}  # scalars: reading one resolves it
+    except OmegaConfBaseException as exc:
+        raise ConfigError(str(exc).splitlines()[0].strip()) from None
+    return _checked(RunConfig, values, None)
+
+
+def _checked(schema: type, values: Any, label: str | None) -> Any:
+    """``values`` merged into ``schema`` and built (so ``__post_init__`` runs): one ConfigError,
+    led by ``label`` (None: the key OmegaConf names)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
     except OmegaConfBaseException as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, ConfigError) else None
         if cause is not None:  # __post_init__'s own message, wrapped by OmegaConf
             raise cause from None
         reason = str(exc).splitlines()[0].strip()
-        raise ConfigError(f"{group}: {reason}") from None
+        raise ConfigError(f"{label or getattr(exc, 'full_key', None) or 'config'}: {reason}") from None

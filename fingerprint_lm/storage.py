@@ -53,11 +53,16 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
+def atomic_directory(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory beside ``target``; it replaces ``target`` only if the block
     succeeds, so a crash or bad input never leaves a half-written artefact behind (and what a
-    killed writer left is removed by the next one)."""
+    killed writer left is removed by the next one).
+
+    ``overwrite=False``: an artefact, once written, is never replaced (a user's issued copy):
+    :class:`FileExistsError` when ``target`` exists before the block or appears during it."""
     target = Path(target)
+    if not overwrite and target.exists():
+        raise FileExistsError(f"{target} already exists")
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_writers_temporaries(target)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), dir=target.parent))
@@ -66,6 +71,12 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artefact should not be
     try:
         yield tmp
+        if not overwrite:
+            try:  # a rename onto a folder that appeared meanwhile fails (it is not empty) rather than merge
+                os.rename(tmp, target)
+            except OSError as exc:
+                raise FileExistsError(f"cannot create {target}: {exc.strerror or exc}") from exc
+            return
         if target.exists():
             shutil.rmtree(target)
         try:

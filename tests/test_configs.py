@@ -14,10 +14,12 @@ from omegaconf import OmegaConf
 
 from fingerprint_lm.attacks.cases import ROBUSTNESS_SUITE, parse_case
 from fingerprint_lm.attacks.image import IMAGE_ATTACKS
-from fingerprint_lm.config_schema import DATA_SCHEMAS, SCHEMAS, read_settings
+from fingerprint_lm.config_schema import DATA_SCHEMAS, SCHEMAS, read_run_settings, read_settings
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.tasks import TASKS
 from fingerprint_lm.tasks import compose as scripts_compose
+from fingerprint_lm.tasks.sweep_point import point_settings
+from fingerprint_lm.tasks.wrapper import Task, run_task
 from tests.conftest import CONF, ROOT, compose_config
 from tests.console import run_console
 
@@ -183,7 +185,6 @@ def test_each_settings_group_is_typed_by_its_schema(default_cfg, group):
         ("distributor.decoding=fuzzy", "distributor",
          "distributor.decoding must be one of soft, soft_whitened, soft_code_null, hard"),
         ("sweep.images=coco", "sweep", "sweep.images must be one of procedural, data, got 'coco'"),
-        ("sweep.finetune_lr=0", "sweep", "sweep.finetune_lr must be a finite number > 0"),
         ("text2image.fid=fast", "text2image", "text2image.fid must be one of auto, clean, proxy, off"),
         ("text2image.guidance_scale=-1", "text2image", "text2image.guidance_scale must be a finite number >= 0"),
         ("report.max_runs=0", "report", "report.max_runs must be a positive integer, got 0"),
@@ -193,6 +194,24 @@ def test_settings_ranges_are_checked_when_a_task_reads_them(tmp_path, override, 
     cfg = compose_config(tmp_path, [override])  # composes: the type is right, the range is not
     with pytest.raises(ConfigError, match=re.escape(expected)):
         read_settings(cfg, group)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("sweep.finetune_lr=0", "sweep.finetune_lr must be a finite number > 0"),
+        ("sweep.decoding=fuzzy", "sweep.decoding must be one of soft, soft_whitened, soft_code_null, hard"),
+        ("sweep.screen_by=guess", "sweep.screen_by must be one of auto, probe, predicted"),
+        ("sweep.fpr=2", "sweep.fpr must lie in (0, 1), got 2.0"),
+        ("sweep.n_images=1", "sweep.n_images must be an integer >= 2, got 1"),
+    ],
+)
+def test_a_sweep_points_ranges_are_the_evaluation_librarys_named_by_their_keys(tmp_path, override, expected):
+    """PointSettings alone checks what it takes from sweep.*; the task names the key it came from."""
+    cfg = compose_config(tmp_path, [override])
+    read_settings(cfg, "sweep")  # the schema leaves these to the library
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        point_settings(cfg)
 
 
 @pytest.mark.parametrize("act_type", sorted(p.stem for p in (CONF / "act").glob("*.yaml")))
@@ -210,6 +229,27 @@ def test_a_plain_config_gets_the_same_checks(default_cfg):
         read_settings(plain, "distributor")
     assert read_settings(OmegaConf.create({"distributor": {"registry": "r", "copies_dir": "c"}}),
                          "distributor").fpr == 1e-6
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ({"fingerprint_bits": 0}, "fingerprint_bits must be a positive integer, got 0"),
+    ({"seed": "abc"}, "seed: Value 'abc' of type 'str' could not be converted to Integer"),
+    ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+    ({"resume": "maybe"}, "resume: Value 'maybe' is not a valid bool"),
+])
+def test_the_top_level_keys_are_checked_once_for_every_task(default_cfg, override, expected):
+    """run_task reads RunConfig before any task's body: a distributor task that never reads
+    fingerprint_bits refuses 0 as training does, and nothing is written."""
+    settings = read_run_settings(default_cfg)
+    assert (settings.seed, settings.fingerprint_bits) == (default_cfg.seed, default_cfg.fingerprint_bits)
+    bad = OmegaConf.merge(default_cfg, override)
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        read_run_settings(bad)
+    touched = []
+    task = Task("probe", lambda cfg, context: touched.append(cfg) or {})
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        run_task(task, bad)
+    assert touched == []
 
 
 def test_text2image_fid_off_survives_yaml(tmp_path):

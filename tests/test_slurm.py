@@ -26,7 +26,7 @@ from fingerprint_lm.errors import CheckpointError
 from fingerprint_lm.lit import stages
 from fingerprint_lm.models.checkpoint import shipped_checkpoint
 from fingerprint_lm.tasks import run
-from fingerprint_lm.tasks.train import model_spec
+from fingerprint_lm.tasks.train import model_spec, quiet_trainer_factory
 from tests.conftest import CONF, DEBUG_TINY, ROOT, compose_config
 
 ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "WANDB_MODE": "offline"}
@@ -191,13 +191,29 @@ def test_cache_entry_written_concurrently_keeps_the_first_copy(tmp_path, monkeyp
     assert [p.name for p in target.parent.iterdir()] == ["abc"]  # no temporary left behind
 
 
+def test_a_directory_written_once_is_never_replaced(tmp_path, monkeypatch):
+    """``overwrite=False`` (an issued copy): refused when the folder is there before, and when it
+    appears while the block writes (the rename does not merge into it); no temporary stays."""
+    target = tmp_path / "copies" / "alice"
+    with cache.atomic_directory(target, overwrite=False) as tmp:
+        (tmp / "config.json").write_text("first")
+    with pytest.raises(FileExistsError, match="alice already exists"):
+        with cache.atomic_directory(target, overwrite=False) as tmp:
+            pass
+    late = tmp_path / "copies" / "bob"
+    with pytest.raises(FileExistsError, match="cannot create .*bob"):
+        with cache.atomic_directory(late, overwrite=False) as tmp:
+            (tmp / "config.json").write_text("mine")
+            late.mkdir()
+            (late / "config.json").write_text("theirs")
+    assert (target / "config.json").read_text() == "first" and (late / "config.json").read_text() == "theirs"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["alice", "bob"]
+
+
 def _pretrain_base_vae_once(tmp_path: Path) -> None:
     """Fill the cache before the sweep so its parallel jobs load the same base VAE."""
     cfg = compose_config(tmp_path, [])
-    stages.prepare_base_vae(
-        model_spec(cfg), cfg.paths.cache_dir, instantiate(cfg.data),
-        lambda **kw: instantiate(cfg.trainer, **{"logger": False, **kw}),
-    )
+    stages.prepare_base_vae(model_spec(cfg), cfg.paths.cache_dir, instantiate(cfg.data), quiet_trainer_factory(cfg))
 
 
 @pytest.mark.slow

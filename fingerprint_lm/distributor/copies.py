@@ -33,7 +33,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -52,7 +51,7 @@ from fingerprint_lm.models.checkpoint import FingerprintModel
 from fingerprint_lm.models.pnm import tile_to
 from fingerprint_lm.models.vae import load_vae
 from fingerprint_lm.registry.store import Registry
-from fingerprint_lm.storage import update_with_file
+from fingerprint_lm.storage import atomic_directory, update_with_file
 
 log = logging.getLogger(__name__)
 
@@ -161,33 +160,21 @@ def write_copy(
     Refuses to replace an existing folder: a copy, once issued, is never silently overwritten.
     """
     directory = Path(directory)
-    if directory.exists():
-        raise CheckpointError(f"{directory} already exists; remove it or choose another user id")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        _write_config(tmp, vae_config)
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        if bias_map is not None:
-            if not bias_map_site:
-                raise ConfigError("a bias map needs the name of its site")
-            save_file(
-                {f"{bias_map_site}{_BIAS_MAP_SUFFIX}": bias_map.detach().contiguous()},
-                tmp / BIAS_MAP_NAME,
-                metadata={"format": "pt"},
-            )
-        sha = copy_sha256(tmp)
-        # mkdtemp makes private folders and safetensors private files; a copy is meant to be handed out
-        os.chmod(tmp, 0o755)
-        for file in tmp.iterdir():
-            os.chmod(file, 0o644)
-        try:
-            os.rename(tmp, directory)  # fails rather than merge into a folder that appeared meanwhile
-        except OSError as exc:
-            raise CheckpointError(f"cannot create {directory}: {exc.strerror or exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(directory, overwrite=False) as tmp:
+            _write_config(tmp, vae_config)
+            save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+            if bias_map is not None:
+                if not bias_map_site:
+                    raise ConfigError("a bias map needs the name of its site")
+                save_file({f"{bias_map_site}{_BIAS_MAP_SUFFIX}": bias_map.detach().contiguous()},
+                          tmp / BIAS_MAP_NAME, metadata={"format": "pt"})
+            sha = copy_sha256(tmp)
+            # safetensors writes private files; a copy is meant to be handed out
+            for file in tmp.iterdir():
+                os.chmod(file, 0o644)
+    except FileExistsError as exc:
+        raise CheckpointError(f"{exc}; remove it or choose another user id") from None
     return sha
 
 

@@ -49,7 +49,7 @@ from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.distributor.attribution import attribute_logits, code_null, trace_logits, whitened_weights
 from fingerprint_lm.distributor.copies import decoder_from_tensors
 from fingerprint_lm.distributor.issue_screens import screened_codes
-from fingerprint_lm.errors import ConfigError, check_choice, check_int, check_probability
+from fingerprint_lm.errors import ConfigError, check_choice, check_float, check_int, check_probability
 from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.metrics.fid import frechet_distance_proxy
 from fingerprint_lm.metrics.quality import psnr, ssim
@@ -108,6 +108,7 @@ class PointSettings:
         check_probability("tracing_fpr", self.tracing_fpr)
         check_choice("decoding", self.decoding, DECODINGS)
         check_choice("screen_by", self.screen_by, SCREENS)
+        check_float("finetune_lr", self.finetune_lr, above=0.0)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fingerprint_lm.config_schema import read_settings
 from fingerprint_lm.devices import resolve_device
-from fingerprint_lm.errors import ConfigError, check_int
+from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.evaluation.collusion import Point, PointSettings, evaluate_point
 from fingerprint_lm.lit import stages
 from fingerprint_lm.methods.base import collect_images
@@ -46,6 +46,7 @@ from fingerprint_lm.tasks.train import (
     after_fit_device,
     fit_method_content_reader,
     method_from_config,
+    quiet_trainer_factory,
     train_from_config,
 )
 from fingerprint_lm.tasks.training_record import matches_shipped, record_training_config, training_record
@@ -99,7 +100,6 @@ def sweep_model_dir(cfg: DictConfig) -> tuple[Path, str]:
     ACT/attack/colluder point: ``"trained"`` for the point that trained it, ``"cached"`` after. A
     file lock makes parallel jobs (submitit) wait for one training instead of repeating it.
     """
-    check_int("fingerprint_bits", cfg.fingerprint_bits)
     if cfg.sweep.checkpoint:
         return _given_checkpoint(cfg), "given"
     record = training_record(cfg, method_from_config(cfg))
@@ -143,12 +143,7 @@ def sweep_model_cache_dir(cfg: DictConfig, record: dict[str, Any], base_vae_dir:
 def train_sweep_model(cfg: DictConfig, target: Path, base_vae_dir: Path) -> None:
     """Train the fingerprint model of ``cfg`` (``fingerprint_bits``, ``method``, ``data``) on the base
     VAE in ``base_vae_dir``, evaluate it on held-out images and save it atomically to ``target``."""
-
-    def make_trainer(**overrides):
-        kwargs = {"logger": False, "callbacks": [], "enable_checkpointing": False,
-                  "default_root_dir": str(target.parent), **overrides}
-        return instantiate(cfg.trainer, **kwargs)
-
+    make_trainer = quiet_trainer_factory(cfg, default_root_dir=str(target.parent))
     bits = int(cfg.fingerprint_bits)
     log.info("sweep: training a %d-bit fingerprint model (%d steps), cached at %s", bits, cfg.method.steps, target)
     datamodule = instantiate(cfg.data)
@@ -184,7 +179,17 @@ def sweep_images(cfg: DictConfig, resolution: int) -> tuple[torch.Tensor | None,
 
 # -- the task -------------------------------------------------------------------------------------
 def point_settings(cfg: DictConfig) -> PointSettings:
+    """``sweep.*`` and ``act.*`` as the evaluation library's settings, whose own checks are the
+    only ones of their ranges: each message starts with the field's name, ``sweep.``'s key."""
     settings, act = read_settings(cfg, "sweep"), read_settings(cfg, "act")
+    device = resolve_device(settings.device, "sweep.device")
+    try:
+        return _point_settings(settings, act, device)
+    except ConfigError as exc:
+        raise ConfigError(f"sweep.{exc}") from None
+
+
+def _point_settings(settings, act, device) -> PointSettings:
     return PointSettings(
         n_images=settings.n_images,
         n_innocents=settings.n_innocents,
@@ -196,7 +201,7 @@ def point_settings(cfg: DictConfig) -> PointSettings:
         finetune_lr=settings.finetune_lr,
         screen_codes=settings.screen_codes,
         screen_by=settings.screen_by,
-        device=resolve_device(settings.device, "sweep.device"),
+        device=device,
     )
 
 
@@ -230,9 +235,9 @@ def _previous(metrics_path: Path, key: str) -> dict[str, Any] | None:
 
 
 def run_sweep_point(cfg: DictConfig, context: TaskContext) -> dict[str, Any]:
-    directory, model_source = sweep_model_dir(cfg)
     point = Point.from_case(str(cfg.act.type), str(cfg.sweep.case))
-    settings = point_settings(cfg)
+    settings = point_settings(cfg)  # refused before a model is trained for it
+    directory, model_source = sweep_model_dir(cfg)
     record = point_record(cfg, directory, settings)
     key = config_hash(record)
     context.output_dir.mkdir(parents=True, exist_ok=True)

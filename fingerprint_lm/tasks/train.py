@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fingerprint_lm.distributor.read_predictor import check_predictor_codes, with_read_predictor
 from fingerprint_lm.distributor.screening import fit_floors
-from fingerprint_lm.errors import CheckpointError, ConfigError, check_int
+from fingerprint_lm.errors import CheckpointError, ConfigError
 from fingerprint_lm.lit import stages
 from fingerprint_lm.methods import FingerprintMethod
 from fingerprint_lm.methods.content_reader import (
@@ -59,6 +59,18 @@ def make_trainer_factory(cfg: DictConfig, context: TaskContext):
     return make_trainer
 
 
+def quiet_trainer_factory(cfg: DictConfig, **fixed):
+    """Trainers from ``cfg.trainer`` with no logger, callbacks or checkpoints, for a training inside
+    another task (the sweep's per-length model) or a script's run; ``fixed`` and each call's own
+    overrides on top."""
+
+    def make_trainer(**overrides):
+        kwargs = {"logger": False, "callbacks": [], "enable_checkpointing": False, **fixed, **overrides}
+        return instantiate(cfg.trainer, **kwargs)
+
+    return make_trainer
+
+
 def model_spec(cfg: DictConfig) -> BaseVAESpec:
     """The ``model`` config group's entry, instantiated (``_target_``) and so range-checked."""
     if OmegaConf.is_missing(cfg.model, "path"):
@@ -85,12 +97,12 @@ def train_from_config(cfg: DictConfig, vae, datamodule, make_trainer, ckpt_path:
     method = method_from_config(cfg) if method is None else method
     check_readout_attack_resolution(method, int(cfg.data.resolution))
     if method.content_reader is not None:  # fitted after training: checked before it, model built or continued
-        check_content_reader_settings(method.content_reader, check_int("fingerprint_bits", cfg.fingerprint_bits))
+        check_content_reader_settings(method.content_reader, int(cfg.fingerprint_bits))
     seed = cfg.seed if seed is None else seed
 
     def run(method, vae, ckpt_path, init_model, make_trainer=make_trainer, read_with="extractor"):
         return stages.train_fingerprint(
-            vae, check_int("fingerprint_bits", cfg.fingerprint_bits), datamodule, make_trainer, method=method,
+            vae, int(cfg.fingerprint_bits), datamodule, make_trainer, method=method,
             ckpt_path=ckpt_path, seed=seed, gradient_checkpointing=spec.gradient_checkpointing,
             calibration_batch_size=spec.calibration_batch_size, init_model=init_model, read_with=read_with)
 
@@ -160,8 +172,7 @@ def resume_checkpoint(last: Path) -> str | None:
 
 
 def _check(cfg: DictConfig) -> None:
-    """Every cheap check before anything trains or is written."""
-    check_int("fingerprint_bits", cfg.fingerprint_bits)
+    """Every cheap check before anything trains or is written (the top-level keys: run_task's)."""
     method_from_config(cfg)
     model_spec(cfg)
     init_checkpoint(cfg)

@@ -1,9 +1,10 @@
 """What every task does at its start and end (lightning-hydra-template's ``task_wrapper``).
 
 A :class:`Task` names the function that does the work and where its JSON result goes;
-:func:`run_task` seeds, times (``task_seconds`` in the JSON), turns Hydra's multi-line
-instantiation errors into one line, writes the JSON atomically (on the process that writes
-outputs), prints the task's summary for people and closes the W&B run in ``finally``, so a failed
+:func:`run_task` checks the top-level keys (``config_schema.RunConfig``), seeds, times
+(``task_seconds`` in the JSON), turns Hydra's multi-line instantiation errors into one line, writes
+the JSON atomically (on the process that writes outputs), prints the task's summary for people and
+closes the W&B run in ``finally``, so a failed
 task never leaves one open for the next.
 """
 
@@ -24,6 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fingerprint_lm.attacks.cases import ATTACK_TABLES, register_attack
+from fingerprint_lm.config_schema import read_run_settings
 from fingerprint_lm.errors import ConfigError, FingerprintError
 from fingerprint_lm.storage import atomic_write_text
 
@@ -62,7 +64,8 @@ def run_task(task: Task, cfg: DictConfig) -> dict[str, Any]:
     context = TaskContext(Path(cfg.paths.output_dir))
     os.environ.setdefault("WANDB_SILENT", "true")
     try:
-        L.seed_everything(int(cfg.seed), verbose=False)  # torch, numpy and random, as the template's task_wrapper
+        run_settings = read_run_settings(cfg)  # seed, fingerprint_bits, ...: checked here, once for every task
+        L.seed_everything(run_settings.seed, verbose=False)  # torch, numpy and random, as the template's task_wrapper
         register_attacks(cfg)
         result = task.body(cfg, context)
         if not is_global_zero():
