@@ -14,6 +14,7 @@ from omegaconf import OmegaConf, open_dict
 
 import fingerprint_lm  # noqa: F401  (registers the OmegaConf resolvers the configs use)
 from fingerprint_lm.tasks import run
+from fingerprint_lm.tasks.compose import compose_config as compose_package_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -28,12 +29,11 @@ DEBUG_TINY = ["debug=tiny"]
 
 
 def compose_config(tmp_path: Path, overrides: list[str] = (), tiny: bool = True):
-    """Compose ``conf/config.yaml`` as the entry point would, with outputs under ``tmp_path``."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[*(DEBUG_TINY if tiny else []), *overrides], return_hydra_config=True)
+    """The package's composition (``tasks/compose.py``, as the entry point composes), shrunk by
+    ``debug=tiny`` unless ``tiny=False``, with every output and cache under ``tmp_path``."""
+    cfg = compose_package_config([*(DEBUG_TINY if tiny else []), *overrides], output_dir=tmp_path / "run")
     with open_dict(cfg):
         cfg.paths.root_dir = str(tmp_path)
-        cfg.paths.output_dir = str(tmp_path / "run")
         cfg.paths.cache_dir = str(tmp_path / "cache")
         cfg.paths.export_dir = str(tmp_path / "export")
         cfg.hydra.runtime.output_dir = str(tmp_path / "run")
@@ -49,14 +49,6 @@ def default_cfg(tmp_path_factory):
     """The composed default config (no overrides, no debug overlay), once for every test that only
     reads it. Tests must not modify it (compose their own with ``compose_config`` for that)."""
     cfg = compose_config(tmp_path_factory.mktemp("default_cfg"), [], tiny=False)
-    OmegaConf.set_readonly(cfg, True)
-    return cfg
-
-
-@pytest.fixture(scope="session")
-def tiny_default_cfg(tmp_path_factory):
-    """``debug=tiny``'s composed config, read-only, shared like ``default_cfg``."""
-    cfg = compose_config(tmp_path_factory.mktemp("tiny_default_cfg"), [])
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -27,6 +27,15 @@ from tests.console import run_console
 BITS = 32
 
 
+@pytest.fixture(scope="module")
+def tiny_default_cfg(tmp_path_factory):
+    """``debug=tiny``'s composed config, read-only, for this module's tests that only read it (the
+    suite's one shared composition is conftest's ``default_cfg``)."""
+    cfg = compose_config(tmp_path_factory.mktemp("tiny_default_cfg"), [])
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
 # The stock-weight methods, and pnm with per-user kernels (spatial structure) at two conv sites.
 STOCK_METHODS = {
     "pnm": ["method=pnm"],
