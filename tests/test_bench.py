@@ -42,7 +42,7 @@ def test_issue_cost_sd_measures_both_methods_on_the_sd_sized_decoder():
     """The issue_sd section's function at a tiny image side (the decoder is SD's size: ~10 s)."""
     row = bench.issue_cost_sd(resolution=16, batch_size=1, steps=(1, 2), repeats=1, bits=8)
     assert row["parameters_m"] == pytest.approx(83.65, abs=0.01)
-    assert len(row["pnm_issue_s_all"]) == 1 and row["pnm_issue_s"] > 0
+    assert len(row["pnm_issue_s_all"]) == 1 and row["ratio_estimate"] > 1  # even one copy at 16 px
     seconds = row["stable_signature_s_timed"]
     assert row["stable_signature_per_step_s"] == pytest.approx(seconds[1] - seconds[0])
     assert row["stable_signature_100_steps_estimate_s"] == pytest.approx(
@@ -63,4 +63,5 @@ def test_the_inference_section_times_both_shipped_pnm_readers():
     (the shipped checkpoint has both)."""
     figures = bench._shipped_reader_throughput(torch.rand(4, 3, 32, 32) * 2 - 1, repeats=1)
     assert set(figures) == {"pnm_band_reader_images_per_s", "pnm_content_reader_images_per_s"}
-    assert all(value > 0 for value in figures.values())  # speeds, not compared: one timed call each
+    # the content reader re-makes each image with the base VAE first: ~17x slower in BENCHMARKS.md
+    assert figures["pnm_content_reader_images_per_s"] < figures["pnm_band_reader_images_per_s"]

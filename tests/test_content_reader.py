@@ -235,7 +235,7 @@ def test_a_vae_held_in_bfloat16_is_fed_its_own_dtype(tiny_model):
     model.meta.update({"fingerprint_bits": 8, "pnm": spec, "extractor": extractor})
     figures = fit_content_reader(model, images(200, 16, seed=9).split(64), train_images=80, unmarked_images=40,
                                  calibration_images=40, steps=5, seed=3, attack_weight=0.5)
-    assert figures["calibration_bit_acc"] > 0.3  # read (an untrained mark: about chance), not crashed
+    assert abs(figures["calibration_bit_acc"] - 0.5) < 0.15  # read, not crashed: an untrained mark reads at chance
 
 
 def test_the_shipped_pnm_checkpoint_reads_with_its_content_reader():
