@@ -38,7 +38,7 @@ import torch
 from fingerprint_lm.distributor.copies import decoder_from_tensors
 from fingerprint_lm.distributor.generation import held_out_images
 from fingerprint_lm.distributor.screening import PROBE_SEED, read_logits
-from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
+from fingerprint_lm.errors import ConfigError, check_int, check_probability, exit_on_user_error
 from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.registry.index import CodeIndex
@@ -163,8 +163,7 @@ def main() -> None:
     if args.candidates < 4 or args.candidates > args.registry:
         raise ConfigError(f"--candidates must be between 4 and --registry ({args.registry}), got {args.candidates}")
     check_int("--null-images", args.null_images, 0)
-    if not 0 < args.keep < 1:
-        raise ConfigError(f"--keep must lie strictly between 0 and 1, got {args.keep}")
+    check_probability("--keep", args.keep)
     start = time.perf_counter()
     row = screen(args.candidates, args.probe, args.images, args.registry, args.keep, args.fpr, args.seed,
                  args.null_images)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import matplotlib
 
-from fingerprint_lm.errors import DataError, exit_on_user_error
+from fingerprint_lm.errors import DataError, check_int, exit_on_user_error
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -51,8 +51,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=1000)
     parser.add_argument("--png", type=Path, default=None)
     args = parser.parse_args()
-    if args.window < 1 or args.every < 1:
-        raise DataError("--window and --every must be positive")
+    check_int("--window", args.window)
+    check_int("--every", args.every)
     # each run's smoothed curves once: (label, steps, bit accuracy, PSNR)
     runs = [(label, steps, smooth(acc, args.window), smooth(psnr, args.window))
             for label, steps, acc, psnr in map(read_curve, args.curves)]

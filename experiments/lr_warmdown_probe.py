@@ -28,7 +28,7 @@ import lightning as L
 import torch
 
 from fingerprint_lm.data.datamodule import ImageDataModule
-from fingerprint_lm.errors import ConfigError, exit_on_user_error
+from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
 from fingerprint_lm.lit.stages import evaluate_fingerprint
 from fingerprint_lm.methods.base import collect_images
@@ -122,8 +122,8 @@ def main() -> None:
                         help="the recipe's warm-down: the reader trains in the warm-up, then is re-whitened and frozen")
     parser.add_argument("--augment", type=float, default=0.0, help="probability of each training augmentation")
     args = parser.parse_args()
-    if args.steps <= 0 or args.warmup < 0:
-        raise ConfigError(f"--steps must be positive and --warmup >= 0, got {args.steps} and {args.warmup}")
+    check_int("--steps", args.steps)
+    check_int("--warmup", args.warmup, 0)
     if not 0.0 <= args.augment <= 1.0:
         raise ConfigError(f"--augment is a probability in [0, 1], got {args.augment}")
     if args.freeze_reader and args.reader_warmdown:

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from fingerprint_lm.errors import ConfigError, exit_on_user_error
+from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHIPPED_METRICS = RESULTS / "embedded_pnm_train_metrics.json"
@@ -90,8 +90,7 @@ def main() -> None:
     parser.add_argument("--init-from", default="shipped")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
-    if args.steps < 1:
-        raise ConfigError(f"--steps must be a positive integer, got {args.steps}")
+    check_int("--steps", args.steps)
     if args.init_from != "shipped" and not (Path(args.init_from) / "fingerprint.json").is_file():
         raise ConfigError(f"--init-from {args.init_from}: no fingerprint checkpoint there (fingerprint.json missing)")
     shipped = {"variant": "shipped (16000 steps, no fine-tune)", "steps": 0,

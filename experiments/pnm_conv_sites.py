@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fingerprint_lm.errors import ConfigError, exit_on_user_error
+from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results" / "pnm_conv_sites.jsonl"
@@ -98,8 +98,9 @@ def main() -> None:
     args = parser.parse_args()
     arms = args.arms.split(",")
     unknown = set(arms) - set(ARMS)
-    if unknown or args.steps <= 0:
-        raise ConfigError(f"--arms takes {', '.join(ARMS)} and --steps > 0, got {args.arms!r} / {args.steps}")
+    if unknown:
+        raise ConfigError(f"--arms takes {', '.join(ARMS)}, got {args.arms!r}")
+    check_int("--steps", args.steps)
     if args.keep is not None and args.keep.exists() and (not args.keep.is_dir() or any(args.keep.iterdir())):
         raise ConfigError(f"--keep {args.keep} is a file or a folder that is not empty; name a new folder")
     rows = []

@@ -37,7 +37,7 @@ import torch
 from fingerprint_lm.distributor.copies import decoder_from_tensors
 from fingerprint_lm.distributor.generation import decode_with, held_out_images
 from fingerprint_lm.distributor.screening import ProbeReader, logits_of
-from fingerprint_lm.errors import check_float, check_int, exit_on_user_error
+from fingerprint_lm.errors import check_float, check_int, check_probability, exit_on_user_error
 from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models.checkpoint import FingerprintModel, load_fingerprint_model, shipped_checkpoint
@@ -104,7 +104,7 @@ def check_setting_arguments(args: argparse.Namespace) -> None:
     check_int("--codes", args.codes, 4)
     check_int("--images", args.images)
     check_int("--registry", args.registry, 2)
-    check_float("--fpr", args.fpr, above=0.0, maximum=1.0)
+    check_probability("--fpr", args.fpr)
 
 
 def read_codes(run: Setting) -> dict[str, np.ndarray]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import numbers
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -63,13 +64,14 @@ def hydra_error_line(exc: Exception) -> str:
 
 
 # -- the range checks every layer shares ----------------------------------------------------------
-def check_int(name: str, value: object, minimum: int = 1) -> int:
-    """``value`` when it is an int >= ``minimum``; ConfigError otherwise."""
+def check_int(name: str, value: object, minimum: int = 1, error: type[FingerprintError] | None = None) -> int:
+    """``int(value)`` when it is an integer (Python's or numpy's) >= ``minimum``; otherwise
+    ``error`` (ConfigError unless given: DataError where the number comes from data, not a setting)."""
     # bool is an int subclass: `resolution: true` in a YAML file must not pass as 1.
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:  # numpy ints pass
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ConfigError(f"{name} must be {kind}, got {value!r}")
-    return value
+        raise (error or ConfigError)(f"{name} must be {kind}, got {value!r}")
+    return int(value)
 
 
 def check_probability(name: str, value: object) -> float:

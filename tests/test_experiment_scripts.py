@@ -59,8 +59,9 @@ def test_lr_warmdown_probe_refuses_bad_input_before_training(args, monkeypatch, 
     assert_refused_leaving_results("lr_warmdown_probe.py", args, monkeypatch, capsys)
 
 
-@pytest.mark.parametrize("args", [["--arms", "groupnorm,nonsense"], ["--steps", "0"]])
-def test_pnm_conv_sites_refuses_bad_input_before_training(args):
+@pytest.mark.parametrize(("args", "refusal"), [(["--arms", "groupnorm,nonsense"], "--arms takes"),
+                                               (["--steps", "0"], "--steps must be a positive integer")])
+def test_pnm_conv_sites_refuses_bad_input_before_training(args, refusal):
     """An unknown arm or a non-positive length is one error line and exit 2 before any training
     run starts, and no row is appended to the results."""
     results = ROOT / "experiments" / "results" / "pnm_conv_sites.jsonl"
@@ -68,7 +69,7 @@ def test_pnm_conv_sites_refuses_bad_input_before_training(args):
     result = subprocess.run([sys.executable, str(ROOT / "experiments" / "pnm_conv_sites.py"), *args],
                             capture_output=True, text=True, cwd=ROOT, timeout=60)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode == 2 and len(errors) == 1 and "--arms takes" in errors[0], result.stderr
+    assert result.returncode == 2 and len(errors) == 1 and refusal in errors[0], result.stderr
     assert "Traceback" not in result.stderr and "$ " not in result.stdout
     assert (results.read_text() if results.exists() else None) == before
 

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fingerprint_lm.attacks.image import gaussian_blur
-from fingerprint_lm.errors import ConfigError, DataError
+from fingerprint_lm.errors import ConfigError, DataError, check_int
 
 StateDict = dict[str, torch.Tensor]
 
@@ -202,8 +202,7 @@ def finetune_reconstruction(
             batches of ``batch_size``) or an iterable of batches (tensors or dicts with ``"image"``),
             restarted when exhausted.
     """
-    if steps < 0:
-        raise ConfigError(f"fine-tuning steps must be non-negative, got {steps}")
+    check_int("fine-tuning steps", steps, 0)
     if lr <= 0:
         raise ConfigError(f"fine-tuning learning rate must be positive, got {lr}")
     attacked = copy.deepcopy(vae)

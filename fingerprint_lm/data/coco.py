@@ -179,8 +179,7 @@ def write_tiny_coco(
         resolution: nominal image side in pixels.
         split: split name used for the image folder and the annotation file.
     """
-    if n_images < 1:
-        raise ValueError(f"n_images must be at least 1, got {n_images}")
+    check_int("n_images", n_images)
     root = Path(root)
     image_dir = root / split
     image_dir.mkdir(parents=True, exist_ok=True)

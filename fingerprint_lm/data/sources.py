@@ -271,10 +271,8 @@ def write_tiny_shards(
     its caption as ``.txt`` and a ``.json`` member that readers must ignore. Returns the shard
     paths in order.
     """
-    if n < 1 or shard_size < 1 or resolution < 1:
-        raise ValueError(
-            f"n, shard_size and resolution must be positive, got {n}, {shard_size}, {resolution}"
-        )
+    for name, value in (("n", n), ("shard_size", shard_size), ("resolution", resolution)):
+        check_int(name, value)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     source = ProceduralImages(resolution=resolution * 3 // 2, seed=424242, length=n)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import bdtrc
 
-from fingerprint_lm.errors import ConfigError, DataError, check_probability
+from fingerprint_lm.errors import ConfigError, DataError, check_int, check_probability
 
 
 def binomial_p_value(matches, k: int):
@@ -24,9 +24,7 @@ def binomial_p_value(matches, k: int):
     ``1 - cdf`` would round to zero. Vectorised: ``matches`` may be an array;
     a scalar in gives a float out.
     """
-    k = int(k)
-    if k < 1:
-        raise DataError(f"k must be >= 1, got {k}")
+    k = check_int("k", k, error=DataError)
     m = np.asarray(matches)
     if not np.issubdtype(m.dtype, np.integer):
         if not np.all(np.isfinite(m)) or np.any(m != np.round(m)):
@@ -40,9 +38,8 @@ def binomial_p_value(matches, k: int):
 
 def bonferroni(p, n: int):
     """Bonferroni correction for ``n`` tests: ``min(1, p * n)`` (scalar in, float out)."""
-    if int(n) < 1:
-        raise DataError(f"number of tests must be >= 1, got {n}")
-    out = np.minimum(1.0, np.asarray(p, dtype=np.float64) * int(n))
+    n = check_int("number of tests", n, error=DataError)
+    out = np.minimum(1.0, np.asarray(p, dtype=np.float64) * n)
     return float(out) if np.ndim(out) == 0 else out
 
 

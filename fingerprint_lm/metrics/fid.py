@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fingerprint_lm.data.synthetic import COLORS, SHAPES, TEXTURES, ProceduralImages
-from fingerprint_lm.errors import CheckpointError, ConfigError, DataError, FingerprintError
+from fingerprint_lm.errors import CheckpointError, ConfigError, DataError, FingerprintError, check_int
 from fingerprint_lm.models.batched import evaluating, in_batches
 from fingerprint_lm.storage import atomic_directory, atomic_write_text, config_hash
 
@@ -135,10 +135,8 @@ def train_proxy_feature_net(
     Returns the net in eval mode with gradients off.
     """
     for name, value in (("resolution", resolution), ("train_size", train_size), ("batch_size", batch_size)):
-        if value < 1:
-            raise ConfigError(f"fid_proxy {name} must be positive, got {value}")
-    if steps < 0:
-        raise ConfigError(f"fid_proxy training steps must be non-negative, got {steps}")
+        check_int(f"fid_proxy {name}", value)
+    check_int("fid_proxy training steps", steps, 0)
     config = _proxy_config(resolution, steps, seed, feature_dim, train_size, batch_size, lr)
     target = Path(cache_dir) / "fid_proxy" / config_hash(config) if cache_dir is not None else None
     if target is not None and (target / PROXY_WEIGHTS_NAME).is_file():

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from fingerprint_lm.errors import DataError, RegistryError
+from fingerprint_lm.errors import DataError, RegistryError, check_int
 
 WORD_BITS = 64
 
@@ -24,9 +24,7 @@ def n_words(k: int) -> int:
 
 def draw_code(k: int, rng: np.random.Generator) -> np.ndarray:
     """One uniformly random ``k``-bit code as a ``uint8`` 0/1 array of shape ``[k]``."""
-    if int(k) < 1:
-        raise DataError(f"code length must be >= 1, got {k}")
-    return rng.integers(0, 2, size=int(k), dtype=np.uint8)
+    return rng.integers(0, 2, size=check_int("code length", k, error=DataError), dtype=np.uint8)
 
 
 def as_bits(bits, k: int | None = None) -> np.ndarray:
@@ -161,9 +159,7 @@ def draw_codes_min_distance(
     Returns:
         ``uint8`` 0/1 array ``[n, k]``.
     """
-    n, k, min_distance = int(n), int(k), max(1, int(min_distance))
-    if k < 1:
-        raise DataError(f"code length must be >= 1, got {k}")
+    n, k, min_distance = int(n), check_int("code length", k, error=DataError), max(1, int(min_distance))
     if min_distance > k:
         raise RegistryError(f"min_distance {min_distance} exceeds the code length {k}")
     w = n_words(k)

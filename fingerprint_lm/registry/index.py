@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fingerprint_lm.errors import ConfigError, DataError
+from fingerprint_lm.errors import DataError, check_int
 from fingerprint_lm.metrics.bits import binomial_p_value, bonferroni
 from fingerprint_lm.registry.codes import (
     as_bits,
@@ -53,9 +53,7 @@ class CodeIndex:
     """
 
     def __init__(self, user_ids: Sequence[str], packed, k: int):
-        self.k = int(k)
-        if self.k < 1:
-            raise ConfigError(f"code length must be >= 1, got {k}")
+        self.k = check_int("code length", k)
         packed = np.ascontiguousarray(np.asarray(packed, dtype=np.uint64))
         if packed.ndim == 1 and packed.size == 0:
             packed = packed.reshape(0, n_words(self.k))

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fingerprint_lm.errors import ConfigError, DataError, RegistryError
+from fingerprint_lm.errors import ConfigError, DataError, RegistryError, check_int
 from fingerprint_lm.registry.codes import (
     as_bits,
     draw_codes_min_distance,
@@ -62,9 +62,7 @@ class Registry:
     ):
         self.path = str(path)
         self.method = method
-        self.code_length = int(code_length)
-        if self.code_length < 1:
-            raise ConfigError(f"code length must be >= 1, got {code_length}")
+        self.code_length = check_int("code length", code_length)
         if min_distance is not None and not 0 <= int(min_distance) <= self.code_length:
             raise ConfigError(f"min_distance must lie in [0, {self.code_length}], got {min_distance}")
         self._index: CodeIndex | None = None

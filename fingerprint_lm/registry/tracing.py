@@ -45,7 +45,7 @@ import math
 
 import numpy as np
 
-from fingerprint_lm.errors import ConfigError, DataError, check_probability
+from fingerprint_lm.errors import DataError, check_int, check_probability
 from fingerprint_lm.registry.codes import packed_dot
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.soft import identify_logits
@@ -70,9 +70,7 @@ def bit_evidence(probs) -> np.ndarray:
 def tracing_threshold(n_users: int, fpr: float) -> float:
     """Score above which a user is accused: ``sqrt(2 ln(n_users / fpr))`` (Hoeffding + Bonferroni)."""
     check_probability("fpr", fpr)
-    if int(n_users) < 1:
-        raise ConfigError(f"n_users must be >= 1, got {n_users}")
-    return math.sqrt(2.0 * math.log(int(n_users) / float(fpr)))
+    return math.sqrt(2.0 * math.log(check_int("n_users", n_users) / float(fpr)))
 
 
 def score_codes(probs, codes_bits) -> np.ndarray:
