@@ -41,6 +41,7 @@ from fingerprint_lm.models.extractor import FingerprintExtractor
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.vae import SD_VAE_CONFIG, build_vae
 from fingerprint_lm.registry.bench import bench_registry
+from fingerprint_lm.report.text_tables import markdown_lines
 from fingerprint_lm.storage import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -326,9 +327,8 @@ def markdown(results: dict[str, dict], command: str, seconds: float, threads: in
         title = SECTIONS[name][1] if name in SECTIONS else {
             "sweep": "the README's default collusion sweep (`python -m fingerprint_lm +experiment=collusion_sweep`)",
             "sd": "one worst-case step of a PNM on an SD-sized decoder (random weights, batch 1)"}[name]
-        lines += [f"## {name}: {title}", "", "| figure | value |", "|---|---|"]
-        lines += [f"| {key} | {_format(value)} |" for key, value in figures.items()]
-        lines.append("")
+        lines += [f"## {name}: {title}", "",
+                  *markdown_lines(["figure", "value"], [[key, _format(value)] for key, value in figures.items()]), ""]
     return "\n".join(lines)
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import matplotlib
+
+from fingerprint_lm.report.text_tables import csv_text
+from fingerprint_lm.storage import atomic_write_text
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -16,11 +18,7 @@ def write_training_curve(history: list[dict], csv_path: str | Path, png_path: st
     Writes the CSV, and a two-panel PNG (bit accuracy and PSNR against wall time)."""
     if not history:
         return
-    keys = list(history[0])
-    with open(csv_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
+    atomic_write_text(csv_path, csv_text(list(history[0]), history, lambda value: "" if value is None else str(value)))
     if png_path is None:
         return
     elapsed = [row["elapsed_s"] for row in history]

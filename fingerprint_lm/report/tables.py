@@ -173,12 +173,10 @@ def comparison_lines(rows: list[dict]) -> list[str]:
     groups = _groups(rows)
     if not groups:
         return []
-    out = ["## Methods compared (ACT all unless stated; fid_proxy is a proxy, not FID)", "",
-           "| method | clean bit_acc | PSNR | image attacks: mean / worst | model attacks: mean / worst "
-           "| 2-party average, no ACT: PSNR / fid_proxy | ACT all: PSNR / fid_proxy "
-           "| adaptive colluder: PSNR / bit_acc "
-           "| colluders caught | innocents accused | issue one copy (s) |",
-           "|---|" + "---|" * 10]
+    columns = ["method", "clean bit_acc", "PSNR", "image attacks: mean / worst", "model attacks: mean / worst",
+               "2-party average, no ACT: PSNR / fid_proxy", "ACT all: PSNR / fid_proxy",
+               "adaptive colluder: PSNR / bit_acc", "colluders caught", "innocents accused", "issue one copy (s)"]
+    table = []
     for group in groups:
         mine = [r for r in rows if _in_group(r, group)]
         single = [r for r in mine if r.get("colluders") == 1 and r.get("act") == "all"] or \
@@ -203,8 +201,9 @@ def comparison_lines(rows: list[dict]) -> list[str]:
             str(sum(r.get("tracing_innocents_accused") or 0 for r in colluding)) if colluding else "",
             _cell(max((r.get("issue_seconds") or 0.0 for r in mine), default=None), 3),
         ]
-        out.append("| " + " | ".join(cells) + " |")
-    return [*out, ""]
+        table.append(cells)
+    return ["## Methods compared (ACT all unless stated; fid_proxy is a proxy, not FID)", "",
+            *markdown_lines(columns, table), ""]
 
 
 def _spread(rows: list[dict], kind: str) -> str:
@@ -239,9 +238,7 @@ def method_lines(rows: list[dict]) -> list[str]:
     cases = sorted({(r.get("attack"), r.get("attack_strength"), r.get("case"))
                     for r in rows if r.get("colluders") == 1},
                    key=lambda c: (c[0] != "none", str(c[0]), -math.inf if c[1] is None else float(c[1])))
-    out = ["## Methods side by side: bit accuracy of one copy (ACT all; PSNR vs the base decoder in brackets)", "",
-           "| case | " + " | ".join(f"{m} {b}-bit" for m, b in groups) + " |",
-           "|---|" + "---|" * len(groups)]
+    table = []
     for attack, strength, case in cases:
         cells = []
         for group in groups:
@@ -249,8 +246,9 @@ def method_lines(rows: list[dict]) -> list[str]:
                 (r for r in rows if _in_group(r, group) and r.get("case") == case), None)
             cells.append("" if row is None
                          else f"{_cell(row.get('bit_acc'), 3, rate=True)} ({_cell(row.get('psnr'), 1)})")
-        out.append(f"| {case} | " + " | ".join(cells) + " |")
-    return [*out, ""]
+        table.append([case, *cells])
+    return ["## Methods side by side: bit accuracy of one copy (ACT all; PSNR vs the base decoder in brackets)", "",
+            *markdown_lines(["case", *(f"{m} {b}-bit" for m, b in groups)], table), ""]
 
 
 def headline_lines(rows: list[dict]) -> list[str]:
@@ -271,11 +269,7 @@ def headline_lines(rows: list[dict]) -> list[str]:
         if baseline is None or baseline.get("psnr") is None:
             out += ["(no `average_c2` point without ACT: no collusion headline)", ""]
             continue
-        out += [
-            "| ACT | 2-party average: PSNR | PSNR drop vs no ACT | fid_proxy | x no-ACT fid_proxy "
-            "| adaptive colluder: PSNR | fid_proxy | bit_acc |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
+        table = []
         for act in ACT_TYPES:
             naive, aligned = _find(rows, group, act, "average", 2), _find(rows, group, act, "aligned_average", 2)
             if naive is None:
@@ -287,9 +281,14 @@ def headline_lines(rows: list[dict]) -> list[str]:
                      _cell(naive.get("fid_proxy"), 1), _cell(ratio, 2)]
             cells += ([_cell(aligned.get(k), d) for k, d in (("psnr", 2), ("fid_proxy", 1), ("bit_acc", 3))]
                       if aligned else ["", "", ""])
-            out.append("| " + " | ".join(cells) + " |")
-        out.append("")
+            table.append(cells)
+        out += [*markdown_lines(HEADLINE_COLUMNS, table), ""]
     return out
+
+
+# the adaptive colluder's columns repeat two names of the naive average's: rows are lists
+HEADLINE_COLUMNS = ("ACT", "2-party average: PSNR", "PSNR drop vs no ACT", "fid_proxy", "x no-ACT fid_proxy",
+                    "adaptive colluder: PSNR", "fid_proxy", "bit_acc")
 
 
 def tracing_lines(rows: list[dict]) -> list[str]:
@@ -300,9 +299,7 @@ def tracing_lines(rows: list[dict]) -> list[str]:
     if not cases:
         return []
     groups = _groups(rows)
-    out = ["## Tracing colluders: caught / c, innocents accused, images attributed to a colluder", "",
-           "| collusion | c | " + " | ".join(f"{m} {b}-bit" for m, b in groups) + " |",
-           "|---|---|" + "---|" * len(groups)]
+    table = []
     for attack, colluders in cases:
         cells = []
         for group in groups:
@@ -312,8 +309,9 @@ def tracing_lines(rows: list[dict]) -> list[str]:
                 None)
             cells.append("" if row is None else f"{row.get('tracing_caught')}/{colluders}, "
                          f"{row.get('tracing_innocents_accused')}, {_cell(row.get('attribution_acc'), 2)}")
-        out.append(f"| {attack} | {colluders} | " + " | ".join(cells) + " |")
-    return [*out, ""]
+        table.append([attack, colluders, *cells])
+    return ["## Tracing colluders: caught / c, innocents accused, images attributed to a colluder", "",
+            *markdown_lines(["collusion", "c", *(f"{m} {b}-bit" for m, b in groups)], table), ""]
 
 
 def _plot_collusion(rows: list[dict], metric: str, path: Path) -> None:

@@ -23,7 +23,17 @@ def csv_text(columns: Sequence[str], rows: Sequence[dict], cell: Cell) -> str:
     return buffer.getvalue()
 
 
-def markdown_lines(columns: Sequence[str], rows: Sequence[dict], cell: Cell) -> list[str]:
-    """The same table as markdown lines: header, rule, one line a row."""
+def markdown_lines(columns: Sequence[str], rows: Sequence[dict | Sequence], cell: Cell = str) -> list[str]:
+    """The same table as markdown lines: header, rule, one line a row. A row is a dict keyed by
+    column, or a sequence of values in the columns' order (for tables whose headers repeat a name,
+    or whose cells are already text)."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    return lines + ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return lines + ["| " + " | ".join(cell(value) for value in _values(columns, row)) + " |" for row in rows]
+
+
+def _values(columns: Sequence[str], row: dict | Sequence) -> list[Any]:
+    if isinstance(row, dict):
+        return [row.get(c) for c in columns]
+    if len(row) != len(columns):
+        raise ValueError(f"a row of {len(row)} values for {len(columns)} columns")
+    return list(row)
