@@ -48,6 +48,7 @@ from fingerprint_lm.lit.fingerprinting import FingerprintModule
 from fingerprint_lm.methods.content_reader import check_content_reader_settings, fit_content_reader, fit_settings
 from fingerprint_lm.methods.pnm import unmarked_outputs
 from fingerprint_lm.metrics.quality import psnr
+from fingerprint_lm.models import batched
 from fingerprint_lm.models.augment import AugmentConfig
 from fingerprint_lm.models.batched import evaluating
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, save_fingerprint_model, shipped_checkpoint
@@ -110,7 +111,7 @@ def score(model, images: torch.Tensor, seed: int) -> dict[str, float]:
         for case in SCORED:
             attacked = found_all if case == "clean" else from_uint8(to_uint8(image_case(case)(found_all,
                                                                                          attack_generator)))
-            logits = torch.cat([reader(part) for part in attacked.split(128)])
+            logits = batched.extract(reader, attacked, batch_size=128)
             figures[case] = float(((logits > 0).long() == codes).float().mean())
     return figures
 

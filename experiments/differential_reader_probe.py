@@ -35,15 +35,18 @@ from lr_warmdown_probe import continue_training
 from mark_readability import accuracy, images
 from torch.nn import functional as F
 
-from fingerprint_lm.attacks.cases import image_case
+from fingerprint_lm.attacks.cases import ROBUSTNESS_SUITE, image_case
 from fingerprint_lm.data.datamodule import TEST_SEED_OFFSET
 from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
 from fingerprint_lm.lit.stages import encode_latents
 from fingerprint_lm.metrics.quality import psnr
+from fingerprint_lm.models import batched
 
 RESULTS = Path(__file__).resolve().parent / "results" / "differential_reader_probe.jsonl"
 ARMS = ("plain", "differential")
+# a few cases of the one robustness suite: the columns this probe's recorded results have
 PROBES = ("shift_8", "crop_0.5", "crop_resize_0.5", "jpeg_q90", "jpeg_q50", "gaussian_blur_s1", "brightness_1.5")
+assert set(PROBES) <= set(ROBUSTNESS_SUITE), set(PROBES) - set(ROBUSTNESS_SUITE)
 
 
 def differential_training(module) -> None:
@@ -67,7 +70,7 @@ def readings(model, n: int = 512, seed: int = 12345) -> dict[str, float]:
     model.pnm.eval()
 
     def reencoded(batch: torch.Tensor) -> torch.Tensor:
-        return torch.cat([reference.decode(encode_latents(reference, b)).sample for b in batch.split(256)])
+        return batched.decode(reference, batched.encode(reference, batch, batch_size=256), batch_size=256)
 
     x = images(TEST_SEED_OFFSET, n, int(model.meta.get("resolution", 32)))
     latents = encode_latents(reference, x)

@@ -27,17 +27,21 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from fingerprint_lm.attacks.cases import ROBUSTNESS_SUITE
 from fingerprint_lm.data.datamodule import ImageDataModule
 from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
 from fingerprint_lm.lit.stages import evaluate_fingerprint
 from fingerprint_lm.methods.base import collect_images
 from fingerprint_lm.methods.pnm import unmarked_outputs, whiten
+from fingerprint_lm.models import batched
 from fingerprint_lm.models.augment import AugmentConfig
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lr_warmdown_probe.jsonl"
+# a few cases of the one robustness suite: the columns this probe's recorded results have
 PROBES = ("shift_8", "crop_0.5", "crop_resize_0.5", "jpeg_q50", "gaussian_blur_s1", "brightness_1.5")
+assert set(PROBES) <= set(ROBUSTNESS_SUITE), set(PROBES) - set(ROBUSTNESS_SUITE)
 
 
 def continue_training(checkpoint: str, schedule: str, steps: int, warmup: int, seed: int,
@@ -105,7 +109,7 @@ def continue_training(checkpoint: str, schedule: str, steps: int, warmup: int, s
 def whiteness(reader, unmarked: torch.Tensor) -> dict[str, float]:
     """How white the training's whitening still is on unmarked outputs: the fraction of 1-bits and
     the largest correlation between two logits."""
-    logits = torch.cat([reader(chunk) for chunk in unmarked.split(256)])
+    logits = batched.extract(reader, unmarked, batch_size=256)
     correlation = torch.corrcoef(logits.T) - torch.eye(logits.shape[1])
     return {"stale_one_bits": (logits > 0).float().mean().item(), "stale_max_corr": correlation.abs().max().item()}
 

@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from fingerprint_lm.attacks.cases import ROBUSTNESS_SUITE
 from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +61,9 @@ ARMS = {
     "groupnorm+conv_decoder_lr_x2_bound_1.0": [*PREVIOUS, WOUAF_CONVS,
                                                "method.train.decoder_lr=1e-3", "method.pnm.modulation_bound=1.0"],
 }
+# a few cases of the one robustness suite: the columns this probe's recorded results have
 PROBES = ("shift_8", "crop_0.5", "jpeg_q50", "gaussian_blur_s1", "brightness_1.5")
+assert set(PROBES) <= set(ROBUSTNESS_SUITE), set(PROBES) - set(ROBUSTNESS_SUITE)
 
 
 def wouaf_sites() -> str:

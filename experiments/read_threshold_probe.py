@@ -22,6 +22,7 @@ import torch
 from fingerprint_lm.attacks.cases import image_case
 from fingerprint_lm.distributor.generation import held_out_images, training_images
 from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
+from fingerprint_lm.models import batched
 from fingerprint_lm.models.batched import evaluating
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.models.vae import encode_latents
@@ -50,7 +51,7 @@ def read(model, images: torch.Tensor, case: str, seed: int) -> torch.Tensor:
     if case != "clean":
         images = from_uint8(to_uint8(image_case(case)(images, torch.Generator().manual_seed(seed))))
     with evaluating(model.content_reader):
-        return torch.cat([model.content_reader(part) for part in images.split(128)])
+        return batched.extract(model.content_reader, images, batch_size=128)
 
 
 def accuracy(logits: torch.Tensor, codes: torch.Tensor, threshold: torch.Tensor | float = 0.0) -> float:

@@ -29,6 +29,7 @@ import torch
 from fingerprint_lm.data.datamodule import TEST_SEED_OFFSET
 from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import exit_on_user_error
+from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.soft import soft_identify
@@ -50,12 +51,9 @@ def run(checkpoint: str, n_images: int, n_users: int, fpr: float, seed: int) -> 
     index = CodeIndex.from_bits([f"user{i}" for i in range(n_users)], codes)
     images = ProceduralImages(32, seed=TEST_SEED_OFFSET + 500 + seed, length=n_images)
     start = time.perf_counter()
-    logits = []
-    for first in range(0, n_images, 256):
-        batch = torch.stack([images.sample(i)["image"] for i in range(first, min(first + 256, n_images))])
-        unmarked = model.unmarked_vae.decode(model.vae.encode(batch).latent_dist.mode()).sample
-        logits.append(model.reader(unmarked).double().numpy())
-    logits = np.concatenate(logits)
+    found = torch.stack([images.sample(i)["image"] for i in range(n_images)])
+    unmarked = batched.decode(model.unmarked_vae, batched.encode(model.vae, found, batch_size=256), batch_size=256)
+    logits = batched.extract(model.reader, unmarked, batch_size=256).double().numpy()
     hard = (logits > 0).astype(np.uint8)
     results = index.identify_many(hard, fpr=fpr)
     # One soft pass at 1e-3: where the registry's best p-value is <= 1e-3 the row is that user's, so

@@ -171,23 +171,24 @@ def _uniform(low: float, high: float, generator: torch.Generator | None) -> floa
     return low + (high - low) * float(torch.rand((), generator=generator))
 
 
-def random_augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_augment(images: torch.Tensor, settings: AugmentConfig,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Apply each augmentation with its probability (one draw per batch, in a fixed order)."""
 
     def happens(p: float) -> bool:
         return p > 0 and float(torch.rand((), generator=generator)) < p
 
     x = images
-    if happens(cfg.p_crop):
-        x = crop_resize(x, _uniform(*cfg.crop_keep_area, generator), generator)
-    if happens(cfg.p_brightness):
-        x = brightness(x, _uniform(*cfg.brightness_factor, generator))
-    if happens(cfg.p_blur):
-        x = gaussian_blur(x, _uniform(*cfg.blur_sigma, generator))
-    if happens(cfg.p_noise):
-        std = _uniform(*cfg.noise_std, generator) * 2  # [0,1] -> [-1,1] units
+    if happens(settings.p_crop):
+        x = crop_resize(x, _uniform(*settings.crop_keep_area, generator), generator)
+    if happens(settings.p_brightness):
+        x = brightness(x, _uniform(*settings.brightness_factor, generator))
+    if happens(settings.p_blur):
+        x = gaussian_blur(x, _uniform(*settings.blur_sigma, generator))
+    if happens(settings.p_noise):
+        std = _uniform(*settings.noise_std, generator) * 2  # [0,1] -> [-1,1] units
         x = x + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    block = 16 if cfg.jpeg_chroma_subsampling else 8
-    if happens(cfg.p_jpeg) and x.shape[-1] % block == 0 and x.shape[-2] % block == 0:
-        x = jpeg_like(x, int(_uniform(*cfg.jpeg_quality, generator)), cfg.jpeg_chroma_subsampling)
+    block = 16 if settings.jpeg_chroma_subsampling else 8
+    if happens(settings.p_jpeg) and x.shape[-1] % block == 0 and x.shape[-2] % block == 0:
+        x = jpeg_like(x, int(_uniform(*settings.jpeg_quality, generator)), settings.jpeg_chroma_subsampling)
     return x
