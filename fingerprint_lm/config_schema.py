@@ -337,6 +337,10 @@ def read_run_settings(cfg: DictConfig) -> RunConfig:
         values = {name: cfg[name] for name in names}  # scalars: reading one resolves it
     except OmegaConfBaseException as exc:
         raise ConfigError(str(exc).splitlines()[0].strip()) from None
+    # integers as the tasks will read them from cfg: the schema's merge would turn '48' into 48 here
+    # and leave the string in cfg, where the sweep compares and hashes it
+    check_int("seed", values.get("seed", 0), 0)
+    check_int("fingerprint_bits", values.get("fingerprint_bits", 48))
     return _checked(RunConfig, values, None)
 
 

@@ -42,6 +42,13 @@ def remove_dead_writers_temporaries(target: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it: there is no getter; set straight back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -66,9 +73,7 @@ def atomic_directory(target: str | Path, overwrite: bool = True) -> Iterator[Pat
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_writers_temporaries(target)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artefact should not be
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the artefact should not be
     try:
         yield tmp
         if not overwrite:
@@ -122,6 +127,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private; the result is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -233,7 +233,8 @@ def test_a_plain_config_gets_the_same_checks(default_cfg):
 
 @pytest.mark.parametrize(("override", "expected"), [
     ({"fingerprint_bits": 0}, "fingerprint_bits must be a positive integer, got 0"),
-    ({"seed": "abc"}, "seed: Value 'abc' of type 'str' could not be converted to Integer"),
+    ({"seed": "abc"}, "seed must be an integer >= 0, got 'abc'"),
+    ({"fingerprint_bits": "48"}, "fingerprint_bits must be a positive integer, got '48'"),  # as tasks read it
     ({"seed": -1}, "seed must be an integer >= 0, got -1"),
     ({"resume": "maybe"}, "resume: Value 'maybe' is not a valid bool"),
 ])

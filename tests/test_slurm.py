@@ -17,11 +17,13 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from fingerprint_lm import storage as cache
+from fingerprint_lm.distributor.copies import write_copy
 from fingerprint_lm.errors import CheckpointError
 from fingerprint_lm.lit import stages
 from fingerprint_lm.models.checkpoint import shipped_checkpoint
@@ -208,6 +210,22 @@ def test_a_directory_written_once_is_never_replaced(tmp_path, monkeypatch):
             (late / "config.json").write_text("theirs")
     assert (target / "config.json").read_text() == "first" and (late / "config.json").read_text() == "theirs"
     assert sorted(p.name for p in target.parent.iterdir()) == ["alice", "bob"]
+
+
+def test_written_files_follow_the_umask_and_an_issued_copy_is_readable_whatever_it_is(tmp_path):
+    """atomic_write_text's file is an ordinary file (mkstemp's is private); a copy folder is
+    0755 with 0644 files even under umask 077 (it is handed out)."""
+    previous = os.umask(0o022)
+    try:
+        cache.atomic_write_text(tmp_path / "metrics.json", "{}")
+        assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        write_copy(tmp_path / "copies" / "alice", {"in_channels": 3}, {"w": torch.zeros(2)})
+    finally:
+        os.umask(previous)
+    folder = tmp_path / "copies" / "alice"
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o644}
 
 
 def _pretrain_base_vae_once(tmp_path: Path) -> None:

@@ -170,7 +170,8 @@ def write_copy(
                 save_file({f"{bias_map_site}{_BIAS_MAP_SUFFIX}": bias_map.detach().contiguous()},
                           tmp / BIAS_MAP_NAME, metadata={"format": "pt"})
             sha = copy_sha256(tmp)
-            # safetensors writes private files; a copy is meant to be handed out
+            # safetensors writes private files; a copy is meant to be handed out, whatever the umask
+            os.chmod(tmp, 0o755)
             for file in tmp.iterdir():
                 os.chmod(file, 0o644)
     except FileExistsError as exc:
