@@ -13,7 +13,6 @@ and appends JSON lines to ``experiments/results/act_scope_search.jsonl``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from fingerprint_lm.evaluation.collusion import Point, PointSettings, evaluate_p
 from fingerprint_lm.metrics.fid import train_proxy_feature_net
 from fingerprint_lm.models.act import ACT_SCOPES, ACT_TYPES
 from fingerprint_lm.models.checkpoint import load_fingerprint_model
+from fingerprint_lm.storage import append_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results" / "act_scope_search.jsonl"
@@ -62,9 +62,7 @@ def main() -> None:
                           f"bit_acc {m['bit_acc']:.3f} "
                           f"psnr {m['psnr']:6.2f} fid_proxy {m['fid_proxy']:7.1f}", flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
+    append_jsonl(RESULTS, *rows)
 
     # The table: per scope x type, means over seeds; ratio = fid_proxy(average, this ACT) / fid_proxy(average, none).
     def mean(values):

@@ -32,7 +32,6 @@ accuracy after a 3-px shift and after a 50% crop without resize. Rows go to
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -52,6 +51,7 @@ from fingerprint_lm.metrics.quality import psnr  # noqa: E402
 from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT  # noqa: E402
 from fingerprint_lm.models.pooled_extractor import band_log_energy, gabor_bank  # noqa: E402
 from fingerprint_lm.models.vae import load_vae  # noqa: E402
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "band_energy_probe.jsonl"
 
@@ -189,8 +189,7 @@ def main() -> None:
     print(f"bit_acc {row['bit_acc']:.4f} psnr {row['psnr']:.2f} dB shift3 {row['bit_acc_shift3']:.4f} "
           f"crop0.5 {row['bit_acc_crop0.5']:.4f} clean ones {row['clean_ones_share']:.3f} ({row['train_seconds']} s)")
     RESULTS.parent.mkdir(exist_ok=True)
-    with RESULTS.open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
+    append_jsonl(RESULTS, row)
 
 
 if __name__ == "__main__":

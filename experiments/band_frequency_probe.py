@@ -31,6 +31,7 @@ from pnm_augment_finetune import row_figures, train_in_fresh_folder
 
 from fingerprint_lm.errors import exit_on_user_error
 from fingerprint_lm.report.text_tables import markdown_lines
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "band_frequency_probe.jsonl"
 COMMON = ["logger=none", "method.issue_screen=null", "eval.issue_predictor_codes=0"]
@@ -53,8 +54,7 @@ def main() -> None:
     rows = []
     for name in args.arms:
         rows.append(run_arm(name, args.steps, args.workdir, args.cache))
-        with RESULTS.open("a") as out:
-            out.write(json.dumps(rows[-1]) + "\n")
+        append_jsonl(RESULTS, rows[-1])
         columns = ("arm", "steps", "seconds", *COLUMNS)
         print("\n".join(markdown_lines(columns, rows, lambda v: f"{v:.3f}" if isinstance(v, float) else str(v))),
               flush=True)

@@ -20,7 +20,6 @@ Prints a markdown table; rows are appended to ``results/calibrated_soft_attribut
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from fingerprint_lm.errors import check_int, check_probability, exit_on_user_err
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.registry.soft import soft_identify
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "calibrated_soft_attribution.jsonl"
 
@@ -130,10 +130,7 @@ def main() -> None:
     slopes = rows[-1]
     print(f"\nfitted slopes a_j: min {slopes['min']:.3f}, median {slopes['median']:.3f}, max {slopes['max']:.3f}")
     print(f"{time.time() - started:.0f} s")
-    RESULTS.parent.mkdir(exist_ok=True)
-    with RESULTS.open("a") as handle:
-        for row in rows:
-            handle.write(json.dumps({"date": time.strftime("%Y-%m-%d"), **vars(args), **row}) + "\n")
+    append_jsonl(RESULTS, *({"date": time.strftime("%Y-%m-%d"), **vars(args), **row} for row in rows))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ decoder, bit accuracy after a 3-px shift. Rows go to ``results/closed_form_reade
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from fingerprint_lm.errors import exit_on_user_error  # noqa: E402
 from fingerprint_lm.metrics.quality import psnr  # noqa: E402
 from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT  # noqa: E402
 from fingerprint_lm.models.vae import load_vae  # noqa: E402
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "closed_form_reader_probe.jsonl"
 
@@ -143,10 +143,8 @@ def main() -> None:
     train_seconds = time.perf_counter() - start
     clean, shifted, quality = evaluate_held_out(vae, base, pnm, features, head, args.bits)
     print(f"bit_acc {clean:.4f} (3-px shift {shifted:.4f}) at {quality:.2f} dB, {train_seconds:.0f} s")
-    RESULTS.parent.mkdir(exist_ok=True)
-    with RESULTS.open("a") as handle:
-        handle.write(json.dumps({**vars(args), "bit_acc": clean, "bit_acc_shift3": shifted, "psnr": quality,
-                                 "train_seconds": round(train_seconds, 1), "history": history}) + "\n")
+    append_jsonl(RESULTS, {**vars(args), "bit_acc": clean, "bit_acc_shift3": shifted, "psnr": quality,
+                           "train_seconds": round(train_seconds, 1), "history": history})
 
 
 @torch.no_grad()

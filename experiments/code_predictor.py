@@ -52,6 +52,7 @@ from fingerprint_lm.distributor.read_predictor import bit_threshold, cross_valid
 from fingerprint_lm.distributor.screening import ProbeReader, logits_of
 from fingerprint_lm.errors import ConfigError, check_float, check_int, exit_on_user_error
 from fingerprint_lm.metrics.quality import psnr
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "code_predictor.jsonl"
 ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
@@ -227,8 +228,7 @@ def main() -> None:
               f"{r['bit_acc']:.4f} | {r['mean_psnr']:.2f} | {r['min_psnr_copy']:.2f} | {r['copies_at_30db']:.0%} |")
     print(f"\n{result['seconds']:.0f} s")
     RESULTS.parent.mkdir(exist_ok=True)
-    with RESULTS.open("a") as handle:
-        handle.write(json.dumps({"date": time.strftime("%Y-%m-%d"), **vars(args), **result}) + "\n")
+    append_jsonl(RESULTS, {"date": time.strftime("%Y-%m-%d"), **vars(args), **result})
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ Prints a markdown table; the row is appended to ``results/code_screening.jsonl``
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.soft import quantized_weights, soft_identify, soft_tail
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "code_screening.jsonl"
 EVAL_SEED = 5  # the held-out images the other pnm probes read (PROBE_SEED: the distributor's probe, other content)
@@ -171,8 +171,7 @@ def main() -> None:
                 "threads": torch.get_num_threads()})
     print(table(row))
     print(f"{row['seconds']:.0f} s")
-    with RESULTS.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_jsonl(RESULTS, row)
 
 
 if __name__ == "__main__":

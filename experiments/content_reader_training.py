@@ -31,7 +31,6 @@ Prints a markdown table; each arm's figures are appended to ``results/content_re
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -55,6 +54,7 @@ from fingerprint_lm.models.checkpoint import load_fingerprint_model, save_finger
 from fingerprint_lm.models.content_reader import LossReader
 from fingerprint_lm.models.vae import encode_latents
 from fingerprint_lm.pixels import from_uint8, to_uint8
+from fingerprint_lm.storage import append_jsonl
 from fingerprint_lm.tasks.compose import method_config
 
 RESULTS = Path(__file__).resolve().parent / "results" / "content_reader_training.jsonl"
@@ -131,8 +131,7 @@ def run_arm(arm: str, args, recipe, held_out: torch.Tensor) -> dict:
             f"python experiments/content_reader_training.py --steps {args.steps} --arms {arm} --seed {args.seed} "
             f"({row['date']}): {args.steps} more steps, the loss read by the {arm} reader, content reader refitted")
         save_fingerprint_model(model, args.keep / arm)
-    with RESULTS.open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
+    append_jsonl(RESULTS, row)
     return row
 
 

@@ -17,7 +17,6 @@ Prints a markdown table; the row is appended to ``results/copy_gain.jsonl``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from fingerprint_lm.errors import DataError, check_float, check_int, exit_on_use
 from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "copy_gain.jsonl"
 
@@ -72,10 +72,8 @@ def main() -> None:
               f"{quality.mean():.2f} ({quality.min():.2f}-{quality.max():.2f}) |")
     best = np.array(args.gains)[reads[:, :, 1].argmax(axis=1)]
     print(f"\nthe gain of highest PSNR per code: {', '.join(f'{g:g}' for g in best)}; {seconds:.0f} s")
-    RESULTS.parent.mkdir(exist_ok=True)
-    with RESULTS.open("a") as handle:
-        handle.write(json.dumps({"date": time.strftime("%Y-%m-%d"), **vars(args), "seconds": seconds,
-                                 "bit_acc": reads[:, :, 0].tolist(), "psnr": reads[:, :, 1].tolist()}) + "\n")
+    append_jsonl(RESULTS, {"date": time.strftime("%Y-%m-%d"), **vars(args), "seconds": seconds,
+                           "bit_acc": reads[:, :, 0].tolist(), "psnr": reads[:, :, 1].tolist()})
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ Prints a table per user and the totals; the row is appended to ``results/default
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +50,7 @@ from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.pixels import from_uint8, to_uint8
 from fingerprint_lm.registry.store import open_registry
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "default_condition.jsonl"
 EVAL_SEED = 5  # the held-out images the other pnm probes read (the screening probe uses another seed)
@@ -161,8 +161,7 @@ def main() -> None:
           f"draws per copy {row['mean_draws']:.2f} (p-values divided by the pass rate "
           f"{row['screen_pass_rate']:.3f}); {row['seconds']:.0f} s")
     RESULTS.parent.mkdir(exist_ok=True)
-    with RESULTS.open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
+    append_jsonl(RESULTS, row)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ Rows are appended to ``results/differential_reader_probe.jsonl``.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -41,6 +40,7 @@ from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
 from fingerprint_lm.lit.stages import encode_latents
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models import batched
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "differential_reader_probe.jsonl"
 ARMS = ("plain", "differential")
@@ -105,8 +105,7 @@ def main() -> None:
         row["arm"] = arm
         rows.append(row)
         RESULTS.parent.mkdir(exist_ok=True)
-        with RESULTS.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        append_jsonl(RESULTS, row)
     print(f"{args.warmup} steps at constant rates, then {args.steps} warmed down to 0; 512 held-out images")
     print("| arm (trained for) | train s | PSNR dB | read | clean | " + " | ".join(PROBES) + " |")
     print("|---" * (5 + len(PROBES)) + "|")

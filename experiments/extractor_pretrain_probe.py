@@ -18,7 +18,6 @@ the encoded images. Rows are appended to ``experiments/results/extractor_pretrai
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import exit_on_user_error
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models.pooled_extractor import PooledExtractor
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "extractor_pretrain_probe.jsonl"
 
@@ -112,11 +112,8 @@ def main() -> None:
         shifted = ((extractor(marked[..., 3:, 3:]) > 0).float() == bits).float().mean().item()
         quality = psnr(marked, images).mean().item()
     print(f"bit_acc {clean:.4f} (3-px shift {shifted:.4f}) at {quality:.2f} dB, {train_seconds:.0f} s")
-    RESULTS.parent.mkdir(exist_ok=True)
-    with RESULTS.open("a") as handle:
-        row = {**vars(args), "bit_acc": clean, "bit_acc_shift3": shifted, "psnr": quality,
-               "train_seconds": round(train_seconds, 1), "history": history}
-        handle.write(json.dumps(row) + "\n")
+    append_jsonl(RESULTS, {**vars(args), "bit_acc": clean, "bit_acc_shift3": shifted, "psnr": quality,
+                           "train_seconds": round(train_seconds, 1), "history": history})
 
 
 if __name__ == "__main__":

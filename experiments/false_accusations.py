@@ -43,6 +43,7 @@ from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.soft import soft_identify
+from fingerprint_lm.storage import append_jsonl
 from fingerprint_lm.tasks.compose import compose_config
 from fingerprint_lm.tasks.train import model_spec, quiet_trainer_factory
 
@@ -165,8 +166,7 @@ def main() -> None:
         for checkpoint in args.checkpoints:
             for source in SOURCES:
                 row = run(checkpoint, source, args.images, args.users, other, args.seed)
-                with results.open("a") as handle:
-                    handle.write(json.dumps(row) + "\n")
+                append_jsonl(results, row)
     latest: dict[tuple, dict] = {}  # the newest row per (method, source) with its distribution
     for line in results.read_text().splitlines():
         row = json.loads(line)

@@ -24,7 +24,6 @@ Prints a table and appends JSON lines to ``experiments/results/fid_proxy_floor.j
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from fingerprint_lm.evaluation.collusion import Point, PointSettings, evaluate_p
 from fingerprint_lm.metrics.fid import _covariance, frechet_distance, proxy_features, train_proxy_feature_net
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models.checkpoint import load_fingerprint_model
+from fingerprint_lm.storage import append_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results" / "fid_proxy_floor.jsonl"
@@ -103,9 +103,7 @@ def main() -> None:
     print(f"\nACT all / no ACT (2-party average): {by_name['average_c2_all'] / by_name['average_c2_none']:.2f}x; "
           f"ceiling per_image_mean / floor base: {by_name['per_image_mean'] / by_name['base']:.2f}x")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
+    append_jsonl(RESULTS, *rows)
 
 
 if __name__ == "__main__":

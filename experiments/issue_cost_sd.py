@@ -26,7 +26,6 @@ Rows are appended to ``results/issue_cost_sd.jsonl``; the table is printed.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 import fingerprint_lm  # noqa: F401  (registers the config resolvers and schemas)
 from fingerprint_lm.bench_sd import issue_cost_sd
 from fingerprint_lm.errors import exit_on_user_error
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "issue_cost_sd.jsonl"
 
@@ -63,8 +63,7 @@ def main() -> None:
         raise SystemExit("error: need 0 < --steps-a < --steps-b")
     row = measure(args.resolution, args.batch_size, args.steps_a, args.steps_b, args.repeats, args.bits)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_jsonl(RESULTS, row)
     print("| decoder | px, batch | pnm copy | stable_signature: fixed + per step | 100 steps (estimate) | ratio |")
     print("|---|---|---|---|---|---|")
     print(f"| SD-sized, {row['parameters_m']:.1f}M params | {row['resolution']}, {row['batch_size']} "

@@ -20,7 +20,6 @@ constant rates (same seed: the same steps) in which the PSNR returns to its targ
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from fingerprint_lm.methods.pnm import unmarked_outputs, whiten
 from fingerprint_lm.models import batched
 from fingerprint_lm.models.augment import AugmentConfig
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lr_warmdown_probe.jsonl"
 # a few cases of the one robustness suite: the columns this probe's recorded results have
@@ -141,8 +141,7 @@ def main() -> None:
                                 args.reader_warmdown, args.augment)
         rows.append(row)
         RESULTS.parent.mkdir(exist_ok=True)
-        with RESULTS.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        append_jsonl(RESULTS, row)
     print(f"{args.warmup} shared steps at constant rates first, then:")
     print("| schedule | reader | augment | +steps | s | train acc (last 500) | before re-whitening | bit_acc | PSNR | "
           f"{' | '.join(PROBES)} |")

@@ -27,6 +27,7 @@ from jpeg_chroma_probe import probe
 from pnm_augment_finetune import row_figures, train_in_fresh_folder
 
 from fingerprint_lm.errors import check_int, exit_on_user_error
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # the base VAE every shipped checkpoint shares, cached by the checkout's own runs (a cold one pretrains ~10 min)
@@ -64,8 +65,7 @@ def main() -> None:
     probes = []
     for name in args.arms:
         row = run_arm(name, args.steps, args.workdir, args.cache)
-        with (RESULTS / "luma_reader_probe.jsonl").open("a") as out:
-            out.write(json.dumps(row) + "\n")
+        append_jsonl((RESULTS / "luma_reader_probe.jsonl"), row)
         lines.append(f"| {name} | {row['steps']} | {row['seconds']:.0f} | "
                      + " | ".join(f"{row[key]:.2f}" if key == "psnr" else f"{row[key]:.3f}" for key in COLUMNS) + " |")
         probes.append(f"### {name}\n\n{row['colour_probe']}")

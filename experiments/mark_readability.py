@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
@@ -52,6 +51,7 @@ from fingerprint_lm.metrics.bits import bit_accuracy
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.models.pooled_extractor import PooledExtractor
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mark_readability.jsonl"
 INPUTS = ("image", "residual", "mark")
@@ -198,8 +198,7 @@ def main() -> None:
                threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"))
     print_tables(row, args.ridge)
     RESULTS.parent.mkdir(exist_ok=True)
-    with RESULTS.open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
+    append_jsonl(RESULTS, row)
 
 
 def print_tables(row: dict, penalties) -> None:

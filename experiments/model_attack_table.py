@@ -25,6 +25,7 @@ from fingerprint_lm.attacks.cases import parse_case
 from fingerprint_lm.errors import ConfigError
 from fingerprint_lm.evaluation.collusion import Point, PointSettings, evaluate_point
 from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT, load_fingerprint_model
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CASES = ("none_c1", "weight_noise_0.05", "prune_0.3", "quantize_int8", "finetune_50", "finetune_500")
@@ -69,8 +70,7 @@ def main() -> None:
         row = score(path, cases)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        with open(RESULTS / "model_attack_table.jsonl", "a") as handle:
-            handle.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), **row}) + "\n")
+        append_jsonl(RESULTS / "model_attack_table.jsonl", {"date": time.strftime("%Y-%m-%d %H:%M"), **row})
     print("bit_acc (PSNR dB against the base decoder) of one copy under each case")
     print("| checkpoint | " + " | ".join(cases) + " |\n|" + "---|" * (len(cases) + 1))
     for row in rows:

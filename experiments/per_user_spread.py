@@ -15,7 +15,6 @@ Rows are appended to ``results/per_user_spread.jsonl``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from fingerprint_lm.errors import exit_on_user_error
 from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "per_user_spread.jsonl"
 
@@ -68,8 +68,7 @@ def main() -> None:
           f"mean PSNR {quality.mean():.2f} dB (min {quality.min():.2f}); "
           f"a random code per image: {row['random_code_per_image_bit_acc']:.3f}")
     RESULTS.parent.mkdir(exist_ok=True)
-    with RESULTS.open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
+    append_jsonl(RESULTS, row)
 
 
 if __name__ == "__main__":

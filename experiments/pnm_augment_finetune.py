@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHIPPED_METRICS = RESULTS / "embedded_pnm_train_metrics.json"
@@ -101,8 +102,7 @@ def main() -> None:
         args.variants = []
     for name in args.variants:
         row = run_variant(name, args.steps, args.workdir, args.init_from)
-        with (RESULTS / "pnm_augment_finetune.jsonl").open("a") as out:
-            out.write(json.dumps(row) + "\n")
+        append_jsonl((RESULTS / "pnm_augment_finetune.jsonl"), row)
         rows.append(row)
         print(table(rows), flush=True)
     if args.table_only:

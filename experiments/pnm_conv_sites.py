@@ -38,6 +38,7 @@ from pathlib import Path
 
 from fingerprint_lm.attacks.cases import ROBUSTNESS_SUITE
 from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
+from fingerprint_lm.storage import append_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results" / "pnm_conv_sites.jsonl"
@@ -113,8 +114,7 @@ def main() -> None:
             row = run_arm(name, args.steps, out, args.seed, export=args.keep is not None)
             rows.append(row)
             RESULTS.parent.mkdir(exist_ok=True)
-            with RESULTS.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
+            append_jsonl(RESULTS, row)
     print(f"| arm | steps | seed | train s | bit_acc | PSNR dB | SSIM | {' | '.join(PROBES)} |")
     print("|---" * (7 + len(PROBES)) + "|")
     for r in rows:

@@ -19,7 +19,6 @@ Prints a markdown table; the run is appended to ``results/predicted_screen_polic
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from screen_policy import cached_read_codes, check_setting_arguments, score_kept
 
 from fingerprint_lm.distributor.read_predictor import bit_threshold, fresh_predictions, recorded_predictor
 from fingerprint_lm.errors import check_float, exit_on_user_error
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "predicted_screen_policy.jsonl"
 
@@ -68,10 +68,7 @@ def main() -> None:
               f"{r['worst_code']:.3f} | {r['bit_acc']:.4f} | {r['mean_psnr']:.2f} | {r['min_psnr_copy']:.2f} | "
               f"{r['copies_at_30db']:.0%} |")
     print(f"\n{seconds:.0f} s")
-    RESULTS.parent.mkdir(exist_ok=True)
-    with RESULTS.open("a") as handle:
-        handle.write(json.dumps({"date": time.strftime("%Y-%m-%d"), **vars(args), "seconds": seconds,
-                                 "rows": rows}) + "\n")
+    append_jsonl(RESULTS, {"date": time.strftime("%Y-%m-%d"), **vars(args), "seconds": seconds, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ another stream. Prints a table, appends to ``results/read_threshold_probe.jsonl`
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_che
 from fingerprint_lm.models.vae import encode_latents
 from fingerprint_lm.pixels import from_uint8, to_uint8
 from fingerprint_lm.report.text_tables import markdown_lines
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "read_threshold_probe.jsonl"
 CASES = ("clean", "shift_1", "shift_4", "shift_8", "crop_0.5", "jpeg_q90", "gaussian_blur_s1")
@@ -91,8 +91,7 @@ def main() -> None:
     rows = [score_case(model, case, test, calibration, args.seed + 8) for case in CASES]
     stamp = {"images": args.images, "calibration": args.calibration, "seed": args.seed,
              "seconds": round(time.perf_counter() - started), "date": time.strftime("%Y-%m-%d %H:%M")}
-    with RESULTS.open("a") as handle:
-        handle.writelines(json.dumps({**row, **stamp}) + "\n" for row in rows)
+    append_jsonl(RESULTS, *({**row, **stamp} for row in rows))
     columns = tuple(rows[0])
     print("\n".join(markdown_lines(columns, rows, lambda v: f"{v:.4f}" if isinstance(v, float) else str(v))))
     print(f"{stamp['seconds']} s; appended to {RESULTS}")

@@ -19,6 +19,7 @@ import torch
 from hydra.utils import instantiate
 
 from fingerprint_lm.lit import stages
+from fingerprint_lm.storage import append_jsonl
 from fingerprint_lm.tasks.compose import compose_config
 from fingerprint_lm.tasks.train import model_spec, quiet_trainer_factory, train_from_config
 
@@ -69,10 +70,8 @@ def main() -> None:
                **{k: round(v, 4) for k, v in metrics["robustness"].items()}}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        out = ROOT / "experiments" / "results"
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "recipe_search.jsonl", "a") as handle:  # one row at a time: long runs get killed
-            handle.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads, **row}) + "\n")
+        append_jsonl(ROOT / "experiments" / "results" / "recipe_search.jsonl",  # a row at a time: runs get killed
+                     {"date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads, **row})
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for row in rows:

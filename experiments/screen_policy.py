@@ -42,6 +42,7 @@ from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models.checkpoint import FingerprintModel, load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.registry.soft import quantized_weights, soft_tail
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "screen_policy.jsonl"
 EVAL_SEED = 5  # the held-out images the other pnm probes read (the probe's seed is the screen's own)
@@ -186,10 +187,7 @@ def main() -> None:
               f"{r['attributed']:.4f} | {r['attributed_uncorrected']:.4f} | {r['worst_code']:.3f} | "
               f"{r['bit_acc']:.3f} | {r['mean_psnr']:.2f} | {r['min_psnr_copy']:.2f} | {r['copies_at_30db']:.0%} |")
     print(f"\n{seconds:.0f} s")
-    RESULTS.parent.mkdir(exist_ok=True)
-    with RESULTS.open("a") as handle:
-        handle.write(json.dumps({"date": time.strftime("%Y-%m-%d"), **vars(args), "seconds": seconds,
-                                 "rows": rows}) + "\n")
+    append_jsonl(RESULTS, {"date": time.strftime("%Y-%m-%d"), **vars(args), "seconds": seconds, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ Prints a markdown table; the run is appended to ``results/screen_statistic.jsonl
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -44,6 +43,7 @@ from fingerprint_lm.errors import ConfigError, check_float, check_int, exit_on_u
 from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.registry.soft import quantized_weights, soft_tail
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "screen_statistic.jsonl"
 KEEPS = (0.6, 0.5, 0.4)
@@ -125,10 +125,8 @@ def main() -> None:
         print(f"| {r['probe_images']} | {r['keep']:.0%} | {r['pass_rate']:.3f} | {r['attributed']:.4f} | "
               f"{r['worst_code']:.3f} | {r['mean_psnr']:.2f} | {r['copies_at_30db']:.0%} |")
     print(f"\n{seconds:.0f} s")
-    RESULTS.parent.mkdir(exist_ok=True)
-    with RESULTS.open("a") as handle:
-        handle.write(json.dumps({"date": time.strftime("%Y-%m-%d"), **vars(args), "seconds": seconds,
-                                 "rows": rows, "probe_sizes": sizes}) + "\n")
+    append_jsonl(RESULTS, {"date": time.strftime("%Y-%m-%d"), **vars(args), "seconds": seconds,
+                           "rows": rows, "probe_sizes": sizes})
 
 
 if __name__ == "__main__":

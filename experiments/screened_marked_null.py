@@ -24,7 +24,6 @@ Prints a markdown table; the row is appended to ``results/screened_marked_null.j
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from fingerprint_lm.methods.base import personal_tensors
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.soft import quantized_weights, soft_identify, soft_tail
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "screened_marked_null.jsonl"
 EVAL_SEED = 5  # the held-out images the other pnm probes read
@@ -134,8 +134,7 @@ def main() -> None:
                   + " | ".join(str(r[f'p/rate<={t:g}']) for t in LEVELS) + " |")
     print(f"\n{row['seconds']:.0f} s")
     RESULTS.parent.mkdir(exist_ok=True)
-    with RESULTS.open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
+    append_jsonl(RESULTS, row)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.models.pooled_extractor import BandEnergyExtractor
 from fingerprint_lm.models.vae import downscale_factor
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "signature_ceiling.jsonl"
 
@@ -129,8 +129,7 @@ def main() -> None:
                       "resolution": args.resolution,
                       "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
             RESULTS.parent.mkdir(exist_ok=True)
-            with RESULTS.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            append_jsonl(RESULTS, record)
 
 
 if __name__ == "__main__":

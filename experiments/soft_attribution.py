@@ -19,7 +19,6 @@ Prints a markdown table; rows are appended to ``results/soft_attribution.jsonl``
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_che
 from fingerprint_lm.models.extractor import soft_weights
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.soft import quantized_weights, soft_identify, soft_tail
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "soft_attribution.jsonl"
 CASES = ("none_c1", "shift_8", "crop_0.5", "rotation_10", "jpeg_q90", "gaussian_blur_s1", "brightness_1.5")
@@ -155,10 +155,7 @@ def main() -> None:
                 print(f"| {checkpoint} | {row['case']} | {row['bit_acc']:.3f} | " + " | ".join(cells) + " |")
         calibration = next(r["calibration"] for r in rows if "calibration" in r)
         print(f"\n{checkpoint}: innocent pairings, soft p-value: {calibration}\n")
-        RESULTS.parent.mkdir(exist_ok=True)
-        with RESULTS.open("a") as handle:
-            for row in rows:
-                handle.write(json.dumps({"date": time.strftime("%Y-%m-%d"), **vars(args), **row}) + "\n")
+        append_jsonl(RESULTS, *({"date": time.strftime("%Y-%m-%d"), **vars(args), **row} for row in rows))
     print(f"{time.time() - started:.0f} s")
 
 

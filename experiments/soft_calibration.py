@@ -21,7 +21,6 @@ Rows are appended to ``results/soft_calibration.jsonl``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.models.extractor import soft_weights
 from fingerprint_lm.registry.soft import null_tail, quantized_weights
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "soft_calibration.jsonl"
 FPRS = (1e-3, 1e-2)
@@ -112,11 +112,9 @@ def main() -> None:
             for fpr, row in rows.items():
                 print(f"| {method} | {decoding} | {args.images} | {fpr} | {row['bound']:g} | {row['mean']:.2f} "
                       f"| {row['std']:.2f} | {row['max']} | {row['pairs_at_or_below']:.5f} |")
-        RESULTS.parent.mkdir(exist_ok=True)
-        with RESULTS.open("a") as handle:
-            handle.write(json.dumps({"date": time.strftime("%Y-%m-%d"), "checkpoint": checkpoint, "method": method,
-                                     **{k: v for k, v in vars(args).items() if k != "checkpoints"}, "result": result,
-                                     "seconds": round(time.perf_counter() - start, 1)}) + "\n")
+        append_jsonl(RESULTS, {"date": time.strftime("%Y-%m-%d"), "checkpoint": checkpoint, "method": method,
+                               **{k: v for k, v in vars(args).items() if k != "checkpoints"}, "result": result,
+                               "seconds": round(time.perf_counter() - start, 1)})
 
 
 if __name__ == "__main__":

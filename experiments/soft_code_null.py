@@ -32,7 +32,6 @@ Prints a markdown table; rows are appended to ``results/soft_code_null.jsonl``.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -54,6 +53,7 @@ from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_che
 from fingerprint_lm.models.extractor import soft_weights
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.soft import CodeNull, identify_logits, quantized_weights
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "soft_code_null.jsonl"
 CASES = ("none_c1", "jpeg_q90", "gaussian_blur_s1", "brightness_1.5", "image_blend_c2", "aligned_average_c2",
@@ -183,8 +183,7 @@ def main() -> None:
             print(f"| {row['method']} | {rule} | {s['mean']:.2f} / {s['std']:.2f} / {s['max']} | "
                   + " | ".join(cells) + " |", flush=True)
         RESULTS.parent.mkdir(exist_ok=True)
-        with RESULTS.open("a") as handle:
-            handle.write(json.dumps({"date": time.strftime("%Y-%m-%d"), **vars(args), **row}) + "\n")
+        append_jsonl(RESULTS, {"date": time.strftime("%Y-%m-%d"), **vars(args), **row})
     print(f"{time.time() - started:.0f} s")
 
 

@@ -31,7 +31,6 @@ Prints a markdown table; rows are appended to ``results/soft_weight_whitening.js
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_che
 from fingerprint_lm.models.pooled_extractor import whitening_map
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.soft import soft_identify
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "soft_weight_whitening.jsonl"
 CASES = ("none_c1", "jpeg_q90", "gaussian_blur_s1", "brightness_1.5", "gaussian_noise_0.05", "crop_resize_0.5")
@@ -139,8 +139,7 @@ def main() -> None:
             print(f"| {row['method']} | {row['weights']} | {', '.join(map(str, row['corr_top_eigen']))} | "
                   f"{s['mean']:.2f} / {s['std']:.2f} / {s['max']} | " + " | ".join(cells) + " |", flush=True)
             RESULTS.parent.mkdir(exist_ok=True)
-            with RESULTS.open("a") as handle:
-                handle.write(json.dumps({"date": time.strftime("%Y-%m-%d"), **vars(args), **row}) + "\n")
+            append_jsonl(RESULTS, {"date": time.strftime("%Y-%m-%d"), **vars(args), **row})
     print(f"{time.time() - started:.0f} s")
 
 

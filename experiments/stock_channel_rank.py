@@ -25,7 +25,6 @@ Rows are appended to ``experiments/results/stock_channel_rank.jsonl``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from fingerprint_lm.data.synthetic import ProceduralImages
 from fingerprint_lm.errors import exit_on_user_error
 from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT
 from fingerprint_lm.models.vae import load_vae
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stock_channel_rank.jsonl"
 
@@ -130,8 +130,7 @@ def main() -> None:
               f"{row['above_10pct']:.1f} ({row['min_above_10pct']}-{row['max_above_10pct']}) | "
               f"{row['above_3pct']:.1f} | {row['seconds']} |")
         RESULTS.parent.mkdir(exist_ok=True)
-        with RESULTS.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        append_jsonl(RESULTS, row)
 
 
 if __name__ == "__main__":

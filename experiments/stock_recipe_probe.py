@@ -27,7 +27,6 @@ Rows are appended to ``experiments/results/stock_recipe_probe.jsonl``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from fingerprint_lm.metrics.quality import psnr
 from fingerprint_lm.models.checkpoint import SHIPPED_CHECKPOINT
 from fingerprint_lm.models.pnm import PersonalizedDecoder
 from fingerprint_lm.models.vae import load_vae
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stock_recipe_probe.jsonl"
 # Every decoder GroupNorm except the attention block's, which normalises [B, C, HW] tensors that
@@ -210,8 +210,7 @@ def main() -> None:
         print(f"{variant}: bit_acc {row['bit_acc']:.4f} psnr {row['psnr']:.2f} dB shift3 {row['bit_acc_shift3']:.4f} "
               f"warm-up ended at step {row['warm_step']} ({row['train_seconds']} s)")
         RESULTS.parent.mkdir(exist_ok=True)
-        with RESULTS.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        append_jsonl(RESULTS, row)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Rows are appended to ``results/unmarked_attribution.jsonl``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from fingerprint_lm.models import batched
 from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_checkpoint
 from fingerprint_lm.registry.index import CodeIndex
 from fingerprint_lm.registry.soft import soft_identify
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "unmarked_attribution.jsonl"
 
@@ -91,8 +91,7 @@ def main() -> None:
               f"| {row['ones_share']:.3f} | {row['best_match_mean']:.2f} / {row['best_match_max']} "
               f"| {row['expected_best_match_mean']:.2f} / {row['expected_best_match_99pct']:.0f} |")
         RESULTS.parent.mkdir(exist_ok=True)
-        with RESULTS.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        append_jsonl(RESULTS, row)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ Rows are appended to ``results/whitening_penalty_probe.jsonl``.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -43,6 +42,7 @@ from fingerprint_lm.errors import ConfigError, check_int, exit_on_user_error
 from fingerprint_lm.lit.whiteness import whiteness_penalty
 from fingerprint_lm.methods.base import collect_images
 from fingerprint_lm.methods.pnm import unmarked_outputs
+from fingerprint_lm.storage import append_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "whitening_penalty_probe.jsonl"
 
@@ -96,8 +96,7 @@ def main() -> None:
         row.update(arm="whiteness_penalty", weight=weight, pool_batch=args.pool_batch, penalty_passes="clean")
         rows.append(row)
         RESULTS.parent.mkdir(exist_ok=True)
-        with RESULTS.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        append_jsonl(RESULTS, row)
     print(f"{args.warmup} steps at constant rates, then {args.steps} warmed down to 0; 512 held-out images")
     print("| penalty weight | train s | PSNR dB | training's whitening | re-fitted (ships) "
           "| unmarked 1-bits, training's | max corr, training's |")

@@ -21,15 +21,16 @@ images, the share of 1-bits and the largest correlation between two logits on un
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
 from fingerprint_lm.distributor.generation import held_out_images
+from fingerprint_lm.errors import DataError, exit_on_user_error
 from fingerprint_lm.models.checkpoint import load_fingerprint_model
 
 
@@ -80,8 +81,17 @@ def refit_rows(label: str, run: Path) -> list[str]:
 
 
 def main() -> None:
-    refits = "--refits" in sys.argv
-    arguments = [a for a in sys.argv[1:] if a != "--refits"]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", metavar="LABEL=DIR", help="a training run's folder, named")
+    parser.add_argument("--refits", action="store_true", help="also read each finished run with other whitenings")
+    args = parser.parse_args()
+    refits, arguments = args.refits, args.runs
+    for argument in arguments:
+        label, _, path = argument.partition("=")
+        if not label or not path or not ((Path(path) / "training_curve.csv").is_file()
+                                         or (Path(path) / "csv" / "version_0" / "metrics.csv").is_file()):
+            raise DataError(f"{argument}: give LABEL=DIR, DIR a training run with training_curve.csv "
+                            "or csv/version_0/metrics.csv")
     header = ["run", "train acc 0-499", "500-999", "1000-1499", "1500-1999", "held-out bit_acc", "PSNR", "train s"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for argument in arguments:
@@ -98,4 +108,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

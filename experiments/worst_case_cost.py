@@ -28,6 +28,7 @@ from recipe_search import compose_cfg
 from fingerprint_lm.bench import manual_stepping
 from fingerprint_lm.lit.fingerprinting import FingerprintModule
 from fingerprint_lm.models.checkpoint import load_fingerprint_model
+from fingerprint_lm.storage import append_jsonl
 from fingerprint_lm.tasks.train import method_from_config, quiet_trainer_factory, train_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,9 +97,8 @@ def main() -> None:
         row = run_variant(name, args.steps, shipped)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        with open(RESULTS / "worst_case_cost.jsonl", "a") as handle:  # one row at a time
-            handle.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads, **row}) + "\n")
+        append_jsonl(RESULTS / "worst_case_cost.jsonl",  # one row at a time
+                     {"date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads, **row})
     table = write_table(rows)
     print(table)
     (RESULTS / "worst_case_cost.md").write_text(

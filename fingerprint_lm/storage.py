@@ -134,6 +134,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def append_jsonl(path: str | Path, *rows: Any) -> None:
+    """Append ``rows`` to a JSON-lines log (an experiment's results), one line each, in one write:
+    a run killed meanwhile leaves whole rows, never part of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write("".join(json.dumps(row) + "\n" for row in rows))
+
+
 # -- checksums ------------------------------------------------------------------------------------
 CHECKSUMS_NAME = "SHA256SUMS"  # the format of `sha256sum`: `sha256sum -c SHA256SUMS` checks it too
 

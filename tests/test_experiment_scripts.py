@@ -131,6 +131,8 @@ def test_soft_decoding_scripts_refuse_bad_input_before_any_work(script, args, mo
     ("nuisance_projection.py", ["--fit-images", "8"]),
     ("view_averaging.py", ["--users", "8", "--registry", "4"]),
     ("pnm_augment_finetune.py", ["--steps", "0"]),
+    ("whitening_table.py", ["run=/nonexistent"]),
+    ("whitening_table.py", ["no-label-given"]),
     ("pnm_augment_finetune.py", ["--init-from", "/nonexistent/fingerprint_model"]),
     ("jpeg_chroma_probe.py", ["--users", "0"]),
     ("luma_reader_probe.py", ["--steps", "0"]),

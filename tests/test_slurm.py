@@ -228,6 +228,14 @@ def test_written_files_follow_the_umask_and_an_issued_copy_is_readable_whatever_
     assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o644}
 
 
+def test_append_jsonl_adds_whole_rows_after_the_old_ones(tmp_path):
+    log = tmp_path / "results" / "probe.jsonl"
+    cache.append_jsonl(log, {"arm": "a", "bit_acc": 0.5})
+    cache.append_jsonl(log, *({"arm": arm} for arm in ("b", "c")))
+    cache.append_jsonl(log)  # no rows: nothing written
+    assert [json.loads(line)["arm"] for line in log.read_text().splitlines()] == ["a", "b", "c"]
+
+
 def _pretrain_base_vae_once(tmp_path: Path) -> None:
     """Fill the cache before the sweep so its parallel jobs load the same base VAE."""
     cfg = compose_config(tmp_path, [])
