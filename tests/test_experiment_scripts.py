@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import runpy
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -16,10 +15,11 @@ from fingerprint_lm.models.checkpoint import load_fingerprint_model, shipped_che
 from tests.conftest import ROOT
 
 
-def run_script(script: str, args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+def run_script(script: str, args: list[str], monkeypatch, capsys, with_stdout: bool = False) -> tuple:
     """Run ``experiments/<script>`` as ``python experiments/<script> args`` would, in this process
     (the subprocess start-up, a fresh torch import, cost ~5 s a case): its exit code and stderr.
-    An exception that escapes the script's own error handling fails the test with its traceback."""
+    An exception that escapes the script's own error handling fails the test with its traceback.
+    ``with_stdout``: its stdout too, as a third value."""
     path = ROOT / "experiments" / script
     monkeypatch.setattr(sys, "argv", [str(path), *args])
     monkeypatch.syspath_prepend(str(path.parent))  # the scripts import their neighbours
@@ -28,7 +28,8 @@ def run_script(script: str, args: list[str], monkeypatch, capsys) -> tuple[int, 
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return (code, captured.err, captured.out) if with_stdout else (code, captured.err)
 
 
 def assert_refused_leaving_results(script: str, args: list[str], monkeypatch, capsys) -> None:
@@ -61,21 +62,20 @@ def test_lr_warmdown_probe_refuses_bad_input_before_training(args, monkeypatch, 
 
 @pytest.mark.parametrize(("args", "refusal"), [(["--arms", "groupnorm,nonsense"], "--arms takes"),
                                                (["--steps", "0"], "--steps must be a positive integer")])
-def test_pnm_conv_sites_refuses_bad_input_before_training(args, refusal):
+def test_pnm_conv_sites_refuses_bad_input_before_training(args, refusal, monkeypatch, capsys):
     """An unknown arm or a non-positive length is one error line and exit 2 before any training
-    run starts, and no row is appended to the results."""
+    run starts (no command printed), and no row is appended to the results."""
     results = ROOT / "experiments" / "results" / "pnm_conv_sites.jsonl"
     before = results.read_text() if results.exists() else None
-    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "pnm_conv_sites.py"), *args],
-                            capture_output=True, text=True, cwd=ROOT, timeout=60)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode == 2 and len(errors) == 1 and refusal in errors[0], result.stderr
-    assert "Traceback" not in result.stderr and "$ " not in result.stdout
+    code, stderr, stdout = run_script("pnm_conv_sites.py", args, monkeypatch, capsys, with_stdout=True)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and refusal in errors[0], stderr
+    assert "$ " not in stdout
     assert (results.read_text() if results.exists() else None) == before
 
 
 @pytest.mark.parametrize("occupied", ["file", "folder"])
-def test_pnm_conv_sites_refuses_an_occupied_keep_folder(tmp_path, occupied):
+def test_pnm_conv_sites_refuses_an_occupied_keep_folder(tmp_path, occupied, monkeypatch, capsys):
     """--keep names a new or empty folder: a file, or a folder with something in it, is one error
     line and exit 2 before any training, and both stay as they were."""
     keep = tmp_path / "keep"
@@ -84,11 +84,11 @@ def test_pnm_conv_sites_refuses_an_occupied_keep_folder(tmp_path, occupied):
     else:
         keep.mkdir()
         (keep / "notes.txt").write_text("mine")
-    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "pnm_conv_sites.py"), "--keep", str(keep)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=60)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode == 2 and len(errors) == 1 and "--keep" in errors[0], result.stderr
-    assert "Traceback" not in result.stderr and "$ " not in result.stdout
+    code, stderr, stdout = run_script("pnm_conv_sites.py", ["--keep", str(keep)], monkeypatch, capsys,
+                                      with_stdout=True)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "--keep" in errors[0], stderr
+    assert "$ " not in stdout
     assert (keep.read_text() if occupied == "file" else sorted(p.name for p in keep.iterdir())) == (
         "mine" if occupied == "file" else ["notes.txt"])
 
