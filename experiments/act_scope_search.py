@@ -61,7 +61,6 @@ def main() -> None:
                     print(f"seed {seed} {row['scope']:8s} {act:7s} {attack:15s} c{colluders} "
                           f"bit_acc {m['bit_acc']:.3f} "
                           f"psnr {m['psnr']:6.2f} fid_proxy {m['fid_proxy']:7.1f}", flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     append_jsonl(RESULTS, *rows)
 
     # The table: per scope x type, means over seeds; ratio = fid_proxy(average, this ACT) / fid_proxy(average, none).

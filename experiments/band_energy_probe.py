@@ -188,7 +188,6 @@ def main() -> None:
     row = probe(args)
     print(f"bit_acc {row['bit_acc']:.4f} psnr {row['psnr']:.2f} dB shift3 {row['bit_acc_shift3']:.4f} "
           f"crop0.5 {row['bit_acc_crop0.5']:.4f} clean ones {row['clean_ones_share']:.3f} ({row['train_seconds']} s)")
-    RESULTS.parent.mkdir(exist_ok=True)
     append_jsonl(RESULTS, row)
 
 

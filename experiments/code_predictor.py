@@ -227,7 +227,6 @@ def main() -> None:
         print(f"| {name} | {r['codes_kept']} | {r['pass_rate']:.3f} | {r['attributed']:.4f} | {r['worst_code']:.3f} | "
               f"{r['bit_acc']:.4f} | {r['mean_psnr']:.2f} | {r['min_psnr_copy']:.2f} | {r['copies_at_30db']:.0%} |")
     print(f"\n{result['seconds']:.0f} s")
-    RESULTS.parent.mkdir(exist_ok=True)
     append_jsonl(RESULTS, {"date": time.strftime("%Y-%m-%d"), **vars(args), **result})
 
 

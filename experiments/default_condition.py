@@ -160,7 +160,6 @@ def main() -> None:
           f"{row['users_at_30db']:.0%} of copies >= 30 dB); bit_acc {row['bit_acc']:.3f}; "
           f"draws per copy {row['mean_draws']:.2f} (p-values divided by the pass rate "
           f"{row['screen_pass_rate']:.3f}); {row['seconds']:.0f} s")
-    RESULTS.parent.mkdir(exist_ok=True)
     append_jsonl(RESULTS, row)
 
 

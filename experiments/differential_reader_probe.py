@@ -104,7 +104,6 @@ def main() -> None:
                                 prepare=differential_training if arm == "differential" else None, measure=readings)
         row["arm"] = arm
         rows.append(row)
-        RESULTS.parent.mkdir(exist_ok=True)
         append_jsonl(RESULTS, row)
     print(f"{args.warmup} steps at constant rates, then {args.steps} warmed down to 0; 512 held-out images")
     print("| arm (trained for) | train s | PSNR dB | read | clean | " + " | ".join(PROBES) + " |")

@@ -102,7 +102,6 @@ def main() -> None:
     by_name = {r["set"]: r["fid_proxy"] for r in rows}
     print(f"\nACT all / no ACT (2-party average): {by_name['average_c2_all'] / by_name['average_c2_none']:.2f}x; "
           f"ceiling per_image_mean / floor base: {by_name['per_image_mean'] / by_name['base']:.2f}x")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     append_jsonl(RESULTS, *rows)
 
 

@@ -62,7 +62,6 @@ def main() -> None:
     if not 0 < args.steps_a < args.steps_b:
         raise SystemExit("error: need 0 < --steps-a < --steps-b")
     row = measure(args.resolution, args.batch_size, args.steps_a, args.steps_b, args.repeats, args.bits)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     append_jsonl(RESULTS, row)
     print("| decoder | px, batch | pnm copy | stable_signature: fixed + per step | 100 steps (estimate) | ratio |")
     print("|---|---|---|---|---|---|")

@@ -140,7 +140,6 @@ def main() -> None:
         row = continue_training(args.checkpoint, schedule, args.steps, args.warmup, args.seed, args.freeze_reader,
                                 args.reader_warmdown, args.augment)
         rows.append(row)
-        RESULTS.parent.mkdir(exist_ok=True)
         append_jsonl(RESULTS, row)
     print(f"{args.warmup} shared steps at constant rates first, then:")
     print("| schedule | reader | augment | +steps | s | train acc (last 500) | before re-whitening | bit_acc | PSNR | "

@@ -197,7 +197,6 @@ def main() -> None:
                pooled_steps=args.pooled_steps, seconds=round(time.time() - started, 1),
                threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"))
     print_tables(row, args.ridge)
-    RESULTS.parent.mkdir(exist_ok=True)
     append_jsonl(RESULTS, row)
 
 

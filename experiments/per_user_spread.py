@@ -67,7 +67,6 @@ def main() -> None:
     print(f"\nmean bit_acc {acc.mean():.3f} (min {acc.min():.3f}, max {acc.max():.3f}, std {acc.std():.3f}); "
           f"mean PSNR {quality.mean():.2f} dB (min {quality.min():.2f}); "
           f"a random code per image: {row['random_code_per_image_bit_acc']:.3f}")
-    RESULTS.parent.mkdir(exist_ok=True)
     append_jsonl(RESULTS, row)
 
 

@@ -113,7 +113,6 @@ def main() -> None:
             out = (args.keep.resolve() if args.keep is not None else Path(tmp)) / name
             row = run_arm(name, args.steps, out, args.seed, export=args.keep is not None)
             rows.append(row)
-            RESULTS.parent.mkdir(exist_ok=True)
             append_jsonl(RESULTS, row)
     print(f"| arm | steps | seed | train s | bit_acc | PSNR dB | SSIM | {' | '.join(PROBES)} |")
     print("|---" * (7 + len(PROBES)) + "|")

@@ -133,7 +133,6 @@ def main() -> None:
             print(f"| {name}, p / pass rate {r['pass_rate']:.3f} | {r['accused_corrected']} | "
                   + " | ".join(str(r[f'p/rate<={t:g}']) for t in LEVELS) + " |")
     print(f"\n{row['seconds']:.0f} s")
-    RESULTS.parent.mkdir(exist_ok=True)
     append_jsonl(RESULTS, row)
 
 

@@ -128,7 +128,6 @@ def main() -> None:
             record = {"reader": args.reader, "image_weight": weight, "user": user, "rows": rows,
                       "resolution": args.resolution,
                       "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
-            RESULTS.parent.mkdir(exist_ok=True)
             append_jsonl(RESULTS, record)
 
 

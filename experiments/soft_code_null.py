@@ -182,7 +182,6 @@ def main() -> None:
                      for c in row["cases"].values()]
             print(f"| {row['method']} | {rule} | {s['mean']:.2f} / {s['std']:.2f} / {s['max']} | "
                   + " | ".join(cells) + " |", flush=True)
-        RESULTS.parent.mkdir(exist_ok=True)
         append_jsonl(RESULTS, {"date": time.strftime("%Y-%m-%d"), **vars(args), **row})
     print(f"{time.time() - started:.0f} s")
 

@@ -129,7 +129,6 @@ def main() -> None:
         print(f"| {space} | {row['modulation_size']} | {row['effective_rank']:.1f} | "
               f"{row['above_10pct']:.1f} ({row['min_above_10pct']}-{row['max_above_10pct']}) | "
               f"{row['above_3pct']:.1f} | {row['seconds']} |")
-        RESULTS.parent.mkdir(exist_ok=True)
         append_jsonl(RESULTS, row)
 
 

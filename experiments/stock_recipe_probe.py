@@ -209,7 +209,6 @@ def main() -> None:
         row = probe(variant, args)
         print(f"{variant}: bit_acc {row['bit_acc']:.4f} psnr {row['psnr']:.2f} dB shift3 {row['bit_acc_shift3']:.4f} "
               f"warm-up ended at step {row['warm_step']} ({row['train_seconds']} s)")
-        RESULTS.parent.mkdir(exist_ok=True)
         append_jsonl(RESULTS, row)
 
 

@@ -90,7 +90,6 @@ def main() -> None:
               f"{row['soft_accused']} | {row['soft_accused_at_1e-3']} "
               f"| {row['ones_share']:.3f} | {row['best_match_mean']:.2f} / {row['best_match_max']} "
               f"| {row['expected_best_match_mean']:.2f} / {row['expected_best_match_99pct']:.0f} |")
-        RESULTS.parent.mkdir(exist_ok=True)
         append_jsonl(RESULTS, row)
 
 

@@ -95,7 +95,6 @@ def main() -> None:
                                 prepare=with_whiteness_penalty(weight, args.pool_batch, args.seed))
         row.update(arm="whiteness_penalty", weight=weight, pool_batch=args.pool_batch, penalty_passes="clean")
         rows.append(row)
-        RESULTS.parent.mkdir(exist_ok=True)
         append_jsonl(RESULTS, row)
     print(f"{args.warmup} steps at constant rates, then {args.steps} warmed down to 0; 512 held-out images")
     print("| penalty weight | train s | PSNR dB | training's whitening | re-fitted (ships) "
