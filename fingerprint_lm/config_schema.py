@@ -48,8 +48,10 @@ class RunConfig:
     """The top-level keys of ``conf/config.yaml`` every task may read, checked once at a task's start
     (``tasks/wrapper.py: run_task``); the code below it takes them as checked."""
 
-    seed: int = 0
-    fingerprint_bits: int = 48
+    # Any, not int: an int field would turn '48' into 48 here while cfg, which the tasks read (the
+    # sweep compares and hashes it), keeps the string; __post_init__ checks the value as they see it
+    seed: Any = 0
+    fingerprint_bits: Any = 48
     resume: bool = True
     init_from: str | None = None
     export_checkpoint: bool = False
@@ -337,10 +339,6 @@ def read_run_settings(cfg: DictConfig) -> RunConfig:
         values = {name: cfg[name] for name in names}  # scalars: reading one resolves it
     except OmegaConfBaseException as exc:
         raise ConfigError(str(exc).splitlines()[0].strip()) from None
-    # integers as the tasks will read them from cfg: the schema's merge would turn '48' into 48 here
-    # and leave the string in cfg, where the sweep compares and hashes it
-    check_int("seed", values.get("seed", 0), 0)
-    check_int("fingerprint_bits", values.get("fingerprint_bits", 48))
     return _checked(RunConfig, values, None)
 
 
