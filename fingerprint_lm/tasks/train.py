@@ -47,28 +47,27 @@ def method_from_config(cfg: DictConfig) -> FingerprintMethod:
         raise error if error is exc.__cause__ else ConfigError(f"method: {error}") from exc
 
 
-def make_trainer_factory(cfg: DictConfig, context: TaskContext):
-    """A function building Lightning Trainers from ``cfg.trainer`` with per-stage overrides."""
-    loggers = context.open_loggers(cfg)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+def trainer_factory(cfg: DictConfig, **fixed):
+    """A function building Lightning Trainers from ``cfg.trainer``: ``fixed`` arguments, and each
+    call's own (a stage's) on top."""
 
     def make_trainer(**overrides):
-        kwargs = {"logger": loggers or False, "callbacks": callbacks, **overrides}
-        return instantiate(cfg.trainer, **kwargs)
+        return instantiate(cfg.trainer, **{**fixed, **overrides})
 
     return make_trainer
+
+
+def make_trainer_factory(cfg: DictConfig, context: TaskContext):
+    """The training task's Trainers: the ``logger`` and ``callbacks`` groups' (loggers opened once)."""
+    loggers = context.open_loggers(cfg)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    return trainer_factory(cfg, logger=loggers or False, callbacks=callbacks)
 
 
 def quiet_trainer_factory(cfg: DictConfig, **fixed):
-    """Trainers from ``cfg.trainer`` with no logger, callbacks or checkpoints, for a training inside
-    another task (the sweep's per-length model) or a script's run; ``fixed`` and each call's own
-    overrides on top."""
-
-    def make_trainer(**overrides):
-        kwargs = {"logger": False, "callbacks": [], "enable_checkpointing": False, **fixed, **overrides}
-        return instantiate(cfg.trainer, **kwargs)
-
-    return make_trainer
+    """Trainers with no logger, callbacks or checkpoints, for a training inside another task (the
+    sweep's per-length model) or a script's run; ``fixed`` on top."""
+    return trainer_factory(cfg, **{"logger": False, "callbacks": [], "enable_checkpointing": False, **fixed})
 
 
 def model_spec(cfg: DictConfig) -> BaseVAESpec:
