@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 import fingerprint_lm  # noqa: F401  (registers the OmegaConf resolvers the configs use)
@@ -54,11 +53,10 @@ def default_cfg(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def sweep_recipe_cfg():
+def sweep_recipe_cfg(tmp_path_factory):
     """``+experiment=collusion_sweep`` composed as Hydra's sweeper sees it (with its ``hydra`` node: the
     sweeper and its grid axes), read-only, for the tests that only read the recipe."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["+experiment=collusion_sweep"], return_hydra_config=True)
+    cfg = compose_package_config(["+experiment=collusion_sweep"], output_dir=tmp_path_factory.mktemp("sweep_recipe"))
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
